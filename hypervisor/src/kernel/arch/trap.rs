@@ -1,0 +1,130 @@
+//! Trap and interrupt entry.
+//!
+//! All 256 vectors enter through 16-byte stubs laid out back to back in one
+//! naked function, [`trap_stubs`]: the stub pushes a zero error code when the
+//! CPU does not push one, pushes its vector number, and jumps to
+//! [`trap_common`]. That saves every general-purpose register so the stack
+//! holds a complete [`TrapFrame`], calls [`dispatch`] with a pointer to it, then
+//! restores the registers, drops vector and error code, and `iretq`s.
+//!
+//! Why this shape: one fixed stride means the IDT can compute each stub's
+//! address (`base + 16 * vector`) without 256 symbols, and a single common path
+//! keeps the register save/restore in one place. The hypervisor is built
+//! soft-float and never touches SSE/x87 state, so no FPU state is saved here.
+//! In 64-bit mode the CPU aligns RSP to 16 before pushing the interrupt frame;
+//! frame (5 words) + error code + vector + 15 registers = 22 words, so RSP is
+//! still 16-byte aligned at the `call`, as the SysV ABI requires.
+
+use core::arch::naked_asm;
+
+/// The register state saved on every trap, lowest address first.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+#[allow(missing_docs)]
+pub struct TrapFrame {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rbp: u64,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rdx: u64,
+    pub rcx: u64,
+    pub rbx: u64,
+    pub rax: u64,
+    pub vector: u64,
+    pub error_code: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+}
+
+const _: () = assert!(size_of::<TrapFrame>() == 22 * 8);
+
+/// Bytes per entry stub.
+pub const STUB_SIZE: u64 = 16;
+
+/// Address of the entry stub of `vector`.
+pub fn stub_address(vector: u8) -> u64 {
+    trap_stubs as usize as u64 + STUB_SIZE * u64::from(vector)
+}
+
+/// 256 entry stubs of [`STUB_SIZE`] bytes each. Never called directly.
+///
+/// Vectors 8, 10–14, 17, 21, 29 and 30 get an error code from the CPU; all
+/// others push a zero so the frame layout is the same for every vector.
+#[unsafe(naked)]
+unsafe extern "C" fn trap_stubs() {
+    naked_asm!(
+        ".set .Lrv_vec, 0",
+        ".rept 256",
+        "1:",
+        ".if (.Lrv_vec == 8) || ((.Lrv_vec >= 10) && (.Lrv_vec <= 14)) || (.Lrv_vec == 17) || (.Lrv_vec == 21) || (.Lrv_vec == 29) || (.Lrv_vec == 30)",
+        ".else",
+        "pushq $0",
+        ".endif",
+        "pushq $.Lrv_vec",
+        "jmp {common}",
+        ".skip 16 - (. - 1b), 0xcc",
+        ".set .Lrv_vec, .Lrv_vec + 1",
+        ".endr",
+        common = sym trap_common,
+        options(att_syntax)
+    )
+}
+
+/// Saves the registers, calls [`dispatch`], restores them and returns from
+/// the interrupt.
+#[unsafe(naked)]
+unsafe extern "C" fn trap_common() {
+    naked_asm!(
+        "push rax",
+        "push rbx",
+        "push rcx",
+        "push rdx",
+        "push rsi",
+        "push rdi",
+        "push rbp",
+        "push r8",
+        "push r9",
+        "push r10",
+        "push r11",
+        "push r12",
+        "push r13",
+        "push r14",
+        "push r15",
+        "cld",
+        "mov rdi, rsp",
+        "call {dispatch}",
+        "pop r15",
+        "pop r14",
+        "pop r13",
+        "pop r12",
+        "pop r11",
+        "pop r10",
+        "pop r9",
+        "pop r8",
+        "pop rbp",
+        "pop rdi",
+        "pop rsi",
+        "pop rdx",
+        "pop rcx",
+        "pop rbx",
+        "pop rax",
+        "add rsp, 16",
+        "iretq",
+        dispatch = sym dispatch,
+    )
+}
+
+/// Rust side of every trap. `frame` points at the saved state on the stack.
+extern "C" fn dispatch(frame: &mut TrapFrame) {
+    crate::kernel::interrupts::handle(frame);
+}

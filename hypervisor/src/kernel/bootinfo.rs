@@ -1,0 +1,232 @@
+//! The multiboot2 boot information, parsed with the `multiboot2` crate and
+//! copied into hypervisor-owned storage before any memory is allocated.
+//!
+//! GRUB may place the boot information and the modules anywhere, including
+//! the gaps inside the hypervisor image's footprint; everything needed later is
+//! copied here, and the ranges are reported as reserved so the frame allocator
+//! never hands them out.
+
+use multiboot2::{BootInformation, BootInformationHeader};
+use rustyvisor::mm::region::{MemoryKind, MemoryMapEntry, PhysRange};
+
+use super::mem::phys_to_virt;
+
+/// Memory map entries kept (more are counted and reported, not used).
+pub const MAX_MMAP: usize = 128;
+/// Modules kept.
+pub const MAX_MODULES: usize = 16;
+
+/// A string copied out of the boot information.
+#[derive(Clone, Copy)]
+pub struct FixedStr<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> FixedStr<N> {
+    /// An empty string.
+    pub const fn empty() -> Self {
+        Self {
+            buf: [0; N],
+            len: 0,
+        }
+    }
+
+    /// Copies `s`, truncating at a character boundary if it does not fit.
+    pub fn copy_from(s: &str) -> (Self, bool) {
+        let mut out = Self::empty();
+        let mut end = s.len().min(N);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.buf[..end].copy_from_slice(&s.as_bytes()[..end]);
+        out.len = end;
+        (out, end < s.len())
+    }
+
+    /// The string.
+    pub fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
+/// Which firmware started GRUB.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Firmware {
+    /// Legacy BIOS (e.g. SeaBIOS).
+    Bios,
+    /// UEFI (e.g. OVMF).
+    Uefi,
+}
+
+/// One GRUB module (a guest image, for instance).
+#[derive(Clone, Copy)]
+pub struct Module {
+    /// Physical range of the module's bytes.
+    pub range: PhysRange,
+    /// The module's command line (first word: its name).
+    pub cmdline: FixedStr<256>,
+}
+
+/// Everything the hypervisor keeps from the boot information.
+pub struct BootInfo {
+    /// The boot loader's name.
+    pub loader: FixedStr<64>,
+    /// The hypervisor command line.
+    pub cmdline: FixedStr<1024>,
+    /// Whether the command line had to be truncated.
+    pub cmdline_truncated: bool,
+    /// BIOS or UEFI.
+    pub firmware: Firmware,
+    /// Raw memory map.
+    pub mmap: [MemoryMapEntry; MAX_MMAP],
+    /// Valid entries in `mmap`.
+    pub mmap_len: usize,
+    /// Entries that did not fit.
+    pub mmap_dropped: usize,
+    /// Modules.
+    pub modules: [Module; MAX_MODULES],
+    /// Valid entries in `modules`.
+    pub modules_len: usize,
+    /// Modules that did not fit.
+    pub modules_dropped: usize,
+    /// Physical address of the RSDP copy inside the boot information.
+    pub rsdp: Option<u64>,
+    /// Framebuffer (address, width, height, bpp), if the loader set one up.
+    pub framebuffer: Option<(u64, u32, u32, u8)>,
+    /// Physical range of the boot information itself.
+    pub mbi: PhysRange,
+}
+
+impl BootInfo {
+    /// The memory map.
+    pub fn memory_map(&self) -> &[MemoryMapEntry] {
+        self.mmap.get(..self.mmap_len).unwrap_or(&[])
+    }
+
+    /// The modules.
+    pub fn modules(&self) -> &[Module] {
+        self.modules.get(..self.modules_len).unwrap_or(&[])
+    }
+}
+
+/// Why the boot information could not be used.
+#[derive(Debug)]
+pub enum BootInfoError {
+    /// eax did not hold the multiboot2 magic.
+    BadMagic(u32),
+    /// The structure did not parse.
+    Invalid,
+    /// No memory map tag.
+    NoMemoryMap,
+}
+
+/// The multiboot2 magic GRUB leaves in eax.
+pub const MULTIBOOT2_MAGIC: u32 = 0x36D7_6289;
+
+/// Parses and copies the boot information at physical address `mbi`.
+pub fn parse(magic: u32, mbi: u64) -> Result<BootInfo, BootInfoError> {
+    if magic != MULTIBOOT2_MAGIC {
+        return Err(BootInfoError::BadMagic(magic));
+    }
+    let ptr = phys_to_virt(mbi) as *const BootInformationHeader;
+    // SAFETY: the boot trampoline's direct map covers the first 4 GiB, where
+    // GRUB placed the boot information (a 32-bit address); the crate checks
+    // the header's size and alignment, and nothing has touched that memory yet.
+    let info = unsafe { BootInformation::load(ptr) }.map_err(|_| BootInfoError::Invalid)?;
+
+    let (loader, _) = FixedStr::copy_from(
+        info.boot_loader_name_tag()
+            .and_then(|t| t.name().ok())
+            .unwrap_or("unknown"),
+    );
+    let (cmdline, cmdline_truncated) = FixedStr::copy_from(
+        info.command_line_tag()
+            .and_then(|t| t.cmdline().ok())
+            .unwrap_or(""),
+    );
+    let firmware = if info.efi_sdt64_tag().is_some() || info.efi_sdt32_tag().is_some() {
+        Firmware::Uefi
+    } else {
+        Firmware::Bios
+    };
+
+    let mut mmap = [MemoryMapEntry::new(0, 0, MemoryKind::Reserved); MAX_MMAP];
+    let mut mmap_len = 0;
+    let mut mmap_dropped = 0;
+    let tag = info.memory_map_tag().ok_or(BootInfoError::NoMemoryMap)?;
+    for area in tag.memory_areas() {
+        let kind = match u32::from(area.typ()) {
+            1 => MemoryKind::Usable,
+            2 => MemoryKind::Reserved,
+            3 => MemoryKind::AcpiReclaimable,
+            4 => MemoryKind::AcpiNvs,
+            5 => MemoryKind::BadMemory,
+            other => MemoryKind::Other(other),
+        };
+        match mmap.get_mut(mmap_len) {
+            Some(slot) => {
+                *slot = MemoryMapEntry::new(area.start_address(), area.size(), kind);
+                mmap_len += 1;
+            }
+            None => mmap_dropped += 1,
+        }
+    }
+
+    let empty = Module {
+        range: PhysRange::new(0, 0),
+        cmdline: FixedStr::empty(),
+    };
+    let mut modules = [empty; MAX_MODULES];
+    let mut modules_len = 0;
+    let mut modules_dropped = 0;
+    for m in info.module_tags() {
+        let start = u64::from(m.start_address());
+        let end = u64::from(m.end_address()).max(start);
+        let (cmd, _) = FixedStr::copy_from(m.cmdline().unwrap_or(""));
+        match modules.get_mut(modules_len) {
+            Some(slot) => {
+                *slot = Module {
+                    range: PhysRange::new(start, end),
+                    cmdline: cmd,
+                };
+                modules_len += 1;
+            }
+            None => modules_dropped += 1,
+        }
+    }
+
+    // The RSDP is copied into the tag right after its 8-byte header; the ACPI
+    // code reads it there (the boot information stays reserved forever).
+    let rsdp = info
+        .rsdp_v2_tag()
+        .map(|t| t as *const _ as *const u8 as u64)
+        .or_else(|| {
+            info.rsdp_v1_tag()
+                .map(|t| t as *const _ as *const u8 as u64)
+        })
+        .map(|virt| virt - phys_to_virt(0) + 8);
+
+    let framebuffer = info
+        .framebuffer_tag()
+        .and_then(|r| r.ok())
+        .map(|fb| (fb.address(), fb.width(), fb.height(), fb.bpp()));
+
+    let start = mbi;
+    let end = mbi.saturating_add(info.total_size() as u64);
+    Ok(BootInfo {
+        loader,
+        cmdline,
+        cmdline_truncated,
+        firmware,
+        mmap,
+        mmap_len,
+        mmap_dropped,
+        modules,
+        modules_len,
+        modules_dropped,
+        rsdp,
+        framebuffer,
+        mbi: PhysRange::new(start, end),
+    })
+}

@@ -1,0 +1,56 @@
+//! Where every trap lands after the entry stubs: exceptions, device
+//! interrupts and spurious vectors.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use super::arch::trap::TrapFrame;
+use super::{apic, console, fault, ioapic, time};
+
+/// ISA IRQ of COM1.
+pub const COM1_IRQ: u8 = 4;
+
+static SPURIOUS: AtomicU64 = AtomicU64::new(0);
+static UNEXPECTED: AtomicU64 = AtomicU64::new(0);
+
+/// Counters for the end-of-run summary: (spurious, unexpected vectors).
+pub fn counters() -> (u64, u64) {
+    (
+        SPURIOUS.load(Ordering::Relaxed),
+        UNEXPECTED.load(Ordering::Relaxed),
+    )
+}
+
+/// Handles one trap. Exceptions in the hypervisor are fatal; device
+/// interrupts are serviced and acknowledged.
+pub fn handle(frame: &mut TrapFrame) {
+    let vector = frame.vector;
+    match vector {
+        0..=31 => fault::unexpected_exception(frame),
+        // Remapped 8259 vectors: all lines are masked, so only spurious IRQ
+        // 7/15 can arrive; they need no EOI.
+        0x20..=0x2F => {
+            SPURIOUS.fetch_add(1, Ordering::Relaxed);
+        }
+        v if v == u64::from(ioapic::IRQ_VECTOR_BASE + COM1_IRQ) => {
+            console::on_serial_irq();
+            apic::eoi();
+        }
+        v if v == u64::from(apic::TIMER_VECTOR) => {
+            apic::eoi();
+            time::on_timer_irq();
+        }
+        v if v == u64::from(apic::ERROR_VECTOR) => {
+            log::warn!("local APIC error interrupt");
+            apic::eoi();
+        }
+        v if v == u64::from(apic::SPURIOUS_VECTOR) => {
+            SPURIOUS.fetch_add(1, Ordering::Relaxed);
+        }
+        _ => {
+            if UNEXPECTED.fetch_add(1, Ordering::Relaxed) < 8 {
+                log::warn!("unexpected interrupt vector {vector:#x}; ignored");
+            }
+            apic::eoi();
+        }
+    }
+}
