@@ -111,7 +111,6 @@ impl BootInfo {
 }
 
 /// Why the boot information could not be used.
-#[derive(Debug)]
 pub enum BootInfoError {
     /// eax did not hold the multiboot2 magic.
     BadMagic(u32),
@@ -119,6 +118,16 @@ pub enum BootInfoError {
     Invalid,
     /// No memory map tag.
     NoMemoryMap,
+}
+
+impl core::fmt::Display for BootInfoError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::BadMagic(m) => write!(f, "bad multiboot2 magic {m:#x}"),
+            Self::Invalid => f.write_str("malformed boot information structure"),
+            Self::NoMemoryMap => f.write_str("the loader passed no memory map"),
+        }
+    }
 }
 
 /// The multiboot2 magic GRUB leaves in eax.
@@ -200,10 +209,10 @@ pub fn parse(magic: u32, mbi: u64) -> Result<BootInfo, BootInfoError> {
     // code reads it there (the boot information stays reserved forever).
     let rsdp = info
         .rsdp_v2_tag()
-        .map(|t| t as *const _ as *const u8 as u64)
+        .map(|t| core::ptr::from_ref(t).cast::<u8>() as u64)
         .or_else(|| {
             info.rsdp_v1_tag()
-                .map(|t| t as *const _ as *const u8 as u64)
+                .map(|t| core::ptr::from_ref(t).cast::<u8>() as u64)
         })
         .map(|virt| virt - phys_to_virt(0) + 8);
 

@@ -163,7 +163,7 @@ fn print_registers(f: &TrapFrame) {
 pub fn print_backtrace(mut rbp: u64) {
     print_fatal(format_args!("backtrace:"));
     for _ in 0..16 {
-        if rbp == 0 || rbp % 8 != 0 || !super::mem::is_kernel_readable(rbp, 16) {
+        if rbp == 0 || !rbp.is_multiple_of(8) || !super::mem::is_kernel_readable(rbp, 16) {
             break;
         }
         // SAFETY: `is_kernel_readable` checked that both words at rbp are

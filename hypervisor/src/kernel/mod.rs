@@ -58,7 +58,7 @@ extern "C" fn kernel_entry(magic: u32, mbi: u32) -> ! {
         Ok(b) => BOOT.call_once(|| b),
         Err(e) => {
             kprintln!(
-                "boot: cannot use the boot information ({e:?}); rustyvisor must be started \
+                "boot: cannot use the boot information ({e}); rustyvisor must be started \
                  by GRUB's `multiboot2` command"
             );
             power::fatal_stop();
@@ -80,6 +80,10 @@ extern "C" fn kernel_entry(magic: u32, mbi: u32) -> ! {
             Firmware::Uefi => "uefi",
         }
     );
+    match boot.framebuffer {
+        Some((addr, w, h, bpp)) => kprintln!("boot: framebuffer {w}x{h}x{bpp} at {addr:#x}"),
+        None => kprintln!("boot: no framebuffer"),
+    }
     kprintln!(
         "cmdline: \"{}\" -> {}",
         boot.cmdline.as_str(),

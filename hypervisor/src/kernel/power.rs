@@ -91,9 +91,18 @@ pub fn finish() -> ! {
         }
         _ => crate::kprintln!("power: halted (press the reset button or power off)"),
     }
-    // Keep servicing interrupts (serial input, timers) while halted.
+    // Keep servicing interrupts while halted; echo console input so a
+    // person at the serial line sees the machine is alive.
     loop {
         cpu::enable_and_hlt();
+        while let Some(byte) = crate::kernel::console::read_byte() {
+            let c = if byte == b'\r' {
+                '\n'
+            } else {
+                char::from(byte)
+            };
+            crate::kernel::console::print(format_args!("{c}"));
+        }
     }
 }
 

@@ -39,6 +39,7 @@ impl<T> IrqMutex<T> {
     }
 
     /// Takes the lock if it is free (interrupts off while held).
+    #[allow(dead_code)]
     pub fn try_lock(&self) -> Option<IrqGuard<'_, T>> {
         let were_enabled = interrupts::are_enabled();
         interrupts::disable();

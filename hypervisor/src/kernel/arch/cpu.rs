@@ -84,13 +84,6 @@ pub fn rdtsc() -> u64 {
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
-/// CPUID leaf/subleaf → (eax, ebx, ecx, edx).
-pub fn cpuid(leaf: u32, sub: u32) -> (u32, u32, u32, u32) {
-    // core::arch's __cpuid_count handles rbx (reserved by LLVM) for us.
-    let r = core::arch::x86_64::__cpuid_count(leaf, sub);
-    (r.eax, r.ebx, r.ecx, r.edx)
-}
-
 /// Current CR2 (faulting linear address of the last page fault).
 pub fn cr2() -> u64 {
     let v: u64;

@@ -53,7 +53,7 @@ pub const STUB_SIZE: u64 = 16;
 
 /// Address of the entry stub of `vector`.
 pub fn stub_address(vector: u8) -> u64 {
-    trap_stubs as usize as u64 + STUB_SIZE * u64::from(vector)
+    trap_stubs as *const () as u64 + STUB_SIZE * u64::from(vector)
 }
 
 /// 256 entry stubs of [`STUB_SIZE`] bytes each. Never called directly.
