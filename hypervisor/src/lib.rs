@@ -1,0 +1,17 @@
+//! rustyvisor's portable core.
+//!
+//! This library holds the *pure* logic of the hypervisor: command-line
+//! parsing, memory-map sanitising, the physical frame allocator, page-table
+//! manipulation, timer queues, ring buffers, AML scanning. None of it
+//! touches hardware, so all of it is unit-tested on the host with
+//! `cargo test -p hypervisor`. Architecture-specific code (boot, interrupts,
+//! VMX, port I/O, the direct map) lives in the bare-metal binary, which
+//! calls into this crate.
+#![cfg_attr(not(test), no_std)]
+
+pub mod acpi_s5;
+pub mod config;
+pub mod mm;
+pub mod ringbuf;
+pub mod timerq;
+pub mod units;
