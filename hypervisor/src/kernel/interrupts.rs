@@ -20,12 +20,28 @@ pub fn counters() -> (u64, u64) {
     )
 }
 
-/// Handles one trap. Exceptions in the hypervisor are fatal; device
-/// interrupts are serviced and acknowledged.
+/// Handles one trap. Traps from a guest (non-zero CPL) go to the world
+/// switch; exceptions in the hypervisor are fatal (except a fault while
+/// loading guest state, which is the guest's); device interrupts are serviced
+/// and acknowledged.
 pub fn handle(frame: &mut TrapFrame) {
+    if frame.cs & 3 != 0 {
+        super::lguest::switch::guest_trap(frame);
+    }
     let vector = frame.vector;
+    if vector < 32 && super::lguest::switch::is_entry_fault(frame.rip) {
+        super::lguest::switch::entry_fault(frame);
+    }
     match vector {
         0..=31 => fault::unexpected_exception(frame),
+        _ => service_irq(vector),
+    }
+}
+
+/// Services a device interrupt or spurious vector (also called for host
+/// interrupts that arrived while a guest was running).
+pub fn service_irq(vector: u64) {
+    match vector {
         // Remapped 8259 vectors: all lines are masked, so only spurious IRQ
         // 7/15 can arrive; they need no EOI.
         0x20..=0x2F => {

@@ -519,3 +519,20 @@ pub fn highest_frame_end() -> u64 {
         .as_ref()
         .map_or(0, |a| a.total_frames().saturating_mul(PAGE_SIZE))
 }
+
+/// Takes `count` physically contiguous frames aligned to `align` frames.
+pub fn alloc_contiguous(count: u64, align: u64) -> Option<PhysFrame> {
+    FRAMES.lock().as_mut()?.alloc_contiguous(count, align)
+}
+
+/// Returns `count` contiguous frames starting at `first`.
+pub fn free_contiguous(first: PhysFrame, count: u64) {
+    if let Some(a) = FRAMES.lock().as_mut()
+        && a.free_contiguous(first, count).is_err()
+    {
+        log::error!(
+            "frames {:#x}+{count} freed twice or never allocated",
+            first.start_address()
+        );
+    }
+}

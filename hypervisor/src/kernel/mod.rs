@@ -13,6 +13,7 @@ pub mod console;
 pub mod fault;
 pub mod interrupts;
 pub mod ioapic;
+pub mod lguest;
 pub mod mem;
 pub mod pit;
 pub mod power;
@@ -226,6 +227,12 @@ extern "C" fn kernel_main() -> ! {
     }
 
     selftest::run(cfg, boot);
+
+    lguest::init_cpu();
+    let (ran, clean) = lguest::launch_modules(boot.modules());
+    if ran > 0 {
+        kprintln!("guests: {ran} run, {clean} powered off cleanly");
+    }
 
     kprintln!("idle: nothing to run");
     if power::qemu_exit_requested() {

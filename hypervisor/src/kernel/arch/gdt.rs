@@ -133,3 +133,23 @@ pub fn set_rsp0(top: u64) {
         unsafe { (*TABLES.0.get()).tss.privilege_stack_table[0] = VirtAddr::new(top) };
     });
 }
+
+/// Slots of the hardware GDT that belong to the hypervisor and are never
+/// copied from a guest.
+pub const HOST_SLOTS: [usize; 5] = [10, 11, 16, 17, 31];
+
+/// Copies a guest's 32 descriptors into the hardware GDT, except the
+/// hypervisor's own slots. The guest's descriptors were validated when it
+/// set them (no system descriptors, no 64-bit code, DPL ≥ 1).
+pub fn load_guest_entries(entries: &[u64; GDT_ENTRIES]) {
+    x86_64::instructions::interrupts::without_interrupts(|| {
+        // SAFETY: boot CPU, interrupts off; the host slots are skipped, so the
+        // running CS/SS and the busy TSS descriptor stay intact.
+        let gdt = unsafe { &mut (*TABLES.0.get()).gdt };
+        for (i, (dst, src)) in gdt.iter_mut().zip(entries.iter()).enumerate() {
+            if !HOST_SLOTS.contains(&i) {
+                *dst = *src;
+            }
+        }
+    });
+}

@@ -1,0 +1,483 @@
+//! The lguest core on the real machine, and the minimal built-in launcher.
+//!
+//! [`KernelCore`] implements the control channel's [`GuestCore`]: it owns a
+//! guest's vCPU state machine ([`Vcpu`], pure and host-tested), its
+//! linear-mode address space, its clock event, and runs the guest through the
+//! world switch ([`switch`]) inside the caller's `read()`. The launcher
+//! ([`launch_modules`]) talks to it only through [`Channel`]: it allocates
+//! guest RAM, loads the ELF, writes `boot_params`, then
+//! `write(INITIALIZE, base, pfnlimit, start)` and `read()` in a loop, printing
+//! early-console notifies and the guest's end.
+
+pub mod space;
+pub mod switch;
+
+use alloc::string::String;
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use guest_abi::lhreq::{Errno, LhReq};
+use rustyvisor::lguest::chan::{Channel, DeathReason, EventHandle, GuestCore, RunExit, TaskId};
+use rustyvisor::lguest::guestmem::GuestMemory;
+use rustyvisor::lguest::loader;
+use rustyvisor::lguest::vcpu::{Action, Env, Exit, Vcpu};
+use rustyvisor::mm::PAGE_SIZE;
+use rustyvisor::timerq::TimerId;
+use rustyvisor::units::{self, Bytes};
+
+use self::space::{GuestRam, HostGuestMemory, LinearTables};
+use super::arch::{cpu, gdt, idt};
+use super::bootinfo::Module;
+use super::mem::{self, phys_to_virt};
+use super::time;
+use crate::kprintln;
+
+extern crate alloc;
+
+/// Guests that can exist at once (slots for interrupt-context state).
+const MAX_GUESTS: usize = 8;
+/// Default guest memory when the module line has no `mem=`.
+const DEFAULT_GUEST_MEM: u64 = 16 << 20;
+/// Restarts honoured per guest before giving up.
+const MAX_RESTARTS: u32 = 3;
+
+/// Virtual interrupts raised from interrupt context (the clock event) per
+/// guest slot, merged into the vCPU before each entry.
+static PENDING: [AtomicU32; MAX_GUESTS] = [const { AtomicU32::new(0) }; MAX_GUESTS];
+
+/// Prepares the CPU for running guests: the hypercall gate (0x1f) is callable
+/// from the guest kernel (DPL 1); `int3`, `into` and the syscall vector 0x80
+/// from guest user mode (DPL 3); SYSENTER is disabled (SYSENTER_CS = 0);
+/// FXSAVE/SSE are enabled for guests (the hypervisor itself never uses them).
+pub fn init_cpu() {
+    idt::set_gate_dpl(guest_abi::hcall::LGUEST_TRAP_ENTRY as u8, 1);
+    for v in [3u8, 4, 0x80] {
+        idt::set_gate_dpl(v, 3);
+    }
+    // SAFETY: IA32_SYSENTER_CS (0x174) exists on all x86_64 CPUs; 0 makes
+    // SYSENTER fault. OSFXSR|OSXMMEXCPT let guests use SSE; CR0.MP with EM
+    // clear gives the usual x87 behaviour with lazy TS.
+    unsafe {
+        cpu::wrmsr(0x174, 0);
+        cpu::write_cr4(cpu::cr4() | (1 << 9) | (1 << 10));
+        let cr0 = (cpu::cr0() | (1 << 1)) & !(1 << 2);
+        core::arch::asm!("mov cr0, {}", in(reg) cr0, options(nostack, preserves_flags));
+    }
+}
+
+fn set_cr0_ts(on: bool) {
+    let cr0 = cpu::cr0();
+    let new = if on { cr0 | (1 << 3) } else { cr0 & !(1 << 3) };
+    if new != cr0 {
+        // SAFETY: only the TS bit changes; the hypervisor never uses the FPU.
+        unsafe { core::arch::asm!("mov cr0, {}", in(reg) new, options(nostack, preserves_flags)) };
+    }
+}
+
+/// Gives the FPU/SSE unit a clean state for a new guest, so nothing of a
+/// previous guest's registers can be seen.
+fn reset_fpu() {
+    #[repr(C, align(16))]
+    struct FxArea([u8; 512]);
+    let mut area = FxArea([0; 512]);
+    area.0[0] = 0x7F; // FCW = 0x037F
+    area.0[1] = 0x03;
+    area.0[24] = 0x80; // MXCSR = 0x1F80
+    area.0[25] = 0x1F;
+    set_cr0_ts(false);
+    // SAFETY: `area` is a valid, 16-byte aligned FXSAVE image with default
+    // control words and all registers zero; CR4.OSFXSR is set in `init_cpu`.
+    unsafe { core::arch::asm!("fxrstor64 [{}]", in(reg) area.0.as_ptr(), options(nostack)) };
+}
+
+fn clock_fired(slot: u64) {
+    if let Some(p) = PENDING.get(slot as usize) {
+        p.fetch_or(1, Ordering::SeqCst);
+    }
+}
+
+/// Host services for the vCPU state machine.
+struct KernelEnv {
+    slot: usize,
+    clock: Option<TimerId>,
+    ts: bool,
+}
+
+impl Env for KernelEnv {
+    fn wallclock(&self) -> (i32, i32) {
+        // No RTC driver yet: time since boot.
+        let ns = time::now_ns();
+        (
+            i32::try_from(ns / 1_000_000_000).unwrap_or(i32::MAX),
+            (ns % 1_000_000_000) as i32,
+        )
+    }
+
+    fn tsc_khz(&self) -> u32 {
+        u32::try_from(time::tsc_hz() / 1000).unwrap_or(0)
+    }
+
+    fn set_clockevent(&mut self, delta_ns: Option<u64>) {
+        if let Some(id) = self.clock.take() {
+            time::cancel(id);
+        }
+        if let Some(ns) = delta_ns {
+            match time::arm_after(ns, clock_fired, self.slot as u64) {
+                Ok(id) => self.clock = Some(id),
+                Err(_) => log::warn!("guest clock event dropped: no free host timer"),
+            }
+        }
+    }
+
+    fn set_ts(&mut self, on: bool) {
+        self.ts = on;
+    }
+}
+
+struct Running {
+    vcpu: Vcpu,
+    mem: HostGuestMemory,
+    tables: LinearTables,
+    env: KernelEnv,
+    eventfds: [(u32, u64); 16],
+    signals: u64,
+}
+
+/// The lguest core for one guest (the object behind one control channel).
+pub struct KernelCore {
+    slot: usize,
+    running: Option<Running>,
+}
+
+impl KernelCore {
+    /// A core using interrupt slot `slot`.
+    pub fn new(slot: usize) -> Self {
+        Self {
+            slot: slot % MAX_GUESTS,
+            running: None,
+        }
+    }
+
+    /// Guest exits handled so far, and host bytes used beyond guest RAM.
+    pub fn overhead_bytes(&self) -> u64 {
+        self.running
+            .as_ref()
+            .map_or(0, |r| r.tables.overhead_bytes())
+    }
+}
+
+impl GuestCore for KernelCore {
+    type Init = ();
+
+    fn initialize(&mut self, base: u64, pfnlimit: u64, start: u64) -> Result<(), Errno> {
+        let bytes = pfnlimit.checked_mul(PAGE_SIZE).ok_or(Errno::EINVAL)?;
+        let limit = u32::try_from(bytes).map_err(|_| Errno::EINVAL)?;
+        if start >= bytes {
+            return Err(Errno::EINVAL);
+        }
+        let tables = LinearTables::new(base, bytes).map_err(|e| match e {
+            space::SpaceError::OutOfMemory => Errno::ENOMEM,
+            _ => Errno::EFAULT,
+        })?;
+        // SAFETY: `LinearTables::new` checked that `base` is 2 MiB-aligned
+        // direct-map memory; the launcher owns those `bytes` of guest RAM and
+        // keeps them until after `release`.
+        let mem = unsafe { HostGuestMemory::new(base, limit) };
+        PENDING[self.slot].store(0, Ordering::SeqCst);
+        self.running = Some(Running {
+            vcpu: Vcpu::new(start as u32),
+            mem,
+            tables,
+            env: KernelEnv {
+                slot: self.slot,
+                clock: None,
+                ts: false,
+            },
+            eventfds: [(0, 0); 16],
+            signals: 0,
+        });
+        reset_fpu();
+        Ok(())
+    }
+
+    fn run(&mut self, _owner: TaskId) -> RunExit {
+        let slot = self.slot;
+        let Some(r) = self.running.as_mut() else {
+            return RunExit::Dead(DeathReason::new("not initialised"));
+        };
+        // SAFETY: the tables map the hypervisor's upper half exactly like the
+        // kernel PML4, plus this guest's memory at linear 0.
+        unsafe { cpu::write_cr3(r.tables.cr3()) };
+        loop {
+            let bits = PENDING[slot].swap(0, Ordering::SeqCst);
+            for irq in 0..32 {
+                if bits & (1 << irq) != 0 {
+                    r.vcpu.set_irq(irq);
+                }
+            }
+            match r.vcpu.prepare_entry(&mut r.mem, &mut r.env) {
+                Action::Resume => {}
+                Action::Halt => {
+                    if !r.vcpu.has_deliverable_irq(&r.mem)
+                        && PENDING[slot].load(Ordering::SeqCst) == 0
+                    {
+                        super::wait_for_interrupt();
+                    }
+                    continue;
+                }
+                Action::Notify(addr) => {
+                    if !signal_eventfd(r, addr) {
+                        return RunExit::Notify(addr);
+                    }
+                    continue;
+                }
+                Action::Dead => return dead(&r.vcpu),
+                Action::Restart => return RunExit::Restart,
+            }
+            gdt::load_guest_entries(r.vcpu.gdt.entries());
+            set_cr0_ts(r.env.ts);
+            let info = switch::run(&mut r.vcpu.regs);
+            set_cr0_ts(false);
+            let exit = match info.trapnum {
+                switch::ENTRY_FAULT => Exit::EntryFault,
+                2 => Exit::HostInterrupt, // NMI: the host's, not the guest's
+                v if v >= 32 && v != 0x80 => Exit::HostInterrupt,
+                v => Exit::Trap {
+                    vector: v,
+                    errcode: info.errcode,
+                    cr2: info.cr2,
+                },
+            };
+            match r.vcpu.handle_exit(exit, &mut r.mem, &mut r.env) {
+                Action::Resume | Action::Halt => {}
+                Action::Notify(addr) => {
+                    if !signal_eventfd(r, addr) {
+                        return RunExit::Notify(addr);
+                    }
+                }
+                Action::Dead => return dead(&r.vcpu),
+                Action::Restart => return RunExit::Restart,
+            }
+        }
+    }
+
+    fn set_irq(&mut self, irq: u32) {
+        if let Some(r) = self.running.as_mut() {
+            r.vcpu.set_irq(irq);
+        }
+    }
+
+    fn set_eventfd(&mut self, addr: u64, fd: EventHandle) -> Result<(), Errno> {
+        let r = self.running.as_mut().ok_or(Errno::EINVAL)?;
+        let addr = u32::try_from(addr).map_err(|_| Errno::EINVAL)?;
+        let slot = r
+            .eventfds
+            .iter_mut()
+            .find(|(a, _)| *a == 0 || *a == addr)
+            .ok_or(Errno::ENOSPC)?;
+        *slot = (addr, fd.0);
+        Ok(())
+    }
+
+    fn release(&mut self) {
+        if let Some(mut r) = self.running.take() {
+            r.env.set_clockevent(None);
+            // Dropping `r` frees the tables (switching CR3 back first).
+        }
+        PENDING[self.slot].store(0, Ordering::SeqCst);
+    }
+}
+
+fn signal_eventfd(r: &mut Running, addr: u32) -> bool {
+    if addr != 0 && r.eventfds.iter().any(|(a, _)| *a == addr) {
+        // Device service tasks that wait on these arrive with the launcher
+        // task (next milestone); count the signal meanwhile.
+        r.signals += 1;
+        true
+    } else {
+        false
+    }
+}
+
+fn dead(vcpu: &Vcpu) -> RunExit {
+    if vcpu.is_restart() {
+        return RunExit::Restart;
+    }
+    RunExit::Dead(DeathReason::new(vcpu.dead_reason().unwrap_or("killed")))
+}
+
+/// A guest module's command line: `name [mem=SIZE] [args...]`.
+struct GuestSpec<'a> {
+    name: &'a str,
+    mem: u64,
+    args: String,
+}
+
+fn parse_spec(cmdline: &str) -> Result<GuestSpec<'_>, String> {
+    let mut words = cmdline.split_whitespace();
+    let name = words.next().unwrap_or("guest");
+    let mut mem = DEFAULT_GUEST_MEM;
+    let mut args = String::new();
+    for w in words {
+        if let Some(v) = w.strip_prefix("mem=") {
+            mem = units::parse_size(v)
+                .filter(|m| *m >= 4 << 20 && *m <= space::MAX_GUEST_BYTES)
+                .ok_or_else(|| {
+                    alloc::format!("bad mem=\"{v}\" (expected a size from 4M to 3G, e.g. mem=16M)")
+                })?;
+        } else {
+            if !args.is_empty() {
+                args.push(' ');
+            }
+            args.push_str(w);
+        }
+    }
+    Ok(GuestSpec { name, mem, args })
+}
+
+/// Runs every guest module, one after the other. Returns (guests run,
+/// guests that ended with a power off).
+pub fn launch_modules(modules: &[Module]) -> (u32, u32) {
+    let mut ran = 0;
+    let mut clean = 0;
+    for (i, m) in modules.iter().enumerate() {
+        let (free_before, _, _) = mem::frame_counts();
+        let spec = match parse_spec(m.cmdline.as_str()) {
+            Ok(s) => s,
+            Err(e) => {
+                kprintln!("guest {}: not started: {e}", m.cmdline.as_str());
+                continue;
+            }
+        };
+        let mut restarts = 0;
+        loop {
+            ran += 1;
+            match run_guest(i, m, &spec) {
+                Outcome::PowerOff => {
+                    clean += 1;
+                    break;
+                }
+                Outcome::Restart if restarts < MAX_RESTARTS => {
+                    restarts += 1;
+                    kprintln!(
+                        "guest {}: restarting ({restarts} of {MAX_RESTARTS})",
+                        spec.name
+                    );
+                }
+                Outcome::Restart => {
+                    kprintln!("guest {}: too many restarts; giving up", spec.name);
+                    break;
+                }
+                Outcome::Failed => break,
+            }
+        }
+        let (free_after, _, _) = mem::frame_counts();
+        if free_after == free_before {
+            kprintln!("guest {}: all memory returned", spec.name);
+        } else {
+            kprintln!(
+                "guest {}: LEAK: {} frames not returned",
+                spec.name,
+                free_before.abs_diff(free_after)
+            );
+        }
+    }
+    (ran, clean)
+}
+
+enum Outcome {
+    PowerOff,
+    Restart,
+    Failed,
+}
+
+fn run_guest(slot: usize, m: &Module, spec: &GuestSpec<'_>) -> Outcome {
+    let name = spec.name;
+    let ram = match GuestRam::new(spec.mem) {
+        Ok(r) => r,
+        Err(e) => {
+            kprintln!(
+                "guest {name}: not started: cannot allocate {}: {e:?}",
+                Bytes(spec.mem)
+            );
+            return Outcome::Failed;
+        }
+    };
+    let Ok(limit) = u32::try_from(ram.bytes()) else {
+        return Outcome::Failed;
+    };
+    // SAFETY: `ram` is this guest's memory, mapped in the direct map, and
+    // outlives `gm` (both live until the end of this function).
+    let mut gm = unsafe { HostGuestMemory::new(ram.base(), limit) };
+    // The module's bytes, through the direct map (modules are reserved).
+    let image_len = m.range.len() as usize;
+    // SAFETY: the module range was reserved at boot and is never reused.
+    let image =
+        unsafe { core::slice::from_raw_parts(phys_to_virt(m.range.start) as *const u8, image_len) };
+    let entry = match loader::load_elf(image, &mut gm) {
+        Ok(e) => e,
+        Err(e) => {
+            kprintln!("guest {name}: not started: bad image: {e}");
+            return Outcome::Failed;
+        }
+    };
+    if let Err(e) = loader::write_boot_params(&mut gm, limit, &spec.args) {
+        kprintln!("guest {name}: not started: {e}");
+        return Outcome::Failed;
+    }
+    kprintln!(
+        "guest {name}: starting, {} RAM, entry {entry:#x}, args \"{}\"",
+        Bytes(ram.bytes()),
+        spec.args
+    );
+
+    let owner = TaskId(1);
+    let mut chan = Channel::new(KernelCore::new(slot), owner);
+    let init = [
+        LhReq::Initialize as u64,
+        ram.base(),
+        ram.bytes() / PAGE_SIZE,
+        u64::from(entry),
+    ];
+    if let Err(e) = chan.write(owner, &init) {
+        kprintln!("guest {name}: INITIALIZE failed: errno {}", e.0);
+        chan.close();
+        return Outcome::Failed;
+    }
+    let mut buf = [0u8; 4];
+    let outcome = loop {
+        match chan.read(owner, &mut buf) {
+            Ok(_) => {
+                let addr = u32::from_le_bytes(buf);
+                match gm.read_cstr(addr, 1024) {
+                    Ok(s) => {
+                        for line in s.trim_end_matches('\n').split('\n') {
+                            kprintln!("guest {name}: {line}");
+                        }
+                    }
+                    Err(_) => kprintln!("guest {name}: notify {addr:#x} (no device there)"),
+                }
+            }
+            Err(e) if e == Errno::ERESTART => break Outcome::Restart,
+            Err(e) if e == Errno::ENOENT => {
+                let reason = chan.death_reason().unwrap_or("killed");
+                if reason.starts_with("power off") {
+                    kprintln!("guest {name}: power off");
+                    if let Some(msg) = reason.strip_prefix("power off: ") {
+                        log::info!("guest {name} shutdown message: {msg}");
+                    }
+                    break Outcome::PowerOff;
+                }
+                kprintln!("guest {name}: killed: {reason}");
+                break Outcome::Failed;
+            }
+            Err(e) => {
+                kprintln!("guest {name}: read failed: errno {}", e.0);
+                break Outcome::Failed;
+            }
+        }
+    };
+    chan.close();
+    drop(gm);
+    drop(ram);
+    outcome
+}

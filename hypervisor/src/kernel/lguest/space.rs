@@ -1,0 +1,233 @@
+//! A guest's memory and its "linear mode" address space.
+//!
+//! Guest-physical memory is one physically contiguous, 2 MiB-aligned run of
+//! frames, reached by the host through the direct map. Until the guest turns
+//! on its own paging (shadow paging is a later milestone), its 32-bit linear
+//! addresses map 1:1 onto guest-physical memory: PML4[0] of the guest's own
+//! PML4 covers exactly `[0, mem)` with 2 MiB user pages, and nothing else of
+//! the low 4 GiB is mapped. PML4 entries 256–511 are copied from the kernel's
+//! PML4 (they never change after boot), so the hypervisor stays mapped — and
+//! unreachable for 32-bit code — while the guest runs.
+//!
+//! Dropping a [`GuestSpace`] switches the CPU back to the kernel tables if
+//! needed and returns every frame (memory and tables).
+
+use rustyvisor::lguest::guestmem::{GuestMemory, MemFault, check_range};
+use rustyvisor::mm::frame::PhysFrame;
+use rustyvisor::mm::{LARGE_PAGE_SIZE, PAGE_SIZE};
+
+use crate::kernel::arch::cpu;
+use crate::kernel::mem::{self, phys_to_virt};
+
+/// Largest guest memory we hand out (the linear map uses one PDPT: 4 GiB,
+/// minus room for device pages above RAM).
+pub const MAX_GUEST_BYTES: u64 = 3 << 30;
+
+const P: u64 = 1;
+const RW: u64 = 1 << 1;
+const US: u64 = 1 << 2;
+const PS: u64 = 1 << 7;
+
+fn zeroed_frame() -> Option<PhysFrame> {
+    let f = mem::alloc_frame()?;
+    // SAFETY: a freshly allocated frame, reachable through the direct map.
+    unsafe {
+        core::ptr::write_bytes(
+            phys_to_virt(f.start_address()) as *mut u8,
+            0,
+            PAGE_SIZE as usize,
+        )
+    };
+    Some(f)
+}
+
+fn write_entry(table: PhysFrame, index: u64, val: u64) {
+    // SAFETY: `table` is a page-table frame owned by the caller; index < 512.
+    unsafe { (phys_to_virt(table.start_address() + index * 8) as *mut u64).write_volatile(val) }
+}
+
+/// Guest RAM: one contiguous, 2 MiB-aligned run of zeroed frames, owned by the
+/// launcher. Dropping it returns the frames.
+pub struct GuestRam {
+    first: PhysFrame,
+    frames: u64,
+}
+
+/// Why guest memory or tables could not be made.
+#[derive(Debug, Clone, Copy)]
+pub enum SpaceError {
+    /// Size 0 or above [`MAX_GUEST_BYTES`].
+    BadSize,
+    /// Not enough (contiguous) free memory.
+    OutOfMemory,
+    /// The base handed to the core is not 2 MiB-aligned direct-map memory.
+    BadBase,
+}
+
+impl GuestRam {
+    /// Allocates `bytes` (rounded up to 2 MiB) of zeroed memory.
+    pub fn new(bytes: u64) -> Result<Self, SpaceError> {
+        if bytes == 0 || bytes > MAX_GUEST_BYTES {
+            return Err(SpaceError::BadSize);
+        }
+        let bytes = bytes.next_multiple_of(LARGE_PAGE_SIZE);
+        let frames = bytes / PAGE_SIZE;
+        let first = mem::alloc_contiguous(frames, LARGE_PAGE_SIZE / PAGE_SIZE)
+            .ok_or(SpaceError::OutOfMemory)?;
+        // SAFETY: the run was just allocated to this guest; zero it so no
+        // previous contents (host or another guest's) leak into it.
+        unsafe {
+            core::ptr::write_bytes(
+                phys_to_virt(first.start_address()) as *mut u8,
+                0,
+                bytes as usize,
+            )
+        };
+        Ok(Self { first, frames })
+    }
+
+    /// Size in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.frames * PAGE_SIZE
+    }
+
+    /// Host (direct-map) address of guest-physical 0: `LHREQ_INITIALIZE.base`.
+    pub fn base(&self) -> u64 {
+        phys_to_virt(self.first.start_address())
+    }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        mem::free_contiguous(self.first, self.frames);
+    }
+}
+
+/// The linear-mode address space of a guest: its own PML4 with guest memory
+/// 1:1 at linear 0 and the hypervisor's upper half shared.
+pub struct LinearTables {
+    pml4: PhysFrame,
+    pdpt: Option<PhysFrame>,
+    pds: [Option<PhysFrame>; 4],
+}
+
+impl LinearTables {
+    /// Builds tables presenting `bytes` of memory whose host (direct-map)
+    /// address is `base`. Both must be 2 MiB multiples.
+    pub fn new(base: u64, bytes: u64) -> Result<Self, SpaceError> {
+        let phys = base
+            .checked_sub(mem::DIRECT_MAP_BASE)
+            .filter(|p| p % LARGE_PAGE_SIZE == 0)
+            .ok_or(SpaceError::BadBase)?;
+        if bytes == 0 || bytes > MAX_GUEST_BYTES || bytes % LARGE_PAGE_SIZE != 0 {
+            return Err(SpaceError::BadSize);
+        }
+        let pml4 = zeroed_frame().ok_or(SpaceError::OutOfMemory)?;
+        // From here on, dropping `t` returns whatever was taken.
+        let mut t = Self {
+            pml4,
+            pdpt: None,
+            pds: [None; 4],
+        };
+        let kernel = mem::kernel_pml4();
+        for slot in 256..512u64 {
+            // SAFETY: the kernel PML4 is a live page-table frame in the direct map.
+            let e = unsafe { (phys_to_virt(kernel + slot * 8) as *const u64).read_volatile() };
+            write_entry(pml4, slot, e);
+        }
+        let pdpt = zeroed_frame().ok_or(SpaceError::OutOfMemory)?;
+        t.pdpt = Some(pdpt);
+        write_entry(pml4, 0, pdpt.start_address() | P | RW | US);
+        for i in 0..bytes / LARGE_PAGE_SIZE {
+            let gib = (i / 512) as usize;
+            let pd = match t.pds.get(gib).copied().flatten() {
+                Some(pd) => pd,
+                None => {
+                    let pd = zeroed_frame().ok_or(SpaceError::OutOfMemory)?;
+                    if let Some(slot) = t.pds.get_mut(gib) {
+                        *slot = Some(pd);
+                    }
+                    write_entry(pdpt, gib as u64, pd.start_address() | P | RW | US);
+                    pd
+                }
+            };
+            write_entry(pd, i % 512, (phys + i * LARGE_PAGE_SIZE) | P | RW | US | PS);
+        }
+        Ok(t)
+    }
+
+    /// The PML4 to load while this guest runs.
+    pub fn cr3(&self) -> u64 {
+        self.pml4.start_address()
+    }
+
+    /// Host memory used for the tables.
+    pub fn overhead_bytes(&self) -> u64 {
+        (1 + u64::from(self.pdpt.is_some()) + self.pds.iter().flatten().count() as u64) * PAGE_SIZE
+    }
+}
+
+impl Drop for LinearTables {
+    fn drop(&mut self) {
+        if cpu::cr3() & !0xFFF == self.pml4.start_address() {
+            // SAFETY: the kernel PML4 maps everything the host uses.
+            unsafe { cpu::write_cr3(mem::kernel_pml4()) };
+        }
+        for f in self.pds.iter().flatten().chain(self.pdpt.iter()) {
+            mem::free_frame(*f);
+        }
+        mem::free_frame(self.pml4);
+    }
+}
+
+/// Guest memory as seen by the lguest core: `[base, base + limit)` in the
+/// direct map, every access bounds-checked.
+pub struct HostGuestMemory {
+    base: u64,
+    limit: u32,
+}
+
+impl HostGuestMemory {
+    /// Memory of `limit` bytes at host address `base`.
+    ///
+    /// # Safety
+    /// `[base, base + limit)` must be mapped guest memory that stays allocated
+    /// while this object is used.
+    pub unsafe fn new(base: u64, limit: u32) -> Self {
+        Self { base, limit }
+    }
+}
+
+impl GuestMemory for HostGuestMemory {
+    fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    fn read(&self, gpa: u32, buf: &mut [u8]) -> Result<(), MemFault> {
+        let r = check_range(self.limit, gpa, buf.len(), false)?;
+        // SAFETY: `r` lies inside [0, limit), which `new`'s caller guaranteed
+        // is mapped guest memory; the guest may change it concurrently only
+        // while it runs, which it does not while the host runs on this CPU.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                (self.base + r.start as u64) as *const u8,
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        Ok(())
+    }
+
+    fn write(&mut self, gpa: u32, data: &[u8]) -> Result<(), MemFault> {
+        let r = check_range(self.limit, gpa, data.len(), true)?;
+        // SAFETY: as in `read`.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                (self.base + r.start as u64) as *mut u8,
+                data.len(),
+            )
+        };
+        Ok(())
+    }
+}

@@ -1,0 +1,262 @@
+//! The world switch: entering a 32-bit guest and coming back on its next trap.
+//!
+//! A guest kernel runs at CPL 1 (user code at CPL 3) in compatibility mode,
+//! with the hypervisor still mapped above 4 GiB in the same address space, so
+//! no CR3 switch happens on a hypercall or trap.
+//!
+//! Entry ([`enter_guest`], a naked function): save the host's callee-saved
+//! registers on the current (launcher task) stack and remember that stack
+//! pointer; build an `iretq` frame from the guest's saved registers; load the
+//! guest's data segment selectors and general registers; zero r8–r15 (the guest
+//! cannot see them in compatibility mode, but host pointers should not linger);
+//! `iretq` to the guest.
+//!
+//! Exit: every trap or interrupt taken while the guest runs arrives on the TSS
+//! RSP0 stack (a per-CPU "guest trap stack"), goes through the normal entry
+//! stubs and [`super::super::interrupts::handle`], which sees a non-zero CPL in
+//! the saved CS and calls [`guest_trap`]. That copies the guest state into the
+//! guest's register block, services a host interrupt if that is what arrived,
+//! then jumps to [`exit_to_host`], which restores the saved host stack
+//! pointer and callee-saved registers and returns from `enter_guest` with the
+//! trap number. The trap stack is simply abandoned; the next entry starts at
+//! its top again.
+//!
+//! Loading a bad selector or `iretq`-ing to a bad frame faults at CPL 0 inside
+//! the entry sequence ([`ENTRY_FAULT_BEGIN`]..[`ENTRY_FAULT_END`]); such a fault is
+//! the guest's fault, reported as trap 256 (lguest's "faulted inside the
+//! Switcher") instead of a host crash.
+
+use core::arch::naked_asm;
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use rustyvisor::lguest::vcpu::Regs;
+
+use crate::kernel::arch::cpu;
+use crate::kernel::arch::trap::TrapFrame;
+
+/// Trap number reported when entering the guest faulted.
+pub const ENTRY_FAULT: u32 = 256;
+
+/// Per-CPU switch state (only the boot CPU runs guests for now).
+#[repr(C)]
+struct SwitchState {
+    /// Host RSP right after saving callee-saved registers in `enter_guest`.
+    host_rsp: u64,
+    /// The register block of the guest being run.
+    regs: *mut Regs,
+    /// Error code and CR2 of the last exit.
+    errcode: u64,
+    cr2: u64,
+}
+
+struct SwitchCell(UnsafeCell<SwitchState>);
+
+// SAFETY: only the boot CPU touches it, with interrupts off (in the trap path)
+// or before entering the guest (in `run`), never concurrently.
+unsafe impl Sync for SwitchCell {}
+
+static STATE: SwitchCell = SwitchCell(UnsafeCell::new(SwitchState {
+    host_rsp: 0,
+    regs: core::ptr::null_mut(),
+    errcode: 0,
+    cr2: 0,
+}));
+
+static EXITS: AtomicU64 = AtomicU64::new(0);
+
+/// What the last exit was, besides its trap number.
+pub struct ExitInfo {
+    /// Trap number (0–255), or [`ENTRY_FAULT`].
+    pub trapnum: u32,
+    /// Error code (0 when the vector has none).
+    pub errcode: u32,
+    /// CR2 at a page fault.
+    pub cr2: u32,
+}
+
+/// Runs the guest whose registers are `regs` until its next trap.
+///
+/// The caller has loaded the guest's address space (CR3), its GDT entries and
+/// the TSS RSP0 trap stack, and keeps interrupts enabled: a host interrupt
+/// while the guest runs is serviced and ends this call.
+pub fn run(regs: &mut Regs) -> ExitInfo {
+    // The guest never runs with IOPL > 0, NT, VM or RF, and always with IF (its
+    // own interrupt flag is virtual, in lguest_data.irq_enabled).
+    regs.eflags = (regs.eflags & 0x0024_0DD5) | 0x202;
+    let state = STATE.0.get();
+    // SAFETY: single CPU; interrupts are disabled from here until the `iretq`
+    // inside `enter_guest` (which turns them on with the guest's IF), so the
+    // trap path cannot observe a half-written state.
+    let trapnum = unsafe {
+        x86_64::instructions::interrupts::disable();
+        (*state).regs = regs;
+        enter_guest(state.cast::<u64>())
+    };
+    EXITS.fetch_add(1, Ordering::Relaxed);
+    // SAFETY: the trap path wrote these before returning here; we are back in
+    // host context on the only CPU.
+    let (errcode, cr2) = unsafe { ((*state).errcode, (*state).cr2) };
+    x86_64::instructions::interrupts::enable();
+    ExitInfo {
+        trapnum: trapnum as u32,
+        errcode: errcode as u32,
+        cr2: cr2 as u32,
+    }
+}
+
+/// Number of guest exits so far.
+pub fn exits() -> u64 {
+    EXITS.load(Ordering::Relaxed)
+}
+
+/// Enters the guest. `state` points at [`SwitchState`] (host_rsp at +0, regs
+/// pointer at +8). Returns the trap number when the guest exits.
+///
+/// Register block offsets (lguest_regs order, u32 each): eax 0, ebx 4, ecx 8,
+/// edx 12, esi 16, edi 20, ebp 24, gs 28, fs 32, ds 36, es 40, trapnum 44,
+/// errcode 48, eip 52, cs 56, eflags 60, esp 64, ss 68.
+#[unsafe(naked)]
+unsafe extern "C" fn enter_guest(state: *mut u64) -> u64 {
+    naked_asm!(
+        // Host callee-saved registers; exit_to_host pops them.
+        "push rbx",
+        "push rbp",
+        "push r12",
+        "push r13",
+        "push r14",
+        "push r15",
+        "mov [rdi], rsp",
+        "mov rsi, [rdi + 8]",
+        // iretq frame: SS, RSP, RFLAGS, CS, RIP (zero-extended 32-bit values).
+        "mov eax, [rsi + 68]",
+        "push rax",
+        "mov eax, [rsi + 64]",
+        "push rax",
+        "mov eax, [rsi + 60]",
+        "push rax",
+        "mov eax, [rsi + 56]",
+        "push rax",
+        "mov eax, [rsi + 52]",
+        "push rax",
+        ".globl rv_entry_fault_begin",
+        "rv_entry_fault_begin:",
+        "mov ax, [rsi + 36]",
+        "mov ds, ax",
+        "mov ax, [rsi + 40]",
+        "mov es, ax",
+        "mov ax, [rsi + 32]",
+        "mov fs, ax",
+        "mov ax, [rsi + 28]",
+        "mov gs, ax",
+        "xor r8d, r8d",
+        "xor r9d, r9d",
+        "xor r10d, r10d",
+        "xor r11d, r11d",
+        "xor r12d, r12d",
+        "xor r13d, r13d",
+        "xor r14d, r14d",
+        "xor r15d, r15d",
+        "mov eax, [rsi + 0]",
+        "mov ebx, [rsi + 4]",
+        "mov ecx, [rsi + 8]",
+        "mov edx, [rsi + 12]",
+        "mov edi, [rsi + 20]",
+        "mov ebp, [rsi + 24]",
+        "mov esi, [rsi + 16]",
+        "iretq",
+        ".globl rv_entry_fault_end",
+        "rv_entry_fault_end:",
+        "ud2",
+    )
+}
+
+/// Returns from `enter_guest` with `trapnum`: back to the saved host stack.
+#[unsafe(naked)]
+unsafe extern "C" fn exit_to_host(state: *mut u64, trapnum: u64) -> ! {
+    naked_asm!(
+        "mov rsp, [rdi]",
+        "mov rax, rsi",
+        "pop r15",
+        "pop r14",
+        "pop r13",
+        "pop r12",
+        "pop rbp",
+        "pop rbx",
+        "ret",
+    )
+}
+
+unsafe extern "C" {
+    static rv_entry_fault_begin: u8;
+    static rv_entry_fault_end: u8;
+}
+
+/// Whether a CPL-0 fault at `rip` happened while loading guest state.
+pub fn is_entry_fault(rip: u64) -> bool {
+    let begin = &raw const rv_entry_fault_begin as u64;
+    let end = &raw const rv_entry_fault_end as u64;
+    // SAFETY: reading the switch state's regs pointer only to know whether a
+    // guest entry is in progress on this CPU.
+    let entering = unsafe { !(*STATE.0.get()).regs.is_null() };
+    entering && rip >= begin && rip <= end
+}
+
+/// A fault while entering the guest: the guest's state was bad.
+pub fn entry_fault(frame: &TrapFrame) -> ! {
+    let state = STATE.0.get();
+    // SAFETY: trap path, interrupts off, single CPU; `state` is valid.
+    unsafe {
+        (*state).errcode = frame.error_code;
+        (*state).cr2 = frame.vector;
+        exit_to_host(state.cast::<u64>(), u64::from(ENTRY_FAULT))
+    }
+}
+
+/// A trap from the running guest: save its state and return to the host.
+pub fn guest_trap(frame: &TrapFrame) -> ! {
+    let state = STATE.0.get();
+    let cr2 = if frame.vector == 14 { cpu::cr2() } else { 0 };
+    let (ds, es, fs, gs): (u16, u16, u16, u16);
+    // SAFETY: reads the data segment registers, which still hold the guest's
+    // selectors (the host never loads them in 64-bit mode).
+    unsafe {
+        core::arch::asm!(
+            "mov {0:x}, ds", "mov {1:x}, es", "mov {2:x}, fs", "mov {3:x}, gs",
+            out(reg) ds, out(reg) es, out(reg) fs, out(reg) gs,
+            options(nomem, nostack, preserves_flags)
+        );
+    }
+    // SAFETY: `regs` was set by `run` to the running guest's register block,
+    // which outlives the guest's execution; interrupts are off, single CPU.
+    unsafe {
+        let regs = &mut *(*state).regs;
+        regs.eax = frame.rax as u32;
+        regs.ebx = frame.rbx as u32;
+        regs.ecx = frame.rcx as u32;
+        regs.edx = frame.rdx as u32;
+        regs.esi = frame.rsi as u32;
+        regs.edi = frame.rdi as u32;
+        regs.ebp = frame.rbp as u32;
+        regs.ds = u32::from(ds);
+        regs.es = u32::from(es);
+        regs.fs = u32::from(fs);
+        regs.gs = u32::from(gs);
+        regs.trapnum = frame.vector as u32;
+        regs.errcode = frame.error_code as u32;
+        regs.eip = frame.rip as u32;
+        regs.cs = frame.cs as u32;
+        regs.eflags = frame.rflags as u32;
+        regs.esp = frame.rsp as u32;
+        regs.ss = frame.ss as u32;
+        (*state).errcode = frame.error_code;
+        (*state).cr2 = cr2;
+    }
+    // A host interrupt that arrived while the guest ran: service it now.
+    if frame.vector >= 32 {
+        crate::kernel::interrupts::service_irq(frame.vector);
+    }
+    // SAFETY: `state` is valid; `exit_to_host` abandons this trap stack and
+    // resumes `enter_guest`'s caller on the saved host stack.
+    unsafe { exit_to_host(state.cast::<u64>(), frame.vector) }
+}

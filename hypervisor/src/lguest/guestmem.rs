@@ -1,0 +1,329 @@
+//! Guest-physical memory: the one bounds-checked accessor every host access
+//! to guest memory goes through (architecture.md, decision 2).
+//!
+//! A guest-physical address is an *allegation*: [`GuestMemory::read`] and
+//! [`GuestMemory::write`] check `gpa + len <= limit` without overflow before
+//! touching anything, and report a [`MemFault`] whose `Display` is lguest's
+//! kill reason (`"bad read address 0x… len …"`).
+//!
+//! The bare-metal kernel implements [`GuestMemory`] over the launcher's
+//! allocation; tests (and anything else) use [`VecMemory`].
+
+extern crate alloc;
+
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::fmt;
+use core::ops::Range;
+
+/// Largest guest-physical memory size: 4 GiB minus one page (so every
+/// in-bounds address and `limit` itself fit in a `u32`).
+pub const MAX_GUEST_MEM: u32 = 0xFFFF_F000;
+
+/// A rejected guest-memory access: `[gpa, gpa + len)` is not inside
+/// `[0, limit)`. Its `Display` is lguest's kill reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemFault {
+    /// Guest-physical start address of the access.
+    pub gpa: u32,
+    /// Length of the access in bytes (saturated at `u32::MAX`).
+    pub len: u32,
+    /// Whether it was a write.
+    pub write: bool,
+}
+
+impl fmt::Display for MemFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dir = if self.write { "write" } else { "read" };
+        write!(f, "bad {dir} address {:#x} len {}", self.gpa, self.len)
+    }
+}
+
+/// Check `[gpa, gpa + len)` against `[0, limit)` and return it as a `usize`
+/// range. Overflow-checked; a zero-length access at `gpa <= limit` is fine.
+pub fn check_range(
+    limit: u32,
+    gpa: u32,
+    len: usize,
+    write: bool,
+) -> Result<Range<usize>, MemFault> {
+    let fault = MemFault {
+        gpa,
+        len: u32::try_from(len).unwrap_or(u32::MAX),
+        write,
+    };
+    let len32 = u32::try_from(len).map_err(|_| fault)?;
+    let end = gpa.checked_add(len32).ok_or(fault)?;
+    if end > limit {
+        return Err(fault);
+    }
+    Ok(gpa as usize..end as usize)
+}
+
+/// Guest-physical memory `[0, limit)`.
+///
+/// Implementations must bounds-check every access (use [`check_range`]) and
+/// never touch anything outside the guest's memory.
+pub trait GuestMemory {
+    /// Size of guest-physical memory in bytes (`pfnlimit * 4096`),
+    /// at most [`MAX_GUEST_MEM`].
+    fn limit(&self) -> u32;
+
+    /// Copy `buf.len()` bytes from guest-physical `gpa` into `buf`.
+    fn read(&self, gpa: u32, buf: &mut [u8]) -> Result<(), MemFault>;
+
+    /// Copy `data` to guest-physical `gpa`.
+    fn write(&mut self, gpa: u32, data: &[u8]) -> Result<(), MemFault>;
+
+    /// Read one byte.
+    fn read_u8(&self, gpa: u32) -> Result<u8, MemFault> {
+        let mut b = [0u8; 1];
+        self.read(gpa, &mut b)?;
+        Ok(b[0])
+    }
+
+    /// Read a little-endian `u16`.
+    fn read_u16(&self, gpa: u32) -> Result<u16, MemFault> {
+        let mut b = [0u8; 2];
+        self.read(gpa, &mut b)?;
+        Ok(u16::from_le_bytes(b))
+    }
+
+    /// Read a little-endian `u32`.
+    fn read_u32(&self, gpa: u32) -> Result<u32, MemFault> {
+        let mut b = [0u8; 4];
+        self.read(gpa, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    /// Read a little-endian `u64`.
+    fn read_u64(&self, gpa: u32) -> Result<u64, MemFault> {
+        let mut b = [0u8; 8];
+        self.read(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Write one byte.
+    fn write_u8(&mut self, gpa: u32, v: u8) -> Result<(), MemFault> {
+        self.write(gpa, &[v])
+    }
+
+    /// Write a little-endian `u16`.
+    fn write_u16(&mut self, gpa: u32, v: u16) -> Result<(), MemFault> {
+        self.write(gpa, &v.to_le_bytes())
+    }
+
+    /// Write a little-endian `u32`.
+    fn write_u32(&mut self, gpa: u32, v: u32) -> Result<(), MemFault> {
+        self.write(gpa, &v.to_le_bytes())
+    }
+
+    /// Write a little-endian `u64`.
+    fn write_u64(&mut self, gpa: u32, v: u64) -> Result<(), MemFault> {
+        self.write(gpa, &v.to_le_bytes())
+    }
+
+    /// Zero `len` bytes at `gpa` (checked as one access first, so nothing is
+    /// written if any of it is out of range).
+    fn zero(&mut self, gpa: u32, len: u32) -> Result<(), MemFault> {
+        check_range(self.limit(), gpa, len as usize, true)?;
+        const CHUNK: u32 = 512;
+        let zeros = [0u8; CHUNK as usize];
+        let mut done = 0u32;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            // In range: checked above, `done + n <= len`.
+            self.write(
+                gpa.wrapping_add(done),
+                zeros.get(..n as usize).unwrap_or(&[]),
+            )?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Read a NUL-terminated string of at most `max` bytes (not counting the
+    /// NUL) at `gpa`, stopping early at a NUL or at the end of guest memory;
+    /// invalid UTF-8 is replaced lossily. Fails only if `gpa` itself is
+    /// outside guest memory (and `max > 0`).
+    fn read_cstr(&self, gpa: u32, max: u32) -> Result<String, MemFault> {
+        if max == 0 {
+            return Ok(String::new());
+        }
+        let avail = self
+            .limit()
+            .checked_sub(gpa)
+            .filter(|&a| a > 0)
+            .ok_or(MemFault {
+                gpa,
+                len: 1,
+                write: false,
+            })?;
+        let n = avail.min(max);
+        let mut buf = vec![0u8; n as usize];
+        self.read(gpa, &mut buf)?;
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        buf.truncate(end);
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+}
+
+/// Guest memory backed by a `Vec<u8>` (tests, tools).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VecMemory {
+    bytes: Vec<u8>,
+}
+
+impl VecMemory {
+    /// `size` bytes of zeroed guest memory (clamped to [`MAX_GUEST_MEM`]).
+    pub fn new(size: u32) -> Self {
+        Self {
+            bytes: vec![0; size.min(MAX_GUEST_MEM) as usize],
+        }
+    }
+
+    /// All of guest memory.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// All of guest memory, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.bytes
+    }
+}
+
+impl GuestMemory for VecMemory {
+    fn limit(&self) -> u32 {
+        // `new` clamps the size, so this never saturates in practice.
+        u32::try_from(self.bytes.len()).unwrap_or(MAX_GUEST_MEM)
+    }
+
+    fn read(&self, gpa: u32, buf: &mut [u8]) -> Result<(), MemFault> {
+        let r = check_range(self.limit(), gpa, buf.len(), false)?;
+        let src = self.bytes.get(r).ok_or(MemFault {
+            gpa,
+            len: u32::try_from(buf.len()).unwrap_or(u32::MAX),
+            write: false,
+        })?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn write(&mut self, gpa: u32, data: &[u8]) -> Result<(), MemFault> {
+        let r = check_range(self.limit(), gpa, data.len(), true)?;
+        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        let dst = self.bytes.get_mut(r).ok_or(MemFault {
+            gpa,
+            len,
+            write: true,
+        })?;
+        dst.copy_from_slice(data);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::ToString;
+
+    #[test]
+    fn bounds() {
+        let mut m = VecMemory::new(0x2000);
+        assert_eq!(m.limit(), 0x2000);
+        m.write_u32(0x1ffc, 0xdead_beef).unwrap();
+        assert_eq!(m.read_u32(0x1ffc), Ok(0xdead_beef));
+        assert_eq!(
+            m.read_u32(0x1ffd),
+            Err(MemFault {
+                gpa: 0x1ffd,
+                len: 4,
+                write: false
+            })
+        );
+        assert!(m.write_u32(0x1ffd, 0).is_err());
+        assert!(m.read_u32(u32::MAX - 1).is_err());
+        assert!(m.write(u32::MAX, &[1, 2]).is_err());
+        // Zero-length at the very end is fine, one past isn't.
+        assert!(m.read(0x2000, &mut []).is_ok());
+        assert!(m.read(0x2001, &mut []).is_err());
+        // Nothing was written by the failed writes.
+        assert_eq!(m.read_u8(0x1fff), Ok(0xde));
+    }
+
+    #[test]
+    fn fault_display() {
+        let f = MemFault {
+            gpa: 0x1234,
+            len: 4,
+            write: false,
+        };
+        assert_eq!(f.to_string(), "bad read address 0x1234 len 4");
+        let f = MemFault {
+            gpa: 0xffff_fff0,
+            len: 24,
+            write: true,
+        };
+        assert_eq!(f.to_string(), "bad write address 0xfffffff0 len 24");
+    }
+
+    #[test]
+    fn check_range_overflow() {
+        assert!(check_range(u32::MAX, u32::MAX, 1, false).is_err());
+        assert!(check_range(MAX_GUEST_MEM, 0, usize::MAX, false).is_err());
+        assert_eq!(check_range(0x1000, 0x10, 0x10, true), Ok(0x10..0x20));
+    }
+
+    #[test]
+    fn ints_round_trip() {
+        let mut m = VecMemory::new(64);
+        m.write_u8(0, 0x12).unwrap();
+        m.write_u16(2, 0x3456).unwrap();
+        m.write_u64(8, 0x0102_0304_0506_0708).unwrap();
+        assert_eq!(m.read_u8(0), Ok(0x12));
+        assert_eq!(m.read_u16(2), Ok(0x3456));
+        assert_eq!(m.read_u64(8), Ok(0x0102_0304_0506_0708));
+        assert_eq!(m.as_slice()[8], 0x08);
+    }
+
+    #[test]
+    fn zero_fill() {
+        let mut m = VecMemory::new(0x1000);
+        m.as_mut_slice().fill(0xAA);
+        m.zero(0x10, 0x900).unwrap();
+        assert_eq!(m.as_slice()[0xf], 0xAA);
+        assert!(m.as_slice()[0x10..0x910].iter().all(|&b| b == 0));
+        assert_eq!(m.as_slice()[0x910], 0xAA);
+        // Out of range: nothing written at all.
+        assert!(m.zero(0xff0, 0x20).is_err());
+        assert_eq!(m.as_slice()[0xff0], 0xAA);
+        assert!(m.zero(0x1000, 0).is_ok());
+    }
+
+    #[test]
+    fn cstr() {
+        let mut m = VecMemory::new(0x100);
+        m.write(0x10, b"hello\0world").unwrap();
+        assert_eq!(m.read_cstr(0x10, 128).unwrap(), "hello");
+        assert_eq!(m.read_cstr(0x10, 3).unwrap(), "hel");
+        assert_eq!(m.read_cstr(0x16, 128).unwrap(), "world");
+        // Stops at the end of memory.
+        m.write(0xfc, b"abcd").unwrap();
+        assert_eq!(m.read_cstr(0xfc, 128).unwrap(), "abcd");
+        // Lossy UTF-8.
+        m.write(0x40, &[0xff, b'x', 0]).unwrap();
+        assert_eq!(m.read_cstr(0x40, 128).unwrap(), "\u{fffd}x");
+        assert!(m.read_cstr(0x100, 128).is_err());
+        assert!(m.read_cstr(u32::MAX, 128).is_err());
+        assert_eq!(m.read_cstr(0x100, 0).unwrap(), "");
+    }
+
+    #[test]
+    fn clamped_size() {
+        // Don't allocate 4 GiB in a test; just check the clamp arithmetic.
+        assert_eq!(MAX_GUEST_MEM % 4096, 0);
+        assert_eq!(VecMemory::new(0).limit(), 0);
+    }
+}

@@ -1,0 +1,437 @@
+//! The guest's GDT (lguest-abi §4): 32 slots in Linux's i386 layout, filled
+//! by `LHCALL_LOAD_GDT_ENTRY` / `LHCALL_LOAD_TLS`, plus the selector checks
+//! the switcher applies before loading a guest selector.
+//!
+//! # Policy (harder than lguest)
+//!
+//! | Guest does | lguest | rustyvisor |
+//! |---|---|---|
+//! | index ≥ 32 | kill "too many gdt entries %u" | same |
+//! | index in [`HOST_RESERVED`] (10, 11, 16, 17, 31) | accepted, never copied | **kill** "reserved gdt entry %u" |
+//! | present system descriptor (S = 0: TSS, LDT, call/task/interrupt gate) | accepted | **kill** "gdt entry %u: system descriptor" |
+//! | present 64-bit code segment (L = 1) | n/a (32-bit host) | **kill** "gdt entry %u: 64-bit code segment" |
+//! | DPL 0 | raised to 1 | same |
+//! | accessed bit clear | set | same |
+//! | not-present entry | stored (with the fixups) | stored as all-zero |
+//!
+//! Slot 17 is reserved because the host's 64-bit TSS descriptor is 16 bytes
+//! (slots 16 and 17). The reserved slots of our copy are always zero, so a
+//! guest selector naming them never validates.
+//!
+//! Together with the selector checks this guarantees the guest can never hold
+//! a CPL-0 or 64-bit code selector, nor reach a gate or TSS through its GDT.
+
+use guest_abi::seg::SegmentDescriptor;
+
+use super::kill::{Kill, kill};
+
+/// Number of GDT slots the guest sees.
+pub const GDT_ENTRIES: usize = 32;
+/// Slots the guest can never set: the host's 64-bit code/data (10, 11), its
+/// 16-byte TSS (16–17) and the double-fault TSS slot (31).
+pub const HOST_RESERVED: [usize; 5] = [10, 11, 16, 17, 31];
+/// First TLS slot (`LHCALL_LOAD_TLS` fills 6, 7, 8).
+pub const TLS_FIRST: usize = 6;
+/// Number of TLS slots.
+pub const TLS_ENTRIES: usize = 3;
+
+/// Slot of the guest kernel code segment (selector 0x61).
+pub const KERNEL_CS_SLOT: usize = 12;
+/// Slot of the guest kernel data segment (selector 0x69).
+pub const KERNEL_DS_SLOT: usize = 13;
+
+/// Initial slot 12: flat 4 GiB 32-bit code, DPL 1, accessed.
+pub const INITIAL_KERNEL_CS: u64 = 0x00CF_BB00_0000_FFFF;
+/// Initial slot 13: flat 4 GiB 32-bit data, DPL 1, accessed.
+pub const INITIAL_KERNEL_DS: u64 = 0x00CF_B300_0000_FFFF;
+
+/// Type bit: conforming (code) / expand-down (data).
+const TYPE_CONFORMING: u8 = 0x4;
+
+/// The guest's 32 GDT entries after validation and fixup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestGdt {
+    entries: [u64; GDT_ENTRIES],
+    generation: u64,
+}
+
+impl Default for GuestGdt {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GuestGdt {
+    /// The boot GDT: slots 12/13 flat code/data at DPL 1, everything else zero.
+    pub fn new() -> Self {
+        let mut entries = [0u64; GDT_ENTRIES];
+        entries[KERNEL_CS_SLOT] = INITIAL_KERNEL_CS;
+        entries[KERNEL_DS_SLOT] = INITIAL_KERNEL_DS;
+        Self {
+            entries,
+            generation: 0,
+        }
+    }
+
+    /// All 32 entries, as the switcher copies them into the hardware GDT
+    /// (the [`HOST_RESERVED`] slots are always 0 here; the switcher puts the
+    /// host's own descriptors there).
+    pub fn entries(&self) -> &[u64; GDT_ENTRIES] {
+        &self.entries
+    }
+
+    /// Entry `index`, if `index < 32`.
+    pub fn entry(&self, index: usize) -> Option<u64> {
+        self.entries.get(index).copied()
+    }
+
+    /// Incremented on every change, so the switcher can skip copying an
+    /// unchanged GDT.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Validate and fix up one descriptor destined for slot `index`.
+    fn fixup(index: usize, raw: u64) -> Result<u64, Kill> {
+        let d = SegmentDescriptor(raw);
+        if !d.present() {
+            return Ok(0);
+        }
+        if !d.is_code_or_data() {
+            return kill!("gdt entry {index}: system descriptor");
+        }
+        if d.is_code() && d.long_mode() {
+            return kill!("gdt entry {index}: 64-bit code segment");
+        }
+        let d = if d.dpl() == 0 { d.with_dpl(1) } else { d };
+        Ok(d.with_accessed().0)
+    }
+
+    fn check_index(index: u32) -> Result<usize, Kill> {
+        let i = index as usize;
+        if i >= GDT_ENTRIES {
+            return kill!("too many gdt entries {index}");
+        }
+        if HOST_RESERVED.contains(&i) {
+            return kill!("reserved gdt entry {index}");
+        }
+        Ok(i)
+    }
+
+    /// `LHCALL_LOAD_GDT_ENTRY(index, lo, hi)`.
+    pub fn load_entry(&mut self, index: u32, lo: u32, hi: u32) -> Result<(), Kill> {
+        let i = Self::check_index(index)?;
+        let v = Self::fixup(i, SegmentDescriptor::from_parts(lo, hi).0)?;
+        if let Some(slot) = self.entries.get_mut(i) {
+            *slot = v;
+        }
+        self.generation = self.generation.wrapping_add(1);
+        Ok(())
+    }
+
+    /// `LHCALL_LOAD_TLS`: the three descriptors for slots 6..=8. All three are
+    /// validated before any is stored.
+    pub fn load_tls(&mut self, tls: &[u64; TLS_ENTRIES]) -> Result<(), Kill> {
+        let mut fixed = [0u64; TLS_ENTRIES];
+        for (k, (out, &raw)) in fixed.iter_mut().zip(tls.iter()).enumerate() {
+            *out = Self::fixup(TLS_FIRST + k, raw)?;
+        }
+        if let Some(dst) = self.entries.get_mut(TLS_FIRST..TLS_FIRST + TLS_ENTRIES) {
+            dst.copy_from_slice(&fixed);
+        }
+        self.generation = self.generation.wrapping_add(1);
+        Ok(())
+    }
+
+    /// The present code/data descriptor `sel` names in this GDT (TI = 0),
+    /// or `None`.
+    fn lookup(&self, sel: u16) -> Option<SegmentDescriptor> {
+        if sel & 4 != 0 {
+            return None; // LDT: we have none.
+        }
+        let d = SegmentDescriptor(self.entry(usize::from(sel >> 3))?);
+        (d.present() && d.is_code_or_data() && !(d.is_code() && d.long_mode())).then_some(d)
+    }
+
+    /// Whether `sel` may be in DS/ES/FS/GS while the guest runs at `cpl`
+    /// (1 or 3): the null selector (any RPL), or a present data segment /
+    /// readable code segment with DPL ≥ max(CPL, RPL) (conforming readable
+    /// code: any DPL).
+    pub fn valid_data_selector(&self, sel: u16, cpl: u8) -> bool {
+        if sel & !3 == 0 {
+            return true;
+        }
+        let Some(d) = self.lookup(sel) else {
+            return false;
+        };
+        let rpl = (sel & 3) as u8;
+        if d.is_code() {
+            if d.typ() & SegmentDescriptor::TYPE_RW == 0 {
+                return false;
+            }
+            if d.typ() & TYPE_CONFORMING != 0 {
+                return true;
+            }
+        }
+        d.dpl() >= cpl.max(rpl)
+    }
+
+    /// Whether `sel` may be loaded into CS; the guest then runs at CPL =
+    /// RPL, which must be 1 (kernel) or 3 (user). Non-conforming code needs
+    /// DPL == RPL, conforming code DPL ≤ RPL. Never a 64-bit segment.
+    pub fn valid_code_selector(&self, sel: u16) -> bool {
+        let rpl = (sel & 3) as u8;
+        if rpl != 1 && rpl != 3 {
+            return false;
+        }
+        let Some(d) = self.lookup(sel) else {
+            return false;
+        };
+        if !d.is_code() || d.long_mode() {
+            return false;
+        }
+        if d.typ() & TYPE_CONFORMING != 0 {
+            d.dpl() <= rpl
+        } else {
+            d.dpl() == rpl
+        }
+    }
+
+    /// Whether `sel` may be loaded into SS at `cpl`: RPL == DPL == CPL and a
+    /// present writable data segment.
+    pub fn valid_stack_selector(&self, sel: u16, cpl: u8) -> bool {
+        let rpl = (sel & 3) as u8;
+        if rpl != cpl {
+            return false;
+        }
+        let Some(d) = self.lookup(sel) else {
+            return false;
+        };
+        !d.is_code() && d.typ() & SegmentDescriptor::TYPE_RW != 0 && d.dpl() == cpl
+    }
+
+    /// Base address of the segment `sel` names (0 for the null selector or
+    /// anything that doesn't validate as a present code/data segment).
+    pub fn segment_base(&self, sel: u16) -> u32 {
+        self.lookup(sel).map_or(0, |d| d.base())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const USER_CODE: u64 = 0x00CF_FA00_0000_FFFF; // DPL 3, code, readable
+    const USER_DATA: u64 = 0x00CF_F200_0000_FFFF; // DPL 3, data, writable
+    const KCODE_DPL0: u64 = 0x00CF_9A00_0000_FFFF;
+    const KDATA_DPL0: u64 = 0x00CF_9200_0000_FFFF;
+
+    fn parts(v: u64) -> (u32, u32) {
+        (v as u32, (v >> 32) as u32)
+    }
+
+    fn load(g: &mut GuestGdt, i: u32, v: u64) -> Result<(), Kill> {
+        let (lo, hi) = parts(v);
+        g.load_entry(i, lo, hi)
+    }
+
+    #[test]
+    fn initial() {
+        let g = GuestGdt::new();
+        assert_eq!(g.entry(12), Some(0x00CF_BB00_0000_FFFF));
+        assert_eq!(g.entry(13), Some(0x00CF_B300_0000_FFFF));
+        assert_eq!(
+            SegmentDescriptor::flat_code(1).with_accessed().0,
+            INITIAL_KERNEL_CS
+        );
+        assert_eq!(
+            SegmentDescriptor::flat_data(1).with_accessed().0,
+            INITIAL_KERNEL_DS
+        );
+        for (i, &e) in g.entries().iter().enumerate() {
+            if i != 12 && i != 13 {
+                assert_eq!(e, 0, "slot {i}");
+            }
+        }
+        assert!(g.valid_code_selector(0x61));
+        assert!(g.valid_stack_selector(0x69, 1));
+        assert!(g.valid_data_selector(0x69, 1));
+        assert_eq!(g.entry(32), None);
+    }
+
+    #[test]
+    fn dpl0_raised_accessed_set() {
+        let mut g = GuestGdt::new();
+        load(&mut g, 12, KCODE_DPL0).unwrap();
+        load(&mut g, 13, KDATA_DPL0).unwrap();
+        assert_eq!(g.entry(12), Some(INITIAL_KERNEL_CS));
+        assert_eq!(g.entry(13), Some(INITIAL_KERNEL_DS));
+        load(&mut g, 14, USER_CODE).unwrap();
+        assert_eq!(g.entry(14), Some(USER_CODE | 1 << 40));
+    }
+
+    #[test]
+    fn index_checks() {
+        let mut g = GuestGdt::new();
+        assert_eq!(
+            load(&mut g, 32, USER_DATA).unwrap_err().as_str(),
+            "too many gdt entries 32"
+        );
+        assert_eq!(
+            load(&mut g, u32::MAX, USER_DATA).unwrap_err().as_str(),
+            "too many gdt entries 4294967295"
+        );
+        for r in HOST_RESERVED {
+            let e = load(&mut g, r as u32, USER_DATA).unwrap_err();
+            assert_eq!(e.to_string(), format!("reserved gdt entry {r}"));
+            assert_eq!(g.entry(r), Some(0));
+        }
+        // Everything else is settable.
+        for i in 0..32u32 {
+            if !HOST_RESERVED.contains(&(i as usize)) {
+                load(&mut g, i, USER_DATA).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn system_and_long_descriptors_refused() {
+        let mut g = GuestGdt::new();
+        let tss = SegmentDescriptor::new(0x1000, 0x67, 0x89, 0).0;
+        assert_eq!(
+            load(&mut g, 20, tss).unwrap_err().as_str(),
+            "gdt entry 20: system descriptor"
+        );
+        // 32-bit call gate (type 0xC) with DPL 3.
+        let gate = 0x0000_EC00_0061_1000u64;
+        assert!(load(&mut g, 21, gate).is_err());
+        // LDT (type 2).
+        let ldt = SegmentDescriptor::new(0, 0xFFFF, 0x82, 0).0;
+        assert!(load(&mut g, 22, ldt).is_err());
+        let long = SegmentDescriptor::new(
+            0,
+            0xF_FFFF,
+            0xFA,
+            SegmentDescriptor::FLAG_G | SegmentDescriptor::FLAG_L,
+        )
+        .0;
+        assert_eq!(
+            load(&mut g, 14, long).unwrap_err().as_str(),
+            "gdt entry 14: 64-bit code segment"
+        );
+        assert_eq!(g.entry(14), Some(0));
+        // L on a data segment is meaningless: accepted.
+        let data_l = SegmentDescriptor::new(0, 0xF_FFFF, 0xF2, SegmentDescriptor::FLAG_L).0;
+        load(&mut g, 15, data_l).unwrap();
+        // Not present: stored as zero whatever it says.
+        let np_long = long & !(0x80u64 << 40);
+        load(&mut g, 14, np_long).unwrap();
+        assert_eq!(g.entry(14), Some(0));
+        load(&mut g, 20, tss & !(0x80u64 << 40)).unwrap();
+        assert_eq!(g.entry(20), Some(0));
+    }
+
+    #[test]
+    fn tls() {
+        let mut g = GuestGdt::new();
+        let gen0 = g.generation();
+        let tls = [USER_DATA, 0, KDATA_DPL0];
+        g.load_tls(&tls).unwrap();
+        assert_eq!(g.entry(6), Some(USER_DATA | 1 << 40));
+        assert_eq!(g.entry(7), Some(0));
+        assert_eq!(g.entry(8), Some(INITIAL_KERNEL_DS));
+        assert_ne!(g.generation(), gen0);
+        // A bad one in the middle: nothing stored.
+        let bad = [
+            USER_DATA,
+            SegmentDescriptor::new(0, 0x67, 0x89, 0).0,
+            USER_DATA,
+        ];
+        g.load_tls(&[0, 0, 0]).unwrap();
+        assert_eq!(
+            g.load_tls(&bad).unwrap_err().as_str(),
+            "gdt entry 7: system descriptor"
+        );
+        assert_eq!(&g.entries()[6..9], &[0, 0, 0]);
+    }
+
+    #[test]
+    fn data_selectors() {
+        let mut g = GuestGdt::new();
+        load(&mut g, 15, USER_DATA).unwrap();
+        load(&mut g, 14, USER_CODE).unwrap();
+        // Null with any RPL.
+        for s in 0..4 {
+            assert!(g.valid_data_selector(s, 1));
+            assert!(g.valid_data_selector(s, 3));
+        }
+        assert!(g.valid_data_selector(0x69, 1));
+        assert!(!g.valid_data_selector(0x6b, 1)); // RPL 3 > DPL 1
+        assert!(!g.valid_data_selector(0x69, 3)); // kernel data from user
+        assert!(g.valid_data_selector(0x7b, 3));
+        assert!(g.valid_data_selector(0x7b, 1));
+        assert!(g.valid_data_selector(0x73, 3)); // readable code
+        assert!(!g.valid_data_selector(0x6c, 1)); // TI = 1
+        assert!(!g.valid_data_selector(0x50, 1)); // host slot
+        assert!(!g.valid_data_selector(0x51, 1));
+        assert!(!g.valid_data_selector(0x81, 1)); // TSS slot
+        assert!(!g.valid_data_selector(0xff, 3)); // slot 31
+        assert!(!g.valid_data_selector(0x103, 3)); // slot 32
+        assert!(!g.valid_data_selector(0xffff, 3));
+        assert!(!g.valid_data_selector(0x21, 1)); // empty slot 4
+        // Execute-only code isn't loadable as data.
+        load(&mut g, 20, 0x00CF_F800_0000_FFFF).unwrap();
+        assert!(!g.valid_data_selector(0xa3, 3));
+    }
+
+    #[test]
+    fn code_selectors() {
+        let mut g = GuestGdt::new();
+        load(&mut g, 14, USER_CODE).unwrap();
+        load(&mut g, 15, USER_DATA).unwrap();
+        assert!(g.valid_code_selector(0x61));
+        assert!(g.valid_code_selector(0x73));
+        assert!(!g.valid_code_selector(0x60)); // RPL 0
+        assert!(!g.valid_code_selector(0x62)); // RPL 2
+        assert!(!g.valid_code_selector(0x63)); // DPL 1 != RPL 3
+        assert!(!g.valid_code_selector(0x71)); // DPL 3 != RPL 1
+        assert!(!g.valid_code_selector(0x69)); // data
+        assert!(!g.valid_code_selector(0x7b));
+        assert!(!g.valid_code_selector(0x51)); // host CS slot
+        assert!(!g.valid_code_selector(0x65)); // TI
+        assert!(!g.valid_code_selector(0x01)); // null
+        // Conforming DPL 1 code is usable from RPL 3.
+        load(&mut g, 20, 0x00CF_BE00_0000_FFFF).unwrap();
+        assert!(g.valid_code_selector(0xa3));
+        assert!(g.valid_code_selector(0xa1));
+    }
+
+    #[test]
+    fn stack_selectors() {
+        let mut g = GuestGdt::new();
+        load(&mut g, 15, USER_DATA).unwrap();
+        load(&mut g, 14, USER_CODE).unwrap();
+        assert!(g.valid_stack_selector(0x69, 1));
+        assert!(g.valid_stack_selector(0x7b, 3));
+        assert!(!g.valid_stack_selector(0x7b, 1)); // RPL != CPL
+        assert!(!g.valid_stack_selector(0x79, 1)); // DPL 3 != CPL 1
+        assert!(!g.valid_stack_selector(0x6b, 3));
+        assert!(!g.valid_stack_selector(0x61, 1)); // code
+        assert!(!g.valid_stack_selector(0x01, 1)); // null
+        // Read-only data can't be a stack.
+        load(&mut g, 20, 0x00CF_B000_0000_FFFF).unwrap();
+        assert!(!g.valid_stack_selector(0xa1, 1));
+    }
+
+    #[test]
+    fn bases() {
+        let mut g = GuestGdt::new();
+        let d = SegmentDescriptor::new(0x1234_5000, 0xFFFF, 0xF2, 0x4).0;
+        load(&mut g, 6, d).unwrap();
+        assert_eq!(g.segment_base(0x33), 0x1234_5000);
+        assert_eq!(g.segment_base(0x61), 0);
+        assert_eq!(g.segment_base(0), 0);
+        assert_eq!(g.segment_base(0x3c), 0); // TI
+        assert_eq!(g.segment_base(0xffff), 0);
+    }
+}

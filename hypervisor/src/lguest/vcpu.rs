@@ -1,0 +1,975 @@
+//! The per-guest lguest state machine: hypercalls (lguest-abi §1, §2.3),
+//! trap reflection and virtual interrupt delivery (§3), GDT/IDT loading
+//! (§3.5, §4), lazy-FPU bookkeeping (§6.4). Pure logic: the world switch
+//! hands it an [`Exit`] and the saved [`Regs`], it edits the registers and
+//! guest memory and answers with an [`Action`].
+//!
+//! # Run loop (what the switcher does)
+//!
+//! ```text
+//! loop {
+//!     match vcpu.prepare_entry(mem, env) {       // finish an interrupted hypercall,
+//!         Action::Resume => {}                   // deliver irqs, check segments
+//!         Action::Halt => { sleep until vcpu.has_deliverable_irq(mem) or a
+//!                           new irq is set (LHREQ_IRQ / timer → set_irq(0)); continue }
+//!         Action::Notify(a) => return notify a (or signal its eventfd and continue),
+//!         Action::Dead => return the dead_reason(), Action::Restart => return ERESTART,
+//!     }
+//!     let exit = enter_guest(&mut vcpu.regs, &vcpu.gdt, vcpu.idt());  // iretq … trap
+//!     match vcpu.handle_exit(exit, mem, env) {
+//!         Action::Resume | Action::Halt => continue,  // prepare_entry decides on sleeping
+//!         other => handle like above,
+//!     }
+//! }
+//! ```
+//!
+//! Every value from the guest (registers, guest memory) is validated; a bad
+//! one kills the guest with lguest's reason string ([`Vcpu::dead_reason`]),
+//! the first reason wins, and from then on every call answers
+//! [`Action::Dead`] (or [`Action::Restart`]).
+//!
+//! # Paging
+//!
+//! Only lguest's *linear* boot mode exists so far: guest virtual ==
+//! guest physical. Every guest-virtual access (stack pushes, instruction
+//! fetch) still goes through [`Vcpu::guest_pa`] so shadow paging can plug in.
+
+extern crate alloc;
+
+use alloc::format;
+use alloc::string::{String, ToString};
+use core::fmt;
+
+use guest_abi::data::LguestData;
+use guest_abi::hcall::{
+    HCALL_STATUS_EMPTY, Hypercall, LGUEST_TRAP_ENTRY, LHCALL_LGUEST_INIT, LHCALL_RING_SIZE,
+};
+use guest_abi::irq::{
+    FIRST_EXTERNAL_VECTOR, IDT_ENTRIES, LGUEST_IRQS, LGUEST_SHUTDOWN_POWEROFF,
+    LGUEST_SHUTDOWN_RESTART, SYSCALL_VECTOR, X86_EFLAGS_IF, has_error_code, trap,
+};
+use guest_abi::seg::{IDT_HIGH_KEEP_MASK, IDT_TYPE_INTERRUPT, IDT_TYPE_TRAP, KERNEL_CS, KERNEL_DS};
+
+use super::guestmem::GuestMemory;
+use super::kill::{Kill, kill};
+use super::segments::GuestGdt;
+
+/// The guest's registers in `struct lguest_regs` order (lguest-abi §6.1):
+/// what the switcher saves on every exit and loads on every entry.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct Regs {
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+    pub esi: u32,
+    pub edi: u32,
+    pub ebp: u32,
+    pub gs: u32,
+    pub fs: u32,
+    pub ds: u32,
+    pub es: u32,
+    /// Vector of the last exit (256 = "faulted while entering").
+    pub trapnum: u32,
+    pub errcode: u32,
+    pub eip: u32,
+    pub cs: u32,
+    pub eflags: u32,
+    pub esp: u32,
+    pub ss: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<Regs>() == 72);
+
+/// Why the guest stopped running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// The guest raised exception / software interrupt `vector`
+    /// (0..=255, including `int $0x1f` hypercalls and `int $0x80`).
+    /// `errcode` is the hardware error code (0 if the vector has none), `cr2`
+    /// the faulting address for #PF (captured with interrupts off).
+    Trap {
+        /// Vector.
+        vector: u32,
+        /// Hardware error code or 0.
+        errcode: u32,
+        /// CR2 for vector 14, else ignored.
+        cr2: u32,
+    },
+    /// A host interrupt arrived while the guest ran (already serviced).
+    HostInterrupt,
+    /// The switcher faulted while loading guest state (lguest's trapnum 256).
+    EntryFault,
+}
+
+/// What the host must do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Enter the guest again (after [`Vcpu::prepare_entry`]).
+    Resume,
+    /// `LHCALL_NOTIFY(addr)`: report `addr` to the launcher (or signal the
+    /// eventfd bound to it and continue).
+    Notify(u32),
+    /// The guest halted: sleep until [`Vcpu::has_deliverable_irq`] (after a
+    /// new [`Vcpu::set_irq`]), then call [`Vcpu::prepare_entry`] again.
+    Halt,
+    /// The guest is dead; [`Vcpu::dead_reason`] says why.
+    Dead,
+    /// The guest asked to be restarted (`LHCALL_SHUTDOWN` reason 2).
+    Restart,
+}
+
+/// Host services the state machine needs (faked in tests).
+pub trait Env {
+    /// Wall-clock time (`CLOCK_REALTIME`) as (seconds, nanoseconds).
+    fn wallclock(&self) -> (i32, i32);
+    /// TSC frequency in kHz if the TSC is constant and usable, else 0.
+    fn tsc_khz(&self) -> u32;
+    /// `LHCALL_SET_CLOCKEVENT`: fire virtual irq 0 (via [`Vcpu::set_irq`])
+    /// `delta_ns` from now; `None` cancels.
+    fn set_clockevent(&mut self, delta_ns: Option<u64>);
+    /// `LHCALL_TS`: the guest's virtual CR0.TS changed. While it is set, the
+    /// host must make guest FPU use trap (#NM) — lguest-abi §6.4.
+    fn set_ts(&mut self, on: bool);
+}
+
+/// One stored guest IDT gate: selector forced to 0x61, high dword masked
+/// with `0xFFFF_EF00` (offset 31:16, P, DPL, type).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IdtEntry {
+    /// Low dword: selector << 16 | offset 15:0.
+    pub lo: u32,
+    /// High dword: offset 31:16 | P | DPL | type.
+    pub hi: u32,
+}
+
+impl IdtEntry {
+    /// Present bit.
+    pub fn present(&self) -> bool {
+        self.hi & 0x8000 != 0
+    }
+    /// Handler address.
+    pub fn offset(&self) -> u32 {
+        (self.lo & 0xFFFF) | (self.hi & 0xFFFF_0000)
+    }
+    /// Gate type ([`IDT_TYPE_INTERRUPT`] or [`IDT_TYPE_TRAP`] when present).
+    pub fn gate_type(&self) -> u32 {
+        (self.hi >> 8) & 0xF
+    }
+    /// Gate DPL (the guest's choice; 3 lets user code `int` to it).
+    pub fn dpl(&self) -> u8 {
+        ((self.hi >> 13) & 3) as u8
+    }
+}
+
+/// EFLAGS bits.
+const EFLAGS_TF: u32 = 0x100;
+const EFLAGS_NT: u32 = 0x4000;
+const EFLAGS_RF: u32 = 0x1_0000;
+const EFLAGS_VM: u32 = 0x2_0000;
+/// EFLAGS bits the guest may have: CF PF AF ZF SF TF DF OF AC ID.
+/// (IF is forced on, IOPL/NT/RF/VM/VIF/VIP forced off.)
+pub const EFLAGS_GUEST_MASK: u32 = 0x0024_0DD5;
+
+/// The EFLAGS value the switcher may load for the guest: only the
+/// [`EFLAGS_GUEST_MASK`] bits of `eflags`, plus IF (the real IF is always on
+/// while a guest runs) and the always-one bit 1. IOPL is always 0.
+pub fn sanitize_eflags(eflags: u32) -> u32 {
+    (eflags & EFLAGS_GUEST_MASK) | X86_EFLAGS_IF | 0x2
+}
+
+/// Guest page size for splitting guest-virtual accesses.
+const PAGE: u32 = 4096;
+
+/// Saved arguments of a synchronous hypercall (eax, ebx, ecx, edx, esi).
+type HcallArgs = [u32; 5];
+
+/// The per-guest (single-vCPU) lguest state.
+pub struct Vcpu {
+    /// The guest's registers; the switcher loads them on entry and saves
+    /// them on exit.
+    pub regs: Regs,
+    /// The guest's GDT (validated entries; host slots always zero).
+    pub gdt: GuestGdt,
+    lguest_data: Option<u32>,
+    noirq_start: u32,
+    noirq_end: u32,
+    kernel_address: u32,
+    idt: [IdtEntry; IDT_ENTRIES as usize],
+    idt_generation: u64,
+    ss1: u32,
+    esp1: u32,
+    stack_pages: u32,
+    stack_set: bool,
+    ts: bool,
+    pending: u32,
+    halted: bool,
+    dead: Option<String>,
+    restart: bool,
+    ring_cursor: usize,
+    pending_hcall: Option<HcallArgs>,
+}
+
+impl fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vcpu")
+            .field("regs", &self.regs)
+            .field("lguest_data", &self.lguest_data)
+            .field("pending", &self.pending)
+            .field("halted", &self.halted)
+            .field("dead", &self.dead)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vcpu {
+    /// A fresh guest about to start at `start_eip` (lguest-abi §8.1): CS
+    /// 0x61, DS/ES/SS 0x69, FS/GS 0, EFLAGS 0x202, all GPRs and ESP 0
+    /// (`esi` = 0 = guest-physical address of `boot_params`).
+    pub fn new(start_eip: u32) -> Self {
+        let regs = Regs {
+            eip: start_eip,
+            cs: u32::from(KERNEL_CS),
+            ds: u32::from(KERNEL_DS),
+            es: u32::from(KERNEL_DS),
+            ss: u32::from(KERNEL_DS),
+            eflags: guest_abi::INITIAL_EFLAGS,
+            trapnum: 256,
+            ..Regs::default()
+        };
+        Self {
+            regs,
+            gdt: GuestGdt::new(),
+            lguest_data: None,
+            noirq_start: 0,
+            noirq_end: 0,
+            kernel_address: 0,
+            idt: [IdtEntry::default(); IDT_ENTRIES as usize],
+            idt_generation: 0,
+            ss1: 0,
+            esp1: 0,
+            stack_pages: 0,
+            stack_set: false,
+            ts: false,
+            pending: 0,
+            halted: false,
+            dead: None,
+            restart: false,
+            ring_cursor: 0,
+            pending_hcall: None,
+        }
+    }
+
+    // ----------------------------------------------------------------------
+    // Accessors.
+
+    /// Guest-physical address of `lguest_data` once `LHCALL_LGUEST_INIT` ran.
+    pub fn lguest_data(&self) -> Option<u32> {
+        self.lguest_data
+    }
+    /// The guest IDT (for the switcher to mirror gate DPLs into host gates).
+    pub fn idt(&self) -> &[IdtEntry; IDT_ENTRIES as usize] {
+        &self.idt
+    }
+    /// Incremented whenever the guest IDT changes.
+    pub fn idt_generation(&self) -> u64 {
+        self.idt_generation
+    }
+    /// Kernel stack from `LHCALL_SET_STACK`: (ss1, esp1, pages), if set.
+    pub fn kernel_stack(&self) -> Option<(u32, u32, u32)> {
+        self.stack_set
+            .then_some((self.ss1, self.esp1, self.stack_pages))
+    }
+    /// The guest's virtual CR0.TS.
+    pub fn ts(&self) -> bool {
+        self.ts
+    }
+    /// Bitmap of pending virtual irqs.
+    pub fn pending_irqs(&self) -> u32 {
+        self.pending
+    }
+    /// Whether the guest is halted (waiting for an interrupt).
+    pub fn is_halted(&self) -> bool {
+        self.halted
+    }
+    /// The guest's `noirq_start..noirq_end` window (from INIT).
+    pub fn noirq_window(&self) -> (u32, u32) {
+        (self.noirq_start, self.noirq_end)
+    }
+    /// The guest's `kernel_address` (PAGE_OFFSET) from INIT.
+    pub fn kernel_address(&self) -> u32 {
+        self.kernel_address
+    }
+    /// Whether the guest is dead (killed, powered off or restarting).
+    pub fn is_dead(&self) -> bool {
+        self.dead.is_some()
+    }
+    /// Whether the guest died asking to be restarted.
+    pub fn is_restart(&self) -> bool {
+        self.restart
+    }
+    /// Why the guest died (`"power off: …"`, `"restart: …"` or a kill reason).
+    pub fn dead_reason(&self) -> Option<&str> {
+        self.dead.as_deref()
+    }
+
+    /// Kill the guest; only the first reason is kept.
+    pub fn kill(&mut self, reason: impl fmt::Display) {
+        if self.dead.is_none() {
+            self.dead = Some(reason.to_string());
+            self.halted = false;
+            self.pending_hcall = None;
+        }
+    }
+
+    /// Mark virtual irq `irq` pending (`LHREQ_IRQ`, timer expiry = irq 0).
+    /// Numbers ≥ 32 are ignored (the channel rejects them with EINVAL).
+    pub fn set_irq(&mut self, irq: u32) {
+        if irq < LGUEST_IRQS {
+            self.pending |= 1u32.checked_shl(irq).unwrap_or(0);
+        }
+    }
+
+    /// Whether a pending irq is not blocked by the guest, i.e. a halted guest
+    /// must wake up. A failing read of `lguest_data` counts as "yes" so the
+    /// next [`prepare_entry`](Self::prepare_entry) kills the guest.
+    pub fn has_deliverable_irq(&self, mem: &impl GuestMemory) -> bool {
+        let Some(ld) = self.lguest_data else {
+            return false;
+        };
+        if self.pending == 0 {
+            return false;
+        }
+        match mem.read_u32(ld.wrapping_add(LguestData::OFF_BLOCKED_INTERRUPTS)) {
+            Ok(blocked) => self.pending & !blocked != 0,
+            Err(_) => true,
+        }
+    }
+
+    /// Guest-virtual to guest-physical. Linear mode: identity for every
+    /// address inside guest memory. (Shadow paging will walk the guest's page
+    /// tables here.)
+    pub fn guest_pa(&self, mem: &impl GuestMemory, vaddr: u32) -> Option<u32> {
+        (vaddr < mem.limit()).then_some(vaddr)
+    }
+
+    // ----------------------------------------------------------------------
+    // Entry points.
+
+    fn death_action(&self) -> Option<Action> {
+        if self.restart {
+            Some(Action::Restart)
+        } else if self.dead.is_some() {
+            Some(Action::Dead)
+        } else {
+            None
+        }
+    }
+
+    fn finish(&mut self, r: Result<Action, Kill>) -> Action {
+        match r {
+            Err(k) => self.kill(k),
+            Ok(a) => {
+                if self.dead.is_none() {
+                    return if a == Action::Resume && self.halted {
+                        Action::Halt
+                    } else {
+                        a
+                    };
+                }
+            }
+        }
+        self.death_action().unwrap_or(Action::Dead)
+    }
+
+    /// Handle one exit from the guest. `self.regs` must hold the state the
+    /// switcher saved.
+    pub fn handle_exit<M: GuestMemory, E: Env>(
+        &mut self,
+        exit: Exit,
+        mem: &mut M,
+        env: &mut E,
+    ) -> Action {
+        if let Some(a) = self.death_action() {
+            return a;
+        }
+        let r = match exit {
+            Exit::HostInterrupt => Ok(Action::Resume),
+            Exit::EntryFault => {
+                self.regs.trapnum = 256;
+                kill!(
+                    "unhandled trap 256 at {:#x} ({:#x})",
+                    self.regs.eip,
+                    self.regs.errcode
+                )
+            }
+            Exit::Trap {
+                vector,
+                errcode,
+                cr2,
+            } => {
+                self.regs.trapnum = vector;
+                self.regs.errcode = errcode;
+                self.handle_trap(vector, errcode, cr2, mem, env)
+            }
+        };
+        self.finish(r)
+    }
+
+    /// Call before every entry into the guest: finishes a hypercall whose
+    /// async-ring drain was interrupted by a notify, delivers a pending
+    /// virtual interrupt (lguest's `try_deliver_interrupt`), sanitises EFLAGS
+    /// and checks every selector in `regs` against the guest GDT.
+    ///
+    /// [`Action::Resume`]: enter now. [`Action::Halt`]: don't enter; sleep
+    /// until an irq is deliverable. Anything else: return to the launcher.
+    pub fn prepare_entry<M: GuestMemory, E: Env>(&mut self, mem: &mut M, env: &mut E) -> Action {
+        if let Some(a) = self.death_action() {
+            return a;
+        }
+        if self.pending_hcall.is_some() {
+            let r = self.run_pending_hcall(mem, env);
+            match self.finish(r) {
+                Action::Resume | Action::Halt => {}
+                other => return other,
+            }
+        }
+        self.deliver_pending(mem, env);
+        if let Some(a) = self.death_action() {
+            return a;
+        }
+        if self.halted {
+            return Action::Halt;
+        }
+        let r = self.check_entry_state();
+        self.finish(r.map(|()| Action::Resume))
+    }
+
+    /// Validate the segment registers the switcher is about to load and
+    /// sanitise EFLAGS. A bad selector kills the guest (lguest would fault in
+    /// the switcher: "unhandled trap 256").
+    fn check_entry_state(&mut self) -> Result<(), Kill> {
+        self.regs.eflags = sanitize_eflags(self.regs.eflags);
+        let r = self.regs;
+        let sel = |v: u32| u16::try_from(v).ok();
+        let cs = sel(r.cs).filter(|&s| self.gdt.valid_code_selector(s));
+        let Some(cs) = cs else {
+            return kill!("bad cs {:#x} at {:#x}", r.cs, r.eip);
+        };
+        let cpl = (cs & 3) as u8;
+        if !sel(r.ss).is_some_and(|s| self.gdt.valid_stack_selector(s, cpl)) {
+            return kill!("bad ss {:#x} at {:#x}", r.ss, r.eip);
+        }
+        for (name, v) in [("ds", r.ds), ("es", r.es), ("fs", r.fs), ("gs", r.gs)] {
+            if !sel(v).is_some_and(|s| self.gdt.valid_data_selector(s, cpl)) {
+                return kill!("bad {name} {v:#x} at {:#x}", r.eip);
+            }
+        }
+        Ok(())
+    }
+
+    // ----------------------------------------------------------------------
+    // Traps.
+
+    fn cpl(&self) -> u32 {
+        self.regs.cs & 3
+    }
+
+    fn handle_trap<M: GuestMemory, E: Env>(
+        &mut self,
+        vector: u32,
+        errcode: u32,
+        cr2: u32,
+        mem: &mut M,
+        env: &mut E,
+    ) -> Result<Action, Kill> {
+        match vector {
+            v if v == u32::from(LGUEST_TRAP_ENTRY) && self.cpl() == 1 => {
+                let r = &self.regs;
+                self.pending_hcall = Some([r.eax, r.ebx, r.ecx, r.edx, r.esi]);
+                self.run_pending_hcall(mem, env)
+            }
+            trap::GP if errcode == 0 && self.cpl() == 1 => {
+                if self.emulate_insn(mem)? {
+                    Ok(Action::Resume)
+                } else {
+                    self.reflect(vector, errcode, cr2, mem)
+                }
+            }
+            trap::NM if !self.ts => Ok(Action::Resume),
+            trap::PF => {
+                if let Some(ld) = self.lguest_data {
+                    mem.write_u32(ld.wrapping_add(LguestData::OFF_CR2), cr2)?;
+                }
+                self.reflect(vector, errcode, cr2, mem)
+            }
+            // NMIs are the host's; nothing to reflect.
+            trap::NMI => Ok(Action::Resume),
+            _ => self.reflect(vector, errcode, cr2, mem),
+        }
+    }
+
+    /// lguest's E4 `emulate_insn`: from the guest kernel, `in` returns
+    /// all-ones, `out` is ignored, `cli` is skipped. Ok(false) = not one of
+    /// those (reflect the #GP).
+    fn emulate_insn<M: GuestMemory>(&mut self, mem: &M) -> Result<bool, Kill> {
+        let lin = self
+            .gdt
+            .segment_base(self.regs.cs as u16)
+            .wrapping_add(self.regs.eip);
+        let mut insn = self.read_virt_u8(mem, lin)?;
+        if insn == 0xFA {
+            self.regs.eip = self.regs.eip.wrapping_add(1);
+            return Ok(true);
+        }
+        let mut len = 0u32;
+        let mut small = false;
+        if insn == 0x66 {
+            small = true;
+            len = 1;
+            insn = self.read_virt_u8(mem, lin.wrapping_add(1))?;
+        }
+        let (n, is_in) = match insn & 0xFE {
+            0xE4 => (2, true),  // in $imm8, %al/%ax/%eax
+            0xEC => (1, true),  // in (%dx), %al/%ax/%eax
+            0xE6 => (2, false), // out %al/%ax/%eax, $imm8
+            0xEE => (1, false), // out %al/%ax/%eax, (%dx)
+            _ => return Ok(false),
+        };
+        len += n;
+        if is_in {
+            if insn & 1 == 0 {
+                self.regs.eax |= 0xFF;
+            } else if small {
+                self.regs.eax |= 0xFFFF;
+            } else {
+                self.regs.eax = 0xFFFF_FFFF;
+            }
+        }
+        self.regs.eip = self.regs.eip.wrapping_add(len);
+        Ok(true)
+    }
+
+    fn read_virt_u8<M: GuestMemory>(&self, mem: &M, vaddr: u32) -> Result<u8, Kill> {
+        let Some(pa) = self.guest_pa(mem, vaddr) else {
+            return kill!("bad address {vaddr:#x}");
+        };
+        Ok(mem.read_u8(pa)?)
+    }
+
+    /// Reflect trap `vector` through the guest IDT (lguest's `deliver_trap`),
+    /// or kill "unhandled trap" if the guest has no gate for it.
+    fn reflect<M: GuestMemory>(
+        &mut self,
+        vector: u32,
+        errcode: u32,
+        cr2: u32,
+        mem: &mut M,
+    ) -> Result<Action, Kill> {
+        let gate = self
+            .idt
+            .get(vector as usize)
+            .copied()
+            .filter(IdtEntry::present);
+        let Some(gate) = gate else {
+            let info = if vector == trap::PF { cr2 } else { errcode };
+            return kill!(
+                "unhandled trap {vector} at {:#x} ({info:#x})",
+                self.regs.eip
+            );
+        };
+        // Software interrupts (int3, into, int n) honour the guest gate's
+        // DPL like hardware would: too privileged a gate is a #GP with the
+        // IDT error code.
+        let software = vector == trap::BP || vector == trap::OF || vector >= FIRST_EXTERNAL_VECTOR;
+        if software && u32::from(gate.dpl()) < self.cpl() {
+            let err = (vector << 3) | 2;
+            return self.reflect(trap::GP, err, 0, mem);
+        }
+        let err = has_error_code(vector).then_some(errcode);
+        self.push_frame(gate, err, mem)?;
+        Ok(Action::Resume)
+    }
+
+    /// Build the i386 trap frame on the guest's stack and point the guest at
+    /// `gate` (lguest's `set_guest_interrupt`, lguest-abi §3.4).
+    fn push_frame<M: GuestMemory>(
+        &mut self,
+        gate: IdtEntry,
+        err: Option<u32>,
+        mem: &mut M,
+    ) -> Result<(), Kill> {
+        let old = self.regs;
+        let (mut ss, mut esp) = (old.ss, old.esp);
+        let mut frame = [0u32; 6];
+        let mut n = 0usize;
+        let mut push = |v: u32| {
+            if let Some(slot) = frame.get_mut(n) {
+                *slot = v;
+                n += 1;
+            }
+        };
+        if old.cs & 3 != 1 {
+            // From user mode: switch to the kernel stack.
+            if !self.stack_set {
+                return kill!("no kernel stack");
+            }
+            let ss1_ok = u16::try_from(self.ss1).is_ok_and(|s| self.gdt.valid_stack_selector(s, 1));
+            if !ss1_ok {
+                return kill!("bad stack segment {}", self.ss1);
+            }
+            ss = self.ss1;
+            esp = self.esp1;
+            push(old.ss);
+            push(old.esp);
+        }
+        let mut eflags = old.eflags;
+        if let Some(ld) = self.lguest_data {
+            let ie = mem.read_u32(ld.wrapping_add(LguestData::OFF_IRQ_ENABLED))?;
+            if ie & X86_EFLAGS_IF == 0 {
+                eflags &= !X86_EFLAGS_IF;
+            }
+        }
+        push(eflags);
+        push(old.cs);
+        push(old.eip);
+        if let Some(e) = err {
+            push(e);
+        }
+        let base = self.gdt.segment_base(ss as u16);
+        for &v in frame.get(..n).unwrap_or(&[]) {
+            esp = esp.wrapping_sub(4);
+            self.write_stack(mem, base.wrapping_add(esp), v)?;
+        }
+        self.regs.ss = ss;
+        self.regs.esp = esp;
+        self.regs.cs = u32::from(KERNEL_CS);
+        self.regs.eip = gate.offset();
+        self.regs.eflags =
+            sanitize_eflags(old.eflags & !(EFLAGS_TF | EFLAGS_VM | EFLAGS_RF | EFLAGS_NT));
+        if gate.gate_type() == IDT_TYPE_INTERRUPT
+            && let Some(ld) = self.lguest_data
+        {
+            mem.write_u32(ld.wrapping_add(LguestData::OFF_IRQ_ENABLED), 0)?;
+        }
+        Ok(())
+    }
+
+    /// One 4-byte stack store at guest-virtual `vaddr`, split at page
+    /// boundaries and translated page by page.
+    fn write_stack<M: GuestMemory>(&self, mem: &mut M, vaddr: u32, v: u32) -> Result<(), Kill> {
+        let bytes = v.to_le_bytes();
+        let mut off = 0u32;
+        while off < 4 {
+            let va = vaddr.wrapping_add(off);
+            let n = (PAGE - (va % PAGE)).min(4 - off);
+            let Some(pa) = self.guest_pa(mem, va) else {
+                return kill!("bad stack page {va:#x}");
+            };
+            let chunk = bytes.get(off as usize..(off + n) as usize).unwrap_or(&[]);
+            mem.write(pa, chunk)?;
+            off += n;
+        }
+        Ok(())
+    }
+
+    // ----------------------------------------------------------------------
+    // Interrupts.
+
+    /// Try to deliver the lowest pending, unblocked virtual irq (lguest's
+    /// `try_deliver_interrupt`, E4 flavour). Part of
+    /// [`prepare_entry`](Self::prepare_entry); callable on its own.
+    pub fn deliver_pending<M: GuestMemory, E: Env>(&mut self, mem: &mut M, env: &mut E) {
+        if self.dead.is_some() {
+            return;
+        }
+        if let Err(k) = self.try_deliver(mem, env) {
+            self.kill(k);
+        }
+    }
+
+    fn try_deliver<M: GuestMemory, E: Env>(
+        &mut self,
+        mem: &mut M,
+        env: &mut E,
+    ) -> Result<(), Kill> {
+        let Some(ld) = self.lguest_data else {
+            return Ok(());
+        };
+        if self.pending == 0 {
+            return Ok(());
+        }
+        let at = |off: u32| ld.wrapping_add(off);
+        let blocked = mem.read_u32(at(LguestData::OFF_BLOCKED_INTERRUPTS))?;
+        let avail = self.pending & !blocked;
+        if avail == 0 {
+            return Ok(());
+        }
+        let irq = avail.trailing_zeros();
+        let more = avail & avail.wrapping_sub(1) != 0;
+        if self.halted {
+            // HALT implicitly enables interrupts.
+            mem.write_u32(at(LguestData::OFF_IRQ_ENABLED), X86_EFLAGS_IF)?;
+            self.halted = false;
+        } else {
+            let ie = mem.read_u32(at(LguestData::OFF_IRQ_ENABLED))?;
+            if ie & X86_EFLAGS_IF == 0 {
+                mem.write_u32(at(LguestData::OFF_IRQ_PENDING), X86_EFLAGS_IF)?;
+                return Ok(());
+            }
+        }
+        // Never interrupt the guest's iret sequence.
+        if self.noirq_start <= self.regs.eip && self.regs.eip < self.noirq_end {
+            return Ok(());
+        }
+        let gate = self
+            .idt
+            .get((FIRST_EXTERNAL_VECTOR + irq) as usize)
+            .copied()
+            .filter(IdtEntry::present);
+        if let Some(gate) = gate {
+            self.pending &= !(1u32 << irq);
+            self.push_frame(gate, None, mem)?;
+        }
+        self.write_time(ld, mem, env)?;
+        let irq_pending = if more { X86_EFLAGS_IF } else { 0 };
+        mem.write_u32(at(LguestData::OFF_IRQ_PENDING), irq_pending)?;
+        Ok(())
+    }
+
+    fn write_time<M: GuestMemory, E: Env>(
+        &self,
+        ld: u32,
+        mem: &mut M,
+        env: &E,
+    ) -> Result<(), Kill> {
+        let (sec, nsec) = env.wallclock();
+        let mut t = [0u8; 8];
+        t[..4].copy_from_slice(&sec.to_le_bytes());
+        t[4..].copy_from_slice(&nsec.to_le_bytes());
+        mem.write(ld.wrapping_add(LguestData::OFF_TIME), &t)?;
+        Ok(())
+    }
+
+    // ----------------------------------------------------------------------
+    // Hypercalls.
+
+    /// Run the saved synchronous hypercall: INIT if it's the first, else
+    /// drain the async ring, then the call itself. If a ring entry produced a
+    /// notify, the call stays pending for [`prepare_entry`](Self::prepare_entry).
+    fn run_pending_hcall<M: GuestMemory, E: Env>(
+        &mut self,
+        mem: &mut M,
+        env: &mut E,
+    ) -> Result<Action, Kill> {
+        let Some(args) = self.pending_hcall else {
+            return Ok(Action::Resume);
+        };
+        let Some(ld) = self.lguest_data else {
+            self.pending_hcall = None;
+            if args[0] != LHCALL_LGUEST_INIT {
+                return kill!("hypercall {} before INIT", args[0]);
+            }
+            self.do_init(args[1], mem, env)?;
+            return Ok(Action::Resume);
+        };
+        if let Some(a) = self.run_async(ld, mem, env)? {
+            return Ok(a);
+        }
+        self.pending_hcall = None;
+        self.do_call(args, mem, env)
+    }
+
+    /// Drain the async ring (lguest-abi §1.3). `Some(action)` if an entry
+    /// produced something the launcher must see (notify, restart, death).
+    fn run_async<M: GuestMemory, E: Env>(
+        &mut self,
+        ld: u32,
+        mem: &mut M,
+        env: &mut E,
+    ) -> Result<Option<Action>, Kill> {
+        let mut st = [HCALL_STATUS_EMPTY; LHCALL_RING_SIZE];
+        mem.read(ld.wrapping_add(LguestData::OFF_HCALL_STATUS), &mut st)?;
+        for _ in 0..LHCALL_RING_SIZE {
+            let n = self.ring_cursor % LHCALL_RING_SIZE;
+            if st.get(n).copied().unwrap_or(HCALL_STATUS_EMPTY) == HCALL_STATUS_EMPTY {
+                break;
+            }
+            self.ring_cursor = (n + 1) % LHCALL_RING_SIZE;
+            let mut raw = [0u8; 20];
+            mem.read(ld.wrapping_add(LguestData::off_hcall(n as u32)), &mut raw)?;
+            let mut args = [0u32; 5];
+            for (a, c) in args.iter_mut().zip(raw.chunks_exact(4)) {
+                *a = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+            let r = self.do_call(args, mem, env);
+            mem.write_u8(
+                ld.wrapping_add(LguestData::off_hcall_status(n as u32)),
+                HCALL_STATUS_EMPTY,
+            )?;
+            match r? {
+                a @ (Action::Notify(_) | Action::Restart | Action::Dead) => return Ok(Some(a)),
+                Action::Resume | Action::Halt => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// `LHCALL_LGUEST_INIT` (lguest-abi §2.3).
+    fn do_init<M: GuestMemory, E: Env>(
+        &mut self,
+        ld: u32,
+        mem: &mut M,
+        env: &mut E,
+    ) -> Result<(), Kill> {
+        match ld.checked_add(LguestData::SIZE) {
+            Some(end) if end <= mem.limit() => {}
+            _ => return kill!("bad guest page {ld:#x}"),
+        }
+        let at = |off: u32| ld.wrapping_add(off);
+        mem.write_u32(at(LguestData::OFF_TSC_KHZ), env.tsc_khz())?;
+        if mem.read_u32(at(LguestData::OFF_SYSCALL_VEC))? != SYSCALL_VECTOR {
+            return kill!("bad syscall vector");
+        }
+        self.noirq_start = mem.read_u32(at(LguestData::OFF_NOIRQ_START))?;
+        self.noirq_end = mem.read_u32(at(LguestData::OFF_NOIRQ_END))?;
+        self.write_time(ld, mem, env)?;
+        self.kernel_address = mem.read_u32(at(LguestData::OFF_KERNEL_ADDRESS))?;
+        // Nothing of the hypervisor lives below 4 GiB in a guest's view.
+        mem.write_u32(at(LguestData::OFF_RESERVE_MEM), 0)?;
+        self.lguest_data = Some(ld);
+        Ok(())
+    }
+
+    /// Execute one hypercall (synchronous or from the ring); INIT is done.
+    fn do_call<M: GuestMemory, E: Env>(
+        &mut self,
+        args: HcallArgs,
+        mem: &mut M,
+        env: &mut E,
+    ) -> Result<Action, Kill> {
+        let [nr, a1, a2, a3, _a4] = args;
+        let Ok(h) = Hypercall::try_from(nr) else {
+            return kill!("Bad hypercall {nr}");
+        };
+        match h {
+            Hypercall::FlushAsync | Hypercall::SendInterrupts => Ok(Action::Resume),
+            // Linear mode: nothing is cached, so there is nothing to flush.
+            Hypercall::FlushTlb => Ok(Action::Resume),
+            Hypercall::LguestInit => kill!("already have lguest_data"),
+            Hypercall::Shutdown => self.shutdown(a1, a2, mem),
+            Hypercall::NewPgtable | Hypercall::SetPte | Hypercall::SetPgd | Hypercall::SetPmd => {
+                kill!("{} not yet supported (shadow paging)", h.name())
+            }
+            Hypercall::LoadIdtEntry => self.load_idt_entry(a1, a2, a3).map(|()| Action::Resume),
+            Hypercall::SetStack => self.set_stack(a1, a2, a3, mem).map(|()| Action::Resume),
+            Hypercall::Ts => {
+                self.ts = a1 & 8 != 0;
+                env.set_ts(self.ts);
+                Ok(Action::Resume)
+            }
+            Hypercall::SetClockevent => {
+                env.set_clockevent((a1 != 0).then_some(u64::from(a1)));
+                Ok(Action::Resume)
+            }
+            Hypercall::Halt => {
+                self.halted = true;
+                Ok(Action::Halt)
+            }
+            Hypercall::LoadTls => {
+                let mut raw = [0u8; 24];
+                mem.read(a1, &mut raw)?;
+                let mut tls = [0u64; 3];
+                for (t, c) in tls.iter_mut().zip(raw.chunks_exact(8)) {
+                    *t = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+                }
+                self.gdt.load_tls(&tls).map(|()| Action::Resume)
+            }
+            Hypercall::LoadGdtEntry => self.gdt.load_entry(a1, a2, a3).map(|()| Action::Resume),
+            Hypercall::Notify => Ok(Action::Notify(a1)),
+            _ => kill!("Bad hypercall {nr}"),
+        }
+    }
+
+    /// `LHCALL_SHUTDOWN(msg, reason)`.
+    fn shutdown<M: GuestMemory>(&mut self, msg: u32, reason: u32, mem: &M) -> Result<Action, Kill> {
+        if reason != LGUEST_SHUTDOWN_POWEROFF && reason != LGUEST_SHUTDOWN_RESTART {
+            return kill!("bad shutdown reason {reason}");
+        }
+        // lguest reads 128 bytes and forces the last one to NUL.
+        let text = mem.read_cstr(msg, 127)?;
+        if reason == LGUEST_SHUTDOWN_RESTART {
+            if self.dead.is_none() {
+                self.kill(format!("restart: {text}"));
+                self.restart = true;
+            }
+            return Ok(Action::Restart);
+        }
+        if text.is_empty() {
+            self.kill("power off");
+        } else {
+            self.kill(format!("power off: {text}"));
+        }
+        Ok(Action::Dead)
+    }
+
+    /// `LHCALL_LOAD_IDT_ENTRY(vector, lo, hi)` (lguest-abi §3.5).
+    fn load_idt_entry(&mut self, num: u32, lo: u32, hi: u32) -> Result<(), Kill> {
+        if matches!(num, trap::NMI | trap::DF | trap::SPURIOUS)
+            || num == u32::from(LGUEST_TRAP_ENTRY)
+        {
+            return Ok(());
+        }
+        let Some(slot) = self.idt.get_mut(num as usize) else {
+            return kill!("Setting idt entry {num}");
+        };
+        let entry = IdtEntry { lo, hi };
+        *slot = if !entry.present() {
+            IdtEntry::default()
+        } else {
+            let ty = entry.gate_type();
+            if ty != IDT_TYPE_INTERRUPT && ty != IDT_TYPE_TRAP {
+                return kill!("bad IDT type {ty}");
+            }
+            IdtEntry {
+                lo: (u32::from(KERNEL_CS) << 16) | (lo & 0xFFFF),
+                hi: hi & IDT_HIGH_KEEP_MASK,
+            }
+        };
+        self.idt_generation = self.idt_generation.wrapping_add(1);
+        Ok(())
+    }
+
+    /// `LHCALL_SET_STACK(ss, esp, pages)`.
+    fn set_stack<M: GuestMemory>(
+        &mut self,
+        ss: u32,
+        esp: u32,
+        pages: u32,
+        mem: &M,
+    ) -> Result<(), Kill> {
+        if ss & 3 != 1 {
+            return kill!("bad stack segment {ss}");
+        }
+        if pages > 2 {
+            return kill!("bad stack pages {pages}");
+        }
+        // "Pin" the stack: every page must be guest memory.
+        for i in 0..pages {
+            let va = esp.wrapping_sub(1).wrapping_sub(i * PAGE);
+            if self.guest_pa(mem, va).is_none() {
+                return kill!("bad stack page {va:#x}");
+            }
+        }
+        self.ss1 = ss;
+        self.esp1 = esp;
+        self.stack_pages = pages;
+        self.stack_set = true;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

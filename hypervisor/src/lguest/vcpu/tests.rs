@@ -1,0 +1,1184 @@
+use super::*;
+use crate::lguest::guestmem::VecMemory;
+use alloc::vec::Vec;
+use guest_abi::hcall::*;
+use guest_abi::seg::{USER_CS, USER_DS, idt_gate};
+
+const MEM: u32 = 0x10_0000;
+const LD: u32 = 0x8000;
+const START: u32 = 0x1_0000;
+const KSTACK: u32 = 0x9_0000;
+const UCODE: u64 = 0x00CF_FA00_0000_FFFF;
+const UDATA: u64 = 0x00CF_F200_0000_FFFF;
+
+#[derive(Default)]
+struct FakeEnv {
+    clock: Vec<Option<u64>>,
+    ts: Vec<bool>,
+}
+
+impl Env for FakeEnv {
+    fn wallclock(&self) -> (i32, i32) {
+        (1_700_000_000, 123_456_789)
+    }
+    fn tsc_khz(&self) -> u32 {
+        2_000_000
+    }
+    fn set_clockevent(&mut self, delta_ns: Option<u64>) {
+        self.clock.push(delta_ns);
+    }
+    fn set_ts(&mut self, on: bool) {
+        self.ts.push(on);
+    }
+}
+
+struct T {
+    v: Vcpu,
+    m: VecMemory,
+    e: FakeEnv,
+}
+
+/// Write the guest's static lguest_data image (as Linux initialises it).
+fn write_lguest_data(m: &mut VecMemory, at: u32) {
+    m.write_u32(at + LguestData::OFF_BLOCKED_INTERRUPTS, 0)
+        .unwrap();
+    m.write(at + LguestData::OFF_HCALL_STATUS, &[0xFF; 64])
+        .unwrap();
+    m.write_u32(at + LguestData::OFF_SYSCALL_VEC, 0x80).unwrap();
+    m.write_u32(at + LguestData::OFF_KERNEL_ADDRESS, 0xC000_0000)
+        .unwrap();
+    m.write_u32(at + LguestData::OFF_RESERVE_MEM, 0x1234)
+        .unwrap();
+}
+
+impl T {
+    fn fresh() -> Self {
+        let mut m = VecMemory::new(MEM);
+        write_lguest_data(&mut m, LD);
+        let mut v = Vcpu::new(START);
+        v.regs.esp = KSTACK - 0x100;
+        Self {
+            v,
+            m,
+            e: FakeEnv::default(),
+        }
+    }
+
+    fn init() -> Self {
+        let mut t = Self::fresh();
+        assert_eq!(t.hcall(LHCALL_LGUEST_INIT, LD, 0, 0), Action::Resume);
+        assert_eq!(t.v.lguest_data(), Some(LD));
+        t
+    }
+
+    fn exit(&mut self, exit: Exit) -> Action {
+        self.v.handle_exit(exit, &mut self.m, &mut self.e)
+    }
+
+    fn trap(&mut self, vector: u32, errcode: u32) -> Action {
+        self.exit(Exit::Trap {
+            vector,
+            errcode,
+            cr2: 0,
+        })
+    }
+
+    fn hcall(&mut self, nr: u32, a1: u32, a2: u32, a3: u32) -> Action {
+        self.v.regs.eax = nr;
+        self.v.regs.ebx = a1;
+        self.v.regs.ecx = a2;
+        self.v.regs.edx = a3;
+        self.v.regs.esi = 0;
+        self.trap(0x1f, 0)
+    }
+
+    fn prepare(&mut self) -> Action {
+        self.v.prepare_entry(&mut self.m, &mut self.e)
+    }
+
+    fn deliver(&mut self) {
+        self.v.deliver_pending(&mut self.m, &mut self.e);
+    }
+
+    fn ld(&self, off: u32) -> u32 {
+        self.m.read_u32(LD + off).unwrap()
+    }
+
+    fn set_ld(&mut self, off: u32, v: u32) {
+        self.m.write_u32(LD + off, v).unwrap();
+    }
+
+    fn gate(&mut self, vector: u32, handler: u32, ty: u32, dpl: u8) {
+        let (lo, hi) = idt_gate(handler, 0x10, ty, dpl);
+        assert_eq!(
+            self.hcall(LHCALL_LOAD_IDT_ENTRY, vector, lo, hi),
+            Action::Resume
+        );
+    }
+
+    fn user_segments(&mut self) {
+        for (i, d) in [(14, UCODE), (15, UDATA)] {
+            let r = self.hcall(LHCALL_LOAD_GDT_ENTRY, i, d as u32, (d >> 32) as u32);
+            assert_eq!(r, Action::Resume);
+        }
+    }
+
+    fn queue(&mut self, slot: u32, args: [u32; 5]) {
+        for (k, a) in args.iter().enumerate() {
+            self.m
+                .write_u32(LD + LguestData::off_hcall(slot) + 4 * k as u32, *a)
+                .unwrap();
+        }
+        self.m
+            .write_u8(LD + LguestData::off_hcall_status(slot), 0)
+            .unwrap();
+    }
+
+    fn status(&self, slot: u32) -> u8 {
+        self.m
+            .read_u8(LD + LguestData::off_hcall_status(slot))
+            .unwrap()
+    }
+
+    fn stack(&self, n: usize) -> Vec<u32> {
+        (0..n)
+            .map(|i| self.m.read_u32(self.v.regs.esp + 4 * i as u32).unwrap())
+            .collect()
+    }
+
+    fn dead(&self) -> &str {
+        self.v.dead_reason().expect("guest should be dead")
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Initial state and INIT.
+
+#[test]
+fn initial_registers() {
+    let v = Vcpu::new(0x40_0000);
+    let r = v.regs;
+    assert_eq!(r.eip, 0x40_0000);
+    assert_eq!(
+        (r.cs, r.ds, r.es, r.ss, r.fs, r.gs),
+        (0x61, 0x69, 0x69, 0x69, 0, 0)
+    );
+    assert_eq!(r.eflags, 0x202);
+    assert_eq!(
+        (r.eax, r.ebx, r.ecx, r.edx, r.esi, r.edi, r.ebp, r.esp),
+        (0, 0, 0, 0, 0, 0, 0, 0)
+    );
+    assert!(!v.is_dead() && !v.is_halted() && v.lguest_data().is_none());
+    assert_eq!(core::mem::offset_of!(Regs, trapnum), 44);
+    assert_eq!(core::mem::offset_of!(Regs, ss), 68);
+}
+
+#[test]
+fn init_writes_host_fields() {
+    let mut t = T::fresh();
+    t.set_ld(LguestData::OFF_NOIRQ_START, 0x1000);
+    t.set_ld(LguestData::OFF_NOIRQ_END, 0x1010);
+    assert_eq!(t.hcall(LHCALL_LGUEST_INIT, LD, 0, 0), Action::Resume);
+    assert_eq!(t.ld(LguestData::OFF_TSC_KHZ), 2_000_000);
+    assert_eq!(t.ld(LguestData::OFF_RESERVE_MEM), 0);
+    assert_eq!(t.ld(LguestData::OFF_TIME), 1_700_000_000);
+    assert_eq!(t.ld(LguestData::OFF_TIME + 4), 123_456_789);
+    assert_eq!(t.v.noirq_window(), (0x1000, 0x1010));
+    assert_eq!(t.v.kernel_address(), 0xC000_0000);
+}
+
+#[test]
+fn hypercall_before_init() {
+    let mut t = T::fresh();
+    assert_eq!(t.hcall(LHCALL_LOAD_IDT_ENTRY, 3, 0, 0), Action::Dead);
+    assert_eq!(t.dead(), "hypercall 6 before INIT");
+    // Dead stays dead.
+    assert_eq!(t.hcall(LHCALL_LGUEST_INIT, LD, 0, 0), Action::Dead);
+    assert_eq!(t.trap(14, 0), Action::Dead);
+    assert_eq!(t.prepare(), Action::Dead);
+    assert_eq!(t.dead(), "hypercall 6 before INIT");
+}
+
+#[test]
+fn init_bad_address() {
+    for (addr, want) in [
+        (MEM - 100, "bad guest page 0xfff9c"),
+        (MEM, "bad guest page 0x100000"),
+        (u32::MAX - 10, "bad guest page 0xfffffff5"),
+    ] {
+        let mut t = T::fresh();
+        assert_eq!(t.hcall(LHCALL_LGUEST_INIT, addr, 0, 0), Action::Dead);
+        assert_eq!(t.dead(), want);
+    }
+    // Exactly at the end is fine.
+    let mut t = T::fresh();
+    write_lguest_data(&mut t.m, MEM - LguestData::SIZE);
+    assert_eq!(
+        t.hcall(LHCALL_LGUEST_INIT, MEM - LguestData::SIZE, 0, 0),
+        Action::Resume
+    );
+}
+
+#[test]
+fn init_bad_syscall_vector() {
+    let mut t = T::fresh();
+    t.set_ld(LguestData::OFF_SYSCALL_VEC, 0x81);
+    assert_eq!(t.hcall(LHCALL_LGUEST_INIT, LD, 0, 0), Action::Dead);
+    assert_eq!(t.dead(), "bad syscall vector");
+}
+
+#[test]
+fn init_twice() {
+    let mut t = T::init();
+    assert_eq!(t.hcall(LHCALL_LGUEST_INIT, LD, 0, 0), Action::Dead);
+    assert_eq!(t.dead(), "already have lguest_data");
+}
+
+#[test]
+fn bad_hypercall_numbers() {
+    for nr in [3, 11, 12, 20, 0x1f, 1000, u32::MAX] {
+        let mut t = T::init();
+        assert_eq!(t.hcall(nr, 0, 0, 0), Action::Dead);
+        assert_eq!(t.dead(), format!("Bad hypercall {nr}"));
+    }
+}
+
+#[test]
+fn noop_hypercalls() {
+    let mut t = T::init();
+    for nr in [LHCALL_FLUSH_ASYNC, LHCALL_SEND_INTERRUPTS, LHCALL_FLUSH_TLB] {
+        let before = t.v.regs;
+        assert_eq!(t.hcall(nr, 1, 2, 3), Action::Resume);
+        assert_eq!(t.v.regs.eip, before.eip);
+    }
+    assert!(!t.v.is_dead());
+}
+
+#[test]
+fn paging_hypercalls_not_supported() {
+    for (nr, name) in [
+        (LHCALL_NEW_PGTABLE, "LHCALL_NEW_PGTABLE"),
+        (LHCALL_SET_PTE, "LHCALL_SET_PTE"),
+        (LHCALL_SET_PGD, "LHCALL_SET_PGD"),
+        (LHCALL_SET_PMD, "LHCALL_SET_PMD"),
+    ] {
+        let mut t = T::init();
+        assert_eq!(t.hcall(nr, 0x1000, 0, 0), Action::Dead);
+        assert_eq!(
+            t.dead(),
+            format!("{name} not yet supported (shadow paging)")
+        );
+    }
+}
+
+#[test]
+fn hypercall_from_user_mode_is_a_trap() {
+    let mut t = T::init();
+    t.user_segments();
+    t.v.regs.cs = u32::from(USER_CS);
+    t.v.regs.ss = u32::from(USER_DS);
+    t.v.regs.eip = 0x2000;
+    t.v.regs.eax = LHCALL_SHUTDOWN;
+    // int $0x1f can't come from CPL 3 (it #GPs); if it did, it's a trap.
+    assert_eq!(t.trap(0x1f, 0), Action::Dead);
+    assert_eq!(t.dead(), "unhandled trap 31 at 0x2000 (0x0)");
+}
+
+// ---------------------------------------------------------------------------
+// Individual hypercalls.
+
+#[test]
+fn load_idt_entry() {
+    let mut t = T::init();
+    // Ignored vectors.
+    for v in [2, 8, 15, 0x1f] {
+        let (lo, hi) = idt_gate(0x1234_5678, 0x61, 0xE, 0);
+        assert_eq!(t.hcall(LHCALL_LOAD_IDT_ENTRY, v, lo, hi), Action::Resume);
+        assert!(!t.v.idt()[v as usize].present());
+    }
+    // Stored with selector forced and reserved bits masked.
+    let (lo, hi) = idt_gate(0xC010_2030, 0x10, 0xF, 3);
+    assert_eq!(
+        t.hcall(LHCALL_LOAD_IDT_ENTRY, 0x80, lo, hi | 0x10ff),
+        Action::Resume
+    );
+    let g = t.v.idt()[0x80];
+    assert_eq!(g.lo, 0x0061_2030);
+    assert_eq!(g.hi, 0xC010_EF00);
+    assert_eq!((g.offset(), g.gate_type(), g.dpl()), (0xC010_2030, 0xF, 3));
+    // Not present clears.
+    assert_eq!(
+        t.hcall(LHCALL_LOAD_IDT_ENTRY, 0x80, lo, hi & !0x8000),
+        Action::Resume
+    );
+    assert_eq!(t.v.idt()[0x80], IdtEntry::default());
+    let gen1 = t.v.idt_generation();
+    t.gate(3, 0x5000, 0xE, 3);
+    assert_ne!(t.v.idt_generation(), gen1);
+    // Bad type.
+    let (lo, hi) = idt_gate(0x1000, 0x61, 0xC, 0);
+    assert_eq!(t.hcall(LHCALL_LOAD_IDT_ENTRY, 5, lo, hi), Action::Dead);
+    assert_eq!(t.dead(), "bad IDT type 12");
+    assert!(!t.v.idt()[5].present());
+}
+
+#[test]
+fn load_idt_entry_out_of_range() {
+    for v in [256, 0x1_0000, u32::MAX] {
+        let mut t = T::init();
+        let (lo, hi) = idt_gate(0x1000, 0x61, 0xE, 0);
+        assert_eq!(t.hcall(LHCALL_LOAD_IDT_ENTRY, v, lo, hi), Action::Dead);
+        assert_eq!(t.dead(), format!("Setting idt entry {v}"));
+    }
+}
+
+#[test]
+fn set_stack() {
+    let mut t = T::init();
+    assert_eq!(t.hcall(LHCALL_SET_STACK, 0x69, KSTACK, 2), Action::Resume);
+    assert_eq!(t.v.kernel_stack(), Some((0x69, KSTACK, 2)));
+    // Top of memory is fine (esp - 1 is the last byte).
+    assert_eq!(t.hcall(LHCALL_SET_STACK, 0x69, MEM, 1), Action::Resume);
+
+    let mut t = T::init();
+    assert_eq!(t.hcall(LHCALL_SET_STACK, 0x68, KSTACK, 2), Action::Dead);
+    assert_eq!(t.dead(), "bad stack segment 104");
+    let mut t = T::init();
+    assert_eq!(t.hcall(LHCALL_SET_STACK, 0x6b, KSTACK, 2), Action::Dead);
+    assert_eq!(t.dead(), "bad stack segment 107");
+    let mut t = T::init();
+    assert_eq!(t.hcall(LHCALL_SET_STACK, 0x69, KSTACK, 3), Action::Dead);
+    assert_eq!(t.dead(), "bad stack pages 3");
+    let mut t = T::init();
+    assert_eq!(
+        t.hcall(LHCALL_SET_STACK, 0x69, MEM + 0x1000, 1),
+        Action::Dead
+    );
+    assert_eq!(t.dead(), "bad stack page 0x100fff");
+    let mut t = T::init();
+    assert_eq!(t.hcall(LHCALL_SET_STACK, 0x69, 0x1000, 2), Action::Dead);
+    assert_eq!(t.dead(), "bad stack page 0xffffffff");
+    let mut t = T::init();
+    assert_eq!(t.hcall(LHCALL_SET_STACK, 0x69, 0, 0), Action::Resume);
+}
+
+#[test]
+fn ts_and_nm() {
+    let mut t = T::init();
+    t.gate(7, 0x7000, 0xF, 0);
+    // TS clear: #NM is transparent.
+    let eip = t.v.regs.eip;
+    assert_eq!(t.trap(7, 0), Action::Resume);
+    assert_eq!(t.v.regs.eip, eip);
+    assert_eq!(t.hcall(LHCALL_TS, 8, 0, 0), Action::Resume);
+    assert!(t.v.ts());
+    assert_eq!(t.trap(7, 0), Action::Resume);
+    assert_eq!(t.v.regs.eip, 0x7000);
+    assert_eq!(t.hcall(LHCALL_TS, 0, 0, 0), Action::Resume);
+    assert!(!t.v.ts());
+    assert_eq!(t.e.ts, [true, false]);
+}
+
+#[test]
+fn nm_with_ts_and_no_gate_kills() {
+    let mut t = T::init();
+    t.hcall(LHCALL_TS, 8, 0, 0);
+    t.v.regs.eip = 0x4242;
+    assert_eq!(t.trap(7, 0), Action::Dead);
+    assert_eq!(t.dead(), "unhandled trap 7 at 0x4242 (0x0)");
+}
+
+#[test]
+fn clockevent() {
+    let mut t = T::init();
+    assert_eq!(
+        t.hcall(LHCALL_SET_CLOCKEVENT, 1_000_000, 0, 0),
+        Action::Resume
+    );
+    assert_eq!(t.hcall(LHCALL_SET_CLOCKEVENT, 0, 0, 0), Action::Resume);
+    assert_eq!(
+        t.hcall(LHCALL_SET_CLOCKEVENT, u32::MAX, 0, 0),
+        Action::Resume
+    );
+    assert_eq!(
+        t.e.clock,
+        [Some(1_000_000), None, Some(u64::from(u32::MAX))]
+    );
+}
+
+#[test]
+fn notify() {
+    let mut t = T::init();
+    assert_eq!(t.hcall(LHCALL_NOTIFY, 0xabc0, 0, 0), Action::Notify(0xabc0));
+    assert!(!t.v.is_dead());
+    assert_eq!(t.prepare(), Action::Resume);
+}
+
+#[test]
+fn load_gdt_entry_and_tls() {
+    let mut t = T::init();
+    assert_eq!(
+        t.hcall(
+            LHCALL_LOAD_GDT_ENTRY,
+            14,
+            UCODE as u32,
+            (UCODE >> 32) as u32
+        ),
+        Action::Resume
+    );
+    assert_eq!(t.v.gdt.entry(14), Some(UCODE | 1 << 40));
+    // TLS from guest memory.
+    let tls = [UDATA, 0, UDATA];
+    for (i, d) in tls.iter().enumerate() {
+        t.m.write_u64(0x3000 + 8 * i as u32, *d).unwrap();
+    }
+    assert_eq!(t.hcall(LHCALL_LOAD_TLS, 0x3000, 0, 0), Action::Resume);
+    assert_eq!(t.v.gdt.entry(6), Some(UDATA | 1 << 40));
+    assert_eq!(t.v.gdt.entry(8), Some(UDATA | 1 << 40));
+
+    let mut t = T::init();
+    assert_eq!(t.hcall(LHCALL_LOAD_TLS, MEM - 16, 0, 0), Action::Dead);
+    assert_eq!(t.dead(), "bad read address 0xffff0 len 24");
+
+    let mut t = T::init();
+    assert_eq!(t.hcall(LHCALL_LOAD_GDT_ENTRY, 32, 0, 0), Action::Dead);
+    assert_eq!(t.dead(), "too many gdt entries 32");
+    let mut t = T::init();
+    assert_eq!(t.hcall(LHCALL_LOAD_GDT_ENTRY, 16, 0, 0), Action::Dead);
+    assert_eq!(t.dead(), "reserved gdt entry 16");
+    let mut t = T::init();
+    // 64-bit code segment, DPL 3.
+    assert_eq!(
+        t.hcall(LHCALL_LOAD_GDT_ENTRY, 20, 0xFFFF, 0x00AF_FA00),
+        Action::Dead
+    );
+    assert_eq!(t.dead(), "gdt entry 20: 64-bit code segment");
+    let mut t = T::init();
+    // Call gate.
+    assert_eq!(
+        t.hcall(LHCALL_LOAD_GDT_ENTRY, 20, 0x0050_1000, 0x0000_EC00),
+        Action::Dead
+    );
+    assert_eq!(t.dead(), "gdt entry 20: system descriptor");
+}
+
+#[test]
+fn shutdown_poweroff() {
+    let mut t = T::init();
+    t.m.write(0x3000, b"bye now\0junk").unwrap();
+    assert_eq!(t.hcall(LHCALL_SHUTDOWN, 0x3000, 1, 0), Action::Dead);
+    assert_eq!(t.dead(), "power off: bye now");
+    assert!(!t.v.is_restart());
+    assert_eq!(t.trap(0x1f, 0), Action::Dead);
+    t.v.kill("something else");
+    assert_eq!(t.dead(), "power off: bye now");
+
+    let mut t = T::init();
+    assert_eq!(t.hcall(LHCALL_SHUTDOWN, 0x3000, 1, 0), Action::Dead);
+    assert_eq!(t.dead(), "power off");
+}
+
+#[test]
+fn shutdown_message_truncated() {
+    let mut t = T::init();
+    t.m.write(0x3000, &[b'a'; 300]).unwrap();
+    assert_eq!(t.hcall(LHCALL_SHUTDOWN, 0x3000, 1, 0), Action::Dead);
+    assert_eq!(t.dead().len(), "power off: ".len() + 127);
+}
+
+#[test]
+fn shutdown_restart_and_bad() {
+    let mut t = T::init();
+    t.m.write(0x3000, b"reboot\0").unwrap();
+    assert_eq!(t.hcall(LHCALL_SHUTDOWN, 0x3000, 2, 0), Action::Restart);
+    assert!(t.v.is_restart());
+    assert_eq!(t.dead(), "restart: reboot");
+    assert_eq!(t.trap(3, 0), Action::Restart);
+    assert_eq!(t.prepare(), Action::Restart);
+
+    let mut t = T::init();
+    assert_eq!(t.hcall(LHCALL_SHUTDOWN, 0x3000, 7, 0), Action::Dead);
+    assert_eq!(t.dead(), "bad shutdown reason 7");
+    let mut t = T::init();
+    assert_eq!(t.hcall(LHCALL_SHUTDOWN, MEM, 1, 0), Action::Dead);
+    assert_eq!(t.dead(), "bad read address 0x100000 len 1");
+}
+
+// ---------------------------------------------------------------------------
+// The async ring.
+
+#[test]
+fn ring_drains_64_in_order_exactly_once() {
+    let mut t = T::init();
+    for i in 0..64 {
+        t.queue(i, [LHCALL_SET_CLOCKEVENT, i + 1, 0, 0, 0]);
+    }
+    assert_eq!(t.hcall(LHCALL_SET_CLOCKEVENT, 999, 0, 0), Action::Resume);
+    let want: Vec<_> = (1..=64).map(Some).chain([Some(999)]).collect();
+    assert_eq!(t.e.clock, want);
+    assert!((0..64).all(|i| t.status(i) == 0xFF));
+    // Nothing runs twice.
+    assert_eq!(t.hcall(LHCALL_FLUSH_ASYNC, 0, 0, 0), Action::Resume);
+    assert_eq!(t.e.clock.len(), 65);
+    // The cursor wrapped: slot 0 is next.
+    t.queue(0, [LHCALL_SET_CLOCKEVENT, 5000, 0, 0, 0]);
+    t.queue(1, [LHCALL_SET_CLOCKEVENT, 5001, 0, 0, 0]);
+    assert_eq!(t.hcall(LHCALL_FLUSH_ASYNC, 0, 0, 0), Action::Resume);
+    assert_eq!(&t.e.clock[65..], &[Some(5000), Some(5001)]);
+}
+
+#[test]
+fn ring_partial_and_cursor() {
+    let mut t = T::init();
+    for i in 0..5 {
+        t.queue(i, [LHCALL_SET_CLOCKEVENT, 10 + i, 0, 0, 0]);
+    }
+    t.hcall(LHCALL_FLUSH_ASYNC, 0, 0, 0);
+    assert_eq!(t.e.clock.len(), 5);
+    // A stale "ready" slot before the cursor is not looked at.
+    t.queue(0, [LHCALL_SET_CLOCKEVENT, 77, 0, 0, 0]);
+    t.queue(5, [LHCALL_SET_CLOCKEVENT, 15, 0, 0, 0]);
+    t.queue(6, [LHCALL_SET_CLOCKEVENT, 16, 0, 0, 0]);
+    t.hcall(LHCALL_FLUSH_ASYNC, 0, 0, 0);
+    assert_eq!(&t.e.clock[5..], &[Some(15), Some(16)]);
+    assert_eq!(t.status(0), 0);
+}
+
+#[test]
+fn ring_runs_before_first_call_after_init_not_before_init() {
+    let mut t = T::fresh();
+    // Ring entries present at INIT time are not run by INIT itself.
+    t.queue(0, [LHCALL_SET_CLOCKEVENT, 1, 0, 0, 0]);
+    assert_eq!(t.hcall(LHCALL_LGUEST_INIT, LD, 0, 0), Action::Resume);
+    assert!(t.e.clock.is_empty());
+    assert_eq!(t.hcall(LHCALL_SET_CLOCKEVENT, 2, 0, 0), Action::Resume);
+    assert_eq!(t.e.clock, [Some(1), Some(2)]);
+}
+
+#[test]
+fn ring_notify_stops_drain_and_sync_call_waits() {
+    let mut t = T::init();
+    t.queue(0, [LHCALL_SET_CLOCKEVENT, 1, 0, 0, 0]);
+    t.queue(1, [LHCALL_NOTIFY, 0x1234, 0, 0, 0]);
+    t.queue(2, [LHCALL_SET_CLOCKEVENT, 2, 0, 0, 0]);
+    assert_eq!(
+        t.hcall(LHCALL_SET_CLOCKEVENT, 99, 0, 0),
+        Action::Notify(0x1234)
+    );
+    assert_eq!(t.e.clock, [Some(1)]);
+    assert_eq!((t.status(0), t.status(1), t.status(2)), (0xFF, 0xFF, 0));
+    // The launcher comes back: the rest of the ring, then the sync call.
+    assert_eq!(t.prepare(), Action::Resume);
+    assert_eq!(t.e.clock, [Some(1), Some(2), Some(99)]);
+    assert_eq!(t.status(2), 0xFF);
+    // And nothing again.
+    assert_eq!(t.prepare(), Action::Resume);
+    assert_eq!(t.e.clock.len(), 3);
+}
+
+#[test]
+fn ring_two_notifies() {
+    let mut t = T::init();
+    t.queue(0, [LHCALL_NOTIFY, 0x10, 0, 0, 0]);
+    t.queue(1, [LHCALL_NOTIFY, 0x20, 0, 0, 0]);
+    assert_eq!(t.hcall(LHCALL_NOTIFY, 0x30, 0, 0), Action::Notify(0x10));
+    assert_eq!(t.prepare(), Action::Notify(0x20));
+    assert_eq!(t.prepare(), Action::Notify(0x30));
+    assert_eq!(t.prepare(), Action::Resume);
+}
+
+#[test]
+fn ring_bad_entry_kills() {
+    let mut t = T::init();
+    t.queue(0, [LHCALL_SET_CLOCKEVENT, 1, 0, 0, 0]);
+    t.queue(1, [42, 0, 0, 0, 0]);
+    t.queue(2, [LHCALL_SET_CLOCKEVENT, 2, 0, 0, 0]);
+    assert_eq!(t.hcall(LHCALL_SET_CLOCKEVENT, 3, 0, 0), Action::Dead);
+    assert_eq!(t.dead(), "Bad hypercall 42");
+    assert_eq!(t.e.clock, [Some(1)]);
+    assert_eq!(t.status(1), 0xFF);
+
+    let mut t = T::init();
+    t.queue(0, [LHCALL_LGUEST_INIT, LD, 0, 0, 0]);
+    assert_eq!(t.hcall(LHCALL_FLUSH_ASYNC, 0, 0, 0), Action::Dead);
+    assert_eq!(t.dead(), "already have lguest_data");
+}
+
+#[test]
+fn ring_shutdown_and_halt() {
+    let mut t = T::init();
+    t.m.write(0x3000, b"x\0").unwrap();
+    t.queue(0, [LHCALL_SHUTDOWN, 0x3000, 1, 0, 0]);
+    t.queue(1, [LHCALL_SET_CLOCKEVENT, 2, 0, 0, 0]);
+    assert_eq!(t.hcall(LHCALL_SET_CLOCKEVENT, 3, 0, 0), Action::Dead);
+    assert_eq!(t.dead(), "power off: x");
+    assert!(t.e.clock.is_empty());
+
+    let mut t = T::init();
+    t.queue(0, [LHCALL_HALT, 0, 0, 0, 0]);
+    assert_eq!(t.hcall(LHCALL_FLUSH_ASYNC, 0, 0, 0), Action::Halt);
+    assert!(t.v.is_halted());
+}
+
+#[test]
+fn ring_in_tls_and_ts() {
+    let mut t = T::init();
+    t.m.write_u64(0x3000, UDATA).unwrap();
+    t.queue(0, [LHCALL_TS, 8, 0, 0, 0]);
+    t.queue(1, [LHCALL_LOAD_TLS, 0x3000, 0, 0, 0]);
+    t.queue(2, [LHCALL_SET_STACK, 0x69, KSTACK, 2, 0]);
+    assert_eq!(t.hcall(LHCALL_FLUSH_ASYNC, 0, 0, 0), Action::Resume);
+    assert!(t.v.ts());
+    assert_eq!(t.v.gdt.entry(6), Some(UDATA | 1 << 40));
+    assert_eq!(t.v.kernel_stack(), Some((0x69, KSTACK, 2)));
+}
+
+// ---------------------------------------------------------------------------
+// Trap reflection.
+
+#[test]
+fn reflect_kernel_mode_with_error_code() {
+    let mut t = T::init();
+    t.gate(13, 0xC000_1300, 0xF, 0);
+    t.set_ld(LguestData::OFF_IRQ_ENABLED, 0x200);
+    t.v.regs.eip = 0x2345;
+    t.v.regs.eflags = 0x202 | EFLAGS_TF | EFLAGS_NT | 0x3000;
+    let esp = t.v.regs.esp;
+    assert_eq!(t.trap(13, 0x50), Action::Resume);
+    let r = t.v.regs;
+    assert_eq!(r.esp, esp - 16);
+    assert_eq!(r.ss, 0x69);
+    assert_eq!((r.cs, r.eip), (0x61, 0xC000_1300));
+    assert_eq!(r.eflags, 0x202);
+    assert_eq!(
+        t.stack(4),
+        [0x50, 0x2345, 0x61, 0x202 | EFLAGS_TF | EFLAGS_NT | 0x3000]
+    );
+    // Trap gate: irq_enabled untouched.
+    assert_eq!(t.ld(LguestData::OFF_IRQ_ENABLED), 0x200);
+    assert_eq!(r.trapnum, 13);
+}
+
+#[test]
+fn reflect_kernel_mode_without_error_code_irqs_off() {
+    let mut t = T::init();
+    t.gate(0, 0xC000_0000, 0xE, 0);
+    t.set_ld(LguestData::OFF_IRQ_ENABLED, 0);
+    t.v.regs.eip = 0x1111;
+    let esp = t.v.regs.esp;
+    assert_eq!(t.trap(0, 0), Action::Resume);
+    assert_eq!(t.v.regs.esp, esp - 12);
+    // Pushed IF mirrors irq_enabled (off).
+    assert_eq!(t.stack(3), [0x1111, 0x61, 0x002]);
+    assert_eq!(t.v.regs.eflags, 0x202);
+}
+
+#[test]
+fn reflect_all_error_code_vectors() {
+    for v in 0..32u32 {
+        if matches!(v, 2 | 7 | 8 | 15 | 0x1f) {
+            continue;
+        }
+        let mut t = T::init();
+        // DPL 3 so int3/into (vectors 3, 4) aren't turned into #GP.
+        t.gate(v, 0x5000, 0xF, 3);
+        let esp = t.v.regs.esp;
+        t.exit(Exit::Trap {
+            vector: v,
+            errcode: 0x18,
+            cr2: 0x7777,
+        });
+        let want = if matches!(v, 8 | 10 | 11 | 12 | 13 | 14 | 17) {
+            16
+        } else {
+            12
+        };
+        assert_eq!(esp - t.v.regs.esp, want, "vector {v}");
+        assert_eq!(t.v.regs.eip, 0x5000, "vector {v}");
+    }
+}
+
+#[test]
+fn reflect_page_fault_sets_cr2_and_interrupt_gate_disables() {
+    let mut t = T::init();
+    t.gate(14, 0xC000_1400, 0xE, 0);
+    t.set_ld(LguestData::OFF_IRQ_ENABLED, 0x200);
+    t.v.regs.eip = 0x4000;
+    let a = t.exit(Exit::Trap {
+        vector: 14,
+        errcode: 6,
+        cr2: 0xdead_b000,
+    });
+    assert_eq!(a, Action::Resume);
+    assert_eq!(t.ld(LguestData::OFF_CR2), 0xdead_b000);
+    assert_eq!(t.ld(LguestData::OFF_IRQ_ENABLED), 0);
+    assert_eq!(t.stack(4), [6, 0x4000, 0x61, 0x202]);
+}
+
+#[test]
+fn reflect_from_user_mode_switches_stack() {
+    let mut t = T::init();
+    t.user_segments();
+    t.gate(14, 0xC000_1400, 0xE, 0);
+    t.hcall(LHCALL_SET_STACK, 0x69, KSTACK, 2);
+    t.set_ld(LguestData::OFF_IRQ_ENABLED, 0x200);
+    t.v.regs.cs = u32::from(USER_CS);
+    t.v.regs.ss = u32::from(USER_DS);
+    t.v.regs.ds = u32::from(USER_DS);
+    t.v.regs.esp = 0x5_0000;
+    t.v.regs.eip = 0x0804_8000 & (MEM - 1);
+    let ueip = t.v.regs.eip;
+    let a = t.exit(Exit::Trap {
+        vector: 14,
+        errcode: 4,
+        cr2: 0x123,
+    });
+    assert_eq!(a, Action::Resume);
+    let r = t.v.regs;
+    assert_eq!((r.ss, r.esp), (0x69, KSTACK - 24));
+    assert_eq!((r.cs, r.eip), (0x61, 0xC000_1400));
+    assert_eq!(t.stack(6), [4, ueip, 0x73, 0x202, 0x5_0000, 0x7b]);
+    assert_eq!(t.ld(LguestData::OFF_CR2), 0x123);
+    assert_eq!(t.ld(LguestData::OFF_IRQ_ENABLED), 0);
+    // DS stays the user's (valid at CPL 1 too): entry is fine.
+    assert_eq!(t.prepare(), Action::Resume);
+}
+
+#[test]
+fn user_trap_without_kernel_stack() {
+    let mut t = T::init();
+    t.user_segments();
+    t.gate(6, 0x6000, 0xF, 0);
+    t.v.regs.cs = u32::from(USER_CS);
+    t.v.regs.ss = u32::from(USER_DS);
+    assert_eq!(t.trap(6, 0), Action::Dead);
+    assert_eq!(t.dead(), "no kernel stack");
+}
+
+#[test]
+fn user_trap_with_bad_ss1() {
+    let mut t = T::init();
+    t.user_segments();
+    t.gate(6, 0x6000, 0xF, 0);
+    // RPL 1 but slot 15 is a DPL-3 segment.
+    t.hcall(LHCALL_SET_STACK, 0x79, KSTACK, 1);
+    t.v.regs.cs = u32::from(USER_CS);
+    t.v.regs.ss = u32::from(USER_DS);
+    assert_eq!(t.trap(6, 0), Action::Dead);
+    assert_eq!(t.dead(), "bad stack segment 121");
+}
+
+#[test]
+fn unhandled_traps() {
+    let mut t = T::init();
+    t.v.regs.eip = 0xC012_3456;
+    assert_eq!(t.trap(6, 0), Action::Dead);
+    assert_eq!(t.dead(), "unhandled trap 6 at 0xc0123456 (0x0)");
+
+    let mut t = T::init();
+    t.v.regs.eip = 0x1000;
+    let a = t.exit(Exit::Trap {
+        vector: 14,
+        errcode: 2,
+        cr2: 0xbeef,
+    });
+    assert_eq!(a, Action::Dead);
+    assert_eq!(t.dead(), "unhandled trap 14 at 0x1000 (0xbeef)");
+
+    // Before INIT too (no lguest_data to write cr2 into).
+    let mut t = T::fresh();
+    t.v.regs.eip = 0x10;
+    assert_eq!(t.trap(13, 0x28), Action::Dead);
+    assert_eq!(t.dead(), "unhandled trap 13 at 0x10 (0x28)");
+
+    let mut t = T::init();
+    t.v.regs.eip = 0x10;
+    assert_eq!(t.trap(300, 0), Action::Dead);
+    assert_eq!(t.dead(), "unhandled trap 300 at 0x10 (0x0)");
+}
+
+#[test]
+fn entry_fault_and_host_interrupt() {
+    let mut t = T::init();
+    let before = t.v.regs;
+    assert_eq!(t.exit(Exit::HostInterrupt), Action::Resume);
+    assert_eq!(t.v.regs, before);
+    t.v.regs.eip = 0x777;
+    t.v.regs.errcode = 0x6b;
+    assert_eq!(t.exit(Exit::EntryFault), Action::Dead);
+    assert_eq!(t.dead(), "unhandled trap 256 at 0x777 (0x6b)");
+}
+
+#[test]
+fn nmi_is_ignored() {
+    let mut t = T::init();
+    assert_eq!(t.trap(2, 0), Action::Resume);
+    assert!(!t.v.is_dead());
+}
+
+#[test]
+fn bad_stack_kills() {
+    let mut t = T::init();
+    t.gate(6, 0x6000, 0xF, 0);
+    t.v.regs.esp = MEM + 8;
+    assert_eq!(t.trap(6, 0), Action::Dead);
+    assert_eq!(t.dead(), "bad stack page 0x100004");
+
+    let mut t = T::init();
+    t.gate(6, 0x6000, 0xF, 0);
+    t.v.regs.esp = 0;
+    assert_eq!(t.trap(6, 0), Action::Dead);
+    assert_eq!(t.dead(), "bad stack page 0xfffffffc");
+
+    // Straddling the end of memory.
+    let mut t = T::init();
+    t.gate(6, 0x6000, 0xF, 0);
+    t.v.regs.esp = MEM + 2;
+    assert_eq!(t.trap(6, 0), Action::Dead);
+    assert_eq!(t.dead(), "bad stack page 0x100000");
+}
+
+#[test]
+fn stack_push_across_page_boundary() {
+    let mut t = T::init();
+    t.gate(6, 0x6000, 0xF, 0);
+    t.v.regs.esp = 0x5002;
+    t.v.regs.eip = 0xAABB_CCDD;
+    assert_eq!(t.trap(6, 0), Action::Resume);
+    assert_eq!(t.v.regs.esp, 0x5002 - 12);
+    // irq_enabled is 0 in the guest's initial lguest_data: IF clear in the frame.
+    assert_eq!(t.stack(3), [0xAABB_CCDD, 0x61, 0x002]);
+}
+
+#[test]
+fn software_interrupt_dpl() {
+    let mut t = T::init();
+    t.user_segments();
+    t.hcall(LHCALL_SET_STACK, 0x69, KSTACK, 2);
+    t.gate(0x80, 0x8000, 0xF, 3);
+    t.gate(0x81, 0x8100, 0xE, 0);
+    t.gate(13, 0x1300, 0xF, 0);
+    t.v.regs.cs = u32::from(USER_CS);
+    t.v.regs.ss = u32::from(USER_DS);
+    t.v.regs.esp = 0x5_0000;
+    // int $0x80 from user: delivered, no error code.
+    assert_eq!(t.trap(0x80, 0), Action::Resume);
+    assert_eq!(t.v.regs.eip, 0x8000);
+    assert_eq!(t.v.regs.esp, KSTACK - 20);
+    // int $0x81 from user to a DPL-0 gate: #GP((0x81 << 3) | 2).
+    t.v.regs.cs = u32::from(USER_CS);
+    t.v.regs.ss = u32::from(USER_DS);
+    t.v.regs.esp = 0x5_0000;
+    assert_eq!(t.trap(0x81, 0), Action::Resume);
+    assert_eq!(t.v.regs.eip, 0x1300);
+    assert_eq!(t.stack(1), [(0x81 << 3) | 2]);
+    // From the kernel (CPL 1) a DPL-0 gate #GPs too, a DPL-1 one works.
+    t.v.regs.esp = KSTACK - 0x200;
+    assert_eq!(t.trap(0x81, 0), Action::Resume);
+    assert_eq!(t.v.regs.eip, 0x1300);
+    t.gate(0x82, 0x8200, 0xF, 1);
+    assert_eq!(t.trap(0x82, 0), Action::Resume);
+    assert_eq!(t.v.regs.eip, 0x8200);
+    // int3 from user with a DPL-3 gate.
+    t.gate(3, 0x0300, 0xF, 3);
+    t.v.regs.cs = u32::from(USER_CS);
+    t.v.regs.ss = u32::from(USER_DS);
+    assert_eq!(t.trap(3, 0), Action::Resume);
+    assert_eq!(t.v.regs.eip, 0x0300);
+}
+
+// ---------------------------------------------------------------------------
+// I/O emulation.
+
+fn io(code: &[u8], eax: u32) -> T {
+    let mut t = T::init();
+    t.m.write(0x2000, code).unwrap();
+    t.v.regs.eip = 0x2000;
+    t.v.regs.eax = eax;
+    t
+}
+
+#[test]
+fn emulate_in_out_cli() {
+    for (code, eax, want_eax, len) in [
+        (&[0xE4, 0x60][..], 0x1234_5600, 0x1234_56FF, 2),
+        (&[0xE5, 0x60][..], 0x1234_5600, 0xFFFF_FFFF, 2),
+        (&[0x66, 0xE5, 0x60][..], 0x1234_0000, 0x1234_FFFF, 3),
+        (&[0xEC][..], 0, 0xFF, 1),
+        (&[0xED][..], 0, 0xFFFF_FFFF, 1),
+        (&[0x66, 0xED][..], 0xAAAA_0000, 0xAAAA_FFFF, 2),
+        (&[0xE6, 0x80][..], 7, 7, 2),
+        (&[0xE7, 0x80][..], 7, 7, 2),
+        (&[0xEE][..], 7, 7, 1),
+        (&[0x66, 0xEF][..], 7, 7, 2),
+        (&[0xFA][..], 7, 7, 1),
+    ] {
+        let mut t = io(code, eax);
+        assert_eq!(t.trap(13, 0), Action::Resume, "{code:x?}");
+        assert_eq!(t.v.regs.eax, want_eax, "{code:x?}");
+        assert_eq!(t.v.regs.eip, 0x2000 + len, "{code:x?}");
+    }
+}
+
+#[test]
+fn gp_not_emulated() {
+    // hlt: reflected as #GP.
+    let mut t = io(&[0xF4], 0);
+    t.gate(13, 0x1300, 0xF, 0);
+    assert_eq!(t.trap(13, 0), Action::Resume);
+    assert_eq!(t.v.regs.eip, 0x1300);
+    assert_eq!(t.stack(2), [0, 0x2000]);
+    // Non-zero error code: never emulated.
+    let mut t = io(&[0xEC], 0);
+    assert_eq!(t.trap(13, 0x50), Action::Dead);
+    assert_eq!(t.dead(), "unhandled trap 13 at 0x2000 (0x50)");
+    // From user mode: never emulated.
+    let mut t = io(&[0xEC], 0);
+    t.user_segments();
+    t.v.regs.cs = u32::from(USER_CS);
+    assert_eq!(t.trap(13, 0), Action::Dead);
+    assert_eq!(t.dead(), "unhandled trap 13 at 0x2000 (0x0)");
+    // 0x66 then something else.
+    let mut t = io(&[0x66, 0x90], 0);
+    assert_eq!(t.trap(13, 0), Action::Dead);
+}
+
+#[test]
+fn emulate_bad_eip() {
+    let mut t = io(&[], 0);
+    t.v.regs.eip = MEM;
+    assert_eq!(t.trap(13, 0), Action::Dead);
+    assert_eq!(t.dead(), "bad address 0x100000");
+    // Prefix at the last byte, opcode beyond memory.
+    let mut t = io(&[], 0);
+    t.m.write_u8(MEM - 1, 0x66).unwrap();
+    t.v.regs.eip = MEM - 1;
+    assert_eq!(t.trap(13, 0), Action::Dead);
+    assert_eq!(t.dead(), "bad address 0x100000");
+}
+
+// ---------------------------------------------------------------------------
+// Interrupt delivery.
+
+fn irq_guest() -> T {
+    let mut t = T::init();
+    t.gate(0x20, 0xC000_2000, 0xE, 0);
+    t.gate(0x21, 0xC000_2100, 0xE, 0);
+    t.gate(0x23, 0xC000_2300, 0xE, 0);
+    t.set_ld(LguestData::OFF_IRQ_ENABLED, 0x200);
+    t.v.regs.eip = 0x3000;
+    t
+}
+
+#[test]
+fn no_delivery_before_init() {
+    let mut t = T::fresh();
+    t.v.set_irq(0);
+    assert!(!t.v.has_deliverable_irq(&t.m));
+    t.deliver();
+    assert_eq!(t.v.pending_irqs(), 1);
+    assert_eq!(t.v.regs.eip, START);
+}
+
+#[test]
+fn deliver_lowest_unblocked() {
+    let mut t = irq_guest();
+    t.v.set_irq(3);
+    t.v.set_irq(1);
+    t.v.set_irq(40); // ignored
+    assert_eq!(t.v.pending_irqs(), 0b1010);
+    let esp = t.v.regs.esp;
+    t.deliver();
+    assert_eq!(t.v.regs.eip, 0xC000_2100);
+    assert_eq!(t.v.regs.esp, esp - 12);
+    assert_eq!(t.stack(3), [0x3000, 0x61, 0x202]);
+    assert_eq!(t.v.pending_irqs(), 0b1000);
+    assert_eq!(t.ld(LguestData::OFF_IRQ_ENABLED), 0);
+    // Another one is pending: irq_pending tells the guest.
+    assert_eq!(t.ld(LguestData::OFF_IRQ_PENDING), 0x200);
+    assert_eq!(t.ld(LguestData::OFF_TIME), 1_700_000_000);
+    // irqs now off: irq 3 waits.
+    t.set_ld(LguestData::OFF_IRQ_PENDING, 0);
+    t.deliver();
+    assert_eq!(t.v.pending_irqs(), 0b1000);
+    assert_eq!(t.ld(LguestData::OFF_IRQ_PENDING), 0x200);
+    // Guest re-enables and SEND_INTERRUPTS.
+    t.set_ld(LguestData::OFF_IRQ_ENABLED, 0x200);
+    assert_eq!(t.hcall(LHCALL_SEND_INTERRUPTS, 0, 0, 0), Action::Resume);
+    assert_eq!(t.prepare(), Action::Resume);
+    assert_eq!(t.v.regs.eip, 0xC000_2300);
+    assert_eq!(t.v.pending_irqs(), 0);
+    assert_eq!(t.ld(LguestData::OFF_IRQ_PENDING), 0);
+}
+
+#[test]
+fn blocked_irq_stays_pending() {
+    let mut t = irq_guest();
+    t.set_ld(LguestData::OFF_BLOCKED_INTERRUPTS, 1);
+    t.v.set_irq(0);
+    assert!(!t.v.has_deliverable_irq(&t.m));
+    t.deliver();
+    assert_eq!(t.v.regs.eip, 0x3000);
+    assert_eq!(t.v.pending_irqs(), 1);
+    t.set_ld(LguestData::OFF_BLOCKED_INTERRUPTS, 0);
+    assert!(t.v.has_deliverable_irq(&t.m));
+    t.deliver();
+    assert_eq!(t.v.regs.eip, 0xC000_2000);
+    assert_eq!(t.v.pending_irqs(), 0);
+}
+
+#[test]
+fn noirq_window() {
+    let mut t = T::fresh();
+    t.set_ld(LguestData::OFF_NOIRQ_START, 0x3000);
+    t.set_ld(LguestData::OFF_NOIRQ_END, 0x3008);
+    t.hcall(LHCALL_LGUEST_INIT, LD, 0, 0);
+    t.gate(0x20, 0xC000_2000, 0xE, 0);
+    t.set_ld(LguestData::OFF_IRQ_ENABLED, 0x200);
+    t.v.set_irq(0);
+    for eip in [0x3000, 0x3004, 0x3007] {
+        t.v.regs.eip = eip;
+        t.deliver();
+        assert_eq!(t.v.regs.eip, eip);
+        assert_eq!(t.v.pending_irqs(), 1);
+    }
+    t.v.regs.eip = 0x3008;
+    t.deliver();
+    assert_eq!(t.v.regs.eip, 0xC000_2000);
+}
+
+#[test]
+fn irq_without_gate_stays_pending() {
+    let mut t = irq_guest();
+    t.v.set_irq(5);
+    t.deliver();
+    assert_eq!(t.v.regs.eip, 0x3000);
+    assert_eq!(t.v.pending_irqs(), 1 << 5);
+    assert_eq!(t.ld(LguestData::OFF_IRQ_PENDING), 0);
+}
+
+#[test]
+fn irq_delivered_to_user_mode_uses_kernel_stack() {
+    let mut t = irq_guest();
+    t.user_segments();
+    t.hcall(LHCALL_SET_STACK, 0x69, KSTACK, 2);
+    t.v.regs.cs = u32::from(USER_CS);
+    t.v.regs.ss = u32::from(USER_DS);
+    t.v.regs.esp = 0x5_0000;
+    t.v.set_irq(0);
+    t.deliver();
+    assert_eq!(t.v.regs.eip, 0xC000_2000);
+    assert_eq!(t.v.regs.esp, KSTACK - 20);
+    assert_eq!(t.stack(5), [0x3000, 0x73, 0x202, 0x5_0000, 0x7b]);
+}
+
+#[test]
+fn halt_and_wake() {
+    let mut t = irq_guest();
+    t.set_ld(LguestData::OFF_IRQ_ENABLED, 0);
+    t.set_ld(LguestData::OFF_BLOCKED_INTERRUPTS, 0b10);
+    t.v.regs.eip = 0x3100;
+    assert_eq!(t.hcall(LHCALL_HALT, 0, 0, 0), Action::Halt);
+    assert!(t.v.is_halted());
+    assert_eq!(t.prepare(), Action::Halt);
+    // A blocked irq doesn't wake it.
+    t.v.set_irq(1);
+    assert!(!t.v.has_deliverable_irq(&t.m));
+    assert_eq!(t.prepare(), Action::Halt);
+    // The timer does, and interrupts get enabled implicitly.
+    t.v.set_irq(0);
+    assert!(t.v.has_deliverable_irq(&t.m));
+    assert_eq!(t.prepare(), Action::Resume);
+    assert!(!t.v.is_halted());
+    assert_eq!(t.v.regs.eip, 0xC000_2000);
+    assert_eq!(t.stack(3), [0x3100, 0x61, 0x202]);
+    // Interrupt gate: disabled again for the handler.
+    assert_eq!(t.ld(LguestData::OFF_IRQ_ENABLED), 0);
+    assert_eq!(t.v.pending_irqs(), 0b10);
+}
+
+#[test]
+fn halt_with_irq_already_pending() {
+    let mut t = irq_guest();
+    t.v.set_irq(0);
+    t.set_ld(LguestData::OFF_IRQ_ENABLED, 0);
+    assert_eq!(t.hcall(LHCALL_HALT, 0, 0, 0), Action::Halt);
+    assert_eq!(t.prepare(), Action::Resume);
+    assert_eq!(t.v.regs.eip, 0xC000_2000);
+}
+
+// ---------------------------------------------------------------------------
+// Entry checks.
+
+#[test]
+fn entry_sanitises_eflags() {
+    let mut t = T::init();
+    t.v.regs.eflags = 0xFFFF_FFFF;
+    assert_eq!(t.prepare(), Action::Resume);
+    assert_eq!(t.v.regs.eflags, EFLAGS_GUEST_MASK | 0x202);
+    assert_eq!(t.v.regs.eflags & 0x3000, 0); // IOPL 0
+    assert_eq!(t.v.regs.eflags & (EFLAGS_VM | EFLAGS_NT | EFLAGS_RF), 0);
+    assert_eq!(sanitize_eflags(0), 0x202);
+}
+
+#[test]
+fn entry_rejects_bad_selectors() {
+    type Case = (fn(&mut Regs), &'static str);
+    let cases: [Case; 8] = [
+        (|r| r.cs = 0x60, "bad cs 0x60 at 0x10000"),
+        (|r| r.cs = 0x50, "bad cs 0x50 at 0x10000"),
+        (|r| r.cs = 0x69, "bad cs 0x69 at 0x10000"),
+        (|r| r.cs = 0x1_0061, "bad cs 0x10061 at 0x10000"),
+        (|r| r.ss = 0x6b, "bad ss 0x6b at 0x10000"),
+        (|r| r.ss = 0, "bad ss 0x0 at 0x10000"),
+        (|r| r.ds = 0x83, "bad ds 0x83 at 0x10000"),
+        (|r| r.gs = 0x33, "bad gs 0x33 at 0x10000"),
+    ];
+    for (f, want) in cases {
+        let mut t = T::init();
+        t.v.regs.eip = START;
+        f(&mut t.v.regs);
+        assert_eq!(t.prepare(), Action::Dead);
+        assert_eq!(t.dead(), want);
+    }
+    // Null data selectors and user state are fine.
+    let mut t = T::init();
+    t.user_segments();
+    t.v.regs.cs = u32::from(USER_CS);
+    t.v.regs.ss = u32::from(USER_DS);
+    t.v.regs.ds = u32::from(USER_DS);
+    t.v.regs.es = 3;
+    assert_eq!(t.prepare(), Action::Resume);
+    // Kernel data selector with user CS isn't.
+    t.v.regs.fs = 0x69;
+    assert_eq!(t.prepare(), Action::Dead);
+    assert_eq!(t.dead(), "bad fs 0x69 at 0x10000");
+}
+
+#[test]
+fn reflect_targets_a_replaced_kernel_cs_is_caught_at_entry() {
+    let mut t = T::init();
+    t.gate(6, 0x6000, 0xF, 0);
+    // Guest turns slot 12 into a data segment; the forced 0x61 is then bad.
+    t.hcall(
+        LHCALL_LOAD_GDT_ENTRY,
+        12,
+        UDATA as u32,
+        (UDATA >> 32) as u32,
+    );
+    assert_eq!(t.trap(6, 0), Action::Resume);
+    assert_eq!(t.prepare(), Action::Dead);
+    assert_eq!(t.dead(), "bad cs 0x61 at 0x6000");
+}
+
+#[test]
+fn kill_first_reason_wins() {
+    let mut t = T::init();
+    t.v.kill("first");
+    t.v.kill("second");
+    assert_eq!(t.dead(), "first");
+    assert_eq!(t.prepare(), Action::Dead);
+    t.v.set_irq(0);
+    t.deliver();
+    assert_eq!(t.v.regs.eip, START);
+}
