@@ -49,7 +49,7 @@ static PENDING: [AtomicU32; MAX_GUESTS] = [const { AtomicU32::new(0) }; MAX_GUES
 /// from guest user mode (DPL 3); SYSENTER is disabled (SYSENTER_CS = 0);
 /// FXSAVE/SSE are enabled for guests (the hypervisor itself never uses them).
 pub fn init_cpu() {
-    idt::set_gate_dpl(guest_abi::hcall::LGUEST_TRAP_ENTRY as u8, 1);
+    idt::set_gate_dpl(guest_abi::hcall::LGUEST_TRAP_ENTRY, 1);
     for v in [3u8, 4, 0x80] {
         idt::set_gate_dpl(v, 3);
     }
@@ -157,7 +157,7 @@ impl KernelCore {
         }
     }
 
-    /// Guest exits handled so far, and host bytes used beyond guest RAM.
+    /// Host bytes used for this guest beyond its RAM (page tables).
     pub fn overhead_bytes(&self) -> u64 {
         self.running
             .as_ref()
@@ -430,6 +430,7 @@ fn run_guest(slot: usize, m: &Module, spec: &GuestSpec<'_>) -> Outcome {
         spec.args
     );
 
+    let exits_before = switch::exits();
     let owner = TaskId(1);
     let mut chan = Channel::new(KernelCore::new(slot), owner);
     let init = [
@@ -476,8 +477,11 @@ fn run_guest(slot: usize, m: &Module, spec: &GuestSpec<'_>) -> Outcome {
             }
         }
     };
+    kprintln!(
+        "guest {name}: {} exits, {} of host memory beyond its RAM",
+        switch::exits() - exits_before,
+        Bytes(chan.core().overhead_bytes())
+    );
     chan.close();
-    drop(gm);
-    drop(ram);
     outcome
 }

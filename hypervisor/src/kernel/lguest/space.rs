@@ -119,7 +119,7 @@ impl LinearTables {
             .checked_sub(mem::DIRECT_MAP_BASE)
             .filter(|p| p % LARGE_PAGE_SIZE == 0)
             .ok_or(SpaceError::BadBase)?;
-        if bytes == 0 || bytes > MAX_GUEST_BYTES || bytes % LARGE_PAGE_SIZE != 0 {
+        if bytes == 0 || bytes > MAX_GUEST_BYTES || !bytes.is_multiple_of(LARGE_PAGE_SIZE) {
             return Err(SpaceError::BadSize);
         }
         let pml4 = zeroed_frame().ok_or(SpaceError::OutOfMemory)?;
