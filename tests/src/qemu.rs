@@ -1,0 +1,486 @@
+//! The QEMU command line, shared by `cargo xtask run`, the test scenarios and the benches, and the
+//! meaning of QEMU's exit status.
+//!
+//! The hypervisor ends a run through the `isa-debug-exit` device at port 0xf4: writing `v` makes
+//! QEMU exit with `(v << 1) | 1`, so 0x10 gives [`EXIT_SUCCESS`] (33) and 0x11 gives
+//! [`EXIT_FAILURE`] (35). With `-no-reboot` a triple fault or reset makes QEMU exit with 0.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::str::FromStr;
+
+use crate::err;
+use crate::error::{Context, Error, Result};
+
+/// The QEMU binary.
+pub const QEMU: &str = "qemu-system-x86_64";
+/// Machine type.
+pub const MACHINE: &str = "q35";
+/// CPU model under TCG. Pinned in one place so that every run, test and bench sees the same CPU.
+pub const CPU_MODEL: &str = "max";
+/// Guest RAM unless told otherwise.
+pub const DEFAULT_MEMORY: &str = "128M";
+/// Exit status when the hypervisor writes 0x10 to port 0xf4.
+pub const EXIT_SUCCESS: i32 = 33;
+/// Exit status when the hypervisor writes 0x11 to port 0xf4.
+pub const EXIT_FAILURE: i32 = 35;
+/// What QEMU's `-d` logs for every scenario: cheap even under TCG (unlike `int`).
+pub const DEBUG_LOG_ITEMS: &str = "cpu_reset,guest_errors";
+/// The same under OVMF, which polls for a TPM at 0xfed40000 about 50,000 times at boot and would
+/// fill the `guest_errors` log with "Invalid read" lines.
+pub const DEBUG_LOG_ITEMS_UEFI: &str = "cpu_reset";
+
+/// Firmware QEMU boots the ISO with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Firmware {
+    /// SeaBIOS (QEMU's default).
+    #[default]
+    Bios,
+    /// OVMF (UEFI) from pflash.
+    Uefi,
+}
+
+impl FromStr for Firmware {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "bios" => Ok(Self::Bios),
+            "uefi" => Ok(Self::Uefi),
+            _ => Err(err!("unknown firmware `{s}` (expected `bios` or `uefi`)")),
+        }
+    }
+}
+
+impl fmt::Display for Firmware {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Bios => "bios",
+            Self::Uefi => "uefi",
+        })
+    }
+}
+
+/// How QEMU runs the guest CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Accel {
+    /// Emulation (the default; deterministic enough for tests).
+    #[default]
+    Tcg,
+    /// KVM with `-cpu host` (needs `/dev/kvm`).
+    Kvm,
+}
+
+impl FromStr for Accel {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "tcg" => Ok(Self::Tcg),
+            "kvm" => Ok(Self::Kvm),
+            _ => Err(err!("unknown accel `{s}` (expected `tcg` or `kvm`)")),
+        }
+    }
+}
+
+impl fmt::Display for Accel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcg => "tcg",
+            Self::Kvm => "kvm",
+        })
+    }
+}
+
+/// The shape of the virtual machine: what a scenario or `cargo xtask run` chooses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Machine {
+    /// Firmware.
+    pub firmware: Firmware,
+    /// RAM size in QEMU syntax (`128M`, `5G`).
+    pub memory: String,
+    /// Number of CPUs.
+    pub smp: u32,
+    /// Accelerator.
+    pub accel: Accel,
+    /// `-icount shift=0`: one time-stamp-counter tick per instruction (benches).
+    pub icount: bool,
+    /// Extra arguments appended to the QEMU command line.
+    pub extra_args: Vec<String>,
+}
+
+impl Default for Machine {
+    fn default() -> Self {
+        Self {
+            firmware: Firmware::Bios,
+            memory: DEFAULT_MEMORY.to_string(),
+            smp: 1,
+            accel: Accel::Tcg,
+            icount: false,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// Where the serial port goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Serial {
+    /// The terminal (`cargo xtask run`).
+    Stdio,
+    /// A log file (tests, benches).
+    File(PathBuf),
+}
+
+/// OVMF firmware files on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ovmf {
+    /// Read-only code image.
+    pub code: PathBuf,
+    /// Variable-store template; every run gets its own writable copy.
+    pub vars: PathBuf,
+}
+
+impl Ovmf {
+    /// Known locations: `$OVMF_CODE` + `$OVMF_VARS` if both are set, else Debian/Ubuntu's and
+    /// Fedora's packages.
+    pub fn locate() -> Result<Self> {
+        if let (Some(code), Some(vars)) =
+            (std::env::var_os("OVMF_CODE"), std::env::var_os("OVMF_VARS"))
+        {
+            let found = Self {
+                code: code.into(),
+                vars: vars.into(),
+            };
+            return if found.code.is_file() && found.vars.is_file() {
+                Ok(found)
+            } else {
+                Err(err!(
+                    "OVMF_CODE={} / OVMF_VARS={}: file not found",
+                    found.code.display(),
+                    found.vars.display()
+                ))
+            };
+        }
+        const CANDIDATES: [(&str, &str); 4] = [
+            (
+                "/usr/share/OVMF/OVMF_CODE_4M.fd",
+                "/usr/share/OVMF/OVMF_VARS_4M.fd",
+            ),
+            (
+                "/usr/share/OVMF/OVMF_CODE.fd",
+                "/usr/share/OVMF/OVMF_VARS.fd",
+            ),
+            (
+                "/usr/share/edk2/ovmf/OVMF_CODE.fd",
+                "/usr/share/edk2/ovmf/OVMF_VARS.fd",
+            ),
+            (
+                "/usr/share/edk2/x64/OVMF_CODE.4m.fd",
+                "/usr/share/edk2/x64/OVMF_VARS.4m.fd",
+            ),
+        ];
+        CANDIDATES
+            .iter()
+            .map(|(code, vars)| Self {
+                code: code.into(),
+                vars: vars.into(),
+            })
+            .find(|o| o.code.is_file() && o.vars.is_file())
+            .ok_or_else(|| {
+                err!(
+                    "OVMF (UEFI firmware) not found in /usr/share/OVMF; install it with \
+                     `sudo apt-get install -y ovmf` or set OVMF_CODE and OVMF_VARS"
+                )
+            })
+    }
+
+    /// Copies the variable store to `vars_copy` (fresh for every run) and returns the flash pair.
+    pub fn flash(&self, vars_copy: &Path) -> Result<UefiFlash> {
+        if let Some(dir) = vars_copy.parent() {
+            fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
+        }
+        fs::copy(&self.vars, vars_copy)
+            .context(|| format!("copying {} to {}", self.vars.display(), vars_copy.display()))?;
+        let mode = fs::metadata(vars_copy)
+            .context(|| format!("reading {}", vars_copy.display()))?
+            .permissions()
+            .mode();
+        fs::set_permissions(vars_copy, fs::Permissions::from_mode(mode | 0o600))
+            .context(|| format!("making {} writable", vars_copy.display()))?;
+        Ok(UefiFlash {
+            code: self.code.clone(),
+            vars: vars_copy.to_path_buf(),
+        })
+    }
+}
+
+/// The two pflash drives of an OVMF boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UefiFlash {
+    /// Read-only code.
+    pub code: PathBuf,
+    /// This run's writable variable store.
+    pub vars: PathBuf,
+}
+
+/// One QEMU invocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qemu {
+    /// The virtual machine.
+    pub machine: Machine,
+    /// OVMF flash; must be `Some` exactly when `machine.firmware` is UEFI.
+    pub uefi: Option<UefiFlash>,
+    /// The ISO to boot.
+    pub iso: PathBuf,
+    /// Serial port destination.
+    pub serial: Serial,
+    /// QEMU's own log (`-d` [`DEBUG_LOG_ITEMS`] or [`DEBUG_LOG_ITEMS_UEFI`], `-D file`), if wanted.
+    pub debug_log: Option<PathBuf>,
+    /// `-s -S`: wait for GDB on port 1234.
+    pub gdb: bool,
+}
+
+/// Escapes a path for a QEMU option value (commas are doubled).
+fn option_path(path: &Path) -> String {
+    path.to_string_lossy().replace(',', ",,")
+}
+
+impl Qemu {
+    /// The arguments after `qemu-system-x86_64`.
+    pub fn args(&self) -> Vec<OsString> {
+        let m = &self.machine;
+        let mut args: Vec<String> = vec![
+            "-machine".into(),
+            MACHINE.into(),
+            "-nodefaults".into(),
+            "-display".into(),
+            "none".into(),
+            "-no-reboot".into(),
+            "-m".into(),
+            m.memory.clone(),
+            "-smp".into(),
+            m.smp.to_string(),
+        ];
+        match m.accel {
+            Accel::Tcg => args.extend([
+                "-accel".into(),
+                "tcg".into(),
+                "-cpu".into(),
+                CPU_MODEL.into(),
+            ]),
+            Accel::Kvm => {
+                args.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()])
+            }
+        }
+        if m.icount {
+            args.extend(["-icount".into(), "shift=0".into()]);
+        }
+        if let Some(flash) = &self.uefi {
+            args.extend([
+                "-drive".into(),
+                format!(
+                    "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                    option_path(&flash.code)
+                ),
+                "-drive".into(),
+                format!(
+                    "if=pflash,format=raw,unit=1,file={}",
+                    option_path(&flash.vars)
+                ),
+            ]);
+        }
+        args.extend([
+            "-device".into(),
+            "isa-debug-exit,iobase=0xf4,iosize=0x04".into(),
+            "-serial".into(),
+            match &self.serial {
+                Serial::Stdio => "stdio".into(),
+                Serial::File(path) => format!("file:{}", option_path(path)),
+            },
+        ]);
+        if let Some(log) = &self.debug_log {
+            let items = match self.uefi {
+                None => DEBUG_LOG_ITEMS,
+                Some(_) => DEBUG_LOG_ITEMS_UEFI,
+            };
+            args.extend([
+                "-d".into(),
+                items.into(),
+                "-D".into(),
+                log.to_string_lossy().into_owned(),
+            ]);
+        }
+        if self.gdb {
+            args.extend(["-s".into(), "-S".into()]);
+        }
+        args.extend(["-cdrom".into(), option_path(&self.iso)]);
+        args.extend(m.extra_args.iter().cloned());
+        args.into_iter().map(OsString::from).collect()
+    }
+
+    /// The command, ready to spawn.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(QEMU);
+        cmd.args(self.args());
+        cmd
+    }
+
+    /// The command line as one string, for people (logs, reproduction hints).
+    pub fn command_line(&self) -> String {
+        std::iter::once(QEMU.to_string())
+            .chain(
+                self.args()
+                    .iter()
+                    .map(|a| crate::shell_quote(&a.to_string_lossy())),
+            )
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// Fails with an explanation unless KVM can be used.
+pub fn check_kvm() -> Result<()> {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(drop)
+        .map_err(|e| {
+            err!(
+                "--kvm / accel = \"kvm\" needs a usable /dev/kvm ({e}); \
+                 check that virtualization is enabled and you are in the `kvm` group"
+            )
+        })
+}
+
+/// What a QEMU exit status means under our protocol.
+pub fn exit_meaning(code: i32) -> String {
+    match code {
+        EXIT_SUCCESS => "success: the hypervisor wrote 0x10 to isa-debug-exit".into(),
+        EXIT_FAILURE => "hypervisor reported failure: it wrote 0x11 to isa-debug-exit".into(),
+        0 => "QEMU exited with 0: triple fault or reset (run with -d int,cpu_reset)".into(),
+        1 => {
+            "QEMU error: bad option, missing file or killed by a signal (see QEMU's stderr)".into()
+        }
+        c if c & 1 == 1 && (3..=255).contains(&c) => format!(
+            "the hypervisor wrote {:#x} to isa-debug-exit (0x10 = success, 0x11 = failure)",
+            c >> 1
+        ),
+        c => format!("unexpected QEMU exit status {c}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(q: &Qemu) -> Vec<String> {
+        q.args()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
+    }
+
+    fn has_pair(args: &[String], a: &str, b: &str) -> bool {
+        args.windows(2).any(|w| w[0] == a && w[1] == b)
+    }
+
+    fn bios_run() -> Qemu {
+        Qemu {
+            machine: Machine::default(),
+            uefi: None,
+            iso: "/t/iso/run.iso".into(),
+            serial: Serial::Stdio,
+            debug_log: None,
+            gdb: false,
+        }
+    }
+
+    #[test]
+    fn bios_run_command_line() {
+        let args = strings(&bios_run());
+        for (a, b) in [
+            ("-machine", "q35"),
+            ("-m", "128M"),
+            ("-smp", "1"),
+            ("-accel", "tcg"),
+            ("-cpu", CPU_MODEL),
+            ("-display", "none"),
+            ("-serial", "stdio"),
+            ("-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"),
+            ("-cdrom", "/t/iso/run.iso"),
+        ] {
+            assert!(has_pair(&args, a, b), "missing {a} {b} in {args:?}");
+        }
+        for flag in ["-nodefaults", "-no-reboot"] {
+            assert!(args.iter().any(|a| a == flag), "missing {flag}");
+        }
+        for absent in ["-s", "-S", "-icount", "-d"] {
+            assert!(!args.iter().any(|a| a == absent), "unexpected {absent}");
+        }
+        assert!(!args.iter().any(|a| a.contains("pflash")));
+    }
+
+    #[test]
+    fn uefi_kvm_gdb_file_serial_and_extra_args() {
+        let q = Qemu {
+            machine: Machine {
+                firmware: Firmware::Uefi,
+                memory: "5G".into(),
+                smp: 4,
+                accel: Accel::Kvm,
+                icount: true,
+                extra_args: vec!["-d".into(), "int".into()],
+            },
+            uefi: Some(UefiFlash {
+                code: "/ovmf/CODE.fd".into(),
+                vars: "/t/qemu/a,b.vars.fd".into(),
+            }),
+            iso: "/t/a.iso".into(),
+            serial: Serial::File("/t/qemu/a.log".into()),
+            debug_log: Some("/t/qemu/a.qemu.log".into()),
+            gdb: true,
+        };
+        let args = strings(&q);
+        assert!(has_pair(&args, "-cpu", "host"));
+        assert!(has_pair(&args, "-accel", "kvm"));
+        assert!(has_pair(&args, "-m", "5G"));
+        assert!(has_pair(&args, "-smp", "4"));
+        assert!(has_pair(&args, "-icount", "shift=0"));
+        assert!(has_pair(
+            &args,
+            "-drive",
+            "if=pflash,format=raw,unit=0,readonly=on,file=/ovmf/CODE.fd"
+        ));
+        assert!(has_pair(
+            &args,
+            "-drive",
+            "if=pflash,format=raw,unit=1,file=/t/qemu/a,,b.vars.fd"
+        ));
+        assert!(has_pair(&args, "-serial", "file:/t/qemu/a.log"));
+        assert!(has_pair(&args, "-d", DEBUG_LOG_ITEMS_UEFI));
+        assert!(has_pair(&args, "-D", "/t/qemu/a.qemu.log"));
+        assert!(args.iter().any(|a| a == "-s") && args.iter().any(|a| a == "-S"));
+        assert_eq!(&args[args.len() - 2..], ["-d", "int"], "extra args go last");
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert!(exit_meaning(33).starts_with("success"));
+        assert!(exit_meaning(35).starts_with("hypervisor reported failure"));
+        assert!(exit_meaning(0).contains("triple fault"));
+        assert!(exit_meaning(1).starts_with("QEMU error"));
+        assert!(exit_meaning(5).contains("0x2"));
+        assert!(exit_meaning(4).starts_with("unexpected"));
+    }
+
+    #[test]
+    fn firmware_and_accel_parse() {
+        assert_eq!("uefi".parse::<Firmware>().unwrap(), Firmware::Uefi);
+        assert_eq!("kvm".parse::<Accel>().unwrap(), Accel::Kvm);
+        assert!("efi".parse::<Firmware>().is_err());
+        assert!("hvf".parse::<Accel>().is_err());
+    }
+}

@@ -1,0 +1,532 @@
+//! Scenarios: one boot of the hypervisor in QEMU and what its serial log and exit status must
+//! look like, read from `tests/scenarios/*.toml`.
+//!
+//! A file holds any number of `[[scenario]]` tables, an optional `[defaults]` table (the same
+//! keys, applied to every scenario of that file) and an optional `[patterns]` table of named
+//! pattern lists. An entry of `expect`, `forbid` or a pattern list written as `"@name"` stands for
+//! the list called `name`; pattern lists may be defined in any file of the directory. See
+//! `docs/testing.md`.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use regex::Regex;
+use serde::Deserialize;
+
+use crate::err;
+use crate::error::{Context, Error, Result};
+use crate::image::{GuestSpec, is_size};
+use crate::qemu::{Accel, EXIT_SUCCESS, Firmware, Machine};
+use crate::verdict::Expectations;
+
+/// `forbid` of a scenario that sets none: any panic or CPU exception fails the run.
+pub const DEFAULT_FORBID: [&str; 2] = ["PANIC", "EXCEPTION"];
+/// `timeout_secs` of a scenario that sets none.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
+
+/// One scenario, validated.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// Unique name: log files are `<target>/qemu/<name>.log`.
+    pub name: String,
+    /// The file it came from.
+    pub file: PathBuf,
+    /// What it checks, for people.
+    pub description: Option<String>,
+    /// Hypervisor command line.
+    pub cmdline: String,
+    /// Guest modules, in order (`--guest` syntax; paths are relative to the workspace root).
+    pub guests: Vec<GuestSpec>,
+    /// The virtual machine.
+    pub machine: Machine,
+    /// What the run must show.
+    pub expectations: Expectations,
+    /// Hard limit on the run; QEMU is killed after it.
+    pub timeout: Duration,
+}
+
+impl Scenario {
+    /// The `cargo xtask run` command that boots the same image interactively.
+    pub fn run_command(&self) -> String {
+        let mut words = vec!["cargo".to_string(), "xtask".into(), "run".into()];
+        if !self.cmdline.is_empty() {
+            words.extend(["--cmdline".into(), self.cmdline.clone()]);
+        }
+        for guest in &self.guests {
+            let mut spec = match &guest.source {
+                crate::image::GuestSource::Package(name) => name.clone(),
+                crate::image::GuestSource::File(path) => path.display().to_string(),
+            };
+            for arg in &guest.args {
+                spec.push(',');
+                spec.push_str(arg);
+            }
+            words.extend(["--guest".into(), spec]);
+        }
+        let m = &self.machine;
+        if m.firmware == Firmware::Uefi {
+            words.push("--uefi".into());
+        }
+        if m.accel == Accel::Kvm {
+            words.push("--kvm".into());
+        }
+        if m.smp != 1 {
+            words.extend(["--smp".into(), m.smp.to_string()]);
+        }
+        if m.memory != crate::qemu::DEFAULT_MEMORY {
+            words.extend(["--mem".into(), m.memory.clone()]);
+        }
+        if m.icount || !m.extra_args.is_empty() {
+            words.push("--".into());
+            if m.icount {
+                words.extend(["-icount".into(), "shift=0".into()]);
+            }
+            words.extend(m.extra_args.iter().cloned());
+        }
+        words
+            .iter()
+            .map(|w| crate::shell_quote(w))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// A scenario table as written; every key is optional so `[defaults]` can share the type.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScenario {
+    name: Option<String>,
+    description: Option<String>,
+    cmdline: Option<String>,
+    guests: Option<Vec<String>>,
+    firmware: Option<String>,
+    memory: Option<String>,
+    smp: Option<u32>,
+    accel: Option<String>,
+    icount: Option<bool>,
+    qemu_args: Option<Vec<String>>,
+    expect: Option<Vec<String>>,
+    forbid: Option<Vec<String>>,
+    exit_code: Option<i32>,
+    timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    patterns: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    defaults: RawScenario,
+    #[serde(default)]
+    scenario: Vec<RawScenario>,
+}
+
+/// Loads every `*.toml` in `dir`, in file-name order. A missing directory holds no scenarios.
+pub fn load_dir(dir: &Path) -> Result<Vec<Scenario>> {
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut paths: Vec<PathBuf> = fs::read_dir(dir)
+        .context(|| format!("reading {}", dir.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()
+        .context(|| format!("reading {}", dir.display()))?;
+    paths.retain(|p| p.extension().is_some_and(|e| e == "toml"));
+    paths.sort();
+    let files = paths
+        .into_iter()
+        .map(|p| {
+            let text = fs::read_to_string(&p).context(|| format!("reading {}", p.display()))?;
+            Ok((p, text))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    parse_files(&files)
+}
+
+/// Parses and validates scenario files given as (path, contents).
+pub fn parse_files(files: &[(PathBuf, String)]) -> Result<Vec<Scenario>> {
+    let mut parsed = Vec::new();
+    let mut patterns: BTreeMap<String, (Vec<String>, &Path)> = BTreeMap::new();
+    for (path, text) in files {
+        let raw: RawFile = toml::from_str(text).map_err(|e| {
+            err!(
+                "{}: {}",
+                path.display(),
+                e.to_string().trim_end().replace('\n', "\n    ")
+            )
+        })?;
+        for (name, list) in &raw.patterns {
+            if let Some((_, other)) = patterns.get(name) {
+                return Err(err!(
+                    "{}: pattern list `{name}` is already defined in {}",
+                    path.display(),
+                    other.display()
+                ));
+            }
+            patterns.insert(name.clone(), (list.clone(), path));
+        }
+        if raw.defaults.name.is_some() {
+            return Err(err!(
+                "{}: [defaults] cannot set `name`: every scenario has its own",
+                path.display()
+            ));
+        }
+        parsed.push((path, raw));
+    }
+    let patterns: BTreeMap<&str, &[String]> = patterns
+        .iter()
+        .map(|(k, (v, _))| (k.as_str(), v.as_slice()))
+        .collect();
+    let mut scenarios: Vec<Scenario> = Vec::new();
+    for (path, raw) in parsed {
+        for table in &raw.scenario {
+            let scenario = build(path, table, &raw.defaults, &patterns)?;
+            if let Some(other) = scenarios.iter().find(|s| s.name == scenario.name) {
+                return Err(err!(
+                    "{}: scenario `{}` is already defined in {}",
+                    path.display(),
+                    scenario.name,
+                    other.file.display()
+                ));
+            }
+            scenarios.push(scenario);
+        }
+    }
+    Ok(scenarios)
+}
+
+/// Appends the patterns `entry` stands for: itself, or the contents of the list `@name`
+/// (which may refer to other lists in turn).
+fn expand<'a>(
+    entry: &'a str,
+    patterns: &BTreeMap<&str, &'a [String]>,
+    depth: usize,
+    out: &mut Vec<&'a str>,
+) -> std::result::Result<(), String> {
+    let Some(name) = entry.strip_prefix('@') else {
+        out.push(entry);
+        return Ok(());
+    };
+    if depth >= 16 {
+        return Err(format!("pattern list `{entry}` refers to itself"));
+    }
+    let list = patterns.get(name).ok_or_else(|| {
+        let known: Vec<&str> = patterns.keys().copied().collect();
+        format!(
+            "unknown pattern list `{entry}` (defined: {})",
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        )
+    })?;
+    list.iter()
+        .try_for_each(|e| expand(e, patterns, depth + 1, out))
+}
+
+/// Merges a scenario table with its file's defaults and validates it.
+fn build(
+    path: &Path,
+    s: &RawScenario,
+    d: &RawScenario,
+    patterns: &BTreeMap<&str, &[String]>,
+) -> Result<Scenario> {
+    let name = s
+        .name
+        .clone()
+        .ok_or_else(|| err!("{}: a [[scenario]] has no `name`", path.display()))?;
+    let valid_name = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if !valid_name {
+        return Err(err!(
+            "{}: scenario name `{name}` must be lowercase letters, digits, `-` and `_`",
+            path.display()
+        ));
+    }
+    let fail = |what: String| err!("{}: scenario `{name}`: {what}", path.display());
+    // The scenario's own value, else the file's default.
+    macro_rules! pick {
+        ($key:ident) => {
+            s.$key.clone().or_else(|| d.$key.clone())
+        };
+    }
+
+    let firmware: Firmware = pick!(firmware)
+        .map(|f: String| f.parse())
+        .transpose()
+        .map_err(|e: Error| fail(e.to_string()))?
+        .unwrap_or_default();
+    let accel: Accel = pick!(accel)
+        .map(|a: String| a.parse())
+        .transpose()
+        .map_err(|e: Error| fail(e.to_string()))?
+        .unwrap_or_default();
+    let memory: String = pick!(memory).unwrap_or_else(|| crate::qemu::DEFAULT_MEMORY.to_string());
+    if !is_size(&memory) {
+        return Err(fail(format!(
+            "memory = \"{memory}\" is not a size such as \"128M\" or \"5G\""
+        )));
+    }
+    let smp: u32 = pick!(smp).unwrap_or(1);
+    if !(1..=255).contains(&smp) {
+        return Err(fail(format!("smp = {smp} is not between 1 and 255")));
+    }
+    let exit_code: i32 = pick!(exit_code).unwrap_or(EXIT_SUCCESS);
+    if !(0..=255).contains(&exit_code) {
+        return Err(fail(format!(
+            "exit_code = {exit_code} is not between 0 and 255"
+        )));
+    }
+    let timeout_secs: u64 = pick!(timeout_secs).unwrap_or(DEFAULT_TIMEOUT_SECS);
+    if timeout_secs == 0 {
+        return Err(fail("timeout_secs must be at least 1".into()));
+    }
+    let guests = pick!(guests)
+        .unwrap_or_default()
+        .iter()
+        .map(|g: &String| GuestSpec::parse(g))
+        .collect::<Result<Vec<_>>>()
+        .map_err(|e| fail(e.to_string()))?;
+    let expect = pick!(expect).unwrap_or_default();
+    let forbid =
+        pick!(forbid).unwrap_or_else(|| DEFAULT_FORBID.iter().map(|p| p.to_string()).collect());
+    let regexes = |key: &str, list: &[String]| -> Result<Vec<Regex>> {
+        let mut expanded = Vec::new();
+        for entry in list {
+            expand(entry, patterns, 0, &mut expanded).map_err(|e| fail(format!("{key}: {e}")))?;
+        }
+        expanded
+            .into_iter()
+            .map(|pattern| {
+                Regex::new(pattern).map_err(|e| {
+                    fail(format!(
+                        "{key}: bad regex `{pattern}`: {}",
+                        e.to_string().replace('\n', "\n    ")
+                    ))
+                })
+            })
+            .collect()
+    };
+    Ok(Scenario {
+        description: pick!(description),
+        cmdline: pick!(cmdline).unwrap_or_default(),
+        guests,
+        machine: Machine {
+            firmware,
+            memory,
+            smp,
+            accel,
+            icount: pick!(icount).unwrap_or(false),
+            extra_args: pick!(qemu_args).unwrap_or_default(),
+        },
+        expectations: Expectations {
+            expect: regexes("expect", &expect)?,
+            forbid: regexes("forbid", &forbid)?,
+            exit_code,
+        },
+        timeout: Duration::from_secs(timeout_secs),
+        file: path.to_path_buf(),
+        name,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(files: &[(&str, &str)]) -> Result<Vec<Scenario>> {
+        let files: Vec<(PathBuf, String)> = files
+            .iter()
+            .map(|(p, t)| (PathBuf::from(p), t.to_string()))
+            .collect();
+        parse_files(&files)
+    }
+
+    fn patterns(res: &[Regex]) -> Vec<&str> {
+        res.iter().map(Regex::as_str).collect()
+    }
+
+    #[test]
+    fn minimal_scenario_gets_the_defaults() {
+        let s = parse(&[("a.toml", "[[scenario]]\nname = \"a\"\nexpect = [\"^x\"]\n")]).unwrap();
+        let s = &s[0];
+        assert_eq!(s.name, "a");
+        assert_eq!(s.cmdline, "");
+        assert_eq!(s.machine, Machine::default());
+        assert_eq!(patterns(&s.expectations.expect), ["^x"]);
+        assert_eq!(patterns(&s.expectations.forbid), ["PANIC", "EXCEPTION"]);
+        assert_eq!(s.expectations.exit_code, 33);
+        assert_eq!(s.timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn defaults_patterns_and_overrides() {
+        let common = r#"
+            [patterns]
+            boot = ["^a", "^b"]
+        "#;
+        let file = r#"
+            [defaults]
+            cmdline = "exit=qemu"
+            memory = "256M"
+            expect = ["@boot", "^end"]
+
+            [[scenario]]
+            name = "plain"
+
+            [[scenario]]
+            name = "fault"
+            description = "a deliberate fault"
+            cmdline = "exit=qemu selftest=pagefault"
+            firmware = "uefi"
+            smp = 4
+            guests = ["hello,mem=16M", "./k.elf"]
+            qemu_args = ["-d", "int"]
+            expect = ["@boot", "^EXCEPTION"]
+            forbid = []
+            exit_code = 35
+            timeout_secs = 5
+        "#;
+        let s = parse(&[("common.toml", common), ("f.toml", file)]).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].cmdline, "exit=qemu");
+        assert_eq!(s[0].machine.memory, "256M");
+        assert_eq!(patterns(&s[0].expectations.expect), ["^a", "^b", "^end"]);
+        let f = &s[1];
+        assert_eq!(f.description.as_deref(), Some("a deliberate fault"));
+        assert_eq!(f.cmdline, "exit=qemu selftest=pagefault");
+        assert_eq!(f.machine.firmware, Firmware::Uefi);
+        assert_eq!(f.machine.smp, 4);
+        assert_eq!(f.machine.memory, "256M");
+        assert_eq!(f.machine.extra_args, ["-d", "int"]);
+        assert_eq!(f.guests.len(), 2);
+        assert_eq!(patterns(&f.expectations.expect), ["^a", "^b", "^EXCEPTION"]);
+        assert!(f.expectations.forbid.is_empty());
+        assert_eq!(f.expectations.exit_code, 35);
+        assert_eq!(f.timeout, Duration::from_secs(5));
+        assert_eq!(
+            f.run_command(),
+            "cargo xtask run --cmdline 'exit=qemu selftest=pagefault' --guest hello,mem=16M \
+             --guest ./k.elf --uefi --smp 4 --mem 256M -- -d int"
+        );
+    }
+
+    fn error_of(text: &str) -> String {
+        parse(&[("tests/scenarios/x.toml", text)])
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_problem() {
+        let e = error_of("[[scenario]]\nname = \"a\"\nexpct = [\"x\"]\n");
+        assert!(e.starts_with("tests/scenarios/x.toml: "), "{e}");
+        assert!(e.contains("expct"), "{e}");
+
+        let e = error_of("[[scenario]]\nname = \"a\"\nexpect = [\"(unclosed\"]\n");
+        assert!(
+            e.starts_with("tests/scenarios/x.toml: scenario `a`: expect: bad regex `(unclosed`"),
+            "{e}"
+        );
+
+        let e = error_of("[[scenario]]\nname = \"a\"\nexpect = [\"@nope\"]\n");
+        assert!(e.contains("unknown pattern list `@nope`"), "{e}");
+
+        for (text, needle) in [
+            ("[[scenario]]\ndescription = \"x\"\n", "has no `name`"),
+            ("[[scenario]]\nname = \"A b\"\n", "must be lowercase"),
+            (
+                "[[scenario]]\nname = \"a\"\nfirmware = \"efi\"\n",
+                "unknown firmware",
+            ),
+            (
+                "[[scenario]]\nname = \"a\"\naccel = \"hvf\"\n",
+                "unknown accel",
+            ),
+            (
+                "[[scenario]]\nname = \"a\"\nmemory = \"lots\"\n",
+                "not a size",
+            ),
+            ("[[scenario]]\nname = \"a\"\nsmp = 0\n", "smp = 0"),
+            (
+                "[[scenario]]\nname = \"a\"\nexit_code = 300\n",
+                "exit_code = 300",
+            ),
+            (
+                "[[scenario]]\nname = \"a\"\ntimeout_secs = 0\n",
+                "timeout_secs",
+            ),
+            (
+                "[[scenario]]\nname = \"a\"\nguests = [\"a b\"]\n",
+                "guest `a b`",
+            ),
+            ("[defaults]\nname = \"a\"\n", "cannot set `name`"),
+            (
+                "[[scenario]]\nname = \"a\"\n[[scenario]]\nname = \"a\"\n",
+                "already defined",
+            ),
+            ("[[scenarios]]\nname = \"a\"\n", "scenarios"),
+            ("[[scenario]]\nname = \"a\"\nsmp = \"4\"\n", "x.toml"),
+        ] {
+            let e = error_of(text);
+            assert!(e.contains(needle), "{needle:?} not in {e:?}");
+            assert!(e.starts_with("tests/scenarios/x.toml: "), "{e}");
+        }
+    }
+
+    #[test]
+    fn pattern_lists_nest_but_not_in_circles() {
+        let s = parse(&[(
+            "a.toml",
+            "[patterns]\nx = ['^x']\nxy = ['@x', '^y']\n\
+             [[scenario]]\nname = \"a\"\nexpect = ['@xy', '^z']\nforbid = ['@x']\n",
+        )])
+        .unwrap();
+        assert_eq!(patterns(&s[0].expectations.expect), ["^x", "^y", "^z"]);
+        assert_eq!(patterns(&s[0].expectations.forbid), ["^x"]);
+        let e = parse(&[(
+            "a.toml",
+            "[patterns]\nx = ['@y']\ny = ['@x']\n[[scenario]]\nname = \"a\"\nexpect = ['@x']\n",
+        )])
+        .unwrap_err();
+        assert!(e.message().contains("refers to itself"), "{e}");
+    }
+
+    #[test]
+    fn pattern_lists_must_be_unique_across_files() {
+        let e = parse(&[
+            ("a.toml", "[patterns]\nx = []\n"),
+            ("b.toml", "[patterns]\nx = []\n"),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "b.toml: pattern list `x` is already defined in a.toml"
+        );
+    }
+
+    #[test]
+    fn shipped_scenarios_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let scenarios = load_dir(&dir).unwrap();
+        assert!(!scenarios.is_empty(), "no scenarios in {}", dir.display());
+        for s in &scenarios {
+            assert!(
+                !s.expectations.expect.is_empty(),
+                "scenario `{}` expects nothing",
+                s.name
+            );
+        }
+        let bench = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches");
+        load_dir(&bench).unwrap();
+    }
+}

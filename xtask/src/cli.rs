@@ -1,0 +1,520 @@
+//! Command-line parsing and the usage text. Hand-written: the grammar is small, and every
+//! unknown option is an error.
+
+use std::path::PathBuf;
+
+use rustyvisor_tests::err;
+use rustyvisor_tests::image::{GuestSpec, is_size};
+use rustyvisor_tests::qemu::{Accel, Firmware, Machine};
+use rustyvisor_tests::workspace::Profile;
+use rustyvisor_tests::{Error, Result};
+
+/// Scenario worker threads unless `-j` says otherwise.
+pub const DEFAULT_JOBS: usize = 2;
+
+/// The usage text.
+pub const USAGE: &str = "\
+cargo xtask: build, boot and test rustyvisor
+
+USAGE:
+    cargo xtask <COMMAND> [OPTIONS]
+
+COMMANDS:
+    build [--debug]                 build the hypervisor (x86_64-unknown-none) and every guest
+                                    in guests/ (i586-unknown-linux-gnu, release)
+    iso -o FILE [IMAGE] [--debug] [--no-build]
+                                    write a bootable BIOS + UEFI ISO (GRUB, multiboot2)
+    run [IMAGE] [MACHINE] [--release|--debug] [--no-build] [-- QEMU-ARGS...]
+                                    build, make the ISO and boot it in QEMU with the serial
+                                    port on this terminal (Ctrl-C quits)
+    test [FILTER] [-j N] [--list] [--no-build]
+                                    host unit tests (cargo test), then every scenario in
+                                    tests/scenarios/*.toml whose name contains FILTER; ends
+                                    with `N passed, N failed`
+    bench [--no-build]              run tests/benches/*.toml under -icount and write
+                                    <target>/bench/results.json
+    help                            this text
+
+IMAGE OPTIONS (iso, run):
+    --cmdline \"ARGS\"                the hypervisor command line, e.g. \"exit=qemu\"
+    --guest SPEC                    add a guest module (repeatable). SPEC is a guest name
+                                    (a package in guests/) or a path to a 32-bit ELF (with a
+                                    `/` or ending in .elf), then comma-separated arguments:
+                                    --guest hello,mem=16M  --guest ./k.elf,mem=16M,console=hvc0
+MACHINE OPTIONS (run):
+    --uefi                          boot with OVMF instead of SeaBIOS
+    --kvm                           KVM (-accel kvm -cpu host) instead of TCG
+    --smp N                         number of CPUs (default 1)
+    --mem SIZE                      guest RAM (default 128M)
+    --gdb                           start halted, wait for GDB on :1234 (-s -S)
+OTHER OPTIONS:
+    --release, --debug              hypervisor profile (default --release)
+    --no-build                      use the artifacts already in the target directory
+    -j, --jobs N                    scenarios run in parallel (default 2)
+    --list                          list the scenarios instead of running them
+
+QEMU exit status: 33 = the hypervisor reported success (isa-debug-exit 0x10), 35 = it
+reported failure (0x11), 0 = triple fault or reset (-no-reboot), 1 = QEMU error.
+See docs/testing.md.
+";
+
+/// Options that describe an image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageArgs {
+    /// Hypervisor command line.
+    pub cmdline: String,
+    /// Guest modules.
+    pub guests: Vec<GuestSpec>,
+}
+
+/// `cargo xtask run`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunArgs {
+    /// The image.
+    pub image: ImageArgs,
+    /// The virtual machine (extra QEMU arguments included).
+    pub machine: Machine,
+    /// Wait for GDB.
+    pub gdb: bool,
+    /// Hypervisor profile.
+    pub profile: Profile,
+    /// Skip the build.
+    pub no_build: bool,
+}
+
+/// `cargo xtask test`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestArgs {
+    /// Only scenarios whose name contains this.
+    pub filter: Option<String>,
+    /// Worker threads.
+    pub jobs: usize,
+    /// List instead of run.
+    pub list: bool,
+    /// Skip the build.
+    pub no_build: bool,
+}
+
+/// A parsed command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Print the usage.
+    Help,
+    /// Build everything.
+    Build {
+        /// Hypervisor profile.
+        profile: Profile,
+    },
+    /// Write an ISO.
+    Iso {
+        /// Output file.
+        output: PathBuf,
+        /// The image.
+        image: ImageArgs,
+        /// Hypervisor profile.
+        profile: Profile,
+        /// Skip the build.
+        no_build: bool,
+    },
+    /// Boot in QEMU.
+    Run(RunArgs),
+    /// Unit tests and scenarios.
+    Test(TestArgs),
+    /// Benchmarks.
+    Bench {
+        /// Skip the build.
+        no_build: bool,
+    },
+}
+
+/// The arguments after the command name, with `--opt=value` split up.
+struct Args {
+    items: std::vec::IntoIter<String>,
+    /// QEMU arguments after `--`.
+    rest: Vec<String>,
+    command: &'static str,
+}
+
+impl Args {
+    fn new(command: &'static str, args: &[String]) -> Self {
+        let (mine, rest) = match args.iter().position(|a| a == "--") {
+            Some(i) => (&args[..i], args[i + 1..].to_vec()),
+            None => (args, Vec::new()),
+        };
+        let mut items = Vec::new();
+        for arg in mine {
+            match arg.split_once('=') {
+                Some((opt, value)) if opt.starts_with("--") => {
+                    items.push(opt.to_string());
+                    items.push(value.to_string());
+                }
+                _ => items.push(arg.clone()),
+            }
+        }
+        Self {
+            items: items.into_iter(),
+            rest,
+            command,
+        }
+    }
+
+    fn value(&mut self, option: &str) -> Result<String> {
+        self.items
+            .next()
+            .ok_or_else(|| err!("`{option}` needs a value (see `cargo xtask help`)"))
+    }
+
+    fn unknown(&self, arg: &str) -> Error {
+        if arg.starts_with('-') {
+            err!(
+                "`cargo xtask {}` has no option `{arg}` (see `cargo xtask help`)",
+                self.command
+            )
+        } else {
+            err!(
+                "`cargo xtask {}` takes no argument `{arg}` (see `cargo xtask help`)",
+                self.command
+            )
+        }
+    }
+
+    fn no_rest(&self) -> Result<()> {
+        if self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err(err!(
+                "`cargo xtask {}` takes no arguments after `--`",
+                self.command
+            ))
+        }
+    }
+}
+
+/// Options several commands share.
+fn common(arg: &str, profile: &mut Profile, no_build: &mut bool) -> bool {
+    match arg {
+        "--release" => *profile = Profile::Release,
+        "--debug" => *profile = Profile::Debug,
+        "--no-build" => *no_build = true,
+        _ => return false,
+    }
+    true
+}
+
+/// Image options; returns whether `arg` was one.
+fn image_option(args: &mut Args, arg: &str, image: &mut ImageArgs) -> Result<bool> {
+    match arg {
+        "--cmdline" => image.cmdline = args.value(arg)?,
+        "--guest" => image.guests.push(GuestSpec::parse(&args.value(arg)?)?),
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+fn number(option: &str, value: &str, max: usize) -> Result<usize> {
+    value
+        .parse()
+        .ok()
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(|| err!("`{option} {value}`: expected a number from 1 to {max}"))
+}
+
+/// Parses the arguments after `cargo xtask`.
+pub fn parse(argv: &[String]) -> Result<Command> {
+    let Some((command, rest)) = argv.split_first() else {
+        return Ok(Command::Help);
+    };
+    let mut profile = Profile::Release;
+    let mut no_build = false;
+    match command.as_str() {
+        "help" | "--help" | "-h" => Ok(Command::Help),
+        "build" => {
+            let mut args = Args::new("build", rest);
+            args.no_rest()?;
+            while let Some(arg) = args.items.next() {
+                match arg.as_str() {
+                    "--release" => profile = Profile::Release,
+                    "--debug" => profile = Profile::Debug,
+                    _ => return Err(args.unknown(&arg)),
+                }
+            }
+            Ok(Command::Build { profile })
+        }
+        "iso" => {
+            let mut args = Args::new("iso", rest);
+            args.no_rest()?;
+            let mut image = ImageArgs::default();
+            let mut output = None;
+            while let Some(arg) = args.items.next() {
+                if common(&arg, &mut profile, &mut no_build)
+                    || image_option(&mut args, &arg, &mut image)?
+                {
+                    continue;
+                }
+                match arg.as_str() {
+                    "-o" | "--output" => output = Some(PathBuf::from(args.value(&arg)?)),
+                    _ => return Err(args.unknown(&arg)),
+                }
+            }
+            let output = output
+                .ok_or_else(|| err!("`cargo xtask iso` needs `-o FILE` (the ISO to write)"))?;
+            Ok(Command::Iso {
+                output,
+                image,
+                profile,
+                no_build,
+            })
+        }
+        "run" => {
+            let mut args = Args::new("run", rest);
+            let mut image = ImageArgs::default();
+            let mut machine = Machine::default();
+            let mut gdb = false;
+            while let Some(arg) = args.items.next() {
+                if common(&arg, &mut profile, &mut no_build)
+                    || image_option(&mut args, &arg, &mut image)?
+                {
+                    continue;
+                }
+                match arg.as_str() {
+                    "--uefi" => machine.firmware = Firmware::Uefi,
+                    "--kvm" => machine.accel = Accel::Kvm,
+                    "--gdb" => gdb = true,
+                    "--smp" => machine.smp = number(&arg, &args.value(&arg)?, 255)? as u32,
+                    "--mem" => {
+                        let size = args.value(&arg)?;
+                        if !is_size(&size) {
+                            return Err(err!("`--mem {size}`: expected a size such as 128M or 5G"));
+                        }
+                        machine.memory = size;
+                    }
+                    _ => return Err(args.unknown(&arg)),
+                }
+            }
+            machine.extra_args = std::mem::take(&mut args.rest);
+            Ok(Command::Run(RunArgs {
+                image,
+                machine,
+                gdb,
+                profile,
+                no_build,
+            }))
+        }
+        "test" => {
+            let mut args = Args::new("test", rest);
+            args.no_rest()?;
+            let mut test = TestArgs {
+                filter: None,
+                jobs: DEFAULT_JOBS,
+                list: false,
+                no_build: false,
+            };
+            while let Some(arg) = args.items.next() {
+                match arg.as_str() {
+                    "-j" | "--jobs" => test.jobs = number(&arg, &args.value(&arg)?, 64)?,
+                    "--list" => test.list = true,
+                    "--no-build" => test.no_build = true,
+                    filter if !filter.starts_with('-') && test.filter.is_none() => {
+                        test.filter = Some(filter.to_string());
+                    }
+                    _ => return Err(args.unknown(&arg)),
+                }
+            }
+            Ok(Command::Test(test))
+        }
+        "bench" => {
+            let mut args = Args::new("bench", rest);
+            args.no_rest()?;
+            while let Some(arg) = args.items.next() {
+                match arg.as_str() {
+                    "--no-build" => no_build = true,
+                    _ => return Err(args.unknown(&arg)),
+                }
+            }
+            Ok(Command::Bench { no_build })
+        }
+        other => Err(err!(
+            "unknown command `{other}`; commands: build, iso, run, test, bench, help"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustyvisor_tests::image::GuestSource;
+
+    fn parse_str(line: &str) -> Result<Command> {
+        let argv: Vec<String> = line.split_whitespace().map(String::from).collect();
+        parse(&argv)
+    }
+
+    #[test]
+    fn no_arguments_or_help_print_usage() {
+        assert_eq!(parse(&[]).unwrap(), Command::Help);
+        assert_eq!(parse_str("help").unwrap(), Command::Help);
+        assert_eq!(parse_str("--help").unwrap(), Command::Help);
+    }
+
+    #[test]
+    fn usage_mentions_every_command_and_option() {
+        for word in [
+            "build",
+            "iso",
+            "run",
+            "test",
+            "bench",
+            "help",
+            "--cmdline",
+            "--guest",
+            "--uefi",
+            "--kvm",
+            "--smp",
+            "--mem",
+            "--gdb",
+            "--release",
+            "--debug",
+            "--no-build",
+            "--jobs",
+            "--list",
+            "-o FILE",
+        ] {
+            assert!(USAGE.contains(word), "usage does not mention {word}");
+        }
+    }
+
+    #[test]
+    fn build_profiles() {
+        assert_eq!(
+            parse_str("build").unwrap(),
+            Command::Build {
+                profile: Profile::Release
+            }
+        );
+        assert_eq!(
+            parse_str("build --debug").unwrap(),
+            Command::Build {
+                profile: Profile::Debug
+            }
+        );
+    }
+
+    #[test]
+    fn run_with_everything() {
+        let argv: Vec<String> = [
+            "run",
+            "--cmdline",
+            "exit=qemu log=debug",
+            "--guest",
+            "hello,mem=16M",
+            "--guest=./k.elf",
+            "--uefi",
+            "--kvm",
+            "--smp=4",
+            "--mem",
+            "5G",
+            "--gdb",
+            "--debug",
+            "--no-build",
+            "--",
+            "-d",
+            "int",
+        ]
+        .map(String::from)
+        .to_vec();
+        let Command::Run(run) = parse(&argv).unwrap() else {
+            panic!("not a run command");
+        };
+        assert_eq!(run.image.cmdline, "exit=qemu log=debug");
+        assert_eq!(run.image.guests.len(), 2);
+        assert_eq!(run.image.guests[0].args, ["mem=16M"]);
+        assert_eq!(
+            run.image.guests[1].source,
+            GuestSource::File("./k.elf".into())
+        );
+        assert_eq!(
+            run.machine,
+            Machine {
+                firmware: Firmware::Uefi,
+                memory: "5G".into(),
+                smp: 4,
+                accel: Accel::Kvm,
+                icount: false,
+                extra_args: vec!["-d".into(), "int".into()],
+            }
+        );
+        assert!(run.gdb && run.no_build);
+        assert_eq!(run.profile, Profile::Debug);
+    }
+
+    #[test]
+    fn run_defaults() {
+        let Command::Run(run) = parse_str("run").unwrap() else {
+            panic!("not a run command");
+        };
+        assert_eq!(run.machine, Machine::default());
+        assert_eq!(run.image, ImageArgs::default());
+        assert_eq!(run.profile, Profile::Release);
+        assert!(!run.gdb && !run.no_build);
+    }
+
+    #[test]
+    fn iso_needs_output() {
+        let e = parse_str("iso --cmdline x").unwrap_err();
+        assert!(e.message().contains("needs `-o FILE`"), "{e}");
+        let Command::Iso { output, image, .. } = parse_str("iso -o a.iso --guest hello").unwrap()
+        else {
+            panic!("not an iso command");
+        };
+        assert_eq!(output, PathBuf::from("a.iso"));
+        assert_eq!(image.guests[0].package(), Some("hello"));
+    }
+
+    #[test]
+    fn test_filter_and_jobs() {
+        assert_eq!(
+            parse_str("test uefi -j 1 --no-build").unwrap(),
+            Command::Test(TestArgs {
+                filter: Some("uefi".into()),
+                jobs: 1,
+                list: false,
+                no_build: true,
+            })
+        );
+        assert_eq!(
+            parse_str("test --list").unwrap(),
+            Command::Test(TestArgs {
+                filter: None,
+                jobs: DEFAULT_JOBS,
+                list: true,
+                no_build: false,
+            })
+        );
+        assert!(parse_str("test a b").is_err());
+        assert!(parse_str("test -j 0").is_err());
+    }
+
+    #[test]
+    fn bad_arguments_are_errors() {
+        for (line, needle) in [
+            ("frobnicate", "unknown command `frobnicate`"),
+            ("build --fast", "has no option `--fast`"),
+            ("build x", "takes no argument `x`"),
+            ("run --smp", "`--smp` needs a value"),
+            ("run --smp many", "expected a number"),
+            ("run --mem lots", "expected a size"),
+            ("run --guest a,mem=x", "mem=x"),
+            ("run --guest", "needs a value"),
+            ("run --bogus", "has no option `--bogus`"),
+            ("test --bogus", "has no option `--bogus`"),
+            ("bench --debug", "has no option `--debug`"),
+            ("iso -o a.iso -- -x", "no arguments after `--`"),
+        ] {
+            let e = parse_str(line).unwrap_err();
+            assert!(
+                e.message().contains(needle),
+                "{line}: {needle:?} not in {e}"
+            );
+        }
+    }
+}
