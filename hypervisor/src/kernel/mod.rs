@@ -111,10 +111,24 @@ extern "C" fn kernel_entry(magic: u32, mbi: u32) -> ! {
         }
     };
     let s = report.summary;
+    // Firmware reservations that matter: those below the top of RAM (or
+    // 4 GiB), not e.g. QEMU's reserved window far above RAM.
+    let top = s.highest_usable_end.max(4 << 30);
+    let reserved: u64 = boot
+        .memory_map()
+        .iter()
+        .filter(|e| !e.kind.is_usable())
+        .map(|e| {
+            e.base
+                .saturating_add(e.len)
+                .min(top)
+                .saturating_sub(e.base.min(top))
+        })
+        .sum();
     kprintln!(
         "memory: usable {} MiB, reserved {} MiB, above 4G: {} MiB, highest {:#x}",
         s.usable_bytes >> 20,
-        s.reserved_bytes >> 20,
+        reserved >> 20,
         s.above_4g_usable_bytes >> 20,
         s.highest_usable_end
     );
