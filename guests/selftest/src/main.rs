@@ -36,6 +36,7 @@ fn main(boot: &BootInfo) {
     irq_pending_path();
     gdt_entry();
     tls();
+    page_fault();
 }
 
 fn initial_state(boot: &BootInfo) {
@@ -344,4 +345,46 @@ fn tls() {
     check_eq!(val, 0xCAFE_F00D, "LOAD_TLS slot 6 usable through gs");
     // SAFETY: clearing the TLS slots; gs is already 0.
     unsafe { hcall::load_tls(&[SegmentDescriptor(0); 3]) };
+}
+
+fn skip_store(f: &mut TrapFrame) {
+    record(f);
+    f.eip += 5; // a3 imm32 = mov [moffs32], eax
+}
+
+/// A write outside guest RAM: #PF reflected with the error code and the
+/// faulting address in `lguest_data.cr2`.
+fn page_fault() {
+    reset_seen();
+    lguest_rt::trap::set_handler(trap::PF, Some(skip_store));
+    let at: u32;
+    // SAFETY: the store to 0xF0000000 (no guest RAM there) faults; the handler
+    // skips the 5-byte instruction and returns.
+    unsafe {
+        core::arch::asm!(
+            "lea {at:e}, [2f]",
+            "2:",
+            ".byte 0xa3",
+            ".long 0xf0000000",
+            at = out(reg) at,
+            out("eax") _,
+        );
+    }
+    lguest_rt::trap::set_handler(trap::PF, None);
+    check_eq!(
+        SEEN_VECTOR.load(Ordering::Relaxed),
+        14,
+        "store outside RAM raises #PF"
+    );
+    check_eq!(
+        SEEN_ERR.load(Ordering::Relaxed),
+        2,
+        "#PF error code: not-present write from the kernel"
+    );
+    check_eq!(irq::cr2(), 0xF000_0000, "#PF address in lguest_data.cr2");
+    check_eq!(
+        SEEN_EIP.load(Ordering::Relaxed),
+        at,
+        "#PF frame eip is the faulting store"
+    );
 }

@@ -217,11 +217,16 @@ impl GuestCore for KernelCore {
             match r.vcpu.prepare_entry(&mut r.mem, &mut r.env) {
                 Action::Resume => {}
                 Action::Halt => {
+                    // Check and sleep with interrupts off, then `sti; hlt`
+                    // atomically: a clock event firing between the check and
+                    // the halt would otherwise be a lost wake-up.
+                    x86_64::instructions::interrupts::disable();
                     if !r.vcpu.has_deliverable_irq(&r.mem)
                         && PENDING[slot].load(Ordering::SeqCst) == 0
                     {
                         super::wait_for_interrupt();
                     }
+                    x86_64::instructions::interrupts::enable();
                     continue;
                 }
                 Action::Notify(addr) => {
