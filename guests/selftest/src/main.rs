@@ -37,6 +37,7 @@ fn main(boot: &BootInfo) {
     gdt_entry();
     tls();
     page_fault();
+    fpu_survives_interrupts();
 }
 
 fn initial_state(boot: &BootInfo) {
@@ -387,4 +388,59 @@ fn page_fault() {
         at,
         "#PF frame eip is the faulting store"
     );
+}
+
+/// x87 and SSE registers keep their values while timer interrupts come and
+/// go (each one an exit to the host and a reflected irq).
+fn fpu_survives_interrupts() {
+    TICKS.store(0, Ordering::Relaxed);
+    lguest_rt::trap::set_irq_handler(0, Some(timer));
+    irq::unmask(0);
+    // SAFETY: loads pi on the x87 stack and a pattern into xmm0; nothing else
+    // in this guest uses the x87 or SSE registers (the target is i586).
+    unsafe {
+        core::arch::asm!(
+            "fninit",
+            "fldpi",
+            "movd xmm0, {p:e}",
+            p = in(reg) 0x5EE_D00Du32,
+        );
+    }
+    for _ in 0..3 {
+        let before = TICKS.load(Ordering::Relaxed);
+        hcall::set_clockevent(200_000);
+        let mut halts = 0;
+        loop {
+            irq::disable();
+            if TICKS.load(Ordering::Relaxed) > before || halts == 1000 {
+                irq::enable();
+                break;
+            }
+            halts += 1;
+            hcall::halt();
+        }
+    }
+    let mut pi = [0u32; 2];
+    let xmm: u32;
+    // SAFETY: stores st(0) into `pi` (8 bytes) and reads back xmm0.
+    unsafe {
+        core::arch::asm!(
+            "fstp qword ptr [{buf}]",
+            "movd {x:e}, xmm0",
+            buf = in(reg) pi.as_mut_ptr(),
+            x = out(reg) xmm,
+        );
+    }
+    irq::mask(0);
+    check_eq!(
+        TICKS.load(Ordering::Relaxed),
+        3,
+        "three timer interrupts taken"
+    );
+    check_eq!(
+        (u64::from(pi[1]) << 32) | u64::from(pi[0]),
+        0x4009_21FB_5444_2D18,
+        "x87 register survives interrupts"
+    );
+    check_eq!(xmm, 0x5EE_D00D, "SSE register survives interrupts");
 }
