@@ -11,6 +11,7 @@
 //! | `selftest=` | comma list of `memory`, `pagefault`, `divide`, `panic`, `timer`, or `all` | none |
 //! | `serial=` | baud rate dividing 115200 | `115200` |
 //! | `timestamps=` | `on`/`off` (also `yes`/`no`, `true`/`false`, `1`/`0`); bare `timestamps` = on | `on` |
+//! | `bench` | bare flag: measure and print the native floors (`bench: name=...` lines) | off |
 //!
 //! Nothing is ignored silently: unknown options, bad values and duplicates
 //! are returned as [`CmdlineError`]s (the config keeps the default, or the
@@ -278,6 +279,8 @@ pub struct Config {
     pub serial_baud: u32,
     /// Prefix log lines with timestamps (`timestamps=`).
     pub timestamps: bool,
+    /// Measure the native benchmark floors at boot (`bench`).
+    pub bench: bool,
     // Future options (guests: `guest=`, `guestmem=`, ...) go here, with a
     // matching arm in `Parser::apply` and a field in `Display`.
 }
@@ -297,6 +300,7 @@ impl Config {
         selftests: SelfTestSet::EMPTY,
         serial_baud: DEFAULT_BAUD,
         timestamps: true,
+        bench: false,
     };
 
     /// A compact, displayable description of the effective configuration
@@ -318,7 +322,11 @@ impl fmt::Display for Config {
             self.selftests,
             self.serial_baud,
             if self.timestamps { "on" } else { "off" }
-        )
+        )?;
+        if self.bench {
+            f.write_str(" bench")?;
+        }
+        Ok(())
     }
 }
 
@@ -472,6 +480,7 @@ enum Key {
     Exit,
     Serial,
     Timestamps,
+    Bench,
 }
 
 struct Parser<'a> {
@@ -563,6 +572,11 @@ impl<'a> Parser<'a> {
                 }
                 None => self.bad(key, value.unwrap_or(""), EXPECT_BOOL),
             },
+            "bench" if value.is_none() => {
+                if self.first_time(Key::Bench, key) {
+                    self.config.bench = true;
+                }
+            }
             // Future options (guests come next) are added here; give each
             // single-valued option a `Key` variant so duplicates are caught.
             _ => self.errors.push(CmdlineError::UnknownOption(token)),
@@ -627,10 +641,14 @@ mod tests {
         assert_eq!(c.selftests.len(), 2);
         assert_eq!(c.serial_baud, 38400);
         assert!(!c.timestamps);
+        assert!(!c.bench);
         assert_eq!(
             c.describe().to_string(),
             "log=debug exit=qemu selftest=memory,timer serial=38400 timestamps=off"
         );
+        let (c, e) = parse("bench exit=qemu");
+        assert!(c.bench && e.is_empty());
+        assert!(c.to_string().ends_with(" bench"));
     }
 
     #[test]
