@@ -161,7 +161,6 @@ extern "C" fn kernel_entry(magic: u32, mbi: u32) -> ! {
         }
     }
     let top = main_stack.top();
-    gdt::set_rsp0(top);
     core::mem::forget(main_stack); // the boot CPU's stack, for good
     // SAFETY: `top` is the top of a freshly mapped, 16-byte aligned stack that
     // nothing else uses; `kernel_main` never returns, so abandoning the boot
@@ -243,6 +242,20 @@ extern "C" fn kernel_main() -> ! {
     selftest::run(cfg, boot);
 
     lguest::init_cpu();
+    if cfg.bench {
+        // Under `-icount shift=0` (cargo xtask bench) TSC ticks are
+        // instructions, hence the unit.
+        match lguest::probe::native_int_roundtrip(10_000) {
+            Ok(v) => {
+                kprintln!("bench: name=native_int_roundtrip value={v:.1} unit=insn floor=-");
+                kprintln!(
+                    "bench: name=native_int_roundtrip_per64 value={:.2} unit=insn floor=-",
+                    v / 64.0
+                );
+            }
+            Err(e) => kprintln!("bench: native probe failed: {e}"),
+        }
+    }
     let (ran, clean) = lguest::launch_modules(boot.modules());
     if ran > 0 {
         kprintln!("guests: {ran} run, {clean} powered off cleanly");

@@ -56,6 +56,17 @@ pub fn init() {
     }
 }
 
+/// Points `vector` at `handler` (instead of its entry stub) with gate DPL
+/// `dpl`; used by the native benchmark probe. [`set_gate_dpl`] restores the
+/// normal stub.
+pub fn set_gate_handler(vector: u8, handler: u64, dpl: u8) {
+    x86_64::instructions::interrupts::without_interrupts(|| {
+        // SAFETY: interrupts off on the only running CPU; the entry is
+        // rewritten whole before the next interrupt can read it.
+        unsafe { (*IDT.0.get()).0[usize::from(vector)] = gate(handler, 0, dpl) };
+    });
+}
+
 /// Changes which privilege levels may raise `vector` with `int n` (the
 /// lguest hypercall gate 0x1f is DPL 1, for instance).
 #[allow(dead_code)] // used by the lguest core (next issue)

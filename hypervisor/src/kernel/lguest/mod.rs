@@ -9,6 +9,7 @@
 //! `write(INITIALIZE, base, pfnlimit, start)` and `read()` in a loop, printing
 //! early-console notifies and the guest's end.
 
+pub mod probe;
 pub mod space;
 pub mod switch;
 
@@ -37,6 +38,8 @@ extern crate alloc;
 const MAX_GUESTS: usize = 8;
 /// Default guest memory when the module line has no `mem=`.
 const DEFAULT_GUEST_MEM: u64 = 16 << 20;
+/// Pages of the per-CPU stack guest traps arrive on.
+const TRAP_STACK_PAGES: u64 = 4;
 /// Restarts honoured per guest before giving up.
 const MAX_RESTARTS: u32 = 3;
 
@@ -48,7 +51,16 @@ static PENDING: [AtomicU32; MAX_GUESTS] = [const { AtomicU32::new(0) }; MAX_GUES
 /// from the guest kernel (DPL 1); `int3`, `into` and the syscall vector 0x80
 /// from guest user mode (DPL 3); SYSENTER is disabled (SYSENTER_CS = 0);
 /// FXSAVE/SSE are enabled for guests (the hypervisor itself never uses them).
+/// Traps from a guest arrive on a dedicated, guarded per-CPU stack (TSS RSP0),
+/// never on the stack of the task that runs the guest.
 pub fn init_cpu() {
+    match mem::KernelStack::new(TRAP_STACK_PAGES) {
+        Some(stack) => {
+            gdt::set_rsp0(stack.top());
+            core::mem::forget(stack); // lives as long as the CPU
+        }
+        None => panic!("out of memory for the guest trap stack"),
+    }
     idt::set_gate_dpl(guest_abi::hcall::LGUEST_TRAP_ENTRY, 1);
     for v in [3u8, 4, 0x80] {
         idt::set_gate_dpl(v, 3);
