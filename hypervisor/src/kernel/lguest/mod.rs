@@ -9,6 +9,7 @@
 //! `write(INITIALIZE, base, pfnlimit, start)` and `read()` in a loop, printing
 //! early-console notifies and the guest's end.
 
+pub mod fpu;
 pub mod probe;
 pub mod space;
 pub mod switch;
@@ -35,7 +36,7 @@ use crate::kprintln;
 extern crate alloc;
 
 /// Guests that can exist at once (slots for interrupt-context state).
-const MAX_GUESTS: usize = 8;
+pub(crate) const MAX_GUESTS: usize = 8;
 /// Default guest memory when the module line has no `mem=`.
 const DEFAULT_GUEST_MEM: u64 = 16 << 20;
 /// Pages of the per-CPU stack guest traps arrive on.
@@ -83,22 +84,6 @@ fn set_cr0_ts(on: bool) {
         // SAFETY: only the TS bit changes; the hypervisor never uses the FPU.
         unsafe { core::arch::asm!("mov cr0, {}", in(reg) new, options(nostack, preserves_flags)) };
     }
-}
-
-/// Gives the FPU/SSE unit a clean state for a new guest, so nothing of a
-/// previous guest's registers can be seen.
-fn reset_fpu() {
-    #[repr(C, align(16))]
-    struct FxArea([u8; 512]);
-    let mut area = FxArea([0; 512]);
-    area.0[0] = 0x7F; // FCW = 0x037F
-    area.0[1] = 0x03;
-    area.0[24] = 0x80; // MXCSR = 0x1F80
-    area.0[25] = 0x1F;
-    set_cr0_ts(false);
-    // SAFETY: `area` is a valid, 16-byte aligned FXSAVE image with default
-    // control words and all registers zero; CR4.OSFXSR is set in `init_cpu`.
-    unsafe { core::arch::asm!("fxrstor64 [{}]", in(reg) area.0.as_ptr(), options(nostack)) };
 }
 
 fn clock_fired(slot: u64) {
@@ -207,7 +192,7 @@ impl GuestCore for KernelCore {
             eventfds: [(0, 0); 16],
             signals: 0,
         });
-        reset_fpu();
+        fpu::reset(self.slot);
         Ok(())
     }
 
@@ -219,6 +204,8 @@ impl GuestCore for KernelCore {
         // SAFETY: the tables map the hypervisor's upper half exactly like the
         // kernel PML4, plus this guest's memory at linear 0.
         unsafe { cpu::write_cr3(r.tables.cr3()) };
+        set_cr0_ts(false);
+        fpu::switch_to(slot);
         loop {
             let bits = PENDING[slot].swap(0, Ordering::SeqCst);
             for irq in 0..32 {
@@ -298,6 +285,7 @@ impl GuestCore for KernelCore {
     fn release(&mut self) {
         if let Some(mut r) = self.running.take() {
             r.env.set_clockevent(None);
+            fpu::release(self.slot);
             // Dropping `r` frees the tables (switching CR3 back first).
         }
         PENDING[self.slot].store(0, Ordering::SeqCst);
