@@ -76,33 +76,40 @@ pub struct LguestData {
     pub syscall_vec: u32,
 }
 
+/// Defines `LguestData::OFF_*`, the byte offset of each field (from
+/// `offset_of!`), and pins each at compile time to Linux's offset.
+macro_rules! field_offsets {
+    ($($name:ident: $field:ident = $off:literal,)*) => {
+        impl LguestData {
+            $(
+                #[doc = concat!("Byte offset of `", stringify!($field), "`.")]
+                pub const $name: u32 = offset_of!(LguestData, $field) as u32;
+            )*
+        }
+
+        const _: () = {
+            $(assert!(LguestData::$name == $off);)*
+        };
+    };
+}
+
+field_offsets! {
+    OFF_IRQ_ENABLED: irq_enabled = 0,
+    OFF_BLOCKED_INTERRUPTS: blocked_interrupts = 4,
+    OFF_CR2: cr2 = 8,
+    OFF_TIME: time = 12,
+    OFF_IRQ_PENDING: irq_pending = 20,
+    OFF_HCALL_STATUS: hcall_status = 24,
+    OFF_HCALLS: hcalls = 88,
+    OFF_RESERVE_MEM: reserve_mem = 1368,
+    OFF_TSC_KHZ: tsc_khz = 1372,
+    OFF_NOIRQ_START: noirq_start = 1376,
+    OFF_NOIRQ_END: noirq_end = 1380,
+    OFF_KERNEL_ADDRESS: kernel_address = 1384,
+    OFF_SYSCALL_VEC: syscall_vec = 1388,
+}
+
 impl LguestData {
-    /// Byte offset of `irq_enabled`.
-    pub const OFF_IRQ_ENABLED: u32 = offset_of!(LguestData, irq_enabled) as u32;
-    /// Byte offset of `blocked_interrupts`.
-    pub const OFF_BLOCKED_INTERRUPTS: u32 = offset_of!(LguestData, blocked_interrupts) as u32;
-    /// Byte offset of `cr2`.
-    pub const OFF_CR2: u32 = offset_of!(LguestData, cr2) as u32;
-    /// Byte offset of `time`.
-    pub const OFF_TIME: u32 = offset_of!(LguestData, time) as u32;
-    /// Byte offset of `irq_pending`.
-    pub const OFF_IRQ_PENDING: u32 = offset_of!(LguestData, irq_pending) as u32;
-    /// Byte offset of `hcall_status`.
-    pub const OFF_HCALL_STATUS: u32 = offset_of!(LguestData, hcall_status) as u32;
-    /// Byte offset of `hcalls`.
-    pub const OFF_HCALLS: u32 = offset_of!(LguestData, hcalls) as u32;
-    /// Byte offset of `reserve_mem`.
-    pub const OFF_RESERVE_MEM: u32 = offset_of!(LguestData, reserve_mem) as u32;
-    /// Byte offset of `tsc_khz`.
-    pub const OFF_TSC_KHZ: u32 = offset_of!(LguestData, tsc_khz) as u32;
-    /// Byte offset of `noirq_start`.
-    pub const OFF_NOIRQ_START: u32 = offset_of!(LguestData, noirq_start) as u32;
-    /// Byte offset of `noirq_end`.
-    pub const OFF_NOIRQ_END: u32 = offset_of!(LguestData, noirq_end) as u32;
-    /// Byte offset of `kernel_address`.
-    pub const OFF_KERNEL_ADDRESS: u32 = offset_of!(LguestData, kernel_address) as u32;
-    /// Byte offset of `syscall_vec`.
-    pub const OFF_SYSCALL_VEC: u32 = offset_of!(LguestData, syscall_vec) as u32;
     /// Size of the structure in bytes (1392).
     pub const SIZE: u32 = size_of::<LguestData>() as u32;
 
@@ -159,19 +166,6 @@ const _: () = {
     assert!(offset_of!(Timespec32, tv_nsec) == 4);
     assert!(size_of::<Timespec32>() == 8);
 
-    assert!(offset_of!(LguestData, irq_enabled) == 0);
-    assert!(offset_of!(LguestData, blocked_interrupts) == 4);
-    assert!(offset_of!(LguestData, cr2) == 8);
-    assert!(offset_of!(LguestData, time) == 12);
-    assert!(offset_of!(LguestData, irq_pending) == 20);
-    assert!(offset_of!(LguestData, hcall_status) == 24);
-    assert!(offset_of!(LguestData, hcalls) == 88);
-    assert!(offset_of!(LguestData, reserve_mem) == 1368);
-    assert!(offset_of!(LguestData, tsc_khz) == 1372);
-    assert!(offset_of!(LguestData, noirq_start) == 1376);
-    assert!(offset_of!(LguestData, noirq_end) == 1380);
-    assert!(offset_of!(LguestData, kernel_address) == 1384);
-    assert!(offset_of!(LguestData, syscall_vec) == 1388);
     assert!(size_of::<LguestData>() == 1392);
     assert!(core::mem::align_of::<LguestData>() == 4);
 };

@@ -510,6 +510,26 @@ impl<'a> Parser<'a> {
         });
     }
 
+    /// The value of a single-valued option: `parsed` if it is `Some` and this
+    /// is the option's first occurrence; a `BadValue` error (`value`,
+    /// `expected`) if it is `None`; a `Duplicate` error otherwise.
+    fn once<T>(
+        &mut self,
+        key: Key,
+        name: &'a str,
+        value: &'a str,
+        parsed: Option<T>,
+        expected: &'static str,
+    ) -> Option<T> {
+        match parsed {
+            Some(x) => self.first_time(key, name).then_some(x),
+            None => {
+                self.bad(name, value, expected);
+                None
+            }
+        }
+    }
+
     fn apply(&mut self, token: &'a str) {
         let (key, value) = match token.split_once('=') {
             Some((k, v)) => (k, Some(v)),
@@ -518,24 +538,14 @@ impl<'a> Parser<'a> {
         match key {
             "log" => {
                 let v = value.unwrap_or("");
-                match LogLevel::from_name(v) {
-                    Some(l) => {
-                        if self.first_time(Key::Log, key) {
-                            self.config.log = l;
-                        }
-                    }
-                    None => self.bad(key, v, EXPECT_LOG),
+                if let Some(l) = self.once(Key::Log, key, v, LogLevel::from_name(v), EXPECT_LOG) {
+                    self.config.log = l;
                 }
             }
             "exit" => {
                 let v = value.unwrap_or("");
-                match ExitMode::from_name(v) {
-                    Some(m) => {
-                        if self.first_time(Key::Exit, key) {
-                            self.config.exit = m;
-                        }
-                    }
-                    None => self.bad(key, v, EXPECT_EXIT),
+                if let Some(m) = self.once(Key::Exit, key, v, ExitMode::from_name(v), EXPECT_EXIT) {
+                    self.config.exit = m;
                 }
             }
             "poweroff" => match value {
@@ -555,23 +565,17 @@ impl<'a> Parser<'a> {
             }
             "serial" => {
                 let v = value.unwrap_or("");
-                match parse_baud(v) {
-                    Some(b) => {
-                        if self.first_time(Key::Serial, key) {
-                            self.config.serial_baud = b;
-                        }
-                    }
-                    None => self.bad(key, v, EXPECT_BAUD),
+                if let Some(b) = self.once(Key::Serial, key, v, parse_baud(v), EXPECT_BAUD) {
+                    self.config.serial_baud = b;
                 }
             }
-            "timestamps" => match value.map_or(Some(true), parse_bool) {
-                Some(on) => {
-                    if self.first_time(Key::Timestamps, key) {
-                        self.config.timestamps = on;
-                    }
+            "timestamps" => {
+                let on = value.map_or(Some(true), parse_bool);
+                let v = value.unwrap_or("");
+                if let Some(on) = self.once(Key::Timestamps, key, v, on, EXPECT_BOOL) {
+                    self.config.timestamps = on;
                 }
-                None => self.bad(key, value.unwrap_or(""), EXPECT_BOOL),
-            },
+            }
             "bench" if value.is_none() => {
                 if self.first_time(Key::Bench, key) {
                     self.config.bench = true;

@@ -34,6 +34,39 @@ pub const DEBUG_LOG_ITEMS: &str = "cpu_reset,guest_errors";
 /// fill the `guest_errors` log with "Invalid read" lines.
 pub const DEBUG_LOG_ITEMS_UEFI: &str = "cpu_reset";
 
+/// `FromStr` and `Display` for a fieldless enum from one table of its variants' names; `$what`
+/// names the enum in the parse error ("unknown firmware `efi` (expected `bios` or `uefi`)").
+macro_rules! by_name {
+    ($ty:ident, $what:literal, $first:ident = $first_name:literal
+     $(, $variant:ident = $name:literal)* $(,)?) => {
+        impl FromStr for $ty {
+            type Err = Error;
+            fn from_str(s: &str) -> Result<Self> {
+                match s {
+                    $first_name => Ok(Self::$first),
+                    $($name => Ok(Self::$variant),)*
+                    _ => Err(err!(
+                        concat!(
+                            "unknown ", $what, " `{}` (expected `", $first_name, "`",
+                            $(" or `", $name, "`",)* ")"
+                        ),
+                        s
+                    )),
+                }
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(match self {
+                    Self::$first => $first_name,
+                    $(Self::$variant => $name,)*
+                })
+            }
+        }
+    };
+}
+
 /// Firmware QEMU boots the ISO with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Firmware {
@@ -44,25 +77,7 @@ pub enum Firmware {
     Uefi,
 }
 
-impl FromStr for Firmware {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "bios" => Ok(Self::Bios),
-            "uefi" => Ok(Self::Uefi),
-            _ => Err(err!("unknown firmware `{s}` (expected `bios` or `uefi`)")),
-        }
-    }
-}
-
-impl fmt::Display for Firmware {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Bios => "bios",
-            Self::Uefi => "uefi",
-        })
-    }
-}
+by_name!(Firmware, "firmware", Bios = "bios", Uefi = "uefi");
 
 /// How QEMU runs the guest CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -74,25 +89,7 @@ pub enum Accel {
     Kvm,
 }
 
-impl FromStr for Accel {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "tcg" => Ok(Self::Tcg),
-            "kvm" => Ok(Self::Kvm),
-            _ => Err(err!("unknown accel `{s}` (expected `tcg` or `kvm`)")),
-        }
-    }
-}
-
-impl fmt::Display for Accel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Tcg => "tcg",
-            Self::Kvm => "kvm",
-        })
-    }
-}
+by_name!(Accel, "accel", Tcg = "tcg", Kvm = "kvm");
 
 /// The shape of the virtual machine: what a scenario or `cargo xtask run` chooses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -482,5 +479,15 @@ mod tests {
         assert_eq!("kvm".parse::<Accel>().unwrap(), Accel::Kvm);
         assert!("efi".parse::<Firmware>().is_err());
         assert!("hvf".parse::<Accel>().is_err());
+        assert_eq!(
+            "efi".parse::<Firmware>().unwrap_err().message(),
+            "unknown firmware `efi` (expected `bios` or `uefi`)"
+        );
+        assert_eq!(
+            "hvf".parse::<Accel>().unwrap_err().message(),
+            "unknown accel `hvf` (expected `tcg` or `kvm`)"
+        );
+        assert_eq!(Firmware::Uefi.to_string(), "uefi");
+        assert_eq!(Accel::Tcg.to_string(), "tcg");
     }
 }

@@ -519,16 +519,6 @@ mod tests {
         PhysRange::new(start, end)
     }
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-    }
-
     fn storage(total: u64) -> Vec<u64> {
         vec![0xdead_beef; FrameAllocator::bitmap_words(total)]
     }
@@ -825,11 +815,11 @@ mod tests {
         let total = 5000;
         let mut s = storage(total);
         let mut fa = FrameAllocator::new(&mut s, total).unwrap();
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut rng = crate::mm::Rng(0x9e37_79b9_7f4a_7c15);
         // A few random usable ranges.
         for _ in 0..12 {
-            let a = rng.next() % total;
-            let len = rng.next() % 600;
+            let a = rng.next_u64() % total;
+            let len = rng.next_u64() % 600;
             fa.add_free_range(r(a * PAGE_SIZE, (a + len) * PAGE_SIZE));
         }
         check(&fa);
@@ -837,7 +827,7 @@ mod tests {
         let mut model: HashSet<u64> = HashSet::new(); // allocated frames
         let mut runs: Vec<(PhysFrame, u64)> = Vec::new();
         for step in 0..20_000 {
-            match rng.next() % 10 {
+            match rng.next_u64() % 10 {
                 0..=3 => {
                     if let Some(f) = fa.alloc() {
                         assert!(fa.is_managed(f));
@@ -847,7 +837,7 @@ mod tests {
                     }
                 }
                 4 => {
-                    let limit = rng.next() % (total * PAGE_SIZE + 1);
+                    let limit = rng.next_u64() % (total * PAGE_SIZE + 1);
                     if let Some(f) = fa.alloc_below(limit) {
                         assert!(f.start_address() + PAGE_SIZE <= limit);
                         assert!(model.insert(f.number()), "dup {f}");
@@ -859,8 +849,8 @@ mod tests {
                     }
                 }
                 5 => {
-                    let count = 1 + rng.next() % 8;
-                    let align = 1 << (rng.next() % 4);
+                    let count = 1 + rng.next_u64() % 8;
+                    let align = 1 << (rng.next_u64() % 4);
                     if let Some(f) = fa.alloc_contiguous(count, align) {
                         assert_eq!(f.number() % align, 0);
                         for i in 0..count {
@@ -870,7 +860,7 @@ mod tests {
                     }
                 }
                 6 if !runs.is_empty() => {
-                    let idx = (rng.next() as usize) % runs.len();
+                    let idx = (rng.next_u64() as usize) % runs.len();
                     let (f, count) = runs.swap_remove(idx);
                     fa.free_contiguous(f, count).unwrap();
                     for i in 0..count {
@@ -880,7 +870,7 @@ mod tests {
                 _ => {
                     // Free a random single (non-run) allocated frame, or
                     // attempt a bogus free.
-                    let n = rng.next() % (total + 10);
+                    let n = rng.next_u64() % (total + 10);
                     let f = PhysFrame::from_number(n);
                     let in_run = runs
                         .iter()

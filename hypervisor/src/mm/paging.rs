@@ -938,12 +938,10 @@ mod tests {
     fn random_round_trips() {
         let (mut mem, mut fr, pt) = setup();
         fr.left = usize::MAX;
-        let mut seed = 0xDEAD_BEEF_u64;
+        let mut rng = crate::mm::Rng(0xDEAD_BEEF);
         let mut model = HashMap::new();
         for _ in 0..2000 {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
+            let seed = rng.next_u64();
             let v = make_canonical((seed & 0x0000_FFFF_FFFF_F000) % (1 << 48)) & !0xFFF;
             let p = (seed >> 20) & 0x0000_00FF_FFFF_F000;
             match pt.map_4k(&mut mem, &mut fr, v, p, RW) {

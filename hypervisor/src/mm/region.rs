@@ -748,13 +748,8 @@ mod tests {
     #[test]
     fn randomised_against_bitmap_model() {
         // Small address space (64 pages) so a per-byte model is cheap.
-        let mut seed = 0x1234_5678_9abc_def0u64;
-        let mut rnd = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rng = crate::mm::Rng(0x1234_5678_9abc_def0);
+        let mut rnd = move || rng.next_u64();
         const SPACE: u64 = 64 * PAGE_SIZE;
         for _ in 0..300 {
             let mut map = Vec::new();

@@ -123,6 +123,12 @@ impl T {
         }
     }
 
+    /// Puts the guest in user mode: `cs` and `ss` the user selectors.
+    fn user_mode(&mut self) {
+        self.v.regs.cs = u32::from(USER_CS);
+        self.v.regs.ss = u32::from(USER_DS);
+    }
+
     fn queue(&mut self, slot: u32, args: [u32; 5]) {
         for (k, a) in args.iter().enumerate() {
             self.m
@@ -275,8 +281,7 @@ fn paging_hypercalls_not_supported() {
 fn hypercall_from_user_mode_is_a_trap() {
     let mut t = T::init();
     t.user_segments();
-    t.v.regs.cs = u32::from(USER_CS);
-    t.v.regs.ss = u32::from(USER_DS);
+    t.user_mode();
     t.v.regs.eip = 0x2000;
     t.v.regs.eax = LHCALL_SHUTDOWN;
     // int $0x1f can't come from CPL 3 (it #GPs); if it did, it's a trap.
@@ -722,8 +727,7 @@ fn reflect_from_user_mode_switches_stack() {
     t.gate(14, 0xC000_1400, 0xE, 0);
     t.hcall(LHCALL_SET_STACK, 0x69, KSTACK, 2);
     t.set_ld(LguestData::OFF_IRQ_ENABLED, 0x200);
-    t.v.regs.cs = u32::from(USER_CS);
-    t.v.regs.ss = u32::from(USER_DS);
+    t.user_mode();
     t.v.regs.ds = u32::from(USER_DS);
     t.v.regs.esp = 0x5_0000;
     t.v.regs.eip = 0x0804_8000 & (MEM - 1);
@@ -749,8 +753,7 @@ fn user_trap_without_kernel_stack() {
     let mut t = T::init();
     t.user_segments();
     t.gate(6, 0x6000, 0xF, 0);
-    t.v.regs.cs = u32::from(USER_CS);
-    t.v.regs.ss = u32::from(USER_DS);
+    t.user_mode();
     assert_eq!(t.trap(6, 0), Action::Dead);
     assert_eq!(t.dead(), "no kernel stack");
 }
@@ -762,8 +765,7 @@ fn user_trap_with_bad_ss1() {
     t.gate(6, 0x6000, 0xF, 0);
     // RPL 1 but slot 15 is a DPL-3 segment.
     t.hcall(LHCALL_SET_STACK, 0x79, KSTACK, 1);
-    t.v.regs.cs = u32::from(USER_CS);
-    t.v.regs.ss = u32::from(USER_DS);
+    t.user_mode();
     assert_eq!(t.trap(6, 0), Action::Dead);
     assert_eq!(t.dead(), "bad stack segment 121");
 }
@@ -858,16 +860,14 @@ fn software_interrupt_dpl() {
     t.gate(0x80, 0x8000, 0xF, 3);
     t.gate(0x81, 0x8100, 0xE, 0);
     t.gate(13, 0x1300, 0xF, 0);
-    t.v.regs.cs = u32::from(USER_CS);
-    t.v.regs.ss = u32::from(USER_DS);
+    t.user_mode();
     t.v.regs.esp = 0x5_0000;
     // int $0x80 from user: delivered, no error code.
     assert_eq!(t.trap(0x80, 0), Action::Resume);
     assert_eq!(t.v.regs.eip, 0x8000);
     assert_eq!(t.v.regs.esp, KSTACK - 20);
     // int $0x81 from user to a DPL-0 gate: #GP((0x81 << 3) | 2).
-    t.v.regs.cs = u32::from(USER_CS);
-    t.v.regs.ss = u32::from(USER_DS);
+    t.user_mode();
     t.v.regs.esp = 0x5_0000;
     assert_eq!(t.trap(0x81, 0), Action::Resume);
     assert_eq!(t.v.regs.eip, 0x1300);
@@ -881,8 +881,7 @@ fn software_interrupt_dpl() {
     assert_eq!(t.v.regs.eip, 0x8200);
     // int3 from user with a DPL-3 gate.
     t.gate(3, 0x0300, 0xF, 3);
-    t.v.regs.cs = u32::from(USER_CS);
-    t.v.regs.ss = u32::from(USER_DS);
+    t.user_mode();
     assert_eq!(t.trap(3, 0), Action::Resume);
     assert_eq!(t.v.regs.eip, 0x0300);
 }
@@ -1062,8 +1061,7 @@ fn irq_delivered_to_user_mode_uses_kernel_stack() {
     let mut t = irq_guest();
     t.user_segments();
     t.hcall(LHCALL_SET_STACK, 0x69, KSTACK, 2);
-    t.v.regs.cs = u32::from(USER_CS);
-    t.v.regs.ss = u32::from(USER_DS);
+    t.user_mode();
     t.v.regs.esp = 0x5_0000;
     t.v.set_irq(0);
     t.deliver();
@@ -1144,8 +1142,7 @@ fn entry_rejects_bad_selectors() {
     // Null data selectors and user state are fine.
     let mut t = T::init();
     t.user_segments();
-    t.v.regs.cs = u32::from(USER_CS);
-    t.v.regs.ss = u32::from(USER_DS);
+    t.user_mode();
     t.v.regs.ds = u32::from(USER_DS);
     t.v.regs.es = 3;
     assert_eq!(t.prepare(), Action::Resume);
