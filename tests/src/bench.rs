@@ -53,11 +53,23 @@ pub struct BenchResult {
     pub ratio: Option<f64>,
 }
 
-/// Reads every `bench:` line of a (cleaned) serial log.
+/// The part after `bench:` of a bench line printed by the hypervisor itself
+/// (`bench: ...`) or by a guest, whose console lines the hypervisor prefixes
+/// with `guest NAME: `.
+fn bench_payload(line: &str) -> Option<&str> {
+    line.strip_prefix(PREFIX).or_else(|| {
+        line.strip_prefix("guest ")
+            .and_then(|r| r.split_once(": "))
+            .and_then(|(_, r)| r.strip_prefix(PREFIX))
+    })
+}
+
+/// Reads every `bench:` line of a (cleaned) serial log, including those a
+/// guest printed.
 pub fn parse_samples(lines: &[String]) -> Result<Vec<Sample>> {
     let mut samples = Vec::new();
     for (i, line) in lines.iter().enumerate() {
-        let Some(rest) = line.strip_prefix(PREFIX) else {
+        let Some(rest) = bench_payload(line) else {
             continue;
         };
         let line_no = i + 1;
@@ -257,7 +269,8 @@ mod tests {
     const LOG: &str = "rustyvisor 0.1.0\n\
         bench: name=native_int_roundtrip value=300 unit=insn floor=-\n\
         not a bench: name=x\n\
-        bench: name=hypercall_roundtrip value=412 unit=insn floor=native_int_roundtrip\n\
+        guest bench: bench: name=hypercall_roundtrip value=412 unit=insn floor=native_int_roundtrip\n\
+        guest bench: not a bench: name=y\n\
         bench: name=guest_overhead value=1.5 unit=MiB\n";
 
     #[test]
@@ -285,7 +298,7 @@ mod tests {
                     value: 1.5,
                     unit: "MiB".into(),
                     floor: None,
-                    line_no: 5,
+                    line_no: 6,
                 },
             ]
         );
