@@ -15,7 +15,7 @@ pub mod space;
 pub mod switch;
 
 use alloc::string::String;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use guest_abi::lhreq::{Errno, LhReq};
 use rustyvisor::lguest::chan::{Channel, DeathReason, EventHandle, GuestCore, RunExit, TaskId};
@@ -46,6 +46,9 @@ const MAX_RESTARTS: u32 = 3;
 
 /// Virtual interrupts raised from interrupt context (the clock event) per
 /// guest slot, merged into the vCPU before each entry.
+/// Source of [`Running::instance`].
+static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
+
 static PENDING: [AtomicU32; MAX_GUESTS] = [const { AtomicU32::new(0) }; MAX_GUESTS];
 
 /// Prepares the CPU for running guests: the hypercall gate (0x1f) is callable
@@ -131,6 +134,8 @@ impl Env for KernelEnv {
 }
 
 struct Running {
+    /// Unique per initialised guest (tags its descriptors in the GDT cache).
+    instance: u64,
     vcpu: Vcpu,
     mem: HostGuestMemory,
     tables: LinearTables,
@@ -181,6 +186,7 @@ impl GuestCore for KernelCore {
         let mem = unsafe { HostGuestMemory::new(base, limit) };
         PENDING[self.slot].store(0, Ordering::SeqCst);
         self.running = Some(Running {
+            instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
             vcpu: Vcpu::new(start as u32),
             mem,
             tables,
@@ -207,11 +213,10 @@ impl GuestCore for KernelCore {
         set_cr0_ts(false);
         fpu::switch_to(slot);
         loop {
-            let bits = PENDING[slot].swap(0, Ordering::SeqCst);
-            for irq in 0..32 {
-                if bits & (1 << irq) != 0 {
-                    r.vcpu.set_irq(irq);
-                }
+            let mut bits = PENDING[slot].swap(0, Ordering::SeqCst);
+            while bits != 0 {
+                r.vcpu.set_irq(bits.trailing_zeros());
+                bits &= bits - 1;
             }
             match r.vcpu.prepare_entry(&mut r.mem, &mut r.env) {
                 Action::Resume => {}
@@ -237,7 +242,10 @@ impl GuestCore for KernelCore {
                 Action::Dead => return dead(&r.vcpu),
                 Action::Restart => return RunExit::Restart,
             }
-            gdt::load_guest_entries(r.vcpu.gdt.entries());
+            gdt::load_guest_entries_cached(
+                (r.instance << 32) ^ r.vcpu.gdt.generation(),
+                r.vcpu.gdt.entries(),
+            );
             set_cr0_ts(r.env.ts);
             let info = switch::run(&mut r.vcpu.regs);
             set_cr0_ts(false);
