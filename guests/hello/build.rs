@@ -1,16 +1,7 @@
-//! Link the guest with the shared `guests/guest.ld` (only when building for
-//! 32-bit x86; a host build of this crate is meaningless anyway).
+//! Link the guest with the shared `guests/guest.ld` (see `../build-common.rs`).
 
-use std::path::PathBuf;
+include!("../build-common.rs");
 
 fn main() {
-    let dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    let script = dir.join("../guest.ld");
-    let script = script.canonicalize().unwrap_or(script);
-    println!("cargo::rerun-if-changed={}", script.display());
-    if std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86") {
-        println!("cargo::rustc-link-arg-bins=-T{}", script.display());
-        // No RELRO segment: the GOT goes into .data (see guest.ld).
-        println!("cargo::rustc-link-arg-bins=-znorelro");
-    }
+    link_guest(&[]);
 }

@@ -13,7 +13,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 use guest_abi::LGUEST_SHUTDOWN_POWEROFF;
 
-use crate::hcall::{SHUTDOWN_MSG_LEN, notify, phys, shutdown_raw};
+use crate::hcall::{SHUTDOWN_MSG_LEN, const_msg, notify, phys, shutdown_raw};
 use crate::irq;
 use crate::sync::IrqCell;
 
@@ -150,16 +150,7 @@ static PANIC_TEXT: PanicBuf = PanicBuf(UnsafeCell::new([0; PANIC_BUF]));
 static PANICKING: AtomicBool = AtomicBool::new(false);
 
 /// Used if the panic path itself panics or faults.
-static NESTED_PANIC_MSG: [u8; SHUTDOWN_MSG_LEN] = {
-    let text = b"panic while panicking";
-    let mut buf = [0u8; SHUTDOWN_MSG_LEN];
-    let mut i = 0;
-    while i < text.len() {
-        buf[i] = text[i];
-        i += 1;
-    }
-    buf
-};
+static NESTED_PANIC_MSG: [u8; SHUTDOWN_MSG_LEN] = const_msg(b"panic while panicking");
 
 /// The panic path: print `panic: <message> (<file>:<line>)` as one console
 /// line, then shut down (power off) with the same text (cut to 127 bytes).

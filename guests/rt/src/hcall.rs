@@ -294,8 +294,14 @@ static SHUTDOWN_MSG: MsgBuf = MsgBuf(UnsafeCell::new([0; SHUTDOWN_MSG_LEN]));
 static SHUTTING_DOWN: AtomicBool = AtomicBool::new(false);
 
 /// Used if a shutdown is re-entered (e.g. a trap while shutting down).
-static REENTERED_MSG: [u8; SHUTDOWN_MSG_LEN] = {
-    let text = b"shutdown re-entered";
+static REENTERED_MSG: [u8; SHUTDOWN_MSG_LEN] = const_msg(b"shutdown re-entered");
+
+/// A NUL-padded [`SHUTDOWN_MSG_LEN`]-byte message buffer built at compile
+/// time, for the fixed messages of paths that must not format (re-entered
+/// shutdown, nested panic). `text` must be shorter than the buffer (the last
+/// byte stays NUL); a longer text fails the constant's evaluation.
+pub(crate) const fn const_msg(text: &[u8]) -> [u8; SHUTDOWN_MSG_LEN] {
+    assert!(text.len() < SHUTDOWN_MSG_LEN, "message too long");
     let mut buf = [0u8; SHUTDOWN_MSG_LEN];
     let mut i = 0;
     while i < text.len() {
@@ -303,7 +309,7 @@ static REENTERED_MSG: [u8; SHUTDOWN_MSG_LEN] = {
         i += 1;
     }
     buf
-};
+}
 
 /// `LHCALL_SHUTDOWN(msg, reason)` and never return. The message is cut to
 /// 127 bytes; the host records `"CRASH: <msg>"` as the death reason (or

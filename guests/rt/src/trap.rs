@@ -12,13 +12,19 @@
 //! - virtual irqs (vectors 0x20..0x40) without a handler are counted
 //!   ([`spurious_irqs`]) and otherwise ignored.
 //!
+//! The system-call vector 0x80 has a stub too, but no gate until a guest
+//! asks for one with [`install_syscall_gate`] (and a handler with
+//! [`set_syscall_handler`]), e.g. to run code at CPL 3.
+//!
 //! Because delivery goes through interrupt gates, the host clears
 //! `irq_enabled` before the handler runs; the paravirt `iret` restores it
 //! from the saved `EFLAGS.IF`.
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
-use guest_abi::irq::{IGNORED_IDT_VECTORS, TRAPS_WITH_ERROR_CODE, trap, vector_irq};
+use guest_abi::irq::{
+    IGNORED_IDT_VECTORS, SYSCALL_VECTOR, TRAPS_WITH_ERROR_CODE, trap, vector_irq,
+};
 use guest_abi::seg::{IDT_TYPE_INTERRUPT, idt_gate};
 use guest_abi::{KERNEL_CS, LGUEST_IRQS, irq::FIRST_EXTERNAL_VECTOR};
 
@@ -33,7 +39,8 @@ pub const RT_VECTORS: u32 = FIRST_EXTERNAL_VECTOR + LGUEST_IRQS;
 /// stub, then the frame the host pushed.
 ///
 /// If the trap came from CPL 3 (`cs & 3 == 3`) the host also pushed the old
-/// `esp` and `ss` above `eflags`; the runtime itself never runs user code.
+/// `esp` and `ss` above `eflags` ([`TrapFrame::user_stack`]); the runtime
+/// itself never runs user code.
 /// A handler may modify the frame (e.g. advance `eip` past a faulting
 /// instruction); the stub restores the registers from it.
 #[repr(C)]
@@ -55,7 +62,7 @@ pub struct TrapFrame {
     pub ecx: u32,
     /// Saved `eax`.
     pub eax: u32,
-    /// Vector number (0..64).
+    /// Vector number (0..64, or 0x80 for the system-call stub).
     pub vector: u32,
     /// Error code, or 0 for vectors that have none.
     pub error_code: u32,
@@ -86,6 +93,28 @@ impl TrapFrame {
     pub fn from_user(&self) -> bool {
         self.cs & 3 == 3
     }
+
+    /// The interrupted user stack `(esp, ss)` the host pushed above
+    /// `eflags` when the trap came from CPL 3, or `None` for a trap from the
+    /// guest kernel.
+    ///
+    /// # Safety
+    ///
+    /// `self` must be the frame the runtime handed to a [`TrapHandler`]
+    /// (on the stack the host built it on), not a copy: the two words are
+    /// read from just above it.
+    pub unsafe fn user_stack(&self) -> Option<(u32, u32)> {
+        if !self.from_user() {
+            return None;
+        }
+        let above = (&raw const *self).addr() + core::mem::size_of::<Self>();
+        let p = core::ptr::with_exposed_provenance::<[u32; 2]>(above);
+        // SAFETY: per the caller's contract this frame lies on the kernel
+        // stack where the host pushed ss and esp right above eflags; the
+        // dispatcher exposed the provenance of the whole frame region.
+        let [esp, ss] = unsafe { p.read_volatile() };
+        Some((esp, ss))
+    }
 }
 
 /// A Rust trap/interrupt handler.
@@ -95,6 +124,26 @@ static HANDLERS: IrqCell<[Option<TrapHandler>; RT_VECTORS as usize]> =
     IrqCell::new([None; RT_VECTORS as usize]);
 
 static SPURIOUS: AtomicU32 = AtomicU32::new(0);
+
+static SYSCALL_HANDLER: IrqCell<Option<TrapHandler>> = IrqCell::new(None);
+
+/// Install (or with `None` remove) the handler for the system-call vector
+/// [`SYSCALL_VECTOR`] (0x80); returns the previous one. The gate itself is
+/// loaded with [`install_syscall_gate`].
+pub fn set_syscall_handler(handler: Option<TrapHandler>) -> Option<TrapHandler> {
+    SYSCALL_HANDLER.with(|h| core::mem::replace(h, handler))
+}
+
+/// Point IDT vector [`SYSCALL_VECTOR`] (0x80) at the runtime's system-call
+/// stub with the given gate type and DPL (3 lets user code `int $0x80`).
+/// Without a [`set_syscall_handler`] handler, `int $0x80` panics like an
+/// unhandled exception.
+pub fn install_syscall_gate(gate_type: u32, dpl: u8) {
+    let (low, high) = idt_gate(syscall_stub_address(), KERNEL_CS, gate_type, dpl);
+    // SAFETY: the stub handles the host's frame and returns via the
+    // paravirt iret.
+    unsafe { crate::hcall::load_idt_entry(SYSCALL_VECTOR, low, high) }
+}
 
 /// Install (or with `None` remove) the handler for `vector`; returns the
 /// previous one.
@@ -131,9 +180,16 @@ pub fn spurious_irqs() -> u32 {
 /// it while the handler runs.
 #[cfg_attr(not(target_arch = "x86"), allow(dead_code))]
 unsafe extern "C" fn trap_dispatch(frame: *mut TrapFrame) {
+    // The host-pushed words above the frame (user esp/ss) are reached by
+    // address in `TrapFrame::user_stack`.
+    let _ = frame.expose_provenance();
     // SAFETY: the caller's contract.
     let frame = unsafe { &mut *frame };
-    let handler = HANDLERS.try_with(|h| h.get(frame.vector as usize).copied().flatten());
+    let handler = if frame.vector == SYSCALL_VECTOR {
+        SYSCALL_HANDLER.try_with(|h| *h)
+    } else {
+        HANDLERS.try_with(|h| h.get(frame.vector as usize).copied().flatten())
+    };
     match handler.flatten() {
         Some(h) => h(frame),
         None if frame.irq().is_some() => {
@@ -159,6 +215,18 @@ unsafe extern "C" {
     static lguest_rt_noirq_end: u8;
     /// The paravirt `iret`.
     static lguest_rt_iret: u8;
+    /// Entry stub of the system-call vector 0x80.
+    static lguest_rt_stub_syscall: u8;
+}
+
+/// Address of the entry stub for the system-call vector 0x80.
+pub fn syscall_stub_address() -> u32 {
+    #[cfg(target_arch = "x86")]
+    {
+        crate::hcall::phys(&raw const lguest_rt_stub_syscall)
+    }
+    #[cfg(not(target_arch = "x86"))]
+    0
 }
 
 /// Address of the entry stub for `vector`.
@@ -231,7 +299,8 @@ pub(crate) fn install_idt() {
 core::arch::global_asm!(
     // ---- Per-vector entry stubs -------------------------------------------
     // The host enters a gate the way the CPU would: on the current guest
-    // stack (we never run at CPL 3) it pushes EFLAGS, CS, EIP and, for the
+    // stack (or, from CPL 3, on the SET_STACK stack after pushing the user
+    // SS and ESP) it pushes EFLAGS, CS, EIP and, for the
     // vectors 8, 10-14 and 17 only, an error code. Each stub pushes a dummy
     // 0 where there is no error code, so all frames have the same shape,
     // then its vector number, and joins the common path. Stubs are 8-byte
@@ -252,6 +321,13 @@ core::arch::global_asm!(
     ".irp v, 8,10,11,12,13,14,17",
     "LGUEST_RT_STUB \\v, 1",
     ".endr",
+    // The system-call vector: same shape, no error code.
+    ".p2align 3",
+    ".globl lguest_rt_stub_syscall",
+    "lguest_rt_stub_syscall:",
+    "push 0",
+    "push {syscall_vector}",
+    "jmp lguest_rt_trap_common",
     // ---- Common path -------------------------------------------------------
     // Stack now (low to high): vector, error code, EIP, CS, EFLAGS. pushad
     // adds edi..eax below, completing a `TrapFrame`. Rust code requires
@@ -308,4 +384,5 @@ core::arch::global_asm!(
     dispatch = sym trap_dispatch,
     lguest_data = sym crate::irq::LGUEST_DATA,
     eflags_if = const guest_abi::X86_EFLAGS_IF,
+    syscall_vector = const SYSCALL_VECTOR,
 );

@@ -12,7 +12,8 @@
 //! | present 64-bit code segment (L = 1) | n/a (32-bit host) | **kill** "gdt entry %u: 64-bit code segment" |
 //! | DPL 0 | raised to 1 | same |
 //! | accessed bit clear | set | same |
-//! | not-present entry | stored (with the fixups) | stored as all-zero |
+//! | not-present code/data entry | stored (with the fixups) | same: loading it raises #NP(selector) |
+//! | not-present system or 64-bit entry (e.g. Linux's all-zero clear) | stored | stored as all-zero |
 //!
 //! Slot 17 is reserved because the host's 64-bit TSS descriptor is 16 bytes
 //! (slots 16 and 17). The reserved slots of our copy are always zero, so a
@@ -95,7 +96,14 @@ impl GuestGdt {
     fn fixup(index: usize, raw: u64) -> Result<u64, Kill> {
         let d = SegmentDescriptor(raw);
         if !d.present() {
-            return Ok(0);
+            // A not-present code/data segment is kept (the CPU raises #NP
+            // on use, as on hardware); anything else not present is only
+            // ever a cleared slot and is stored as null.
+            if !d.is_code_or_data() || (d.is_code() && d.long_mode()) {
+                return Ok(0);
+            }
+            let d = if d.dpl() == 0 { d.with_dpl(1) } else { d };
+            return Ok(d.with_accessed().0);
         }
         if !d.is_code_or_data() {
             return kill!("gdt entry {index}: system descriptor");
@@ -323,12 +331,23 @@ mod tests {
         // L on a data segment is meaningless: accepted.
         let data_l = SegmentDescriptor::new(0, 0xF_FFFF, 0xF2, SegmentDescriptor::FLAG_L).0;
         load(&mut g, 15, data_l).unwrap();
-        // Not present: stored as zero whatever it says.
+        // Not present: system and 64-bit entries are stored as null...
         let np_long = long & !(0x80u64 << 40);
         load(&mut g, 14, np_long).unwrap();
         assert_eq!(g.entry(14), Some(0));
         load(&mut g, 20, tss & !(0x80u64 << 40)).unwrap();
         assert_eq!(g.entry(20), Some(0));
+        // ... a not-present data segment is kept (DPL raised, accessed set,
+        // still not present), so using it raises #NP.
+        let np_data = SegmentDescriptor::new(0, 0xF_FFFF, 0x12, SegmentDescriptor::FLAG_G).0;
+        load(&mut g, 21, np_data).unwrap();
+        let stored = SegmentDescriptor(g.entry(21).unwrap());
+        assert!(!stored.present());
+        assert_eq!(stored.dpl(), 1);
+        assert_eq!(
+            stored.0,
+            SegmentDescriptor(np_data).with_dpl(1).with_accessed().0
+        );
     }
 
     #[test]

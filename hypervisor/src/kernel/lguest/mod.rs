@@ -71,11 +71,12 @@ pub fn init_cpu() {
     }
     // SAFETY: IA32_SYSENTER_CS (0x174) exists on all x86_64 CPUs; 0 makes
     // SYSENTER fault. OSFXSR|OSXMMEXCPT let guests use SSE; CR0.MP with EM
-    // clear gives the usual x87 behaviour with lazy TS.
+    // clear gives the usual x87 behaviour with lazy TS; CR0.NE makes x87
+    // errors raise #MF (which is reflected) instead of the legacy FERR# IRQ.
     unsafe {
         cpu::wrmsr(0x174, 0);
         cpu::write_cr4(cpu::cr4() | (1 << 9) | (1 << 10));
-        let cr0 = (cpu::cr0() | (1 << 1)) & !(1 << 2);
+        let cr0 = (cpu::cr0() | (1 << 1) | (1 << 5)) & !(1 << 2);
         core::arch::asm!("mov cr0, {}", in(reg) cr0, options(nostack, preserves_flags));
     }
 }

@@ -253,7 +253,8 @@ pub fn guest_trap(frame: &TrapFrame) -> ! {
         (*state).cr2 = cr2;
     }
     // A host interrupt that arrived while the guest ran: service it now.
-    if frame.vector >= 32 {
+    // (0x80 is the guest's own syscall vector, a software interrupt.)
+    if frame.vector >= 32 && frame.vector != 0x80 {
         crate::kernel::interrupts::service_irq(frame.vector);
     }
     // SAFETY: `state` is valid; `exit_to_host` abandons this trap stack and
