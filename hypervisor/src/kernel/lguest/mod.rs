@@ -15,7 +15,7 @@ pub mod space;
 pub mod switch;
 
 use alloc::string::String;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use guest_abi::lhreq::{Errno, LhReq};
 use rustyvisor::lguest::chan::{Channel, DeathReason, EventHandle, GuestCore, RunExit, TaskId};
@@ -81,13 +81,18 @@ pub fn init_cpu() {
     }
 }
 
+/// Whether CR0.TS is set. Only `set_cr0_ts` changes TS, so this mirror saves
+/// reading CR0 (a slow, sometimes trapping instruction) twice per guest entry.
+static CR0_TS: AtomicBool = AtomicBool::new(false);
+
 fn set_cr0_ts(on: bool) {
+    if CR0_TS.swap(on, Ordering::Relaxed) == on {
+        return;
+    }
     let cr0 = cpu::cr0();
     let new = if on { cr0 | (1 << 3) } else { cr0 & !(1 << 3) };
-    if new != cr0 {
-        // SAFETY: only the TS bit changes; the hypervisor never uses the FPU.
-        unsafe { core::arch::asm!("mov cr0, {}", in(reg) new, options(nostack, preserves_flags)) };
-    }
+    // SAFETY: only the TS bit changes; the hypervisor never uses the FPU.
+    unsafe { core::arch::asm!("mov cr0, {}", in(reg) new, options(nostack, preserves_flags)) };
 }
 
 fn clock_fired(slot: u64) {
