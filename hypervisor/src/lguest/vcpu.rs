@@ -210,6 +210,10 @@ pub struct Vcpu {
     restart: bool,
     ring_cursor: usize,
     pending_hcall: Option<HcallArgs>,
+    /// The GDT generation and (cs, ss, ds, es, fs, gs) last found valid by
+    /// `check_entry_state`: validity depends only on these, so an entry
+    /// with the same values skips the six descriptor checks.
+    validated: Option<(u64, [u32; 6])>,
 }
 
 impl fmt::Debug for Vcpu {
@@ -259,6 +263,7 @@ impl Vcpu {
             restart: false,
             ring_cursor: 0,
             pending_hcall: None,
+            validated: None,
         }
     }
 
@@ -453,6 +458,10 @@ impl Vcpu {
     fn check_entry_state(&mut self) -> Result<(), Kill> {
         self.regs.eflags = sanitize_eflags(self.regs.eflags);
         let r = self.regs;
+        let key = (self.gdt.generation(), [r.cs, r.ss, r.ds, r.es, r.fs, r.gs]);
+        if self.validated == Some(key) {
+            return Ok(());
+        }
         let sel = |v: u32| u16::try_from(v).ok();
         let cs = sel(r.cs).filter(|&s| self.gdt.valid_code_selector(s));
         let Some(cs) = cs else {
@@ -467,6 +476,7 @@ impl Vcpu {
                 return kill!("bad {name} {v:#x} at {:#x}", r.eip);
             }
         }
+        self.validated = Some(key);
         Ok(())
     }
 
@@ -790,6 +800,15 @@ impl Vcpu {
         mem: &mut M,
         env: &mut E,
     ) -> Result<Option<Action>, Kill> {
+        // Common case first: an empty ring costs one status byte.
+        let first = (self.ring_cursor % LHCALL_RING_SIZE) as u32;
+        if mem.read_u8(
+            ld.wrapping_add(LguestData::OFF_HCALL_STATUS)
+                .wrapping_add(first),
+        )? == HCALL_STATUS_EMPTY
+        {
+            return Ok(None);
+        }
         let mut st = [HCALL_STATUS_EMPTY; LHCALL_RING_SIZE];
         mem.read(ld.wrapping_add(LguestData::OFF_HCALL_STATUS), &mut st)?;
         for _ in 0..LHCALL_RING_SIZE {

@@ -1179,3 +1179,21 @@ fn kill_first_reason_wins() {
     t.deliver();
     assert_eq!(t.v.regs.eip, START);
 }
+
+#[test]
+fn entry_check_cache_is_invalidated_by_gdt_changes() {
+    let mut t = T::init();
+    // Validated once with the boot selectors...
+    assert_eq!(t.prepare(), Action::Resume);
+    assert_eq!(t.prepare(), Action::Resume);
+    // ... then the guest turns its current CS slot into a data segment: the
+    // next entry must check again and refuse.
+    t.hcall(
+        LHCALL_LOAD_GDT_ENTRY,
+        12,
+        UDATA as u32,
+        (UDATA >> 32) as u32,
+    );
+    assert_eq!(t.prepare(), Action::Dead);
+    assert!(t.dead().starts_with("bad cs 0x61"), "{}", t.dead());
+}
