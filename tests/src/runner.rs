@@ -28,7 +28,7 @@ use crate::error::{Context, Result};
 use crate::image::{Image, ResolvedGuest};
 use crate::qemu::{Accel, Firmware, Ovmf, Qemu, Serial, check_kvm};
 use crate::scenario::Scenario;
-use crate::verdict::{Failure, Outcome, judge, serial_lines};
+use crate::verdict::{Failure, Outcome, judge, serial_lines, visible};
 use crate::workspace::Workspace;
 
 /// SIGKILL, which [`wait_with_timeout`] sends.
@@ -43,7 +43,7 @@ pub struct Report {
     pub duration: Duration,
     /// Why it failed; empty when it passed.
     pub failures: Vec<Failure>,
-    /// The serial log, cleaned up (see [`serial_lines`]).
+    /// The serial log's lines (see [`serial_lines`]).
     pub lines: Vec<String>,
     /// Serial log file.
     pub log: PathBuf,
@@ -74,7 +74,12 @@ impl Report {
     /// how to look closer.
     pub fn details(&self, tail: usize) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "---- {}: FAILED ----", self.name);
+        let _ = writeln!(
+            out,
+            "---- {}: FAILED after {:.1}s ----",
+            self.name,
+            self.duration.as_secs_f64()
+        );
         for failure in &self.failures {
             let _ = writeln!(out, "  {failure}");
         }
@@ -91,7 +96,7 @@ impl Report {
             }
         );
         for (i, line) in self.lines.iter().enumerate().skip(skip) {
-            let _ = writeln!(out, "  {:>5} | {line}", i + 1);
+            let _ = writeln!(out, "  {:>5} | {}", i + 1, visible(line));
         }
         if !self.qemu_output.trim().is_empty() {
             let _ = writeln!(out, "  QEMU said:");
@@ -341,7 +346,10 @@ mod tests {
                 got: 0,
                 expected: 33,
             }],
-            lines: (1..=50).map(|i| format!("line {i}")).collect(),
+            lines: (1..=49)
+                .map(|i| format!("line {i}"))
+                .chain(["forged\rline 50\x1b[2K".to_string()])
+                .collect(),
             log: "/t/qemu/smp4.log".into(),
             qemu_log: "/t/qemu/smp4.qemu.log".into(),
             qemu_output: "qemu-system-x86_64: warning: x\n".into(),
@@ -350,7 +358,9 @@ mod tests {
         assert!(!report.passed());
         let text = report.details(40);
         assert!(text.contains("wrong exit code 0"), "{text}");
+        assert!(text.contains("smp4: FAILED after 2.0s"), "{text}");
         assert!(text.contains("(50 lines, last 40 shown)"), "{text}");
+        assert!(text.contains("   50 | forged\\rline 50\\x1b[2K\n"), "{text}");
         assert!(text.contains("   11 | line 11\n"), "{text}");
         assert!(!text.contains("| line 10\n"), "{text}");
         assert!(

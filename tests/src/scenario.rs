@@ -23,6 +23,23 @@ use crate::verdict::Expectations;
 
 /// `forbid` of a scenario that sets none: any panic or CPU exception fails the run.
 pub const DEFAULT_FORBID: [&str; 2] = ["PANIC", "EXCEPTION"];
+/// Whether a `DONE:` pattern names literal counts (`DONE: 43 passed, 0 failed`).
+fn pinned_count(pattern: &str) -> bool {
+    pattern.split_once("DONE: ").is_some_and(|(_, rest)| {
+        let mut words = rest.split(' ');
+        let literal = |w: Option<&str>| {
+            w.is_some_and(|w| {
+                let w = w.trim_end_matches(',');
+                !w.is_empty() && w.bytes().all(|b| b.is_ascii_digit())
+            })
+        };
+        literal(words.next())
+            && words.next() == Some("passed,")
+            && literal(words.next())
+            && words.next().is_some_and(|w| w.starts_with("failed"))
+    })
+}
+
 /// `timeout_secs` of a scenario that sets none.
 pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
 
@@ -297,6 +314,16 @@ fn build(
         .collect::<Result<Vec<_>>>()
         .map_err(|e| fail(e.to_string()))?;
     let expect = pick!(expect).unwrap_or_default();
+    // A test guest's summary must name its exact count: `DONE: \d+ passed` would pass a guest
+    // that stopped after its first check.
+    if let Some(loose) = expect
+        .iter()
+        .find(|p| p.contains("DONE:") && !pinned_count(p))
+    {
+        return Err(fail(format!(
+            "expect: `{loose}` must pin the exact count, e.g. `DONE: 43 passed, 0 failed$`"
+        )));
+    }
     let forbid =
         pick!(forbid).unwrap_or_else(|| DEFAULT_FORBID.iter().map(|p| p.to_string()).collect());
     let regexes = |key: &str, list: &[String]| -> Result<Vec<Regex>> {
@@ -512,6 +539,22 @@ mod tests {
             e.to_string(),
             "b.toml: pattern list `x` is already defined in a.toml"
         );
+    }
+
+    #[test]
+    fn test_guest_summaries_must_pin_their_counts() {
+        for loose in [
+            r"^guest g: DONE: \d+ passed, 0 failed",
+            r"DONE: [0-9]+ passed, 0 failed$",
+            r"DONE: 43 passed, \d+ failed",
+            "DONE:",
+        ] {
+            let text = format!("[[scenario]]\nname = \"a\"\nexpect = ['{loose}']\n");
+            let e = error_of(&text);
+            assert!(e.contains("must pin the exact count"), "{loose}: {e}");
+        }
+        let ok = "[[scenario]]\nname = \"a\"\nexpect = ['^guest g: DONE: 43 passed, 0 failed$']\n";
+        parse(&[("a.toml", ok)]).unwrap();
     }
 
     #[test]

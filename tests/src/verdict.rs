@@ -1,8 +1,8 @@
 //! From a serial log and an exit status to PASS or FAIL: pure functions, unit-tested here.
 //!
-//! * The log is split into lines; ANSI escape sequences (OVMF and GRUB draw with them under
-//!   UEFI) and control characters are removed, and a carriage return keeps only the text after
-//!   it, like a terminal would show it.
+//! * The log is split into lines exactly as received (only the `\r` of each CRLF goes): no
+//!   escape sequence or carriage return is interpreted, so guest text that would *look* like a
+//!   status line on a terminal never matches one.
 //! * `expect` patterns must match lines in order: each one on the line where the previous one
 //!   matched or on a later line (one line may satisfy several consecutive patterns, so write
 //!   patterns that tell repeated lines apart).
@@ -91,7 +91,8 @@ impl fmt::Display for Failure {
                 line,
             } => write!(
                 f,
-                "forbidden regex `{pattern}` matched at line {line_no}: {line}"
+                "forbidden regex `{pattern}` matched at line {line_no}: {}",
+                visible(line)
             ),
             Self::Missing {
                 index,
@@ -110,45 +111,39 @@ impl fmt::Display for Failure {
     }
 }
 
-/// Splits a raw serial log into the lines a person would see on a terminal.
+/// Splits a raw serial log into lines exactly as received: the only change
+/// is that one `\r` before each `\n` (the console's CRLF) is removed.
+///
+/// Nothing else is cleaned up, on purpose: a `\r` or an escape sequence
+/// inside a line stays in it, so a line that *displays* like a hypervisor
+/// status line on a terminal (`"guest x: \rguest x powered off"`) does not
+/// match `^guest x powered off`. Firmware noise (OVMF and GRUB draw with
+/// escape sequences) stays on its own lines before the hypervisor's
+/// banner, which starts on a fresh line. Invalid UTF-8 becomes U+FFFD.
 pub fn serial_lines(raw: &[u8]) -> Vec<String> {
     let text = String::from_utf8_lossy(raw);
-    let mut lines: Vec<String> = text.split('\n').map(clean_line).collect();
+    let mut lines: Vec<String> = text
+        .split('\n')
+        .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string())
+        .collect();
     if lines.last().is_some_and(String::is_empty) {
         lines.pop();
     }
     lines
 }
 
-/// Removes escape sequences and control characters; a `\r` keeps only the text after it.
-fn clean_line(line: &str) -> String {
+/// A log line made safe to print in a report: control characters shown as
+/// `\r`, `\t`, `\x1b`, ... so a failure report cannot be rewritten by the
+/// line it quotes.
+pub fn visible(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
-    let mut segment = String::new();
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
+    for c in line.chars() {
         match c {
-            // Other escapes are two characters long; CSI runs up to a final byte in 0x40..=0x7e.
-            '\x1b' => {
-                if chars.next() == Some('[') {
-                    for c in chars.by_ref() {
-                        if ('\x40'..='\x7e').contains(&c) {
-                            break;
-                        }
-                    }
-                }
-            }
-            '\r' => {
-                if !segment.is_empty() {
-                    out = std::mem::take(&mut segment);
-                }
-            }
-            '\t' => segment.push(c),
-            c if c.is_control() => {}
-            c => segment.push(c),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", u32::from(c))),
+            c => out.push(c),
         }
-    }
-    if !segment.is_empty() {
-        out = segment;
     }
     out
 }
@@ -382,10 +377,8 @@ mod tests {
     }
 
     #[test]
-    fn terminal_noise_is_removed() {
+    fn lines_are_kept_as_received() {
         let raw = "\x1b[2J\x1b[01;01H\x1b[=3hBdsDxe: loading Boot0001\r\n\
-                   \x1b[0m\x1b[30m\x1b[47mWelcome to GRUB!\n\
-                   \rerror: no suitable video mode found.\n\
                    \r\r\n\
                    rustyvisor 0.1.0\r\n\
                    tab\there\x07\r\n\
@@ -394,17 +387,52 @@ mod tests {
         assert_eq!(
             serial_lines(raw.as_bytes()),
             [
-                "BdsDxe: loading Boot0001",
-                "Welcome to GRUB!",
-                "error: no suitable video mode found.",
-                "",
+                "\x1b[2J\x1b[01;01H\x1b[=3hBdsDxe: loading Boot0001",
+                "\r",
                 "rustyvisor 0.1.0",
-                "tab\there",
-                "rewritten",
+                "tab\there\x07",
+                "partial\rrewritten",
                 "no newline at end",
             ]
         );
         assert_eq!(serial_lines(b""), Vec::<String>::new());
         assert_eq!(serial_lines(b"\xffbad utf8\n"), ["\u{fffd}bad utf8"]);
+        assert_eq!(visible("a\rb\x1b[2J\tc\u{7f}"), "a\\rb\\x1b[2J\\tc\\x7f");
+    }
+
+    /// What a vulnerable hypervisor would put on the wire for a guest that prints status lines
+    /// of its own behind a carriage return and is then killed: the `guest-hello` expectations
+    /// must not be satisfied by it.
+    #[test]
+    fn a_guest_cannot_forge_status_lines_with_carriage_returns() {
+        let hello = exp(
+            &[
+                "^guest hello: hello from an lguest guest",
+                "^guest hello powered off$",
+                "^guest hello returned all its memory$",
+            ],
+            &["^guest hello killed: "],
+            33,
+        );
+        let raw = "guest hello: hello from an lguest guest\r\n\
+                   guest hello: \rguest hello powered off\r\n\
+                   guest hello: \x1b[2K\rguest hello returned all its memory\r\n\
+                   guest hello killed: Bad hypercall 99\r\n\
+                   guest hello returned all its memory\r\n";
+        let failures = judge(&hello, &lines(raw), Outcome::Exited(33));
+        assert!(
+            matches!(
+                failures[..],
+                [
+                    Failure::Forbidden { line_no: 4, .. },
+                    Failure::Missing { index: 2, .. }
+                ]
+            ),
+            "{failures:?}"
+        );
+        // A report quoting a forged line shows its control characters.
+        let forbid_forged = exp(&[], &["powered off"], 33);
+        let report = judge(&forbid_forged, &lines(raw), Outcome::Exited(33))[0].to_string();
+        assert!(report.ends_with("guest hello: \\rguest hello powered off"), "{report}");
     }
 }

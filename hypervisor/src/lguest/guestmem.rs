@@ -167,6 +167,27 @@ pub trait GuestMemory {
         buf.truncate(end);
         Ok(String::from_utf8_lossy(&buf).into_owned())
     }
+
+    /// Reads the bytes of a NUL-terminated string at `gpa` into `buf`, as
+    /// they are (no UTF-8 conversion): at most `buf.len()` bytes, stopping
+    /// at the first NUL or at the end of guest memory. Fails only if `gpa`
+    /// itself is outside guest memory.
+    fn read_cstr_bytes<'b>(&self, gpa: u32, buf: &'b mut [u8]) -> Result<&'b [u8], MemFault> {
+        let avail = self
+            .limit()
+            .checked_sub(gpa)
+            .filter(|&a| a > 0)
+            .ok_or(MemFault {
+                gpa,
+                len: 1,
+                write: false,
+            })?;
+        let n = usize::try_from(avail).unwrap_or(usize::MAX).min(buf.len());
+        let buf = buf.get_mut(..n).unwrap_or_default();
+        self.read(gpa, buf)?;
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        Ok(buf.get(..end).unwrap_or_default())
+    }
 }
 
 /// Guest memory backed by a `Vec<u8>` (tests, tools).
@@ -318,6 +339,24 @@ mod tests {
         assert!(m.read_cstr(0x100, 128).is_err());
         assert!(m.read_cstr(u32::MAX, 128).is_err());
         assert_eq!(m.read_cstr(0x100, 0).unwrap(), "");
+    }
+
+    #[test]
+    fn cstr_bytes_are_raw_and_bounded() {
+        let mut m = VecMemory::new(0x100);
+        m.write(0x10, b"hi\r\x1b\xff\0rest").unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(m.read_cstr_bytes(0x10, &mut buf).unwrap(), b"hi\r\x1b\xff");
+        // At most the buffer's size.
+        let mut small = [0u8; 2];
+        assert_eq!(m.read_cstr_bytes(0x10, &mut small).unwrap(), b"hi");
+        // No NUL before the end of memory: up to the last byte, no further.
+        m.write(0xfd, b"xyz").unwrap();
+        assert_eq!(m.read_cstr_bytes(0xfd, &mut buf).unwrap(), b"xyz");
+        assert_eq!(m.read_cstr_bytes(0xff, &mut buf).unwrap(), b"z");
+        assert!(m.read_cstr_bytes(0x100, &mut buf).is_err());
+        assert!(m.read_cstr_bytes(u32::MAX, &mut buf).is_err());
+        assert_eq!(m.read_cstr_bytes(0x10, &mut []).unwrap(), b"");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! The ABI numbers and layouts come from the `guest-abi` crate.
 
 pub mod chan;
+pub mod console;
 pub mod guestmem;
 pub mod kill;
 pub mod loader;

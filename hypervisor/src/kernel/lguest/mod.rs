@@ -18,6 +18,7 @@ use alloc::string::String;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use guest_abi::lhreq::{Errno, LhReq};
+use rustyvisor::lguest::console::{ConsoleLine, Escaped, GuestConsole};
 use rustyvisor::lguest::chan::{Channel, DeathReason, EventHandle, GuestCore, RunExit, TaskId};
 use rustyvisor::lguest::guestmem::GuestMemory;
 use rustyvisor::lguest::loader;
@@ -324,6 +325,20 @@ fn dead(vcpu: &Vcpu) -> RunExit {
     RunExit::Dead(DeathReason::new(vcpu.dead_reason().unwrap_or("killed")))
 }
 
+/// Most bytes of one early-console string read from the guest.
+const NOTIFY_TEXT_MAX: usize = 1024;
+
+/// Whether `name` may be printed as a guest's name: one word of letters,
+/// digits, `_`, `-` and `.`, so that `guest NAME: ` (guest text) and
+/// `guest NAME <status>` (the hypervisor's lines) can never be confused.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
 /// A guest module's command line: `name [mem=SIZE] [args...]`.
 struct GuestSpec<'a> {
     name: &'a str,
@@ -363,10 +378,21 @@ pub fn launch_modules(modules: &[Module]) -> (u32, u32) {
         let spec = match parse_spec(m.cmdline.as_str()) {
             Ok(s) => s,
             Err(e) => {
-                kprintln!("guest {}: not started: {e}", m.cmdline.as_str());
+                kprintln!(
+                    "guest {} not started: {e}",
+                    Escaped::new(m.cmdline.as_str().as_bytes())
+                );
                 continue;
             }
         };
+        if !valid_name(spec.name) {
+            kprintln!(
+                "guest {} not started: a guest name is letters, digits, '_', '-' and '.' \
+                 (the first word of the module command line)",
+                Escaped::new(spec.name.as_bytes())
+            );
+            continue;
+        }
         let mut restarts = 0;
         loop {
             ran += 1;
@@ -378,12 +404,12 @@ pub fn launch_modules(modules: &[Module]) -> (u32, u32) {
                 Outcome::Restart if restarts < MAX_RESTARTS => {
                     restarts += 1;
                     kprintln!(
-                        "guest {}: restarting ({restarts} of {MAX_RESTARTS})",
+                        "guest {} restarting ({restarts} of {MAX_RESTARTS})",
                         spec.name
                     );
                 }
                 Outcome::Restart => {
-                    kprintln!("guest {}: too many restarts; giving up", spec.name);
+                    kprintln!("guest {} not restarted: too many restarts", spec.name);
                     break;
                 }
                 Outcome::Failed => break,
@@ -391,10 +417,10 @@ pub fn launch_modules(modules: &[Module]) -> (u32, u32) {
         }
         let (free_after, _, _) = mem::frame_counts();
         if free_after == free_before {
-            kprintln!("guest {}: all memory returned", spec.name);
+            kprintln!("guest {} returned all its memory", spec.name);
         } else {
             kprintln!(
-                "guest {}: LEAK: {} frames not returned",
+                "guest {} LEAK: {} frames not returned",
                 spec.name,
                 free_before.abs_diff(free_after)
             );
@@ -415,7 +441,7 @@ fn run_guest(slot: usize, m: &Module, spec: &GuestSpec<'_>) -> Outcome {
         Ok(r) => r,
         Err(e) => {
             kprintln!(
-                "guest {name}: not started: cannot allocate {}: {e:?}",
+                "guest {name} not started: cannot allocate {}: {e:?}",
                 Bytes(spec.mem)
             );
             return Outcome::Failed;
@@ -435,18 +461,18 @@ fn run_guest(slot: usize, m: &Module, spec: &GuestSpec<'_>) -> Outcome {
     let entry = match loader::load_elf(image, &mut gm) {
         Ok(e) => e,
         Err(e) => {
-            kprintln!("guest {name}: not started: bad image: {e}");
+            kprintln!("guest {name} not started: bad image: {e}");
             return Outcome::Failed;
         }
     };
     if let Err(e) = loader::write_boot_params(&mut gm, limit, &spec.args) {
-        kprintln!("guest {name}: not started: {e}");
+        kprintln!("guest {name} not started: {e}");
         return Outcome::Failed;
     }
     kprintln!(
-        "guest {name}: starting, {} RAM, entry {entry:#x}, args \"{}\"",
+        "guest {name} starting: {} RAM, entry {entry:#x}, args \"{}\"",
         Bytes(ram.bytes()),
-        spec.args
+        Escaped::new(spec.args.as_bytes())
     );
 
     let exits_before = switch::exits();
@@ -459,45 +485,52 @@ fn run_guest(slot: usize, m: &Module, spec: &GuestSpec<'_>) -> Outcome {
         u64::from(entry),
     ];
     if let Err(e) = chan.write(owner, &init) {
-        kprintln!("guest {name}: INITIALIZE failed: errno {}", e.0);
+        kprintln!("guest {name} not started: INITIALIZE failed: errno {}", e.0);
         chan.close();
         return Outcome::Failed;
     }
     let mut buf = [0u8; 4];
+    let mut console = GuestConsole::new();
+    let mut text = [0u8; NOTIFY_TEXT_MAX];
     let outcome = loop {
         match chan.read(owner, &mut buf) {
             Ok(_) => {
                 let addr = u32::from_le_bytes(buf);
-                match gm.read_cstr(addr, 1024) {
-                    Ok(s) => {
-                        for line in s.trim_end_matches('\n').split('\n') {
-                            kprintln!("guest {name}: {line}");
-                        }
-                    }
-                    Err(_) => kprintln!("guest {name}: notify {addr:#x} (no device there)"),
+                match gm.read_cstr_bytes(addr, &mut text) {
+                    Ok(s) => console.write(time::now_ns(), s, |line| match line {
+                        ConsoleLine::Text(t) => kprintln!("guest {name}: {t}"),
+                        ConsoleLine::Dropped { lines, bytes } => kprintln!(
+                            "guest {name} console: {lines} lines ({bytes} bytes) dropped: \
+                             over the rate limit"
+                        ),
+                    }),
+                    Err(_) => kprintln!("guest {name} notified {addr:#x}: no device there"),
                 }
             }
             Err(e) if e == Errno::ERESTART => break Outcome::Restart,
             Err(e) if e == Errno::ENOENT => {
                 let reason = chan.death_reason().unwrap_or("killed");
                 if reason.starts_with("power off") {
-                    kprintln!("guest {name}: power off");
+                    kprintln!("guest {name} powered off");
                     if let Some(msg) = reason.strip_prefix("power off: ") {
-                        log::info!("guest {name} shutdown message: {msg}");
+                        log::info!(
+                            "guest {name} shutdown message: {}",
+                            Escaped::new(msg.as_bytes())
+                        );
                     }
                     break Outcome::PowerOff;
                 }
-                kprintln!("guest {name}: killed: {reason}");
+                kprintln!("guest {name} killed: {}", Escaped::new(reason.as_bytes()));
                 break Outcome::Failed;
             }
             Err(e) => {
-                kprintln!("guest {name}: read failed: errno {}", e.0);
+                kprintln!("guest {name} failed: read returned errno {}", e.0);
                 break Outcome::Failed;
             }
         }
     };
     kprintln!(
-        "guest {name}: {} exits, {} of host memory beyond its RAM",
+        "guest {name} used {} exits, {} of host memory beyond its RAM",
         switch::exits() - exits_before,
         Bytes(chan.core().overhead_bytes())
     );
