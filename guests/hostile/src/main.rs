@@ -106,6 +106,12 @@ const MODES: &[Mode] = &[
     // A Rust panic: the runtime prints "panic: deliberate crash (...)" and
     // powers off with the message.
     ("crash", crash, Expect::Survive),
+    // Console forgeries (carriage returns, escape sequences, several lines
+    // in one notify, an overlong line, a flood), then "Bad hypercall 99".
+    ("forge", forge, Expect::Kill),
+    // SHUTDOWN(POWEROFF) whose message holds newlines and escapes: a clean
+    // power off whose message is shown escaped on one line.
+    ("forgeshutdown", forgeshutdown, Expect::Survive),
 ];
 
 fn main(boot: &BootInfo) {
@@ -427,6 +433,45 @@ fn io(_: &BootInfo) {
 
 fn crash(_: &BootInfo) {
     panic!("deliberate crash");
+}
+
+// ---- Console forgeries ------------------------------------------------------
+
+/// A NUL-terminated string handed to the host as is (the runtime's console
+/// would cut it into lines of at most 255 bytes).
+#[repr(C, align(4))]
+struct RawText<const N: usize>([u8; N]);
+
+static MULTI_LINE: RawText<55> = RawText(*b"line one\nguest hostile killed: nothing\nsummary: forged\0");
+static LONG_LINE: RawText<1001> = {
+    let mut t = [b'x'; 1001];
+    t[1000] = 0;
+    RawText(t)
+};
+static FLOOD_LINE: RawText<101> = {
+    let mut t = [b'f'; 101];
+    t[99] = b'\n';
+    t[100] = 0;
+    RawText(t)
+};
+/// Lines of [`FLOOD_LINE`] sent at once: 40 KB, far over the host's burst.
+const FLOOD_LINES: u32 = 400;
+
+fn forge(_: &BootInfo) {
+    // Status lines behind a carriage return / an erase-line sequence: on a
+    // terminal that honoured them they would show as the host's own lines.
+    println!("\rguest hostile powered off");
+    println!("\x1b[2K\rguest hostile returned all its memory");
+    hcall::notify(phys(MULTI_LINE.0.as_ptr()));
+    hcall::notify(phys(LONG_LINE.0.as_ptr()));
+    for _ in 0..FLOOD_LINES {
+        hcall::notify(phys(FLOOD_LINE.0.as_ptr()));
+    }
+    raw_hcall(99, 0, 0, 0);
+}
+
+fn forgeshutdown(_: &BootInfo) {
+    lguest_rt::power_off("bye\nguest hostile killed: forged\r\x1b[2K");
 }
 
 // ---- Before LHCALL_LGUEST_INIT ----------------------------------------------

@@ -12,9 +12,12 @@
 //! | `ring` | the async hypercall ring: order, exactly once, overflow, notify inside the ring ([`ring`]) |
 //! | `nohandler` | removes its #DE gate and divides by zero: the host must kill it with `unhandled trap 0` |
 //! | `restart` | `LHCALL_SHUTDOWN(RESTART)` on every boot: the launcher restarts it up to 3 times |
+//! | `fresh` | restarts itself; every boot checks that RAM, FPU/SSE state and clock event of the boot before are gone ([`fresh`]) |
+//! | `wake` | thousands of clock events expiring during HALT: none may be slept through ([`timer::run_wake`]) |
 #![no_std]
 #![no_main]
 
+mod fresh;
 mod ring;
 mod timer;
 mod traps;
@@ -34,6 +37,8 @@ const MODES: &[Mode] = &[
     ("ring", ring::run),
     ("nohandler", traps::no_handler),
     ("restart", restart),
+    ("fresh", fresh::run),
+    ("wake", timer::run_wake),
 ];
 
 fn main(boot: &BootInfo) {

@@ -180,3 +180,44 @@ fn blocked() {
         "unblocked irq delivered exactly once"
     );
 }
+
+/// Rounds of [`run_wake`].
+const WAKE_ROUNDS: u32 = 4000;
+
+/// `mode=wake`: the lost wake-up race. Each round arms a clock event a few
+/// microseconds ahead (varied pseudo-randomly, so that over the rounds it
+/// expires at every point of the host's HALT path) and halts at once. A
+/// host that checks for pending interrupts and then halts the CPU without
+/// closing the gap between the two sleeps through an expiry that landed in
+/// the gap, and (nothing else being armed) never wakes: the scenario times
+/// out. Every round must be woken by its own tick.
+pub fn run_wake(_boot: &BootInfo) {
+    set_irq_handler(0, Some(tick));
+    irq::unmask(0);
+    COUNT.store(0, Ordering::Relaxed);
+    let mut seed: u32 = 0x2545_f491;
+    let mut halts = 0u32;
+    for round in 0..WAKE_ROUNDS {
+        // xorshift32
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        let delta_ns = 1_000 + seed % 60_000;
+        irq::disable();
+        hcall::set_clockevent(delta_ns);
+        while COUNT.load(Ordering::Relaxed) <= round {
+            halts += 1;
+            hcall::halt();
+            irq::disable();
+        }
+        irq::enable();
+    }
+    check_eq!(
+        COUNT.load(Ordering::Relaxed),
+        WAKE_ROUNDS,
+        "wake: every round woken by its own tick"
+    );
+    lguest_rt::println!("lgtest: {WAKE_ROUNDS} rounds, {halts} halts");
+    irq::mask(0);
+    set_irq_handler(0, None);
+}

@@ -54,13 +54,19 @@ pub fn failed() -> u32 {
     FAILED.load(Ordering::Relaxed)
 }
 
-/// Print the summary (if any check ran) and power off with `"power off"`.
-/// Returning from the guest's `main` calls this.
-pub fn finish() -> ! {
+/// Print `DONE: <p> passed, <f> failed` if any check ran (for a guest that
+/// ends some other way than [`finish`], e.g. with a restart).
+pub fn summary() {
     let (p, f) = (passed(), failed());
     if p + f > 0 {
         println!("DONE: {p} passed, {f} failed");
     }
+}
+
+/// Print the summary (if any check ran) and power off with `"power off"`.
+/// Returning from the guest's `main` calls this.
+pub fn finish() -> ! {
+    summary();
     crate::hcall::power_off("power off")
 }
 

@@ -10,6 +10,7 @@
 
 pub mod chan;
 pub mod console;
+pub mod fpustate;
 pub mod guestmem;
 pub mod kill;
 pub mod loader;

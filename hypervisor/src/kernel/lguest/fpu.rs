@@ -1,13 +1,16 @@
-//! Lazy FPU/SSE state for guests.
+//! Lazy FPU/SSE state for guests: executes the decisions of the pure
+//! [`FpuState`] policy with `fxsave64`/`fxrstor64`.
 //!
 //! The hypervisor is built soft-float and never touches x87/SSE registers,
 //! so the registers hold whichever guest ran last. Each guest slot has an
 //! FXSAVE area; the live registers are saved only when a *different* guest is
-//! about to run (`switch_to`), and a new guest starts from a clean image
-//! (`reset`), so no guest ever sees another's registers.
+//! about to run, and a guest instance that has no saved state of its own
+//! (every new or restarted guest) starts from the reset image, so no guest
+//! ever sees another's registers.
 
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicUsize, Ordering};
+
+use rustyvisor::lguest::fpustate::{FpuState, Load};
 
 use super::MAX_GUESTS;
 
@@ -15,8 +18,8 @@ use super::MAX_GUESTS;
 #[derive(Clone, Copy)]
 struct FxArea([u8; 512]);
 
-/// Default image: FCW 0x037F, MXCSR 0x1F80, all registers zero.
-const DEFAULT: FxArea = {
+/// Reset image: FCW 0x037F, MXCSR 0x1F80, all registers zero.
+static RESET: FxArea = {
     let mut a = [0u8; 512];
     a[0] = 0x7F;
     a[1] = 0x03;
@@ -25,57 +28,50 @@ const DEFAULT: FxArea = {
     FxArea(a)
 };
 
-struct Areas(UnsafeCell<[FxArea; MAX_GUESTS]>);
+struct Fpu(UnsafeCell<(FpuState<MAX_GUESTS>, [FxArea; MAX_GUESTS])>);
 
 // SAFETY: only the boot CPU runs guests, and every access below happens with
-// interrupts off on that CPU (no interrupt handler touches these areas).
-unsafe impl Sync for Areas {}
+// interrupts off on that CPU (no interrupt handler touches this state).
+unsafe impl Sync for Fpu {}
 
-static AREAS: Areas = Areas(UnsafeCell::new([DEFAULT; MAX_GUESTS]));
-/// Slot whose state is in the registers, or `NONE`.
-static OWNER: AtomicUsize = AtomicUsize::new(NONE);
-const NONE: usize = usize::MAX;
+static FPU: Fpu = Fpu(UnsafeCell::new((
+    FpuState::new(),
+    [FxArea([0; 512]); MAX_GUESTS],
+)));
 
-fn area(slot: usize) -> *mut FxArea {
-    // Callers pass `slot < MAX_GUESTS` (KernelCore reduces it modulo).
-    let slot = slot % MAX_GUESTS;
-    // SAFETY: in-bounds element pointer of the static array.
-    unsafe { AREAS.0.get().cast::<FxArea>().add(slot) }
-}
-
-/// A new guest in `slot` starts from the clean image.
-pub fn reset(slot: usize) {
+/// Makes the registers hold the state of guest `instance` in `slot`, saving
+/// the previous owner's. CR0.TS must be clear.
+pub fn switch_to(slot: usize, instance: u64) {
     x86_64::instructions::interrupts::without_interrupts(|| {
-        // SAFETY: interrupts off, single CPU: nobody else uses the area.
-        unsafe { *area(slot) = DEFAULT };
-        if OWNER.load(Ordering::Relaxed) == slot {
-            OWNER.store(NONE, Ordering::Relaxed);
+        // SAFETY: interrupts off, single CPU: this is the only reference.
+        let (state, areas) = unsafe { &mut *FPU.0.get() };
+        let switch = state.switch_to(slot, instance);
+        if let Some(area) = switch.save_to.and_then(|s| areas.get_mut(s)) {
+            // SAFETY: the areas are 16-byte aligned 512-byte FXSAVE images;
+            // CR4.OSFXSR is set (init_cpu) and CR0.TS is clear, so FXSAVE
+            // does not fault; interrupts are off on the only CPU.
+            unsafe { core::arch::asm!("fxsave64 [{}]", in(reg) area, options(nostack)) };
         }
+        let image: *const FxArea = match switch.load {
+            Load::Keep => return,
+            Load::Reset => &raw const RESET,
+            Load::Saved => match areas.get(slot) {
+                Some(area) => area,
+                None => &raw const RESET,
+            },
+        };
+        // SAFETY: a 16-byte aligned 512-byte FXSAVE image, written by
+        // FXSAVE or the reset image (reserved MXCSR bits clear), so FXRSTOR
+        // does not fault (OSFXSR set, TS clear, as above).
+        unsafe { core::arch::asm!("fxrstor64 [{}]", in(reg) image, options(nostack)) };
     });
 }
 
-/// Makes the registers hold `slot`'s state, saving the previous owner's.
-/// CR0.TS must be clear.
-pub fn switch_to(slot: usize) {
+/// Guest `instance` in `slot` is gone: its registers need not be saved.
+pub fn release(slot: usize, instance: u64) {
     x86_64::instructions::interrupts::without_interrupts(|| {
-        let owner = OWNER.load(Ordering::Relaxed);
-        if owner == slot {
-            return;
-        }
-        // SAFETY: the areas are 16-byte aligned 512-byte FXSAVE images;
-        // CR4.OSFXSR is set (init_cpu) and CR0.TS is clear, so neither
-        // instruction faults; interrupts are off on the only CPU.
-        unsafe {
-            if owner != NONE {
-                core::arch::asm!("fxsave64 [{}]", in(reg) area(owner), options(nostack));
-            }
-            core::arch::asm!("fxrstor64 [{}]", in(reg) area(slot), options(nostack));
-        }
-        OWNER.store(slot, Ordering::Relaxed);
+        // SAFETY: interrupts off, single CPU: this is the only reference.
+        let (state, _) = unsafe { &mut *FPU.0.get() };
+        state.release(slot, instance);
     });
-}
-
-/// The guest in `slot` is gone: its registers need not be saved.
-pub fn release(slot: usize) {
-    let _ = OWNER.compare_exchange(slot, NONE, Ordering::Relaxed, Ordering::Relaxed);
 }

@@ -205,7 +205,6 @@ impl GuestCore for KernelCore {
             eventfds: [(0, 0); 16],
             signals: 0,
         });
-        fpu::reset(self.slot);
         Ok(())
     }
 
@@ -218,7 +217,7 @@ impl GuestCore for KernelCore {
         // kernel PML4, plus this guest's memory at linear 0.
         unsafe { cpu::write_cr3(r.tables.cr3()) };
         set_cr0_ts(false);
-        fpu::switch_to(slot);
+        fpu::switch_to(slot, r.instance);
         loop {
             let mut bits = PENDING[slot].swap(0, Ordering::SeqCst);
             while bits != 0 {
@@ -300,7 +299,7 @@ impl GuestCore for KernelCore {
     fn release(&mut self) {
         if let Some(mut r) = self.running.take() {
             r.env.set_clockevent(None);
-            fpu::release(self.slot);
+            fpu::release(self.slot, r.instance);
             // Dropping `r` frees the tables (switching CR3 back first).
         }
         PENDING[self.slot].store(0, Ordering::SeqCst);
@@ -529,6 +528,10 @@ fn run_guest(slot: usize, m: &Module, spec: &GuestSpec<'_>) -> Outcome {
             }
         }
     };
+    let (lines, bytes) = console.dropped();
+    if lines > 0 {
+        kprintln!("guest {name} console: {lines} lines ({bytes} bytes) dropped: over the rate limit");
+    }
     kprintln!(
         "guest {name} used {} exits, {} of host memory beyond its RAM",
         switch::exits() - exits_before,
