@@ -360,7 +360,10 @@ mod tests {
         assert!(text.contains("wrong exit code 0"), "{text}");
         assert!(text.contains("smp4: FAILED after 2.0s"), "{text}");
         assert!(text.contains("(50 lines, last 40 shown)"), "{text}");
-        assert!(text.contains("   50 | forged\\rline 50\\x1b[2K\n"), "{text}");
+        assert!(
+            text.contains("   50 | forged\\rline 50\\x1b[2K\n"),
+            "{text}"
+        );
         assert!(text.contains("   11 | line 11\n"), "{text}");
         assert!(!text.contains("| line 10\n"), "{text}");
         assert!(

@@ -433,6 +433,9 @@ mod tests {
         // A report quoting a forged line shows its control characters.
         let forbid_forged = exp(&[], &["powered off"], 33);
         let report = judge(&forbid_forged, &lines(raw), Outcome::Exited(33))[0].to_string();
-        assert!(report.ends_with("guest hello: \\rguest hello powered off"), "{report}");
+        assert!(
+            report.ends_with("guest hello: \\rguest hello powered off"),
+            "{report}"
+        );
     }
 }

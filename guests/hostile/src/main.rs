@@ -442,7 +442,8 @@ fn crash(_: &BootInfo) {
 #[repr(C, align(4))]
 struct RawText<const N: usize>([u8; N]);
 
-static MULTI_LINE: RawText<55> = RawText(*b"line one\nguest hostile killed: nothing\nsummary: forged\0");
+static MULTI_LINE: RawText<55> =
+    RawText(*b"line one\nguest hostile killed: nothing\nsummary: forged\0");
 static LONG_LINE: RawText<1001> = {
     let mut t = [b'x'; 1001];
     t[1000] = 0;

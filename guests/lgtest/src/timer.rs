@@ -181,30 +181,30 @@ fn blocked() {
     );
 }
 
-/// Rounds of [`run_wake`].
+/// Rounds of [`run_wake`]: together they sweep 4 µs (4000 instructions
+/// under icount), several times the host's whole hypercall path.
 const WAKE_ROUNDS: u32 = 4000;
+/// Clock-event delta of the first round of [`run_wake`].
+const WAKE_FIRST_NS: u32 = 50;
 
-/// `mode=wake`: the lost wake-up race. Each round arms a clock event a few
-/// microseconds ahead (varied pseudo-randomly, so that over the rounds it
-/// expires at every point of the host's HALT path) and halts at once. A
-/// host that checks for pending interrupts and then halts the CPU without
-/// closing the gap between the two sleeps through an expiry that landed in
-/// the gap, and (nothing else being armed) never wakes: the scenario times
-/// out. Every round must be woken by its own tick.
+/// `mode=wake`: the lost wake-up race. Round `k` arms a clock event
+/// `WAKE_FIRST_NS + k` ns ahead and halts at once. The scenario runs under
+/// `-icount shift=0` (one virtual nanosecond per instruction, timers expire
+/// exactly on time), so over the rounds the expiry sweeps, a few
+/// instructions at a time, across the whole of the host's SET_CLOCKEVENT
+/// return and HALT path, including the gap between its "anything pending?"
+/// check and the instruction that halts the CPU. A host that does not close
+/// that gap sleeps through such an expiry and, nothing else being armed,
+/// never wakes: the scenario times out. Every round must be woken by its
+/// own tick.
 pub fn run_wake(_boot: &BootInfo) {
     set_irq_handler(0, Some(tick));
     irq::unmask(0);
     COUNT.store(0, Ordering::Relaxed);
-    let mut seed: u32 = 0x2545_f491;
     let mut halts = 0u32;
     for round in 0..WAKE_ROUNDS {
-        // xorshift32
-        seed ^= seed << 13;
-        seed ^= seed >> 17;
-        seed ^= seed << 5;
-        let delta_ns = 1_000 + seed % 60_000;
         irq::disable();
-        hcall::set_clockevent(delta_ns);
+        hcall::set_clockevent(WAKE_FIRST_NS + round);
         while COUNT.load(Ordering::Relaxed) <= round {
             halts += 1;
             hcall::halt();

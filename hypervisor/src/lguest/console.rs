@@ -264,7 +264,10 @@ mod tests {
         assert_eq!(out, "a".repeat(LINE_MAX));
         // The cap counts guest bytes, the escapes may make the line longer.
         let ctl = [0x1bu8; 3];
-        assert_eq!(Escaped::capped(&ctl, 2).to_string(), "\\x1b\\x1b [1 more bytes]");
+        assert_eq!(
+            Escaped::capped(&ctl, 2).to_string(),
+            "\\x1b\\x1b [1 more bytes]"
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@
 pub mod chan;
 pub mod console;
 pub mod fpustate;
+pub mod gdtcache;
 pub mod guestmem;
 pub mod kill;
 pub mod loader;

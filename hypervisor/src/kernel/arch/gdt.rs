@@ -9,6 +9,7 @@
 
 use core::cell::UnsafeCell;
 
+use rustyvisor::lguest::gdtcache::{GdtKey, LoadedGdt};
 use x86_64::PrivilegeLevel;
 use x86_64::VirtAddr;
 use x86_64::instructions::segmentation::{CS, DS, ES, SS, Segment};
@@ -138,33 +139,38 @@ pub fn set_rsp0(top: u64) {
 /// copied from a guest.
 pub const HOST_SLOTS: [usize; 5] = [10, 11, 16, 17, 31];
 
-/// Which guest descriptors the hardware GDT holds (an owner-chosen key, e.g.
-/// guest slot and GDT generation); `u64::MAX` = unknown.
-static LOADED_KEY: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(u64::MAX);
+/// Which guest's descriptors the hardware GDT holds.
+static LOADED: spin::Mutex<LoadedGdt> = spin::Mutex::new(LoadedGdt::new());
 
 /// Like [`load_guest_entries`], but skips the copy when the descriptors
-/// tagged `key` are already loaded (the common case on every guest entry).
-pub fn load_guest_entries_cached(key: u64, entries: &[u64; GDT_ENTRIES]) {
-    use core::sync::atomic::Ordering;
-    if LOADED_KEY.load(Ordering::Relaxed) != key {
-        load_guest_entries(entries);
-        LOADED_KEY.store(key, Ordering::Relaxed);
-    }
+/// of `key` are already loaded (the common case on every guest entry).
+pub fn load_guest_entries_cached(key: GdtKey, entries: &[u64; GDT_ENTRIES]) {
+    x86_64::instructions::interrupts::without_interrupts(|| {
+        if LOADED.lock().must_load(key) {
+            copy_guest_entries(entries);
+        }
+    });
 }
 
 /// Copies a guest's 32 descriptors into the hardware GDT, except the
-/// hypervisor's own slots. The guest's descriptors were validated when it
-/// set them (no system descriptors, no 64-bit code, DPL ≥ 1).
+/// hypervisor's own slots, and forgets which guest's were there.
 pub fn load_guest_entries(entries: &[u64; GDT_ENTRIES]) {
     x86_64::instructions::interrupts::without_interrupts(|| {
-        // SAFETY: boot CPU, interrupts off; the host slots are skipped, so the
-        // running CS/SS and the busy TSS descriptor stay intact.
-        let gdt = unsafe { &mut (*TABLES.0.get()).gdt };
-        LOADED_KEY.store(u64::MAX, core::sync::atomic::Ordering::Relaxed);
-        for (i, (dst, src)) in gdt.iter_mut().zip(entries.iter()).enumerate() {
-            if !HOST_SLOTS.contains(&i) {
-                *dst = *src;
-            }
-        }
+        LOADED.lock().forget();
+        copy_guest_entries(entries);
     });
+}
+
+/// The copy itself; interrupts must be off. The guest's descriptors were
+/// validated when it set them (no system descriptors, no 64-bit code,
+/// DPL ≥ 1).
+fn copy_guest_entries(entries: &[u64; GDT_ENTRIES]) {
+    // SAFETY: boot CPU, interrupts off (both callers); the host slots are
+    // skipped, so the running CS/SS and the busy TSS descriptor stay intact.
+    let gdt = unsafe { &mut (*TABLES.0.get()).gdt };
+    for (i, (dst, src)) in gdt.iter_mut().zip(entries.iter()).enumerate() {
+        if !HOST_SLOTS.contains(&i) {
+            *dst = *src;
+        }
+    }
 }

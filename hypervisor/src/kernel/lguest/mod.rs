@@ -18,8 +18,9 @@ use alloc::string::String;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use guest_abi::lhreq::{Errno, LhReq};
-use rustyvisor::lguest::console::{ConsoleLine, Escaped, GuestConsole};
 use rustyvisor::lguest::chan::{Channel, DeathReason, EventHandle, GuestCore, RunExit, TaskId};
+use rustyvisor::lguest::console::{ConsoleLine, Escaped, GuestConsole};
+use rustyvisor::lguest::gdtcache::GdtKey;
 use rustyvisor::lguest::guestmem::GuestMemory;
 use rustyvisor::lguest::loader;
 use rustyvisor::lguest::vcpu::{Action, Env, Exit, Vcpu};
@@ -249,7 +250,10 @@ impl GuestCore for KernelCore {
                 Action::Restart => return RunExit::Restart,
             }
             gdt::load_guest_entries_cached(
-                (r.instance << 32) ^ r.vcpu.gdt.generation(),
+                GdtKey {
+                    instance: r.instance,
+                    generation: r.vcpu.gdt.generation(),
+                },
                 r.vcpu.gdt.entries(),
             );
             set_cr0_ts(r.env.ts);
@@ -530,7 +534,9 @@ fn run_guest(slot: usize, m: &Module, spec: &GuestSpec<'_>) -> Outcome {
     };
     let (lines, bytes) = console.dropped();
     if lines > 0 {
-        kprintln!("guest {name} console: {lines} lines ({bytes} bytes) dropped: over the rate limit");
+        kprintln!(
+            "guest {name} console: {lines} lines ({bytes} bytes) dropped: over the rate limit"
+        );
     }
     kprintln!(
         "guest {name} used {} exits, {} of host memory beyond its RAM",
