@@ -41,7 +41,7 @@ fn pinned_count(pattern: &str) -> bool {
 }
 
 /// `timeout_secs` of a scenario that sets none.
-pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
+pub const DEFAULT_TIMEOUT_SECS: u64 = 120;
 
 /// One scenario, validated.
 #[derive(Debug, Clone)]
@@ -392,7 +392,7 @@ mod tests {
         assert_eq!(patterns(&s.expectations.expect), ["^x"]);
         assert_eq!(patterns(&s.expectations.forbid), ["PANIC", "EXCEPTION"]);
         assert_eq!(s.expectations.exit_code, 33);
-        assert_eq!(s.timeout, Duration::from_secs(60));
+        assert_eq!(s.timeout, Duration::from_secs(120));
     }
 
     #[test]
