@@ -196,7 +196,7 @@ pub enum RunExit {
     /// A break was requested while the guest ran.
     Break,
     /// The guest was killed or powered off (`LHCALL_SHUTDOWN` reason 1 gives
-    /// "CRASH: <message>").
+    /// "power off: <message>", see `Vcpu::dead_reason`).
     Dead(DeathReason),
     /// The guest asked to be restarted (`LHCALL_SHUTDOWN` reason 2).
     Restart,
@@ -876,22 +876,22 @@ mod tests {
 
     #[test]
     fn death_is_enoent_with_readable_reason() {
-        let (mut ch, log) = dead("CRASH: power off");
+        let (mut ch, log) = dead("power off: bye");
         assert!(ch.is_dead() && !ch.wants_restart());
-        assert_eq!(ch.death_reason(), Some("CRASH: power off"));
+        assert_eq!(ch.death_reason(), Some("power off: bye"));
         assert_eq!(ch.init(), None);
         // Further reads: ENOENT, core never run again (first reason kept).
         for _ in 0..3 {
             assert_eq!(ch.read(OWNER, &mut [0u8; 64]), Err(Errno::ENOENT));
         }
         assert_eq!(log.borrow().runs.len(), 1);
-        assert_eq!(ch.death_reason(), Some("CRASH: power off"));
+        assert_eq!(ch.death_reason(), Some("power off: bye"));
         // The reason, NUL-terminated, repeatable.
         for _ in 0..2 {
             let mut buf = [0xFFu8; 1024];
-            assert_eq!(ch.read_reason(&mut buf), Ok(17));
-            assert_eq!(&buf[..17], b"CRASH: power off\0");
-            assert_eq!(buf[17], 0xFF);
+            assert_eq!(ch.read_reason(&mut buf), Ok(15));
+            assert_eq!(&buf[..15], b"power off: bye\0");
+            assert_eq!(buf[15], 0xFF);
         }
     }
 
@@ -1028,9 +1028,9 @@ mod tests {
 
     #[test]
     fn death_reason_from_guest_bytes() {
-        let mut r = DeathReason::new("CRASH: ");
+        let mut r = DeathReason::new("power off: ");
         r.push_bytes_lossy(b"power\xFFoff\0garbage after nul");
-        assert_eq!(r.as_str(), "CRASH: power\u{FFFD}off");
+        assert_eq!(r.as_str(), "power off: power\u{FFFD}off");
         let mut r = DeathReason::empty();
         r.push_bytes_lossy(&[b'a'; 2000]);
         assert_eq!(r.len(), DEATH_REASON_MAX);
