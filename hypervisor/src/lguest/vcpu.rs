@@ -71,7 +71,8 @@ pub struct Regs {
     pub fs: u32,
     pub ds: u32,
     pub es: u32,
-    /// Vector of the last exit (256 = "faulted while entering").
+    /// Vector of the last exit ([`ENTRY_FAULT_TRAPNUM`] = "faulted while
+    /// entering").
     pub trapnum: u32,
     pub errcode: u32,
     pub eip: u32,
@@ -87,7 +88,8 @@ const _: () = assert!(core::mem::size_of::<Regs>() == 72);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
     /// The guest raised exception / software interrupt `vector`
-    /// (0..=255, including `int $0x1f` hypercalls and `int $0x80`).
+    /// (0..=31, including `int $0x1f` hypercalls, or `int $0x80`; never a
+    /// host vector: see [`TrapOwner`] / [`Exit::from_trapnum`]).
     /// `errcode` is the hardware error code (0 if the vector has none), `cr2`
     /// the faulting address for #PF (captured with interrupts off).
     Trap {
@@ -102,6 +104,61 @@ pub enum Exit {
     HostInterrupt,
     /// The switcher faulted while loading guest state (lguest's trapnum 256).
     EntryFault,
+}
+
+/// The trap number the switcher reports when entering the guest faulted
+/// (lguest's "faulted inside the Switcher").
+pub const ENTRY_FAULT_TRAPNUM: u32 = 256;
+
+/// Whose event a trap number taken while a guest ran is: the one rule the
+/// switcher (which services host interrupts) and the run loop (which builds
+/// the [`Exit`]) share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrapOwner {
+    /// An exception or software interrupt of the guest's (0..=31, including
+    /// the hypercall vector 0x1f, and the syscall vector 0x80): reflect it.
+    Guest,
+    /// A device interrupt (32..=255 except 0x80): the host services it.
+    HostIrq,
+    /// An NMI (vector 2): the host's, never reflected.
+    HostNmi,
+    /// [`ENTRY_FAULT_TRAPNUM`]: the guest's state could not be loaded.
+    EntryFault,
+}
+
+impl TrapOwner {
+    /// Classify `trapnum` (0..=255 or [`ENTRY_FAULT_TRAPNUM`]). Any other
+    /// number cannot come from the switcher; it is treated as a host
+    /// interrupt, so it is never reflected into the guest.
+    ///
+    /// Software `int n` from the guest with n ≥ 32 reaches the host only
+    /// for 0x80 (the host gates for the others have DPL 0, so the guest
+    /// takes #GP instead); every other vector ≥ 32 is hardware.
+    pub fn of(trapnum: u32) -> Self {
+        match trapnum {
+            ENTRY_FAULT_TRAPNUM => Self::EntryFault,
+            trap::NMI => Self::HostNmi,
+            SYSCALL_VECTOR => Self::Guest,
+            0..FIRST_EXTERNAL_VECTOR => Self::Guest,
+            _ => Self::HostIrq,
+        }
+    }
+}
+
+impl Exit {
+    /// The exit for trap number `trapnum` as the switcher reports it, with
+    /// the hardware error code and CR2 it saved.
+    pub fn from_trapnum(trapnum: u32, errcode: u32, cr2: u32) -> Self {
+        match TrapOwner::of(trapnum) {
+            TrapOwner::EntryFault => Exit::EntryFault,
+            TrapOwner::HostIrq | TrapOwner::HostNmi => Exit::HostInterrupt,
+            TrapOwner::Guest => Exit::Trap {
+                vector: trapnum,
+                errcode,
+                cr2,
+            },
+        }
+    }
 }
 
 /// What the host must do next.
@@ -240,7 +297,7 @@ impl Vcpu {
             es: u32::from(KERNEL_DS),
             ss: u32::from(KERNEL_DS),
             eflags: guest_abi::INITIAL_EFLAGS,
-            trapnum: 256,
+            trapnum: ENTRY_FAULT_TRAPNUM,
             ..Regs::default()
         };
         Self {
@@ -311,7 +368,9 @@ impl Vcpu {
     pub fn is_dead(&self) -> bool {
         self.dead.is_some()
     }
-    /// Whether the guest died asking to be restarted.
+    /// Whether the guest died asking to be restarted (the entry points
+    /// report it as [`Action::Restart`]).
+    #[cfg(test)]
     pub fn is_restart(&self) -> bool {
         self.restart
     }
@@ -403,9 +462,9 @@ impl Vcpu {
         let r = match exit {
             Exit::HostInterrupt => Ok(Action::Resume),
             Exit::EntryFault => {
-                self.regs.trapnum = 256;
+                self.regs.trapnum = ENTRY_FAULT_TRAPNUM;
                 kill!(
-                    "unhandled trap 256 at {:#x} ({:#x})",
+                    "unhandled trap {ENTRY_FAULT_TRAPNUM} at {:#x} ({:#x})",
                     self.regs.eip,
                     self.regs.errcode
                 )
@@ -515,8 +574,6 @@ impl Vcpu {
                 }
                 self.reflect(vector, errcode, cr2, mem)
             }
-            // NMIs are the host's; nothing to reflect.
-            trap::NMI => Ok(Action::Resume),
             _ => self.reflect(vector, errcode, cr2, mem),
         }
     }

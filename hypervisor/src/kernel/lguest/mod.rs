@@ -147,7 +147,6 @@ struct Running {
     tables: LinearTables,
     env: KernelEnv,
     eventfds: [(u32, u64); 16],
-    signals: u64,
 }
 
 /// The lguest core for one guest (the object behind one control channel).
@@ -202,7 +201,6 @@ impl GuestCore for KernelCore {
                 ts: false,
             },
             eventfds: [(0, 0); 16],
-            signals: 0,
         });
         fpu::reset(self.slot);
         Ok(())
@@ -255,16 +253,7 @@ impl GuestCore for KernelCore {
             set_cr0_ts(r.env.ts);
             let info = switch::run(&mut r.vcpu.regs);
             set_cr0_ts(false);
-            let exit = match info.trapnum {
-                switch::ENTRY_FAULT => Exit::EntryFault,
-                2 => Exit::HostInterrupt, // NMI: the host's, not the guest's
-                v if v >= 32 && v != 0x80 => Exit::HostInterrupt,
-                v => Exit::Trap {
-                    vector: v,
-                    errcode: info.errcode,
-                    cr2: info.cr2,
-                },
-            };
+            let exit = Exit::from_trapnum(info.trapnum, info.errcode, info.cr2);
             match r.vcpu.handle_exit(exit, &mut r.mem, &mut r.env) {
                 Action::Resume | Action::Halt => {}
                 Action::Notify(addr) => {
@@ -306,21 +295,18 @@ impl GuestCore for KernelCore {
     }
 }
 
-fn signal_eventfd(r: &mut Running, addr: u32) -> bool {
-    if addr != 0 && r.eventfds.iter().any(|(a, _)| *a == addr) {
-        // Device service tasks that wait on these arrive with the launcher
-        // task (next milestone); count the signal meanwhile.
-        r.signals += 1;
-        true
-    } else {
-        false
-    }
+/// Whether a notify of `addr` is absorbed by an event handle bound to it (the
+/// guest keeps running) rather than reported to the launcher. Device service
+/// tasks that wait on these handles arrive with the launcher task (next
+/// milestone); until then the signal has no receiver.
+fn signal_eventfd(r: &Running, addr: u32) -> bool {
+    addr != 0 && r.eventfds.iter().any(|(a, _)| *a == addr)
 }
 
+/// The exit for [`Action::Dead`]. (A restart is always [`Action::Restart`]:
+/// the vCPU reports a death that asked for a restart as that, never as
+/// `Dead`.)
 fn dead(vcpu: &Vcpu) -> RunExit {
-    if vcpu.is_restart() {
-        return RunExit::Restart;
-    }
     RunExit::Dead(DeathReason::new(vcpu.dead_reason().unwrap_or("killed")))
 }
 
