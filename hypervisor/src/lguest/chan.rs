@@ -67,6 +67,11 @@ use core::fmt;
 use guest_abi::lhreq::{DEATH_REASON_MAX, INITIALIZE_RESULT, NOTIFY_READ_LEN};
 use guest_abi::{Errno, LGUEST_IRQS, LhReq};
 
+use super::guestmem::MAX_GUEST_MEM;
+
+/// Guest page size (`pfnlimit` counts these).
+const GUEST_PAGE_SIZE: u64 = guest_abi::PAGE_SIZE as u64;
+
 /// Identifies a host task (the launcher, a device service task, …).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TaskId(pub u64);
@@ -237,6 +242,59 @@ pub trait GuestCore {
 
     /// `close()`: free everything the guest holds.
     fn release(&mut self);
+}
+
+/// What a core can accept for `LHREQ_INITIALIZE` (see [`check_initialize`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InitLimits {
+    /// Largest guest memory (RAM plus device pages) in bytes; at most
+    /// [`MAX_GUEST_MEM`], so every guest-physical address fits a `u32`.
+    pub max_bytes: u32,
+    /// Alignment (a power of two) both `base` and the memory size must have.
+    pub align: u64,
+}
+
+/// Validated `LHREQ_INITIALIZE` arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InitArgs {
+    /// Host address of guest-physical 0.
+    pub base: u64,
+    /// Guest memory size in bytes (`pfnlimit * 4096`), the guest-memory
+    /// accessor's limit.
+    pub bytes: u32,
+    /// Entry point: a guest-physical address inside guest memory.
+    pub start: u32,
+}
+
+/// Validate the `INITIALIZE` payload (`base`, `pfnlimit`, `start`) against a
+/// core's `limits`, before the core touches anything:
+///
+/// - `pfnlimit * 4096` neither overflows nor
+///   exceeds `limits.max_bytes`, and is a multiple of `limits.align`:
+///   else `EINVAL`;
+/// - `start < pfnlimit * 4096` (so `pfnlimit` 0 is refused): else `EINVAL`;
+/// - `base` is a multiple of `limits.align` and `base + bytes` does not
+///   wrap: else `EFAULT`.
+pub fn check_initialize(
+    base: u64,
+    pfnlimit: u64,
+    start: u64,
+    limits: InitLimits,
+) -> Result<InitArgs, Errno> {
+    let max = limits.max_bytes.min(MAX_GUEST_MEM);
+    let bytes = pfnlimit
+        .checked_mul(GUEST_PAGE_SIZE)
+        .and_then(|b| u32::try_from(b).ok())
+        .filter(|&b| b <= max && u64::from(b).is_multiple_of(limits.align))
+        .ok_or(Errno::EINVAL)?;
+    let start = u32::try_from(start)
+        .ok()
+        .filter(|&s| s < bytes)
+        .ok_or(Errno::EINVAL)?;
+    if !base.is_multiple_of(limits.align) || base.checked_add(u64::from(bytes)).is_none() {
+        return Err(Errno::EFAULT);
+    }
+    Ok(InitArgs { base, bytes, start })
 }
 
 /// Lifecycle of a channel.
@@ -1041,5 +1099,100 @@ mod tests {
         let (ch, _) = dead("boom");
         let s = std::format!("{ch:?}");
         assert!(s.contains("dead") && s.contains("boom"), "{s}");
+    }
+
+    // ---- INITIALIZE argument validation --------------------------------------
+
+    const LIMITS: InitLimits = InitLimits {
+        max_bytes: 3 << 30,
+        align: 2 << 20,
+    };
+    const BASE: u64 = 0xFFFF_8000_0040_0000;
+    const PFN_16M: u64 = (16 << 20) / 4096;
+
+    #[test]
+    fn initialize_args_start_boundaries() {
+        let bytes = 16u32 << 20;
+        assert_eq!(
+            check_initialize(BASE, PFN_16M, u64::from(bytes) - 1, LIMITS),
+            Ok(InitArgs {
+                base: BASE,
+                bytes,
+                start: bytes - 1
+            })
+        );
+        assert_eq!(
+            check_initialize(BASE, PFN_16M, 0, LIMITS).map(|a| a.start),
+            Ok(0)
+        );
+        for start in [u64::from(bytes), u64::from(bytes) + 1, 1 << 32, u64::MAX] {
+            assert_eq!(
+                check_initialize(BASE, PFN_16M, start, LIMITS),
+                Err(Errno::EINVAL),
+                "start {start:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn initialize_args_size_boundaries() {
+        // No memory at all: nowhere to start.
+        assert_eq!(check_initialize(BASE, 0, 0, LIMITS), Err(Errno::EINVAL));
+        // Exactly the maximum is fine, one alignment unit more is not.
+        let max_pfn = u64::from(LIMITS.max_bytes) / 4096;
+        assert_eq!(
+            check_initialize(BASE, max_pfn, 0, LIMITS).map(|a| a.bytes),
+            Ok(3 << 30)
+        );
+        assert_eq!(
+            check_initialize(BASE, max_pfn + 512, 0, LIMITS),
+            Err(Errno::EINVAL)
+        );
+        // Not a multiple of the alignment.
+        assert_eq!(
+            check_initialize(BASE, PFN_16M + 1, 0, LIMITS),
+            Err(Errno::EINVAL)
+        );
+        // pfnlimit * 4096 overflows u64 / does not fit u32.
+        for pfn in [u64::MAX, u64::MAX / 4096 + 1, 1 << 20, (1 << 20) + 512] {
+            assert_eq!(
+                check_initialize(BASE, pfn, 0, LIMITS),
+                Err(Errno::EINVAL),
+                "{pfn:#x}"
+            );
+        }
+        // Even a core that would take more never exceeds MAX_GUEST_MEM.
+        let big = InitLimits {
+            max_bytes: u32::MAX,
+            align: 4096,
+        };
+        let top = u64::from(MAX_GUEST_MEM) / 4096;
+        assert_eq!(
+            check_initialize(0, top, 0, big).map(|a| a.bytes),
+            Ok(MAX_GUEST_MEM)
+        );
+        assert_eq!(check_initialize(0, top + 1, 0, big), Err(Errno::EINVAL));
+    }
+
+    #[test]
+    fn initialize_args_base() {
+        assert_eq!(
+            check_initialize(BASE + 4096, PFN_16M, 0, LIMITS),
+            Err(Errno::EFAULT)
+        );
+        assert_eq!(
+            check_initialize(BASE + 1, PFN_16M, 0, LIMITS),
+            Err(Errno::EFAULT)
+        );
+        // base + bytes would wrap.
+        let last = u64::MAX - (LIMITS.align - 1);
+        assert_eq!(
+            check_initialize(last, PFN_16M, 0, LIMITS),
+            Err(Errno::EFAULT)
+        );
+        assert_eq!(
+            check_initialize(0, PFN_16M, 0, LIMITS).map(|a| a.base),
+            Ok(0)
+        );
     }
 }

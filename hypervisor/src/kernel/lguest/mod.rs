@@ -18,11 +18,13 @@ use alloc::string::String;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use guest_abi::lhreq::{Errno, LhReq};
-use rustyvisor::lguest::chan::{Channel, DeathReason, EventHandle, GuestCore, RunExit, TaskId};
+use rustyvisor::lguest::chan::{
+    Channel, DeathReason, EventHandle, GuestCore, InitLimits, RunExit, TaskId, check_initialize,
+};
 use rustyvisor::lguest::guestmem::GuestMemory;
 use rustyvisor::lguest::loader;
 use rustyvisor::lguest::vcpu::{Action, Env, Exit, Vcpu};
-use rustyvisor::mm::PAGE_SIZE;
+use rustyvisor::mm::{LARGE_PAGE_SIZE, PAGE_SIZE};
 use rustyvisor::timerq::TimerId;
 use rustyvisor::units::{self, Bytes};
 
@@ -176,23 +178,23 @@ impl GuestCore for KernelCore {
     type Init = ();
 
     fn initialize(&mut self, base: u64, pfnlimit: u64, start: u64) -> Result<(), Errno> {
-        let bytes = pfnlimit.checked_mul(PAGE_SIZE).ok_or(Errno::EINVAL)?;
-        let limit = u32::try_from(bytes).map_err(|_| Errno::EINVAL)?;
-        if start >= bytes {
-            return Err(Errno::EINVAL);
-        }
-        let tables = LinearTables::new(base, bytes).map_err(|e| match e {
+        let limits = InitLimits {
+            max_bytes: space::MAX_GUEST_BYTES as u32,
+            align: LARGE_PAGE_SIZE,
+        };
+        let args = check_initialize(base, pfnlimit, start, limits)?;
+        let tables = LinearTables::new(args.base, u64::from(args.bytes)).map_err(|e| match e {
             space::SpaceError::OutOfMemory => Errno::ENOMEM,
             _ => Errno::EFAULT,
         })?;
         // SAFETY: `LinearTables::new` checked that `base` is 2 MiB-aligned
         // direct-map memory; the launcher owns those `bytes` of guest RAM and
         // keeps them until after `release`.
-        let mem = unsafe { HostGuestMemory::new(base, limit) };
+        let mem = unsafe { HostGuestMemory::new(args.base, args.bytes) };
         PENDING[self.slot].store(0, Ordering::SeqCst);
         self.running = Some(Running {
             instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
-            vcpu: Vcpu::new(start as u32),
+            vcpu: Vcpu::new(args.start),
             mem,
             tables,
             env: KernelEnv {
