@@ -11,6 +11,7 @@
 
 pub mod acpi_s5;
 pub mod config;
+pub mod fixedstr;
 pub mod lguest;
 pub mod mm;
 pub mod ringbuf;

@@ -64,6 +64,7 @@
 
 use core::fmt;
 
+use crate::fixedstr::FixedStr;
 use guest_abi::lhreq::{DEATH_REASON_MAX, INITIALIZE_RESULT, NOTIFY_READ_LEN};
 use guest_abi::{Errno, LGUEST_IRQS, LhReq};
 
@@ -81,111 +82,14 @@ pub struct TaskId(pub u64);
 pub struct EventHandle(pub u64);
 
 /// Why a guest died: a UTF-8 string of at most [`DEATH_REASON_MAX`] (1023)
-/// bytes, stored inline so that killing a guest never allocates.
+/// bytes, stored inline so that recording a death never allocates.
 ///
-/// Build it with [`DeathReason::new`], [`DeathReason::format`] (for lguest's
+/// Build it with [`FixedStr::new`], [`FixedStr::format`] (for lguest's
 /// printf-style kill strings, e.g.
 /// `DeathReason::format(format_args!("bad read address {addr:#x} len {len}"))`)
-/// or by `write!`ing into [`DeathReason::empty`]. Longer text is silently
+/// or by `write!`ing into [`FixedStr::empty`]. Longer text is silently
 /// truncated at a character boundary.
-#[derive(Clone)]
-pub struct DeathReason {
-    len: u16,
-    buf: [u8; DEATH_REASON_MAX],
-}
-
-impl DeathReason {
-    /// An empty reason.
-    pub const fn empty() -> Self {
-        Self {
-            len: 0,
-            buf: [0; DEATH_REASON_MAX],
-        }
-    }
-
-    /// A reason holding (a prefix of) `s`.
-    pub fn new(s: &str) -> Self {
-        let mut r = Self::empty();
-        r.push_str(s);
-        r
-    }
-
-    /// A reason holding the formatted text (truncated).
-    pub fn format(args: fmt::Arguments<'_>) -> Self {
-        let mut r = Self::empty();
-        // `write_str` never fails; truncation is silent.
-        let _ = fmt::Write::write_fmt(&mut r, args);
-        r
-    }
-
-    /// Append as much of `s` as fits, cutting at a character boundary.
-    pub fn push_str(&mut self, s: &str) {
-        let used = usize::from(self.len);
-        let room = DEATH_REASON_MAX - used;
-        let mut take = s.len().min(room);
-        while !s.is_char_boundary(take) {
-            take -= 1;
-        }
-        self.buf[used..used + take].copy_from_slice(&s.as_bytes()[..take]);
-        // `used + take <= DEATH_REASON_MAX = 1023` fits in a u16.
-        self.len = (used + take) as u16;
-    }
-
-    /// Append guest-supplied bytes (e.g. a `LHCALL_SHUTDOWN` message): stops
-    /// at the first NUL, replaces invalid UTF-8 with U+FFFD.
-    pub fn push_bytes_lossy(&mut self, bytes: &[u8]) {
-        let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-        for chunk in bytes[..end].utf8_chunks() {
-            self.push_str(chunk.valid());
-            if !chunk.invalid().is_empty() {
-                self.push_str("\u{FFFD}");
-            }
-        }
-    }
-
-    /// The text.
-    pub fn as_str(&self) -> &str {
-        // Only whole `&str` prefixes cut at char boundaries are ever copied in.
-        core::str::from_utf8(&self.buf[..usize::from(self.len)]).unwrap_or("")
-    }
-
-    /// Length in bytes.
-    pub fn len(&self) -> usize {
-        usize::from(self.len)
-    }
-
-    /// Whether the reason is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-impl fmt::Write for DeathReason {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        self.push_str(s);
-        Ok(())
-    }
-}
-
-impl fmt::Debug for DeathReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self.as_str(), f)
-    }
-}
-
-impl fmt::Display for DeathReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl PartialEq for DeathReason {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_str() == other.as_str()
-    }
-}
-
-impl Eq for DeathReason {}
+pub type DeathReason = FixedStr<DEATH_REASON_MAX>;
 
 /// Why [`GuestCore::run`] returned.
 #[derive(Debug, Clone, PartialEq, Eq)]

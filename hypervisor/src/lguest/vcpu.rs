@@ -34,15 +34,12 @@
 //! guest physical. Every guest-virtual access (stack pushes, instruction
 //! fetch) still goes through [`Vcpu::guest_pa`] so shadow paging can plug in.
 
-extern crate alloc;
-
-use alloc::format;
-use alloc::string::{String, ToString};
 use core::fmt;
 
 use guest_abi::data::LguestData;
 use guest_abi::hcall::{
-    HCALL_STATUS_EMPTY, Hypercall, LGUEST_TRAP_ENTRY, LHCALL_LGUEST_INIT, LHCALL_RING_SIZE,
+    HCALL_STATUS_EMPTY, HcallArgs, Hypercall, LGUEST_TRAP_ENTRY, LHCALL_LGUEST_INIT,
+    LHCALL_RING_SIZE,
 };
 use guest_abi::irq::{
     FIRST_EXTERNAL_VECTOR, IDT_ENTRIES, LGUEST_IRQS, LGUEST_SHUTDOWN_POWEROFF,
@@ -50,6 +47,7 @@ use guest_abi::irq::{
 };
 use guest_abi::seg::{IDT_HIGH_KEEP_MASK, IDT_TYPE_INTERRUPT, IDT_TYPE_TRAP, KERNEL_CS, KERNEL_DS};
 
+use super::chan::DeathReason;
 use super::guestmem::GuestMemory;
 use super::kill::{Kill, kill};
 use super::segments::GuestGdt;
@@ -240,9 +238,6 @@ pub fn sanitize_eflags(eflags: u32) -> u32 {
 /// Guest page size for splitting guest-virtual accesses.
 const PAGE: u32 = 4096;
 
-/// Saved arguments of a synchronous hypercall (eax, ebx, ecx, edx, esi).
-type HcallArgs = [u32; 5];
-
 /// The per-guest (single-vCPU) lguest state.
 pub struct Vcpu {
     /// The guest's registers; the switcher loads them on entry and saves
@@ -263,9 +258,10 @@ pub struct Vcpu {
     ts: bool,
     pending: u32,
     halted: bool,
-    dead: Option<String>,
+    dead: Option<DeathReason>,
     restart: bool,
     ring_cursor: usize,
+    /// A synchronous hypercall (eax, ebx, ecx, edx, esi) not yet finished.
     pending_hcall: Option<HcallArgs>,
     /// The GDT generation and (cs, ss, ds, es, fs, gs) last found valid by
     /// `check_entry_state`: validity depends only on these, so an entry
@@ -375,14 +371,14 @@ impl Vcpu {
         self.restart
     }
     /// Why the guest died (`"power off: …"`, `"restart: …"` or a kill reason).
-    pub fn dead_reason(&self) -> Option<&str> {
-        self.dead.as_deref()
+    pub fn dead_reason(&self) -> Option<&DeathReason> {
+        self.dead.as_ref()
     }
 
     /// Kill the guest; only the first reason is kept.
     pub fn kill(&mut self, reason: impl fmt::Display) {
         if self.dead.is_none() {
-            self.dead = Some(reason.to_string());
+            self.dead = Some(DeathReason::format(format_args!("{reason}")));
             self.halted = false;
             self.pending_hcall = None;
         }
@@ -557,7 +553,13 @@ impl Vcpu {
         match vector {
             v if v == u32::from(LGUEST_TRAP_ENTRY) && self.cpl() == 1 => {
                 let r = &self.regs;
-                self.pending_hcall = Some([r.eax, r.ebx, r.ecx, r.edx, r.esi]);
+                self.pending_hcall = Some(HcallArgs {
+                    arg0: r.eax,
+                    arg1: r.ebx,
+                    arg2: r.ecx,
+                    arg3: r.edx,
+                    arg4: r.esi,
+                });
                 self.run_pending_hcall(mem, env)
             }
             trap::GP if errcode == 0 && self.cpl() == 1 => {
@@ -836,10 +838,10 @@ impl Vcpu {
         };
         let Some(ld) = self.lguest_data else {
             self.pending_hcall = None;
-            if args[0] != LHCALL_LGUEST_INIT {
-                return kill!("hypercall {} before INIT", args[0]);
+            if args.arg0 != LHCALL_LGUEST_INIT {
+                return kill!("hypercall {} before INIT", args.arg0);
             }
-            self.do_init(args[1], mem, env)?;
+            self.do_init(args.arg1, mem, env)?;
             return Ok(Action::Resume);
         };
         if let Some(a) = self.run_async(ld, mem, env)? {
@@ -876,10 +878,18 @@ impl Vcpu {
             self.ring_cursor = (n + 1) % LHCALL_RING_SIZE;
             let mut raw = [0u8; 20];
             mem.read(ld.wrapping_add(LguestData::off_hcall(n as u32)), &mut raw)?;
-            let mut args = [0u32; 5];
-            for (a, c) in args.iter_mut().zip(raw.chunks_exact(4)) {
+            let mut words = [0u32; 5];
+            for (a, c) in words.iter_mut().zip(raw.chunks_exact(4)) {
                 *a = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
             }
+            let [arg0, arg1, arg2, arg3, arg4] = words;
+            let args = HcallArgs {
+                arg0,
+                arg1,
+                arg2,
+                arg3,
+                arg4,
+            };
             let r = self.do_call(args, mem, env);
             mem.write_u8(
                 ld.wrapping_add(LguestData::off_hcall_status(n as u32)),
@@ -926,7 +936,13 @@ impl Vcpu {
         mem: &mut M,
         env: &mut E,
     ) -> Result<Action, Kill> {
-        let [nr, a1, a2, a3, _a4] = args;
+        let HcallArgs {
+            arg0: nr,
+            arg1: a1,
+            arg2: a2,
+            arg3: a3,
+            arg4: _,
+        } = args;
         let Ok(h) = Hypercall::try_from(nr) else {
             return kill!("Bad hypercall {nr}");
         };
@@ -978,7 +994,7 @@ impl Vcpu {
         let text = mem.read_cstr(msg, 127)?;
         if reason == LGUEST_SHUTDOWN_RESTART {
             if self.dead.is_none() {
-                self.kill(format!("restart: {text}"));
+                self.kill(format_args!("restart: {text}"));
                 self.restart = true;
             }
             return Ok(Action::Restart);
@@ -986,7 +1002,7 @@ impl Vcpu {
         if text.is_empty() {
             self.kill("power off");
         } else {
-            self.kill(format!("power off: {text}"));
+            self.kill(format_args!("power off: {text}"));
         }
         Ok(Action::Dead)
     }

@@ -309,7 +309,11 @@ fn signal_eventfd(r: &Running, addr: u32) -> bool {
 /// the vCPU reports a death that asked for a restart as that, never as
 /// `Dead`.)
 fn dead(vcpu: &Vcpu) -> RunExit {
-    RunExit::Dead(DeathReason::new(vcpu.dead_reason().unwrap_or("killed")))
+    RunExit::Dead(
+        vcpu.dead_reason()
+            .cloned()
+            .unwrap_or_else(|| DeathReason::new("killed")),
+    )
 }
 
 /// A guest module's command line: `name [mem=SIZE] [args...]`.

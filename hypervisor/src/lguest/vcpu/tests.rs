@@ -1,8 +1,8 @@
 use super::*;
 use crate::lguest::guestmem::VecMemory;
-use alloc::vec::Vec;
 use guest_abi::hcall::*;
 use guest_abi::seg::{USER_CS, USER_DS, idt_gate};
+use std::vec::Vec;
 
 const MEM: u32 = 0x10_0000;
 const LD: u32 = 0x8000;
@@ -153,7 +153,7 @@ impl T {
     }
 
     fn dead(&self) -> &str {
-        self.v.dead_reason().expect("guest should be dead")
+        self.v.dead_reason().expect("guest should be dead").as_str()
     }
 }
 
