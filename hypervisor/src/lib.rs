@@ -15,5 +15,7 @@ pub mod fixedstr;
 pub mod lguest;
 pub mod mm;
 pub mod ringbuf;
+#[cfg(test)]
+pub(crate) mod testutil;
 pub mod timerq;
 pub mod units;
