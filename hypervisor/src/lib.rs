@@ -8,6 +8,8 @@
 //! VMX, port I/O, the direct map) lives in the bare-metal binary, which
 //! calls into this crate.
 #![cfg_attr(not(test), no_std)]
+// Pure logic only: every `unsafe` belongs to the bare-metal binary.
+#![forbid(unsafe_code)]
 
 pub mod acpi_s5;
 pub mod config;

@@ -40,11 +40,9 @@ const _: () = assert!(
         && is_guest_reserved_slot(HOST_TSS_INDEX as u32 + 1)
         && HOST_TSS_INDEX as u32 + 1 == GDT_ENTRY_TSS_HIGH
 );
+
 /// The hypervisor's code selector.
 pub const HOST_CS: u16 = HOST_CS_INDEX << 3;
-/// The hypervisor's data/stack selector.
-#[allow(dead_code)] // the guest switcher loads it (next issue)
-pub const HOST_DS: u16 = HOST_DS_INDEX << 3;
 
 /// IST slot (1-based, as in the gate) used for double faults.
 pub const IST_DOUBLE_FAULT: u8 = 1;
