@@ -345,11 +345,11 @@ impl<C: GuestCore> Channel<C> {
         match &self.state {
             State::Dead(reason) => {
                 let text = reason.as_str().as_bytes();
-                let n = buf.len().min(text.len() + 1);
-                let from_text = n.min(text.len());
-                buf[..from_text].copy_from_slice(&text[..from_text]);
-                if n > text.len() {
-                    buf[text.len()] = 0;
+                let with_nul = text.iter().copied().chain(core::iter::once(0));
+                let mut n = 0usize;
+                for (dst, src) in buf.iter_mut().zip(with_nul) {
+                    *dst = src;
+                    n = n.saturating_add(1);
                 }
                 Ok(n)
             }

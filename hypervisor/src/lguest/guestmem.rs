@@ -132,13 +132,13 @@ pub trait GuestMemory {
         let zeros = [0u8; CHUNK as usize];
         let mut done = 0u32;
         while done < len {
-            let n = (len - done).min(CHUNK);
+            let n = len.saturating_sub(done).min(CHUNK);
             // In range: checked above, `done + n <= len`.
             self.write(
                 gpa.wrapping_add(done),
                 zeros.get(..n as usize).unwrap_or(&[]),
             )?;
-            done += n;
+            done = done.saturating_add(n);
         }
         Ok(())
     }

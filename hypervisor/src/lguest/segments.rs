@@ -127,8 +127,8 @@ impl GuestGdt {
     /// validated before any is stored.
     pub fn load_tls(&mut self, tls: &[u64; TLS_ENTRIES]) -> Result<(), Kill> {
         let mut fixed = [0u64; TLS_ENTRIES];
-        for (k, (out, &raw)) in fixed.iter_mut().zip(tls.iter()).enumerate() {
-            *out = Self::fixup(TLS_FIRST + k, raw)?;
+        for ((out, &raw), index) in fixed.iter_mut().zip(tls.iter()).zip(TLS_FIRST..) {
+            *out = Self::fixup(index, raw)?;
         }
         if let Some(dst) = self.entries.get_mut(TLS_FIRST..TLS_FIRST + TLS_ENTRIES) {
             dst.copy_from_slice(&fixed);

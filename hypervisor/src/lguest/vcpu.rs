@@ -607,7 +607,7 @@ impl Vcpu {
             0xEE => (1, false), // out %al/%ax/%eax, (%dx)
             _ => return Ok(false),
         };
-        len += n;
+        len = len.saturating_add(n);
         if is_in {
             if insn & 1 == 0 {
                 self.regs.eax |= 0xFF;
@@ -677,7 +677,7 @@ impl Vcpu {
         let mut push = |v: u32| {
             if let Some(slot) = frame.get_mut(n) {
                 *slot = v;
-                n += 1;
+                n = n.saturating_add(1);
             }
         };
         if old.cs & 3 != 1 {
@@ -733,13 +733,15 @@ impl Vcpu {
         let mut off = 0u32;
         while off < 4 {
             let va = vaddr.wrapping_add(off);
-            let n = (PAGE - (va % PAGE)).min(4 - off);
+            // `off < 4` and `va % PAGE < PAGE`: neither subtraction wraps.
+            let n = PAGE.wrapping_sub(va % PAGE).min(4u32.wrapping_sub(off));
             let Some(pa) = self.guest_pa(mem, va) else {
                 return kill!("bad stack page {va:#x}");
             };
-            let chunk = bytes.get(off as usize..(off + n) as usize).unwrap_or(&[]);
+            let end = off.saturating_add(n);
+            let chunk = bytes.get(off as usize..end as usize).unwrap_or(&[]);
             mem.write(pa, chunk)?;
-            off += n;
+            off = end;
         }
         Ok(())
     }
@@ -795,7 +797,7 @@ impl Vcpu {
         }
         let gate = self
             .idt
-            .get((FIRST_EXTERNAL_VECTOR + irq) as usize)
+            .get(FIRST_EXTERNAL_VECTOR.saturating_add(irq) as usize)
             .copied()
             .filter(IdtEntry::present);
         if let Some(gate) = gate {
@@ -875,12 +877,12 @@ impl Vcpu {
             if st.get(n).copied().unwrap_or(HCALL_STATUS_EMPTY) == HCALL_STATUS_EMPTY {
                 break;
             }
-            self.ring_cursor = (n + 1) % LHCALL_RING_SIZE;
+            self.ring_cursor = n.saturating_add(1) % LHCALL_RING_SIZE;
             let mut raw = [0u8; 20];
             mem.read(ld.wrapping_add(LguestData::off_hcall(n as u32)), &mut raw)?;
             let mut words = [0u32; 5];
             for (a, c) in words.iter_mut().zip(raw.chunks_exact(4)) {
-                *a = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                *a = <[u8; 4]>::try_from(c).map_or(0, u32::from_le_bytes);
             }
             let [arg0, arg1, arg2, arg3, arg4] = words;
             let args = HcallArgs {
@@ -975,7 +977,7 @@ impl Vcpu {
                 mem.read(a1, &mut raw)?;
                 let mut tls = [0u64; 3];
                 for (t, c) in tls.iter_mut().zip(raw.chunks_exact(8)) {
-                    *t = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+                    *t = <[u8; 8]>::try_from(c).map_or(0, u64::from_le_bytes);
                 }
                 self.gdt.load_tls(&tls).map(|()| Action::Resume)
             }
@@ -1050,7 +1052,7 @@ impl Vcpu {
         }
         // "Pin" the stack: every page must be guest memory.
         for i in 0..pages {
-            let va = esp.wrapping_sub(1).wrapping_sub(i * PAGE);
+            let va = esp.wrapping_sub(1).wrapping_sub(i.wrapping_mul(PAGE));
             if self.guest_pa(mem, va).is_none() {
                 return kill!("bad stack page {va:#x}");
             }
