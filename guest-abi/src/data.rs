@@ -174,32 +174,97 @@ const _: () = {
 mod tests {
     use super::*;
 
-    #[test]
-    fn offsets() {
-        assert_eq!(LguestData::OFF_IRQ_ENABLED, 0);
-        assert_eq!(LguestData::OFF_BLOCKED_INTERRUPTS, 4);
-        assert_eq!(LguestData::OFF_CR2, 8);
-        assert_eq!(LguestData::OFF_TIME, 12);
-        assert_eq!(LguestData::OFF_IRQ_PENDING, 20);
-        assert_eq!(LguestData::OFF_HCALL_STATUS, 24);
-        assert_eq!(LguestData::OFF_HCALLS, 88);
-        assert_eq!(LguestData::OFF_RESERVE_MEM, 1368);
-        assert_eq!(LguestData::OFF_TSC_KHZ, 1372);
-        assert_eq!(LguestData::OFF_NOIRQ_START, 1376);
-        assert_eq!(LguestData::OFF_NOIRQ_END, 1380);
-        assert_eq!(LguestData::OFF_KERNEL_ADDRESS, 1384);
-        assert_eq!(LguestData::OFF_SYSCALL_VEC, 1388);
-        assert_eq!(LguestData::SIZE, 1392);
+    /// The bytes of `d` as the other side sees them in guest memory.
+    fn bytes_of(d: &LguestData) -> &[u8] {
+        // SAFETY: `LguestData` is `repr(C)` with only integer fields and no
+        // padding (its 1392-byte size is the sum of the fields, asserted
+        // above), so all `size_of` bytes are initialised; the slice borrows
+        // `d`.
+        unsafe {
+            core::slice::from_raw_parts(
+                core::ptr::from_ref(d).cast::<u8>(),
+                size_of::<LguestData>(),
+            )
+        }
     }
 
+    fn u32_at(b: &[u8], off: u32) -> u32 {
+        let off = off as usize;
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    /// Every field written through the struct is found by the host at its
+    /// `OFF_*` byte offset, and nowhere else.
     #[test]
-    fn ring_slot_offsets() {
-        assert_eq!(LguestData::off_hcall_status(0), 24);
-        assert_eq!(LguestData::off_hcall_status(63), 87);
-        assert_eq!(LguestData::off_hcall(0), 88);
-        assert_eq!(LguestData::off_hcall(1), 108);
-        assert_eq!(LguestData::off_hcall(63), 88 + 63 * 20);
-        assert_eq!(LguestData::off_hcall(64), LguestData::OFF_RESERVE_MEM);
+    fn struct_fields_are_at_their_byte_offsets() {
+        let mut d = LguestData::guest_initial(0);
+        let fields: [(u32, u32); 11] = [
+            (LguestData::OFF_IRQ_ENABLED, 0x1111_0001),
+            (LguestData::OFF_BLOCKED_INTERRUPTS, 0x1111_0002),
+            (LguestData::OFF_CR2, 0x1111_0003),
+            (LguestData::OFF_IRQ_PENDING, 0x1111_0004),
+            (LguestData::OFF_RESERVE_MEM, 0x1111_0005),
+            (LguestData::OFF_TSC_KHZ, 0x1111_0006),
+            (LguestData::OFF_NOIRQ_START, 0x1111_0007),
+            (LguestData::OFF_NOIRQ_END, 0x1111_0008),
+            (LguestData::OFF_KERNEL_ADDRESS, 0x1111_0009),
+            (LguestData::OFF_SYSCALL_VEC, 0x1111_000A),
+            (LguestData::OFF_TIME, 0x1111_000B),
+        ];
+        d.irq_enabled = fields[0].1;
+        d.blocked_interrupts = fields[1].1;
+        d.cr2 = fields[2].1;
+        d.irq_pending = fields[3].1 as i32;
+        d.reserve_mem = fields[4].1;
+        d.tsc_khz = fields[5].1;
+        d.noirq_start = fields[6].1;
+        d.noirq_end = fields[7].1;
+        d.kernel_address = fields[8].1;
+        d.syscall_vec = fields[9].1;
+        d.time.tv_sec = fields[10].1 as i32;
+        d.time.tv_nsec = 0x2222_0000;
+        let b = bytes_of(&d);
+        for (off, want) in fields {
+            assert_eq!(u32_at(b, off), want, "offset {off}");
+        }
+        assert_eq!(u32_at(b, LguestData::OFF_TIME + 4), 0x2222_0000);
+        // The last field ends the structure.
+        assert_eq!(LguestData::OFF_SYSCALL_VEC as usize + 4, b.len());
+    }
+
+    /// Ring slot `n`'s status byte and its 20-byte arguments, written through
+    /// the struct, are where `off_hcall_status(n)` / `off_hcall(n)` say; the
+    /// slots tile the ring exactly.
+    #[test]
+    fn ring_slots_are_addressed_by_their_offsets() {
+        let mut d = LguestData::guest_initial(0);
+        for n in 0..LHCALL_RING_SIZE as u32 {
+            d.hcall_status[n as usize] = n as u8;
+            d.hcalls[n as usize] = HcallArgs {
+                arg0: n << 8,
+                arg1: n << 8 | 1,
+                arg2: n << 8 | 2,
+                arg3: n << 8 | 3,
+                arg4: n << 8 | 4,
+            };
+        }
+        let b = bytes_of(&d);
+        for n in 0..LHCALL_RING_SIZE as u32 {
+            assert_eq!(b[LguestData::off_hcall_status(n) as usize], n as u8);
+            for k in 0..5 {
+                assert_eq!(u32_at(b, LguestData::off_hcall(n) + 4 * k), n << 8 | k);
+            }
+        }
+        // The status bytes end where the arguments start, the arguments
+        // where the next field starts.
+        assert_eq!(
+            LguestData::off_hcall_status(LHCALL_RING_SIZE as u32),
+            LguestData::off_hcall(0)
+        );
+        assert_eq!(
+            LguestData::off_hcall(LHCALL_RING_SIZE as u32),
+            LguestData::OFF_RESERVE_MEM
+        );
     }
 
     #[test]

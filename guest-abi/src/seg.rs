@@ -12,13 +12,15 @@
 //! | 13 | [`KERNEL_DS`] = 0x69 | guest kernel data/stack, flat, DPL 1 |
 //! | 14 | [`USER_CS`] = 0x73 | guest user code, DPL 3 |
 //! | 15 | [`USER_DS`] = 0x7b | guest user data, DPL 3 |
-//! | 16 | 0x80 | host-reserved (TSS) |
+//! | 16 | 0x80 | host-reserved (TSS, low half) |
+//! | 17 | 0x88 | host-reserved (TSS, high half; Linux's LDT slot) |
 //! | 31 | 0xf8 | host-reserved (double-fault TSS) |
 //!
 //! The slots in [`GUEST_RESERVED_GDT`] can never be set by the guest
-//! (upstream accepted such writes and silently never copied them; the host
-//! decides its own policy, this list is the guest's promise not to rely on
-//! them).
+//! (upstream accepted such writes and silently never copied them; rustyvisor
+//! kills a guest that tries). This list is the only definition of the
+//! reserved set: the hypervisor enforces exactly it and never copies these
+//! slots from a guest.
 
 /// Number of GDT slots the guest sees.
 pub const GDT_ENTRIES: u32 = 32;
@@ -40,14 +42,20 @@ pub const GDT_ENTRY_DEFAULT_USER_CS: u32 = 14;
 pub const GDT_ENTRY_DEFAULT_USER_DS: u32 = 15;
 /// Host-reserved TSS slot.
 pub const GDT_ENTRY_TSS: u32 = 16;
+/// Host-reserved: the high half of the host's 16-byte 64-bit TSS descriptor,
+/// which starts at [`GDT_ENTRY_TSS`]. (Linux i386 puts its LDT descriptor
+/// here, a system descriptor no guest may load anyway.)
+pub const GDT_ENTRY_TSS_HIGH: u32 = GDT_ENTRY_TSS + 1;
 /// Host-reserved double-fault TSS slot.
 pub const GDT_ENTRY_DOUBLEFAULT_TSS: u32 = 31;
 
-/// GDT slots the guest can never set with `LHCALL_LOAD_GDT_ENTRY`.
-pub const GUEST_RESERVED_GDT: [u32; 4] = [
+/// GDT slots the guest can never set with `LHCALL_LOAD_GDT_ENTRY`: a guest
+/// that tries is killed ("reserved gdt entry %u").
+pub const GUEST_RESERVED_GDT: [u32; 5] = [
     GDT_ENTRY_LGUEST_CS,
     GDT_ENTRY_LGUEST_DS,
     GDT_ENTRY_TSS,
+    GDT_ENTRY_TSS_HIGH,
     GDT_ENTRY_DOUBLEFAULT_TSS,
 ];
 
@@ -69,10 +77,14 @@ pub const fn is_tls_slot(index: u32) -> bool {
 
 /// Whether the guest may never set slot `index` (see [`GUEST_RESERVED_GDT`]).
 pub const fn is_guest_reserved_slot(index: u32) -> bool {
-    matches!(
-        index,
-        GDT_ENTRY_LGUEST_CS | GDT_ENTRY_LGUEST_DS | GDT_ENTRY_TSS | GDT_ENTRY_DOUBLEFAULT_TSS
-    )
+    let mut i = 0;
+    while i < GUEST_RESERVED_GDT.len() {
+        if GUEST_RESERVED_GDT[i] == index {
+            return true;
+        }
+        i += 1;
+    }
+    false
 }
 
 /// A legacy 8-byte segment descriptor as passed in `LHCALL_LOAD_GDT_ENTRY`
@@ -232,27 +244,30 @@ impl DescriptorError {
     }
 }
 
-/// Validate and fix up one guest descriptor as rustyvisor's host does for
-/// `LHCALL_LOAD_GDT_ENTRY` and each of the three `LHCALL_LOAD_TLS` entries
-/// (the slot-number checks are separate: see [`is_guest_reserved_slot`]).
+/// Validate and fix up one guest descriptor exactly as rustyvisor's host
+/// does for `LHCALL_LOAD_GDT_ENTRY` and each of the three `LHCALL_LOAD_TLS`
+/// entries (the host calls this function; the slot-number checks are
+/// separate: see [`is_guest_reserved_slot`]).
 ///
-/// - not present (P = 0): returned unchanged (it cannot be loaded; Linux
-///   clears TLS slots this way);
 /// - present system descriptor (S = 0): [`DescriptorError::SystemDescriptor`];
 /// - present code segment with L = 1: [`DescriptorError::LongModeCode`];
-/// - otherwise upstream's fixup: DPL 0 becomes 1 (the guest kernel runs at
-///   ring 1), and the "accessed" type bit is set (the CPU cannot write the
-///   read-only GDT to set it).
+/// - not present (P = 0) system or 64-bit code descriptor: stored as null
+///   (Linux clears TLS slots with all-zero; such an entry can never be used);
+/// - any other code/data descriptor, present or not: upstream's fixup: DPL 0
+///   becomes 1 (the guest kernel runs at ring 1), and the "accessed" type bit
+///   is set (the CPU cannot write the read-only GDT to set it). A
+///   not-present one then raises #NP(selector) on use, as on hardware.
 pub const fn fixup_guest_descriptor(
     desc: SegmentDescriptor,
 ) -> Result<SegmentDescriptor, DescriptorError> {
-    if !desc.present() {
-        return Ok(desc);
-    }
-    if !desc.is_code_or_data() {
-        return Err(DescriptorError::SystemDescriptor);
-    }
-    if desc.is_code() && desc.long_mode() {
+    let dangerous = !desc.is_code_or_data() || (desc.is_code() && desc.long_mode());
+    if dangerous {
+        if !desc.present() {
+            return Ok(SegmentDescriptor(0));
+        }
+        if !desc.is_code_or_data() {
+            return Err(DescriptorError::SystemDescriptor);
+        }
         return Err(DescriptorError::LongModeCode);
     }
     let desc = if desc.dpl() == 0 {
@@ -322,9 +337,14 @@ mod tests {
 
     #[test]
     fn reserved_slots() {
-        assert_eq!(GUEST_RESERVED_GDT, [10, 11, 16, 31]);
+        // Pinned: changing the reserved set is an ABI change.
+        assert_eq!(GUEST_RESERVED_GDT, [10, 11, 16, 17, 31]);
         for i in 0..GDT_ENTRIES + 4 {
             assert_eq!(is_guest_reserved_slot(i), GUEST_RESERVED_GDT.contains(&i));
+        }
+        // The slots guests need are never reserved.
+        for i in [12, 13, 14, 15, 6, 7, 8] {
+            assert!(!is_guest_reserved_slot(i), "slot {i}");
         }
         assert!(!is_guest_reserved_slot(GDT_ENTRY_KERNEL_CS));
         assert!(is_tls_slot(6) && is_tls_slot(8));
@@ -382,13 +402,20 @@ mod tests {
         let d = fixup_guest_descriptor(SegmentDescriptor::flat_data(3)).unwrap();
         assert_eq!(d.dpl(), 3);
         assert_eq!(d.typ() & SegmentDescriptor::TYPE_ACCESSED, 1);
-        // Not present: untouched (zero stays zero).
+        // Not present system / 64-bit entries become null (zero stays zero).
         assert_eq!(
             fixup_guest_descriptor(SegmentDescriptor(0)),
             Ok(SegmentDescriptor(0))
         );
         let np = SegmentDescriptor::new(0, 0xFFFFF, 0x0B, 0x2); // S=0, L=1, but P=0
-        assert_eq!(fixup_guest_descriptor(np), Ok(np));
+        assert_eq!(fixup_guest_descriptor(np), Ok(SegmentDescriptor(0)));
+        let np_long = SegmentDescriptor::new(0, 0xFFFFF, 0x1A, SegmentDescriptor::FLAG_L);
+        assert_eq!(fixup_guest_descriptor(np_long), Ok(SegmentDescriptor(0)));
+        // A not-present data segment keeps its fields, with the fixups.
+        let np_data = SegmentDescriptor::new(0x1000, 0xFFFFF, 0x12, SegmentDescriptor::FLAG_G);
+        let fixed = fixup_guest_descriptor(np_data).unwrap();
+        assert!(!fixed.present());
+        assert_eq!(fixed, np_data.with_dpl(1).with_accessed());
         // 64-bit code.
         let long = SegmentDescriptor::new(0, 0, 0x9A, SegmentDescriptor::FLAG_L);
         assert_eq!(

@@ -210,13 +210,12 @@ mod tests {
 
     #[test]
     fn random_garbage_never_panics() {
-        let mut x = 0x2545_F491_4F6C_DD1D_u64;
+        let mut rng = crate::testutil::Rng(0x2545_F491_4F6C_DD1D);
+        let mut x = 0;
         for len in 0..2000usize {
             let mut buf = vec![0u8; len % 64];
             for b in buf.iter_mut() {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+                x = rng.next_u64();
                 *b = x as u8;
             }
             // Plant a name to exercise the decoder on garbage.
@@ -228,11 +227,59 @@ mod tests {
         }
     }
 
+    /// The PM1 value written for soft-off, from realistic \_S5 objects in
+    /// each encoding the scanner supports: SLP_EN (bit 13) is set, SLP_TYPa
+    /// lands in bits 10..=12, and no other bit is touched.
     #[test]
-    fn slp_en() {
-        assert_eq!(slp_en_value(5), (5 << 10) | (1 << 13));
-        assert_eq!(slp_en_value(0), 1 << 13);
-        assert_eq!(slp_en_value(7), 0x3C00);
-        assert_eq!(slp_en_value(0xFF), 0x3C00);
+    fn pm1_value_from_s5_encodings() {
+        let cases: [(&str, &[u8], u8); 5] = [
+            // Name (_S5, Package (4) { 5, 5, 0, 0 }) with ByteConst.
+            ("ByteConst", &SNIPPET, 5),
+            // QEMU/SeaBIOS: Package { Zero, Zero, Zero, Zero }.
+            (
+                "ZeroOp",
+                &[
+                    0x08, b'_', b'S', b'5', b'_', 0x12, 0x06, 0x04, 0x00, 0x00, 0x00, 0x00,
+                ],
+                0,
+            ),
+            // Name (\_S5, Package (2) { One, One }).
+            (
+                "OneOp",
+                &[
+                    0x08, 0x5C, b'_', b'S', b'5', b'_', 0x12, 0x04, 0x02, 0x01, 0x01,
+                ],
+                1,
+            ),
+            // Two-byte PkgLength (0x4N form), ByteConst 7.
+            (
+                "PkgLength 2",
+                &[
+                    0x08, b'_', b'S', b'5', b'_', 0x12, 0x47, 0x00, 0x02, 0x0A, 0x07, 0x0A, 0x07,
+                ],
+                7,
+            ),
+            // WordConst 6 (only the low 3 bits are SLP_TYP).
+            (
+                "WordConst",
+                &[
+                    0x08, b'_', b'S', b'5', b'_', 0x12, 0x08, 0x02, 0x0B, 0x06, 0x00, 0x0B, 0x06,
+                    0x00,
+                ],
+                6,
+            ),
+        ];
+        for (name, aml, typ) in cases {
+            let (a, _) = find_s5_sleep_types(aml).unwrap_or_else(|| panic!("{name}: no _S5"));
+            assert_eq!(a, typ, "{name}");
+            let pm1 = slp_en_value(a);
+            assert_ne!(pm1 & (1 << 13), 0, "{name}: SLP_EN");
+            assert_eq!((pm1 >> 10) & 0x7, u16::from(typ), "{name}: SLP_TYP");
+            assert_eq!(pm1 & !0x1C00, 1 << 13, "{name}: other bits");
+        }
+        // A firmware value wider than 3 bits cannot spill into SLP_EN or
+        // the bits above.
+        assert_eq!(slp_en_value(0xFF) & !0x3C00, 0);
+        assert_eq!(slp_en_value(0xF8), 1 << 13);
     }
 }

@@ -8,11 +8,16 @@
 //! VMX, port I/O, the direct map) lives in the bare-metal binary, which
 //! calls into this crate.
 #![cfg_attr(not(test), no_std)]
+// Pure logic only: every `unsafe` belongs to the bare-metal binary.
+#![forbid(unsafe_code)]
 
 pub mod acpi_s5;
 pub mod config;
+pub mod fixedstr;
 pub mod lguest;
 pub mod mm;
 pub mod ringbuf;
+#[cfg(test)]
+pub(crate) mod testutil;
 pub mod timerq;
 pub mod units;

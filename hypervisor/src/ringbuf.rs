@@ -171,11 +171,9 @@ mod tests {
         let mut r = RingBuffer::<7>::new();
         let mut m = VecDeque::new();
         let mut dropped = 0;
-        let mut x = 0xACE1_u64;
+        let mut rng = crate::testutil::Rng(0xACE1);
         for i in 0..50_000u64 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x = rng.next_u64();
             if !x.is_multiple_of(3) {
                 let b = i as u8;
                 let ok = r.push(b);

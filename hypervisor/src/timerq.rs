@@ -278,13 +278,8 @@ mod tests {
         let mut model: Vec<(u64, u64, TimerId)> = Vec::new(); // (deadline, seq, id)
         let mut seq = 0;
         let mut now = 0;
-        let mut rng = 0x1357_9bdf_u64;
-        let mut next = || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut rng = crate::testutil::Rng(0x1357_9bdf);
+        let mut next = || rng.next_u64();
         for _ in 0..20_000 {
             match next() % 4 {
                 0 | 1 => {

@@ -312,7 +312,7 @@ pub(crate) const fn const_msg(text: &[u8]) -> [u8; SHUTDOWN_MSG_LEN] {
 }
 
 /// `LHCALL_SHUTDOWN(msg, reason)` and never return. The message is cut to
-/// 127 bytes; the host records `"CRASH: <msg>"` as the death reason (or
+/// 127 bytes; the host records `"power off: <msg>"` as the death reason (or
 /// makes the control channel return `ERESTART` for
 /// [`LGUEST_SHUTDOWN_RESTART`]). Pending console output is flushed first.
 pub fn shutdown(reason: u32, msg: &str) -> ! {

@@ -89,7 +89,8 @@ pub extern "C" fn rust_eh_personality() {}
 
 /// The panic handler: print the message on the early console, then
 /// `LHCALL_SHUTDOWN(POWEROFF)` with it (the host reports
-/// `"CRASH: panic at <file>:<line>: <message>"`, cut to 127 bytes).
+/// `"power off: panic: <message> (<file>:<line>)"`, the message cut to
+/// 127 bytes).
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     console::panic_report(info)

@@ -6,7 +6,7 @@
 //!
 //! Prints `PASS:`/`FAIL:` lines and `DONE: <p> passed, <f> failed`, then
 //! powers off. Command-line switches select a different ending instead:
-//! `panic` (expect "CRASH: panic: deliberate panic (...)") or `restart`
+//! `panic` (expect "power off: panic: deliberate panic (...)") or `restart`
 //! (expect the control channel to return `ERESTART`).
 #![no_std]
 #![no_main]

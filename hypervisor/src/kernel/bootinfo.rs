@@ -7,6 +7,7 @@
 //! never hands them out.
 
 use multiboot2::{BootInformation, BootInformationHeader};
+use rustyvisor::fixedstr::FixedStr;
 use rustyvisor::mm::region::{MemoryKind, MemoryMapEntry, PhysRange};
 
 use super::mem::phys_to_virt;
@@ -15,40 +16,6 @@ use super::mem::phys_to_virt;
 pub const MAX_MMAP: usize = 128;
 /// Modules kept.
 pub const MAX_MODULES: usize = 16;
-
-/// A string copied out of the boot information.
-#[derive(Clone, Copy)]
-pub struct FixedStr<const N: usize> {
-    buf: [u8; N],
-    len: usize,
-}
-
-impl<const N: usize> FixedStr<N> {
-    /// An empty string.
-    pub const fn empty() -> Self {
-        Self {
-            buf: [0; N],
-            len: 0,
-        }
-    }
-
-    /// Copies `s`, truncating at a character boundary if it does not fit.
-    pub fn copy_from(s: &str) -> (Self, bool) {
-        let mut out = Self::empty();
-        let mut end = s.len().min(N);
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        out.buf[..end].copy_from_slice(&s.as_bytes()[..end]);
-        out.len = end;
-        (out, end < s.len())
-    }
-
-    /// The string.
-    pub fn as_str(&self) -> &str {
-        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
-    }
-}
 
 /// Which firmware started GRUB.
 #[derive(Clone, Copy, PartialEq, Eq)]

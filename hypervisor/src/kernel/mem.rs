@@ -321,7 +321,6 @@ pub fn is_kernel_readable(addr: u64, len: u64) -> bool {
 }
 
 /// Physical address of the kernel PML4.
-#[allow(dead_code)] // shadow page tables share its upper half (next issue)
 pub fn kernel_pml4() -> u64 {
     KERNEL_PML4.load(Ordering::Relaxed)
 }
@@ -487,12 +486,6 @@ impl KernelStack {
     /// The initial stack pointer (one past the top).
     pub fn top(&self) -> u64 {
         self.bottom + self.pages * PAGE_SIZE
-    }
-
-    /// The guard page's address (a write there faults).
-    #[allow(dead_code)]
-    pub fn guard(&self) -> u64 {
-        self.bottom - PAGE_SIZE
     }
 }
 

@@ -38,25 +38,6 @@ impl<T> IrqMutex<T> {
         }
     }
 
-    /// Takes the lock if it is free (interrupts off while held).
-    #[allow(dead_code)]
-    pub fn try_lock(&self) -> Option<IrqGuard<'_, T>> {
-        let were_enabled = interrupts::are_enabled();
-        interrupts::disable();
-        match self.inner.try_lock() {
-            Some(guard) => Some(IrqGuard {
-                guard: Some(guard),
-                were_enabled,
-            }),
-            None => {
-                if were_enabled {
-                    interrupts::enable();
-                }
-                None
-            }
-        }
-    }
-
     /// Breaks the lock. Only for the fatal-error path (panic, unexpected
     /// exception), when the holder can never run again.
     ///

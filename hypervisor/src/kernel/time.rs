@@ -57,7 +57,6 @@ pub fn now_ns() -> u64 {
 }
 
 /// TSC frequency in Hz.
-#[allow(dead_code)] // lguest_data.tsc_khz (next issue)
 pub fn tsc_hz() -> u64 {
     TSC_HZ.load(Ordering::Relaxed)
 }
@@ -91,13 +90,11 @@ pub fn arm_at(deadline_ns: u64, cb: Callback, arg: u64) -> Result<TimerId, Timer
 }
 
 /// Arms a one-shot timer `delay_ns` from now.
-#[allow(dead_code)] // guest clock events (next issue)
 pub fn arm_after(delay_ns: u64, cb: Callback, arg: u64) -> Result<TimerId, TimersFull> {
     arm_at(now_ns().saturating_add(delay_ns), cb, arg)
 }
 
 /// Cancels a timer; false if it already fired or was cancelled.
-#[allow(dead_code)] // used by guests' clock events (next issue)
 pub fn cancel(id: TimerId) -> bool {
     let mut t = TIMERS.lock();
     if !t.queue.cancel(id) {

@@ -64,8 +64,14 @@
 
 use core::fmt;
 
+use crate::fixedstr::FixedStr;
 use guest_abi::lhreq::{DEATH_REASON_MAX, INITIALIZE_RESULT, NOTIFY_READ_LEN};
 use guest_abi::{Errno, LGUEST_IRQS, LhReq};
+
+use super::guestmem::MAX_GUEST_MEM;
+
+/// Guest page size (`pfnlimit` counts these).
+const GUEST_PAGE_SIZE: u64 = guest_abi::PAGE_SIZE as u64;
 
 /// Identifies a host task (the launcher, a device service task, …).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -76,111 +82,14 @@ pub struct TaskId(pub u64);
 pub struct EventHandle(pub u64);
 
 /// Why a guest died: a UTF-8 string of at most [`DEATH_REASON_MAX`] (1023)
-/// bytes, stored inline so that killing a guest never allocates.
+/// bytes, stored inline so that recording a death never allocates.
 ///
-/// Build it with [`DeathReason::new`], [`DeathReason::format`] (for lguest's
+/// Build it with [`FixedStr::new`], [`FixedStr::format`] (for lguest's
 /// printf-style kill strings, e.g.
 /// `DeathReason::format(format_args!("bad read address {addr:#x} len {len}"))`)
-/// or by `write!`ing into [`DeathReason::empty`]. Longer text is silently
+/// or by `write!`ing into [`FixedStr::empty`]. Longer text is silently
 /// truncated at a character boundary.
-#[derive(Clone)]
-pub struct DeathReason {
-    len: u16,
-    buf: [u8; DEATH_REASON_MAX],
-}
-
-impl DeathReason {
-    /// An empty reason.
-    pub const fn empty() -> Self {
-        Self {
-            len: 0,
-            buf: [0; DEATH_REASON_MAX],
-        }
-    }
-
-    /// A reason holding (a prefix of) `s`.
-    pub fn new(s: &str) -> Self {
-        let mut r = Self::empty();
-        r.push_str(s);
-        r
-    }
-
-    /// A reason holding the formatted text (truncated).
-    pub fn format(args: fmt::Arguments<'_>) -> Self {
-        let mut r = Self::empty();
-        // `write_str` never fails; truncation is silent.
-        let _ = fmt::Write::write_fmt(&mut r, args);
-        r
-    }
-
-    /// Append as much of `s` as fits, cutting at a character boundary.
-    pub fn push_str(&mut self, s: &str) {
-        let used = usize::from(self.len);
-        let room = DEATH_REASON_MAX - used;
-        let mut take = s.len().min(room);
-        while !s.is_char_boundary(take) {
-            take -= 1;
-        }
-        self.buf[used..used + take].copy_from_slice(&s.as_bytes()[..take]);
-        // `used + take <= DEATH_REASON_MAX = 1023` fits in a u16.
-        self.len = (used + take) as u16;
-    }
-
-    /// Append guest-supplied bytes (e.g. a `LHCALL_SHUTDOWN` message): stops
-    /// at the first NUL, replaces invalid UTF-8 with U+FFFD.
-    pub fn push_bytes_lossy(&mut self, bytes: &[u8]) {
-        let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-        for chunk in bytes[..end].utf8_chunks() {
-            self.push_str(chunk.valid());
-            if !chunk.invalid().is_empty() {
-                self.push_str("\u{FFFD}");
-            }
-        }
-    }
-
-    /// The text.
-    pub fn as_str(&self) -> &str {
-        // Only whole `&str` prefixes cut at char boundaries are ever copied in.
-        core::str::from_utf8(&self.buf[..usize::from(self.len)]).unwrap_or("")
-    }
-
-    /// Length in bytes.
-    pub fn len(&self) -> usize {
-        usize::from(self.len)
-    }
-
-    /// Whether the reason is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-impl fmt::Write for DeathReason {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        self.push_str(s);
-        Ok(())
-    }
-}
-
-impl fmt::Debug for DeathReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self.as_str(), f)
-    }
-}
-
-impl fmt::Display for DeathReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl PartialEq for DeathReason {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_str() == other.as_str()
-    }
-}
-
-impl Eq for DeathReason {}
+pub type DeathReason = FixedStr<DEATH_REASON_MAX>;
 
 /// Why [`GuestCore::run`] returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,7 +105,7 @@ pub enum RunExit {
     /// A break was requested while the guest ran.
     Break,
     /// The guest was killed or powered off (`LHCALL_SHUTDOWN` reason 1 gives
-    /// "CRASH: <message>").
+    /// "power off: <message>", see `Vcpu::dead_reason`).
     Dead(DeathReason),
     /// The guest asked to be restarted (`LHCALL_SHUTDOWN` reason 2).
     Restart,
@@ -237,6 +146,59 @@ pub trait GuestCore {
 
     /// `close()`: free everything the guest holds.
     fn release(&mut self);
+}
+
+/// What a core can accept for `LHREQ_INITIALIZE` (see [`check_initialize`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InitLimits {
+    /// Largest guest memory (RAM plus device pages) in bytes; at most
+    /// [`MAX_GUEST_MEM`], so every guest-physical address fits a `u32`.
+    pub max_bytes: u32,
+    /// Alignment (a power of two) both `base` and the memory size must have.
+    pub align: u64,
+}
+
+/// Validated `LHREQ_INITIALIZE` arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InitArgs {
+    /// Host address of guest-physical 0.
+    pub base: u64,
+    /// Guest memory size in bytes (`pfnlimit * 4096`), the guest-memory
+    /// accessor's limit.
+    pub bytes: u32,
+    /// Entry point: a guest-physical address inside guest memory.
+    pub start: u32,
+}
+
+/// Validate the `INITIALIZE` payload (`base`, `pfnlimit`, `start`) against a
+/// core's `limits`, before the core touches anything:
+///
+/// - `pfnlimit * 4096` neither overflows nor
+///   exceeds `limits.max_bytes`, and is a multiple of `limits.align`:
+///   else `EINVAL`;
+/// - `start < pfnlimit * 4096` (so `pfnlimit` 0 is refused): else `EINVAL`;
+/// - `base` is a multiple of `limits.align` and `base + bytes` does not
+///   wrap: else `EFAULT`.
+pub fn check_initialize(
+    base: u64,
+    pfnlimit: u64,
+    start: u64,
+    limits: InitLimits,
+) -> Result<InitArgs, Errno> {
+    let max = limits.max_bytes.min(MAX_GUEST_MEM);
+    let bytes = pfnlimit
+        .checked_mul(GUEST_PAGE_SIZE)
+        .and_then(|b| u32::try_from(b).ok())
+        .filter(|&b| b <= max && u64::from(b).is_multiple_of(limits.align))
+        .ok_or(Errno::EINVAL)?;
+    let start = u32::try_from(start)
+        .ok()
+        .filter(|&s| s < bytes)
+        .ok_or(Errno::EINVAL)?;
+    if !base.is_multiple_of(limits.align) || base.checked_add(u64::from(bytes)).is_none() {
+        return Err(Errno::EFAULT);
+    }
+    Ok(InitArgs { base, bytes, start })
 }
 
 /// Lifecycle of a channel.
@@ -383,11 +345,11 @@ impl<C: GuestCore> Channel<C> {
         match &self.state {
             State::Dead(reason) => {
                 let text = reason.as_str().as_bytes();
-                let n = buf.len().min(text.len() + 1);
-                let from_text = n.min(text.len());
-                buf[..from_text].copy_from_slice(&text[..from_text]);
-                if n > text.len() {
-                    buf[text.len()] = 0;
+                let with_nul = text.iter().copied().chain(core::iter::once(0));
+                let mut n = 0usize;
+                for (dst, src) in buf.iter_mut().zip(with_nul) {
+                    *dst = src;
+                    n = n.saturating_add(1);
                 }
                 Ok(n)
             }
@@ -876,22 +838,22 @@ mod tests {
 
     #[test]
     fn death_is_enoent_with_readable_reason() {
-        let (mut ch, log) = dead("CRASH: power off");
+        let (mut ch, log) = dead("power off: bye");
         assert!(ch.is_dead() && !ch.wants_restart());
-        assert_eq!(ch.death_reason(), Some("CRASH: power off"));
+        assert_eq!(ch.death_reason(), Some("power off: bye"));
         assert_eq!(ch.init(), None);
         // Further reads: ENOENT, core never run again (first reason kept).
         for _ in 0..3 {
             assert_eq!(ch.read(OWNER, &mut [0u8; 64]), Err(Errno::ENOENT));
         }
         assert_eq!(log.borrow().runs.len(), 1);
-        assert_eq!(ch.death_reason(), Some("CRASH: power off"));
+        assert_eq!(ch.death_reason(), Some("power off: bye"));
         // The reason, NUL-terminated, repeatable.
         for _ in 0..2 {
             let mut buf = [0xFFu8; 1024];
-            assert_eq!(ch.read_reason(&mut buf), Ok(17));
-            assert_eq!(&buf[..17], b"CRASH: power off\0");
-            assert_eq!(buf[17], 0xFF);
+            assert_eq!(ch.read_reason(&mut buf), Ok(15));
+            assert_eq!(&buf[..15], b"power off: bye\0");
+            assert_eq!(buf[15], 0xFF);
         }
     }
 
@@ -1028,9 +990,9 @@ mod tests {
 
     #[test]
     fn death_reason_from_guest_bytes() {
-        let mut r = DeathReason::new("CRASH: ");
+        let mut r = DeathReason::new("power off: ");
         r.push_bytes_lossy(b"power\xFFoff\0garbage after nul");
-        assert_eq!(r.as_str(), "CRASH: power\u{FFFD}off");
+        assert_eq!(r.as_str(), "power off: power\u{FFFD}off");
         let mut r = DeathReason::empty();
         r.push_bytes_lossy(&[b'a'; 2000]);
         assert_eq!(r.len(), DEATH_REASON_MAX);
@@ -1041,5 +1003,100 @@ mod tests {
         let (ch, _) = dead("boom");
         let s = std::format!("{ch:?}");
         assert!(s.contains("dead") && s.contains("boom"), "{s}");
+    }
+
+    // ---- INITIALIZE argument validation --------------------------------------
+
+    const LIMITS: InitLimits = InitLimits {
+        max_bytes: 3 << 30,
+        align: 2 << 20,
+    };
+    const BASE: u64 = 0xFFFF_8000_0040_0000;
+    const PFN_16M: u64 = (16 << 20) / 4096;
+
+    #[test]
+    fn initialize_args_start_boundaries() {
+        let bytes = 16u32 << 20;
+        assert_eq!(
+            check_initialize(BASE, PFN_16M, u64::from(bytes) - 1, LIMITS),
+            Ok(InitArgs {
+                base: BASE,
+                bytes,
+                start: bytes - 1
+            })
+        );
+        assert_eq!(
+            check_initialize(BASE, PFN_16M, 0, LIMITS).map(|a| a.start),
+            Ok(0)
+        );
+        for start in [u64::from(bytes), u64::from(bytes) + 1, 1 << 32, u64::MAX] {
+            assert_eq!(
+                check_initialize(BASE, PFN_16M, start, LIMITS),
+                Err(Errno::EINVAL),
+                "start {start:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn initialize_args_size_boundaries() {
+        // No memory at all: nowhere to start.
+        assert_eq!(check_initialize(BASE, 0, 0, LIMITS), Err(Errno::EINVAL));
+        // Exactly the maximum is fine, one alignment unit more is not.
+        let max_pfn = u64::from(LIMITS.max_bytes) / 4096;
+        assert_eq!(
+            check_initialize(BASE, max_pfn, 0, LIMITS).map(|a| a.bytes),
+            Ok(3 << 30)
+        );
+        assert_eq!(
+            check_initialize(BASE, max_pfn + 512, 0, LIMITS),
+            Err(Errno::EINVAL)
+        );
+        // Not a multiple of the alignment.
+        assert_eq!(
+            check_initialize(BASE, PFN_16M + 1, 0, LIMITS),
+            Err(Errno::EINVAL)
+        );
+        // pfnlimit * 4096 overflows u64 / does not fit u32.
+        for pfn in [u64::MAX, u64::MAX / 4096 + 1, 1 << 20, (1 << 20) + 512] {
+            assert_eq!(
+                check_initialize(BASE, pfn, 0, LIMITS),
+                Err(Errno::EINVAL),
+                "{pfn:#x}"
+            );
+        }
+        // Even a core that would take more never exceeds MAX_GUEST_MEM.
+        let big = InitLimits {
+            max_bytes: u32::MAX,
+            align: 4096,
+        };
+        let top = u64::from(MAX_GUEST_MEM) / 4096;
+        assert_eq!(
+            check_initialize(0, top, 0, big).map(|a| a.bytes),
+            Ok(MAX_GUEST_MEM)
+        );
+        assert_eq!(check_initialize(0, top + 1, 0, big), Err(Errno::EINVAL));
+    }
+
+    #[test]
+    fn initialize_args_base() {
+        assert_eq!(
+            check_initialize(BASE + 4096, PFN_16M, 0, LIMITS),
+            Err(Errno::EFAULT)
+        );
+        assert_eq!(
+            check_initialize(BASE + 1, PFN_16M, 0, LIMITS),
+            Err(Errno::EFAULT)
+        );
+        // base + bytes would wrap.
+        let last = u64::MAX - (LIMITS.align - 1);
+        assert_eq!(
+            check_initialize(last, PFN_16M, 0, LIMITS),
+            Err(Errno::EFAULT)
+        );
+        assert_eq!(
+            check_initialize(0, PFN_16M, 0, LIMITS).map(|a| a.base),
+            Ok(0)
+        );
     }
 }

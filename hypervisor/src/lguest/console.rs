@@ -78,7 +78,8 @@ impl fmt::Display for Escaped<'_> {
                 // Every byte of the run is printable ASCII, so this is UTF-8.
                 f.write_str(core::str::from_utf8(run).unwrap_or(""))?;
             }
-            plain_from = i + 1;
+            // `i` indexes a slice, so `i + 1 <= len` cannot overflow.
+            plain_from = i.saturating_add(1);
             match escape {
                 Some(e) => f.write_str(e)?,
                 None => write!(f, "\\x{b:02x}")?,
@@ -171,7 +172,7 @@ impl GuestConsole {
                 self.dropped_bytes = self.dropped_bytes.saturating_add(cost);
                 continue;
             }
-            self.tokens -= cost_scaled;
+            self.tokens = self.tokens.saturating_sub(cost_scaled);
             if self.dropped_lines > 0 {
                 emit(ConsoleLine::Dropped {
                     lines: self.dropped_lines,

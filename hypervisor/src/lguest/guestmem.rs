@@ -132,13 +132,13 @@ pub trait GuestMemory {
         let zeros = [0u8; CHUNK as usize];
         let mut done = 0u32;
         while done < len {
-            let n = (len - done).min(CHUNK);
+            let n = len.saturating_sub(done).min(CHUNK);
             // In range: checked above, `done + n <= len`.
             self.write(
                 gpa.wrapping_add(done),
                 zeros.get(..n as usize).unwrap_or(&[]),
             )?;
-            done += n;
+            done = done.saturating_add(n);
         }
         Ok(())
     }
@@ -361,8 +361,142 @@ mod tests {
 
     #[test]
     fn clamped_size() {
-        // Don't allocate 4 GiB in a test; just check the clamp arithmetic.
-        assert_eq!(MAX_GUEST_MEM % 4096, 0);
+        // Asking for all of u32 gives MAX_GUEST_MEM: the allocation is zeroed
+        // lazily by the OS, and only the pages touched below are backed.
+        let mut m = VecMemory::new(u32::MAX);
+        assert_eq!(m.limit(), MAX_GUEST_MEM);
+        assert_eq!(m.as_slice().len(), MAX_GUEST_MEM as usize);
+        m.write_u32(MAX_GUEST_MEM - 4, 0x1234_5678).unwrap();
+        assert_eq!(m.read_u32(MAX_GUEST_MEM - 4), Ok(0x1234_5678));
+        assert!(m.read_u8(MAX_GUEST_MEM).is_err());
+        assert_eq!(VecMemory::new(MAX_GUEST_MEM + 1).limit(), MAX_GUEST_MEM);
         assert_eq!(VecMemory::new(0).limit(), 0);
+        assert_eq!(VecMemory::new(1).limit(), 1);
+    }
+
+    /// Guest memory the way the kernel's `HostGuestMemory` does it: the
+    /// backing store is bigger than `limit` and the accessor trusts
+    /// [`check_range`] alone, so an off-by-one there would touch the guard
+    /// bytes past the limit (a host overrun) instead of failing.
+    struct Guarded {
+        limit: u32,
+        bytes: Vec<u8>,
+    }
+
+    const GUARD: u8 = 0xA5;
+
+    impl Guarded {
+        fn new(limit: u32) -> Self {
+            Self {
+                limit,
+                bytes: vec![GUARD; limit as usize + 64],
+            }
+        }
+        fn guard_intact(&self) -> bool {
+            self.bytes[self.limit as usize..]
+                .iter()
+                .all(|&b| b == GUARD)
+        }
+    }
+
+    impl GuestMemory for Guarded {
+        fn limit(&self) -> u32 {
+            self.limit
+        }
+        fn read(&self, gpa: u32, buf: &mut [u8]) -> Result<(), MemFault> {
+            let r = check_range(self.limit, gpa, buf.len(), false)?;
+            buf.copy_from_slice(&self.bytes[r]);
+            Ok(())
+        }
+        fn write(&mut self, gpa: u32, data: &[u8]) -> Result<(), MemFault> {
+            let r = check_range(self.limit, gpa, data.len(), true)?;
+            self.bytes[r].copy_from_slice(data);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn check_range_exact_boundaries() {
+        const L: u32 = 0x2000;
+        // A range ending exactly at the limit is accepted...
+        assert_eq!(check_range(L, L - 4, 4, false), Ok(0x1ffc..0x2000));
+        assert_eq!(check_range(L, 0, L as usize, true), Ok(0..0x2000));
+        assert_eq!(check_range(L, L - 1, 1, true), Ok(0x1fff..0x2000));
+        // ... one byte more is refused, whichever end moves.
+        let fault = |gpa, len, write| Err(MemFault { gpa, len, write });
+        assert_eq!(check_range(L, L - 3, 4, false), fault(L - 3, 4, false));
+        assert_eq!(
+            check_range(L, 0, L as usize + 1, true),
+            fault(0, L + 1, true)
+        );
+        assert_eq!(check_range(L, L, 1, true), fault(L, 1, true));
+        // Zero length: fine up to and including the limit, not past it.
+        assert_eq!(check_range(L, L, 0, false), Ok(0x2000..0x2000));
+        assert_eq!(check_range(L, L + 1, 0, false), fault(L + 1, 0, false));
+        assert_eq!(check_range(0, 0, 0, false), Ok(0..0));
+        assert_eq!(check_range(0, 0, 1, false), fault(0, 1, false));
+        // Wrap-around at u32::MAX never looks small.
+        assert_eq!(
+            check_range(u32::MAX, u32::MAX, 0, false),
+            Ok(0xffff_ffff..0xffff_ffff)
+        );
+        assert_eq!(
+            check_range(u32::MAX, u32::MAX, 1, true),
+            fault(u32::MAX, 1, true)
+        );
+        assert_eq!(
+            check_range(u32::MAX, u32::MAX - 1, 1, true),
+            Ok(0xffff_fffe..0xffff_ffff)
+        );
+        assert_eq!(
+            check_range(L, 0xffff_fff0, 0x20, false),
+            fault(0xffff_fff0, 0x20, false)
+        );
+        assert_eq!(
+            check_range(u32::MAX, 1, u32::MAX as usize, false),
+            fault(1, u32::MAX, false)
+        );
+        // Lengths beyond u32 saturate in the report.
+        assert_eq!(
+            check_range(L, 0, usize::MAX, false),
+            fault(0, u32::MAX, false)
+        );
+    }
+
+    #[test]
+    fn accessor_never_touches_past_the_limit() {
+        const L: u32 = 0x1000;
+        let mut m = Guarded::new(L);
+        // Writes: last byte, last word, then one byte too far.
+        m.write_u8(L - 1, 1).unwrap();
+        m.write_u32(L - 4, 0x0403_0201).unwrap();
+        assert!(m.write_u8(L, 0).is_err());
+        assert!(m.write_u32(L - 3, 0).is_err());
+        assert!(m.write_u64(L - 7, 0).is_err());
+        assert!(m.write(L - 16, &[0; 17]).is_err());
+        assert!(m.zero(L - 16, 17).is_err());
+        m.zero(L - 16, 16).unwrap();
+        m.write(L, &[]).unwrap();
+        assert!(m.guard_intact());
+        // Reads: the same boundaries.
+        m.write_u32(L - 4, 0x0403_0201).unwrap();
+        assert_eq!(m.read_u32(L - 4), Ok(0x0403_0201));
+        assert_eq!(
+            m.read_u8(L),
+            Err(MemFault {
+                gpa: L,
+                len: 1,
+                write: false
+            })
+        );
+        assert!(m.read_u16(L - 1).is_err());
+        assert!(m.read_u64(L - 4).is_err());
+        let mut buf = [0u8; 5];
+        assert!(m.read(L - 4, &mut buf).is_err());
+        // A string running into the limit stops there, never reads past it.
+        assert_eq!(m.read_cstr(L - 4, 128).unwrap(), "\u{1}\u{2}\u{3}\u{4}");
+        assert_eq!(m.read_cstr(L - 1, 128).unwrap(), "\u{4}");
+        assert!(m.read_cstr(L, 128).is_err());
+        assert!(m.guard_intact());
     }
 }

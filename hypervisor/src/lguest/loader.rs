@@ -157,7 +157,7 @@ pub fn load_elf(image: &[u8], mem: &mut impl GuestMemory) -> Result<u32, LoadErr
         }
         let seg = validate(&elf, index, &ph, limit)?;
         any = true;
-        let end = u64::from(seg.paddr) + u64::from(seg.memsz);
+        let end = u64::from(seg.paddr).saturating_add(u64::from(seg.memsz));
         if seg.exec && (u64::from(seg.paddr)..end).contains(&eh.e_entry) {
             entry_ok = true;
         }
@@ -178,7 +178,10 @@ pub fn load_elf(image: &[u8], mem: &mut impl GuestMemory) -> Result<u32, LoadErr
         let seg = validate(&elf, index, &ph, limit)?;
         mem.write(seg.paddr, seg.data)?;
         let filesz = seg.data.len() as u32; // ≤ memsz, checked
-        mem.zero(seg.paddr.wrapping_add(filesz), seg.memsz - filesz)?;
+        mem.zero(
+            seg.paddr.wrapping_add(filesz),
+            seg.memsz.saturating_sub(filesz),
+        )?;
     }
     Ok(entry)
 }
@@ -251,7 +254,8 @@ pub fn write_boot_params(
     let bytes = cmdline.as_bytes();
     let text = bytes.get(..CMDLINE_MAX).unwrap_or(bytes);
     mem.write(CMDLINE_ADDR, text)?;
-    mem.write_u8(CMDLINE_ADDR + text.len() as u32, 0)?;
+    // `text.len() <= CMDLINE_MAX`, far below u32::MAX.
+    mem.write_u8(CMDLINE_ADDR.wrapping_add(text.len() as u32), 0)?;
     Ok(())
 }
 

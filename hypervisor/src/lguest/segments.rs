@@ -7,7 +7,7 @@
 //! | Guest does | lguest | rustyvisor |
 //! |---|---|---|
 //! | index ≥ 32 | kill "too many gdt entries %u" | same |
-//! | index in [`HOST_RESERVED`] (10, 11, 16, 17, 31) | accepted, never copied | **kill** "reserved gdt entry %u" |
+//! | index in [`GUEST_RESERVED_GDT`](guest_abi::seg::GUEST_RESERVED_GDT) (10, 11, 16, 17, 31) | accepted, never copied | **kill** "reserved gdt entry %u" |
 //! | present system descriptor (S = 0: TSS, LDT, call/task/interrupt gate) | accepted | **kill** "gdt entry %u: system descriptor" |
 //! | present 64-bit code segment (L = 1) | n/a (32-bit host) | **kill** "gdt entry %u: 64-bit code segment" |
 //! | DPL 0 | raised to 1 | same |
@@ -16,21 +16,20 @@
 //! | not-present system or 64-bit entry (e.g. Linux's all-zero clear) | stored | stored as all-zero |
 //!
 //! Slot 17 is reserved because the host's 64-bit TSS descriptor is 16 bytes
-//! (slots 16 and 17). The reserved slots of our copy are always zero, so a
-//! guest selector naming them never validates.
+//! (slots 16 and 17). The reserved set and the descriptor rules are
+//! `guest_abi`'s ([`GUEST_RESERVED_GDT`](guest_abi::seg::GUEST_RESERVED_GDT), [`fixup_guest_descriptor`]): the
+//! guest's ABI crate and the host cannot disagree. The reserved slots of our
+//! copy are always zero, so a guest selector naming them never validates.
 //!
 //! Together with the selector checks this guarantees the guest can never hold
 //! a CPL-0 or 64-bit code selector, nor reach a gate or TSS through its GDT.
 
-use guest_abi::seg::SegmentDescriptor;
+use guest_abi::seg::{
+    DescriptorError, GDT_ENTRIES, SegmentDescriptor, fixup_guest_descriptor, is_guest_reserved_slot,
+};
 
 use super::kill::{Kill, kill};
 
-/// Number of GDT slots the guest sees.
-pub const GDT_ENTRIES: usize = 32;
-/// Slots the guest can never set: the host's 64-bit code/data (10, 11), its
-/// 16-byte TSS (16–17) and the double-fault TSS slot (31).
-pub const HOST_RESERVED: [usize; 5] = [10, 11, 16, 17, 31];
 /// First TLS slot (`LHCALL_LOAD_TLS` fills 6, 7, 8).
 pub const TLS_FIRST: usize = 6;
 /// Number of TLS slots.
@@ -52,7 +51,7 @@ const TYPE_CONFORMING: u8 = 0x4;
 /// The guest's 32 GDT entries after validation and fixup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestGdt {
-    entries: [u64; GDT_ENTRIES],
+    entries: [u64; GDT_ENTRIES as usize],
     generation: u64,
 }
 
@@ -65,7 +64,7 @@ impl Default for GuestGdt {
 impl GuestGdt {
     /// The boot GDT: slots 12/13 flat code/data at DPL 1, everything else zero.
     pub fn new() -> Self {
-        let mut entries = [0u64; GDT_ENTRIES];
+        let mut entries = [0u64; GDT_ENTRIES as usize];
         entries[KERNEL_CS_SLOT] = INITIAL_KERNEL_CS;
         entries[KERNEL_DS_SLOT] = INITIAL_KERNEL_DS;
         Self {
@@ -75,9 +74,9 @@ impl GuestGdt {
     }
 
     /// All 32 entries, as the switcher copies them into the hardware GDT
-    /// (the [`HOST_RESERVED`] slots are always 0 here; the switcher puts the
+    /// (the [`GUEST_RESERVED_GDT`](guest_abi::seg::GUEST_RESERVED_GDT) slots are always 0 here; the switcher puts the
     /// host's own descriptors there).
-    pub fn entries(&self) -> &[u64; GDT_ENTRIES] {
+    pub fn entries(&self) -> &[u64; GDT_ENTRIES as usize] {
         &self.entries
     }
 
@@ -92,38 +91,25 @@ impl GuestGdt {
         self.generation
     }
 
-    /// Validate and fix up one descriptor destined for slot `index`.
+    /// Validate and fix up one descriptor destined for slot `index`
+    /// (the ABI crate's rule, with lguest-style kill reasons).
     fn fixup(index: usize, raw: u64) -> Result<u64, Kill> {
-        let d = SegmentDescriptor(raw);
-        if !d.present() {
-            // A not-present code/data segment is kept (the CPU raises #NP
-            // on use, as on hardware); anything else not present is only
-            // ever a cleared slot and is stored as null.
-            if !d.is_code_or_data() || (d.is_code() && d.long_mode()) {
-                return Ok(0);
+        match fixup_guest_descriptor(SegmentDescriptor(raw)) {
+            Ok(d) => Ok(d.0),
+            Err(e @ (DescriptorError::SystemDescriptor | DescriptorError::LongModeCode)) => {
+                kill!("gdt entry {index}: {}", e.reason())
             }
-            let d = if d.dpl() == 0 { d.with_dpl(1) } else { d };
-            return Ok(d.with_accessed().0);
         }
-        if !d.is_code_or_data() {
-            return kill!("gdt entry {index}: system descriptor");
-        }
-        if d.is_code() && d.long_mode() {
-            return kill!("gdt entry {index}: 64-bit code segment");
-        }
-        let d = if d.dpl() == 0 { d.with_dpl(1) } else { d };
-        Ok(d.with_accessed().0)
     }
 
     fn check_index(index: u32) -> Result<usize, Kill> {
-        let i = index as usize;
-        if i >= GDT_ENTRIES {
+        if index >= GDT_ENTRIES {
             return kill!("too many gdt entries {index}");
         }
-        if HOST_RESERVED.contains(&i) {
+        if is_guest_reserved_slot(index) {
             return kill!("reserved gdt entry {index}");
         }
-        Ok(i)
+        Ok(index as usize)
     }
 
     /// `LHCALL_LOAD_GDT_ENTRY(index, lo, hi)`.
@@ -141,8 +127,8 @@ impl GuestGdt {
     /// validated before any is stored.
     pub fn load_tls(&mut self, tls: &[u64; TLS_ENTRIES]) -> Result<(), Kill> {
         let mut fixed = [0u64; TLS_ENTRIES];
-        for (k, (out, &raw)) in fixed.iter_mut().zip(tls.iter()).enumerate() {
-            *out = Self::fixup(TLS_FIRST + k, raw)?;
+        for ((out, &raw), index) in fixed.iter_mut().zip(tls.iter()).zip(TLS_FIRST..) {
+            *out = Self::fixup(index, raw)?;
         }
         if let Some(dst) = self.entries.get_mut(TLS_FIRST..TLS_FIRST + TLS_ENTRIES) {
             dst.copy_from_slice(&fixed);
@@ -228,6 +214,7 @@ impl GuestGdt {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use guest_abi::seg::GUEST_RESERVED_GDT;
 
     const USER_CODE: u64 = 0x00CF_FA00_0000_FFFF; // DPL 3, code, readable
     const USER_DATA: u64 = 0x00CF_F200_0000_FFFF; // DPL 3, data, writable
@@ -289,17 +276,38 @@ mod tests {
             load(&mut g, u32::MAX, USER_DATA).unwrap_err().as_str(),
             "too many gdt entries 4294967295"
         );
-        for r in HOST_RESERVED {
-            let e = load(&mut g, r as u32, USER_DATA).unwrap_err();
+        for r in GUEST_RESERVED_GDT {
+            let e = load(&mut g, r, USER_DATA).unwrap_err();
             assert_eq!(e.to_string(), format!("reserved gdt entry {r}"));
-            assert_eq!(g.entry(r), Some(0));
+            assert_eq!(g.entry(r as usize), Some(0));
         }
-        // Everything else is settable.
-        for i in 0..32u32 {
-            if !HOST_RESERVED.contains(&(i as usize)) {
-                load(&mut g, i, USER_DATA).unwrap();
+    }
+
+    /// A guest that follows `guest_abi::GUEST_RESERVED_GDT` is never killed
+    /// for a slot number: every slot the crate lists kills, every other slot
+    /// below `GDT_ENTRIES` accepts any valid descriptor (and a cleared one).
+    #[test]
+    fn reserved_set_is_exactly_the_abi_crates() {
+        for slot in 0..GDT_ENTRIES {
+            for desc in [USER_DATA, USER_CODE, KDATA_DPL0, 0] {
+                let mut g = GuestGdt::new();
+                let r = load(&mut g, slot, desc);
+                if GUEST_RESERVED_GDT.contains(&slot) {
+                    assert_eq!(
+                        r.unwrap_err().as_str(),
+                        format!("reserved gdt entry {slot}"),
+                        "slot {slot}"
+                    );
+                    assert_eq!(g.entry(slot as usize), Some(0));
+                } else {
+                    assert_eq!(r, Ok(()), "slot {slot} desc {desc:#x}");
+                    assert_ne!(g.entry(slot as usize), None);
+                }
             }
         }
+        // TLS slots go through the same rule (6..=8 are never reserved).
+        let mut g = GuestGdt::new();
+        g.load_tls(&[USER_DATA; 3]).unwrap();
     }
 
     #[test]

@@ -34,15 +34,12 @@
 //! guest physical. Every guest-virtual access (stack pushes, instruction
 //! fetch) still goes through [`Vcpu::guest_pa`] so shadow paging can plug in.
 
-extern crate alloc;
-
-use alloc::format;
-use alloc::string::{String, ToString};
 use core::fmt;
 
 use guest_abi::data::LguestData;
 use guest_abi::hcall::{
-    HCALL_STATUS_EMPTY, Hypercall, LGUEST_TRAP_ENTRY, LHCALL_LGUEST_INIT, LHCALL_RING_SIZE,
+    HCALL_STATUS_EMPTY, HcallArgs, Hypercall, LGUEST_TRAP_ENTRY, LHCALL_LGUEST_INIT,
+    LHCALL_RING_SIZE,
 };
 use guest_abi::irq::{
     FIRST_EXTERNAL_VECTOR, IDT_ENTRIES, LGUEST_IRQS, LGUEST_SHUTDOWN_POWEROFF,
@@ -50,6 +47,7 @@ use guest_abi::irq::{
 };
 use guest_abi::seg::{IDT_HIGH_KEEP_MASK, IDT_TYPE_INTERRUPT, IDT_TYPE_TRAP, KERNEL_CS, KERNEL_DS};
 
+use super::chan::DeathReason;
 use super::guestmem::GuestMemory;
 use super::kill::{Kill, kill};
 use super::segments::GuestGdt;
@@ -71,7 +69,8 @@ pub struct Regs {
     pub fs: u32,
     pub ds: u32,
     pub es: u32,
-    /// Vector of the last exit (256 = "faulted while entering").
+    /// Vector of the last exit ([`ENTRY_FAULT_TRAPNUM`] = "faulted while
+    /// entering").
     pub trapnum: u32,
     pub errcode: u32,
     pub eip: u32,
@@ -87,7 +86,8 @@ const _: () = assert!(core::mem::size_of::<Regs>() == 72);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
     /// The guest raised exception / software interrupt `vector`
-    /// (0..=255, including `int $0x1f` hypercalls and `int $0x80`).
+    /// (0..=31, including `int $0x1f` hypercalls, or `int $0x80`; never a
+    /// host vector: see [`TrapOwner`] / [`Exit::from_trapnum`]).
     /// `errcode` is the hardware error code (0 if the vector has none), `cr2`
     /// the faulting address for #PF (captured with interrupts off).
     Trap {
@@ -102,6 +102,61 @@ pub enum Exit {
     HostInterrupt,
     /// The switcher faulted while loading guest state (lguest's trapnum 256).
     EntryFault,
+}
+
+/// The trap number the switcher reports when entering the guest faulted
+/// (lguest's "faulted inside the Switcher").
+pub const ENTRY_FAULT_TRAPNUM: u32 = 256;
+
+/// Whose event a trap number taken while a guest ran is: the one rule the
+/// switcher (which services host interrupts) and the run loop (which builds
+/// the [`Exit`]) share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrapOwner {
+    /// An exception or software interrupt of the guest's (0..=31, including
+    /// the hypercall vector 0x1f, and the syscall vector 0x80): reflect it.
+    Guest,
+    /// A device interrupt (32..=255 except 0x80): the host services it.
+    HostIrq,
+    /// An NMI (vector 2): the host's, never reflected.
+    HostNmi,
+    /// [`ENTRY_FAULT_TRAPNUM`]: the guest's state could not be loaded.
+    EntryFault,
+}
+
+impl TrapOwner {
+    /// Classify `trapnum` (0..=255 or [`ENTRY_FAULT_TRAPNUM`]). Any other
+    /// number cannot come from the switcher; it is treated as a host
+    /// interrupt, so it is never reflected into the guest.
+    ///
+    /// Software `int n` from the guest with n ≥ 32 reaches the host only
+    /// for 0x80 (the host gates for the others have DPL 0, so the guest
+    /// takes #GP instead); every other vector ≥ 32 is hardware.
+    pub fn of(trapnum: u32) -> Self {
+        match trapnum {
+            ENTRY_FAULT_TRAPNUM => Self::EntryFault,
+            trap::NMI => Self::HostNmi,
+            SYSCALL_VECTOR => Self::Guest,
+            0..FIRST_EXTERNAL_VECTOR => Self::Guest,
+            _ => Self::HostIrq,
+        }
+    }
+}
+
+impl Exit {
+    /// The exit for trap number `trapnum` as the switcher reports it, with
+    /// the hardware error code and CR2 it saved.
+    pub fn from_trapnum(trapnum: u32, errcode: u32, cr2: u32) -> Self {
+        match TrapOwner::of(trapnum) {
+            TrapOwner::EntryFault => Exit::EntryFault,
+            TrapOwner::HostIrq | TrapOwner::HostNmi => Exit::HostInterrupt,
+            TrapOwner::Guest => Exit::Trap {
+                vector: trapnum,
+                errcode,
+                cr2,
+            },
+        }
+    }
 }
 
 /// What the host must do next.
@@ -183,9 +238,6 @@ pub fn sanitize_eflags(eflags: u32) -> u32 {
 /// Guest page size for splitting guest-virtual accesses.
 const PAGE: u32 = 4096;
 
-/// Saved arguments of a synchronous hypercall (eax, ebx, ecx, edx, esi).
-type HcallArgs = [u32; 5];
-
 /// The per-guest (single-vCPU) lguest state.
 pub struct Vcpu {
     /// The guest's registers; the switcher loads them on entry and saves
@@ -206,9 +258,10 @@ pub struct Vcpu {
     ts: bool,
     pending: u32,
     halted: bool,
-    dead: Option<String>,
+    dead: Option<DeathReason>,
     restart: bool,
     ring_cursor: usize,
+    /// A synchronous hypercall (eax, ebx, ecx, edx, esi) not yet finished.
     pending_hcall: Option<HcallArgs>,
     /// The GDT generation and (cs, ss, ds, es, fs, gs) last found valid by
     /// `check_entry_state`: validity depends only on these, so an entry
@@ -240,7 +293,7 @@ impl Vcpu {
             es: u32::from(KERNEL_DS),
             ss: u32::from(KERNEL_DS),
             eflags: guest_abi::INITIAL_EFLAGS,
-            trapnum: 256,
+            trapnum: ENTRY_FAULT_TRAPNUM,
             ..Regs::default()
         };
         Self {
@@ -311,19 +364,21 @@ impl Vcpu {
     pub fn is_dead(&self) -> bool {
         self.dead.is_some()
     }
-    /// Whether the guest died asking to be restarted.
+    /// Whether the guest died asking to be restarted (the entry points
+    /// report it as [`Action::Restart`]).
+    #[cfg(test)]
     pub fn is_restart(&self) -> bool {
         self.restart
     }
     /// Why the guest died (`"power off: …"`, `"restart: …"` or a kill reason).
-    pub fn dead_reason(&self) -> Option<&str> {
-        self.dead.as_deref()
+    pub fn dead_reason(&self) -> Option<&DeathReason> {
+        self.dead.as_ref()
     }
 
     /// Kill the guest; only the first reason is kept.
     pub fn kill(&mut self, reason: impl fmt::Display) {
         if self.dead.is_none() {
-            self.dead = Some(reason.to_string());
+            self.dead = Some(DeathReason::format(format_args!("{reason}")));
             self.halted = false;
             self.pending_hcall = None;
         }
@@ -403,9 +458,9 @@ impl Vcpu {
         let r = match exit {
             Exit::HostInterrupt => Ok(Action::Resume),
             Exit::EntryFault => {
-                self.regs.trapnum = 256;
+                self.regs.trapnum = ENTRY_FAULT_TRAPNUM;
                 kill!(
-                    "unhandled trap 256 at {:#x} ({:#x})",
+                    "unhandled trap {ENTRY_FAULT_TRAPNUM} at {:#x} ({:#x})",
                     self.regs.eip,
                     self.regs.errcode
                 )
@@ -498,7 +553,13 @@ impl Vcpu {
         match vector {
             v if v == u32::from(LGUEST_TRAP_ENTRY) && self.cpl() == 1 => {
                 let r = &self.regs;
-                self.pending_hcall = Some([r.eax, r.ebx, r.ecx, r.edx, r.esi]);
+                self.pending_hcall = Some(HcallArgs {
+                    arg0: r.eax,
+                    arg1: r.ebx,
+                    arg2: r.ecx,
+                    arg3: r.edx,
+                    arg4: r.esi,
+                });
                 self.run_pending_hcall(mem, env)
             }
             trap::GP if errcode == 0 && self.cpl() == 1 => {
@@ -515,8 +576,6 @@ impl Vcpu {
                 }
                 self.reflect(vector, errcode, cr2, mem)
             }
-            // NMIs are the host's; nothing to reflect.
-            trap::NMI => Ok(Action::Resume),
             _ => self.reflect(vector, errcode, cr2, mem),
         }
     }
@@ -548,7 +607,7 @@ impl Vcpu {
             0xEE => (1, false), // out %al/%ax/%eax, (%dx)
             _ => return Ok(false),
         };
-        len += n;
+        len = len.saturating_add(n);
         if is_in {
             if insn & 1 == 0 {
                 self.regs.eax |= 0xFF;
@@ -618,7 +677,7 @@ impl Vcpu {
         let mut push = |v: u32| {
             if let Some(slot) = frame.get_mut(n) {
                 *slot = v;
-                n += 1;
+                n = n.saturating_add(1);
             }
         };
         if old.cs & 3 != 1 {
@@ -674,13 +733,15 @@ impl Vcpu {
         let mut off = 0u32;
         while off < 4 {
             let va = vaddr.wrapping_add(off);
-            let n = (PAGE - (va % PAGE)).min(4 - off);
+            // `off < 4` and `va % PAGE < PAGE`: neither subtraction wraps.
+            let n = PAGE.wrapping_sub(va % PAGE).min(4u32.wrapping_sub(off));
             let Some(pa) = self.guest_pa(mem, va) else {
                 return kill!("bad stack page {va:#x}");
             };
-            let chunk = bytes.get(off as usize..(off + n) as usize).unwrap_or(&[]);
+            let end = off.saturating_add(n);
+            let chunk = bytes.get(off as usize..end as usize).unwrap_or(&[]);
             mem.write(pa, chunk)?;
-            off += n;
+            off = end;
         }
         Ok(())
     }
@@ -736,7 +797,7 @@ impl Vcpu {
         }
         let gate = self
             .idt
-            .get((FIRST_EXTERNAL_VECTOR + irq) as usize)
+            .get(FIRST_EXTERNAL_VECTOR.saturating_add(irq) as usize)
             .copied()
             .filter(IdtEntry::present);
         if let Some(gate) = gate {
@@ -779,10 +840,10 @@ impl Vcpu {
         };
         let Some(ld) = self.lguest_data else {
             self.pending_hcall = None;
-            if args[0] != LHCALL_LGUEST_INIT {
-                return kill!("hypercall {} before INIT", args[0]);
+            if args.arg0 != LHCALL_LGUEST_INIT {
+                return kill!("hypercall {} before INIT", args.arg0);
             }
-            self.do_init(args[1], mem, env)?;
+            self.do_init(args.arg1, mem, env)?;
             return Ok(Action::Resume);
         };
         if let Some(a) = self.run_async(ld, mem, env)? {
@@ -816,13 +877,21 @@ impl Vcpu {
             if st.get(n).copied().unwrap_or(HCALL_STATUS_EMPTY) == HCALL_STATUS_EMPTY {
                 break;
             }
-            self.ring_cursor = (n + 1) % LHCALL_RING_SIZE;
+            self.ring_cursor = n.saturating_add(1) % LHCALL_RING_SIZE;
             let mut raw = [0u8; 20];
             mem.read(ld.wrapping_add(LguestData::off_hcall(n as u32)), &mut raw)?;
-            let mut args = [0u32; 5];
-            for (a, c) in args.iter_mut().zip(raw.chunks_exact(4)) {
-                *a = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            let mut words = [0u32; 5];
+            for (a, c) in words.iter_mut().zip(raw.chunks_exact(4)) {
+                *a = <[u8; 4]>::try_from(c).map_or(0, u32::from_le_bytes);
             }
+            let [arg0, arg1, arg2, arg3, arg4] = words;
+            let args = HcallArgs {
+                arg0,
+                arg1,
+                arg2,
+                arg3,
+                arg4,
+            };
             let r = self.do_call(args, mem, env);
             mem.write_u8(
                 ld.wrapping_add(LguestData::off_hcall_status(n as u32)),
@@ -869,7 +938,13 @@ impl Vcpu {
         mem: &mut M,
         env: &mut E,
     ) -> Result<Action, Kill> {
-        let [nr, a1, a2, a3, _a4] = args;
+        let HcallArgs {
+            arg0: nr,
+            arg1: a1,
+            arg2: a2,
+            arg3: a3,
+            arg4: _,
+        } = args;
         let Ok(h) = Hypercall::try_from(nr) else {
             return kill!("Bad hypercall {nr}");
         };
@@ -902,7 +977,7 @@ impl Vcpu {
                 mem.read(a1, &mut raw)?;
                 let mut tls = [0u64; 3];
                 for (t, c) in tls.iter_mut().zip(raw.chunks_exact(8)) {
-                    *t = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+                    *t = <[u8; 8]>::try_from(c).map_or(0, u64::from_le_bytes);
                 }
                 self.gdt.load_tls(&tls).map(|()| Action::Resume)
             }
@@ -921,7 +996,7 @@ impl Vcpu {
         let text = mem.read_cstr(msg, 127)?;
         if reason == LGUEST_SHUTDOWN_RESTART {
             if self.dead.is_none() {
-                self.kill(format!("restart: {text}"));
+                self.kill(format_args!("restart: {text}"));
                 self.restart = true;
             }
             return Ok(Action::Restart);
@@ -929,7 +1004,7 @@ impl Vcpu {
         if text.is_empty() {
             self.kill("power off");
         } else {
-            self.kill(format!("power off: {text}"));
+            self.kill(format_args!("power off: {text}"));
         }
         Ok(Action::Dead)
     }
@@ -977,7 +1052,7 @@ impl Vcpu {
         }
         // "Pin" the stack: every page must be guest memory.
         for i in 0..pages {
-            let va = esp.wrapping_sub(1).wrapping_sub(i * PAGE);
+            let va = esp.wrapping_sub(1).wrapping_sub(i.wrapping_mul(PAGE));
             if self.guest_pa(mem, va).is_none() {
                 return kill!("bad stack page {va:#x}");
             }

@@ -815,7 +815,7 @@ mod tests {
         let total = 5000;
         let mut s = storage(total);
         let mut fa = FrameAllocator::new(&mut s, total).unwrap();
-        let mut rng = crate::mm::Rng(0x9e37_79b9_7f4a_7c15);
+        let mut rng = crate::testutil::Rng(0x9e37_79b9_7f4a_7c15);
         // A few random usable ranges.
         for _ in 0..12 {
             let a = rng.next_u64() % total;

@@ -52,22 +52,6 @@ pub const fn is_aligned(addr: u64, align: u64) -> bool {
     align_down(addr, align) == addr
 }
 
-/// xorshift64: the deterministic pseudo-random numbers of the randomised
-/// tests.
-#[cfg(test)]
-pub(crate) struct Rng(pub u64);
-
-#[cfg(test)]
-impl Rng {
-    /// The next number (the state must not be 0).
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -938,7 +938,7 @@ mod tests {
     fn random_round_trips() {
         let (mut mem, mut fr, pt) = setup();
         fr.left = usize::MAX;
-        let mut rng = crate::mm::Rng(0xDEAD_BEEF);
+        let mut rng = crate::testutil::Rng(0xDEAD_BEEF);
         let mut model = HashMap::new();
         for _ in 0..2000 {
             let seed = rng.next_u64();

@@ -748,7 +748,7 @@ mod tests {
     #[test]
     fn randomised_against_bitmap_model() {
         // Small address space (64 pages) so a per-byte model is cheap.
-        let mut rng = crate::mm::Rng(0x1234_5678_9abc_def0);
+        let mut rng = crate::testutil::Rng(0x1234_5678_9abc_def0);
         let mut rnd = move || rng.next_u64();
         const SPACE: u64 = 64 * PAGE_SIZE;
         for _ in 0..300 {

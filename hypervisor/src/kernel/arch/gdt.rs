@@ -3,12 +3,17 @@
 //! The GDT has 32 slots laid out like a Linux i386 GDT so that 32-bit lguest
 //! guests can later install their own descriptors (TLS 6–8, kernel CS/DS 12/13,
 //! user CS/DS 14/15, …) through `LOAD_GDT_ENTRY`. The hypervisor keeps its own
-//! descriptors in the slots lguest reserved for the host and that a guest can
-//! never set: 10 (64-bit code, selector 0x50), 11 (data, 0x58) and 16–17 (the
-//! 16-byte 64-bit TSS, selector 0x80). Every host descriptor has DPL 0.
+//! descriptors in the slots `guest_abi::GUEST_RESERVED_GDT` reserves for the
+//! host and that a guest can never set: 10 (64-bit code, selector 0x50), 11
+//! (data, 0x58) and 16–17 (the 16-byte 64-bit TSS, selector 0x80). Every host
+//! descriptor has DPL 0.
 
 use core::cell::UnsafeCell;
 
+use guest_abi::seg::{
+    GDT_ENTRIES, GDT_ENTRY_LGUEST_CS, GDT_ENTRY_LGUEST_DS, GDT_ENTRY_TSS, GDT_ENTRY_TSS_HIGH,
+    is_guest_reserved_slot,
+};
 use rustyvisor::lguest::gdtcache::{GdtKey, LoadedGdt};
 use x86_64::PrivilegeLevel;
 use x86_64::VirtAddr;
@@ -19,18 +24,26 @@ use x86_64::structures::DescriptorTablePointer;
 use x86_64::structures::tss::TaskStateSegment;
 
 /// Number of GDT slots (the Linux i386 layout lguest guests expect).
-pub const GDT_ENTRIES: usize = 32;
+const SLOTS: usize = GDT_ENTRIES as usize;
 /// Slot of the hypervisor's 64-bit code segment.
-pub const HOST_CS_INDEX: u16 = 10;
+pub const HOST_CS_INDEX: u16 = GDT_ENTRY_LGUEST_CS as u16;
 /// Slot of the hypervisor's data segment.
-pub const HOST_DS_INDEX: u16 = 11;
+pub const HOST_DS_INDEX: u16 = GDT_ENTRY_LGUEST_DS as u16;
 /// First of the two slots of the 64-bit TSS descriptor.
-pub const HOST_TSS_INDEX: u16 = 16;
+pub const HOST_TSS_INDEX: u16 = GDT_ENTRY_TSS as u16;
+
+// Every slot the hypervisor writes is one the ABI crate reserves, so no guest
+// descriptor ever overwrites it (`load_guest_entries` skips exactly those).
+const _: () = assert!(
+    is_guest_reserved_slot(HOST_CS_INDEX as u32)
+        && is_guest_reserved_slot(HOST_DS_INDEX as u32)
+        && is_guest_reserved_slot(HOST_TSS_INDEX as u32)
+        && is_guest_reserved_slot(HOST_TSS_INDEX as u32 + 1)
+        && HOST_TSS_INDEX as u32 + 1 == GDT_ENTRY_TSS_HIGH
+);
+
 /// The hypervisor's code selector.
 pub const HOST_CS: u16 = HOST_CS_INDEX << 3;
-/// The hypervisor's data/stack selector.
-#[allow(dead_code)] // the guest switcher loads it (next issue)
-pub const HOST_DS: u16 = HOST_DS_INDEX << 3;
 
 /// IST slot (1-based, as in the gate) used for double faults.
 pub const IST_DOUBLE_FAULT: u8 = 1;
@@ -47,7 +60,7 @@ struct EarlyStack([u8; EARLY_IST_SIZE]);
 /// Per-CPU descriptor tables. Only the boot CPU runs for now.
 #[repr(C, align(4096))]
 struct CpuTables {
-    gdt: [u64; GDT_ENTRIES],
+    gdt: [u64; SLOTS],
     tss: TaskStateSegment,
     early_ist: [EarlyStack; 3],
 }
@@ -60,7 +73,7 @@ struct TablesCell(UnsafeCell<CpuTables>);
 unsafe impl Sync for TablesCell {}
 
 static TABLES: TablesCell = TablesCell(UnsafeCell::new(CpuTables {
-    gdt: [0; GDT_ENTRIES],
+    gdt: [0; SLOTS],
     tss: TaskStateSegment::new(),
     early_ist: [
         EarlyStack([0; EARLY_IST_SIZE]),
@@ -104,7 +117,7 @@ pub fn init() {
         t.gdt[usize::from(HOST_TSS_INDEX)] = lo;
         t.gdt[usize::from(HOST_TSS_INDEX) + 1] = hi;
         let ptr = DescriptorTablePointer {
-            limit: (GDT_ENTRIES * 8 - 1) as u16,
+            limit: (SLOTS * 8 - 1) as u16,
             base: VirtAddr::new(t.gdt.as_ptr() as u64),
         };
         lgdt(&ptr);
@@ -135,16 +148,12 @@ pub fn set_rsp0(top: u64) {
     });
 }
 
-/// Slots of the hardware GDT that belong to the hypervisor and are never
-/// copied from a guest.
-pub const HOST_SLOTS: [usize; 5] = [10, 11, 16, 17, 31];
-
 /// Which guest's descriptors the hardware GDT holds.
 static LOADED: spin::Mutex<LoadedGdt> = spin::Mutex::new(LoadedGdt::new());
 
 /// Like [`load_guest_entries`], but skips the copy when the descriptors
 /// of `key` are already loaded (the common case on every guest entry).
-pub fn load_guest_entries_cached(key: GdtKey, entries: &[u64; GDT_ENTRIES]) {
+pub fn load_guest_entries_cached(key: GdtKey, entries: &[u64; SLOTS]) {
     x86_64::instructions::interrupts::without_interrupts(|| {
         if LOADED.lock().must_load(key) {
             copy_guest_entries(entries);
@@ -154,7 +163,7 @@ pub fn load_guest_entries_cached(key: GdtKey, entries: &[u64; GDT_ENTRIES]) {
 
 /// Copies a guest's 32 descriptors into the hardware GDT, except the
 /// hypervisor's own slots, and forgets which guest's were there.
-pub fn load_guest_entries(entries: &[u64; GDT_ENTRIES]) {
+pub fn load_guest_entries(entries: &[u64; SLOTS]) {
     x86_64::instructions::interrupts::without_interrupts(|| {
         LOADED.lock().forget();
         copy_guest_entries(entries);
@@ -164,12 +173,12 @@ pub fn load_guest_entries(entries: &[u64; GDT_ENTRIES]) {
 /// The copy itself; interrupts must be off. The guest's descriptors were
 /// validated when it set them (no system descriptors, no 64-bit code,
 /// DPL ≥ 1).
-fn copy_guest_entries(entries: &[u64; GDT_ENTRIES]) {
+fn copy_guest_entries(entries: &[u64; SLOTS]) {
     // SAFETY: boot CPU, interrupts off (both callers); the host slots are
     // skipped, so the running CS/SS and the busy TSS descriptor stay intact.
     let gdt = unsafe { &mut (*TABLES.0.get()).gdt };
-    for (i, (dst, src)) in gdt.iter_mut().zip(entries.iter()).enumerate() {
-        if !HOST_SLOTS.contains(&i) {
+    for (i, (dst, src)) in (0u32..).zip(gdt.iter_mut().zip(entries.iter())) {
+        if !is_guest_reserved_slot(i) {
             *dst = *src;
         }
     }

@@ -69,7 +69,6 @@ pub fn set_gate_handler(vector: u8, handler: u64, dpl: u8) {
 
 /// Changes which privilege levels may raise `vector` with `int n` (the
 /// lguest hypercall gate 0x1f is DPL 1, for instance).
-#[allow(dead_code)] // used by the lguest core (next issue)
 pub fn set_gate_dpl(vector: u8, dpl: u8) {
     x86_64::instructions::interrupts::without_interrupts(|| {
         // SAFETY: interrupts off on the only running CPU; the entry is

@@ -18,13 +18,15 @@ use alloc::string::String;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use guest_abi::lhreq::{Errno, LhReq};
-use rustyvisor::lguest::chan::{Channel, DeathReason, EventHandle, GuestCore, RunExit, TaskId};
+use rustyvisor::lguest::chan::{
+    Channel, DeathReason, EventHandle, GuestCore, InitLimits, RunExit, TaskId, check_initialize,
+};
 use rustyvisor::lguest::console::{ConsoleLine, Escaped, GuestConsole};
 use rustyvisor::lguest::gdtcache::GdtKey;
 use rustyvisor::lguest::guestmem::GuestMemory;
 use rustyvisor::lguest::loader;
 use rustyvisor::lguest::vcpu::{Action, Env, Exit, Vcpu};
-use rustyvisor::mm::PAGE_SIZE;
+use rustyvisor::mm::{LARGE_PAGE_SIZE, PAGE_SIZE};
 use rustyvisor::timerq::TimerId;
 use rustyvisor::units::{self, Bytes};
 
@@ -149,7 +151,6 @@ struct Running {
     tables: LinearTables,
     env: KernelEnv,
     eventfds: [(u32, u64); 16],
-    signals: u64,
 }
 
 /// The lguest core for one guest (the object behind one control channel).
@@ -179,23 +180,23 @@ impl GuestCore for KernelCore {
     type Init = ();
 
     fn initialize(&mut self, base: u64, pfnlimit: u64, start: u64) -> Result<(), Errno> {
-        let bytes = pfnlimit.checked_mul(PAGE_SIZE).ok_or(Errno::EINVAL)?;
-        let limit = u32::try_from(bytes).map_err(|_| Errno::EINVAL)?;
-        if start >= bytes {
-            return Err(Errno::EINVAL);
-        }
-        let tables = LinearTables::new(base, bytes).map_err(|e| match e {
+        let limits = InitLimits {
+            max_bytes: space::MAX_GUEST_BYTES as u32,
+            align: LARGE_PAGE_SIZE,
+        };
+        let args = check_initialize(base, pfnlimit, start, limits)?;
+        let tables = LinearTables::new(args.base, u64::from(args.bytes)).map_err(|e| match e {
             space::SpaceError::OutOfMemory => Errno::ENOMEM,
             _ => Errno::EFAULT,
         })?;
         // SAFETY: `LinearTables::new` checked that `base` is 2 MiB-aligned
         // direct-map memory; the launcher owns those `bytes` of guest RAM and
         // keeps them until after `release`.
-        let mem = unsafe { HostGuestMemory::new(base, limit) };
+        let mem = unsafe { HostGuestMemory::new(args.base, args.bytes) };
         PENDING[self.slot].store(0, Ordering::SeqCst);
         self.running = Some(Running {
             instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
-            vcpu: Vcpu::new(start as u32),
+            vcpu: Vcpu::new(args.start),
             mem,
             tables,
             env: KernelEnv {
@@ -204,7 +205,6 @@ impl GuestCore for KernelCore {
                 ts: false,
             },
             eventfds: [(0, 0); 16],
-            signals: 0,
         });
         Ok(())
     }
@@ -259,16 +259,7 @@ impl GuestCore for KernelCore {
             set_cr0_ts(r.env.ts);
             let info = switch::run(&mut r.vcpu.regs);
             set_cr0_ts(false);
-            let exit = match info.trapnum {
-                switch::ENTRY_FAULT => Exit::EntryFault,
-                2 => Exit::HostInterrupt, // NMI: the host's, not the guest's
-                v if v >= 32 && v != 0x80 => Exit::HostInterrupt,
-                v => Exit::Trap {
-                    vector: v,
-                    errcode: info.errcode,
-                    cr2: info.cr2,
-                },
-            };
+            let exit = Exit::from_trapnum(info.trapnum, info.errcode, info.cr2);
             match r.vcpu.handle_exit(exit, &mut r.mem, &mut r.env) {
                 Action::Resume | Action::Halt => {}
                 Action::Notify(addr) => {
@@ -310,22 +301,23 @@ impl GuestCore for KernelCore {
     }
 }
 
-fn signal_eventfd(r: &mut Running, addr: u32) -> bool {
-    if addr != 0 && r.eventfds.iter().any(|(a, _)| *a == addr) {
-        // Device service tasks that wait on these arrive with the launcher
-        // task (next milestone); count the signal meanwhile.
-        r.signals += 1;
-        true
-    } else {
-        false
-    }
+/// Whether a notify of `addr` is absorbed by an event handle bound to it (the
+/// guest keeps running) rather than reported to the launcher. Device service
+/// tasks that wait on these handles arrive with the launcher task (next
+/// milestone); until then the signal has no receiver.
+fn signal_eventfd(r: &Running, addr: u32) -> bool {
+    addr != 0 && r.eventfds.iter().any(|(a, _)| *a == addr)
 }
 
+/// The exit for [`Action::Dead`]. (A restart is always [`Action::Restart`]:
+/// the vCPU reports a death that asked for a restart as that, never as
+/// `Dead`.)
 fn dead(vcpu: &Vcpu) -> RunExit {
-    if vcpu.is_restart() {
-        return RunExit::Restart;
-    }
-    RunExit::Dead(DeathReason::new(vcpu.dead_reason().unwrap_or("killed")))
+    RunExit::Dead(
+        vcpu.dead_reason()
+            .cloned()
+            .unwrap_or_else(|| DeathReason::new("killed")),
+    )
 }
 
 /// Most bytes of one early-console string read from the guest.

@@ -30,13 +30,10 @@ use core::arch::naked_asm;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use rustyvisor::lguest::vcpu::Regs;
+use rustyvisor::lguest::vcpu::{ENTRY_FAULT_TRAPNUM, Regs, TrapOwner, sanitize_eflags};
 
 use crate::kernel::arch::cpu;
 use crate::kernel::arch::trap::TrapFrame;
-
-/// Trap number reported when entering the guest faulted.
-pub const ENTRY_FAULT: u32 = 256;
 
 /// Per-CPU switch state (only the boot CPU runs guests for now).
 #[repr(C)]
@@ -67,7 +64,7 @@ static EXITS: AtomicU64 = AtomicU64::new(0);
 
 /// What the last exit was, besides its trap number.
 pub struct ExitInfo {
-    /// Trap number (0–255), or [`ENTRY_FAULT`].
+    /// Trap number (0–255), or [`ENTRY_FAULT_TRAPNUM`].
     pub trapnum: u32,
     /// Error code (0 when the vector has none).
     pub errcode: u32,
@@ -83,7 +80,7 @@ pub struct ExitInfo {
 pub fn run(regs: &mut Regs) -> ExitInfo {
     // The guest never runs with IOPL > 0, NT, VM or RF, and always with IF (its
     // own interrupt flag is virtual, in lguest_data.irq_enabled).
-    regs.eflags = (regs.eflags & 0x0024_0DD5) | 0x202;
+    regs.eflags = sanitize_eflags(regs.eflags);
     let state = STATE.0.get();
     // SAFETY: single CPU; interrupts are disabled from here until the `iretq`
     // inside `enter_guest` (which turns them on with the guest's IF), so the
@@ -209,7 +206,7 @@ pub fn entry_fault(frame: &TrapFrame) -> ! {
     unsafe {
         (*state).errcode = frame.error_code;
         (*state).cr2 = frame.vector;
-        exit_to_host(state.cast::<u64>(), u64::from(ENTRY_FAULT))
+        exit_to_host(state.cast::<u64>(), u64::from(ENTRY_FAULT_TRAPNUM))
     }
 }
 
@@ -253,8 +250,8 @@ pub fn guest_trap(frame: &TrapFrame) -> ! {
         (*state).cr2 = cr2;
     }
     // A host interrupt that arrived while the guest ran: service it now.
-    // (0x80 is the guest's own syscall vector, a software interrupt.)
-    if frame.vector >= 32 && frame.vector != 0x80 {
+    let owner = u32::try_from(frame.vector).map_or(TrapOwner::HostIrq, TrapOwner::of);
+    if owner == TrapOwner::HostIrq {
         crate::kernel::interrupts::service_irq(frame.vector);
     }
     // SAFETY: `state` is valid; `exit_to_host` abandons this trap stack and

@@ -1,8 +1,8 @@
 use super::*;
 use crate::lguest::guestmem::VecMemory;
-use alloc::vec::Vec;
 use guest_abi::hcall::*;
 use guest_abi::seg::{USER_CS, USER_DS, idt_gate};
+use std::vec::Vec;
 
 const MEM: u32 = 0x10_0000;
 const LD: u32 = 0x8000;
@@ -153,7 +153,7 @@ impl T {
     }
 
     fn dead(&self) -> &str {
-        self.v.dead_reason().expect("guest should be dead")
+        self.v.dead_reason().expect("guest should be dead").as_str()
     }
 }
 
@@ -502,6 +502,17 @@ fn shutdown_restart_and_bad() {
     assert_eq!(t.prepare(), Action::Restart);
 
     let mut t = T::init();
+    t.m.write(0x3000, b"again\0").unwrap();
+    t.queue(0, [LHCALL_SHUTDOWN, 0x3000, 2, 0, 0]);
+    assert_eq!(t.hcall(LHCALL_FLUSH_ASYNC, 0, 0, 0), Action::Restart);
+    // A restart is never reported as a death, whatever comes later (the
+    // kernel's run loop relies on this: `Action::Dead` is never a restart).
+    assert_eq!(t.exit(Exit::EntryFault), Action::Restart);
+    assert_eq!(t.hcall(LHCALL_SHUTDOWN, 0x3000, 1, 0), Action::Restart);
+    assert_eq!(t.prepare(), Action::Restart);
+    assert_eq!(t.dead(), "restart: again");
+
+    let mut t = T::init();
     assert_eq!(t.hcall(LHCALL_SHUTDOWN, 0x3000, 7, 0), Action::Dead);
     assert_eq!(t.dead(), "bad shutdown reason 7");
     let mut t = T::init();
@@ -809,13 +820,6 @@ fn entry_fault_and_host_interrupt() {
     t.v.regs.errcode = 0x6b;
     assert_eq!(t.exit(Exit::EntryFault), Action::Dead);
     assert_eq!(t.dead(), "unhandled trap 256 at 0x777 (0x6b)");
-}
-
-#[test]
-fn nmi_is_ignored() {
-    let mut t = T::init();
-    assert_eq!(t.trap(2, 0), Action::Resume);
-    assert!(!t.v.is_dead());
 }
 
 #[test]
@@ -1196,4 +1200,61 @@ fn entry_check_cache_is_invalidated_by_gdt_changes() {
     );
     assert_eq!(t.prepare(), Action::Dead);
     assert!(t.dead().starts_with("bad cs 0x61"), "{}", t.dead());
+}
+
+#[test]
+fn trap_owner_classification() {
+    use TrapOwner::*;
+    // Exceptions and the guest's software interrupts below 32 are the guest's.
+    for v in 0..32 {
+        let want = if v == trap::NMI { HostNmi } else { Guest };
+        assert_eq!(TrapOwner::of(v), want, "vector {v}");
+    }
+    assert_eq!(TrapOwner::of(u32::from(LGUEST_TRAP_ENTRY)), Guest);
+    // The syscall vector is the guest's; every other vector >= 32 is a
+    // host device interrupt.
+    assert_eq!(TrapOwner::of(0x80), Guest);
+    for v in (32..256).filter(|&v| v != 0x80) {
+        assert_eq!(TrapOwner::of(v), HostIrq, "vector {v}");
+    }
+    assert_eq!(TrapOwner::of(ENTRY_FAULT_TRAPNUM), EntryFault);
+    // Nothing else comes from the switcher; never reflect it.
+    assert_eq!(TrapOwner::of(257), HostIrq);
+    assert_eq!(TrapOwner::of(u32::MAX), HostIrq);
+}
+
+#[test]
+fn exits_from_trapnums() {
+    assert_eq!(Exit::from_trapnum(2, 0, 0), Exit::HostInterrupt);
+    assert_eq!(Exit::from_trapnum(0x20, 0, 0), Exit::HostInterrupt);
+    assert_eq!(Exit::from_trapnum(0xff, 0, 0), Exit::HostInterrupt);
+    assert_eq!(Exit::from_trapnum(256, 5, 6), Exit::EntryFault);
+    assert_eq!(
+        Exit::from_trapnum(14, 2, 0x1234),
+        Exit::Trap {
+            vector: 14,
+            errcode: 2,
+            cr2: 0x1234
+        }
+    );
+    assert_eq!(
+        Exit::from_trapnum(0x80, 0, 0),
+        Exit::Trap {
+            vector: 0x80,
+            errcode: 0,
+            cr2: 0
+        }
+    );
+}
+
+/// An NMI while the guest runs is the host's: the guest keeps running and
+/// sees nothing (no frame, no kill), even with a gate for vector 2.
+#[test]
+fn nmi_exit_is_not_reflected() {
+    let mut t = T::init();
+    t.gate(2, 0x2000, IDT_TYPE_INTERRUPT, 0);
+    let before = t.v.regs;
+    assert_eq!(t.exit(Exit::from_trapnum(trap::NMI, 0, 0)), Action::Resume);
+    assert_eq!(t.v.regs, before);
+    assert!(!t.v.is_dead());
 }
