@@ -5,6 +5,8 @@
 //! - [`chan`]: the control channel — the `/dev/lguest` request protocol
 //!   (`write` of `LHREQ_*` words, `read` = "run the guest until something
 //!   happens", `close`) as a state machine over any [`chan::GuestCore`].
+//! - [`spec`]: a guest module's command line (`name [mem=SIZE] [args...]`),
+//!   shared with `cargo xtask`, which checks `--guest` with it.
 //!
 //! The ABI numbers and layouts come from the `guest-abi` crate.
 
@@ -13,4 +15,5 @@ pub mod guestmem;
 pub mod kill;
 pub mod loader;
 pub mod segments;
+pub mod spec;
 pub mod vcpu;
