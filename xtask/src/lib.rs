@@ -17,7 +17,7 @@ pub fn main(argv: &[String]) -> i32 {
     let command = match cli::parse(argv) {
         Ok(command) => command,
         Err(e) => {
-            eprintln!("{}\nerror: {e}", cli::USAGE);
+            eprintln!("{}", cli::usage_error(&e));
             return 2;
         }
     };
