@@ -9,6 +9,7 @@ pub mod build;
 pub mod cli;
 pub mod commands;
 pub mod prereq;
+pub mod toolchain;
 
 use cli::Command;
 
