@@ -266,6 +266,10 @@ impl fmt::Display for SelfTestSet {
 /// Default serial baud rate.
 pub const DEFAULT_BAUD: u32 = 115_200;
 
+/// Longest hypervisor command line kept, in bytes: a longer one is cut
+/// (and the cut reported at boot); `cargo xtask` refuses it up front.
+pub const MAX_CMDLINE: usize = 1024;
+
 /// The effective hypervisor configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {

@@ -12,10 +12,19 @@ pub const GIB: u64 = 1 << 30;
 /// 1 TiB.
 pub const TIB: u64 = 1 << 40;
 
-/// Parses a size such as `"4096"`, `"64K"`, `"16M"`, `"5G"`, `"1T"`.
+/// Parses a size such as `"4096"`, `"64K"`, `"16M"`, `"16MiB"`, `"5G"`.
 ///
-/// Suffixes are binary (K = 1024) and case-insensitive, and may be followed
-/// by `B` or `iB` (`"16MiB"`, `"16mb"`); a bare `B` suffix means bytes.
+/// This is the one size grammar of rustyvisor: the hypervisor's guest
+/// `mem=`, and `cargo xtask`'s `--mem` and `--guest NAME,mem=` all use it.
+///
+/// - decimal digits, then an optional unit, nothing else (no sign, no
+///   fraction, no space inside; surrounding whitespace is ignored);
+/// - units are binary and case-insensitive: `K` = 1024, `M` = 1024², `G` =
+///   1024³, `T` = 1024⁴, each optionally followed by `B` or `iB`
+///   (`16M` = `16MB` = `16MiB` = `16mib`);
+/// - no unit, or a bare `B`, means bytes (`4096` is 4 KiB, not QEMU's
+///   4096 MiB).
+///
 /// Returns `None` for empty input, junk, or a value overflowing `u64`.
 #[must_use]
 pub fn parse_size(s: &str) -> Option<u64> {

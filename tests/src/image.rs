@@ -17,6 +17,9 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use rustyvisor::config::{self, MAX_CMDLINE};
+use rustyvisor::lguest::spec;
+
 use crate::err;
 use crate::error::{Context, Result};
 use crate::workspace::Workspace;
@@ -33,7 +36,9 @@ pub enum GuestSource {
 /// A parsed `--guest` / scenario `guests` entry: `name-or-path[,arg]...`.
 ///
 /// A path must contain a `/` or end in `.elf`; anything else names a package in `guests/`.
-/// The arguments go to the guest's module command line after its name; `mem=SIZE` is checked.
+/// The arguments go to the guest's module command line after its name. Parsing checks only
+/// this shape, so that a scenario may give a guest a deliberately bad module line;
+/// [`GuestSpec::check`] applies the hypervisor's own rules (`cargo xtask run` and `iso` do).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestSpec {
     /// The guest.
@@ -65,18 +70,43 @@ impl GuestSpec {
                  nor a path (contains `/` or ends in `.elf`)"
             ));
         };
-        let mut args = Vec::new();
-        for word in items.flat_map(str::split_whitespace) {
-            if let Some(size) = word.strip_prefix("mem=")
-                && !is_size(size)
-            {
-                return Err(err!(
-                    "guest `{spec}`: bad `{word}`: expected a size such as mem=16M"
-                ));
-            }
-            args.push(word.to_string());
-        }
+        let args = items
+            .flat_map(str::split_whitespace)
+            .map(String::from)
+            .collect();
         Ok(Self { source, args })
+    }
+
+    /// The guest's name: the first word of its module command line (the package, or the ELF
+    /// file's name without `.elf`).
+    pub fn name(&self) -> String {
+        match &self.source {
+            GuestSource::Package(name) => name.clone(),
+            GuestSource::File(path) => path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The module command line GRUB passes to the hypervisor: `name args...`.
+    pub fn module_cmdline(&self) -> String {
+        let mut line = self.name();
+        for arg in &self.args {
+            line.push(' ');
+            line.push_str(arg);
+        }
+        line
+    }
+
+    /// Checks the module command line with the hypervisor's own parser
+    /// ([`rustyvisor::lguest::spec::parse`]: `mem=` range, one `mem=`, the length limit) and
+    /// returns the guest's RAM in bytes. The message is the one the hypervisor would print.
+    pub fn check(&self) -> Result<u64> {
+        let line = self.module_cmdline();
+        spec::parse(&line, line.len())
+            .map(|s| s.mem)
+            .map_err(|e| err!("guest `{}`: {e}", self.name()))
     }
 
     /// Finds the guest's ELF. Relative paths are taken from `base`.
@@ -114,13 +144,32 @@ impl GuestSpec {
     }
 }
 
-/// Whether `s` is a memory size such as `16M`, `5G` or `4096` (QEMU's and the guests' syntax).
-pub fn is_size(s: &str) -> bool {
-    let digits = s.trim_end_matches(['K', 'M', 'G', 'T', 'k', 'm', 'g', 't']);
-    s.len() - digits.len() <= 1
-        && !digits.is_empty()
-        && digits.bytes().all(|b| b.is_ascii_digit())
-        && digits.bytes().any(|b| b != b'0')
+/// Checks a hypervisor command line with the hypervisor's own parser
+/// ([`rustyvisor::config::parse`]) and length limit; the message lists what the hypervisor would
+/// report at boot (`unknown option "bogus=1"`, `bad value "qmeu" for exit (...)`).
+pub fn check_cmdline(cmdline: &str) -> Result<()> {
+    let mut problems: Vec<String> = Vec::new();
+    // GRUB passes the words separated by single spaces (see `grub_cfg`).
+    let len = cmdline
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .len();
+    if len > MAX_CMDLINE {
+        problems.push(format!(
+            "it is {len} bytes, the limit is {MAX_CMDLINE} (the rest would be cut)"
+        ));
+    }
+    let (_, errors) = config::parse(cmdline);
+    problems.extend(errors.iter().map(ToString::to_string));
+    if errors.overflow() > 0 {
+        problems.push(format!("and {} more problems", errors.overflow()));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(err!("--cmdline \"{cmdline}\": {}", problems.join("; ")))
+    }
 }
 
 /// A guest ready to go into an image.
@@ -325,18 +374,91 @@ mod tests {
     fn spec_errors() {
         assert!(GuestSpec::parse("").is_err());
         assert!(GuestSpec::parse(",mem=1M").is_err());
-        assert!(GuestSpec::parse("hello,mem=lots").is_err());
+        // Only the shape is parsed; the hypervisor's rules are `check`'s.
+        assert!(GuestSpec::parse("hello,mem=lots").is_ok());
         assert!(GuestSpec::parse("he llo").is_err());
     }
 
+    fn check(spec: &str) -> Result<u64> {
+        GuestSpec::parse(spec).unwrap().check()
+    }
+
     #[test]
-    fn sizes() {
-        for ok in ["16M", "5G", "4096", "512k"] {
-            assert!(is_size(ok), "{ok}");
+    fn guest_checks_use_the_hypervisor_rule() {
+        use rustyvisor::units::{GIB, MIB};
+        assert_eq!(check("hello").unwrap(), spec::DEFAULT_GUEST_MEM);
+        assert_eq!(check("hello,mem=16MiB").unwrap(), 16 * MIB);
+        assert_eq!(check("hello,mem=4M").unwrap(), 4 * MIB);
+        assert_eq!(check("./k.elf,mem=3G,console=hvc0").unwrap(), 3 * GIB);
+        for (bad, message) in [
+            (
+                "hello,mem=5000G",
+                "guest `hello`: bad mem=\"5000G\": guest RAM must be from 4 MiB to 3 GiB",
+            ),
+            (
+                "hello,mem=4194303",
+                "guest `hello`: bad mem=\"4194303\": guest RAM must be from 4 MiB to 3 GiB",
+            ),
+            (
+                "a/k.elf,mem=lots",
+                "guest `k`: bad mem=\"lots\": not a size",
+            ),
+            (
+                "hello,mem=16M,mem=32M",
+                "guest `hello`: mem= given twice (mem=16M and mem=32M)",
+            ),
+        ] {
+            let e = check(bad).unwrap_err();
+            assert!(e.message().starts_with(message), "{bad}: {e}");
         }
-        for bad in ["", "M", "0", "16MB", "1.5G", "-1M"] {
-            assert!(!is_size(bad), "{bad}");
-        }
+    }
+
+    #[test]
+    fn module_line_length_is_the_hypervisor_limit() {
+        // "hello " + "x=" + padding: exactly the limit, then one byte more.
+        let pad = "y".repeat(spec::MAX_MODULE_CMDLINE - "hello x=".len());
+        let spec = GuestSpec::parse(&format!("hello,x={pad}")).unwrap();
+        assert_eq!(spec.module_cmdline().len(), spec::MAX_MODULE_CMDLINE);
+        assert!(spec.check().is_ok());
+        let e = check(&format!("hello,x={pad}y")).unwrap_err();
+        assert_eq!(
+            e.message(),
+            "guest `hello`: module command line is 257 bytes, the limit is 256"
+        );
+    }
+
+    #[test]
+    fn cmdline_checks_use_the_hypervisor_parser() {
+        assert!(check_cmdline("").is_ok());
+        assert!(check_cmdline("exit=qemu log=debug selftest=memory,timer").is_ok());
+        let e = check_cmdline("exit=qmeu").unwrap_err();
+        assert!(
+            e.message()
+                .starts_with("--cmdline \"exit=qmeu\": bad value \"qmeu\" for exit (expected"),
+            "{e}"
+        );
+        let e = check_cmdline("exit=qemu bogus=1 log=loud").unwrap_err();
+        assert!(
+            e.message()
+                .contains("unknown option \"bogus=1\"; bad value \"loud\" for log"),
+            "{e}"
+        );
+        let long = format!("exit=qemu {}", "log=info ".repeat(200));
+        assert!(
+            check_cmdline(&long)
+                .unwrap_err()
+                .message()
+                .contains("the limit is 1024")
+        );
+        let at_limit = format!("exit=qemu x{}", "x".repeat(MAX_CMDLINE - 11));
+        assert_eq!(at_limit.len(), MAX_CMDLINE);
+        // Only the unknown option, not the length, is reported.
+        assert!(
+            !check_cmdline(&at_limit)
+                .unwrap_err()
+                .message()
+                .contains("limit")
+        );
     }
 
     #[test]

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::str::FromStr;
 
+use rustyvisor::units::{Bytes, GIB, MIB, parse_size};
+
 use crate::err;
 use crate::error::{Context, Error, Result};
 
@@ -22,8 +24,8 @@ pub const QEMU: &str = "qemu-system-x86_64";
 pub const MACHINE: &str = "q35";
 /// CPU model under TCG. Pinned in one place so that every run, test and bench sees the same CPU.
 pub const CPU_MODEL: &str = "max";
-/// Guest RAM unless told otherwise.
-pub const DEFAULT_MEMORY: &str = "128M";
+/// The machine's RAM (QEMU `-m`) unless told otherwise: 128 MiB.
+pub const DEFAULT_MEMORY: u64 = 128 * MIB;
 /// Exit status when the hypervisor writes 0x10 to port 0xf4.
 pub const EXIT_SUCCESS: i32 = 33;
 /// Exit status when the hypervisor writes 0x11 to port 0xf4.
@@ -96,8 +98,9 @@ by_name!(Accel, "accel", Tcg = "tcg", Kvm = "kvm");
 pub struct Machine {
     /// Firmware.
     pub firmware: Firmware,
-    /// RAM size in QEMU syntax (`128M`, `5G`).
-    pub memory: String,
+    /// The machine's RAM in bytes (QEMU `-m`), a whole number of MiB: what the hypervisor
+    /// finds in the memory map, guests included.
+    pub memory: u64,
     /// Number of CPUs.
     pub smp: u32,
     /// Accelerator.
@@ -112,12 +115,42 @@ impl Default for Machine {
     fn default() -> Self {
         Self {
             firmware: Firmware::Bios,
-            memory: DEFAULT_MEMORY.to_string(),
+            memory: DEFAULT_MEMORY,
             smp: 1,
             accel: Accel::Tcg,
             icount: false,
             extra_args: Vec::new(),
         }
+    }
+}
+
+/// Parses the machine's RAM (`--mem`, a scenario's `memory`) in the size grammar of
+/// [`parse_size`] (`128M`, `5G`, `512MiB`; no unit = bytes). QEMU takes whole MiB.
+pub fn parse_memory(s: &str) -> Result<u64> {
+    let bytes = parse_size(s).ok_or_else(|| {
+        err!("\"{s}\" is not a size such as 128M, 512MiB or 5G (K, M, G, T are binary units)")
+    })?;
+    if bytes == 0 || !bytes.is_multiple_of(MIB) {
+        let hint = if s.trim().bytes().all(|b| b.is_ascii_digit()) {
+            " (a size without a unit is bytes: write M or G)"
+        } else {
+            ""
+        };
+        return Err(err!(
+            "\"{s}\" is {}: the machine's RAM must be a whole, non-zero number of MiB{hint}",
+            Bytes(bytes)
+        ));
+    }
+    Ok(bytes)
+}
+
+/// `bytes` (a whole number of MiB) as a size both QEMU's `-m` and [`parse_size`] read the same
+/// way: `5G` or `128M`.
+pub fn memory_arg(bytes: u64) -> String {
+    if bytes.is_multiple_of(GIB) {
+        format!("{}G", bytes / GIB)
+    } else {
+        format!("{}M", bytes / MIB)
     }
 }
 
@@ -256,7 +289,7 @@ impl Qemu {
             "none".into(),
             "-no-reboot".into(),
             "-m".into(),
-            m.memory.clone(),
+            memory_arg(m.memory),
             "-smp".into(),
             m.smp.to_string(),
         ];
@@ -425,7 +458,7 @@ mod tests {
         let q = Qemu {
             machine: Machine {
                 firmware: Firmware::Uefi,
-                memory: "5G".into(),
+                memory: 5 * GIB,
                 smp: 4,
                 accel: Accel::Kvm,
                 icount: true,
@@ -489,5 +522,30 @@ mod tests {
         );
         assert_eq!(Firmware::Uefi.to_string(), "uefi");
         assert_eq!(Accel::Tcg.to_string(), "tcg");
+    }
+
+    #[test]
+    fn machine_memory_sizes() {
+        assert_eq!(parse_memory("128M").unwrap(), 128 * MIB);
+        assert_eq!(parse_memory("512MiB").unwrap(), 512 * MIB);
+        assert_eq!(parse_memory("5g").unwrap(), 5 * GIB);
+        assert_eq!(parse_memory("1048576").unwrap(), MIB);
+        for (bad, needle) in [
+            ("lots", "not a size"),
+            ("1.5G", "not a size"),
+            ("", "not a size"),
+            ("0", "non-zero"),
+            ("4096", "without a unit is bytes"),
+            ("1536K", "whole, non-zero number of MiB"),
+        ] {
+            let e = parse_memory(bad).unwrap_err();
+            assert!(e.message().contains(needle), "{bad:?}: {e}");
+        }
+        assert_eq!(memory_arg(128 * MIB), "128M");
+        assert_eq!(memory_arg(5 * GIB), "5G");
+        assert_eq!(memory_arg(1536 * MIB), "1536M");
+        for bytes in [MIB, 128 * MIB, 3 * GIB, 1536 * MIB] {
+            assert_eq!(parse_memory(&memory_arg(bytes)).unwrap(), bytes);
+        }
     }
 }

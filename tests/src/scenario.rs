@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use crate::err;
 use crate::error::{Context, Error, Result};
-use crate::image::{GuestSpec, is_size};
+use crate::image::GuestSpec;
 use crate::qemu::{Accel, EXIT_SUCCESS, Firmware, Machine};
 use crate::verdict::Expectations;
 
@@ -65,9 +65,16 @@ pub struct Scenario {
 }
 
 impl Scenario {
-    /// The `cargo xtask run` command that boots the same image interactively.
+    /// The `cargo xtask run` command that boots the same image interactively. A scenario that
+    /// boots a deliberately bad command line or guest spec gets `--no-check`, which `run` needs
+    /// to let it through.
     pub fn run_command(&self) -> String {
         let mut words = vec!["cargo".to_string(), "xtask".into(), "run".into()];
+        if crate::image::check_cmdline(&self.cmdline).is_err()
+            || self.guests.iter().any(|g| g.check().is_err())
+        {
+            words.push("--no-check".into());
+        }
         if !self.cmdline.is_empty() {
             words.extend(["--cmdline".into(), self.cmdline.clone()]);
         }
@@ -93,7 +100,7 @@ impl Scenario {
             words.extend(["--smp".into(), m.smp.to_string()]);
         }
         if m.memory != crate::qemu::DEFAULT_MEMORY {
-            words.extend(["--mem".into(), m.memory.clone()]);
+            words.extend(["--mem".into(), crate::qemu::memory_arg(m.memory)]);
         }
         if m.icount || !m.extra_args.is_empty() {
             words.push("--".into());
@@ -287,12 +294,13 @@ fn build(
         .transpose()
         .map_err(|e: Error| fail(e.to_string()))?
         .unwrap_or_default();
-    let memory: String = pick!(memory).unwrap_or_else(|| crate::qemu::DEFAULT_MEMORY.to_string());
-    if !is_size(&memory) {
-        return Err(fail(format!(
-            "memory = \"{memory}\" is not a size such as \"128M\" or \"5G\""
-        )));
-    }
+    let memory = match pick!(memory) {
+        Some(m) => {
+            let m: String = m;
+            crate::qemu::parse_memory(&m).map_err(|e| fail(format!("memory = {e}")))?
+        }
+        None => crate::qemu::DEFAULT_MEMORY,
+    };
     let smp: u32 = pick!(smp).unwrap_or(1);
     if !(1..=255).contains(&smp) {
         return Err(fail(format!("smp = {smp} is not between 1 and 255")));
@@ -383,6 +391,31 @@ mod tests {
     }
 
     #[test]
+    fn run_command_reproduces_the_scenario() {
+        let s = parse(&[(
+            "a.toml",
+            "[[scenario]]\nname = \"a\"\ncmdline = \"exit=qemu\"\nguests = [\"hello,mem=32MiB\"]\n\
+             memory = \"1536MiB\"\nsmp = 2\n\
+             [[scenario]]\nname = \"b\"\ncmdline = \"exit=qemu bogus=1\"\n\
+             [[scenario]]\nname = \"c\"\nguests = [\"hello,mem=5000G\"]\nmemory = \"5G\"\n",
+        )])
+        .unwrap();
+        assert_eq!(
+            s[0].run_command(),
+            "cargo xtask run --cmdline exit=qemu --guest hello,mem=32MiB --smp 2 --mem 1536M"
+        );
+        // Deliberately bad images need `--no-check` to boot by hand.
+        assert_eq!(
+            s[1].run_command(),
+            "cargo xtask run --no-check --cmdline 'exit=qemu bogus=1'"
+        );
+        assert_eq!(
+            s[2].run_command(),
+            "cargo xtask run --no-check --guest hello,mem=5000G --mem 5G"
+        );
+    }
+
+    #[test]
     fn minimal_scenario_gets_the_defaults() {
         let s = parse(&[("a.toml", "[[scenario]]\nname = \"a\"\nexpect = [\"^x\"]\n")]).unwrap();
         let s = &s[0];
@@ -426,14 +459,14 @@ mod tests {
         let s = parse(&[("common.toml", common), ("f.toml", file)]).unwrap();
         assert_eq!(s.len(), 2);
         assert_eq!(s[0].cmdline, "exit=qemu");
-        assert_eq!(s[0].machine.memory, "256M");
+        assert_eq!(s[0].machine.memory, 256 << 20);
         assert_eq!(patterns(&s[0].expectations.expect), ["^a", "^b", "^end"]);
         let f = &s[1];
         assert_eq!(f.description.as_deref(), Some("a deliberate fault"));
         assert_eq!(f.cmdline, "exit=qemu selftest=pagefault");
         assert_eq!(f.machine.firmware, Firmware::Uefi);
         assert_eq!(f.machine.smp, 4);
-        assert_eq!(f.machine.memory, "256M");
+        assert_eq!(f.machine.memory, 256 << 20);
         assert_eq!(f.machine.extra_args, ["-d", "int"]);
         assert_eq!(f.guests.len(), 2);
         assert_eq!(patterns(&f.expectations.expect), ["^a", "^b", "^EXCEPTION"]);

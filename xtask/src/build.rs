@@ -61,8 +61,9 @@ pub fn guest_args(packages: &[&str]) -> Vec<String> {
     args
 }
 
-/// Builds the hypervisor and the chosen guests.
+/// Builds the hypervisor and the chosen guests, after checking the pinned toolchain's targets.
 pub fn build(ws: &Workspace, profile: Profile, guests: &Guests) -> Result<()> {
+    crate::toolchain::ensure(&ws.root)?;
     run_cargo(
         ws,
         &format!("hypervisor ({})", profile.dir()),

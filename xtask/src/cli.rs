@@ -3,11 +3,20 @@
 
 use std::path::PathBuf;
 
+use rustyvisor::units::Bytes;
 use rustyvisor_tests::err;
-use rustyvisor_tests::image::{GuestSpec, is_size};
-use rustyvisor_tests::qemu::{Accel, Firmware, Machine};
+use rustyvisor_tests::image::{GuestSpec, check_cmdline};
+use rustyvisor_tests::qemu::{Accel, Firmware, Machine, memory_arg, parse_memory};
 use rustyvisor_tests::workspace::Profile;
 use rustyvisor_tests::{Error, Result};
+
+/// The commands, as `cargo xtask help` lists them.
+pub const COMMANDS: [&str; 6] = ["build", "iso", "run", "test", "bench", "help"];
+
+/// A usage error as the one line printed for it: what is wrong and where help is.
+pub fn usage_error(e: &Error) -> String {
+    format!("error: {e}; see `cargo xtask help`")
+}
 
 /// Scenario worker threads unless `-j` says otherwise.
 pub const DEFAULT_JOBS: usize = 2;
@@ -22,9 +31,9 @@ USAGE:
 COMMANDS:
     build [--debug]                 build the hypervisor (x86_64-unknown-none) and every guest
                                     in guests/ (i586-unknown-linux-gnu, release)
-    iso -o FILE [IMAGE] [--debug] [--no-build]
+    iso -o FILE [IMAGE] [--debug] [--no-build] [--no-check]
                                     write a bootable BIOS + UEFI ISO (GRUB, multiboot2)
-    run [IMAGE] [MACHINE] [--release|--debug] [--no-build] [-- QEMU-ARGS...]
+    run [IMAGE] [MACHINE] [--release|--debug] [--no-build] [--no-check] [-- QEMU-ARGS...]
                                     build, make the ISO and boot it in QEMU with the serial
                                     port on this terminal (Ctrl-C quits)
     test [FILTER] [-j N] [--list] [--no-build]
@@ -33,19 +42,24 @@ COMMANDS:
                                     with `N passed, N failed`
     bench [--no-build]              run tests/benches/*.toml under -icount and write
                                     <target>/bench/results.json
-    help                            this text
+    help [COMMAND]                  this text
 
 IMAGE OPTIONS (iso, run):
-    --cmdline \"ARGS\"                the hypervisor command line, e.g. \"exit=qemu\"
+    --cmdline \"ARGS\"                the hypervisor command line, e.g. \"exit=qemu\"; checked
+                                    with the hypervisor's own parser before anything is built
     --guest SPEC                    add a guest module (repeatable). SPEC is a guest name
                                     (a package in guests/) or a path to a 32-bit ELF (with a
                                     `/` or ending in .elf), then comma-separated arguments:
                                     --guest hello,mem=16M  --guest ./k.elf,mem=16M,console=hvc0
+                                    mem=SIZE is the guest's RAM: 4M to 3G (default 16M)
+    --no-check                      boot a command line or guest spec the hypervisor would
+                                    refuse (to watch it do so)
 MACHINE OPTIONS (run):
     --uefi                          boot with OVMF instead of SeaBIOS
     --kvm                           KVM (-accel kvm -cpu host) instead of TCG
     --smp N                         number of CPUs (default 1)
-    --mem SIZE                      guest RAM (default 128M)
+    --mem SIZE                      the machine's RAM (QEMU -m), shared by the hypervisor and
+                                    every guest (default 128M)
     --gdb                           start halted, wait for GDB on :1234 (-s -S)
 OTHER OPTIONS:
     --release, --debug              hypervisor profile (default --release)
@@ -55,7 +69,9 @@ OTHER OPTIONS:
 
 QEMU exit status: 33 = the hypervisor reported success (isa-debug-exit 0x10), 35 = it
 reported failure (0x11), 0 = triple fault or reset (-no-reboot), 1 = QEMU error.
-See docs/testing.md.
+
+SIZES (--mem, mem=): digits and a binary unit K, M, G or T, optionally followed by B or iB,
+any case: 16M = 16MB = 16MiB; no unit means bytes. See docs/testing.md.
 ";
 
 /// Options that describe an image.
@@ -65,6 +81,24 @@ pub struct ImageArgs {
     pub cmdline: String,
     /// Guest modules.
     pub guests: Vec<GuestSpec>,
+    /// Skip the host-side checks of `cmdline` and `guests` (`--no-check`).
+    pub no_check: bool,
+}
+
+impl ImageArgs {
+    /// Checks the command line and every guest with the hypervisor's own parsers, unless
+    /// `--no-check`; returns each guest's RAM.
+    fn check(&self) -> Result<Vec<u64>> {
+        if self.no_check {
+            return Ok(Vec::new());
+        }
+        let hint = |e: Error| err!("{e} (--no-check boots it anyway)");
+        check_cmdline(&self.cmdline).map_err(hint)?;
+        self.guests
+            .iter()
+            .map(|g| g.check().map_err(hint))
+            .collect()
+    }
 }
 
 /// `cargo xtask run`.
@@ -161,20 +195,14 @@ impl Args {
     fn value(&mut self, option: &str) -> Result<String> {
         self.items
             .next()
-            .ok_or_else(|| err!("`{option}` needs a value (see `cargo xtask help`)"))
+            .ok_or_else(|| err!("`{option}` needs a value"))
     }
 
     fn unknown(&self, arg: &str) -> Error {
         if arg.starts_with('-') {
-            err!(
-                "`cargo xtask {}` has no option `{arg}` (see `cargo xtask help`)",
-                self.command
-            )
+            err!("`cargo xtask {}` has no option `{arg}`", self.command)
         } else {
-            err!(
-                "`cargo xtask {}` takes no argument `{arg}` (see `cargo xtask help`)",
-                self.command
-            )
+            err!("`cargo xtask {}` takes no argument `{arg}`", self.command)
         }
     }
 
@@ -206,6 +234,7 @@ fn image_option(args: &mut Args, arg: &str, image: &mut ImageArgs) -> Result<boo
     match arg {
         "--cmdline" => image.cmdline = args.value(arg)?,
         "--guest" => image.guests.push(GuestSpec::parse(&args.value(arg)?)?),
+        "--no-check" => image.no_check = true,
         _ => return Ok(false),
     }
     Ok(true)
@@ -227,7 +256,12 @@ pub fn parse(argv: &[String]) -> Result<Command> {
     let mut profile = Profile::Release;
     let mut no_build = false;
     match command.as_str() {
-        "help" | "--help" | "-h" => Ok(Command::Help),
+        "help" | "--help" | "-h" => match rest {
+            [] => Ok(Command::Help),
+            [c] if COMMANDS.contains(&c.as_str()) => Ok(Command::Help),
+            [c] => Err(err!("`cargo xtask help {c}`: no such command")),
+            [_, extra, ..] => Err(err!("`cargo xtask help` takes no argument `{extra}`")),
+        },
         "build" => {
             let mut args = Args::new("build", rest);
             args.no_rest()?;
@@ -258,6 +292,7 @@ pub fn parse(argv: &[String]) -> Result<Command> {
             }
             let output = output
                 .ok_or_else(|| err!("`cargo xtask iso` needs `-o FILE` (the ISO to write)"))?;
+            image.check()?;
             Ok(Command::Iso {
                 output,
                 image,
@@ -282,16 +317,25 @@ pub fn parse(argv: &[String]) -> Result<Command> {
                     "--gdb" => gdb = true,
                     "--smp" => machine.smp = number(&arg, &args.value(&arg)?, 255)? as u32,
                     "--mem" => {
-                        let size = args.value(&arg)?;
-                        if !is_size(&size) {
-                            return Err(err!("`--mem {size}`: expected a size such as 128M or 5G"));
-                        }
-                        machine.memory = size;
+                        machine.memory =
+                            parse_memory(&args.value(&arg)?).map_err(|e| err!("`--mem`: {e}"))?;
                     }
                     _ => return Err(args.unknown(&arg)),
                 }
             }
             machine.extra_args = std::mem::take(&mut args.rest);
+            for (guest, mem) in image.guests.iter().zip(image.check()?) {
+                if mem >= machine.memory {
+                    return Err(err!(
+                        "guest `{}` wants {} of RAM, but the machine has {} in all (--mem {}); \
+                         raise --mem",
+                        guest.name(),
+                        Bytes(mem),
+                        Bytes(machine.memory),
+                        memory_arg(machine.memory)
+                    ));
+                }
+            }
             Ok(Command::Run(RunArgs {
                 image,
                 machine,
@@ -334,7 +378,8 @@ pub fn parse(argv: &[String]) -> Result<Command> {
             Ok(Command::Bench { no_build })
         }
         other => Err(err!(
-            "unknown command `{other}`; commands: build, iso, run, test, bench, help"
+            "unknown command `{other}`; commands: {}",
+            COMMANDS.join(", ")
         )),
     }
 }
@@ -354,6 +399,52 @@ mod tests {
         assert_eq!(parse(&[]).unwrap(), Command::Help);
         assert_eq!(parse_str("help").unwrap(), Command::Help);
         assert_eq!(parse_str("--help").unwrap(), Command::Help);
+        for command in COMMANDS {
+            assert_eq!(
+                parse_str(&format!("help {command}")).unwrap(),
+                Command::Help
+            );
+        }
+    }
+
+    #[test]
+    fn usage_errors_are_one_line_with_the_way_to_help() {
+        for line in [
+            "frobnicate",
+            "run --foo",
+            "run --mem",
+            "run --mem 1.5G",
+            "run --guest hello,mem=5000G",
+            "run --cmdline exit=qmeu",
+            "run --guest hello,mem=1G",
+            "iso",
+            "test -j 0",
+            "build -- x",
+        ] {
+            let text = usage_error(&parse_str(line).unwrap_err());
+            assert!(!text.contains('\n'), "{line}: {text}");
+            assert!(text.starts_with("error: "), "{line}: {text}");
+            assert!(text.ends_with("; see `cargo xtask help`"), "{line}: {text}");
+        }
+        assert_eq!(
+            usage_error(&parse_str("run --foo").unwrap_err()),
+            "error: `cargo xtask run` has no option `--foo`; see `cargo xtask help`"
+        );
+    }
+
+    #[test]
+    fn no_check_lets_deliberately_bad_images_through() {
+        let Command::Run(run) =
+            parse_str("run --no-check --cmdline exit=qmeu --guest hello,mem=5000G").unwrap()
+        else {
+            panic!("not a run command");
+        };
+        assert!(run.image.no_check);
+        assert_eq!(run.image.cmdline, "exit=qmeu");
+        assert!(parse_str("iso -o a.iso --no-check --cmdline bogus=1").is_ok());
+        // The shared size grammar: what the hypervisor accepts, the xtask accepts.
+        assert!(parse_str("run --mem 512MiB --guest hello,mem=16MiB,x=y").is_ok());
+        assert!(parse_str("run --mem 4G --guest hello,mem=3G").is_ok());
     }
 
     #[test]
@@ -436,7 +527,7 @@ mod tests {
             run.machine,
             Machine {
                 firmware: Firmware::Uefi,
-                memory: "5G".into(),
+                memory: 5 << 30,
                 smp: 4,
                 accel: Accel::Kvm,
                 icount: false,
@@ -502,8 +593,38 @@ mod tests {
             ("build x", "takes no argument `x`"),
             ("run --smp", "`--smp` needs a value"),
             ("run --smp many", "expected a number"),
-            ("run --mem lots", "expected a size"),
-            ("run --guest a,mem=x", "mem=x"),
+            ("run --mem lots", "`--mem`: \"lots\" is not a size"),
+            ("run --mem 4096", "a size without a unit is bytes"),
+            (
+                "run --guest a,mem=x",
+                "guest `a`: bad mem=\"x\": not a size",
+            ),
+            (
+                "run --guest hello,mem=5000G",
+                "guest `hello`: bad mem=\"5000G\": guest RAM must be from 4 MiB to 3 GiB \
+                 (--no-check boots it anyway)",
+            ),
+            (
+                "iso -o a.iso --guest hello,mem=5000G",
+                "guest RAM must be from 4 MiB",
+            ),
+            ("run --guest hello,mem=16M,mem=32M", "mem= given twice"),
+            ("run --cmdline=exit=qmeu", "bad value \"qmeu\" for exit"),
+            (
+                "iso -o a.iso --cmdline=exit=qmeu",
+                "bad value \"qmeu\" for exit",
+            ),
+            (
+                "run --guest hello,mem=128M",
+                "guest `hello` wants 128 MiB of RAM, but the machine has 128 MiB in all \
+                 (--mem 128M); raise --mem",
+            ),
+            (
+                "run --mem 1G --guest a --guest b,mem=1GiB",
+                "guest `b` wants 1 GiB",
+            ),
+            ("help frobnicate", "no such command"),
+            ("help run x", "takes no argument `x`"),
             ("run --guest", "needs a value"),
             ("run --bogus", "has no option `--bogus`"),
             ("test --bogus", "has no option `--bogus`"),

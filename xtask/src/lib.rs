@@ -9,6 +9,7 @@ pub mod build;
 pub mod cli;
 pub mod commands;
 pub mod prereq;
+pub mod toolchain;
 
 use cli::Command;
 
@@ -17,7 +18,7 @@ pub fn main(argv: &[String]) -> i32 {
     let command = match cli::parse(argv) {
         Ok(command) => command,
         Err(e) => {
-            eprintln!("{}\nerror: {e}", cli::USAGE);
+            eprintln!("{}", cli::usage_error(&e));
             return 2;
         }
     };

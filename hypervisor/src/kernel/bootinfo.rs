@@ -7,7 +7,9 @@
 //! never hands them out.
 
 use multiboot2::{BootInformation, BootInformationHeader};
+use rustyvisor::config::MAX_CMDLINE;
 use rustyvisor::fixedstr::FixedStr;
+use rustyvisor::lguest::spec::MAX_MODULE_CMDLINE;
 use rustyvisor::mm::region::{MemoryKind, MemoryMapEntry, PhysRange};
 
 use super::mem::phys_to_virt;
@@ -31,8 +33,12 @@ pub enum Firmware {
 pub struct Module {
     /// Physical range of the module's bytes.
     pub range: PhysRange,
-    /// The module's command line (first word: its name).
-    pub cmdline: FixedStr<256>,
+    /// The module's command line (first word: its name), cut to
+    /// [`MAX_MODULE_CMDLINE`] bytes if longer (see `cmdline_len`).
+    pub cmdline: FixedStr<MAX_MODULE_CMDLINE>,
+    /// The full length of the command line the loader passed: more than
+    /// `cmdline` holds when it was cut. The launcher refuses such a guest.
+    pub cmdline_len: usize,
 }
 
 /// Everything the hypervisor keeps from the boot information.
@@ -40,7 +46,7 @@ pub struct BootInfo {
     /// The boot loader's name.
     pub loader: FixedStr<64>,
     /// The hypervisor command line.
-    pub cmdline: FixedStr<1024>,
+    pub cmdline: FixedStr<MAX_CMDLINE>,
     /// Whether the command line had to be truncated.
     pub cmdline_truncated: bool,
     /// BIOS or UEFI.
@@ -152,6 +158,7 @@ pub fn parse(magic: u32, mbi: u64) -> Result<BootInfo, BootInfoError> {
     let empty = Module {
         range: PhysRange::new(0, 0),
         cmdline: FixedStr::empty(),
+        cmdline_len: 0,
     };
     let mut modules = [empty; MAX_MODULES];
     let mut modules_len = 0;
@@ -159,12 +166,14 @@ pub fn parse(magic: u32, mbi: u64) -> Result<BootInfo, BootInfoError> {
     for m in info.module_tags() {
         let start = u64::from(m.start_address());
         let end = u64::from(m.end_address()).max(start);
-        let (cmd, _) = FixedStr::copy_from(m.cmdline().unwrap_or(""));
+        let full = m.cmdline().unwrap_or("");
+        let (cmd, _) = FixedStr::copy_from(full);
         match modules.get_mut(modules_len) {
             Some(slot) => {
                 *slot = Module {
                     range: PhysRange::new(start, end),
                     cmdline: cmd,
+                    cmdline_len: full.len(),
                 };
                 modules_len += 1;
             }

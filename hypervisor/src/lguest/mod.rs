@@ -5,6 +5,8 @@
 //! - [`chan`]: the control channel — the `/dev/lguest` request protocol
 //!   (`write` of `LHREQ_*` words, `read` = "run the guest until something
 //!   happens", `close`) as a state machine over any [`chan::GuestCore`].
+//! - [`spec`]: a guest module's command line (`name [mem=SIZE] [args...]`),
+//!   shared with `cargo xtask`, which checks `--guest` with it.
 //!
 //! The ABI numbers and layouts come from the `guest-abi` crate.
 //!
@@ -41,6 +43,11 @@ pub mod loader;
     deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)
 )]
 pub mod segments;
+#[cfg_attr(
+    not(test),
+    deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)
+)]
+pub mod spec;
 #[cfg_attr(
     not(test),
     deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)

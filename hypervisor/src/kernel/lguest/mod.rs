@@ -14,7 +14,6 @@ pub mod probe;
 pub mod space;
 pub mod switch;
 
-use alloc::string::String;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use guest_abi::lhreq::{Errno, LhReq};
@@ -25,10 +24,11 @@ use rustyvisor::lguest::console::{ConsoleLine, Escaped, GuestConsole};
 use rustyvisor::lguest::gdtcache::GdtKey;
 use rustyvisor::lguest::guestmem::GuestMemory;
 use rustyvisor::lguest::loader;
+use rustyvisor::lguest::spec::{self, GuestSpec};
 use rustyvisor::lguest::vcpu::{Action, Env, Exit, Vcpu};
 use rustyvisor::mm::{LARGE_PAGE_SIZE, PAGE_SIZE};
 use rustyvisor::timerq::TimerId;
-use rustyvisor::units::{self, Bytes};
+use rustyvisor::units::Bytes;
 
 use self::space::{GuestRam, HostGuestMemory, LinearTables};
 use super::arch::{cpu, gdt, idt};
@@ -37,12 +37,8 @@ use super::mem::{self, phys_to_virt};
 use super::time;
 use crate::kprintln;
 
-extern crate alloc;
-
 /// Guests that can exist at once (slots for interrupt-context state).
 pub(crate) const MAX_GUESTS: usize = 8;
-/// Default guest memory when the module line has no `mem=`.
-const DEFAULT_GUEST_MEM: u64 = 16 << 20;
 /// Pages of the per-CPU stack guest traps arrive on.
 const TRAP_STACK_PAGES: u64 = 4;
 /// Restarts honoured per guest before giving up.
@@ -334,35 +330,6 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
-/// A guest module's command line: `name [mem=SIZE] [args...]`.
-struct GuestSpec<'a> {
-    name: &'a str,
-    mem: u64,
-    args: String,
-}
-
-fn parse_spec(cmdline: &str) -> Result<GuestSpec<'_>, String> {
-    let mut words = cmdline.split_whitespace();
-    let name = words.next().unwrap_or("guest");
-    let mut mem = DEFAULT_GUEST_MEM;
-    let mut args = String::new();
-    for w in words {
-        if let Some(v) = w.strip_prefix("mem=") {
-            mem = units::parse_size(v)
-                .filter(|m| *m >= 4 << 20 && *m <= space::MAX_GUEST_BYTES)
-                .ok_or_else(|| {
-                    alloc::format!("bad mem=\"{v}\" (expected a size from 4M to 3G, e.g. mem=16M)")
-                })?;
-        } else {
-            if !args.is_empty() {
-                args.push(' ');
-            }
-            args.push_str(w);
-        }
-    }
-    Ok(GuestSpec { name, mem, args })
-}
-
 /// Runs every guest module, one after the other. Returns (guests run,
 /// guests that ended with a power off).
 pub fn launch_modules(modules: &[Module]) -> (u32, u32) {
@@ -370,12 +337,17 @@ pub fn launch_modules(modules: &[Module]) -> (u32, u32) {
     let mut clean = 0;
     for (i, m) in modules.iter().enumerate() {
         let (free_before, _, _) = mem::frame_counts();
-        let spec = match parse_spec(m.cmdline.as_str()) {
+        // A line longer than the copy in `Module` is refused here rather than
+        // run cut short: the lost words could be `mem=` or the guest's own
+        // options, and a guest silently started with a different command line
+        // than the one asked for is worse than one that says why it did not
+        // start (the other guests still run, as after a bad `mem=`).
+        let spec = match spec::parse(m.cmdline.as_str(), m.cmdline_len) {
             Ok(s) => s,
             Err(e) => {
                 kprintln!(
                     "guest {} not started: {e}",
-                    Escaped::new(m.cmdline.as_str().as_bytes())
+                    Escaped::new(spec::name_of(m.cmdline.as_str()).as_bytes())
                 );
                 continue;
             }

@@ -19,9 +19,9 @@ use rustyvisor::mm::{LARGE_PAGE_SIZE, PAGE_SIZE};
 use crate::kernel::arch::cpu;
 use crate::kernel::mem::{self, phys_to_virt};
 
-/// Largest guest memory we hand out (the linear map uses one PDPT: 4 GiB,
-/// minus room for device pages above RAM).
-pub const MAX_GUEST_BYTES: u64 = 3 << 30;
+/// Largest guest memory we hand out: the `mem=` limit (the linear map uses
+/// one PDPT: 4 GiB, minus room for device pages above RAM).
+pub const MAX_GUEST_BYTES: u64 = rustyvisor::lguest::spec::MAX_GUEST_MEM;
 
 const P: u64 = 1;
 const RW: u64 = 1 << 1;

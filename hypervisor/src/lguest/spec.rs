@@ -1,0 +1,232 @@
+//! A guest module's command line: `name [mem=SIZE] [args...]`.
+//!
+//! GRUB hands each guest module a command line (`module2 FILE name args...`).
+//! The first word names the guest; `mem=SIZE` (at most once, a size in the
+//! [`parse_size`](crate::units::parse_size) grammar) sets its RAM, between
+//! [`MIN_GUEST_MEM`] and [`MAX_GUEST_MEM`] (default [`DEFAULT_GUEST_MEM`]);
+//! every other word goes to the guest as its own command line.
+//!
+//! The hypervisor's launcher and `cargo xtask` (which refuses a bad
+//! `--guest` before building anything) both use [`parse`], so a spec is
+//! accepted or refused with the same message on both sides.
+
+extern crate alloc;
+
+use alloc::string::String;
+use core::fmt;
+
+use crate::units::{Bytes, GIB, MIB, parse_size};
+
+/// Smallest guest RAM accepted with `mem=`.
+pub const MIN_GUEST_MEM: u64 = 4 * MIB;
+/// Largest guest RAM accepted with `mem=` (the linear map uses one PDPT:
+/// 4 GiB, minus room for device pages above RAM).
+pub const MAX_GUEST_MEM: u64 = 3 * GIB;
+/// Guest RAM when the module line has no `mem=`.
+pub const DEFAULT_GUEST_MEM: u64 = 16 * MIB;
+/// Longest module command line the hypervisor keeps, in bytes (what it
+/// copies out of the boot information). Longer lines are refused, never cut.
+pub const MAX_MODULE_CMDLINE: usize = 256;
+
+/// A parsed guest module command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestSpec<'a> {
+    /// The guest's name: the first word (`"guest"` if the line is empty).
+    pub name: &'a str,
+    /// Guest RAM in bytes.
+    pub mem: u64,
+    /// The guest's own command line: every word but the name and `mem=`,
+    /// separated by single spaces.
+    pub args: String,
+}
+
+/// Why a guest module command line is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpecError<'a> {
+    /// The line is longer than [`MAX_MODULE_CMDLINE`] (its full length).
+    TooLong(usize),
+    /// `mem=` is not a size.
+    BadMem(&'a str),
+    /// `mem=` is a size outside [`MIN_GUEST_MEM`]..=[`MAX_GUEST_MEM`].
+    MemOutOfRange(&'a str),
+    /// `mem=` appears twice (both values).
+    DuplicateMem(&'a str, &'a str),
+}
+
+impl fmt::Display for SpecError<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let range = (Bytes(MIN_GUEST_MEM), Bytes(MAX_GUEST_MEM));
+        match self {
+            Self::TooLong(len) => write!(
+                f,
+                "module command line is {len} bytes, the limit is {MAX_MODULE_CMDLINE}"
+            ),
+            Self::BadMem(v) => write!(
+                f,
+                "bad mem=\"{v}\": not a size (expected a size from {} to {}, e.g. mem=16M)",
+                range.0, range.1
+            ),
+            Self::MemOutOfRange(v) => write!(
+                f,
+                "bad mem=\"{v}\": guest RAM must be from {} to {}",
+                range.0, range.1
+            ),
+            Self::DuplicateMem(a, b) => {
+                write!(f, "mem= given twice (mem={a} and mem={b}); give it once")
+            }
+        }
+    }
+}
+
+/// The guest name of a module command line (its first word), for messages
+/// even when [`parse`] refuses the line.
+#[must_use]
+pub fn name_of(cmdline: &str) -> &str {
+    cmdline.split_whitespace().next().unwrap_or("guest")
+}
+
+/// Parses a module command line whose full length, as the boot loader gave
+/// it, is `full_len` bytes (`cmdline` may be a truncated copy of it).
+///
+/// # Errors
+///
+/// A line longer than [`MAX_MODULE_CMDLINE`], a `mem=` that is not a size
+/// or is out of range, or a second `mem=`.
+pub fn parse(cmdline: &str, full_len: usize) -> Result<GuestSpec<'_>, SpecError<'_>> {
+    let full_len = full_len.max(cmdline.len());
+    if full_len > MAX_MODULE_CMDLINE {
+        return Err(SpecError::TooLong(full_len));
+    }
+    let mut words = cmdline.split_whitespace();
+    let name = words.next().unwrap_or("guest");
+    let mut mem: Option<(&str, u64)> = None;
+    let mut args = String::new();
+    for w in words {
+        if let Some(v) = w.strip_prefix("mem=") {
+            if let Some((first, _)) = mem {
+                return Err(SpecError::DuplicateMem(first, v));
+            }
+            let bytes = parse_size(v).ok_or(SpecError::BadMem(v))?;
+            if !(MIN_GUEST_MEM..=MAX_GUEST_MEM).contains(&bytes) {
+                return Err(SpecError::MemOutOfRange(v));
+            }
+            mem = Some((v, bytes));
+        } else {
+            if !args.is_empty() {
+                args.push(' ');
+            }
+            args.push_str(w);
+        }
+    }
+    Ok(GuestSpec {
+        name,
+        mem: mem.map_or(DEFAULT_GUEST_MEM, |(_, bytes)| bytes),
+        args,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::ToString;
+
+    fn ok(line: &str) -> GuestSpec<'_> {
+        parse(line, line.len()).unwrap_or_else(|e| panic!("{line:?}: {e}"))
+    }
+
+    fn err(line: &str) -> SpecError<'_> {
+        parse(line, line.len()).expect_err(line)
+    }
+
+    #[test]
+    fn name_mem_and_args() {
+        let s = ok("hello mem=32M  mode=x   verbose");
+        assert_eq!(s.name, "hello");
+        assert_eq!(s.mem, 32 * MIB);
+        assert_eq!(s.args, "mode=x verbose");
+        let s = ok("hello");
+        assert_eq!(
+            (s.name, s.mem, s.args.as_str()),
+            ("hello", DEFAULT_GUEST_MEM, "")
+        );
+        assert_eq!(ok("").name, "guest");
+        assert_eq!(ok("lgtest mem=16MiB").mem, 16 * MIB);
+        assert_eq!(ok("lgtest mem=1g").mem, GIB);
+    }
+
+    #[test]
+    fn mem_bounds() {
+        assert_eq!(ok("g mem=4M").mem, MIN_GUEST_MEM);
+        assert_eq!(ok("g mem=4194304").mem, MIN_GUEST_MEM);
+        assert_eq!(err("g mem=4194303"), SpecError::MemOutOfRange("4194303"));
+        assert_eq!(ok("g mem=3G").mem, MAX_GUEST_MEM);
+        assert_eq!(ok("g mem=3221225472").mem, MAX_GUEST_MEM);
+        assert_eq!(
+            err("g mem=3221225473"),
+            SpecError::MemOutOfRange("3221225473")
+        );
+        assert_eq!(err("g mem=5000G"), SpecError::MemOutOfRange("5000G"));
+        assert_eq!(err("g mem=0"), SpecError::MemOutOfRange("0"));
+    }
+
+    #[test]
+    fn garbage_mem() {
+        for bad in ["lots", "", "16X", "1.5G", "-4M", "99999999999999999999"] {
+            let line = alloc::format!("g mem={bad}");
+            assert_eq!(parse(&line, line.len()), Err(SpecError::BadMem(bad)));
+        }
+    }
+
+    #[test]
+    fn duplicate_mem() {
+        let e = err("g mem=16M x mem=32M");
+        assert_eq!(e, SpecError::DuplicateMem("16M", "32M"));
+        assert_eq!(
+            e.to_string(),
+            "mem= given twice (mem=16M and mem=32M); give it once"
+        );
+        // Even when both are equal: a repeated option is a mistake.
+        assert!(matches!(
+            err("g mem=16M mem=16M"),
+            SpecError::DuplicateMem(..)
+        ));
+    }
+
+    #[test]
+    fn messages() {
+        assert_eq!(
+            err("g mem=5000G").to_string(),
+            "bad mem=\"5000G\": guest RAM must be from 4 MiB to 3 GiB"
+        );
+        assert_eq!(
+            err("g mem=lots").to_string(),
+            "bad mem=\"lots\": not a size (expected a size from 4 MiB to 3 GiB, e.g. mem=16M)"
+        );
+    }
+
+    #[test]
+    fn length_limit() {
+        let mut line = "g ".to_string();
+        while line.len() < MAX_MODULE_CMDLINE {
+            line.push('x');
+        }
+        assert_eq!(line.len(), MAX_MODULE_CMDLINE);
+        assert!(parse(&line, line.len()).is_ok());
+        // A copy cut to the limit, of a line one byte longer.
+        assert_eq!(
+            parse(&line, MAX_MODULE_CMDLINE + 1),
+            Err(SpecError::TooLong(MAX_MODULE_CMDLINE + 1))
+        );
+        line.push('x');
+        assert_eq!(
+            err(&line).to_string(),
+            "module command line is 257 bytes, the limit is 256"
+        );
+    }
+
+    #[test]
+    fn name_of_refused_lines() {
+        assert_eq!(name_of("  hello mem=lots"), "hello");
+        assert_eq!(name_of(""), "guest");
+    }
+}
