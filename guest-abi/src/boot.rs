@@ -211,29 +211,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn offsets() {
-        assert_eq!(BP_E820_ENTRIES, 0x1e8);
-        assert_eq!(BP_E820_TABLE, 0x2d0);
-        assert_eq!(BP_HDR_VERSION, 0x206);
-        assert_eq!(BP_HDR_TYPE_OF_LOADER, 0x210);
-        assert_eq!(BP_HDR_LOADFLAGS, 0x211);
-        assert_eq!(BP_HDR_CMD_LINE_PTR, 0x228);
-        assert_eq!(BP_HDR_HARDWARE_SUBARCH, 0x23c);
-        assert_eq!(BootE820Entry::offset(0), 0x2d0);
-        assert_eq!(BootE820Entry::offset(1), 0x2e4);
-    }
-
-    #[test]
-    fn constants() {
-        assert_eq!(BOOT_PARAMS_ADDR, 0);
-        assert_eq!(CMDLINE_ADDR, 0x1000);
-        assert_eq!(KEEP_SEGMENTS, 0x40);
-        assert_eq!(BOOT_PROTOCOL_VERSION, 0x207);
-        assert_eq!(X86_SUBARCH_LGUEST, 1);
-        assert_eq!(E820_RAM, 1);
-    }
-
-    #[test]
     fn e820_bytes_round_trip() {
         let e = BootE820Entry {
             addr: 0,
