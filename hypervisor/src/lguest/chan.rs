@@ -62,6 +62,14 @@
 //! whether or not the guest was ever initialised. Dropping a channel does the
 //! same.
 
+// Guest-controlled values: every index is a `get()`, every sum a checked,
+// saturating or (where the operands are bounded, said in a comment)
+// wrapping operation.
+#![cfg_attr(
+    not(test),
+    deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)
+)]
+
 use core::fmt;
 
 use crate::fixedstr::FixedStr;

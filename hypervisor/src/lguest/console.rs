@@ -26,6 +26,14 @@
 //!   floods its console gets a small, bounded share of the serial port and
 //!   never holds interrupts off for longer than one capped line.
 
+// Guest-controlled values: every index is a `get()`, every sum a checked,
+// saturating or (where the operands are bounded, said in a comment)
+// wrapping operation.
+#![cfg_attr(
+    not(test),
+    deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)
+)]
+
 use core::fmt;
 
 /// Guest bytes shown per line (before escaping); longer lines are cut.

@@ -9,6 +9,14 @@
 //! The bare-metal kernel implements [`GuestMemory`] over the launcher's
 //! allocation; tests (and anything else) use [`VecMemory`].
 
+// Guest-controlled values: every index is a `get()`, every sum a checked,
+// saturating or (where the operands are bounded, said in a comment)
+// wrapping operation.
+#![cfg_attr(
+    not(test),
+    deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)
+)]
+
 extern crate alloc;
 
 use alloc::string::String;
@@ -151,21 +159,11 @@ pub trait GuestMemory {
         if max == 0 {
             return Ok(String::new());
         }
-        let avail = self
-            .limit()
-            .checked_sub(gpa)
-            .filter(|&a| a > 0)
-            .ok_or(MemFault {
-                gpa,
-                len: 1,
-                write: false,
-            })?;
-        let n = avail.min(max);
-        let mut buf = vec![0u8; n as usize];
-        self.read(gpa, &mut buf)?;
-        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-        buf.truncate(end);
-        Ok(String::from_utf8_lossy(&buf).into_owned())
+        // Never more than what lies between `gpa` and the end of memory.
+        let window = self.limit().saturating_sub(gpa).min(max);
+        let mut buf = vec![0u8; usize::try_from(window).unwrap_or(0)];
+        let bytes = self.read_cstr_bytes(gpa, &mut buf)?;
+        Ok(String::from_utf8_lossy(bytes).into_owned())
     }
 
     /// Reads the bytes of a NUL-terminated string at `gpa` into `buf`, as

@@ -14,6 +14,14 @@
 //!
 //! Parsing uses the `elf` crate (no_std, zero-alloc, fuzzed).
 
+// Guest-controlled values: every index is a `get()`, every sum a checked,
+// saturating or (where the operands are bounded, said in a comment)
+// wrapping operation.
+#![cfg_attr(
+    not(test),
+    deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)
+)]
+
 use core::fmt;
 
 use elf::ElfBytes;

@@ -24,6 +24,14 @@
 //! Together with the selector checks this guarantees the guest can never hold
 //! a CPL-0 or 64-bit code selector, nor reach a gate or TSS through its GDT.
 
+// Guest-controlled values: every index is a `get()`, every sum a checked,
+// saturating or (where the operands are bounded, said in a comment)
+// wrapping operation.
+#![cfg_attr(
+    not(test),
+    deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)
+)]
+
 use guest_abi::seg::{
     DescriptorError, GDT_ENTRIES, SegmentDescriptor, fixup_guest_descriptor, is_guest_reserved_slot,
 };

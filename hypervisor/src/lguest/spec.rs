@@ -10,6 +10,14 @@
 //! `--guest` before building anything) both use [`parse`], so a spec is
 //! accepted or refused with the same message on both sides.
 
+// Guest-controlled values: every index is a `get()`, every sum a checked,
+// saturating or (where the operands are bounded, said in a comment)
+// wrapping operation.
+#![cfg_attr(
+    not(test),
+    deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)
+)]
+
 extern crate alloc;
 
 use alloc::string::String;

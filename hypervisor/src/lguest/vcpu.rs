@@ -34,6 +34,14 @@
 //! guest physical. Every guest-virtual access (stack pushes, instruction
 //! fetch) still goes through [`Vcpu::guest_pa`] so shadow paging can plug in.
 
+// Guest-controlled values: every index is a `get()`, every sum a checked,
+// saturating or (where the operands are bounded, said in a comment)
+// wrapping operation.
+#![cfg_attr(
+    not(test),
+    deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)
+)]
+
 use core::fmt;
 
 use guest_abi::data::LguestData;
