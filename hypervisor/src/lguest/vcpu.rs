@@ -43,6 +43,7 @@
 )]
 
 use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use guest_abi::data::LguestData;
 use guest_abi::hcall::{
@@ -56,6 +57,7 @@ use guest_abi::irq::{
 use guest_abi::seg::{IDT_HIGH_KEEP_MASK, IDT_TYPE_INTERRUPT, IDT_TYPE_TRAP, KERNEL_CS, KERNEL_DS};
 
 use super::chan::DeathReason;
+use super::gdtcache::GdtKey;
 use super::guestmem::GuestMemory;
 use super::kill::{Kill, kill};
 use super::segments::GuestGdt;
@@ -248,6 +250,9 @@ const PAGE: u32 = 4096;
 
 /// The per-guest (single-vCPU) lguest state.
 pub struct Vcpu {
+    /// Unique per vCPU ever made (never reused): tells one guest's cached
+    /// state (GDT, FPU) from another's.
+    instance: u64,
     /// The guest's registers; the switcher loads them on entry and saves
     /// them on exit.
     pub regs: Regs,
@@ -289,7 +294,24 @@ impl fmt::Debug for Vcpu {
     }
 }
 
+/// Source of [`Vcpu::instance`] numbers.
+static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
+
 impl Vcpu {
+    /// This vCPU's instance number: unique among all vCPUs ever made.
+    pub fn instance(&self) -> u64 {
+        self.instance
+    }
+
+    /// What the hardware GDT must hold for this guest now: its descriptors
+    /// as of the current generation, told apart from every other guest's.
+    pub fn gdt_key(&self) -> GdtKey {
+        GdtKey {
+            instance: self.instance,
+            generation: self.gdt.generation(),
+        }
+    }
+
     /// A fresh guest about to start at `start_eip` (lguest-abi §8.1): CS
     /// 0x61, DS/ES/SS 0x69, FS/GS 0, EFLAGS 0x202, all GPRs and ESP 0
     /// (`esi` = 0 = guest-physical address of `boot_params`).
@@ -305,6 +327,7 @@ impl Vcpu {
             ..Regs::default()
         };
         Self {
+            instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
             regs,
             gdt: GuestGdt::new(),
             lguest_data: None,

@@ -14,14 +14,13 @@ pub mod probe;
 pub mod space;
 pub mod switch;
 
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use guest_abi::lhreq::{Errno, LhReq};
 use rustyvisor::lguest::chan::{
     Channel, DeathReason, EventHandle, GuestCore, InitLimits, RunExit, TaskId, check_initialize,
 };
 use rustyvisor::lguest::console::{ConsoleLine, Escaped, GuestConsole};
-use rustyvisor::lguest::gdtcache::GdtKey;
 use rustyvisor::lguest::guestmem::GuestMemory;
 use rustyvisor::lguest::loader;
 use rustyvisor::lguest::spec::{self, GuestSpec};
@@ -46,9 +45,6 @@ const MAX_RESTARTS: u32 = 3;
 
 /// Virtual interrupts raised from interrupt context (the clock event) per
 /// guest slot, merged into the vCPU before each entry.
-/// Source of [`Running::instance`].
-static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
-
 static PENDING: [AtomicU32; MAX_GUESTS] = [const { AtomicU32::new(0) }; MAX_GUESTS];
 
 /// Prepares the CPU for running guests: the hypercall gate (0x1f) is callable
@@ -140,8 +136,6 @@ impl Env for KernelEnv {
 }
 
 struct Running {
-    /// Unique per initialised guest (tags its descriptors in the GDT cache).
-    instance: u64,
     vcpu: Vcpu,
     mem: HostGuestMemory,
     tables: LinearTables,
@@ -191,7 +185,6 @@ impl GuestCore for KernelCore {
         let mem = unsafe { HostGuestMemory::new(args.base, args.bytes) };
         PENDING[self.slot].store(0, Ordering::SeqCst);
         self.running = Some(Running {
-            instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
             vcpu: Vcpu::new(args.start),
             mem,
             tables,
@@ -214,7 +207,7 @@ impl GuestCore for KernelCore {
         // kernel PML4, plus this guest's memory at linear 0.
         unsafe { cpu::write_cr3(r.tables.cr3()) };
         set_cr0_ts(false);
-        fpu::switch_to(slot, r.instance);
+        fpu::switch_to(slot, r.vcpu.instance());
         loop {
             let mut bits = PENDING[slot].swap(0, Ordering::SeqCst);
             while bits != 0 {
@@ -245,13 +238,7 @@ impl GuestCore for KernelCore {
                 Action::Dead => return dead(&r.vcpu),
                 Action::Restart => return RunExit::Restart,
             }
-            gdt::load_guest_entries_cached(
-                GdtKey {
-                    instance: r.instance,
-                    generation: r.vcpu.gdt.generation(),
-                },
-                r.vcpu.gdt.entries(),
-            );
+            gdt::load_guest_entries_cached(r.vcpu.gdt_key(), r.vcpu.gdt.entries());
             set_cr0_ts(r.env.ts);
             let info = switch::run(&mut r.vcpu.regs);
             set_cr0_ts(false);
@@ -290,7 +277,7 @@ impl GuestCore for KernelCore {
     fn release(&mut self) {
         if let Some(mut r) = self.running.take() {
             r.env.set_clockevent(None);
-            fpu::release(self.slot, r.instance);
+            fpu::release(self.slot, r.vcpu.instance());
             // Dropping `r` frees the tables (switching CR3 back first).
         }
         PENDING[self.slot].store(0, Ordering::SeqCst);

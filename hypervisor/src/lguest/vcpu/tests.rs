@@ -1258,3 +1258,16 @@ fn nmi_exit_is_not_reflected() {
     assert_eq!(t.v.regs, before);
     assert!(!t.v.is_dead());
 }
+
+#[test]
+fn every_vcpu_has_its_own_instance_and_gdt_key() {
+    let a = Vcpu::new(0x1000);
+    let b = Vcpu::new(0x1000);
+    assert_ne!(a.instance(), b.instance());
+    // Same generation (both fresh), different guests: different keys, so
+    // the hardware GDT is never reused from one guest for the other.
+    assert_eq!(a.gdt.generation(), b.gdt.generation());
+    assert_ne!(a.gdt_key(), b.gdt_key());
+    assert_eq!(a.gdt_key().instance, a.instance());
+    assert_eq!(a.gdt_key().generation, a.gdt.generation());
+}
