@@ -1,4 +1,5 @@
-//! Boot parameters and the guest-physical memory map (lguest-abi §8.1).
+//! Boot parameters and the guest-physical memory map (docs/abi.md,
+//! sections 10 and 11).
 //!
 //! The launcher writes a Linux `struct boot_params` ("zero page") at
 //! guest-physical [`BOOT_PARAMS_ADDR`] and the command line at

@@ -2,11 +2,15 @@
 //!
 //! This library holds the *pure* logic of the hypervisor: command-line
 //! parsing, memory-map sanitising, the physical frame allocator, page-table
-//! manipulation, timer queues, ring buffers, AML scanning. None of it
-//! touches hardware, so all of it is unit-tested on the host with
-//! `cargo test -p hypervisor`. Architecture-specific code (boot, interrupts,
-//! VMX, port I/O, the direct map) lives in the bare-metal binary, which
-//! calls into this crate.
+//! manipulation, timer queues, ring buffers, AML scanning, and the lguest
+//! core (control channel, vCPU state machine, GDT validation, guest memory
+//! accessors, ELF loader, guest console). None of it touches hardware, so
+//! all of it is unit-tested on the host with `cargo test -p hypervisor`.
+//! Architecture-specific code (boot, interrupts, the world switch into
+//! guests, port I/O, the direct map) lives in the bare-metal binary, which
+//! calls into this crate. There is no hardware virtualisation (no VMX or
+//! SVM): lguest guests are paravirtualised and run at CPL 1 in
+//! compatibility mode.
 #![cfg_attr(not(test), no_std)]
 // Pure logic only: every `unsafe` belongs to the bare-metal binary.
 #![forbid(unsafe_code)]

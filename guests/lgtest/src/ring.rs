@@ -1,4 +1,4 @@
-//! `mode=ring`: the async hypercall ring (lguest-abi §1.3), observed
+//! `mode=ring`: the async hypercall ring (docs/abi.md, section 4), observed
 //! through `LHCALL_LOAD_GDT_ENTRY`: each queued call writes a data
 //! descriptor whose byte-granular limit encodes the call's position, and
 //! `lsl` (unprivileged) reads the limit back.

@@ -113,7 +113,7 @@ pub enum RunExit {
     /// A break was requested while the guest ran.
     Break,
     /// The guest was killed or powered off (`LHCALL_SHUTDOWN` reason 1 gives
-    /// "power off: <message>", see `Vcpu::dead_reason`).
+    /// `"power off: <message>"`, see `Vcpu::dead_reason`).
     Dead(DeathReason),
     /// The guest asked to be restarted (`LHCALL_SHUTDOWN` reason 2).
     Restart,

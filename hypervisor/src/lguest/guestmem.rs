@@ -1,5 +1,5 @@
 //! Guest-physical memory: the one bounds-checked accessor every host access
-//! to guest memory goes through (architecture.md, decision 2).
+//! to guest memory goes through (docs/design.md, "Founding decisions").
 //!
 //! A guest-physical address is an *allegation*: [`GuestMemory::read`] and
 //! [`GuestMemory::write`] check `gpa + len <= limit` without overflow before

@@ -1,5 +1,5 @@
 //! Loading a 32-bit ELF guest kernel and writing its `boot_params`
-//! (lguest-abi §8.1), as the lguest launcher did for a vmlinux.
+//! (docs/abi.md, sections 10 and 11), as the lguest launcher did for a vmlinux.
 //!
 //! - [`load_elf`]: an `ET_EXEC`, `ELFCLASS32`, little-endian `EM_386` image;
 //!   each `PT_LOAD` is copied to its `p_paddr` (`p_filesz` bytes from the

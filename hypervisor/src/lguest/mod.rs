@@ -1,14 +1,27 @@
 //! The lguest guest side of the hypervisor.
 //!
-//! Only the pure, host-testable parts live here so far:
+//! Only the pure, host-testable parts live here; the bare-metal side (world
+//! switch, guest RAM, the kernel core and launcher) is in the binary's
+//! `kernel/lguest/`:
 //!
 //! - [`chan`]: the control channel — the `/dev/lguest` request protocol
 //!   (`write` of `LHREQ_*` words, `read` = "run the guest until something
-//!   happens", `close`) as a state machine over any [`chan::GuestCore`].
+//!   happens", `close`) as a state machine over any [`chan::GuestCore`],
+//!   and [`chan::check_initialize`], the `INITIALIZE` argument rules.
+//! - [`vcpu`]: the per-guest state machine (hypercalls, async ring, trap
+//!   reflection, virtual interrupts) and [`vcpu::TrapOwner`].
+//! - [`segments`]: the guest's GDT and the selector checks.
+//! - [`guestmem`]: the bounds-checked guest-physical memory accessor.
+//! - [`loader`]: ELF loading and `boot_params`.
+//! - [`console`]: guest text shown as data (escaped, capped, rate-limited).
+//! - [`fpustate`]: which guest instance owns the FPU registers.
+//! - [`gdtcache`]: whether the hardware GDT already holds a guest's entries.
+//! - [`kill`]: kill reasons.
 //! - [`spec`]: a guest module's command line (`name [mem=SIZE] [args...]`),
 //!   shared with `cargo xtask`, which checks `--guest` with it.
 //!
-//! The ABI numbers and layouts come from the `guest-abi` crate.
+//! The ABI numbers and layouts come from the `guest-abi` crate; docs/abi.md
+//! describes them.
 //!
 //! The modules that handle guest-controlled values (`chan`, `console`,
 //! `guestmem`, `loader`, `segments`, `spec`, `vcpu`) deny

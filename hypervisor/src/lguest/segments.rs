@@ -1,4 +1,4 @@
-//! The guest's GDT (lguest-abi §4): 32 slots in Linux's i386 layout, filled
+//! The guest's GDT (docs/abi.md, section 7): 32 slots in Linux's i386 layout, filled
 //! by `LHCALL_LOAD_GDT_ENTRY` / `LHCALL_LOAD_TLS`, plus the selector checks
 //! the switcher applies before loading a guest selector.
 //!

@@ -2,7 +2,7 @@
 //!
 //! GRUB hands each guest module a command line (`module2 FILE name args...`).
 //! The first word names the guest; `mem=SIZE` (at most once, a size in the
-//! [`parse_size`](crate::units::parse_size) grammar) sets its RAM, between
+//! [`parse_size`] grammar) sets its RAM, between
 //! [`MIN_GUEST_MEM`] and [`MAX_GUEST_MEM`] (default [`DEFAULT_GUEST_MEM`]);
 //! every other word goes to the guest as its own command line.
 //!

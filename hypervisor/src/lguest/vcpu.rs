@@ -1,6 +1,7 @@
-//! The per-guest lguest state machine: hypercalls (lguest-abi §1, §2.3),
-//! trap reflection and virtual interrupt delivery (§3), GDT/IDT loading
-//! (§3.5, §4), lazy-FPU bookkeeping (§6.4). Pure logic: the world switch
+//! The per-guest lguest state machine: hypercalls and the async ring
+//! (docs/abi.md, sections 2-5), trap reflection and virtual interrupt
+//! delivery (section 6), GDT/IDT loading (section 7), lazy-FPU bookkeeping
+//! (`LHCALL_TS`). Pure logic: the world switch
 //! hands it an [`Exit`] and the saved [`Regs`], it edits the registers and
 //! guest memory and answers with an [`Action`].
 //!
@@ -62,7 +63,7 @@ use super::guestmem::GuestMemory;
 use super::kill::{Kill, kill};
 use super::segments::GuestGdt;
 
-/// The guest's registers in `struct lguest_regs` order (lguest-abi §6.1):
+/// The guest's registers in the order of Linux lguest's `struct lguest_regs`:
 /// what the switcher saves on every exit and loads on every entry.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -196,7 +197,8 @@ pub trait Env {
     /// `delta_ns` from now; `None` cancels.
     fn set_clockevent(&mut self, delta_ns: Option<u64>);
     /// `LHCALL_TS`: the guest's virtual CR0.TS changed. While it is set, the
-    /// host must make guest FPU use trap (#NM) — lguest-abi §6.4.
+    /// host must make guest FPU use trap (#NM), as lguest did (CR0.TS set
+    /// while this guest runs).
     fn set_ts(&mut self, on: bool);
 }
 
@@ -312,7 +314,7 @@ impl Vcpu {
         }
     }
 
-    /// A fresh guest about to start at `start_eip` (lguest-abi §8.1): CS
+    /// A fresh guest about to start at `start_eip` (docs/abi.md, section 1): CS
     /// 0x61, DS/ES/SS 0x69, FS/GS 0, EFLAGS 0x202, all GPRs and ESP 0
     /// (`esi` = 0 = guest-physical address of `boot_params`).
     pub fn new(start_eip: u32) -> Self {
@@ -694,7 +696,8 @@ impl Vcpu {
     }
 
     /// Build the i386 trap frame on the guest's stack and point the guest at
-    /// `gate` (lguest's `set_guest_interrupt`, lguest-abi §3.4).
+    /// `gate` (lguest's `set_guest_interrupt`; the frame is described in
+    /// docs/abi.md, section 6).
     fn push_frame<M: GuestMemory>(
         &mut self,
         gate: IdtEntry,
@@ -884,7 +887,7 @@ impl Vcpu {
         self.do_call(args, mem, env)
     }
 
-    /// Drain the async ring (lguest-abi §1.3). `Some(action)` if an entry
+    /// Drain the async ring (docs/abi.md, section 4). `Some(action)` if an entry
     /// produced something the launcher must see (notify, restart, death).
     fn run_async<M: GuestMemory, E: Env>(
         &mut self,
@@ -936,7 +939,7 @@ impl Vcpu {
         Ok(None)
     }
 
-    /// `LHCALL_LGUEST_INIT` (lguest-abi §2.3).
+    /// `LHCALL_LGUEST_INIT` (docs/abi.md, section 5, "At INIT").
     fn do_init<M: GuestMemory, E: Env>(
         &mut self,
         ld: u32,
@@ -1040,7 +1043,7 @@ impl Vcpu {
         Ok(Action::Dead)
     }
 
-    /// `LHCALL_LOAD_IDT_ENTRY(vector, lo, hi)` (lguest-abi §3.5).
+    /// `LHCALL_LOAD_IDT_ENTRY(vector, lo, hi)` (docs/abi.md, section 3, call 6).
     fn load_idt_entry(&mut self, num: u32, lo: u32, hi: u32) -> Result<(), Kill> {
         if matches!(num, trap::NMI | trap::DF | trap::SPURIOUS)
             || num == u32::from(LGUEST_TRAP_ENTRY)

@@ -1,7 +1,7 @@
 //! The native floor for the benchmarks, measured by the hypervisor itself in
 //! the same boot: `int n` from a compatibility-mode CPL-1 probe to a 64-bit
-//! ring-0 stub that does nothing but `iretq` (benchmarks.md,
-//! `native_int_roundtrip`).
+//! ring-0 stub that does nothing but `iretq` (`native_int_roundtrip` in
+//! docs/benchmarks.md).
 //!
 //! The probe is a few 32-bit instructions run exactly like a guest (its own
 //! linear-mode address space, CS 0x61 / SS 0x69, entered through the world
