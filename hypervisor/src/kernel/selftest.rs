@@ -178,11 +178,17 @@ fn timer() {
     ORDER.store(0, Ordering::SeqCst);
     let start = time::now_ns();
     let plan = [(3_000_000u64, 3u64), (1_000_000, 1), (2_000_000, 2)];
-    for (delay, id) in plan {
-        if time::arm_at(start + delay, on_test_timer, id).is_err() {
-            fail(format_args!("could not arm timer {id}"));
+    // All three are armed with interrupts off: under TCG on a loaded host the
+    // CPU can stall for milliseconds between two instructions, and a timer
+    // that expired before the next one was even armed would (correctly) fire
+    // first. Armed together, they fire in deadline order however late.
+    x86_64::instructions::interrupts::without_interrupts(|| {
+        for (delay, id) in plan {
+            if time::arm_at(start + delay, on_test_timer, id).is_err() {
+                fail(format_args!("could not arm timer {id}"));
+            }
         }
-    }
+    });
     // Only catches a timer that never fires: a loaded host running this
     // under TCG can be slow, but not by seconds per millisecond.
     let give_up = start + 30_000_000_000;
