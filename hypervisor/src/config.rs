@@ -12,6 +12,7 @@
 //! | `serial=` | baud rate dividing 115200 | `115200` |
 //! | `timestamps=` | `on`/`off` (also `yes`/`no`, `true`/`false`, `1`/`0`); bare `timestamps` = on | `on` |
 //! | `bench` | bare flag: measure and print the native floors (`bench: name=...` lines) | off |
+//! | `fastpath=` | `on`/`off`: handle guest exits on the trap stack and return straight to the guest when they need no launcher (`off`: every exit goes back to the run loop, as a reference for tests) | `on` |
 //!
 //! Nothing is ignored silently: unknown options, bad values and duplicates
 //! are returned as [`CmdlineError`]s (the config keeps the default, or the
@@ -285,6 +286,8 @@ pub struct Config {
     pub timestamps: bool,
     /// Measure the native benchmark floors at boot (`bench`).
     pub bench: bool,
+    /// Handle guest exits where they land (`fastpath=`).
+    pub fastpath: bool,
     // Future options (guests: `guest=`, `guestmem=`, ...) go here, with a
     // matching arm in `Parser::apply` and a field in `Display`.
 }
@@ -305,6 +308,7 @@ impl Config {
         serial_baud: DEFAULT_BAUD,
         timestamps: true,
         bench: false,
+        fastpath: true,
     };
 
     /// A compact, displayable description of the effective configuration
@@ -329,6 +333,9 @@ impl fmt::Display for Config {
         )?;
         if self.bench {
             f.write_str(" bench")?;
+        }
+        if !self.fastpath {
+            f.write_str(" fastpath=off")?;
         }
         Ok(())
     }
@@ -485,6 +492,7 @@ enum Key {
     Serial,
     Timestamps,
     Bench,
+    Fastpath,
 }
 
 struct Parser<'a> {
@@ -580,6 +588,12 @@ impl<'a> Parser<'a> {
                     self.config.timestamps = on;
                 }
             }
+            "fastpath" => {
+                let v = value.unwrap_or("");
+                if let Some(on) = self.once(Key::Fastpath, key, v, parse_bool(v), EXPECT_BOOL) {
+                    self.config.fastpath = on;
+                }
+            }
             "bench" if value.is_none() => {
                 if self.first_time(Key::Bench, key) {
                     self.config.bench = true;
@@ -656,7 +670,17 @@ mod tests {
         );
         let (c, e) = parse("bench exit=qemu");
         assert!(c.bench && e.is_empty());
+        assert!(c.fastpath);
         assert!(c.to_string().ends_with(" bench"));
+        let (c, e) = parse("fastpath=off");
+        assert!(!c.fastpath && e.is_empty());
+        assert!(c.to_string().ends_with(" fastpath=off"));
+        let (c, e) = parse("fastpath=on fastpath=off");
+        assert!(c.fastpath);
+        assert_eq!(e.len(), 1);
+        let (c, e) = parse("fastpath=sometimes");
+        assert!(c.fastpath);
+        assert_eq!(e.len(), 1);
     }
 
     #[test]

@@ -20,14 +20,11 @@ pub fn counters() -> (u64, u64) {
     )
 }
 
-/// Handles one trap. Traps from a guest (non-zero CPL) go to the world
-/// switch; exceptions in the hypervisor are fatal (except a fault while
-/// loading guest state, which is the guest's); device interrupts are serviced
-/// and acknowledged.
-pub fn handle(frame: &mut TrapFrame) {
-    if frame.cs & 3 != 0 {
-        super::lguest::switch::guest_trap(frame);
-    }
+/// Handles one trap taken in the hypervisor (the dispatcher sends traps from
+/// guests elsewhere): exceptions are fatal, except a fault while loading guest
+/// state, which is the guest's; device interrupts are serviced and
+/// acknowledged.
+pub fn handle_host(frame: &mut TrapFrame) {
     let vector = frame.vector;
     if vector < 32 && super::lguest::switch::is_entry_fault(frame.rip) {
         super::lguest::switch::entry_fault(frame);
@@ -38,8 +35,8 @@ pub fn handle(frame: &mut TrapFrame) {
     }
 }
 
-/// Services a device interrupt or spurious vector (also called for host
-/// interrupts that arrived while a guest was running).
+/// Services a device interrupt or spurious vector (the dispatcher also calls
+/// it for host interrupts that arrived while a guest was running).
 pub fn service_irq(vector: u64) {
     match vector {
         // Remapped 8259 vectors: all lines are masked, so only spurious IRQ

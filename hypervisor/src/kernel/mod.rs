@@ -256,7 +256,7 @@ extern "C" fn kernel_main() -> ! {
             Err(e) => kprintln!("bench: native probe failed: {e}"),
         }
     }
-    let (ran, clean) = lguest::launch_modules(boot.modules());
+    let (ran, clean) = lguest::launch_modules(boot.modules(), cfg.fastpath);
     if ran > 0 {
         kprintln!("guests: {ran} run, {clean} powered off cleanly");
     }

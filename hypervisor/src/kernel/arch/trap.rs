@@ -7,6 +7,20 @@
 //! holds a complete [`TrapFrame`], calls [`dispatch`] with a pointer to it, then
 //! restores the registers, drops vector and error code, and `iretq`s.
 //!
+//! [`dispatch`] is the one place every trap goes through, in one direction:
+//! a trap from the hypervisor itself goes to the host's handlers
+//! (`interrupts::handle_host`: device interrupts, fatal exceptions, a fault
+//! while entering a guest); a trap from a guest (non-zero CPL in the saved CS)
+//! first has its host interrupt serviced (if it is one), then goes to the
+//! guest-exit handler (`lguest::switch::guest_exit`), which either returns to
+//! the run loop for good or asks to go straight back into the guest. The
+//! guest side never calls into the host's interrupt handling.
+//!
+//! Returning into a guest uses its own copy of the restore sequence
+//! (`rv_guest_return_begin`..`rv_guest_return_end`): a fault there — the
+//! `iretq` refusing the guest's frame — is the guest's fault, like a fault in
+//! the world switch's entry sequence, never the host's.
+//!
 //! Why this shape: one fixed stride means the IDT can compute each stub's
 //! address (`base + 16 * vector`) without 256 symbols, and a single common path
 //! keeps the register save/restore in one place. The hypervisor is built
@@ -16,6 +30,8 @@
 //! still 16-byte aligned at the `call`, as the SysV ABI requires.
 
 use core::arch::naked_asm;
+
+use rustyvisor::lguest::vcpu::TrapOwner;
 
 /// The register state saved on every trap, lowest address first.
 #[repr(C)]
@@ -103,6 +119,8 @@ unsafe extern "C" fn trap_common() {
         "cld",
         "mov rdi, rsp",
         "call {dispatch}",
+        "test al, al",
+        "jnz 2f",
         "pop r15",
         "pop r14",
         "pop r13",
@@ -120,11 +138,46 @@ unsafe extern "C" fn trap_common() {
         "pop rax",
         "add rsp, 16",
         "iretq",
+        // Back into the guest after an exit handled on the trap stack: the
+        // same restore, inside the window that blames a fault on the guest.
+        "2:",
+        ".globl rv_guest_return_begin",
+        "rv_guest_return_begin:",
+        "pop r15",
+        "pop r14",
+        "pop r13",
+        "pop r12",
+        "pop r11",
+        "pop r10",
+        "pop r9",
+        "pop r8",
+        "pop rbp",
+        "pop rdi",
+        "pop rsi",
+        "pop rdx",
+        "pop rcx",
+        "pop rbx",
+        "pop rax",
+        "add rsp, 16",
+        "iretq",
+        ".globl rv_guest_return_end",
+        "rv_guest_return_end:",
+        "ud2",
         dispatch = sym dispatch,
     )
 }
 
 /// Rust side of every trap. `frame` points at the saved state on the stack.
-extern "C" fn dispatch(frame: &mut TrapFrame) {
-    crate::kernel::interrupts::handle(frame);
+/// Returns `true` to return into a guest (through the guest-return window),
+/// `false` to return into the hypervisor.
+extern "C" fn dispatch(frame: &mut TrapFrame) -> bool {
+    if frame.cs & 3 == 0 {
+        crate::kernel::interrupts::handle_host(frame);
+        return false;
+    }
+    let vector = u32::try_from(frame.vector).unwrap_or(u32::MAX);
+    if TrapOwner::of(vector) == TrapOwner::HostIrq {
+        crate::kernel::interrupts::service_irq(frame.vector);
+    }
+    crate::kernel::lguest::switch::guest_exit(frame)
 }

@@ -135,7 +135,21 @@ impl Env for KernelEnv {
     }
 }
 
+/// How far the exit handler on the trap stack got with the last exit.
+#[derive(Clone, Copy)]
+enum Handled {
+    /// Not at all: the run loop calls `handle_exit`.
+    No,
+    /// `handle_exit` returned this (not `Resume`).
+    Exit(Action),
+    /// `handle_exit` resumed and `prepare_entry` returned this (not a plain
+    /// re-entry with unchanged segments).
+    Entry(Action),
+}
+
 struct Running {
+    /// What the trap-stack exit handler did with the last exit.
+    handled: Handled,
     vcpu: Vcpu,
     mem: HostGuestMemory,
     tables: LinearTables,
@@ -146,14 +160,17 @@ struct Running {
 /// The lguest core for one guest (the object behind one control channel).
 pub struct KernelCore {
     slot: usize,
+    /// Handle exits on the trap stack when they need no launcher.
+    fastpath: bool,
     running: Option<Running>,
 }
 
 impl KernelCore {
     /// A core using interrupt slot `slot`.
-    pub fn new(slot: usize) -> Self {
+    pub fn new(slot: usize, fastpath: bool) -> Self {
         Self {
             slot: slot % MAX_GUESTS,
+            fastpath,
             running: None,
         }
     }
@@ -185,6 +202,7 @@ impl GuestCore for KernelCore {
         let mem = unsafe { HostGuestMemory::new(args.base, args.bytes) };
         PENDING[self.slot].store(0, Ordering::SeqCst);
         self.running = Some(Running {
+            handled: Handled::No,
             vcpu: Vcpu::new(args.start),
             mem,
             tables,
@@ -200,6 +218,7 @@ impl GuestCore for KernelCore {
 
     fn run(&mut self, _owner: TaskId) -> RunExit {
         let slot = self.slot;
+        let fast = self.fastpath;
         let Some(r) = self.running.as_mut() else {
             return RunExit::Dead(DeathReason::new("not initialised"));
         };
@@ -208,13 +227,18 @@ impl GuestCore for KernelCore {
         unsafe { cpu::write_cr3(r.tables.cr3()) };
         set_cr0_ts(false);
         fpu::switch_to(slot, r.vcpu.instance());
+        // What `prepare_entry` returned on the trap stack, if the exit handler
+        // there already called it.
+        let mut prepared: Option<Action> = None;
         loop {
-            let mut bits = PENDING[slot].swap(0, Ordering::SeqCst);
-            while bits != 0 {
-                r.vcpu.set_irq(bits.trailing_zeros());
-                bits &= bits - 1;
-            }
-            match r.vcpu.prepare_entry(&mut r.mem, &mut r.env) {
+            let action = match prepared.take() {
+                Some(a) => a,
+                None => {
+                    merge_pending(r);
+                    r.vcpu.prepare_entry(&mut r.mem, &mut r.env)
+                }
+            };
+            match action {
                 Action::Resume => {}
                 Action::Halt => {
                     // Check and sleep with interrupts off, then `sti; hlt`
@@ -240,10 +264,32 @@ impl GuestCore for KernelCore {
             }
             gdt::load_guest_entries_cached(r.vcpu.gdt_key(), r.vcpu.gdt.entries());
             set_cr0_ts(r.env.ts);
-            let info = switch::run(&mut r.vcpu.regs);
+            r.handled = Handled::No;
+            let ptr: *mut Running = r;
+            // SAFETY: `ptr` comes from the `&mut` this loop holds and is used
+            // only by the trap path (through `regs` and the fast handler's
+            // context) until `run` returns; this frame does not touch `*r`
+            // meanwhile.
+            let info = unsafe {
+                let regs = &raw mut (*ptr).vcpu.regs;
+                switch::run(
+                    regs,
+                    fast.then_some((exit_on_trap_stack as switch::FastHandler, ptr.cast())),
+                )
+            };
             set_cr0_ts(false);
-            let exit = Exit::from_trapnum(info.trapnum, info.errcode, info.cr2);
-            match r.vcpu.handle_exit(exit, &mut r.mem, &mut r.env) {
+            let after_exit = match core::mem::replace(&mut r.handled, Handled::No) {
+                Handled::No => {
+                    let exit = Exit::from_trapnum(info.trapnum, info.errcode, info.cr2);
+                    r.vcpu.handle_exit(exit, &mut r.mem, &mut r.env)
+                }
+                Handled::Exit(a) => a,
+                Handled::Entry(a) => {
+                    prepared = Some(a);
+                    continue;
+                }
+            };
+            match after_exit {
                 Action::Resume | Action::Halt => {}
                 Action::Notify(addr) => {
                     if !signal_eventfd(r, addr) {
@@ -284,6 +330,53 @@ impl GuestCore for KernelCore {
     }
 }
 
+/// Moves the virtual irqs raised from interrupt context (the clock event)
+/// into the vCPU.
+fn merge_pending(r: &mut Running) {
+    let Some(pending) = PENDING.get(r.env.slot) else {
+        return;
+    };
+    let mut bits = pending.swap(0, Ordering::SeqCst);
+    while bits != 0 {
+        r.vcpu.set_irq(bits.trailing_zeros());
+        bits &= bits - 1;
+    }
+}
+
+/// The run loop's exit handler on the trap stack (`fastpath=on`; interrupts
+/// off): exactly the run loop's own steps — `handle_exit`, merge the pending
+/// irqs, `prepare_entry` — so an exit handled here leaves the vCPU as the run
+/// loop would. It returns `true` (enter the guest again at once) only when
+/// both resumed and the GDT is unchanged (the hardware GDT and the data
+/// segment caches then still hold what the guest runs with); otherwise it
+/// records how far it got in `handled` for the run loop to go on from there.
+fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo) -> bool {
+    // SAFETY: `ctx` is the `Running` of the guest being run, passed by the
+    // run loop to `switch::run`, which is suspended in `enter_guest` and does
+    // not touch it until the trap path returns to it.
+    let r = unsafe { &mut *ctx.cast::<Running>() };
+    let key = r.vcpu.gdt_key();
+    let exit = Exit::from_trapnum(exit.trapnum, exit.errcode, exit.cr2);
+    match r.vcpu.handle_exit(exit, &mut r.mem, &mut r.env) {
+        Action::Resume => {}
+        other => {
+            r.handled = Handled::Exit(other);
+            return false;
+        }
+    }
+    merge_pending(r);
+    match r.vcpu.prepare_entry(&mut r.mem, &mut r.env) {
+        Action::Resume if r.vcpu.gdt_key() == key => {
+            set_cr0_ts(r.env.ts);
+            true
+        }
+        other => {
+            r.handled = Handled::Entry(other);
+            false
+        }
+    }
+}
+
 /// Whether a notify of `addr` is absorbed by an event handle bound to it (the
 /// guest keeps running) rather than reported to the launcher. Device service
 /// tasks that wait on these handles arrive with the launcher task (next
@@ -319,7 +412,7 @@ fn valid_name(name: &str) -> bool {
 
 /// Runs every guest module, one after the other. Returns (guests run,
 /// guests that ended with a power off).
-pub fn launch_modules(modules: &[Module]) -> (u32, u32) {
+pub fn launch_modules(modules: &[Module], fastpath: bool) -> (u32, u32) {
     let mut ran = 0;
     let mut clean = 0;
     for (i, m) in modules.iter().enumerate() {
@@ -350,7 +443,7 @@ pub fn launch_modules(modules: &[Module]) -> (u32, u32) {
         let mut restarts = 0;
         loop {
             ran += 1;
-            match run_guest(i, m, &spec) {
+            match run_guest(i, m, &spec, fastpath) {
                 Outcome::PowerOff => {
                     clean += 1;
                     break;
@@ -389,7 +482,7 @@ enum Outcome {
     Failed,
 }
 
-fn run_guest(slot: usize, m: &Module, spec: &GuestSpec<'_>) -> Outcome {
+fn run_guest(slot: usize, m: &Module, spec: &GuestSpec<'_>, fastpath: bool) -> Outcome {
     let name = spec.name;
     let ram = match GuestRam::new(spec.mem) {
         Ok(r) => r,
@@ -431,7 +524,7 @@ fn run_guest(slot: usize, m: &Module, spec: &GuestSpec<'_>) -> Outcome {
 
     let exits_before = switch::exits();
     let owner = TaskId(1);
-    let mut chan = Channel::new(KernelCore::new(slot), owner);
+    let mut chan = Channel::new(KernelCore::new(slot, fastpath), owner);
     let init = [
         LhReq::Initialize as u64,
         ram.base(),

@@ -110,7 +110,9 @@ pub fn native_int_roundtrip(iterations: u32) -> Result<f64, &'static str> {
     let mut result = Err("probe interrupted too often");
     for _ in 0..8 {
         regs.eip = PROBE_GPA;
-        let exit = switch::run(&mut regs);
+        // SAFETY: `regs` lives on this stack until `run` returns; no fast
+        // handler: every exit comes back here.
+        let exit = unsafe { switch::run(&raw mut regs, None) };
         match exit.trapnum {
             0x1f => {
                 let ticks = f64::from(regs.ebx.saturating_sub(regs.edx));

@@ -12,28 +12,42 @@
 //! `iretq` to the guest.
 //!
 //! Exit: every trap or interrupt taken while the guest runs arrives on the TSS
-//! RSP0 stack (a per-CPU "guest trap stack"), goes through the normal entry
-//! stubs and [`super::super::interrupts::handle`], which sees a non-zero CPL in
-//! the saved CS and calls [`guest_trap`]. That copies the guest state into the
-//! guest's register block, services a host interrupt if that is what arrived,
-//! then jumps to [`exit_to_host`], which restores the saved host stack
-//! pointer and callee-saved registers and returns from `enter_guest` with the
-//! trap number. The trap stack is simply abandoned; the next entry starts at
-//! its top again.
+//! RSP0 stack (a per-CPU "guest trap stack"), goes through the entry stubs and
+//! the one dispatcher (`arch::trap`), which services a host interrupt itself
+//! and hands the exit to [`guest_exit`]. That copies the guest state into the
+//! guest's register block (the one copy of the guest's registers: [`Regs`]),
+//! then either
+//!
+//! * **handles it where it landed** (the run loop's [`FastHandler`], when
+//!   `fastpath=on`): the exit needs nothing of the launcher, so the handler
+//!   finishes it and prepares the next entry on the trap stack, and the
+//!   registers go back into the hardware frame, which the dispatcher returns
+//!   through `iretq` into the guest; or
+//! * **goes back to the run loop** ([`exit_to_host`]): restore the saved host
+//!   stack pointer and callee-saved registers and return from `enter_guest`
+//!   with the trap number. The trap stack is simply abandoned; the next entry
+//!   starts at its top again.
 //!
 //! Loading a bad selector or `iretq`-ing to a bad frame faults at CPL 0 inside
-//! the entry sequence ([`ENTRY_FAULT_BEGIN`]..[`ENTRY_FAULT_END`]); such a fault is
-//! the guest's fault, reported as trap 256 (lguest's "faulted inside the
-//! Switcher") instead of a host crash.
+//! the entry sequence (`rv_entry_fault_begin`..`rv_entry_fault_end`, and the
+//! dispatcher's return-to-guest sequence `rv_guest_return_begin`..`_end`); such a fault is the guest's
+//! fault, reported as trap 256 (lguest's "faulted inside the Switcher")
+//! instead of a host crash.
 
 use core::arch::naked_asm;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use rustyvisor::lguest::vcpu::{ENTRY_FAULT_TRAPNUM, Regs, TrapOwner, sanitize_eflags};
+use rustyvisor::lguest::vcpu::{ENTRY_FAULT_TRAPNUM, Regs, sanitize_eflags};
 
 use crate::kernel::arch::cpu;
 use crate::kernel::arch::trap::TrapFrame;
+
+/// Handles a guest exit on the trap stack (interrupts off) after the guest's
+/// registers were saved into its [`Regs`]. Returns `true` if the guest may be
+/// entered again right away with those registers (same GDT, same data
+/// segment selectors), `false` to go back to the run loop.
+pub type FastHandler = fn(ctx: *mut (), exit: &ExitInfo) -> bool;
 
 /// Per-CPU switch state (only the boot CPU runs guests for now).
 #[repr(C)]
@@ -45,6 +59,9 @@ struct SwitchState {
     /// Error code and CR2 of the last exit.
     errcode: u64,
     cr2: u64,
+    /// The run loop's exit handler for this entry, and its context.
+    fast: Option<FastHandler>,
+    ctx: *mut (),
 }
 
 struct SwitchCell(UnsafeCell<SwitchState>);
@@ -58,11 +75,14 @@ static STATE: SwitchCell = SwitchCell(UnsafeCell::new(SwitchState {
     regs: core::ptr::null_mut(),
     errcode: 0,
     cr2: 0,
+    fast: None,
+    ctx: core::ptr::null_mut(),
 }));
 
 static EXITS: AtomicU64 = AtomicU64::new(0);
 
 /// What the last exit was, besides its trap number.
+#[derive(Debug, Clone, Copy)]
 pub struct ExitInfo {
     /// Trap number (0–255), or [`ENTRY_FAULT_TRAPNUM`].
     pub trapnum: u32,
@@ -72,28 +92,41 @@ pub struct ExitInfo {
     pub cr2: u32,
 }
 
-/// Runs the guest whose registers are `regs` until its next trap.
+/// Runs the guest whose registers are `*regs` until an exit that `fast`
+/// (if any) does not finish on the trap stack.
 ///
 /// The caller has loaded the guest's address space (CR3), its GDT entries and
 /// the TSS RSP0 trap stack, and keeps interrupts enabled: a host interrupt
-/// while the guest runs is serviced and ends this call.
-pub fn run(regs: &mut Regs) -> ExitInfo {
-    // The guest never runs with IOPL > 0, NT, VM or RF, and always with IF (its
-    // own interrupt flag is virtual, in lguest_data.irq_enabled).
-    regs.eflags = sanitize_eflags(regs.eflags);
+/// while the guest runs is serviced and either handled by `fast` or ends this
+/// call.
+///
+/// # Safety
+///
+/// `regs` must be valid for reads and writes until this returns, and the
+/// caller must not touch `*regs` (or `fast`'s context) otherwise meanwhile:
+/// the trap path writes it, and `fast` gets `ctx` back, on this CPU.
+pub unsafe fn run(regs: *mut Regs, fast: Option<(FastHandler, *mut ())>) -> ExitInfo {
     let state = STATE.0.get();
     // SAFETY: single CPU; interrupts are disabled from here until the `iretq`
     // inside `enter_guest` (which turns them on with the guest's IF), so the
-    // trap path cannot observe a half-written state.
+    // trap path cannot observe a half-written state. `regs` is valid per the
+    // caller's contract.
     let trapnum = unsafe {
+        // The guest never runs with IOPL > 0, NT, VM or RF, and always with
+        // IF (its own interrupt flag is virtual, in lguest_data.irq_enabled).
+        (*regs).eflags = sanitize_eflags((*regs).eflags);
         x86_64::instructions::interrupts::disable();
         (*state).regs = regs;
+        (*state).fast = fast.map(|(f, _)| f);
+        (*state).ctx = fast.map_or(core::ptr::null_mut(), |(_, c)| c);
         enter_guest(state.cast::<u64>())
     };
-    EXITS.fetch_add(1, Ordering::Relaxed);
     // SAFETY: the trap path wrote these before returning here; we are back in
     // host context on the only CPU.
-    let (errcode, cr2) = unsafe { ((*state).errcode, (*state).cr2) };
+    let (errcode, cr2) = unsafe {
+        (*state).fast = None;
+        ((*state).errcode, (*state).cr2)
+    };
     x86_64::instructions::interrupts::enable();
     ExitInfo {
         trapnum: trapnum as u32,
@@ -187,16 +220,26 @@ unsafe extern "C" fn exit_to_host(state: *mut u64, trapnum: u64) -> ! {
 unsafe extern "C" {
     static rv_entry_fault_begin: u8;
     static rv_entry_fault_end: u8;
+    static rv_guest_return_begin: u8;
+    static rv_guest_return_end: u8;
 }
 
-/// Whether a CPL-0 fault at `rip` happened while loading guest state.
+/// Whether a CPL-0 fault at `rip` happened while loading guest state: in
+/// `enter_guest`'s entry sequence, or in the dispatcher's return-to-guest
+/// sequence after an exit handled on the trap stack.
 pub fn is_entry_fault(rip: u64) -> bool {
-    let begin = &raw const rv_entry_fault_begin as u64;
-    let end = &raw const rv_entry_fault_end as u64;
+    let within = |begin: *const u8, end: *const u8| (begin as u64..=end as u64).contains(&rip);
     // SAFETY: reading the switch state's regs pointer only to know whether a
     // guest entry is in progress on this CPU.
     let entering = unsafe { !(*STATE.0.get()).regs.is_null() };
-    entering && rip >= begin && rip <= end
+    entering
+        && (within(
+            &raw const rv_entry_fault_begin,
+            &raw const rv_entry_fault_end,
+        ) || within(
+            &raw const rv_guest_return_begin,
+            &raw const rv_guest_return_end,
+        ))
 }
 
 /// A fault while entering the guest: the guest's state was bad.
@@ -210,8 +253,12 @@ pub fn entry_fault(frame: &TrapFrame) -> ! {
     }
 }
 
-/// A trap from the running guest: save its state and return to the host.
-pub fn guest_trap(frame: &TrapFrame) -> ! {
+/// A trap from the running guest (host interrupts already serviced by the
+/// dispatcher): save its state, let the run loop's handler finish it on the
+/// trap stack if it can, and return to the guest (`true`: the dispatcher
+/// `iretq`s with the updated `frame`) or to the run loop (never returns).
+pub fn guest_exit(frame: &mut TrapFrame) -> bool {
+    EXITS.fetch_add(1, Ordering::Relaxed);
     let state = STATE.0.get();
     let cr2 = if frame.vector == 14 { cpu::cr2() } else { 0 };
     let (ds, es, fs, gs): (u16, u16, u16, u16);
@@ -224,9 +271,10 @@ pub fn guest_trap(frame: &TrapFrame) -> ! {
             options(nomem, nostack, preserves_flags)
         );
     }
+    let (ds, es, fs, gs) = (u32::from(ds), u32::from(es), u32::from(fs), u32::from(gs));
     // SAFETY: `regs` was set by `run` to the running guest's register block,
     // which outlives the guest's execution; interrupts are off, single CPU.
-    unsafe {
+    let (regs, fast, ctx) = unsafe {
         let regs = &mut *(*state).regs;
         regs.eax = frame.rax as u32;
         regs.ebx = frame.rbx as u32;
@@ -235,10 +283,10 @@ pub fn guest_trap(frame: &TrapFrame) -> ! {
         regs.esi = frame.rsi as u32;
         regs.edi = frame.rdi as u32;
         regs.ebp = frame.rbp as u32;
-        regs.ds = u32::from(ds);
-        regs.es = u32::from(es);
-        regs.fs = u32::from(fs);
-        regs.gs = u32::from(gs);
+        regs.ds = ds;
+        regs.es = es;
+        regs.fs = fs;
+        regs.gs = gs;
         regs.trapnum = frame.vector as u32;
         regs.errcode = frame.error_code as u32;
         regs.eip = frame.rip as u32;
@@ -248,11 +296,35 @@ pub fn guest_trap(frame: &TrapFrame) -> ! {
         regs.ss = frame.ss as u32;
         (*state).errcode = frame.error_code;
         (*state).cr2 = cr2;
-    }
-    // A host interrupt that arrived while the guest ran: service it now.
-    let owner = u32::try_from(frame.vector).map_or(TrapOwner::HostIrq, TrapOwner::of);
-    if owner == TrapOwner::HostIrq {
-        crate::kernel::interrupts::service_irq(frame.vector);
+        (regs as *mut Regs, (*state).fast, (*state).ctx)
+    };
+    if let Some(handler) = fast {
+        let info = ExitInfo {
+            trapnum: frame.vector as u32,
+            errcode: frame.error_code as u32,
+            cr2: cr2 as u32,
+        };
+        if handler(ctx, &info) {
+            // SAFETY: as above; the handler is done with the block.
+            let r = unsafe { &*regs };
+            // Back into the guest with the same data segments it left with
+            // (the handler only finishes exits that change none of them).
+            if (r.ds, r.es, r.fs, r.gs) == (ds, es, fs, gs) {
+                frame.rax = u64::from(r.eax);
+                frame.rbx = u64::from(r.ebx);
+                frame.rcx = u64::from(r.ecx);
+                frame.rdx = u64::from(r.edx);
+                frame.rsi = u64::from(r.esi);
+                frame.rdi = u64::from(r.edi);
+                frame.rbp = u64::from(r.ebp);
+                frame.rip = u64::from(r.eip);
+                frame.cs = u64::from(r.cs);
+                frame.rflags = u64::from(sanitize_eflags(r.eflags));
+                frame.rsp = u64::from(r.esp);
+                frame.ss = u64::from(r.ss);
+                return true;
+            }
+        }
     }
     // SAFETY: `state` is valid; `exit_to_host` abandons this trap stack and
     // resumes `enter_guest`'s caller on the saved host stack.
