@@ -50,6 +50,7 @@ impl fmt::Display for MemFault {
 
 /// Check `[gpa, gpa + len)` against `[0, limit)` and return it as a `usize`
 /// range. Overflow-checked; a zero-length access at `gpa <= limit` is fine.
+#[inline]
 pub fn check_range(
     limit: u32,
     gpa: u32,

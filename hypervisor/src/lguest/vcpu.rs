@@ -296,6 +296,38 @@ impl fmt::Debug for Vcpu {
     }
 }
 
+/// What the hypercall stub (the world switch's answer to `int $0x1f` that
+/// never leaves the trap stack) may do for this guest until its next exit
+/// that reaches the run loop: answer the calls in [`trivial`](Self::trivial)
+/// by returning at once, as long as the async ring has no entry at
+/// [`ring_status`](Self::ring_status) and no virtual irq is pending.
+///
+/// Those are exactly the conditions under which the full path
+/// ([`Vcpu::handle_exit`] then [`Vcpu::prepare_entry`]) changes nothing but
+/// the register block's `trapnum`/`errcode` bookkeeping (and EFLAGS
+/// sanitising, which the stub does too): the call is a no-op, the ring drain
+/// finds nothing, there is nothing to deliver, and the selectors are the
+/// ones the guest is running with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StubView {
+    /// Bit `n` set: hypercall `n` is a no-op right now.
+    pub trivial: u32,
+    /// Guest-physical address of `lguest_data.hcall_status[cursor]`: the
+    /// stub answers only while it is `HCALL_STATUS_EMPTY`.
+    pub ring_status: u32,
+    /// Pending virtual irqs: the stub answers only while this is 0 (and no
+    /// new irq was raised from interrupt context).
+    pub pending: u32,
+}
+
+/// Hypercalls that do nothing in linear mode: `FLUSH_ASYNC` (its work, the
+/// ring drain, happens before every call anyway), `SEND_INTERRUPTS` (its
+/// work, delivery, happens before every entry anyway) and `FLUSH_TLB`
+/// (nothing is cached without shadow paging).
+const TRIVIAL_HCALLS: u32 = (1 << guest_abi::hcall::LHCALL_FLUSH_ASYNC)
+    | (1 << guest_abi::hcall::LHCALL_SEND_INTERRUPTS)
+    | (1 << guest_abi::hcall::LHCALL_FLUSH_TLB);
+
 /// Source of [`Vcpu::instance`] numbers.
 static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
 
@@ -303,6 +335,26 @@ impl Vcpu {
     /// This vCPU's instance number: unique among all vCPUs ever made.
     pub fn instance(&self) -> u64 {
         self.instance
+    }
+
+    /// What the hypercall stub may answer for this guest now, or `None` if
+    /// every hypercall must take the full path (before INIT, dead, halted,
+    /// or a call waiting to be finished).
+    pub fn stub_view(&self) -> Option<StubView> {
+        let ld = self.lguest_data?;
+        if self.dead.is_some() || self.restart || self.halted || self.pending_hcall.is_some() {
+            return None;
+        }
+        // `ring_cursor < LHCALL_RING_SIZE` (64) and `ld + SIZE <= limit`
+        // (checked at INIT), so this stays inside lguest_data.
+        let slot = (self.ring_cursor % LHCALL_RING_SIZE) as u32;
+        Some(StubView {
+            trivial: TRIVIAL_HCALLS,
+            ring_status: ld
+                .wrapping_add(LguestData::OFF_HCALL_STATUS)
+                .wrapping_add(slot),
+            pending: self.pending,
+        })
     }
 
     /// What the hardware GDT must hold for this guest now: its descriptors

@@ -99,7 +99,7 @@ unsafe extern "C" fn trap_stubs() {
 /// Saves the registers, calls [`dispatch`], restores them and returns from
 /// the interrupt.
 #[unsafe(naked)]
-unsafe extern "C" fn trap_common() {
+pub(crate) unsafe extern "C" fn trap_common() {
     naked_asm!(
         "push rax",
         "push rbx",

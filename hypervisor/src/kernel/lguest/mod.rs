@@ -61,7 +61,14 @@ pub fn init_cpu() {
         }
         None => panic!("out of memory for the guest trap stack"),
     }
-    idt::set_gate_dpl(guest_abi::hcall::LGUEST_TRAP_ENTRY, 1);
+    // The hypercall gate enters through the stub that answers trivial calls
+    // itself (when the run loop arms it) and otherwise falls into the
+    // generic trap path.
+    idt::set_gate_handler(
+        guest_abi::hcall::LGUEST_TRAP_ENTRY,
+        switch::hcall_stub as *const () as u64,
+        1,
+    );
     for v in [3u8, 4, 0x80] {
         idt::set_gate_dpl(v, 3);
     }
@@ -264,6 +271,9 @@ impl GuestCore for KernelCore {
             }
             gdt::load_guest_entries_cached(r.vcpu.gdt_key(), r.vcpu.gdt.entries());
             set_cr0_ts(r.env.ts);
+            if fast {
+                arm_stub(r);
+            }
             r.handled = Handled::No;
             let ptr: *mut Running = r;
             // SAFETY: `ptr` comes from the `&mut` this loop holds and is used
@@ -343,6 +353,21 @@ fn merge_pending(r: &mut Running) {
     }
 }
 
+/// Tells the hypercall stub what it may answer for this guest until its next
+/// exit (nothing if the vCPU says so, or if the ring status byte were not
+/// guest memory, which INIT already ruled out).
+fn arm_stub(r: &Running) {
+    let arm = r.vcpu.stub_view().and_then(|v| {
+        Some(switch::StubArm {
+            trivial: v.trivial,
+            ring_status: r.mem.host_addr(v.ring_status, 1)?,
+            irqs: PENDING.get(r.env.slot)?,
+            vcpu_irqs: v.pending,
+        })
+    });
+    switch::arm_hcall_stub(arm);
+}
+
 /// The run loop's exit handler on the trap stack (`fastpath=on`; interrupts
 /// off): exactly the run loop's own steps — `handle_exit`, merge the pending
 /// irqs, `prepare_entry` — so an exit handled here leaves the vCPU as the run
@@ -368,6 +393,7 @@ fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo) -> bool {
     match r.vcpu.prepare_entry(&mut r.mem, &mut r.env) {
         Action::Resume if r.vcpu.gdt_key() == key => {
             set_cr0_ts(r.env.ts);
+            arm_stub(r);
             true
         }
         other => {
@@ -582,9 +608,11 @@ fn run_guest(slot: usize, m: &Module, spec: &GuestSpec<'_>, fastpath: bool) -> O
             "guest {name} console: {lines} lines ({bytes} bytes) dropped: over the rate limit"
         );
     }
+    let (exits, fast) = switch::exits();
     kprintln!(
-        "guest {name} used {} exits, {} of host memory beyond its RAM",
-        switch::exits() - exits_before,
+        "guest {name} used {} exits ({} handled where they landed), {} of host memory beyond its RAM",
+        exits - exits_before.0,
+        fast - exits_before.1,
         Bytes(chan.core().overhead_bytes())
     );
     chan.close();

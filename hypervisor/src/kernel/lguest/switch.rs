@@ -36,9 +36,10 @@
 
 use core::arch::naked_asm;
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use rustyvisor::lguest::vcpu::{ENTRY_FAULT_TRAPNUM, Regs, sanitize_eflags};
+use guest_abi::hcall::HCALL_STATUS_EMPTY;
+use rustyvisor::lguest::vcpu::{EFLAGS_GUEST_MASK, ENTRY_FAULT_TRAPNUM, Regs, sanitize_eflags};
 
 use crate::kernel::arch::cpu;
 use crate::kernel::arch::trap::TrapFrame;
@@ -80,6 +81,24 @@ static STATE: SwitchCell = SwitchCell(UnsafeCell::new(SwitchState {
 }));
 
 static EXITS: AtomicU64 = AtomicU64::new(0);
+static FAST_EXITS: AtomicU64 = AtomicU64::new(0);
+
+// What the hypercall stub ([`hcall_stub`]) reads; written only by
+// [`arm_hcall_stub`] before the guest runs, read only by the stub while it
+// runs (single CPU, so plain relaxed atomics suffice: they are just memory
+// the asm can address).
+/// Non-zero: the stub may answer calls.
+static STUB_OK: AtomicU32 = AtomicU32::new(0);
+/// Bit n: call n is a no-op now.
+static STUB_TRIVIAL: AtomicU32 = AtomicU32::new(0);
+/// Host address of `lguest_data.hcall_status[cursor]` of the running guest.
+static STUB_RING: AtomicU64 = AtomicU64::new(0);
+/// Host address of the running guest's interrupt-raised pending irqs.
+static STUB_IRQS: AtomicU64 = AtomicU64::new(0);
+/// The vCPU's own pending irqs.
+static STUB_VCPU_IRQS: AtomicU32 = AtomicU32::new(0);
+/// Calls the stub answered.
+static STUB_ANSWERED: AtomicU64 = AtomicU64::new(0);
 
 /// What the last exit was, besides its trap number.
 #[derive(Debug, Clone, Copy)]
@@ -121,6 +140,7 @@ pub unsafe fn run(regs: *mut Regs, fast: Option<(FastHandler, *mut ())>) -> Exit
         (*state).ctx = fast.map_or(core::ptr::null_mut(), |(_, c)| c);
         enter_guest(state.cast::<u64>())
     };
+    arm_hcall_stub(None);
     // SAFETY: the trap path wrote these before returning here; we are back in
     // host context on the only CPU.
     let (errcode, cr2) = unsafe {
@@ -135,9 +155,113 @@ pub unsafe fn run(regs: *mut Regs, fast: Option<(FastHandler, *mut ())>) -> Exit
     }
 }
 
-/// Number of guest exits so far.
-pub fn exits() -> u64 {
-    EXITS.load(Ordering::Relaxed)
+/// Number of guest exits so far, and how many of them were handled where
+/// they landed (by the hypercall stub or on the trap stack) and went straight
+/// back into the guest.
+pub fn exits() -> (u64, u64) {
+    let stub = STUB_ANSWERED.load(Ordering::Relaxed);
+    (
+        EXITS.load(Ordering::Relaxed) + stub,
+        FAST_EXITS.load(Ordering::Relaxed) + stub,
+    )
+}
+
+/// What the hypercall stub may answer for the guest about to run (see
+/// [`rustyvisor::lguest::vcpu::StubView`]), with the host addresses it reads.
+#[derive(Debug, Clone, Copy)]
+pub struct StubArm {
+    /// Bit n: call n is a no-op now.
+    pub trivial: u32,
+    /// Host address of `lguest_data.hcall_status[cursor]` (inside guest RAM).
+    pub ring_status: u64,
+    /// The guest's interrupt-raised pending irqs.
+    pub irqs: &'static AtomicU32,
+    /// The vCPU's pending irqs.
+    pub vcpu_irqs: u32,
+}
+
+/// Lets the hypercall stub answer trivial calls for the guest about to run
+/// (`Some`), or sends every call the full way (`None`). The world switch
+/// disarms it whenever it returns to the run loop, so the stub never answers
+/// for a guest that is not running.
+pub fn arm_hcall_stub(arm: Option<StubArm>) {
+    match arm {
+        Some(a) => {
+            STUB_TRIVIAL.store(a.trivial, Ordering::Relaxed);
+            STUB_RING.store(a.ring_status, Ordering::Relaxed);
+            STUB_IRQS.store(a.irqs.as_ptr() as u64, Ordering::Relaxed);
+            STUB_VCPU_IRQS.store(a.vcpu_irqs, Ordering::Relaxed);
+            STUB_OK.store(1, Ordering::Relaxed);
+        }
+        None => STUB_OK.store(0, Ordering::Relaxed),
+    }
+}
+
+/// Entry point of the hypercall gate (vector 0x1f, DPL 1) when exits are
+/// handled where they land: answers a trivial hypercall without saving more
+/// than two registers and without any Rust, or falls into the normal trap
+/// path exactly as the generic stub of vector 0x1f would.
+///
+/// Why this is safe in a couple of dozen instructions: the call number (eax;
+/// 32-bit, because the upper half of rax is undefined after compatibility
+/// mode) is checked against the armed bit mask; the ring status byte and the
+/// pending words are plain loads from addresses the run loop checked when it
+/// armed the stub (the status byte lies inside guest RAM, which stays mapped
+/// while the guest exists); nothing is written but the saved RFLAGS
+/// (sanitised as the full path would: only the guest-settable bits, IF and
+/// bit 1) and a counter. The `iretq` goes back to the CS:EIP and SS:ESP the
+/// CPU itself pushed, with the data segments untouched, so no selector can
+/// have become invalid; should the `iretq` fault anyway (EIP beyond the code
+/// segment's limit, say), the fault lies in the entry-fault window and is the
+/// guest's (trap 256), as on every other path into the guest.
+#[unsafe(naked)]
+pub unsafe extern "C" fn hcall_stub() {
+    naked_asm!(
+        "push rax",
+        "push rcx",
+        "cmp dword ptr [rip + {ok}], 0",
+        "je 3f",
+        "cmp eax, 31",
+        "ja 3f",
+        "mov ecx, dword ptr [rip + {trivial}]",
+        "bt ecx, eax",
+        "jnc 3f",
+        "mov rcx, qword ptr [rip + {ring}]",
+        "cmp byte ptr [rcx], {empty}",
+        "jne 3f",
+        "mov rcx, qword ptr [rip + {irqs}]",
+        "cmp dword ptr [rcx], 0",
+        "jne 3f",
+        "cmp dword ptr [rip + {vcpu_irqs}], 0",
+        "jne 3f",
+        // The saved RFLAGS is at [rsp + 32] (above rax, rcx, RIP and CS).
+        "and dword ptr [rsp + 32], {mask}",
+        "or dword ptr [rsp + 32], 0x202",
+        "inc qword ptr [rip + {answered}]",
+        "pop rcx",
+        "pop rax",
+        ".globl rv_hcall_iret",
+        "rv_hcall_iret:",
+        "iretq",
+        ".globl rv_hcall_iret_end",
+        "rv_hcall_iret_end:",
+        // The full path: what the generic stub of vector 0x1f does.
+        "3:",
+        "pop rcx",
+        "pop rax",
+        "push 0",
+        "push 0x1f",
+        "jmp {common}",
+        ok = sym STUB_OK,
+        trivial = sym STUB_TRIVIAL,
+        ring = sym STUB_RING,
+        irqs = sym STUB_IRQS,
+        vcpu_irqs = sym STUB_VCPU_IRQS,
+        answered = sym STUB_ANSWERED,
+        empty = const HCALL_STATUS_EMPTY,
+        mask = const EFLAGS_GUEST_MASK,
+        common = sym crate::kernel::arch::trap::trap_common,
+    )
 }
 
 /// Enters the guest. `state` points at [`SwitchState`] (host_rsp at +0, regs
@@ -222,6 +346,13 @@ unsafe extern "C" {
     static rv_entry_fault_end: u8;
     static rv_guest_return_begin: u8;
     static rv_guest_return_end: u8;
+    static rv_hcall_iret: u8;
+    static rv_hcall_iret_end: u8;
+}
+
+/// Whether `rip` is the hypercall stub's `iretq`.
+fn in_stub_iret(rip: u64) -> bool {
+    (&raw const rv_hcall_iret as u64..&raw const rv_hcall_iret_end as u64).contains(&rip)
 }
 
 /// Whether a CPL-0 fault at `rip` happened while loading guest state: in
@@ -239,12 +370,31 @@ pub fn is_entry_fault(rip: u64) -> bool {
         ) || within(
             &raw const rv_guest_return_begin,
             &raw const rv_guest_return_end,
-        ))
+        ) || in_stub_iret(rip))
 }
 
 /// A fault while entering the guest: the guest's state was bad.
 pub fn entry_fault(frame: &TrapFrame) -> ! {
     let state = STATE.0.get();
+    if in_stub_iret(frame.rip) {
+        // The stub never copied the guest's registers into its block: they
+        // are the fault frame's (the stub restored rax and rcx before its
+        // `iretq`, the others it never touched) and the `iretq` frame the
+        // fault left at `frame.rsp`.
+        // SAFETY: `frame.rsp` points at the stub's 5-word `iretq` frame on
+        // this CPU's trap stack; `regs` is the running guest's block (the
+        // stub only runs while a guest does); interrupts are off.
+        unsafe {
+            let iret = frame.rsp as *const u64;
+            let regs = &mut *(*state).regs;
+            save_guest_regs(regs, frame);
+            regs.eip = *iret as u32;
+            regs.cs = *iret.add(1) as u32;
+            regs.eflags = *iret.add(2) as u32;
+            regs.esp = *iret.add(3) as u32;
+            regs.ss = *iret.add(4) as u32;
+        }
+    }
     // SAFETY: trap path, interrupts off, single CPU; `state` is valid.
     unsafe {
         (*state).errcode = frame.error_code;
@@ -253,14 +403,9 @@ pub fn entry_fault(frame: &TrapFrame) -> ! {
     }
 }
 
-/// A trap from the running guest (host interrupts already serviced by the
-/// dispatcher): save its state, let the run loop's handler finish it on the
-/// trap stack if it can, and return to the guest (`true`: the dispatcher
-/// `iretq`s with the updated `frame`) or to the run loop (never returns).
-pub fn guest_exit(frame: &mut TrapFrame) -> bool {
-    EXITS.fetch_add(1, Ordering::Relaxed);
-    let state = STATE.0.get();
-    let cr2 = if frame.vector == 14 { cpu::cr2() } else { 0 };
+/// Copies the guest's general registers (from a trap frame taken while they
+/// were live) and its data segment selectors into its register block.
+fn save_guest_regs(regs: &mut Regs, frame: &TrapFrame) {
     let (ds, es, fs, gs): (u16, u16, u16, u16);
     // SAFETY: reads the data segment registers, which still hold the guest's
     // selectors (the host never loads them in 64-bit mode).
@@ -271,22 +416,32 @@ pub fn guest_exit(frame: &mut TrapFrame) -> bool {
             options(nomem, nostack, preserves_flags)
         );
     }
-    let (ds, es, fs, gs) = (u32::from(ds), u32::from(es), u32::from(fs), u32::from(gs));
+    regs.eax = frame.rax as u32;
+    regs.ebx = frame.rbx as u32;
+    regs.ecx = frame.rcx as u32;
+    regs.edx = frame.rdx as u32;
+    regs.esi = frame.rsi as u32;
+    regs.edi = frame.rdi as u32;
+    regs.ebp = frame.rbp as u32;
+    regs.ds = u32::from(ds);
+    regs.es = u32::from(es);
+    regs.fs = u32::from(fs);
+    regs.gs = u32::from(gs);
+}
+
+/// A trap from the running guest (host interrupts already serviced by the
+/// dispatcher): save its state, let the run loop's handler finish it on the
+/// trap stack if it can, and return to the guest (`true`: the dispatcher
+/// `iretq`s with the updated `frame`) or to the run loop (never returns).
+pub fn guest_exit(frame: &mut TrapFrame) -> bool {
+    EXITS.fetch_add(1, Ordering::Relaxed);
+    let state = STATE.0.get();
+    let cr2 = if frame.vector == 14 { cpu::cr2() } else { 0 };
     // SAFETY: `regs` was set by `run` to the running guest's register block,
     // which outlives the guest's execution; interrupts are off, single CPU.
-    let (regs, fast, ctx) = unsafe {
+    let (regs, segs, fast, ctx) = unsafe {
         let regs = &mut *(*state).regs;
-        regs.eax = frame.rax as u32;
-        regs.ebx = frame.rbx as u32;
-        regs.ecx = frame.rcx as u32;
-        regs.edx = frame.rdx as u32;
-        regs.esi = frame.rsi as u32;
-        regs.edi = frame.rdi as u32;
-        regs.ebp = frame.rbp as u32;
-        regs.ds = ds;
-        regs.es = es;
-        regs.fs = fs;
-        regs.gs = gs;
+        save_guest_regs(regs, frame);
         regs.trapnum = frame.vector as u32;
         regs.errcode = frame.error_code as u32;
         regs.eip = frame.rip as u32;
@@ -296,7 +451,8 @@ pub fn guest_exit(frame: &mut TrapFrame) -> bool {
         regs.ss = frame.ss as u32;
         (*state).errcode = frame.error_code;
         (*state).cr2 = cr2;
-        (regs as *mut Regs, (*state).fast, (*state).ctx)
+        let segs = (regs.ds, regs.es, regs.fs, regs.gs);
+        (regs as *mut Regs, segs, (*state).fast, (*state).ctx)
     };
     if let Some(handler) = fast {
         let info = ExitInfo {
@@ -309,7 +465,7 @@ pub fn guest_exit(frame: &mut TrapFrame) -> bool {
             let r = unsafe { &*regs };
             // Back into the guest with the same data segments it left with
             // (the handler only finishes exits that change none of them).
-            if (r.ds, r.es, r.fs, r.gs) == (ds, es, fs, gs) {
+            if (r.ds, r.es, r.fs, r.gs) == segs {
                 frame.rax = u64::from(r.eax);
                 frame.rbx = u64::from(r.ebx);
                 frame.rcx = u64::from(r.ecx);
@@ -322,6 +478,7 @@ pub fn guest_exit(frame: &mut TrapFrame) -> bool {
                 frame.rflags = u64::from(sanitize_eflags(r.eflags));
                 frame.rsp = u64::from(r.esp);
                 frame.ss = u64::from(r.ss);
+                FAST_EXITS.fetch_add(1, Ordering::Relaxed);
                 return true;
             }
         }

@@ -1271,3 +1271,87 @@ fn every_vcpu_has_its_own_instance_and_gdt_key() {
     assert_eq!(a.gdt_key().instance, a.instance());
     assert_eq!(a.gdt_key().generation, a.gdt.generation());
 }
+
+// ---------------------------------------------------------------------------
+// The hypercall stub's view.
+
+#[test]
+fn stub_view_only_for_a_running_initialised_guest() {
+    let t = T::fresh();
+    assert_eq!(t.v.stub_view(), None, "before INIT");
+    let mut t = T::init();
+    let view = t.v.stub_view().expect("after INIT");
+    assert_eq!(view.ring_status, LD + LguestData::OFF_HCALL_STATUS);
+    assert_eq!(view.pending, 0);
+    for nr in [LHCALL_FLUSH_ASYNC, LHCALL_SEND_INTERRUPTS, LHCALL_FLUSH_TLB] {
+        assert_ne!(view.trivial & (1 << nr), 0, "{nr} is trivial");
+    }
+    for nr in [
+        LHCALL_LGUEST_INIT,
+        LHCALL_SHUTDOWN,
+        LHCALL_HALT,
+        LHCALL_NOTIFY,
+        LHCALL_SET_CLOCKEVENT,
+        LHCALL_TS,
+        LHCALL_LOAD_GDT_ENTRY,
+        LHCALL_LOAD_TLS,
+        LHCALL_LOAD_IDT_ENTRY,
+        LHCALL_SET_STACK,
+        LHCALL_NEW_PGTABLE,
+    ] {
+        assert_eq!(view.trivial & (1 << nr), 0, "{nr} is not trivial");
+    }
+    t.v.set_irq(3);
+    assert_eq!(t.v.stub_view().map(|v| v.pending), Some(1 << 3));
+    // Halted, dead: every call takes the full path.
+    let mut t = T::init();
+    assert_eq!(t.hcall(LHCALL_HALT, 0, 0, 0), Action::Halt);
+    assert_eq!(t.v.stub_view(), None);
+    let mut t = T::init();
+    t.hcall(99, 0, 0, 0);
+    assert_eq!(t.v.stub_view(), None);
+}
+
+#[test]
+fn stub_view_follows_the_ring_cursor() {
+    let mut t = T::init();
+    t.queue(0, [LHCALL_SEND_INTERRUPTS, 0, 0, 0, 0]);
+    t.queue(1, [LHCALL_SEND_INTERRUPTS, 0, 0, 0, 0]);
+    assert_eq!(t.hcall(LHCALL_FLUSH_ASYNC, 0, 0, 0), Action::Resume);
+    let view = t.v.stub_view().unwrap();
+    assert_eq!(view.ring_status, LD + LguestData::off_hcall_status(2));
+}
+
+/// What the stub does for a trivial call (return at once, EFLAGS
+/// sanitised) is what the full path does, whenever the stub may answer.
+#[test]
+fn the_full_path_changes_nothing_for_a_call_the_stub_answers() {
+    for nr in 0..32 {
+        let mut t = T::init();
+        let view = t.v.stub_view().unwrap();
+        if view.trivial & (1 << nr) == 0 {
+            continue;
+        }
+        assert_eq!(t.m.read_u8(view.ring_status).unwrap(), HCALL_STATUS_EMPTY);
+        t.v.regs.eax = nr;
+        t.v.regs.ebx = 0x1111;
+        t.v.regs.ecx = 0x2222;
+        t.v.regs.edx = 0x3333;
+        t.v.regs.esi = 0x4444;
+        t.v.regs.eflags = 0x4000_0246 | 0x4000; // NT and reserved bits: sanitised
+        let regs = t.v.regs;
+        let mem = t.m.clone();
+        assert_eq!(t.trap(0x1f, 0), Action::Resume, "call {nr}");
+        assert_eq!(t.prepare(), Action::Resume, "call {nr}");
+        let expected = Regs {
+            eflags: sanitize_eflags(regs.eflags),
+            trapnum: 0x1f,
+            errcode: 0,
+            ..regs
+        };
+        assert_eq!(t.v.regs, expected, "call {nr}");
+        assert!(t.m == mem, "call {nr} wrote guest memory");
+        assert!(t.e.clock.is_empty() && t.e.ts.is_empty(), "call {nr}");
+        assert_eq!(t.v.stub_view(), Some(view), "call {nr}");
+    }
+}
