@@ -133,6 +133,21 @@ pub trait GuestMemory {
         self.write(gpa, &v.to_le_bytes())
     }
 
+    /// Write little-endian `u32`s to consecutive addresses from `gpa`
+    /// (checked as one access first, so nothing is written if any of it is
+    /// out of range).
+    fn write_u32s(&mut self, gpa: u32, words: &[u32]) -> Result<(), MemFault> {
+        let len = words.len().saturating_mul(4);
+        check_range(self.limit(), gpa, len, true)?;
+        let mut at = gpa;
+        for &w in words {
+            // In range: checked above.
+            self.write(at, &w.to_le_bytes())?;
+            at = at.wrapping_add(4);
+        }
+        Ok(())
+    }
+
     /// Zero `len` bytes at `gpa` (checked as one access first, so nothing is
     /// written if any of it is out of range).
     fn zero(&mut self, gpa: u32, len: u32) -> Result<(), MemFault> {

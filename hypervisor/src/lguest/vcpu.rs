@@ -251,6 +251,7 @@ pub fn sanitize_eflags(eflags: u32) -> u32 {
 const PAGE: u32 = 4096;
 
 /// The per-guest (single-vCPU) lguest state.
+#[derive(Clone)]
 pub struct Vcpu {
     /// Unique per vCPU ever made (never reused): tells one guest's cached
     /// state (GDT, FPU) from another's.
@@ -281,7 +282,7 @@ pub struct Vcpu {
     /// The GDT generation and (cs, ss, ds, es, fs, gs) last found valid by
     /// `check_entry_state`: validity depends only on these, so an entry
     /// with the same values skips the six descriptor checks.
-    validated: Option<(u64, [u32; 6])>,
+    validated: Option<SelKey>,
 }
 
 impl fmt::Debug for Vcpu {
@@ -327,6 +328,31 @@ pub struct StubView {
 const TRIVIAL_HCALLS: u32 = (1 << guest_abi::hcall::LHCALL_FLUSH_ASYNC)
     | (1 << guest_abi::hcall::LHCALL_SEND_INTERRUPTS)
     | (1 << guest_abi::hcall::LHCALL_FLUSH_TLB);
+
+/// The six selectors of a register block and the GDT generation they were
+/// checked against: the key of the "already validated" cache that lets an
+/// entry skip re-checking selectors that did not change. Four plain words,
+/// compared without a `memcmp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SelKey {
+    generation: u64,
+    cs_ss: u64,
+    ds_es: u64,
+    fs_gs: u64,
+}
+
+impl SelKey {
+    #[inline]
+    fn of(generation: u64, r: &Regs) -> Self {
+        let pair = |a: u32, b: u32| u64::from(a) | (u64::from(b) << 32);
+        Self {
+            generation,
+            cs_ss: pair(r.cs, r.ss),
+            ds_es: pair(r.ds, r.es),
+            fs_gs: pair(r.fs, r.gs),
+        }
+    }
+}
 
 /// Source of [`Vcpu::instance`] numbers.
 static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
@@ -598,7 +624,7 @@ impl Vcpu {
     fn check_entry_state(&mut self) -> Result<(), Kill> {
         self.regs.eflags = sanitize_eflags(self.regs.eflags);
         let r = self.regs;
-        let key = (self.gdt.generation(), [r.cs, r.ss, r.ds, r.es, r.fs, r.gs]);
+        let key = SelKey::of(self.gdt.generation(), &r);
         if self.validated == Some(key) {
             return Ok(());
         }
@@ -618,6 +644,143 @@ impl Vcpu {
         }
         self.validated = Some(key);
         Ok(())
+    }
+
+    // ----------------------------------------------------------------------
+    // Exits finished where they land.
+
+    /// The common exit of a running guest finished in one short step, when
+    /// nothing about it can go wrong: a trap or software interrupt that is
+    /// simply reflected through a present guest gate (the i386 frame pushed
+    /// onto a kernel stack that lies in guest memory), with no virtual irq
+    /// pending, no hypercall waiting and selectors the vCPU has validated
+    /// before. Returns `true` if it did exactly what [`handle_exit`]
+    /// (Self::handle_exit) followed by [`prepare_entry`](Self::prepare_entry)
+    /// would have done (same registers, same frame, same `lguest_data`
+    /// writes), `false` if it changed nothing and the full path must run.
+    ///
+    /// It decides everything before it writes anything; the guest memory it
+    /// writes was range-checked first, so no write can fail halfway.
+    #[inline]
+    pub fn fast_exit<M: GuestMemory>(
+        &mut self,
+        vector: u32,
+        errcode: u32,
+        cr2: u32,
+        mem: &mut M,
+    ) -> bool {
+        let Some(ld) = self.lguest_data else {
+            return false;
+        };
+        if self.dead.is_some()
+            || self.restart
+            || self.halted
+            || self.pending != 0
+            || self.pending_hcall.is_some()
+        {
+            return false;
+        }
+        let cpl = self.cpl();
+        // Exits with more to do than a reflection: hypercalls, the #GP of an
+        // instruction to emulate, #NM with TS clear (nothing to reflect).
+        if vector == u32::from(LGUEST_TRAP_ENTRY)
+            || (vector == trap::GP && errcode == 0 && cpl == 1)
+            || (vector == trap::NM && !self.ts)
+            || !(vector < FIRST_EXTERNAL_VECTOR || vector == SYSCALL_VECTOR)
+        {
+            return false;
+        }
+        let Some(gate) = self.idt.get(vector as usize).copied() else {
+            return false;
+        };
+        let software = vector == trap::BP || vector == trap::OF || vector >= FIRST_EXTERNAL_VECTOR;
+        if !gate.present() || (software && u32::from(gate.dpl()) < cpl) {
+            return false;
+        }
+        let old = self.regs;
+        let from_user = old.cs & 3 != 1;
+        if from_user && !self.stack_set {
+            return false;
+        }
+        let (ss, esp) = if from_user {
+            (self.ss1, self.esp1)
+        } else {
+            (old.ss, old.esp)
+        };
+        // The state after the reflection must be one validated before (the
+        // full path would check it, and kill on a bad selector).
+        let after = Regs {
+            cs: u32::from(KERNEL_CS),
+            ss,
+            ..old
+        };
+        if self.validated != Some(SelKey::of(self.gdt.generation(), &after)) {
+            return false;
+        }
+        let Ok(irq_enabled) = mem.read_u32(ld.wrapping_add(LguestData::OFF_IRQ_ENABLED)) else {
+            return false;
+        };
+        let mut eflags = old.eflags;
+        if irq_enabled & X86_EFLAGS_IF == 0 {
+            eflags &= !X86_EFLAGS_IF;
+        }
+        // The frame, lowest address first.
+        let mut frame = [0u32; 6];
+        let words: &[u32] = match (from_user, has_error_code(vector)) {
+            (false, false) => {
+                frame[..3].copy_from_slice(&[old.eip, old.cs, eflags]);
+                &frame[..3]
+            }
+            (false, true) => {
+                frame[..4].copy_from_slice(&[errcode, old.eip, old.cs, eflags]);
+                &frame[..4]
+            }
+            (true, false) => {
+                frame[..5].copy_from_slice(&[old.eip, old.cs, eflags, old.esp, old.ss]);
+                &frame[..5]
+            }
+            (true, true) => {
+                frame = [errcode, old.eip, old.cs, eflags, old.esp, old.ss];
+                &frame[..]
+            }
+        };
+        // `words.len() <= 6`: the products cannot overflow.
+        let bytes = (words.len() as u32).wrapping_mul(4);
+        let top = self.gdt.segment_base(ss as u16).wrapping_add(esp);
+        let Some(low) = top.checked_sub(bytes) else {
+            return false;
+        };
+        // Linear mode: guest-virtual == guest-physical inside guest memory
+        // (the full path translates each word with `guest_pa` the same way).
+        if self.guest_pa(mem, low).is_none() || top > mem.limit() {
+            return false;
+        }
+        // Decided: from here on, the full path's writes, in its order.
+        let written = (vector != trap::PF
+            || mem
+                .write_u32(ld.wrapping_add(LguestData::OFF_CR2), cr2)
+                .is_ok())
+            && mem.write_u32s(low, words).is_ok()
+            && (gate.gate_type() != IDT_TYPE_INTERRUPT
+                || mem
+                    .write_u32(ld.wrapping_add(LguestData::OFF_IRQ_ENABLED), 0)
+                    .is_ok());
+        self.regs = Regs {
+            trapnum: vector,
+            errcode,
+            ss,
+            esp: low,
+            cs: u32::from(KERNEL_CS),
+            eip: gate.offset(),
+            eflags: sanitize_eflags(old.eflags & !(EFLAGS_TF | EFLAGS_VM | EFLAGS_RF | EFLAGS_NT)),
+            ..old
+        };
+        if !written {
+            // Cannot happen (every range was checked above); if it did, the
+            // guest dies as the full path would have killed it.
+            self.kill("bad stack frame");
+        }
+        true
     }
 
     // ----------------------------------------------------------------------

@@ -246,6 +246,18 @@ impl GuestMemory for HostGuestMemory {
     }
 
     #[inline]
+    fn write_u32s(&mut self, gpa: u32, words: &[u32]) -> Result<(), MemFault> {
+        let r = check_range(self.limit, gpa, words.len().saturating_mul(4), true)?;
+        let p = self.at(&r).cast::<u32>();
+        for (i, &w) in words.iter().enumerate() {
+            // SAFETY: `r` covers all the words and is inside guest memory
+            // (see `read`); unaligned stores are fine.
+            unsafe { p.add(i).write_unaligned(w.to_le()) };
+        }
+        Ok(())
+    }
+
+    #[inline]
     fn write_u32(&mut self, gpa: u32, v: u32) -> Result<(), MemFault> {
         let r = check_range(self.limit, gpa, 4, true)?;
         // SAFETY: `r` is inside guest memory (see `read`); unaligned is fine.

@@ -1355,3 +1355,83 @@ fn the_full_path_changes_nothing_for_a_call_the_stub_answers() {
         assert_eq!(t.v.stub_view(), Some(view), "call {nr}");
     }
 }
+
+// ---------------------------------------------------------------------------
+// Exits finished where they land: the same as the full path.
+
+/// Random guests, random traps: whenever `fast_exit` takes an exit, the
+/// registers, guest memory and vCPU state are exactly what `handle_exit`
+/// then `prepare_entry` produce; whenever it declines, it changed nothing.
+#[test]
+fn fast_exit_is_the_full_path_or_nothing() {
+    let mut rng = crate::testutil::Rng(0x9e37_79b9_7f4a_7c15);
+    let mut taken = 0u32;
+    let mut declined = 0u32;
+    for case in 0..3000 {
+        let mut r = |n: u64| rng.next_u64() % n;
+        let mut t = T::init();
+        // Gates: a few vectors, present or not, interrupt or trap, any DPL.
+        let vectors = [0u32, 3, 4, 6, 7, 13, 14, 0x1f, 0x20, 0x80];
+        for &v in &vectors {
+            if r(4) != 0 {
+                let ty = if r(2) == 0 { IDT_TYPE_INTERRUPT } else { IDT_TYPE_TRAP };
+                t.gate(v, 0x2000 + v, ty, r(4) as u8);
+            }
+        }
+        if r(3) != 0 {
+            t.user_segments();
+        }
+        if r(2) == 0 {
+            let esp = [KSTACK, 8, MEM, MEM - 8, 0][r(5) as usize];
+            t.hcall(LHCALL_SET_STACK, u32::from(KERNEL_DS), esp, 1);
+        }
+        if r(4) == 0 {
+            t.hcall(LHCALL_TS, 8, 0, 0);
+        }
+        t.set_ld(LguestData::OFF_IRQ_ENABLED, if r(2) == 0 { X86_EFLAGS_IF } else { 0 });
+        if r(3) == 0 {
+            t.user_mode();
+        }
+        t.v.regs.esp = [KSTACK, 12, 0, MEM, MEM - 4, 0xFFFF_FFF0][r(6) as usize];
+        t.v.regs.eip = 0x1_2345;
+        t.v.regs.eflags = 0x202 | (r(0x1_0000) as u32 & 0x4DD5);
+        t.v.regs.eax = r(1 << 32) as u32;
+        if r(8) == 0 {
+            t.v.set_irq(r(3) as u32);
+        }
+        let vector = vectors[r(vectors.len() as u64) as usize];
+        let errcode = [0u32, 0x18, 0x2][r(3) as usize];
+        let cr2 = 0xdead_0000;
+        let exit = Exit::Trap { vector, errcode, cr2 };
+        // Warm the validated-selector cache the way a previous identical
+        // exit would have, on a copy whose state is then put back.
+        if r(4) != 0 && !t.v.is_dead() {
+            let (regs, mem) = (t.v.regs, t.m.clone());
+            t.exit(exit);
+            t.prepare();
+            if t.v.is_dead() {
+                continue;
+            }
+            t.v.regs = regs;
+            t.m = mem;
+        }
+        let (mut fast_v, mut fast_m) = (t.v.clone(), t.m.clone());
+        let before = (t.v.regs, t.m.clone());
+        if fast_v.fast_exit(vector, errcode, cr2, &mut fast_m) {
+            taken += 1;
+            let a = t.exit(exit);
+            let b = t.prepare();
+            assert_eq!((a, b), (Action::Resume, Action::Resume), "case {case}");
+            assert_eq!(fast_v.regs, t.v.regs, "case {case}: registers");
+            assert!(fast_m == t.m, "case {case}: guest memory");
+            assert_eq!(fast_v.stub_view(), t.v.stub_view(), "case {case}");
+            assert!(!fast_v.is_dead(), "case {case}");
+        } else {
+            declined += 1;
+            assert_eq!(fast_v.regs, before.0, "case {case}: declined but changed registers");
+            assert!(fast_m == before.1, "case {case}: declined but wrote memory");
+        }
+    }
+    // Both outcomes are exercised, many times.
+    assert!(taken > 300 && declined > 300, "taken {taken}, declined {declined}");
+}
