@@ -8,7 +8,7 @@
 //! Benches run under QEMU `-icount shift=0`, where the time-stamp counter
 //! advances one tick per executed instruction, guest and hypervisor alike,
 //! so a difference of two `rdtsc` readings is the path length in between.
-//! `rdtsc` is allowed at CPL 1 (the host leaves CR4.TSD clear).
+//! `rdtsc` is allowed at CPL 1 and 3 (the host leaves CR4.TSD clear).
 //!
 //! | metric | one operation | floor |
 //! |---|---|---|
@@ -17,6 +17,12 @@
 //! | `async_hypercall` | one of 64 `LHCALL_SEND_INTERRUPTS` (a no-op) queued with `hcall::async_hcall` into the empty ring, plus 1/64 of the synchronous `LHCALL_FLUSH_ASYNC` that drains them | `native_int_roundtrip_per64` |
 //! | `trap_reflect` | `int3` → host → the guest's own IDT gate (a stub that only jumps to the paravirt `iret`) → back after the `int3` | `native_int_roundtrip` |
 //! | `irq_delivery` | `irq::enable()` with the timer irq pending: the `irq_enabled` store, the `irq_pending` check, `LHCALL_SEND_INTERRUPTS`, delivery to the guest's gate for vector 0x20 (a stub that counts the irq and jumps to the paravirt `iret`), and the return | `native_int_roundtrip` |
+//! | `guest_syscall` | at CPL 3: `int $0x80` → host → the guest's DPL-3 trap gate on the `SET_STACK` stack (a stub that only jumps to the paravirt `iret`) → `iretd` back to CPL 3 after the `int` | `native_syscall` |
+//!
+//! The floors are the hypervisor's (`native_int_roundtrip`: `int`/`iretq`
+//! from CPL 1; `native_syscall`: the same from CPL 3; the `_per64` one is
+//! 1/64 of the first). The goals of each metric are in `GOALS` in
+//! `tests/src/bench.rs` and in `docs/benchmarks.md`.
 //!
 //! The handlers are minimal assembly stubs installed for the measurement
 //! (not the runtime's generic stub and Rust dispatch), so that the figures,
@@ -24,7 +30,8 @@
 //! not of the handler. The runtime's gates are put back afterwards.
 //!
 //! How the figures are formed:
-//! - `hypercall_roundtrip`, `trap_reflect`: a batch is one `asm!` block:
+//! - `hypercall_roundtrip`, `trap_reflect`, `guest_syscall`: a batch is one
+//!   `asm!` block (for `guest_syscall`, run at CPL 3: see below):
 //!   `rdtsc`, [`N`] iterations of the operation, `rdtsc`. The same block with
 //!   no operation measures the empty loop; the value is (the minimum over
 //!   [`BATCHES`] batches − the minimum empty batch) / [`N`]. The minimum
@@ -39,6 +46,12 @@
 //!   the cost of the bare `rdtsc` pair. Before each one (not timed): virtual
 //!   interrupts off, the clock event armed [`IRQ_DELAY_NS`] ahead, and
 //!   `LHCALL_FLUSH_ASYNC` exits until the host has flagged `irq_pending`.
+//! - `guest_syscall`: user mode is set up as lgtest's `mode=user` does it
+//!   (flat DPL-3 segments in GDT slots 14/15, `LHCALL_SET_STACK`). Each batch
+//!   enters CPL 3 through the paravirt iret, runs the loop there with the
+//!   shape of the empty loop, and comes back to the kernel by `int3`, whose
+//!   gate then points at `bench_user_exit`; the empty loop measured at CPL 1
+//!   is subtracted (same instructions, same count).
 //!
 //! Values are printed as an integer when exact, else with one decimal.
 //! After the last line the guest returns, which powers it off.
