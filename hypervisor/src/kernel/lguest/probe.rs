@@ -15,7 +15,9 @@
 //! work. It times `N` round trips with `rdtsc`, then an empty loop of the
 //! same shape, and leaves both counts in registers before exiting with
 //! `int $0x80` (the syscall gate, DPL 3 since [`super::init_cpu`], so the
-//! same exit works from both levels).
+//! same exit works from both levels). The probe has no vCPU: a fast path that
+//! serves `int $0x80` (or `int $0x81`) without returning from
+//! `switch::run` must leave the probe's traps to the normal exit.
 
 use core::arch::{global_asm, naked_asm};
 use core::sync::atomic::{AtomicBool, Ordering};
