@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod acpi_s5;
+pub mod bench;
 pub mod config;
 pub mod fixedstr;
 pub mod lguest;

@@ -8,8 +8,22 @@
 //! ```
 //!
 //! `floor` names another metric of the same run (same unit) or is `-` for a floor itself; the
-//! ratio is `value / floor's value`. Results are printed as a table and written as JSON
-//! (`docs/benchmarks.md` describes the figures).
+//! ratio is `value / floor's value`.
+//!
+//! A name with a dot, `<metric>.<stage>`, is one stage of `metric`'s breakdown (who prints it
+//! does not matter: the guest measures a metric, the hypervisor may break it down):
+//!
+//! ```text
+//! bench: name=hypercall_roundtrip.stub value=12 unit=insn floor=-
+//! ```
+//!
+//! A stage needs its metric in the same log and the same unit, and has no floor; it is shown
+//! under its metric with its share of the metric's value.
+//!
+//! Goals (instructions a metric should not exceed) are [`GOALS`], the one place they are
+//! written down; a missed goal is shown (status column, summary line, `results.json`) but does
+//! not fail the bench: benches measure. Results are printed as a table and written as JSON
+//! (`docs/benchmarks.md` describes the figures, the goals and the JSON).
 
 use std::fmt::Write as _;
 
@@ -38,7 +52,89 @@ pub struct Sample {
     pub line_no: usize,
 }
 
-/// A metric with its ratio to its floor.
+/// An upper bound on a metric's value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Limit {
+    /// `value <= n`.
+    AtMost(f64),
+    /// `value <= floor's value + n` (the metric must have a floor).
+    FloorPlus(f64),
+}
+
+/// The goal of one metric: a bound, and optionally a harder "stretch" bound.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Goal {
+    /// The metric.
+    pub metric: &'static str,
+    /// The goal.
+    pub limit: Limit,
+    /// A harder goal worth aiming at, if any.
+    pub stretch: Option<Limit>,
+}
+
+/// The goals of the lguest fast paths (issue "Exits handled where they land"), in
+/// instructions per operation under `-icount shift=0`. `docs/benchmarks.md` copies this table;
+/// change both together.
+pub const GOALS: &[Goal] = &[
+    Goal {
+        metric: "hypercall_roundtrip",
+        limit: Limit::AtMost(80.0),
+        stretch: Some(Limit::AtMost(30.0)),
+    },
+    Goal {
+        metric: "async_hypercall",
+        limit: Limit::AtMost(40.0),
+        stretch: None,
+    },
+    Goal {
+        metric: "trap_reflect",
+        limit: Limit::AtMost(180.0),
+        stretch: None,
+    },
+    Goal {
+        metric: "irq_delivery",
+        limit: Limit::AtMost(250.0),
+        stretch: None,
+    },
+    Goal {
+        metric: "guest_syscall",
+        limit: Limit::FloorPlus(60.0),
+        stretch: None,
+    },
+];
+
+/// A [`Limit`] applied to a measured value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    /// The limit as written: `<= 80`, or with the bound it comes to, `<= native_syscall + 60 = 62`.
+    pub text: String,
+    /// The bound it comes to in this run.
+    pub max: f64,
+    /// Whether `value <= max`.
+    pub met: bool,
+}
+
+/// A metric's [`Goal`] applied to its value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GoalResult {
+    /// The goal.
+    pub goal: Verdict,
+    /// The stretch goal, if the metric has one.
+    pub stretch: Option<Verdict>,
+}
+
+/// One stage of a metric's breakdown (`name=<metric>.<stage>`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageResult {
+    /// The stage name (after the dot).
+    pub name: String,
+    /// Measured value, in the metric's unit.
+    pub value: f64,
+    /// `value / metric's value`, rounded to 3 decimals (`None` if the metric measured 0).
+    pub share: Option<f64>,
+}
+
+/// A metric with its ratio to its floor, its goal and its stages.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BenchResult {
     /// Metric name.
@@ -51,6 +147,34 @@ pub struct BenchResult {
     pub floor: Option<String>,
     /// `value / floor value`, rounded to 3 decimals.
     pub ratio: Option<f64>,
+    /// The metric's goal from [`GOALS`], if it has one.
+    pub goal: Option<GoalResult>,
+    /// Its stages, in the order they were reported.
+    pub stages: Vec<StageResult>,
+}
+
+/// Rounds to 3 decimals.
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+/// `limit` for a metric of `value` whose floor (name, value) is `floor`.
+fn verdict(limit: Limit, value: f64, floor: Option<(&str, f64)>) -> Option<Verdict> {
+    let (text, max) = match limit {
+        Limit::AtMost(n) => (format!("<= {}", number(n)), n),
+        Limit::FloorPlus(n) => {
+            let (name, f) = floor?;
+            (
+                format!("<= {name} + {} = {}", number(n), number(f + n)),
+                f + n,
+            )
+        }
+    };
+    Some(Verdict {
+        text,
+        max,
+        met: value <= max,
+    })
 }
 
 /// The part after `bench:` of a bench line printed by the hypervisor itself
@@ -117,9 +241,16 @@ pub fn parse_samples(lines: &[String]) -> Result<Vec<Sample>> {
     Ok(samples)
 }
 
-/// Computes each metric's ratio to its floor. Every floor must be measured in the same run, in
-/// the same unit, with a non-zero value; each metric may appear once.
+/// Computes each metric's ratio to its floor, applies its goal from [`GOALS`] and gathers its
+/// stages. Every floor must be measured in the same run, in the same unit, with a non-zero
+/// value; each metric and stage may appear once; a stage's metric must be measured, in the same
+/// unit, and a stage has no floor.
 pub fn compute(samples: &[Sample]) -> Result<Vec<BenchResult>> {
+    compute_with(samples, GOALS)
+}
+
+/// [`compute`] with the given goals.
+pub fn compute_with(samples: &[Sample], goals: &[Goal]) -> Result<Vec<BenchResult>> {
     for (i, s) in samples.iter().enumerate() {
         if let Some(first) = samples[..i].iter().find(|o| o.name == s.name) {
             return Err(err!(
@@ -130,13 +261,15 @@ pub fn compute(samples: &[Sample]) -> Result<Vec<BenchResult>> {
             ));
         }
     }
-    samples
+    let is_stage = |s: &&Sample| s.name.contains('.');
+    let metrics: Vec<&Sample> = samples.iter().filter(|s| !is_stage(s)).collect();
+    let mut results = metrics
         .iter()
         .map(|s| {
-            let ratio = match &s.floor {
+            let floor = match &s.floor {
                 None => None,
                 Some(floor) => {
-                    let f = samples.iter().find(|o| &o.name == floor).ok_or_else(|| {
+                    let f = metrics.iter().find(|o| &o.name == floor).ok_or_else(|| {
                         err!(
                             "metric `{}` (line {}): its floor `{floor}` was not measured",
                             s.name,
@@ -154,7 +287,24 @@ pub fn compute(samples: &[Sample]) -> Result<Vec<BenchResult>> {
                     if f.value == 0.0 {
                         return Err(err!("floor `{floor}` of `{}` measured 0", s.name));
                     }
-                    Some((s.value / f.value * 1000.0).round() / 1000.0)
+                    Some((floor.as_str(), f.value))
+                }
+            };
+            let goal = match goals.iter().find(|g| g.metric == s.name) {
+                None => None,
+                Some(g) => {
+                    let relative = || {
+                        err!(
+                            "the goal of `{}` is relative to its floor, but it has none",
+                            s.name
+                        )
+                    };
+                    let goal = verdict(g.limit, s.value, floor).ok_or_else(relative)?;
+                    let stretch = match g.stretch {
+                        None => None,
+                        Some(l) => Some(verdict(l, s.value, floor).ok_or_else(relative)?),
+                    };
+                    Some(GoalResult { goal, stretch })
                 }
             };
             Ok(BenchResult {
@@ -162,10 +312,119 @@ pub fn compute(samples: &[Sample]) -> Result<Vec<BenchResult>> {
                 value: s.value,
                 unit: s.unit.clone(),
                 floor: s.floor.clone(),
-                ratio,
+                ratio: floor.map(|(_, f)| round3(s.value / f)),
+                goal,
+                stages: Vec::new(),
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    for s in samples.iter().filter(is_stage) {
+        let (metric, stage) = s.name.split_once('.').unwrap_or_default();
+        if metric.is_empty() || stage.is_empty() {
+            return Err(err!(
+                "serial log line {}: `{}` is not <metric>.<stage>",
+                s.line_no,
+                s.name
+            ));
+        }
+        let Some(parent) = results.iter_mut().find(|r| r.name == metric) else {
+            return Err(err!(
+                "stage `{}` (line {}): its metric `{metric}` was not measured",
+                s.name,
+                s.line_no
+            ));
+        };
+        if s.floor.is_some() {
+            return Err(err!(
+                "stage `{}` (line {}) has a floor; stages are compared with their metric",
+                s.name,
+                s.line_no
+            ));
+        }
+        if s.unit != parent.unit {
+            return Err(err!(
+                "stage `{}` is in {} but its metric is in {}",
+                s.name,
+                s.unit,
+                parent.unit
+            ));
+        }
+        let share = (parent.value != 0.0).then(|| round3(s.value / parent.value));
+        parent.stages.push(StageResult {
+            name: stage.to_string(),
+            value: s.value,
+            share,
+        });
+    }
+    Ok(results)
+}
+
+/// What became of the goals of [`GOALS`] (or those given to [`compute_with`]) in a run.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GoalSummary {
+    /// Metrics whose goal was met.
+    pub met: Vec<String>,
+    /// Metrics whose goal was missed: (name, value, the bound).
+    pub missed: Vec<(String, f64, f64)>,
+    /// Metrics with a stretch goal that met it.
+    pub stretch_met: Vec<String>,
+    /// Metrics with a stretch goal that missed it.
+    pub stretch_missed: Vec<String>,
+    /// Goals whose metric was not measured.
+    pub not_measured: Vec<String>,
+}
+
+/// Sorts the results' goals into met and missed; `goals` names the metrics that should have
+/// been measured.
+pub fn goal_summary(results: &[BenchResult], goals: &[Goal]) -> GoalSummary {
+    let mut sum = GoalSummary::default();
+    for r in results {
+        let Some(g) = &r.goal else { continue };
+        if g.goal.met {
+            sum.met.push(r.name.clone());
+        } else {
+            sum.missed.push((r.name.clone(), r.value, g.goal.max));
+        }
+        match &g.stretch {
+            Some(s) if s.met => sum.stretch_met.push(r.name.clone()),
+            Some(_) => sum.stretch_missed.push(r.name.clone()),
+            None => {}
+        }
+    }
+    for g in goals {
+        if !results.iter().any(|r| r.name == g.metric) {
+            sum.not_measured.push(g.metric.to_string());
+        }
+    }
+    sum
+}
+
+impl GoalSummary {
+    /// The summary line(s) under the table: `goals: 2 of 5 met; missed: a (636 > 80), ...`.
+    pub fn lines(&self) -> String {
+        let total = self.met.len() + self.missed.len();
+        let mut out = format!("goals: {} of {total} met", self.met.len());
+        if !self.missed.is_empty() {
+            let missed: Vec<String> = self
+                .missed
+                .iter()
+                .map(|(n, v, max)| format!("{n} ({} > {})", number(*v), number(*max)))
+                .collect();
+            let _ = write!(out, "; MISSED: {}", missed.join(", "));
+        }
+        let stretch = self.stretch_met.len() + self.stretch_missed.len();
+        if stretch > 0 {
+            let _ = write!(
+                out,
+                "; stretch goals: {} of {stretch} met",
+                self.stretch_met.len()
+            );
+        }
+        if !self.not_measured.is_empty() {
+            let _ = write!(out, "; not measured: {}", self.not_measured.join(", "));
+        }
+        out + "\n"
+    }
 }
 
 /// The `machine` field of the JSON: what produced the figures.
@@ -183,13 +442,23 @@ fn number(v: f64) -> Value {
     }
 }
 
-/// The results file: `{"mode": ..., "machine": ..., "results": [...]}`, one line.
+/// The results file, one line:
+/// `{"mode": ..., "machine": ..., "results": [...], "goals": {...}}`. Each result has `name`,
+/// `value`, `unit`, `floor`, `ratio`, `goal` (`null`, or `{"text", "max", "met", "stretch"}`
+/// with `stretch` `null` or `{"text", "max", "met"}`) and `stages` (`[{"name", "value",
+/// "share"}]`, possibly empty); `goals` is the [`goal_summary`] over [`GOALS`].
 pub fn to_json(mode: &str, machine: &str, results: &[BenchResult]) -> String {
+    to_json_with(mode, machine, results, GOALS)
+}
+
+/// [`to_json`] with the given goals (for the summary).
+pub fn to_json_with(mode: &str, machine: &str, results: &[BenchResult], goals: &[Goal]) -> String {
     #[derive(Serialize)]
     struct Doc<'a> {
         mode: &'a str,
         machine: &'a str,
         results: Vec<Entry<'a>>,
+        goals: Goals<'a>,
     }
     #[derive(Serialize)]
     struct Entry<'a> {
@@ -198,6 +467,39 @@ pub fn to_json(mode: &str, machine: &str, results: &[BenchResult]) -> String {
         unit: &'a str,
         floor: Option<&'a str>,
         ratio: Option<f64>,
+        goal: Option<GoalJson<'a>>,
+        stages: Vec<StageJson<'a>>,
+    }
+    #[derive(Serialize)]
+    struct VerdictJson<'a> {
+        text: &'a str,
+        max: Value,
+        met: bool,
+    }
+    #[derive(Serialize)]
+    struct GoalJson<'a> {
+        text: &'a str,
+        max: Value,
+        met: bool,
+        stretch: Option<VerdictJson<'a>>,
+    }
+    #[derive(Serialize)]
+    struct StageJson<'a> {
+        name: &'a str,
+        value: Value,
+        share: Option<f64>,
+    }
+    #[derive(Serialize)]
+    struct Goals<'a> {
+        met: Vec<&'a str>,
+        missed: Vec<&'a str>,
+        stretch_met: Vec<&'a str>,
+        stretch_missed: Vec<&'a str>,
+        not_measured: Vec<&'a str>,
+    }
+    let sum = goal_summary(results, goals);
+    fn names(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
     }
     let doc = Doc {
         mode,
@@ -210,28 +512,95 @@ pub fn to_json(mode: &str, machine: &str, results: &[BenchResult]) -> String {
                 unit: &r.unit,
                 floor: r.floor.as_deref(),
                 ratio: r.ratio,
+                goal: r.goal.as_ref().map(|g| GoalJson {
+                    text: &g.goal.text,
+                    max: number(g.goal.max),
+                    met: g.goal.met,
+                    stretch: g.stretch.as_ref().map(|s| VerdictJson {
+                        text: &s.text,
+                        max: number(s.max),
+                        met: s.met,
+                    }),
+                }),
+                stages: r
+                    .stages
+                    .iter()
+                    .map(|s| StageJson {
+                        name: &s.name,
+                        value: number(s.value),
+                        share: s.share,
+                    })
+                    .collect(),
             })
             .collect(),
+        goals: Goals {
+            met: names(&sum.met),
+            missed: sum.missed.iter().map(|(n, _, _)| n.as_str()).collect(),
+            stretch_met: names(&sum.stretch_met),
+            stretch_missed: names(&sum.stretch_missed),
+            not_measured: names(&sum.not_measured),
+        },
     };
     // Serializing plain structs of strings and numbers cannot fail.
     serde_json::to_string(&doc).unwrap_or_default() + "\n"
 }
 
-/// A table for the terminal.
+/// A table for the terminal, with the goal summary under it ([`GOALS`]).
 pub fn table(mode: &str, results: &[BenchResult]) -> String {
-    let rows: Vec<[String; 5]> = results
-        .iter()
-        .map(|r| {
-            [
-                r.name.clone(),
-                number(r.value).to_string(),
+    table_with(mode, results, GOALS)
+}
+
+/// The status cell of a metric with a goal: `met`, `MISSED`, and the stretch goal's fate.
+fn status(g: &GoalResult) -> String {
+    let main = if g.goal.met { "met" } else { "MISSED" };
+    match &g.stretch {
+        None => main.to_string(),
+        Some(s) if s.met => format!("{main}, stretch met"),
+        Some(_) => format!("{main}, stretch missed"),
+    }
+}
+
+/// [`table`] with the given goals (for the summary). Stages are listed under their metric as
+/// `  .stage`, with their share of the metric in the ratio column.
+pub fn table_with(mode: &str, results: &[BenchResult], goals: &[Goal]) -> String {
+    let mut rows: Vec<[String; 7]> = Vec::new();
+    for r in results {
+        let (goal, state) = match &r.goal {
+            None => ("-".to_string(), "-".to_string()),
+            Some(g) => {
+                let mut text = g.goal.text.clone();
+                if let Some(s) = &g.stretch {
+                    let _ = write!(text, "; stretch {}", s.text);
+                }
+                (text, status(g))
+            }
+        };
+        rows.push([
+            r.name.clone(),
+            number(r.value).to_string(),
+            r.unit.clone(),
+            r.floor.clone().unwrap_or_else(|| "-".into()),
+            r.ratio.map_or_else(|| "-".into(), |x| format!("{x:.3}")),
+            goal,
+            state,
+        ]);
+        for s in &r.stages {
+            rows.push([
+                format!("  .{}", s.name),
+                number(s.value).to_string(),
                 r.unit.clone(),
-                r.floor.clone().unwrap_or_else(|| "-".into()),
-                r.ratio.map_or_else(|| "-".into(), |x| format!("{x:.3}")),
-            ]
-        })
-        .collect();
-    let header = ["metric", "value", "unit", "floor", "ratio"].map(String::from);
+                String::new(),
+                s.share
+                    .map_or_else(String::new, |x| format!("{:.1}%", x * 100.0)),
+                String::new(),
+                String::new(),
+            ]);
+        }
+    }
+    let header = [
+        "metric", "value", "unit", "floor", "ratio", "goal", "status",
+    ]
+    .map(String::from);
     let mut widths = header.clone().map(|h| h.len());
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -240,22 +609,26 @@ pub fn table(mode: &str, results: &[BenchResult]) -> String {
     }
     let mut out = format!("mode: {mode} ({})\n", machine_description());
     for row in std::iter::once(&header).chain(&rows) {
-        let _ = writeln!(
-            out,
-            "{:<w0$}  {:>w1$}  {:<w2$}  {:<w3$}  {:>w4$}",
+        let line = format!(
+            "{:<w0$}  {:>w1$}  {:<w2$}  {:<w3$}  {:>w4$}  {:<w5$}  {}",
             row[0],
             row[1],
             row[2],
             row[3],
             row[4],
+            row[5],
+            row[6],
             w0 = widths[0],
             w1 = widths[1],
             w2 = widths[2],
             w3 = widths[3],
             w4 = widths[4],
+            w5 = widths[5],
         );
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
-    out
+    out + &goal_summary(results, goals).lines()
 }
 
 #[cfg(test)]
@@ -365,17 +738,19 @@ mod tests {
     #[test]
     fn json_document() {
         assert_eq!(
-            to_json("icount", &machine_description(), &[]),
+            to_json_with("icount", &machine_description(), &[], &[]),
             format!(
-                "{{\"mode\":\"icount\",\"machine\":\"qemu q35, -cpu {CPU_MODEL}\",\"results\":[]}}\n"
+                "{{\"mode\":\"icount\",\"machine\":\"qemu q35, -cpu {CPU_MODEL}\",\"results\":[],\
+                 \"goals\":{{\"met\":[],\"missed\":[],\"stretch_met\":[],\"stretch_missed\":[],\
+                 \"not_measured\":[]}}}}\n"
             )
         );
-        let results = compute(&parse_samples(&lines(LOG)).unwrap()).unwrap();
-        let doc: Value = serde_json::from_str(&to_json("icount", "m", &results)).unwrap();
+        let results = compute_with(&parse_samples(&lines(LOG)).unwrap(), &[]).unwrap();
+        let doc: Value = serde_json::from_str(&to_json_with("icount", "m", &results, &[])).unwrap();
         assert_eq!(
             doc["results"][1],
             json!({"name": "hypercall_roundtrip", "value": 412, "unit": "insn",
-                   "floor": "native_int_roundtrip", "ratio": 1.373})
+                   "floor": "native_int_roundtrip", "ratio": 1.373, "goal": null, "stages": []})
         );
         assert_eq!(doc["results"][0]["floor"], Value::Null);
         assert_eq!(doc["results"][2]["value"], json!(1.5));
@@ -383,15 +758,269 @@ mod tests {
 
     #[test]
     fn table_lines_up() {
-        let results = compute(&parse_samples(&lines(LOG)).unwrap()).unwrap();
-        let text = table("icount", &results);
+        let results = compute_with(&parse_samples(&lines(LOG)).unwrap(), &[]).unwrap();
+        let text = table_with("icount", &results, &[]);
         let rows: Vec<&str> = text.lines().collect();
-        assert_eq!(rows.len(), 5);
+        assert_eq!(rows.len(), 6);
         assert!(rows[0].starts_with("mode: icount (qemu q35"));
         assert_eq!(
-            rows[3],
-            "hypercall_roundtrip     412  insn  native_int_roundtrip  1.373"
+            rows[1],
+            "metric                value  unit  floor                 ratio  goal  status"
         );
-        assert!(rows.iter().skip(1).all(|r| r.len() == rows[1].len()));
+        assert_eq!(
+            rows[3],
+            "hypercall_roundtrip     412  insn  native_int_roundtrip  1.373  -     -"
+        );
+        // Every column starts at the same place (the last one, not padded, at the same place).
+        let status_at = rows[1].find("status").unwrap();
+        assert!(
+            rows[2..5].iter().all(|r| r.len() == status_at + 1),
+            "{text}"
+        );
+        assert_eq!(rows[5], "goals: 0 of 0 met");
+    }
+
+    /// A run with goals (one relative to the floor, one with a stretch goal) and stages.
+    const GOAL_LOG: &str = "bench: name=native_syscall value=2 unit=insn floor=-\n\
+        bench: name=native_int_roundtrip value=2 unit=insn floor=-\n\
+        guest bench: bench: name=hypercall_roundtrip value=50 unit=insn floor=native_int_roundtrip\n\
+        bench: name=hypercall_roundtrip.entry value=20 unit=insn floor=-\n\
+        guest bench: bench: name=guest_syscall value=70 unit=insn floor=native_syscall\n\
+        bench: name=hypercall_roundtrip.dispatch value=5 unit=insn\n\
+        guest bench: bench: name=trap_reflect value=180 unit=insn floor=native_int_roundtrip\n";
+
+    const TEST_GOALS: &[Goal] = &[
+        Goal {
+            metric: "hypercall_roundtrip",
+            limit: Limit::AtMost(80.0),
+            stretch: Some(Limit::AtMost(30.0)),
+        },
+        Goal {
+            metric: "guest_syscall",
+            limit: Limit::FloorPlus(60.0),
+            stretch: None,
+        },
+        Goal {
+            metric: "trap_reflect",
+            limit: Limit::AtMost(180.0),
+            stretch: None,
+        },
+        Goal {
+            metric: "irq_delivery",
+            limit: Limit::AtMost(250.0),
+            stretch: None,
+        },
+    ];
+
+    fn goal_results() -> Vec<BenchResult> {
+        compute_with(&parse_samples(&lines(GOAL_LOG)).unwrap(), TEST_GOALS).unwrap()
+    }
+
+    #[test]
+    fn goals_are_applied() {
+        let results = goal_results();
+        let goal = |name: &str| {
+            results
+                .iter()
+                .find(|r| r.name == name)
+                .and_then(|r| r.goal.clone())
+        };
+        assert_eq!(goal("native_syscall"), None);
+        assert_eq!(
+            goal("hypercall_roundtrip"),
+            Some(GoalResult {
+                goal: Verdict {
+                    text: "<= 80".into(),
+                    max: 80.0,
+                    met: true
+                },
+                stretch: Some(Verdict {
+                    text: "<= 30".into(),
+                    max: 30.0,
+                    met: false
+                }),
+            })
+        );
+        // Relative to the floor: 2 + 60 = 62 < 70.
+        assert_eq!(
+            goal("guest_syscall"),
+            Some(GoalResult {
+                goal: Verdict {
+                    text: "<= native_syscall + 60 = 62".into(),
+                    max: 62.0,
+                    met: false
+                },
+                stretch: None,
+            })
+        );
+        // The bound itself meets the goal.
+        assert!(goal("trap_reflect").is_some_and(|g| g.goal.met));
+        assert_eq!(
+            goal_summary(&results, TEST_GOALS),
+            GoalSummary {
+                met: vec!["hypercall_roundtrip".into(), "trap_reflect".into()],
+                missed: vec![("guest_syscall".into(), 70.0, 62.0)],
+                stretch_met: vec![],
+                stretch_missed: vec!["hypercall_roundtrip".into()],
+                not_measured: vec!["irq_delivery".into()],
+            }
+        );
+    }
+
+    #[test]
+    fn relative_goal_needs_a_floor() {
+        let samples =
+            parse_samples(&lines("bench: name=guest_syscall value=70 unit=insn")).unwrap();
+        let e = compute_with(&samples, TEST_GOALS).unwrap_err();
+        assert!(
+            e.message()
+                .contains("relative to its floor, but it has none"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_goal_table_is_sound() {
+        for (i, g) in GOALS.iter().enumerate() {
+            assert!(
+                !GOALS[..i].iter().any(|o| o.metric == g.metric),
+                "{}",
+                g.metric
+            );
+            assert!(
+                !g.metric.contains('.'),
+                "a goal is for a metric, not a stage"
+            );
+            let bound = |l: Limit| match l {
+                Limit::AtMost(n) | Limit::FloorPlus(n) => n,
+            };
+            if let Some(s) = g.stretch {
+                assert!(bound(s) < bound(g.limit), "{}: stretch is harder", g.metric);
+            }
+        }
+        // The issue's goals.
+        let find = |m: &str| GOALS.iter().find(|g| g.metric == m).map(|g| g.limit);
+        assert_eq!(find("hypercall_roundtrip"), Some(Limit::AtMost(80.0)));
+        assert_eq!(find("guest_syscall"), Some(Limit::FloorPlus(60.0)));
+        assert_eq!(find("async_hypercall"), Some(Limit::AtMost(40.0)));
+    }
+
+    #[test]
+    fn stages_go_under_their_metric() {
+        let results = goal_results();
+        assert_eq!(
+            results.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+            [
+                "native_syscall",
+                "native_int_roundtrip",
+                "hypercall_roundtrip",
+                "guest_syscall",
+                "trap_reflect"
+            ]
+        );
+        assert_eq!(
+            results[2].stages,
+            [
+                StageResult {
+                    name: "entry".into(),
+                    value: 20.0,
+                    share: Some(0.4)
+                },
+                StageResult {
+                    name: "dispatch".into(),
+                    value: 5.0,
+                    share: Some(0.1)
+                },
+            ]
+        );
+        assert!(
+            results
+                .iter()
+                .filter(|r| r.name != "hypercall_roundtrip")
+                .all(|r| r.stages.is_empty())
+        );
+    }
+
+    #[test]
+    fn bad_stages_are_errors() {
+        let check = |log: &str, needle: &str| {
+            let e = compute_with(&parse_samples(&lines(log)).unwrap(), &[]).unwrap_err();
+            assert!(e.message().contains(needle), "{needle:?} not in {e}");
+        };
+        check(
+            "bench: name=a.b value=1 unit=insn",
+            "stage `a.b` (line 1): its metric `a` was not measured",
+        );
+        check(
+            "bench: name=a value=1 unit=insn\nbench: name=a.b value=1 unit=insn floor=a",
+            "has a floor",
+        );
+        check(
+            "bench: name=a value=1 unit=insn\nbench: name=a.b value=1 unit=cycles",
+            "stage `a.b` is in cycles but its metric is in insn",
+        );
+        check(
+            "bench: name=.b value=1 unit=insn",
+            "is not <metric>.<stage>",
+        );
+        check(
+            "bench: name=a value=1 unit=insn\nbench: name=a. value=1 unit=insn",
+            "is not <metric>.<stage>",
+        );
+        check(
+            "bench: name=a value=1 unit=insn\nbench: name=a.b value=1 unit=insn\n\
+             bench: name=a.b value=2 unit=insn",
+            "reported twice (serial log lines 2 and 3)",
+        );
+        // A floor must be a metric, not a stage.
+        check(
+            "bench: name=a value=1 unit=insn\nbench: name=a.b value=1 unit=insn\n\
+             bench: name=c value=1 unit=insn floor=a.b",
+            "its floor `a.b` was not measured",
+        );
+    }
+
+    #[test]
+    fn table_shows_goals_stages_and_a_summary() {
+        let text = table_with("icount", &goal_results(), TEST_GOALS);
+        let rows: Vec<&str> = text.lines().skip(1).collect();
+        let expected = [
+            "metric                value  unit  floor                  ratio  goal                         status",
+            "native_syscall            2  insn  -                          -  -                            -",
+            "native_int_roundtrip      2  insn  -                          -  -                            -",
+            "hypercall_roundtrip      50  insn  native_int_roundtrip  25.000  <= 80; stretch <= 30         met, stretch missed",
+            "  .entry                 20  insn                         40.0%",
+            "  .dispatch               5  insn                         10.0%",
+            "guest_syscall            70  insn  native_syscall        35.000  <= native_syscall + 60 = 62  MISSED",
+            "trap_reflect            180  insn  native_int_roundtrip  90.000  <= 180                       met",
+            "goals: 2 of 3 met; MISSED: guest_syscall (70 > 62); stretch goals: 0 of 1 met; \
+             not measured: irq_delivery",
+        ];
+        assert_eq!(rows, expected, "\n{text}");
+    }
+
+    #[test]
+    fn json_keeps_goals_and_stages() {
+        let doc: Value =
+            serde_json::from_str(&to_json_with("icount", "m", &goal_results(), TEST_GOALS))
+                .unwrap();
+        assert_eq!(
+            doc["results"][2]["goal"],
+            json!({"text": "<= 80", "max": 80, "met": true,
+                   "stretch": {"text": "<= 30", "max": 30, "met": false}})
+        );
+        assert_eq!(
+            doc["results"][2]["stages"],
+            json!([{"name": "entry", "value": 20, "share": 0.4},
+                   {"name": "dispatch", "value": 5, "share": 0.1}])
+        );
+        assert_eq!(doc["results"][3]["goal"]["met"], json!(false));
+        assert_eq!(doc["results"][3]["goal"]["stretch"], Value::Null);
+        assert_eq!(
+            doc["goals"],
+            json!({"met": ["hypercall_roundtrip", "trap_reflect"], "missed": ["guest_syscall"],
+                   "stretch_met": [], "stretch_missed": ["hypercall_roundtrip"],
+                   "not_measured": ["irq_delivery"]})
+        );
     }
 }

@@ -8,7 +8,7 @@
 //! Benches run under QEMU `-icount shift=0`, where the time-stamp counter
 //! advances one tick per executed instruction, guest and hypervisor alike,
 //! so a difference of two `rdtsc` readings is the path length in between.
-//! `rdtsc` is allowed at CPL 1 (the host leaves CR4.TSD clear).
+//! `rdtsc` is allowed at CPL 1 and 3 (the host leaves CR4.TSD clear).
 //!
 //! | metric | one operation | floor |
 //! |---|---|---|
@@ -17,6 +17,12 @@
 //! | `async_hypercall` | one of 64 `LHCALL_SEND_INTERRUPTS` (a no-op) queued with `hcall::async_hcall` into the empty ring, plus 1/64 of the synchronous `LHCALL_FLUSH_ASYNC` that drains them | `native_int_roundtrip_per64` |
 //! | `trap_reflect` | `int3` → host → the guest's own IDT gate (a stub that only jumps to the paravirt `iret`) → back after the `int3` | `native_int_roundtrip` |
 //! | `irq_delivery` | `irq::enable()` with the timer irq pending: the `irq_enabled` store, the `irq_pending` check, `LHCALL_SEND_INTERRUPTS`, delivery to the guest's gate for vector 0x20 (a stub that counts the irq and jumps to the paravirt `iret`), and the return | `native_int_roundtrip` |
+//! | `guest_syscall` | at CPL 3: `int $0x80` → host → the guest's DPL-3 trap gate on the `SET_STACK` stack (a stub that only jumps to the paravirt `iret`) → `iretd` back to CPL 3 after the `int` | `native_syscall` |
+//!
+//! The floors are the hypervisor's (`native_int_roundtrip`: `int`/`iretq`
+//! from CPL 1; `native_syscall`: the same from CPL 3; the `_per64` one is
+//! 1/64 of the first). The goals of each metric are in `GOALS` in
+//! `tests/src/bench.rs` and in `docs/benchmarks.md`.
 //!
 //! The handlers are minimal assembly stubs installed for the measurement
 //! (not the runtime's generic stub and Rust dispatch), so that the figures,
@@ -24,7 +30,8 @@
 //! not of the handler. The runtime's gates are put back afterwards.
 //!
 //! How the figures are formed:
-//! - `hypercall_roundtrip`, `trap_reflect`: a batch is one `asm!` block:
+//! - `hypercall_roundtrip`, `trap_reflect`, `guest_syscall`: a batch is one
+//!   `asm!` block (for `guest_syscall`, run at CPL 3: see below):
 //!   `rdtsc`, [`N`] iterations of the operation, `rdtsc`. The same block with
 //!   no operation measures the empty loop; the value is (the minimum over
 //!   [`BATCHES`] batches − the minimum empty batch) / [`N`]. The minimum
@@ -39,18 +46,26 @@
 //!   the cost of the bare `rdtsc` pair. Before each one (not timed): virtual
 //!   interrupts off, the clock event armed [`IRQ_DELAY_NS`] ahead, and
 //!   `LHCALL_FLUSH_ASYNC` exits until the host has flagged `irq_pending`.
+//! - `guest_syscall`: user mode is set up as lgtest's `mode=user` does it
+//!   (flat DPL-3 segments in GDT slots 14/15, `LHCALL_SET_STACK`). Each batch
+//!   enters CPL 3 through the paravirt iret, runs the loop there with the
+//!   shape of the empty loop, and comes back to the kernel by `int3`, whose
+//!   gate then points at `bench_user_exit`; the empty loop measured at CPL 1
+//!   is subtracted (same instructions, same count).
 //!
 //! Values are printed as an integer when exact, else with one decimal.
 //! After the last line the guest returns, which powers it off.
 #![no_std]
 #![no_main]
 
+use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU32, Ordering};
 
-use lguest_rt::guest_abi::seg::{IDT_TYPE_INTERRUPT, idt_gate};
+use lguest_rt::guest_abi::irq::SYSCALL_VECTOR;
+use lguest_rt::guest_abi::seg::{IDT_TYPE_INTERRUPT, IDT_TYPE_TRAP, SegmentDescriptor, idt_gate};
 use lguest_rt::guest_abi::{
-    FIRST_EXTERNAL_VECTOR, KERNEL_CS, LHCALL_FLUSH_ASYNC, LHCALL_RING_SIZE, LHCALL_SEND_INTERRUPTS,
-    trap,
+    FIRST_EXTERNAL_VECTOR, KERNEL_CS, KERNEL_DS, LHCALL_FLUSH_ASYNC, LHCALL_RING_SIZE,
+    LHCALL_SEND_INTERRUPTS, USER_CS, USER_DS, trap,
 };
 use lguest_rt::{BootInfo, hcall, irq, println};
 
@@ -91,7 +106,7 @@ fn main(_boot: &BootInfo) {
         "native_int_roundtrip_per64",
     );
 
-    let reflect = with_gate(trap::BP, 3, stub_address(StubKind::Int3), || {
+    let reflect = with_gate(trap::BP, IDT_TYPE_INTERRUPT, 3, StubKind::Int3, || {
         min_of(BATCHES, batch_int3)
     });
     report(
@@ -103,8 +118,9 @@ fn main(_boot: &BootInfo) {
 
     let deliver = with_gate(
         FIRST_EXTERNAL_VECTOR,
+        IDT_TYPE_INTERRUPT,
         0,
-        stub_address(StubKind::Irq),
+        StubKind::Irq,
         || irq_deliveries(IRQ_OPS),
     );
     report(
@@ -112,6 +128,21 @@ fn main(_boot: &BootInfo) {
         u64::from(deliver.saturating_sub(pair)),
         1,
         "native_int_roundtrip",
+    );
+
+    prepare_user_mode();
+    // `int $0x80` through a DPL-3 trap gate, as Linux's system-call gate;
+    // `int3` (DPL 3 like the runtime's own gate) ends each user-mode batch.
+    let syscall = with_gate(SYSCALL_VECTOR, IDT_TYPE_TRAP, 3, StubKind::Syscall, || {
+        with_gate(trap::BP, IDT_TYPE_TRAP, 3, StubKind::UserExit, || {
+            min_of(BATCHES, batch_syscall)
+        })
+    });
+    report(
+        "guest_syscall",
+        u64::from(syscall.saturating_sub(empty)),
+        N,
+        "native_syscall",
     );
 }
 
@@ -302,12 +333,21 @@ enum StubKind {
     Int3,
     /// Virtual irq: count it in [`IRQS`].
     Irq,
+    /// `int $0x80` from user mode: straight back through the paravirt iret.
+    Syscall,
+    /// `int3` from user mode at the end of a [`batch_syscall`] batch: back
+    /// to the kernel code that entered user mode.
+    UserExit,
 }
 
 #[cfg(target_arch = "x86")]
 unsafe extern "C" {
     static bench_int3_stub: u8;
     static bench_irq_stub: u8;
+    static bench_syscall_stub: u8;
+    static bench_user_exit: u8;
+    /// Runs one user-mode batch of `n` `int $0x80`s ([`batch_syscall`]).
+    fn bench_user_batch(n: u32) -> u32;
 }
 
 fn stub_address(kind: StubKind) -> u32 {
@@ -316,6 +356,8 @@ fn stub_address(kind: StubKind) -> u32 {
         match kind {
             StubKind::Int3 => hcall::phys(&raw const bench_int3_stub),
             StubKind::Irq => hcall::phys(&raw const bench_irq_stub),
+            StubKind::Syscall => hcall::phys(&raw const bench_syscall_stub),
+            StubKind::UserExit => hcall::phys(&raw const bench_user_exit),
         }
     }
     #[cfg(not(target_arch = "x86"))]
@@ -325,16 +367,77 @@ fn stub_address(kind: StubKind) -> u32 {
     }
 }
 
-/// Point IDT `vector` at `handler` (interrupt gate, `dpl`) while `f` runs,
-/// then give the vector back to the runtime's stub.
-fn with_gate(vector: u32, dpl: u8, handler: u32, f: impl FnOnce() -> u32) -> u32 {
-    let (low, high) = idt_gate(handler, KERNEL_CS, IDT_TYPE_INTERRUPT, dpl);
-    // SAFETY: both bench stubs take the host's frame as is and leave through
-    // the paravirt iret, as a gate target must.
+/// Point IDT `vector` at the `stub` (a `gate_type` gate with `dpl`) while
+/// `f` runs, then give the vector back to the runtime: its stub as an
+/// interrupt gate with the same `dpl` (the runtime's own choice for the
+/// vectors used here), or no gate for 0x80, which has none by default.
+fn with_gate(vector: u32, gate_type: u32, dpl: u8, stub: StubKind, f: impl FnOnce() -> u32) -> u32 {
+    let (low, high) = idt_gate(stub_address(stub), KERNEL_CS, gate_type, dpl);
+    // SAFETY: the bench stubs take the host's frame as is and leave through
+    // the paravirt iret, as a gate target must, except `bench_user_exit`,
+    // which is only raised by the user-mode batch and returns to the kernel
+    // code that entered it.
     unsafe { hcall::load_idt_entry(vector, low, high) };
     let r = f();
-    lguest_rt::trap::install_gate(vector, IDT_TYPE_INTERRUPT, dpl);
+    if lguest_rt::trap::stub_address(vector).is_some() {
+        lguest_rt::trap::install_gate(vector, IDT_TYPE_INTERRUPT, dpl);
+    } else {
+        // SAFETY: a not-present gate: `int $0x80` would fault (#GP) again,
+        // as before the bench.
+        unsafe { hcall::load_idt_entry(vector, 0, 0) };
+    }
     r
+}
+
+const KSTACK_SIZE: usize = 8192;
+const USTACK_SIZE: usize = 4096;
+
+/// A page-aligned stack, used only by the CPU.
+#[repr(C, align(4096))]
+struct Stack<const N: usize>(UnsafeCell<[u8; N]>);
+
+// SAFETY: used only as raw memory by the CPU (as a stack), never through
+// Rust references.
+unsafe impl<const N: usize> Sync for Stack<N> {}
+
+/// The `SET_STACK` stack: traps from user mode arrive here.
+static KSTACK: Stack<KSTACK_SIZE> = Stack(UnsafeCell::new([0; KSTACK_SIZE]));
+/// The user-mode batch's stack.
+static USTACK: Stack<USTACK_SIZE> = Stack(UnsafeCell::new([0; USTACK_SIZE]));
+
+/// Kernel esp saved by `bench_user_batch`, restored by `bench_user_exit`.
+static SAVED_ESP: AtomicU32 = AtomicU32::new(0);
+
+/// What user mode needs, as lgtest's `mode=user` does it: flat DPL-3 code
+/// and data segments in GDT slots 14/15 (selectors 0x73/0x7b) and a kernel
+/// stack for traps from CPL 3. The runtime stays in the host's linear mode,
+/// whose pages are all user-accessible, so no mapping is needed.
+fn prepare_user_mode() {
+    let ktop = hcall::phys(KSTACK.0.get()) + KSTACK_SIZE as u32;
+    // SAFETY: slots 14/15 are the user segments, unused by the runtime; the
+    // kernel stack is reserved for traps from user mode.
+    unsafe {
+        hcall::load_gdt_entry(14, SegmentDescriptor::flat_code(3));
+        hcall::load_gdt_entry(15, SegmentDescriptor::flat_data(3));
+        hcall::set_stack(u32::from(KERNEL_DS), ktop, 2);
+    }
+}
+
+/// One batch of `N` `int $0x80`s from user mode: enters CPL 3, runs the
+/// timed loop there (same shape as [`batch_empty`]) and comes back through
+/// `int3`; returns the ticks of the loop.
+fn batch_syscall() -> u32 {
+    #[cfg(target_arch = "x86")]
+    {
+        // SAFETY: the 0x80 and int3 gates point at `bench_syscall_stub` and
+        // `bench_user_exit` (see `main`), user segments and the SET_STACK
+        // stack are set ([`prepare_user_mode`]); the user code touches only
+        // its own stack, and `bench_user_exit` resumes our caller with the
+        // kernel's stack, data selectors and callee-saved registers.
+        unsafe { bench_user_batch(N) }
+    }
+    #[cfg(not(target_arch = "x86"))]
+    0
 }
 
 // The bench handlers. The host enters them like the CPU would through an
@@ -355,6 +458,85 @@ core::arch::global_asm!(
     "bench_irq_stub:",
     "inc dword ptr [{irqs}]",
     "jmp lguest_rt_iret",
+    // `int $0x80` from user mode (DPL-3 trap gate): the host has switched to
+    // the SET_STACK stack and pushed the 5-word frame (EIP, CS, EFLAGS, ESP,
+    // SS); the paravirt iret copies IF into irq_enabled (unchanged: a trap
+    // gate left it on) and its `iretd` from CPL 1 to CPL 3 pops all five.
+    ".p2align 3",
+    ".globl bench_syscall_stub",
+    "bench_syscall_stub:",
+    "jmp lguest_rt_iret",
     ".popsection",
     irqs = sym IRQS,
+);
+
+// The user-mode batch for `guest_syscall`.
+//
+// `bench_user_batch(n)` (C ABI) saves the callee-saved registers and its esp,
+// builds the 5-word iret frame for CPL 3 (user SS, the top of USTACK, EFLAGS
+// with IF, user CS, the loop) and leaves through the paravirt iret, as
+// lgtest's user mode does; ds/es are loaded with the user data selector first
+// (an iret to CPL 3 would null the kernel's DPL-1 ones). The counter travels
+// in edi, which the paravirt iret leaves alone.
+//
+// At CPL 3 the loop has exactly the shape of `batch_empty` (rdtsc, push, the
+// operation, dec, jnz, rdtsc, pop, sub), so subtracting the empty loop leaves
+// the `int $0x80` round trip. It then raises `int3`, whose gate (a trap gate,
+// so irq_enabled stays as user mode had it: on) is `bench_user_exit`: at CPL 1
+// on the SET_STACK stack, which it abandons, it reloads the kernel data
+// selectors and the saved esp and returns to `bench_user_batch`'s caller with
+// the elapsed ticks still in eax.
+#[cfg(target_arch = "x86")]
+core::arch::global_asm!(
+    ".pushsection .text.bench_user,\"ax\",@progbits",
+    ".globl bench_user_batch",
+    "bench_user_batch:",
+    "push ebp",
+    "push ebx",
+    "push esi",
+    "push edi",
+    "mov dword ptr [{saved}], esp",
+    "mov edi, dword ptr [esp + 20]",
+    "push {user_ds}",
+    "lea eax, [{ustack} + {ustack_size}]",
+    "push eax",
+    "push 0x202",
+    "push {user_cs}",
+    "lea eax, [2f]",
+    "push eax",
+    "mov eax, {user_ds}",
+    "mov ds, ax",
+    "mov es, ax",
+    "jmp lguest_rt_iret",
+    // CPL 3 from here to the int3.
+    "2:",
+    "rdtsc",
+    "push eax",
+    "3:",
+    "int 0x80",
+    "dec edi",
+    "jnz 3b",
+    "rdtsc",
+    "pop ecx",
+    "sub eax, ecx",
+    "int3",
+    "ud2",
+    ".globl bench_user_exit",
+    "bench_user_exit:",
+    "mov ecx, {kernel_ds}",
+    "mov ds, cx",
+    "mov es, cx",
+    "mov esp, dword ptr [{saved}]",
+    "pop edi",
+    "pop esi",
+    "pop ebx",
+    "pop ebp",
+    "ret",
+    ".popsection",
+    saved = sym SAVED_ESP,
+    ustack = sym USTACK,
+    ustack_size = const USTACK_SIZE,
+    user_ds = const USER_DS,
+    user_cs = const USER_CS,
+    kernel_ds = const KERNEL_DS,
 );

@@ -84,46 +84,103 @@ pub(crate) fn sync0(nr: u32) {
     unsafe { hcall(nr, 0, 0, 0, 0) }
 }
 
-/// The guest's private cursor into the async ring.
+/// The guest's private cursor into the async ring: a free-running count of
+/// queued calls, whose low bits ([`RING_MASK`]) are the next slot. 2^32 is a
+/// multiple of the ring size, so wrapping keeps it in step with the host's
+/// cursor.
 static NEXT_CALL: AtomicU32 = AtomicU32::new(0);
+
+/// `index & RING_MASK` is `index % LHCALL_RING_SIZE`.
+const RING_MASK: u32 = LHCALL_RING_SIZE as u32 - 1;
+const _: () = assert!(LHCALL_RING_SIZE.is_power_of_two() && LHCALL_RING_SIZE <= 256);
 
 /// Queue hypercall `nr` in the async ring; the host executes queued calls,
 /// in order, before the next synchronous hypercall. If the ring is full the
 /// call is made synchronously instead (which drains the ring first), as
 /// Linux's `async_hcall` does.
 ///
+/// This is the hot path of paravirtualised page-table and descriptor
+/// updates, so it is inlined and kept to a handful of instructions (about
+/// 20 with constant arguments: `docs/benchmarks.md`, `async_hypercall`):
+///
+/// - Virtual interrupts are off around the slot's claim, fill and publish,
+///   exactly as in Linux: an interrupt handler that queues a call of its own
+///   and then makes a synchronous hypercall relies on its call having run,
+///   which needs every slot before its own to be READY, not half-written.
+///   A scheme without masking (claiming the slot with one `xadd` on the
+///   cursor) would let the handler publish slot k+1 while slot k is still
+///   EMPTY; the host stops at the first EMPTY slot, so the handler's call
+///   would silently wait past its synchronous hypercall. "Off" is a plain
+///   store to `irq_enabled` (no exit); only when interrupts were on and the
+///   host flagged one as pending meanwhile does the restore cost a
+///   `LHCALL_SEND_INTERRUPTS` (as [`irq::restore`] does).
+/// - The slot is `NEXT_CALL & RING_MASK` (no division), and the five words
+///   are stored directly (no staging copy of [`HcallArgs`]).
+/// - The ring-full fallback is out of line ([`async_hcall_full`]).
+///
 /// # Safety
 ///
 /// As for [`hcall`]; additionally, the effect is delayed until the next
 /// synchronous hypercall ([`flush_async`] forces one).
+#[inline]
 pub unsafe fn async_hcall(nr: u32, a1: u32, a2: u32, a3: u32, a4: u32) {
     let flags = irq::save();
     let next = NEXT_CALL.load(Ordering::Relaxed);
-    let slot = next as usize % LHCALL_RING_SIZE;
+    let slot = (next & RING_MASK) as usize;
     let d: *mut LguestData = data();
-    // SAFETY: `d` is the live static; `slot < 64` indexes inside the arrays;
-    // volatile because the host writes the status bytes.
+    // SAFETY: `d` is the live static; `slot <= RING_MASK < 64` indexes
+    // inside the status array; volatile because the host writes the status
+    // bytes.
     let status = unsafe { (&raw const (*d).hcall_status[slot]).read_volatile() };
     if status != HCALL_STATUS_EMPTY {
         // SAFETY: forwarded contract.
-        unsafe { hcall(nr, a1, a2, a3, a4) };
-    } else {
-        let args = HcallArgs {
-            arg0: nr,
-            arg1: a1,
-            arg2: a2,
-            arg3: a3,
-            arg4: a4,
-        };
-        // SAFETY: as above; the slot is ours (status EMPTY) until we mark it
-        // READY.
-        unsafe { (&raw mut (*d).hcalls[slot]).write_volatile(args) };
-        // Arguments must be in place before the host can see READY.
-        compiler_fence(Ordering::Release);
-        // SAFETY: as above.
-        unsafe { (&raw mut (*d).hcall_status[slot]).write_volatile(HCALL_STATUS_READY) };
-        NEXT_CALL.store((next + 1) % LHCALL_RING_SIZE as u32, Ordering::Relaxed);
+        unsafe { async_hcall_full(flags, nr, a1, a2, a3, a4) };
+        return;
     }
+    // The five words of `HcallArgs` (repr(C), five u32: arg0 = nr, then
+    // arguments 1-4).
+    let w = d_slot(d, slot).cast::<u32>();
+    // SAFETY: `w` points at the 20-byte, 4-aligned `hcalls[slot]` of the
+    // live static; the slot is ours (status EMPTY, interrupts off) until we
+    // mark it READY, and the host reads it only while we are stopped.
+    unsafe {
+        w.write_volatile(nr);
+        w.add(1).write_volatile(a1);
+        w.add(2).write_volatile(a2);
+        w.add(3).write_volatile(a3);
+        w.add(4).write_volatile(a4);
+    }
+    // Arguments must be in place before the host can see READY (the host
+    // only looks while the guest is stopped, so program order suffices).
+    compiler_fence(Ordering::Release);
+    // SAFETY: as for the status read above.
+    unsafe { (&raw mut (*d).hcall_status[slot]).write_volatile(HCALL_STATUS_READY) };
+    NEXT_CALL.store(next.wrapping_add(1), Ordering::Relaxed);
+    irq::restore(flags);
+}
+
+const _: () = assert!(core::mem::size_of::<HcallArgs>() == 5 * 4);
+
+/// `&raw mut (*d).hcalls[slot]`, `slot < LHCALL_RING_SIZE`.
+#[inline(always)]
+fn d_slot(d: *mut LguestData, slot: usize) -> *mut HcallArgs {
+    // SAFETY: place projection only (no read or reference): `d` points at
+    // the live static and `slot < LHCALL_RING_SIZE` (the caller masks it).
+    unsafe { &raw mut (*d).hcalls[slot] }
+}
+
+/// [`async_hcall`] with the ring full: make the call synchronously (the
+/// host drains the ring first), still with interrupts off, then restore
+/// `flags`.
+///
+/// # Safety
+///
+/// As for [`hcall`].
+#[cold]
+#[inline(never)]
+unsafe fn async_hcall_full(flags: irq::IrqFlags, nr: u32, a1: u32, a2: u32, a3: u32, a4: u32) {
+    // SAFETY: forwarded contract.
+    unsafe { hcall(nr, a1, a2, a3, a4) };
     irq::restore(flags);
 }
 

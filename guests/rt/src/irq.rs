@@ -34,6 +34,7 @@ pub(crate) static LGUEST_DATA: SharedData =
 const _: () = assert!(LguestData::OFF_IRQ_ENABLED == 0);
 
 /// Raw pointer to the shared data.
+#[inline]
 pub(crate) fn data() -> *mut LguestData {
     LGUEST_DATA.0.get()
 }
@@ -95,6 +96,7 @@ pub fn enable() {
 }
 
 /// Disable virtual interrupts, returning the previous state.
+#[inline]
 pub fn save() -> IrqFlags {
     compiler_fence(Ordering::SeqCst);
     let flags = IrqFlags(read_field!(irq_enabled));
@@ -104,6 +106,7 @@ pub fn save() -> IrqFlags {
 }
 
 /// Restore a state from [`save`]; like [`enable`] if it was enabled.
+#[inline]
 pub fn restore(flags: IrqFlags) {
     compiler_fence(Ordering::SeqCst);
     write_field!(irq_enabled, flags.0 & X86_EFLAGS_IF);

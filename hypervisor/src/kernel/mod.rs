@@ -245,15 +245,17 @@ extern "C" fn kernel_main() -> ! {
     if cfg.bench {
         // Under `-icount shift=0` (cargo xtask bench) TSC ticks are
         // instructions, hence the unit.
+        lguest::probe::enable();
         match lguest::probe::native_int_roundtrip(10_000) {
             Ok(v) => {
-                kprintln!("bench: name=native_int_roundtrip value={v:.1} unit=insn floor=-");
-                kprintln!(
-                    "bench: name=native_int_roundtrip_per64 value={:.2} unit=insn floor=-",
-                    v / 64.0
-                );
+                lguest::probe::report("native_int_roundtrip", v, None);
+                lguest::probe::report("native_int_roundtrip_per64", v / 64.0, None);
             }
             Err(e) => kprintln!("bench: native probe failed: {e}"),
+        }
+        match lguest::probe::native_syscall(10_000) {
+            Ok(v) => lguest::probe::report("native_syscall", v, None),
+            Err(e) => kprintln!("bench: native syscall probe failed: {e}"),
         }
     }
     let (ran, clean) = lguest::launch_modules(boot.modules(), cfg.fastpath);

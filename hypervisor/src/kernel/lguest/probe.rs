@@ -1,17 +1,31 @@
-//! The native floor for the benchmarks, measured by the hypervisor itself in
-//! the same boot: `int n` from a compatibility-mode CPL-1 probe to a 64-bit
-//! ring-0 stub that does nothing but `iretq` (`native_int_roundtrip` in
-//! docs/benchmarks.md).
+//! The native floors for the benchmarks, measured by the hypervisor itself in
+//! the same boot: `int n` from a compatibility-mode probe to a 64-bit ring-0
+//! stub that does nothing but `iretq`, from CPL 1 (`native_int_roundtrip`,
+//! what a hypercall or a trap from the guest kernel pays) and from CPL 3
+//! (`native_syscall`, what a system call from guest user mode pays); see
+//! docs/benchmarks.md. Also the one place the hypervisor prints `bench:`
+//! lines ([`report`], [`report_stage`]).
 //!
 //! The probe is a few 32-bit instructions run exactly like a guest (its own
-//! linear-mode address space, CS 0x61 / SS 0x69, entered through the world
-//! switch), so the figure is the hardware cost of the same privilege and mode
-//! change every hypercall pays, without any hypervisor work. It times `N`
-//! round trips with `rdtsc`, then an empty loop of the same shape, and leaves
-//! both counts in registers before exiting with `int $0x1f`.
+//! linear-mode address space, entered through the world switch) with either
+//! the kernel's selectors (CS 0x61 / SS 0x69, CPL 1) or flat user ones
+//! (CS 0x73 / SS 0x7b in GDT slots 14/15, DPL 3, as a guest kernel sets them
+//! up for its user mode), so the figure is the hardware cost of the same
+//! privilege and mode change a guest's `int` pays, without any hypervisor
+//! work. It times `N` round trips with `rdtsc`, then an empty loop of the
+//! same shape, and leaves both counts in registers before exiting with
+//! `int $0x80` (the syscall gate, DPL 3 since [`super::init_cpu`], so the
+//! same exit works from both levels). The probe has no vCPU: a fast path that
+//! serves `int $0x80` (or `int $0x81`) without returning from
+//! `switch::run` must leave the probe's traps to the normal exit.
 
 use core::arch::{global_asm, naked_asm};
+use core::sync::atomic::{AtomicBool, Ordering};
 
+use guest_abi::irq::SYSCALL_VECTOR;
+use guest_abi::seg::SegmentDescriptor;
+use guest_abi::{KERNEL_CS, KERNEL_DS, USER_CS, USER_DS};
+use rustyvisor::bench::BenchLine;
 use rustyvisor::lguest::guestmem::GuestMemory;
 use rustyvisor::lguest::segments::GuestGdt;
 use rustyvisor::lguest::vcpu::Regs;
@@ -19,6 +33,57 @@ use rustyvisor::lguest::vcpu::Regs;
 use super::space::{GuestRam, HostGuestMemory, LinearTables};
 use super::switch;
 use crate::kernel::arch::{cpu, gdt, idt};
+use crate::kprintln;
+
+/// Whether bench mode is on (`bench` on the command line): only then do
+/// [`report`] and [`report_stage`] print.
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Turns bench mode on: from now on [`report`] and [`report_stage`] print.
+pub fn enable() {
+    ENABLED.store(true, Ordering::Relaxed);
+}
+
+/// Whether bench mode is on; code that measures something only for the
+/// benchmarks (e.g. the stages of a path) can skip the work otherwise.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Prints `bench: name=<metric> value=<value> unit=insn floor=<floor or ->`
+/// if bench mode is on. `value` is in instructions (TSC ticks under
+/// `-icount shift=0`), printed with at most two decimals.
+pub fn report(metric: &str, value: f64, floor: Option<&str>) {
+    if enabled() {
+        kprintln!("{}", BenchLine::metric(metric, value, floor));
+    }
+}
+
+/// Prints one stage of `metric`'s breakdown,
+/// `bench: name=<metric>.<stage> value=<value> unit=insn floor=-`, if bench
+/// mode is on. `cargo xtask bench` shows it under `metric` (which the guest
+/// or the hypervisor reports on its own line) and keeps it in
+/// `results.json`; every stage of a metric must be reported once, in the
+/// unit of the metric (instructions). Call it from host context (it takes
+/// the console lock), e.g. when a guest exits, not from the trap path.
+#[allow(
+    dead_code,
+    reason = "the API for the per-stage breakdown of the hypercall path, whose measurement lands with the fast paths"
+)]
+pub fn report_stage(metric: &str, stage: &str, value: f64) {
+    if enabled() {
+        kprintln!("{}", BenchLine::stage(metric, stage, value));
+    }
+}
+
+/// The privilege level a probe runs at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeLevel {
+    /// CPL 1, the guest kernel's level (`native_int_roundtrip`).
+    Kernel,
+    /// CPL 3, guest user mode (`native_syscall`).
+    User,
+}
 
 /// Vector the probe raises; its gate points at [`iretq_only`].
 const PROBE_VECTOR: u8 = 0x81;
@@ -28,7 +93,12 @@ const PROBE_GPA: u32 = 0x1000;
 // The probe, assembled as 32-bit code into read-only data and copied into the
 // probe's memory. In: esi = iterations. Out: ebx = TSC ticks for the `int`
 // loop, edx = ticks for the same loop without the `int`. Only the low 32 bits
-// of the TSC are used: one run is far shorter than 2^32 ticks.
+// of the TSC are used: one run is far shorter than 2^32 ticks. The code uses
+// no memory operand and no stack beyond the `int` frames, so it runs
+// unchanged at CPL 1 or 3 (rdtsc is allowed at CPL 3: CR4.TSD is clear).
+// It exits with `int 0x80`, whose gate has DPL 3, so that the exit is legal
+// from both levels (`int 0x1f`, the hypercall gate, is DPL 1 and would #GP
+// from CPL 3).
 global_asm!(
     ".pushsection .rodata.rv_probe, \"a\"",
     ".code32",
@@ -53,7 +123,7 @@ global_asm!(
     "rdtsc",
     "sub eax, edi",
     "mov edx, eax",
-    "int 0x1f",
+    "int 0x80",
     "4:",
     "jmp 4b",
     ".globl rv_probe_end",
@@ -73,10 +143,22 @@ unsafe extern "C" fn iretq_only() {
     naked_asm!("iretq")
 }
 
-/// Measures the native `int`/`iretq` round trip from compatibility-mode CPL 1.
+/// Measures the native `int`/`iretq` round trip from compatibility-mode CPL 1
+/// (`native_int_roundtrip`).
 /// Returns TSC ticks per round trip (instructions under `-icount shift=0`),
 /// or why it could not run.
 pub fn native_int_roundtrip(iterations: u32) -> Result<f64, &'static str> {
+    native_roundtrip(ProbeLevel::Kernel, iterations)
+}
+
+/// Measures the native `int`/`iretq` round trip from compatibility-mode CPL 3
+/// through a DPL-3 gate (`native_syscall`: the floor of a guest system call).
+pub fn native_syscall(iterations: u32) -> Result<f64, &'static str> {
+    native_roundtrip(ProbeLevel::User, iterations)
+}
+
+/// Runs the probe at `level`: TSC ticks per `int`/`iretq` round trip.
+fn native_roundtrip(level: ProbeLevel, iterations: u32) -> Result<f64, &'static str> {
     let iterations = iterations.max(1);
     let ram = GuestRam::new(2 << 20).map_err(|_| "no memory for the probe")?;
     let tables =
@@ -90,19 +172,38 @@ pub fn native_int_roundtrip(iterations: u32) -> Result<f64, &'static str> {
     mem.write(PROBE_GPA, code)
         .map_err(|_| "probe code does not fit")?;
 
+    let mut guest_gdt = GuestGdt::new();
+    let (cs, ds, cpl) = match level {
+        ProbeLevel::Kernel => (KERNEL_CS, KERNEL_DS, 1),
+        ProbeLevel::User => {
+            // Flat user code/data in slots 14/15, DPL 3, as a guest kernel
+            // loads them for its user mode; the whole probe memory is mapped
+            // user-accessible (the linear tables use U/S pages throughout).
+            for (slot, desc) in [
+                (14, SegmentDescriptor::flat_code(3)),
+                (15, SegmentDescriptor::flat_data(3)),
+            ] {
+                guest_gdt
+                    .load_entry(slot, desc.low(), desc.high())
+                    .map_err(|_| "probe user segments rejected")?;
+            }
+            (USER_CS, USER_DS, 3)
+        }
+    };
     let mut regs = Regs {
         eip: PROBE_GPA,
-        cs: 0x61,
-        ss: 0x69,
-        ds: 0x69,
-        es: 0x69,
+        cs: u32::from(cs),
+        ss: u32::from(ds),
+        ds: u32::from(ds),
+        es: u32::from(ds),
         esp: (2 << 20) - 16,
         esi: iterations,
         eflags: 0x202,
         ..Regs::default()
     };
-    gdt::load_guest_entries(GuestGdt::new().entries());
-    idt::set_gate_handler(PROBE_VECTOR, iretq_only as *const () as u64, 1);
+    gdt::load_guest_entries(guest_gdt.entries());
+    // The gate's DPL must allow `int` from the probe's CPL (CPL <= DPL).
+    idt::set_gate_handler(PROBE_VECTOR, iretq_only as *const () as u64, cpl);
     let old_cr3 = cpu::cr3();
     // SAFETY: the probe tables share the kernel's upper half.
     unsafe { cpu::write_cr3(tables.cr3()) };
@@ -114,7 +215,7 @@ pub fn native_int_roundtrip(iterations: u32) -> Result<f64, &'static str> {
         // handler: every exit comes back here.
         let exit = unsafe { switch::run(&raw mut regs, None) };
         match exit.trapnum {
-            0x1f => {
+            t if t == SYSCALL_VECTOR => {
                 let ticks = f64::from(regs.ebx.saturating_sub(regs.edx));
                 result = Ok(ticks / f64::from(iterations));
                 break;
