@@ -1374,7 +1374,11 @@ fn fast_exit_is_the_full_path_or_nothing() {
         let vectors = [0u32, 3, 4, 6, 7, 13, 14, 0x1f, 0x20, 0x80];
         for &v in &vectors {
             if r(4) != 0 {
-                let ty = if r(2) == 0 { IDT_TYPE_INTERRUPT } else { IDT_TYPE_TRAP };
+                let ty = if r(2) == 0 {
+                    IDT_TYPE_INTERRUPT
+                } else {
+                    IDT_TYPE_TRAP
+                };
                 t.gate(v, 0x2000 + v, ty, r(4) as u8);
             }
         }
@@ -1388,7 +1392,10 @@ fn fast_exit_is_the_full_path_or_nothing() {
         if r(4) == 0 {
             t.hcall(LHCALL_TS, 8, 0, 0);
         }
-        t.set_ld(LguestData::OFF_IRQ_ENABLED, if r(2) == 0 { X86_EFLAGS_IF } else { 0 });
+        t.set_ld(
+            LguestData::OFF_IRQ_ENABLED,
+            if r(2) == 0 { X86_EFLAGS_IF } else { 0 },
+        );
         if r(3) == 0 {
             t.user_mode();
         }
@@ -1402,7 +1409,11 @@ fn fast_exit_is_the_full_path_or_nothing() {
         let vector = vectors[r(vectors.len() as u64) as usize];
         let errcode = [0u32, 0x18, 0x2][r(3) as usize];
         let cr2 = 0xdead_0000;
-        let exit = Exit::Trap { vector, errcode, cr2 };
+        let exit = Exit::Trap {
+            vector,
+            errcode,
+            cr2,
+        };
         // Warm the validated-selector cache the way a previous identical
         // exit would have, on a copy whose state is then put back.
         if r(4) != 0 && !t.v.is_dead() {
@@ -1428,10 +1439,16 @@ fn fast_exit_is_the_full_path_or_nothing() {
             assert!(!fast_v.is_dead(), "case {case}");
         } else {
             declined += 1;
-            assert_eq!(fast_v.regs, before.0, "case {case}: declined but changed registers");
+            assert_eq!(
+                fast_v.regs, before.0,
+                "case {case}: declined but changed registers"
+            );
             assert!(fast_m == before.1, "case {case}: declined but wrote memory");
         }
     }
     // Both outcomes are exercised, many times.
-    assert!(taken > 300 && declined > 300, "taken {taken}, declined {declined}");
+    assert!(
+        taken > 300 && declined > 300,
+        "taken {taken}, declined {declined}"
+    );
 }
