@@ -214,6 +214,7 @@ impl GuestGdt {
 
     /// Base address of the segment `sel` names (0 for the null selector or
     /// anything that doesn't validate as a present code/data segment).
+    #[inline]
     pub fn segment_base(&self, sel: u16) -> u32 {
         self.lookup(sel).map_or(0, |d| d.base())
     }

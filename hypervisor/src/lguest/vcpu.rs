@@ -697,54 +697,47 @@ impl Vcpu {
         if !gate.present() || (software && u32::from(gate.dpl()) < cpl) {
             return false;
         }
-        let old = self.regs;
-        let from_user = old.cs & 3 != 1;
+        let r = &self.regs;
+        let (old_cs, old_eip, old_eflags, old_esp, old_ss) = (r.cs, r.eip, r.eflags, r.esp, r.ss);
+        let from_user = old_cs & 3 != 1;
         if from_user && !self.stack_set {
             return false;
         }
         let (ss, esp) = if from_user {
             (self.ss1, self.esp1)
         } else {
-            (old.ss, old.esp)
+            (old_ss, old_esp)
         };
         // The state after the reflection must be one validated before (the
         // full path would check it, and kill on a bad selector).
-        let after = Regs {
-            cs: u32::from(KERNEL_CS),
-            ss,
-            ..old
+        let pair = |a: u32, b: u32| u64::from(a) | (u64::from(b) << 32);
+        let after = SelKey {
+            generation: self.gdt.generation(),
+            cs_ss: pair(u32::from(KERNEL_CS), ss),
+            ds_es: pair(r.ds, r.es),
+            fs_gs: pair(r.fs, r.gs),
         };
-        if self.validated != Some(SelKey::of(self.gdt.generation(), &after)) {
+        if self.validated != Some(after) {
             return false;
         }
         let Ok(irq_enabled) = mem.read_u32(ld.wrapping_add(LguestData::OFF_IRQ_ENABLED)) else {
             return false;
         };
-        let mut eflags = old.eflags;
-        if irq_enabled & X86_EFLAGS_IF == 0 {
-            eflags &= !X86_EFLAGS_IF;
-        }
-        // The frame, lowest address first.
-        let mut frame = [0u32; 6];
-        let words: &[u32] = match (from_user, has_error_code(vector)) {
-            (false, false) => {
-                frame[..3].copy_from_slice(&[old.eip, old.cs, eflags]);
-                &frame[..3]
-            }
-            (false, true) => {
-                frame[..4].copy_from_slice(&[errcode, old.eip, old.cs, eflags]);
-                &frame[..4]
-            }
-            (true, false) => {
-                frame[..5].copy_from_slice(&[old.eip, old.cs, eflags, old.esp, old.ss]);
-                &frame[..5]
-            }
-            (true, true) => {
-                frame = [errcode, old.eip, old.cs, eflags, old.esp, old.ss];
-                &frame[..]
-            }
+        let eflags = if irq_enabled & X86_EFLAGS_IF == 0 {
+            old_eflags & !X86_EFLAGS_IF
+        } else {
+            old_eflags
         };
-        // `words.len() <= 6`: the products cannot overflow.
+        // The frame, lowest address first: [error code,] EIP, CS, EFLAGS
+        // [, ESP, SS from user mode].
+        let with_err = has_error_code(vector);
+        let frame = [errcode, old_eip, old_cs, eflags, old_esp, old_ss];
+        let first = usize::from(!with_err);
+        let end = if from_user { 6 } else { 4 };
+        let Some(words) = frame.get(first..end) else {
+            return false;
+        };
+        // `words.len() <= 6`: the product cannot overflow.
         let bytes = (words.len() as u32).wrapping_mul(4);
         let top = self.gdt.segment_base(ss as u16).wrapping_add(esp);
         let Some(low) = top.checked_sub(bytes) else {
@@ -765,16 +758,14 @@ impl Vcpu {
                 || mem
                     .write_u32(ld.wrapping_add(LguestData::OFF_IRQ_ENABLED), 0)
                     .is_ok());
-        self.regs = Regs {
-            trapnum: vector,
-            errcode,
-            ss,
-            esp: low,
-            cs: u32::from(KERNEL_CS),
-            eip: gate.offset(),
-            eflags: sanitize_eflags(old.eflags & !(EFLAGS_TF | EFLAGS_VM | EFLAGS_RF | EFLAGS_NT)),
-            ..old
-        };
+        let r = &mut self.regs;
+        r.trapnum = vector;
+        r.errcode = errcode;
+        r.ss = ss;
+        r.esp = low;
+        r.cs = u32::from(KERNEL_CS);
+        r.eip = gate.offset();
+        r.eflags = sanitize_eflags(old_eflags & !(EFLAGS_TF | EFLAGS_VM | EFLAGS_RF | EFLAGS_NT));
         if !written {
             // Cannot happen (every range was checked above); if it did, the
             // guest dies as the full path would have killed it.
