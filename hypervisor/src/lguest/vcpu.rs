@@ -354,6 +354,16 @@ impl SelKey {
     }
 }
 
+/// A reflection frame decided by `Vcpu::fast_frame`: `words[first..end]`
+/// go to guest-physical `low` upwards; the handler runs on `ss`:`low`.
+struct FastFrame {
+    words: [u32; 6],
+    first: usize,
+    end: usize,
+    low: u32,
+    ss: u32,
+}
+
 /// Source of [`Vcpu::instance`] numbers.
 static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
 
@@ -697,16 +707,165 @@ impl Vcpu {
         if !gate.present() || (software && u32::from(gate.dpl()) < cpl) {
             return false;
         }
-        let r = &self.regs;
-        let (old_cs, old_eip, old_eflags, old_esp, old_ss) = (r.cs, r.eip, r.eflags, r.esp, r.ss);
-        let from_user = old_cs & 3 != 1;
-        if from_user && !self.stack_set {
+        let Ok(irq_enabled) = mem.read_u32(ld.wrapping_add(LguestData::OFF_IRQ_ENABLED)) else {
             return false;
+        };
+        let err = has_error_code(vector).then_some(errcode);
+        let Some(frame) = self.fast_frame(err, irq_enabled, mem) else {
+            return false;
+        };
+        // Decided: from here on, the full path's writes, in its order.
+        let cr2_ok = vector != trap::PF
+            || mem
+                .write_u32(ld.wrapping_add(LguestData::OFF_CR2), cr2)
+                .is_ok();
+        self.regs.trapnum = vector;
+        self.regs.errcode = errcode;
+        let pushed = self.fast_push(&frame, gate, ld, mem);
+        if !(cr2_ok && pushed) {
+            // Cannot happen (every range was checked first); if it did, the
+            // guest dies as the full path would have killed it.
+            self.kill("bad stack frame");
+        }
+        true
+    }
+
+    /// After an exit the full path would finish with nothing but
+    /// `prepare_entry`: a trivial hypercall (see [`StubView`]; here the
+    /// virtual irqs may be pending) or a host interrupt. Finishes it and the
+    /// entry (delivering a pending irq the way `prepare_entry` does) and
+    /// returns `true`, or changes nothing and returns `false`.
+    #[inline]
+    pub fn fast_resume<M: GuestMemory, E: Env>(
+        &mut self,
+        vector: u32,
+        mem: &mut M,
+        env: &mut E,
+    ) -> bool {
+        let Some(ld) = self.lguest_data else {
+            return false;
+        };
+        if self.dead.is_some() || self.restart || self.halted || self.pending_hcall.is_some() {
+            return false;
+        }
+        let hcall = vector == u32::from(LGUEST_TRAP_ENTRY);
+        if hcall {
+            let nr = self.regs.eax;
+            let trivial = nr < 32 && TRIVIAL_HCALLS & (1 << nr) != 0;
+            let slot = (self.ring_cursor % LHCALL_RING_SIZE) as u32;
+            let status = mem.read_u8(
+                ld.wrapping_add(LguestData::OFF_HCALL_STATUS)
+                    .wrapping_add(slot),
+            );
+            if self.cpl() != 1 || !trivial || status != Ok(HCALL_STATUS_EMPTY) {
+                return false;
+            }
+        } else if TrapOwner::of(vector) != TrapOwner::HostIrq {
+            return false;
+        }
+        if !self.fast_deliver(ld, mem, env) {
+            return false;
+        }
+        if hcall {
+            self.regs.trapnum = vector;
+            self.regs.errcode = 0;
+        }
+        true
+    }
+
+    /// `prepare_entry`'s delivery and selector check for a running guest,
+    /// when they can be decided up front; `false` = nothing changed.
+    #[inline]
+    fn fast_deliver<M: GuestMemory, E: Env>(&mut self, ld: u32, mem: &mut M, env: &mut E) -> bool {
+        let current = SelKey::of(self.gdt.generation(), &self.regs);
+        let unchanged_ok = self.validated == Some(current);
+        if self.pending == 0 {
+            if unchanged_ok {
+                self.regs.eflags = sanitize_eflags(self.regs.eflags);
+            }
+            return unchanged_ok;
+        }
+        let at = |off: u32| ld.wrapping_add(off);
+        let Ok(blocked) = mem.read_u32(at(LguestData::OFF_BLOCKED_INTERRUPTS)) else {
+            return false;
+        };
+        let avail = self.pending & !blocked;
+        let Ok(ie) = mem.read_u32(at(LguestData::OFF_IRQ_ENABLED)) else {
+            return false;
+        };
+        let in_noirq = self.noirq_start <= self.regs.eip && self.regs.eip < self.noirq_end;
+        if avail == 0 || ie & X86_EFLAGS_IF == 0 || in_noirq {
+            // Nothing is delivered; with irqs off the guest is told one is
+            // pending.
+            if !unchanged_ok {
+                return false;
+            }
+            if avail != 0
+                && ie & X86_EFLAGS_IF == 0
+                && mem
+                    .write_u32(at(LguestData::OFF_IRQ_PENDING), X86_EFLAGS_IF)
+                    .is_err()
+            {
+                return false;
+            }
+            self.regs.eflags = sanitize_eflags(self.regs.eflags);
+            return true;
+        }
+        let irq = avail.trailing_zeros();
+        let more = avail & avail.wrapping_sub(1) != 0;
+        let gate = self
+            .idt
+            .get(FIRST_EXTERNAL_VECTOR.saturating_add(irq) as usize)
+            .copied()
+            .filter(IdtEntry::present);
+        let Some(gate) = gate else {
+            return false;
+        };
+        let Some(frame) = self.fast_frame(None, ie, mem) else {
+            return false;
+        };
+        // Decided: the full path's writes, in its order.
+        self.pending &= !1u32.checked_shl(irq).unwrap_or(0);
+        let (sec, nsec) = env.wallclock();
+        let ok = self.fast_push(&frame, gate, ld, mem)
+            && mem.write_u32(at(LguestData::OFF_TIME), sec as u32).is_ok()
+            && mem
+                .write_u32(at(LguestData::OFF_TIME.wrapping_add(4)), nsec as u32)
+                .is_ok()
+            && mem
+                .write_u32(
+                    at(LguestData::OFF_IRQ_PENDING),
+                    if more { X86_EFLAGS_IF } else { 0 },
+                )
+                .is_ok();
+        if !ok {
+            // Cannot happen: lguest_data and the frame were checked.
+            self.kill("bad stack frame");
+        }
+        true
+    }
+
+    /// Where and what a reflection through a guest gate pushes, decided
+    /// without writing anything (`push_frame`'s rules): `None` if the full
+    /// path must decide (no kernel stack, a frame outside guest memory, or
+    /// a handler state whose selectors were not validated before).
+    /// `irq_enabled` is `lguest_data.irq_enabled`, for the pushed EFLAGS.
+    #[inline]
+    fn fast_frame<M: GuestMemory>(
+        &self,
+        err: Option<u32>,
+        irq_enabled: u32,
+        mem: &M,
+    ) -> Option<FastFrame> {
+        let r = &self.regs;
+        let from_user = r.cs & 3 != 1;
+        if from_user && !self.stack_set {
+            return None;
         }
         let (ss, esp) = if from_user {
             (self.ss1, self.esp1)
         } else {
-            (old_ss, old_esp)
+            (r.ss, r.esp)
         };
         // The state after the reflection must be one validated before (the
         // full path would check it, and kill on a bad selector).
@@ -718,60 +877,57 @@ impl Vcpu {
             fs_gs: pair(r.fs, r.gs),
         };
         if self.validated != Some(after) {
-            return false;
+            return None;
         }
-        let Ok(irq_enabled) = mem.read_u32(ld.wrapping_add(LguestData::OFF_IRQ_ENABLED)) else {
-            return false;
-        };
         let eflags = if irq_enabled & X86_EFLAGS_IF == 0 {
-            old_eflags & !X86_EFLAGS_IF
+            r.eflags & !X86_EFLAGS_IF
         } else {
-            old_eflags
+            r.eflags
         };
-        // The frame, lowest address first: [error code,] EIP, CS, EFLAGS
-        // [, ESP, SS from user mode].
-        let with_err = has_error_code(vector);
-        let frame = [errcode, old_eip, old_cs, eflags, old_esp, old_ss];
-        let first = usize::from(!with_err);
-        let end = if from_user { 6 } else { 4 };
-        let Some(words) = frame.get(first..end) else {
-            return false;
-        };
-        // `words.len() <= 6`: the product cannot overflow.
-        let bytes = (words.len() as u32).wrapping_mul(4);
+        // Lowest address first: [error code,] EIP, CS, EFLAGS [, ESP, SS].
+        let words = [err.unwrap_or(0), r.eip, r.cs, eflags, r.esp, r.ss];
+        let first = usize::from(err.is_none());
+        let end: usize = if from_user { 6 } else { 4 };
+        // At most 6 words: neither the count nor the bytes can overflow.
+        let bytes = (end.saturating_sub(first) as u32).wrapping_mul(4);
         let top = self.gdt.segment_base(ss as u16).wrapping_add(esp);
-        let Some(low) = top.checked_sub(bytes) else {
-            return false;
-        };
+        let low = top.checked_sub(bytes)?;
         // Linear mode: guest-virtual == guest-physical inside guest memory
         // (the full path translates each word with `guest_pa` the same way).
         if self.guest_pa(mem, low).is_none() || top > mem.limit() {
-            return false;
+            return None;
         }
-        // Decided: from here on, the full path's writes, in its order.
-        let written = (vector != trap::PF
-            || mem
-                .write_u32(ld.wrapping_add(LguestData::OFF_CR2), cr2)
-                .is_ok())
-            && mem.write_u32s(low, words).is_ok()
-            && (gate.gate_type() != IDT_TYPE_INTERRUPT
-                || mem
-                    .write_u32(ld.wrapping_add(LguestData::OFF_IRQ_ENABLED), 0)
-                    .is_ok());
+        Some(FastFrame {
+            words,
+            first,
+            end,
+            low,
+            ss,
+        })
+    }
+
+    /// Writes a decided frame and points the guest at `gate` (the end of
+    /// `push_frame`); `false` if a write failed (it cannot, once decided).
+    #[inline]
+    fn fast_push<M: GuestMemory>(
+        &mut self,
+        f: &FastFrame,
+        gate: IdtEntry,
+        ld: u32,
+        mem: &mut M,
+    ) -> bool {
+        let words = f.words.get(f.first..f.end).unwrap_or(&[]);
+        let ok = mem.write_u32s(f.low, words).is_ok();
         let r = &mut self.regs;
-        r.trapnum = vector;
-        r.errcode = errcode;
-        r.ss = ss;
-        r.esp = low;
+        r.eflags = sanitize_eflags(r.eflags & !(EFLAGS_TF | EFLAGS_VM | EFLAGS_RF | EFLAGS_NT));
+        r.ss = f.ss;
+        r.esp = f.low;
         r.cs = u32::from(KERNEL_CS);
         r.eip = gate.offset();
-        r.eflags = sanitize_eflags(old_eflags & !(EFLAGS_TF | EFLAGS_VM | EFLAGS_RF | EFLAGS_NT));
-        if !written {
-            // Cannot happen (every range was checked above); if it did, the
-            // guest dies as the full path would have killed it.
-            self.kill("bad stack frame");
-        }
-        true
+        ok && (gate.gate_type() != IDT_TYPE_INTERRUPT
+            || mem
+                .write_u32(ld.wrapping_add(LguestData::OFF_IRQ_ENABLED), 0)
+                .is_ok())
     }
 
     // ----------------------------------------------------------------------
@@ -1118,25 +1274,26 @@ impl Vcpu {
                 break;
             }
             self.ring_cursor = n.saturating_add(1) % LHCALL_RING_SIZE;
-            let mut raw = [0u8; 20];
-            mem.read(ld.wrapping_add(LguestData::off_hcall(n as u32)), &mut raw)?;
-            let mut words = [0u32; 5];
-            for (a, c) in words.iter_mut().zip(raw.chunks_exact(4)) {
-                *a = <[u8; 4]>::try_from(c).map_or(0, u32::from_le_bytes);
+            // `n < 64` and lguest_data lies inside guest memory (checked at
+            // INIT): these word reads cannot fail.
+            let at = ld.wrapping_add(LguestData::off_hcall(n as u32));
+            let status = ld.wrapping_add(LguestData::off_hcall_status(n as u32));
+            let arg0 = mem.read_u32(at)?;
+            if arg0 < 32 && TRIVIAL_HCALLS & (1 << arg0) != 0 {
+                // A no-op call: nothing to decode or dispatch.
+                mem.write_u8(status, HCALL_STATUS_EMPTY)?;
+                continue;
             }
-            let [arg0, arg1, arg2, arg3, arg4] = words;
+            let word = |k: u32| mem.read_u32(at.wrapping_add(k.wrapping_mul(4)));
             let args = HcallArgs {
                 arg0,
-                arg1,
-                arg2,
-                arg3,
-                arg4,
+                arg1: word(1)?,
+                arg2: word(2)?,
+                arg3: word(3)?,
+                arg4: word(4)?,
             };
             let r = self.do_call(args, mem, env);
-            mem.write_u8(
-                ld.wrapping_add(LguestData::off_hcall_status(n as u32)),
-                HCALL_STATUS_EMPTY,
-            )?;
+            mem.write_u8(status, HCALL_STATUS_EMPTY)?;
             match r? {
                 a @ (Action::Notify(_) | Action::Restart | Action::Dead) => return Ok(Some(a)),
                 Action::Resume | Action::Halt => {}

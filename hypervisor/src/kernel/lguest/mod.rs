@@ -384,14 +384,20 @@ fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo) -> bool {
     // run loop to `switch::run`, which is suspended in `enter_guest` and does
     // not touch it until the trap path returns to it.
     let r = unsafe { &mut *ctx.cast::<Running>() };
-    // A plain reflection first: it changes nothing the hypercall stub was
-    // armed with, so the stub stays armed as it is.
-    if PENDING
-        .get(r.env.slot)
-        .is_some_and(|p| p.load(Ordering::Relaxed) == 0)
-        && r.vcpu
-            .fast_exit(exit.trapnum, exit.errcode, exit.cr2, &mut r.mem)
+    // Irqs raised from interrupt context first (the vCPU's state machine
+    // does not look at them before `prepare_entry`, so merging them here
+    // rather than after `handle_exit` changes nothing).
+    merge_pending(r);
+    // A plain reflection: it changes nothing the hypercall stub was armed
+    // with, so the stub stays armed as it is.
+    if r.vcpu
+        .fast_exit(exit.trapnum, exit.errcode, exit.cr2, &mut r.mem)
     {
+        return true;
+    }
+    // A trivial hypercall or a host interrupt, with an irq to deliver.
+    if r.vcpu.fast_resume(exit.trapnum, &mut r.mem, &mut r.env) {
+        arm_stub(r);
         return true;
     }
     let key = r.vcpu.gdt_key();
