@@ -112,7 +112,13 @@ pub enum Exit {
     /// A host interrupt arrived while the guest ran (already serviced).
     HostInterrupt,
     /// The switcher faulted while loading guest state (lguest's trapnum 256).
-    EntryFault,
+    EntryFault {
+        /// Vector of the CPU's fault at CPL 0 (13 for a #GP on a selector
+        /// or on the `iretq`, ...).
+        fault: u32,
+        /// Its error code.
+        errcode: u32,
+    },
 }
 
 /// The trap number the switcher reports when entering the guest faulted
@@ -156,10 +162,15 @@ impl TrapOwner {
 
 impl Exit {
     /// The exit for trap number `trapnum` as the switcher reports it, with
-    /// the hardware error code and CR2 it saved.
+    /// the hardware error code and CR2 it saved. For an entry fault the
+    /// switcher passes the vector of its CPL-0 fault in the CR2 slot
+    /// (`switch::entry_fault`).
     pub fn from_trapnum(trapnum: u32, errcode: u32, cr2: u32) -> Self {
         match TrapOwner::of(trapnum) {
-            TrapOwner::EntryFault => Exit::EntryFault,
+            TrapOwner::EntryFault => Exit::EntryFault {
+                fault: cr2,
+                errcode,
+            },
             TrapOwner::HostIrq | TrapOwner::HostNmi => Exit::HostInterrupt,
             TrapOwner::Guest => Exit::Trap {
                 vector: trapnum,
@@ -490,12 +501,11 @@ impl Vcpu {
         }
         let r = match exit {
             Exit::HostInterrupt => Ok(Action::Resume),
-            Exit::EntryFault => {
+            Exit::EntryFault { fault, errcode } => {
                 self.regs.trapnum = ENTRY_FAULT_TRAPNUM;
                 kill!(
-                    "unhandled trap {ENTRY_FAULT_TRAPNUM} at {:#x} ({:#x})",
-                    self.regs.eip,
-                    self.regs.errcode
+                    "unhandled trap {ENTRY_FAULT_TRAPNUM} at {:#x} (fault {fault}, error {errcode:#x})",
+                    self.regs.eip
                 )
             }
             Exit::Trap {
@@ -1078,7 +1088,10 @@ impl Vcpu {
         pages: u32,
         mem: &M,
     ) -> Result<(), Kill> {
-        if ss & 3 != 1 {
+        // A valid ring-1 stack now (RPL 1, writable 32-bit data with DPL 1;
+        // upstream checked only the RPL); `push_frame` checks again at use,
+        // since the GDT may change in between.
+        if !u16::try_from(ss).is_ok_and(|s| self.gdt.valid_stack_selector(s, 1)) {
             return kill!("bad stack segment {ss}");
         }
         if pages > 2 {

@@ -507,7 +507,13 @@ fn shutdown_restart_and_bad() {
     assert_eq!(t.hcall(LHCALL_FLUSH_ASYNC, 0, 0, 0), Action::Restart);
     // A restart is never reported as a death, whatever comes later (the
     // kernel's run loop relies on this: `Action::Dead` is never a restart).
-    assert_eq!(t.exit(Exit::EntryFault), Action::Restart);
+    assert_eq!(
+        t.exit(Exit::EntryFault {
+            fault: 13,
+            errcode: 0
+        }),
+        Action::Restart
+    );
     assert_eq!(t.hcall(LHCALL_SHUTDOWN, 0x3000, 1, 0), Action::Restart);
     assert_eq!(t.prepare(), Action::Restart);
     assert_eq!(t.dead(), "restart: again");
@@ -817,9 +823,17 @@ fn entry_fault_and_host_interrupt() {
     assert_eq!(t.exit(Exit::HostInterrupt), Action::Resume);
     assert_eq!(t.v.regs, before);
     t.v.regs.eip = 0x777;
+    // The previous exit's error code is not the entry fault's.
     t.v.regs.errcode = 0x6b;
-    assert_eq!(t.exit(Exit::EntryFault), Action::Dead);
-    assert_eq!(t.dead(), "unhandled trap 256 at 0x777 (0x6b)");
+    let fault = Exit::EntryFault {
+        fault: 13,
+        errcode: 0x60,
+    };
+    assert_eq!(t.exit(fault), Action::Dead);
+    assert_eq!(
+        t.dead(),
+        "unhandled trap 256 at 0x777 (fault 13, error 0x60)"
+    );
 }
 
 #[test]
@@ -1228,7 +1242,13 @@ fn exits_from_trapnums() {
     assert_eq!(Exit::from_trapnum(2, 0, 0), Exit::HostInterrupt);
     assert_eq!(Exit::from_trapnum(0x20, 0, 0), Exit::HostInterrupt);
     assert_eq!(Exit::from_trapnum(0xff, 0, 0), Exit::HostInterrupt);
-    assert_eq!(Exit::from_trapnum(256, 5, 6), Exit::EntryFault);
+    assert_eq!(
+        Exit::from_trapnum(256, 5, 6),
+        Exit::EntryFault {
+            fault: 6,
+            errcode: 5
+        }
+    );
     assert_eq!(
         Exit::from_trapnum(14, 2, 0x1234),
         Exit::Trap {
@@ -1270,4 +1290,58 @@ fn every_vcpu_has_its_own_instance_and_gdt_key() {
     assert_ne!(a.gdt_key(), b.gdt_key());
     assert_eq!(a.gdt_key().instance, a.instance());
     assert_eq!(a.gdt_key().generation, a.gdt.generation());
+}
+
+// ---------------------------------------------------------------------------
+// Hardening: 16-bit stacks, CPL 2.
+
+const DATA16_DPL1: u64 = 0x008F_B200_0000_FFFF; // G, B = 0, writable, DPL 1
+
+#[test]
+fn set_stack_refuses_16bit_ss() {
+    let mut t = T::init();
+    assert_eq!(
+        t.hcall(
+            LHCALL_LOAD_GDT_ENTRY,
+            20,
+            DATA16_DPL1 as u32,
+            (DATA16_DPL1 >> 32) as u32
+        ),
+        Action::Resume
+    );
+    assert_eq!(t.hcall(LHCALL_SET_STACK, 0xa1, KSTACK, 1), Action::Dead);
+    assert_eq!(t.dead(), "bad stack segment 161");
+    // The 32-bit kernel data segment is accepted.
+    let mut t = T::init();
+    assert_eq!(t.hcall(LHCALL_SET_STACK, 0x69, KSTACK, 1), Action::Resume);
+    // An empty slot with RPL 1 too is refused (upstream checked only the RPL).
+    let mut t = T::init();
+    assert_eq!(t.hcall(LHCALL_SET_STACK, 0xa1, KSTACK, 1), Action::Dead);
+    assert_eq!(t.dead(), "bad stack segment 161");
+}
+
+#[test]
+fn entry_refuses_16bit_ss() {
+    let mut t = T::init();
+    assert_eq!(
+        t.hcall(
+            LHCALL_LOAD_GDT_ENTRY,
+            20,
+            DATA16_DPL1 as u32,
+            (DATA16_DPL1 >> 32) as u32
+        ),
+        Action::Resume
+    );
+    t.v.regs.ss = 0xa1;
+    t.v.regs.eip = 0x4321;
+    assert_eq!(t.prepare(), Action::Dead);
+    assert_eq!(t.dead(), "bad ss 0xa1 at 0x4321");
+}
+
+#[test]
+fn entry_refuses_cpl2() {
+    let mut t = T::init();
+    t.v.regs.cs = 0x62;
+    assert_eq!(t.prepare(), Action::Dead);
+    assert_eq!(t.dead(), "bad cs 0x62 at 0x10000");
 }
