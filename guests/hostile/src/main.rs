@@ -3,7 +3,7 @@
 //! `hostile,mode=gdt64` in a scenario).
 //!
 //! The guest prints `hostile: trying <mode>` first. In every mode except
-//! `io` and `crash` the hypervisor must kill the guest with a reason (see the
+//! the survivors (`io`, `crash`, `forgeshutdown`, `umip`) the hypervisor must kill the guest with a reason (see the
 //! table in [`MODES`]); if the guest is still alive afterwards it prints
 //! `FAIL: <mode> survived` and powers off, so a scenario expecting the kill
 //! line fails.
