@@ -230,6 +230,9 @@ const _: () = assert!(core::mem::size_of::<[SegmentDescriptor; 3]>() == 24);
 pub enum DescriptorError {
     /// Present with S = 0: TSS, LDT, call/task/interrupt gate.
     SystemDescriptor,
+    /// Present code/data segment with DPL 2: guest code runs at CPL 1
+    /// (kernel) or 3 (user), never 2, and no segment may be made for ring 2.
+    Dpl2,
     /// Present code segment with L = 1 (would run the guest in 64-bit mode).
     LongModeCode,
 }
@@ -240,6 +243,7 @@ impl DescriptorError {
         match self {
             DescriptorError::SystemDescriptor => "system descriptor",
             DescriptorError::LongModeCode => "64-bit code segment",
+            DescriptorError::Dpl2 => "DPL 2",
         }
     }
 }
@@ -251,8 +255,13 @@ impl DescriptorError {
 ///
 /// - present system descriptor (S = 0): [`DescriptorError::SystemDescriptor`];
 /// - present code segment with L = 1: [`DescriptorError::LongModeCode`];
-/// - not present (P = 0) system or 64-bit code descriptor: stored as null
-///   (Linux clears TLS slots with all-zero; such an entry can never be used);
+/// - present code/data segment with DPL 2: [`DescriptorError::Dpl2`] (guest
+///   code runs at CPL 1 or 3, never 2; Linux never makes DPL-2 segments, so
+///   refusing them costs no guest anything, while raising them to 3 as
+///   upstream raises 0 to 1 would silently open them to guest user mode);
+/// - not present (P = 0) system, 64-bit code or DPL-2 descriptor: stored as
+///   null (Linux clears TLS slots with all-zero; such an entry can never be
+///   used);
 /// - any other code/data descriptor, present or not: upstream's fixup: DPL 0
 ///   becomes 1 (the guest kernel runs at ring 1), and the "accessed" type bit
 ///   is set (the CPU cannot write the read-only GDT to set it). A
@@ -260,7 +269,8 @@ impl DescriptorError {
 pub const fn fixup_guest_descriptor(
     desc: SegmentDescriptor,
 ) -> Result<SegmentDescriptor, DescriptorError> {
-    let dangerous = !desc.is_code_or_data() || (desc.is_code() && desc.long_mode());
+    let dangerous =
+        !desc.is_code_or_data() || (desc.is_code() && desc.long_mode()) || desc.dpl() == 2;
     if dangerous {
         if !desc.present() {
             return Ok(SegmentDescriptor(0));
@@ -268,7 +278,10 @@ pub const fn fixup_guest_descriptor(
         if !desc.is_code_or_data() {
             return Err(DescriptorError::SystemDescriptor);
         }
-        return Err(DescriptorError::LongModeCode);
+        if desc.is_code() && desc.long_mode() {
+            return Err(DescriptorError::LongModeCode);
+        }
+        return Err(DescriptorError::Dpl2);
     }
     let desc = if desc.dpl() == 0 {
         desc.with_dpl(GUEST_PL as u8)

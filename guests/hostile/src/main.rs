@@ -3,7 +3,7 @@
 //! `hostile,mode=gdt64` in a scenario).
 //!
 //! The guest prints `hostile: trying <mode>` first. In every mode except
-//! `io` and `crash` the hypervisor must kill the guest with a reason (see the
+//! the survivors (`io`, `crash`, `forgeshutdown`, `umip`) the hypervisor must kill the guest with a reason (see the
 //! table in [`MODES`]); if the guest is still alive afterwards it prints
 //! `FAIL: <mode> survived` and powers off, so a scenario expecting the kill
 //! line fails.
@@ -100,6 +100,22 @@ const MODES: &[Mode] = &[
     ("syscall", syscall, Expect::Kill), // the syscall instruction
     ("sysenter", sysenter, Expect::Kill), // the sysenter instruction
     ("wild", wild, Expect::Kill),       // jump to 0xf0000000 (outside guest memory)
+    // "gdt entry 20: DPL 2" (a DPL-2 code segment, to iret to CPL 2)
+    ("cpl2", cpl2, Expect::Kill),
+    // "bad ss 0xa1 at <eip>" (a 16-bit stack segment, then a hypercall)
+    ("ss16", ss16, Expect::Kill),
+    // "bad stack segment 161" (SET_STACK with a 16-bit stack segment)
+    ("stack16", stack16, Expect::Kill),
+    // "unhandled trap 256 at <eip> (fault 13, error <e>)": slot 12 shrunk
+    // under the running code, so the host's iretq faults. Needs a CPU that
+    // checks the CS limit on iretq to compatibility mode (hardware does,
+    // QEMU's TCG does not: there the guest survives).
+    ("entryfault", entryfault, Expect::Kill),
+    // #GP(0) (CS limit) at an eip outside guest memory: reflected like any
+    // #GP, "unhandled trap 13 at 0xf0000000 (0x0)". Needs a CPU that checks
+    // CS limits in compatibility mode (TCG does not: there it is a #PF,
+    // "unhandled trap 14 at 0xf0000000 (0xf0000000)").
+    ("gpwild", gpwild, Expect::Kill),
     // `in` reads all-ones, `out` (even to QEMU's exit port) is ignored,
     // popf cannot raise IOPL: "PASS: io emulated", then power off.
     ("io", io, Expect::Survive),
@@ -112,6 +128,9 @@ const MODES: &[Mode] = &[
     // SHUTDOWN(POWEROFF) whose message holds newlines and escapes: a clean
     // power off whose message is shown escaped on one line.
     ("forgeshutdown", forgeshutdown, Expect::Survive),
+    // sgdt/sidt/smsw/str/sldt at CPL 1 see the guest view (UMIP emulation),
+    // never the host's tables: "PASS: umip guest view".
+    ("umip", umip, Expect::Survive),
 ];
 
 fn main(boot: &BootInfo) {
@@ -396,6 +415,133 @@ fn wild(_: &BootInfo) {
     unsafe { core::arch::asm!("jmp {t}", t = in(reg) OUTSIDE) }
 }
 
+/// Free GDT slots used by the segment modes (selectors 0xa0 and 0xa8).
+const SLOT_A: u32 = 20;
+const SLOT_B: u32 = 21;
+
+/// Access byte of a code/data descriptor with `dpl`.
+const fn access(dpl: u8, code: bool) -> u8 {
+    let ty = if code {
+        SegmentDescriptor::TYPE_CODE | SegmentDescriptor::TYPE_RW
+    } else {
+        SegmentDescriptor::TYPE_RW
+    };
+    SegmentDescriptor::P | (dpl << 5) | SegmentDescriptor::S | ty
+}
+
+const FLAT32: u8 = SegmentDescriptor::FLAG_G | SegmentDescriptor::FLAG_DB;
+
+fn cpl2(_: &BootInfo) {
+    strip_idt();
+    // SAFETY: slots 20/21 are not in use. The host must refuse a DPL-2
+    // segment; if it did not, the iret below runs `ud2` at CPL 2, whose
+    // #UD (no gate left) kills the guest with "unhandled trap 6".
+    unsafe {
+        hcall::load_gdt_entry(
+            SLOT_A,
+            SegmentDescriptor::new(0, 0xF_FFFF, access(2, true), FLAT32),
+        );
+        hcall::load_gdt_entry(
+            SLOT_B,
+            SegmentDescriptor::new(0, 0xF_FFFF, access(2, false), FLAT32),
+        );
+        core::arch::asm!(
+            "mov %esp, %eax",
+            "pushl $0xaa",
+            "pushl %eax",
+            "pushfl",
+            "pushl $0xa2",
+            "pushl $2f",
+            "iretl",
+            "2:",
+            "ud2",
+            out("eax") _,
+            options(att_syntax)
+        );
+    }
+}
+
+/// A flat, writable data segment with DPL 1 and B = 0 (16-bit stack).
+const DATA16: SegmentDescriptor =
+    SegmentDescriptor::new(0, 0xF_FFFF, access(1, false), SegmentDescriptor::FLAG_G);
+
+/// Saved esp and ss of `ss16`.
+static SS16_SAVE: [AtomicU32; 2] = [AtomicU32::new(0), AtomicU32::new(0)];
+
+fn ss16(_: &BootInfo) {
+    let esp: u32;
+    // SAFETY: slot 20 is not in use. The asm switches to a 16-bit stack at
+    // 0xf000 (free low guest RAM; nothing is pushed there), makes a
+    // FLUSH_ASYNC hypercall (it clobbers eax..edx), records esp and goes
+    // back to its own ss:esp from `SS16_SAVE`.
+    unsafe {
+        hcall::load_gdt_entry(SLOT_A, DATA16);
+        core::arch::asm!(
+            "mov %esp, (%edi)",
+            "mov %ss, %ecx",
+            "mov %ecx, 4(%edi)",
+            "mov $0xf000, %esp",
+            "mov $0xa1, %eax",
+            "mov %eax, %ss",
+            "xor %eax, %eax",
+            "int $0x1f",
+            "mov %esp, %edx",
+            "mov 4(%edi), %ecx",
+            "mov %ecx, %ss",
+            "mov (%edi), %esp",
+            in("edi") SS16_SAVE.as_ptr(),
+            out("eax") _, out("ebx") _, out("ecx") _, out("edx") esp,
+            options(att_syntax)
+        );
+    }
+    if esp == 0xf000 {
+        println!("FAIL: ss16: 16-bit stack accepted (esp {esp:#x})");
+    } else {
+        println!("FAIL: ss16: esp {esp:#x} after a trap: host rsp bits leaked");
+    }
+}
+
+fn stack16(_: &BootInfo) {
+    // SAFETY: slot 20 is not in use; the stack is only used for traps from
+    // CPL 3, and none happen.
+    unsafe {
+        hcall::load_gdt_entry(SLOT_A, DATA16);
+        hcall::set_stack(0xa1, stack_top(), 1);
+    }
+}
+
+fn entryfault(_: &BootInfo) {
+    strip_idt();
+    // SAFETY: none: the kernel code segment shrinks to 4 KiB below the
+    // running code; the host's return to the guest must fault and kill it.
+    unsafe {
+        hcall::load_gdt_entry(
+            12,
+            SegmentDescriptor::new(0, 0xFFF, access(1, true), SegmentDescriptor::FLAG_DB),
+        );
+    }
+}
+
+fn gpwild(_: &BootInfo) {
+    strip_idt();
+    // SAFETY: slot 20 is a 2 GiB code segment with DPL 1: the far jump
+    // continues at the next instruction, then the jump to 0xf0000000 is
+    // beyond its limit (#GP(0) at that eip).
+    unsafe {
+        hcall::load_gdt_entry(
+            SLOT_A,
+            SegmentDescriptor::new(0, 0x7_FFFF, access(1, true), FLAT32),
+        );
+        core::arch::asm!(
+            "ljmp $0xa1, $2f",
+            "2:",
+            "jmp *%eax",
+            in("eax") OUTSIDE,
+            options(att_syntax)
+        );
+    }
+}
+
 // ---- Survivors -------------------------------------------------------------
 
 fn io(_: &BootInfo) {
@@ -428,6 +574,54 @@ fn io(_: &BootInfo) {
         println!("PASS: io emulated");
     } else {
         println!("FAIL: io: inb {al:#x}, inl {eax:#x}, iopl {iopl}");
+    }
+}
+
+/// The guest view of the descriptor-table and machine-status registers
+/// (docs/abi.md, section 7): GDT limit 32*8-1, IDT limit 256*8-1, both at
+/// base 0; CR0 with PE, MP, ET, NE, PG (TS clear); TR and LDTR 0.
+fn umip(_: &BootInfo) {
+    let mut gdt = [0u8; 6];
+    let mut idt = [0xAAu8; 6];
+    let (msw_reg, msw16, tr, ldt): (u32, u32, u32, u32);
+    let mut msw_mem = 0xAAAAu16;
+    let mut tr_mem = 0xAAAAu16;
+    // SAFETY: the instructions only write the memory and registers named
+    // (with UMIP the host emulates them).
+    unsafe {
+        core::arch::asm!("sgdt [{g}]", g = in(reg) gdt.as_mut_ptr());
+        // SIB with a displacement: [idt + 4*1 - 4].
+        core::arch::asm!("sidt [{i} + 4*{one} - 4]", i = in(reg) idt.as_mut_ptr(), one = in(reg) 1u32);
+        core::arch::asm!("smsw {m:e}", m = out(reg) msw_reg);
+        core::arch::asm!("mov {s:e}, 0x55550000", "smsw {s:x}", s = out(reg) msw16);
+        core::arch::asm!("smsw word ptr [{mm}]", mm = in(reg) &raw mut msw_mem);
+        core::arch::asm!("mov {t:e}, 0xffffffff", "str {t:e}", t = out(reg) tr);
+        core::arch::asm!("mov {l:e}, 0xffffffff", "sldt {l:e}", l = out(reg) ldt);
+        core::arch::asm!("str word ptr [{tm}]", tm = in(reg) &raw mut tr_mem);
+    }
+    let limit = |t: &[u8; 6]| u16::from_le_bytes([t[0], t[1]]);
+    let base = |t: &[u8; 6]| u32::from_le_bytes([t[2], t[3], t[4], t[5]]);
+    let mut ok = true;
+    let mut check = |what: &str, good: bool, got: u32| {
+        if good {
+            println!("PASS: umip {what}");
+        } else {
+            println!("FAIL: umip {what}: got {got:#x}");
+            ok = false;
+        }
+    };
+    check("sgdt limit", limit(&gdt) == 32 * 8 - 1, limit(&gdt).into());
+    check("sgdt base", base(&gdt) == 0, base(&gdt));
+    check("sidt limit", limit(&idt) == 256 * 8 - 1, limit(&idt).into());
+    check("sidt base", base(&idt) == 0, base(&idt));
+    check("smsw r32", msw_reg == 0x8000_0033, msw_reg);
+    check("smsw r16", msw16 == 0x5555_0033, msw16);
+    check("smsw m16", msw_mem == 0x33, msw_mem.into());
+    check("str r32", tr == 0, tr);
+    check("sldt r32", ldt == 0, ldt);
+    check("str m16", tr_mem == 0, tr_mem.into());
+    if ok {
+        println!("PASS: umip guest view");
     }
 }
 

@@ -11,6 +11,8 @@
 //! - [`vcpu`]: the per-guest state machine (hypercalls, async ring, trap
 //!   reflection, virtual interrupts) and [`vcpu::TrapOwner`].
 //! - [`segments`]: the guest's GDT and the selector checks.
+//! - [`insn`]: decoding the instructions the host emulates after a #GP(0)
+//!   (`cli`, `in`, `out`; `sgdt`, `sidt`, `smsw`, `sldt`, `str` under UMIP).
 //! - [`guestmem`]: the bounds-checked guest-physical memory accessor.
 //! - [`loader`]: ELF loading and `boot_params`.
 //! - [`console`]: guest text shown as data (escaped, capped, rate-limited).
@@ -24,7 +26,7 @@
 //! describes them.
 //!
 //! The modules that handle guest-controlled values (`chan`, `console`,
-//! `guestmem`, `loader`, `segments`, `spec`, `vcpu`) deny
+//! `guestmem`, `insn`, `loader`, `segments`, `spec`, `vcpu`) deny
 //! `clippy::indexing_slicing` and `clippy::arithmetic_side_effects` outside
 //! their tests: every index is a `get()`, every sum a checked, saturating or
 //! (where the operands are bounded, said in a comment) wrapping operation.
@@ -34,6 +36,7 @@ pub mod console;
 pub mod fpustate;
 pub mod gdtcache;
 pub mod guestmem;
+pub mod insn;
 pub mod kill;
 pub mod loader;
 pub mod segments;

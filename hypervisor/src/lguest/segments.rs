@@ -10,10 +10,11 @@
 //! | index in [`GUEST_RESERVED_GDT`](guest_abi::seg::GUEST_RESERVED_GDT) (10, 11, 16, 17, 31) | accepted, never copied | **kill** "reserved gdt entry %u" |
 //! | present system descriptor (S = 0: TSS, LDT, call/task/interrupt gate) | accepted | **kill** "gdt entry %u: system descriptor" |
 //! | present 64-bit code segment (L = 1) | n/a (32-bit host) | **kill** "gdt entry %u: 64-bit code segment" |
+//! | present code/data with DPL 2 | accepted (the guest could run at CPL 2) | **kill** "gdt entry %u: DPL 2" |
 //! | DPL 0 | raised to 1 | same |
 //! | accessed bit clear | set | same |
 //! | not-present code/data entry | stored (with the fixups) | same: loading it raises #NP(selector) |
-//! | not-present system or 64-bit entry (e.g. Linux's all-zero clear) | stored | stored as all-zero |
+//! | not-present system, 64-bit or DPL-2 entry (e.g. Linux's all-zero clear) | stored | stored as all-zero |
 //!
 //! Slot 17 is reserved because the host's 64-bit TSS descriptor is 16 bytes
 //! (slots 16 and 17). The reserved set and the descriptor rules are
@@ -22,7 +23,16 @@
 //! copy are always zero, so a guest selector naming them never validates.
 //!
 //! Together with the selector checks this guarantees the guest can never hold
-//! a CPL-0 or 64-bit code selector, nor reach a gate or TSS through its GDT.
+//! a CPL-0, CPL-2 or 64-bit code selector, nor reach a gate or TSS through its
+//! GDT: with no DPL-2 segment in the GDT, no far jump, call or `iret` can
+//! reach CPL 2 (a non-conforming target needs DPL = CPL, an `iret` to ring 2
+//! needs a DPL-2 stack segment).
+//!
+//! A stack segment must also be 32-bit (B = 1): returning to a 16-bit SS,
+//! `iretq` loads only SP and leaves bits 31:16 of the hypervisor's own RSP in
+//! the guest's ESP (the "espfix" leak). Data segments with B = 0 are fine in
+//! DS/ES/FS/GS, so the rule is in [`GuestGdt::valid_stack_selector`], not in
+//! the descriptor fixups.
 
 // Guest-controlled values: every index is a `get()`, every sum a checked,
 // saturating or (where the operands are bounded, said in a comment)
@@ -104,7 +114,11 @@ impl GuestGdt {
     fn fixup(index: usize, raw: u64) -> Result<u64, Kill> {
         match fixup_guest_descriptor(SegmentDescriptor(raw)) {
             Ok(d) => Ok(d.0),
-            Err(e @ (DescriptorError::SystemDescriptor | DescriptorError::LongModeCode)) => {
+            Err(
+                e @ (DescriptorError::SystemDescriptor
+                | DescriptorError::LongModeCode
+                | DescriptorError::Dpl2),
+            ) => {
                 kill!("gdt entry {index}: {}", e.reason())
             }
         }
@@ -199,17 +213,30 @@ impl GuestGdt {
         }
     }
 
-    /// Whether `sel` may be loaded into SS at `cpl`: RPL == DPL == CPL and a
-    /// present writable data segment.
+    /// Whether `sel` may be loaded into SS at `cpl` (1 or 3): RPL == DPL ==
+    /// CPL and a present, writable, 32-bit (B = 1) data segment. A 16-bit
+    /// stack segment is refused: `iretq` to it would leave bits 31:16 of the
+    /// host's RSP in the guest's ESP.
     pub fn valid_stack_selector(&self, sel: u16, cpl: u8) -> bool {
         let rpl = (sel & 3) as u8;
-        if rpl != cpl {
+        if rpl != cpl || (cpl != 1 && cpl != 3) {
             return false;
         }
         let Some(d) = self.lookup(sel) else {
             return false;
         };
-        !d.is_code() && d.typ() & SegmentDescriptor::TYPE_RW != 0 && d.dpl() == cpl
+        !d.is_code()
+            && d.typ() & SegmentDescriptor::TYPE_RW != 0
+            && d.dpl() == cpl
+            && d.flags() & SegmentDescriptor::FLAG_DB != 0
+    }
+
+    /// Whether `sel` names a 16-bit code segment (D = 0), whose default
+    /// operand and address size is 16 bits. `false` for anything that is
+    /// not a present code segment of this GDT.
+    pub fn is_16bit_code(&self, sel: u16) -> bool {
+        self.lookup(sel)
+            .is_some_and(|d| d.is_code() && d.flags() & SegmentDescriptor::FLAG_DB == 0)
     }
 
     /// Base address of the segment `sel` names (0 for the null selector or
@@ -457,6 +484,87 @@ mod tests {
         // Read-only data can't be a stack.
         load(&mut g, 20, 0x00CF_B000_0000_FFFF).unwrap();
         assert!(!g.valid_stack_selector(0xa1, 1));
+    }
+
+    /// DPL 2 is refused for code and data, present; a not-present one is
+    /// stored as null; DPL 0, 1 and 3 around it are accepted.
+    #[test]
+    fn dpl2_refused() {
+        for (access, what) in [(0xDAu8, "code"), (0xD2, "data"), (0xDE, "conforming code")] {
+            let d = SegmentDescriptor::new(0, 0xF_FFFF, access, 0xC).0;
+            let mut g = GuestGdt::new();
+            assert_eq!(
+                load(&mut g, 20, d).unwrap_err().as_str(),
+                "gdt entry 20: DPL 2",
+                "{what}"
+            );
+            assert_eq!(g.entry(20), Some(0), "{what}");
+            let np = d & !(0x80u64 << 40);
+            load(&mut g, 20, np).unwrap();
+            assert_eq!(g.entry(20), Some(0), "{what} not present");
+            for dpl in [0u8, 1, 3] {
+                let ok = SegmentDescriptor(d).with_dpl(dpl).0;
+                load(&mut g, 20, ok).unwrap();
+                assert_eq!(
+                    SegmentDescriptor(g.entry(20).unwrap()).dpl(),
+                    dpl.max(1),
+                    "{what} dpl {dpl}"
+                );
+            }
+        }
+        let mut g = GuestGdt::new();
+        let d2 = SegmentDescriptor::new(0, 0xF_FFFF, 0xD2, 0xC).0;
+        assert_eq!(
+            g.load_tls(&[USER_DATA, USER_DATA, d2])
+                .unwrap_err()
+                .as_str(),
+            "gdt entry 8: DPL 2"
+        );
+        assert_eq!(g.entry(6), Some(0));
+    }
+
+    /// No selector validates for CPL 2: code with RPL 2 (even conforming
+    /// code of a lower DPL), a stack at CPL 2.
+    #[test]
+    fn no_cpl2_selectors() {
+        let mut g = GuestGdt::new();
+        load(&mut g, 20, 0x00CF_BE00_0000_FFFF).unwrap(); // conforming DPL 1
+        assert!(!g.valid_code_selector(0xa2));
+        assert!(!g.valid_code_selector(0x62));
+        assert!(!g.valid_stack_selector(0x6a, 2));
+        assert!(!g.valid_stack_selector(0x7a, 2));
+        assert!(g.valid_stack_selector(0x69, 1));
+    }
+
+    /// A stack segment must be 32-bit (B = 1); a 16-bit data segment is
+    /// still fine in DS/ES/FS/GS.
+    #[test]
+    fn stack16_refused() {
+        let mut g = GuestGdt::new();
+        let data16 = SegmentDescriptor::new(0, 0xF_FFFF, 0xB2, SegmentDescriptor::FLAG_G).0;
+        load(&mut g, 20, data16).unwrap();
+        assert!(!g.valid_stack_selector(0xa1, 1));
+        assert!(g.valid_data_selector(0xa1, 1));
+        let data32 = SegmentDescriptor(data16).0 | (u64::from(SegmentDescriptor::FLAG_DB) << 52);
+        load(&mut g, 20, data32).unwrap();
+        assert!(g.valid_stack_selector(0xa1, 1));
+        // User stack too.
+        let u16s = SegmentDescriptor::new(0, 0xF_FFFF, 0xF2, 0).0;
+        load(&mut g, 21, u16s).unwrap();
+        assert!(!g.valid_stack_selector(0xab, 3));
+        assert!(g.valid_data_selector(0xab, 3));
+    }
+
+    #[test]
+    fn code_size() {
+        let mut g = GuestGdt::new();
+        assert!(!g.is_16bit_code(0x61));
+        let code16 = SegmentDescriptor::new(0, 0xFFFF, 0xBA, 0).0;
+        load(&mut g, 20, code16).unwrap();
+        assert!(g.is_16bit_code(0xa1));
+        assert!(!g.is_16bit_code(0x69)); // data
+        assert!(!g.is_16bit_code(0)); // null
+        assert!(!g.is_16bit_code(0xa5)); // TI
     }
 
     #[test]

@@ -60,6 +60,7 @@ use guest_abi::seg::{IDT_HIGH_KEEP_MASK, IDT_TYPE_INTERRUPT, IDT_TYPE_TRAP, KERN
 use super::chan::DeathReason;
 use super::gdtcache::GdtKey;
 use super::guestmem::GuestMemory;
+use super::insn::{self, Op, Operand, Seg, Width};
 use super::kill::{Kill, kill};
 use super::segments::GuestGdt;
 
@@ -112,7 +113,13 @@ pub enum Exit {
     /// A host interrupt arrived while the guest ran (already serviced).
     HostInterrupt,
     /// The switcher faulted while loading guest state (lguest's trapnum 256).
-    EntryFault,
+    EntryFault {
+        /// Vector of the CPU's fault at CPL 0 (13 for a #GP on a selector
+        /// or on the `iretq`, ...).
+        fault: u32,
+        /// Its error code.
+        errcode: u32,
+    },
 }
 
 /// The trap number the switcher reports when entering the guest faulted
@@ -156,10 +163,15 @@ impl TrapOwner {
 
 impl Exit {
     /// The exit for trap number `trapnum` as the switcher reports it, with
-    /// the hardware error code and CR2 it saved.
+    /// the hardware error code and CR2 it saved. For an entry fault the
+    /// switcher passes the vector of its CPL-0 fault in the CR2 slot
+    /// (`switch::entry_fault`).
     pub fn from_trapnum(trapnum: u32, errcode: u32, cr2: u32) -> Self {
         match TrapOwner::of(trapnum) {
-            TrapOwner::EntryFault => Exit::EntryFault,
+            TrapOwner::EntryFault => Exit::EntryFault {
+                fault: cr2,
+                errcode,
+            },
             TrapOwner::HostIrq | TrapOwner::HostNmi => Exit::HostInterrupt,
             TrapOwner::Guest => Exit::Trap {
                 vector: trapnum,
@@ -246,6 +258,15 @@ pub const EFLAGS_GUEST_MASK: u32 = 0x0024_0DD5;
 pub fn sanitize_eflags(eflags: u32) -> u32 {
     (eflags & EFLAGS_GUEST_MASK) | X86_EFLAGS_IF | 0x2
 }
+
+/// The guest-view GDT limit `sgdt` shows: 32 descriptors (its base is 0).
+pub const GUEST_GDT_LIMIT: u16 = 32 * 8 - 1;
+/// The guest-view IDT limit `sidt` shows: 256 gates (its base is 0).
+pub const GUEST_IDT_LIMIT: u16 = 256 * 8 - 1;
+/// CR0.TS.
+const CR0_TS: u32 = 1 << 3;
+/// The guest-view CR0 without TS: PE, MP, ET, NE, PG.
+pub const GUEST_CR0: u32 = 1 | 1 << 1 | 1 << 4 | 1 << 5 | 1 << 31;
 
 /// Guest page size for splitting guest-virtual accesses.
 const PAGE: u32 = 4096;
@@ -578,12 +599,11 @@ impl Vcpu {
         }
         let r = match exit {
             Exit::HostInterrupt => Ok(Action::Resume),
-            Exit::EntryFault => {
+            Exit::EntryFault { fault, errcode } => {
                 self.regs.trapnum = ENTRY_FAULT_TRAPNUM;
                 kill!(
-                    "unhandled trap {ENTRY_FAULT_TRAPNUM} at {:#x} ({:#x})",
-                    self.regs.eip,
-                    self.regs.errcode
+                    "unhandled trap {ENTRY_FAULT_TRAPNUM} at {:#x} (fault {fault}, error {errcode:#x})",
+                    self.regs.eip
                 )
             }
             Exit::Trap {
@@ -957,7 +977,9 @@ impl Vcpu {
                 });
                 self.run_pending_hcall(mem, env)
             }
-            trap::GP if errcode == 0 && self.cpl() == 1 => {
+            // CPL 1 or 3 (never 2): emulate_insn knows which instructions
+            // each may have emulated.
+            trap::GP if errcode == 0 => {
                 if self.emulate_insn(mem)? {
                     Ok(Action::Resume)
                 } else {
@@ -975,52 +997,132 @@ impl Vcpu {
         }
     }
 
-    /// lguest's E4 `emulate_insn`: from the guest kernel, `in` returns
-    /// all-ones, `out` is ignored, `cli` is skipped. Ok(false) = not one of
-    /// those (reflect the #GP).
-    fn emulate_insn<M: GuestMemory>(&mut self, mem: &M) -> Result<bool, Kill> {
-        let lin = self
-            .gdt
-            .segment_base(self.regs.cs as u16)
-            .wrapping_add(self.regs.eip);
-        let mut insn = self.read_virt_u8(mem, lin)?;
-        if insn == 0xFA {
-            self.regs.eip = self.regs.eip.wrapping_add(1);
-            return Ok(true);
-        }
-        let mut len = 0u32;
-        let mut small = false;
-        if insn == 0x66 {
-            small = true;
-            len = 1;
-            insn = self.read_virt_u8(mem, lin.wrapping_add(1))?;
-        }
-        let (n, is_in) = match insn & 0xFE {
-            0xE4 => (2, true),  // in $imm8, %al/%ax/%eax
-            0xEC => (1, true),  // in (%dx), %al/%ax/%eax
-            0xE6 => (2, false), // out %al/%ax/%eax, $imm8
-            0xEE => (1, false), // out %al/%ax/%eax, (%dx)
-            _ => return Ok(false),
+    /// lguest's E4 `emulate_insn`, extended: from the guest kernel, `in`
+    /// returns all-ones, `out` is ignored, `cli` is skipped; from the guest
+    /// kernel and guest user mode, `sgdt`/`sidt`/`smsw`/`str`/`sldt` (which
+    /// raise #GP(0) under CR4.UMIP) get the guest view of the tables and
+    /// registers ([`GUEST_GDT_LIMIT`], [`GUEST_IDT_LIMIT`], base 0,
+    /// [`Vcpu::guest_cr0`], selector 0). Ok(false) = not one of those, or
+    /// an instruction the host cannot read (reflect the #GP). The decoder is
+    /// [`insn::decode`](super::insn::decode).
+    fn emulate_insn<M: GuestMemory>(&mut self, mem: &mut M) -> Result<bool, Kill> {
+        let cs = self.regs.cs as u16;
+        let lin = self.gdt.segment_base(cs).wrapping_add(self.regs.eip);
+        let fetch = |i: u32| {
+            let pa = self.guest_pa(mem, lin.wrapping_add(i))?;
+            mem.read_u8(pa).ok()
         };
-        len = len.saturating_add(n);
-        if is_in {
-            if insn & 1 == 0 {
-                self.regs.eax |= 0xFF;
-            } else if small {
-                self.regs.eax |= 0xFFFF;
-            } else {
-                self.regs.eax = 0xFFFF_FFFF;
+        let r = &self.regs;
+        let gpr = [r.eax, r.ecx, r.edx, r.ebx, r.esp, r.ebp, r.esi, r.edi];
+        let Some(d) = insn::decode(fetch, self.gdt.is_16bit_code(cs), &gpr) else {
+            return Ok(false);
+        };
+        let kernel = self.cpl() == 1;
+        match d.op {
+            Op::Cli | Op::Out(_) if kernel => {}
+            Op::In(w) if kernel => {
+                self.regs.eax = match w {
+                    Width::Byte => self.regs.eax | 0xFF,
+                    Width::Word => self.regs.eax | 0xFFFF,
+                    Width::Dword => 0xFFFF_FFFF,
+                };
             }
+            Op::Cli | Op::In(_) | Op::Out(_) => return Ok(false),
+            Op::Sgdt(o) | Op::Sidt(o) => {
+                let limit = if matches!(d.op, Op::Sgdt(_)) {
+                    GUEST_GDT_LIMIT
+                } else {
+                    GUEST_IDT_LIMIT
+                };
+                let [l0, l1] = limit.to_le_bytes();
+                // Limit, then a 32-bit base of 0 (with a 16-bit operand size
+                // the CPU stores 24 bits and a zero byte: the same bytes).
+                // Always memory: the decoder refuses the register forms.
+                self.store(mem, o, 0, &[l0, l1, 0, 0, 0, 0], d.op16)?;
+            }
+            Op::Smsw(o) => {
+                let cr0 = self.guest_cr0();
+                let [b0, b1, ..] = cr0.to_le_bytes();
+                self.store(mem, o, cr0, &[b0, b1], d.op16)?;
+            }
+            Op::Str(o) | Op::Sldt(o) => self.store(mem, o, 0, &[0, 0], d.op16)?,
         }
-        self.regs.eip = self.regs.eip.wrapping_add(len);
+        self.regs.eip = self.regs.eip.wrapping_add(d.len);
         Ok(true)
     }
 
-    fn read_virt_u8<M: GuestMemory>(&self, mem: &M, vaddr: u32) -> Result<u8, Kill> {
-        let Some(pa) = self.guest_pa(mem, vaddr) else {
-            return kill!("bad address {vaddr:#x}");
-        };
-        Ok(mem.read_u8(pa)?)
+    /// The guest's view of CR0 (what `smsw` shows): PE, MP, ET, NE and PG,
+    /// plus TS while the guest's virtual TS (`LHCALL_TS`) is set. Nothing
+    /// of the host's CR0 (its own TS, WP, AM, caching bits) shows.
+    pub fn guest_cr0(&self) -> u32 {
+        GUEST_CR0 | if self.ts { CR0_TS } else { 0 }
+    }
+
+    /// Store the result of an emulated instruction: `value` into a
+    /// register (with a 16-bit operand size only its low half, the
+    /// register's high half kept, as the CPU does), or `bytes` into memory
+    /// (6 for sgdt/sidt; 2 for smsw/str/sldt, whatever the operand size).
+    fn store<M: GuestMemory>(
+        &mut self,
+        mem: &mut M,
+        to: Operand,
+        value: u32,
+        bytes: &[u8],
+        op16: bool,
+    ) -> Result<(), Kill> {
+        match to {
+            Operand::Reg(n) => {
+                if let Some(reg) = self.gpr_mut(n) {
+                    *reg = if op16 {
+                        (*reg & !0xFFFF) | (value & 0xFFFF)
+                    } else {
+                        value
+                    };
+                }
+                Ok(())
+            }
+            Operand::Mem { seg, offset } => {
+                let sel = match seg {
+                    Seg::Es => self.regs.es,
+                    Seg::Cs => self.regs.cs,
+                    Seg::Ss => self.regs.ss,
+                    Seg::Ds => self.regs.ds,
+                    Seg::Fs => self.regs.fs,
+                    Seg::Gs => self.regs.gs,
+                };
+                let lin = self.gdt.segment_base(sel as u16).wrapping_add(offset);
+                self.write_virt(mem, lin, bytes)
+            }
+        }
+    }
+
+    /// General register `n` in ModRM order (eax, ecx, edx, ebx, esp, ebp,
+    /// esi, edi).
+    fn gpr_mut(&mut self, n: u8) -> Option<&mut u32> {
+        let r = &mut self.regs;
+        Some(match n {
+            0 => &mut r.eax,
+            1 => &mut r.ecx,
+            2 => &mut r.edx,
+            3 => &mut r.ebx,
+            4 => &mut r.esp,
+            5 => &mut r.ebp,
+            6 => &mut r.esi,
+            7 => &mut r.edi,
+            _ => return None,
+        })
+    }
+
+    /// Write `data` at guest-virtual `vaddr`, translated page by page; an
+    /// address that does not translate kills ("bad address %#x").
+    fn write_virt<M: GuestMemory>(&self, mem: &mut M, vaddr: u32, data: &[u8]) -> Result<(), Kill> {
+        for (va, b) in (0u32..).map(|i| vaddr.wrapping_add(i)).zip(data) {
+            let Some(pa) = self.guest_pa(mem, va) else {
+                return kill!("bad address {va:#x}");
+            };
+            mem.write_u8(pa, *b)?;
+        }
+        Ok(())
     }
 
     /// Reflect trap `vector` through the guest IDT (lguest's `deliver_trap`),
@@ -1441,7 +1543,10 @@ impl Vcpu {
         pages: u32,
         mem: &M,
     ) -> Result<(), Kill> {
-        if ss & 3 != 1 {
+        // A valid ring-1 stack now (RPL 1, writable 32-bit data with DPL 1;
+        // upstream checked only the RPL); `push_frame` checks again at use,
+        // since the GDT may change in between.
+        if !u16::try_from(ss).is_ok_and(|s| self.gdt.valid_stack_selector(s, 1)) {
             return kill!("bad stack segment {ss}");
         }
         if pages > 2 {

@@ -116,6 +116,10 @@ pub(crate) unsafe extern "C" fn trap_common() {
         "push r13",
         "push r14",
         "push r15",
+        // The host's flags whatever the guest left: DF cleared here. AC may
+        // still be the guest's; it has no effect at CPL 0 unless CR4.SMAP
+        // is on, which the host never sets, so no `clac` (an #UD on CPUs
+        // without SMAP). Whoever turns SMAP on must add it here.
         "cld",
         "mov rdi, rsp",
         "call {dispatch}",

@@ -72,15 +72,28 @@ pub fn init_cpu() {
     for v in [3u8, 4, 0x80] {
         idt::set_gate_dpl(v, 3);
     }
+    // CR4.UMIP (if CPUID.(7,0):ECX[2]): sgdt/sidt/smsw/str/sldt outside
+    // ring 0 raise #GP(0), and the vCPU answers with guest-view values.
+    let umip = u64::from(cpuid(0).eax >= 7 && cpuid(7).ecx & (1 << 2) != 0);
     // SAFETY: IA32_SYSENTER_CS (0x174) exists on all x86_64 CPUs; 0 makes
     // SYSENTER fault. OSFXSR|OSXMMEXCPT let guests use SSE; CR0.MP with EM
     // clear gives the usual x87 behaviour with lazy TS; CR0.NE makes x87
     // errors raise #MF (which is reflected) instead of the legacy FERR# IRQ.
+    // UMIP is set only where CPUID says the CPU has it.
     unsafe {
         cpu::wrmsr(0x174, 0);
-        cpu::write_cr4(cpu::cr4() | (1 << 9) | (1 << 10));
+        cpu::write_cr4(cpu::cr4() | (1 << 9) | (1 << 10) | (umip << 11));
         let cr0 = (cpu::cr0() | (1 << 1) | (1 << 5)) & !(1 << 2);
         core::arch::asm!("mov cr0, {}", in(reg) cr0, options(nostack, preserves_flags));
+    }
+}
+
+/// CPUID leaf `leaf`, subleaf 0.
+fn cpuid(leaf: u32) -> core::arch::x86_64::CpuidResult {
+    // SAFETY: CPUID exists on every x86_64 CPU and has no side effects.
+    #[allow(unused_unsafe)]
+    unsafe {
+        core::arch::x86_64::__cpuid_count(leaf, 0)
     }
 }
 

@@ -507,7 +507,13 @@ fn shutdown_restart_and_bad() {
     assert_eq!(t.hcall(LHCALL_FLUSH_ASYNC, 0, 0, 0), Action::Restart);
     // A restart is never reported as a death, whatever comes later (the
     // kernel's run loop relies on this: `Action::Dead` is never a restart).
-    assert_eq!(t.exit(Exit::EntryFault), Action::Restart);
+    assert_eq!(
+        t.exit(Exit::EntryFault {
+            fault: 13,
+            errcode: 0
+        }),
+        Action::Restart
+    );
     assert_eq!(t.hcall(LHCALL_SHUTDOWN, 0x3000, 1, 0), Action::Restart);
     assert_eq!(t.prepare(), Action::Restart);
     assert_eq!(t.dead(), "restart: again");
@@ -817,9 +823,17 @@ fn entry_fault_and_host_interrupt() {
     assert_eq!(t.exit(Exit::HostInterrupt), Action::Resume);
     assert_eq!(t.v.regs, before);
     t.v.regs.eip = 0x777;
+    // The previous exit's error code is not the entry fault's.
     t.v.regs.errcode = 0x6b;
-    assert_eq!(t.exit(Exit::EntryFault), Action::Dead);
-    assert_eq!(t.dead(), "unhandled trap 256 at 0x777 (0x6b)");
+    let fault = Exit::EntryFault {
+        fault: 13,
+        errcode: 0x60,
+    };
+    assert_eq!(t.exit(fault), Action::Dead);
+    assert_eq!(
+        t.dead(),
+        "unhandled trap 256 at 0x777 (fault 13, error 0x60)"
+    );
 }
 
 #[test]
@@ -946,18 +960,27 @@ fn gp_not_emulated() {
     assert_eq!(t.trap(13, 0), Action::Dead);
 }
 
+/// A #GP whose instruction the host cannot read (eip outside guest memory,
+/// or an instruction cut off there) is reflected like any other #GP, not a
+/// kill for a bad address.
 #[test]
 fn emulate_bad_eip() {
     let mut t = io(&[], 0);
     t.v.regs.eip = MEM;
     assert_eq!(t.trap(13, 0), Action::Dead);
-    assert_eq!(t.dead(), "bad address 0x100000");
+    assert_eq!(t.dead(), "unhandled trap 13 at 0x100000 (0x0)");
+    let mut t = io(&[], 0);
+    t.v.regs.eip = 0xF000_0000;
+    t.gate(13, 0x1300, 0xF, 0);
+    assert_eq!(t.trap(13, 0), Action::Resume);
+    assert_eq!(t.v.regs.eip, 0x1300);
+    assert_eq!(t.stack(2), [0, 0xF000_0000]);
     // Prefix at the last byte, opcode beyond memory.
     let mut t = io(&[], 0);
     t.m.write_u8(MEM - 1, 0x66).unwrap();
     t.v.regs.eip = MEM - 1;
     assert_eq!(t.trap(13, 0), Action::Dead);
-    assert_eq!(t.dead(), "bad address 0x100000");
+    assert_eq!(t.dead(), "unhandled trap 13 at 0xfffff (0x0)");
 }
 
 // ---------------------------------------------------------------------------
@@ -1228,7 +1251,13 @@ fn exits_from_trapnums() {
     assert_eq!(Exit::from_trapnum(2, 0, 0), Exit::HostInterrupt);
     assert_eq!(Exit::from_trapnum(0x20, 0, 0), Exit::HostInterrupt);
     assert_eq!(Exit::from_trapnum(0xff, 0, 0), Exit::HostInterrupt);
-    assert_eq!(Exit::from_trapnum(256, 5, 6), Exit::EntryFault);
+    assert_eq!(
+        Exit::from_trapnum(256, 5, 6),
+        Exit::EntryFault {
+            fault: 6,
+            errcode: 5
+        }
+    );
     assert_eq!(
         Exit::from_trapnum(14, 2, 0x1234),
         Exit::Trap {
@@ -1562,4 +1591,179 @@ fn fast_resume_is_the_full_path_or_nothing() {
         taken > 300 && declined > 300 && delivered > 100,
         "taken {taken}, declined {declined}, delivered {delivered}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// Hardening: 16-bit stacks, CPL 2.
+
+const DATA16_DPL1: u64 = 0x008F_B200_0000_FFFF; // G, B = 0, writable, DPL 1
+
+#[test]
+fn set_stack_refuses_16bit_ss() {
+    let mut t = T::init();
+    assert_eq!(
+        t.hcall(
+            LHCALL_LOAD_GDT_ENTRY,
+            20,
+            DATA16_DPL1 as u32,
+            (DATA16_DPL1 >> 32) as u32
+        ),
+        Action::Resume
+    );
+    assert_eq!(t.hcall(LHCALL_SET_STACK, 0xa1, KSTACK, 1), Action::Dead);
+    assert_eq!(t.dead(), "bad stack segment 161");
+    // The 32-bit kernel data segment is accepted.
+    let mut t = T::init();
+    assert_eq!(t.hcall(LHCALL_SET_STACK, 0x69, KSTACK, 1), Action::Resume);
+    // An empty slot with RPL 1 too is refused (upstream checked only the RPL).
+    let mut t = T::init();
+    assert_eq!(t.hcall(LHCALL_SET_STACK, 0xa1, KSTACK, 1), Action::Dead);
+    assert_eq!(t.dead(), "bad stack segment 161");
+}
+
+#[test]
+fn entry_refuses_16bit_ss() {
+    let mut t = T::init();
+    assert_eq!(
+        t.hcall(
+            LHCALL_LOAD_GDT_ENTRY,
+            20,
+            DATA16_DPL1 as u32,
+            (DATA16_DPL1 >> 32) as u32
+        ),
+        Action::Resume
+    );
+    t.v.regs.ss = 0xa1;
+    t.v.regs.eip = 0x4321;
+    assert_eq!(t.prepare(), Action::Dead);
+    assert_eq!(t.dead(), "bad ss 0xa1 at 0x4321");
+}
+
+#[test]
+fn entry_refuses_cpl2() {
+    let mut t = T::init();
+    t.v.regs.cs = 0x62;
+    assert_eq!(t.prepare(), Action::Dead);
+    assert_eq!(t.dead(), "bad cs 0x62 at 0x10000");
+}
+
+// ---------------------------------------------------------------------------
+// UMIP emulation: sgdt/sidt/smsw/str/sldt see the guest view.
+
+/// Run `code` at 0x2000 as a #GP(0) exit; the guest must resume after it.
+fn umip(t: &mut T, code: &[u8]) {
+    t.m.write(0x2000, code).unwrap();
+    t.v.regs.eip = 0x2000;
+    assert_eq!(t.trap(13, 0), Action::Resume, "{code:x?}");
+    assert_eq!(t.v.regs.eip, 0x2000 + code.len() as u32, "{code:x?}");
+}
+
+#[test]
+fn umip_sgdt_sidt() {
+    let mut t = T::init();
+    t.v.regs.eax = 0x3000;
+    t.m.write(0x3000, &[0xAA; 8]).unwrap();
+    umip(&mut t, &[0x0F, 0x01, 0x00]); // sgdt [eax]
+    let mut b = [0u8; 8];
+    t.m.read(0x3000, &mut b).unwrap();
+    assert_eq!(b, [0xFF, 0x00, 0, 0, 0, 0, 0xAA, 0xAA]);
+    // sidt [esp + 8] (SS), with a 16-bit operand size: the same 6 bytes.
+    t.v.regs.esp = 0x4000;
+    umip(&mut t, &[0x66, 0x0F, 0x01, 0x4C, 0x24, 0x08]);
+    t.m.read(0x4008, &mut b).unwrap();
+    assert_eq!(b, [0xFF, 0x07, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(GUEST_GDT_LIMIT, 255);
+    assert_eq!(GUEST_IDT_LIMIT, 2047);
+}
+
+#[test]
+fn umip_segment_base_and_override() {
+    let mut t = T::init();
+    // Slot 6 as a DPL-1 data segment based at 0x5000, in fs.
+    let d = guest_abi::seg::SegmentDescriptor::new(0x5000, 0xFFFF, 0xB2, 0x4);
+    assert_eq!(
+        t.hcall(LHCALL_LOAD_GDT_ENTRY, 6, d.low(), d.high()),
+        Action::Resume
+    );
+    t.v.regs.fs = 0x31;
+    t.v.regs.ebx = 0x10;
+    umip(&mut t, &[0x64, 0x0F, 0x01, 0x03]); // sgdt fs:[ebx]
+    assert_eq!(t.m.read_u32(0x5010).unwrap(), 0xFF);
+}
+
+#[test]
+fn umip_smsw_str_sldt() {
+    let mut t = T::init();
+    t.v.regs.eax = 0x1234_5678;
+    umip(&mut t, &[0x0F, 0x01, 0xE0]); // smsw eax
+    assert_eq!(t.v.regs.eax, 0x8000_0033);
+    t.v.regs.ecx = 0x5555_0000;
+    umip(&mut t, &[0x66, 0x0F, 0x01, 0xE1]); // smsw cx
+    assert_eq!(t.v.regs.ecx, 0x5555_0033);
+    // Virtual TS shows.
+    assert_eq!(t.hcall(LHCALL_TS, 8, 0, 0), Action::Resume);
+    assert_eq!(t.v.guest_cr0(), 0x8000_003B);
+    t.v.regs.edi = 0x3000;
+    t.m.write_u32(0x3000, 0xAAAA_AAAA).unwrap();
+    umip(&mut t, &[0x0F, 0x01, 0x27]); // smsw [edi]: 2 bytes
+    assert_eq!(t.m.read_u32(0x3000).unwrap(), 0xAAAA_003B);
+    t.v.regs.edx = 0xFFFF_FFFF;
+    umip(&mut t, &[0x0F, 0x00, 0xCA]); // str edx
+    assert_eq!(t.v.regs.edx, 0);
+    t.v.regs.edx = 0xFFFF_FFFF;
+    umip(&mut t, &[0x66, 0x0F, 0x00, 0xC2]); // sldt dx
+    assert_eq!(t.v.regs.edx, 0xFFFF_0000);
+    umip(&mut t, &[0x0F, 0x00, 0x0F]); // str [edi]
+    assert_eq!(t.m.read_u32(0x3000).unwrap(), 0xAAAA_0000);
+}
+
+/// From user mode the UMIP instructions are emulated too; in/out/cli are
+/// still reflected.
+#[test]
+fn umip_from_user_mode() {
+    let mut t = T::init();
+    t.user_segments();
+    t.user_mode();
+    t.v.regs.esp = 0x6000;
+    umip(&mut t, &[0x0F, 0x01, 0x0C, 0x24]); // sidt [esp]
+    assert_eq!(t.m.read_u16(0x6000).unwrap(), 0x7FF);
+    umip(&mut t, &[0x0F, 0x01, 0xE3]); // smsw ebx
+    assert_eq!(t.v.regs.ebx, 0x8000_0033);
+    t.m.write(0x2000, &[0xFA]).unwrap();
+    t.v.regs.eip = 0x2000;
+    assert_eq!(t.trap(13, 0), Action::Dead);
+    assert_eq!(t.dead(), "unhandled trap 13 at 0x2000 (0x0)");
+}
+
+/// A store outside guest memory kills with the address.
+#[test]
+fn umip_bad_address() {
+    let mut t = T::init();
+    t.v.regs.eax = MEM - 4;
+    t.m.write(0x2000, &[0x0F, 0x01, 0x00]).unwrap();
+    t.v.regs.eip = 0x2000;
+    assert_eq!(t.trap(13, 0), Action::Dead);
+    assert_eq!(t.dead(), "bad address 0x100000");
+}
+
+/// `in` in a 16-bit code segment: no prefix is 16-bit, 0x66 is 32-bit.
+#[test]
+fn in_from_16bit_code() {
+    let code16 = guest_abi::seg::SegmentDescriptor::new(0, 0xFFFF, 0xBA, 0);
+    for (code, want) in [
+        (&[0xED][..], 0xAAAA_FFFF),
+        (&[0x66, 0xED], 0xFFFF_FFFF),
+        (&[0xEC], 0xAAAA_AAFF),
+        (&[0xE5, 0x60], 0xAAAA_FFFF),
+    ] {
+        let mut t = T::init();
+        assert_eq!(
+            t.hcall(LHCALL_LOAD_GDT_ENTRY, 20, code16.low(), code16.high()),
+            Action::Resume
+        );
+        t.v.regs.cs = 0xa1;
+        t.v.regs.eax = 0xAAAA_AAAA;
+        umip(&mut t, code);
+        assert_eq!(t.v.regs.eax, want, "{code:x?}");
+    }
 }
