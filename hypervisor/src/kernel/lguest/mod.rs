@@ -380,6 +380,8 @@ fn arm_stub(r: &Running) {
             ring_status: r.mem.host_addr(v.ring_status, 1)?,
             irqs: PENDING.get(r.env.slot)?,
             vcpu_irqs: v.pending,
+            cs: r.vcpu.regs.cs,
+            ss: r.vcpu.regs.ss,
         })
     });
     switch::arm_hcall_stub(arm);

@@ -97,6 +97,10 @@ static STUB_RING: AtomicU64 = AtomicU64::new(0);
 static STUB_IRQS: AtomicU64 = AtomicU64::new(0);
 /// The vCPU's own pending irqs.
 static STUB_VCPU_IRQS: AtomicU32 = AtomicU32::new(0);
+/// The CS and SS the guest was last entered with (validated then): the stub
+/// answers only from exactly those.
+static STUB_CS: AtomicU32 = AtomicU32::new(0);
+static STUB_SS: AtomicU32 = AtomicU32::new(0);
 /// Calls the stub answered.
 static STUB_ANSWERED: AtomicU64 = AtomicU64::new(0);
 
@@ -178,6 +182,10 @@ pub struct StubArm {
     pub irqs: &'static AtomicU32,
     /// The vCPU's pending irqs.
     pub vcpu_irqs: u32,
+    /// The validated CS and SS the guest is about to be entered with.
+    pub cs: u32,
+    /// See `cs`.
+    pub ss: u32,
 }
 
 /// Lets the hypercall stub answer trivial calls for the guest about to run
@@ -191,6 +199,8 @@ pub fn arm_hcall_stub(arm: Option<StubArm>) {
             STUB_RING.store(a.ring_status, Ordering::Relaxed);
             STUB_IRQS.store(a.irqs.as_ptr() as u64, Ordering::Relaxed);
             STUB_VCPU_IRQS.store(a.vcpu_irqs, Ordering::Relaxed);
+            STUB_CS.store(a.cs, Ordering::Relaxed);
+            STUB_SS.store(a.ss, Ordering::Relaxed);
             STUB_OK.store(1, Ordering::Relaxed);
         }
         None => STUB_OK.store(0, Ordering::Relaxed),
@@ -209,10 +219,15 @@ pub fn arm_hcall_stub(arm: Option<StubArm>) {
 /// armed the stub (the status byte lies inside guest RAM, which stays mapped
 /// while the guest exists); nothing is written but the saved RFLAGS
 /// (sanitised as the full path would: only the guest-settable bits, IF and
-/// bit 1) and a counter. The `iretq` goes back to the CS:EIP and SS:ESP the
-/// CPU itself pushed, with the data segments untouched, so no selector can
-/// have become invalid; should the `iretq` fault anyway (EIP beyond the code
-/// segment's limit, say), the fault lies in the entry-fault window and is the
+/// bit 1) and a counter. The `iretq` goes back to the EIP and ESP the CPU
+/// itself pushed, and only if CS and SS are exactly the ones validated when
+/// the guest was last entered: the guest may have loaded another SS since
+/// (one the CPU accepts but the hypervisor refuses, like a 16-bit stack
+/// segment, whose `iretq` would leave host RSP bits in ESP), and then the
+/// full path checks it. Data segment registers are not reloaded, and for
+/// them the CPU's rules and the hypervisor's agree (the hardware GDT holds
+/// only validated guest descriptors and the host's DPL-0 ones). Should the
+/// `iretq` fault anyway, the fault lies in the entry-fault window and is the
 /// guest's (trap 256), as on every other path into the guest.
 #[unsafe(naked)]
 pub unsafe extern "C" fn hcall_stub() {
@@ -233,6 +248,13 @@ pub unsafe extern "C" fn hcall_stub() {
         "cmp dword ptr [rcx], 0",
         "jne 3f",
         "cmp dword ptr [rip + {vcpu_irqs}], 0",
+        "jne 3f",
+        // The saved CS is at [rsp + 24], SS at [rsp + 48] (above rax, rcx).
+        "mov ecx, dword ptr [rsp + 24]",
+        "cmp ecx, dword ptr [rip + {cs}]",
+        "jne 3f",
+        "mov ecx, dword ptr [rsp + 48]",
+        "cmp ecx, dword ptr [rip + {ss}]",
         "jne 3f",
         // The saved RFLAGS is at [rsp + 32] (above rax, rcx, RIP and CS).
         "and dword ptr [rsp + 32], {mask}",
@@ -257,6 +279,8 @@ pub unsafe extern "C" fn hcall_stub() {
         ring = sym STUB_RING,
         irqs = sym STUB_IRQS,
         vcpu_irqs = sym STUB_VCPU_IRQS,
+        cs = sym STUB_CS,
+        ss = sym STUB_SS,
         answered = sym STUB_ANSWERED,
         empty = const HCALL_STATUS_EMPTY,
         mask = const EFLAGS_GUEST_MASK,
