@@ -135,6 +135,7 @@ struct RawScenario {
     forbid: Option<Vec<String>>,
     exit_code: Option<i32>,
     timeout_secs: Option<u64>,
+    also_with: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -208,18 +209,66 @@ pub fn parse_files(files: &[(PathBuf, String)]) -> Result<Vec<Scenario>> {
     for (path, raw) in parsed {
         for table in &raw.scenario {
             let scenario = build(path, table, &raw.defaults, &patterns)?;
-            if let Some(other) = scenarios.iter().find(|s| s.name == scenario.name) {
-                return Err(err!(
-                    "{}: scenario `{}` is already defined in {}",
-                    path.display(),
-                    scenario.name,
-                    other.file.display()
-                ));
+            let also = table
+                .also_with
+                .clone()
+                .or_else(|| raw.defaults.also_with.clone())
+                .unwrap_or_default();
+            let variants = also
+                .iter()
+                .map(|extra| variant(&scenario, extra).map_err(|e| err!("{}: {e}", path.display())))
+                .collect::<Result<Vec<_>>>()?;
+            for scenario in std::iter::once(scenario).chain(variants) {
+                if let Some(other) = scenarios.iter().find(|s| s.name == scenario.name) {
+                    return Err(err!(
+                        "{}: scenario `{}` is already defined in {}",
+                        path.display(),
+                        scenario.name,
+                        other.file.display()
+                    ));
+                }
+                scenarios.push(scenario);
             }
-            scenarios.push(scenario);
         }
     }
     Ok(scenarios)
+}
+
+/// The scenario `base` once more with `extra` appended to its hypervisor command line and
+/// everything else the same (`also_with = ["fastpath=off"]`: the same expectations must hold
+/// either way). Its name is the base name, `-`, and `extra` with every character that may not
+/// stand in a name turned into `-` (`guest-hello-fastpath-off`).
+fn variant(base: &Scenario, extra: &str) -> std::result::Result<Scenario, String> {
+    let extra = extra.trim();
+    if extra.is_empty() {
+        return Err(format!(
+            "scenario `{}`: also_with has an empty entry",
+            base.name
+        ));
+    }
+    let slug: String = extra
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let mut v = base.clone();
+    v.name = format!("{}-{slug}", base.name);
+    v.cmdline = if base.cmdline.trim().is_empty() {
+        extra.to_string()
+    } else {
+        format!("{} {extra}", base.cmdline.trim_end())
+    };
+    v.description = Some(format!(
+        "{} (with `{extra}`)",
+        base.description.as_deref().unwrap_or(&base.name)
+    ));
+    Ok(v)
 }
 
 /// Appends the patterns `entry` stands for: itself, or the contents of the list `@name`
@@ -571,6 +620,28 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "b.toml: pattern list `x` is already defined in a.toml"
+        );
+    }
+
+    #[test]
+    fn also_with_adds_a_variant_with_the_same_expectations() {
+        let text = "[defaults]\ncmdline = \"exit=qemu\"\nalso_with = [\"fastpath=off\"]\n\
+                    [[scenario]]\nname = \"a\"\nexpect = ['^x']\n\
+                    [[scenario]]\nname = \"b\"\nexpect = ['^y']\nalso_with = []\n";
+        let s = parse(&[("a.toml", text)]).unwrap();
+        let names: Vec<&str> = s.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["a", "a-fastpath-off", "b"]);
+        assert_eq!(s[1].cmdline, "exit=qemu fastpath=off");
+        assert_eq!(patterns(&s[1].expectations.expect), ["^x"]);
+        assert_eq!(s[1].expectations.exit_code, s[0].expectations.exit_code);
+        // A variant whose name collides is an error like any duplicate.
+        let text = "[[scenario]]\nname = \"a\"\nexpect = ['^x']\nalso_with = [\"x\"]\n\
+                    [[scenario]]\nname = \"a-x\"\nexpect = ['^x']\n";
+        let e = error_of(text);
+        assert!(e.contains("`a-x` is already defined"), "{e}");
+        assert!(
+            error_of("[[scenario]]\nname = \"a\"\nexpect = ['^x']\nalso_with = [\" \"]\n")
+                .contains("empty entry")
         );
     }
 
