@@ -8,7 +8,7 @@
 //! | `log=` | `error`, `warn`, `info`, `debug`, `trace` | `info` |
 //! | `exit=` | `halt`, `qemu`, `poweroff` | `halt` |
 //! | `poweroff` | bare flag, same as `exit=poweroff` | |
-//! | `selftest=` | comma list of `memory`, `pagefault`, `divide`, `panic`, `timer`, or `all` | none |
+//! | `selftest=` | comma list of `memory`, `pagefault`, `divide`, `panic`, `timer`, `entryfault`, or `all` | none |
 //! | `serial=` | baud rate dividing 115200 | `115200` |
 //! | `timestamps=` | `on`/`off` (also `yes`/`no`, `true`/`false`, `1`/`0`); bare `timestamps` = on | `on` |
 //! | `bench` | bare flag: measure and print the native floors (`bench: name=...` lines) | off |
@@ -146,16 +146,20 @@ pub enum SelfTest {
     Panic,
     /// Timer interrupt / timer queue check.
     Timer,
+    /// A refused return into a guest is the guest's fault (trap 256) on
+    /// every return path.
+    EntryFault,
 }
 
 impl SelfTest {
     /// All self tests, in the order they are listed / run.
-    pub const ALL: [SelfTest; 5] = [
+    pub const ALL: [SelfTest; 6] = [
         SelfTest::Memory,
         SelfTest::PageFault,
         SelfTest::Divide,
         SelfTest::Panic,
         SelfTest::Timer,
+        SelfTest::EntryFault,
     ];
 
     /// Command-line name.
@@ -167,6 +171,7 @@ impl SelfTest {
             SelfTest::Divide => "divide",
             SelfTest::Panic => "panic",
             SelfTest::Timer => "timer",
+            SelfTest::EntryFault => "entryfault",
         }
     }
 
@@ -447,7 +452,7 @@ impl<'a> CmdlineErrors<'a> {
 const EXPECT_LOG: &str = "one of error, warn, info, debug, trace";
 const EXPECT_EXIT: &str = "one of halt, qemu, poweroff";
 const EXPECT_SELFTEST: &str =
-    "comma-separated list of memory, pagefault, divide, panic, timer, all";
+    "comma-separated list of memory, pagefault, divide, panic, timer, entryfault, all";
 const EXPECT_BAUD: &str = "a baud rate dividing 115200, e.g. 115200, 57600, 38400, 9600";
 const EXPECT_BOOL: &str = "on or off";
 const EXPECT_FLAG: &str = "no value";
@@ -702,10 +707,10 @@ mod tests {
         let (c, e) = parse("selftest=all");
         assert!(e.is_empty());
         assert_eq!(c.selftests, SelfTestSet::all());
-        assert_eq!(c.selftests.len(), 5);
+        assert_eq!(c.selftests.len(), 6);
         assert_eq!(
             c.selftests.to_string(),
-            "memory,pagefault,divide,panic,timer"
+            "memory,pagefault,divide,panic,timer,entryfault"
         );
         let (c, e) = parse("selftest=timer selftest=page-fault");
         assert!(e.is_empty());

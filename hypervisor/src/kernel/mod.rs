@@ -242,6 +242,7 @@ extern "C" fn kernel_main() -> ! {
     selftest::run(cfg, boot);
 
     lguest::init_cpu();
+    selftest::entry_fault(cfg);
     if cfg.bench {
         // Under `-icount shift=0` (cargo xtask bench) TSC ticks are
         // instructions, hence the unit.

@@ -28,7 +28,24 @@ pub fn run(cfg: &Config, _boot: &BootInfo) {
             SelfTest::PageFault => page_fault(),
             SelfTest::Divide => divide(),
             SelfTest::Panic => panic!("selftest panic: deliberate"),
+            // Needs the guest machinery: run by `entry_fault` after it is up.
+            SelfTest::EntryFault => {}
         }
+    }
+}
+
+/// `selftest=entryfault` (after the lguest CPU setup): a return into a
+/// guest that the CPU refuses, on the exit fast path and in the hypercall
+/// stub, comes back as the guest's trap 256, never as a host exception.
+pub fn entry_fault(cfg: &Config) {
+    if !cfg.selftests.contains(SelfTest::EntryFault) {
+        return;
+    }
+    match super::lguest::probe::entry_fault_selftest() {
+        Ok([fast, stub]) => kprintln!(
+            "selftest: entryfault ok (refused returns came back as trap 256: fast path fault {fast}, hypercall stub fault {stub})"
+        ),
+        Err(e) => fail(format_args!("entryfault: {e}")),
     }
 }
 

@@ -20,7 +20,7 @@
 //! `switch::run` must leave the probe's traps to the normal exit.
 
 use core::arch::{global_asm, naked_asm};
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 
 use guest_abi::irq::SYSCALL_VECTOR;
 use guest_abi::seg::SegmentDescriptor;
@@ -28,7 +28,7 @@ use guest_abi::{KERNEL_CS, KERNEL_DS, USER_CS, USER_DS};
 use rustyvisor::bench::BenchLine;
 use rustyvisor::lguest::guestmem::GuestMemory;
 use rustyvisor::lguest::segments::GuestGdt;
-use rustyvisor::lguest::vcpu::Regs;
+use rustyvisor::lguest::vcpu::{ENTRY_FAULT_TRAPNUM, Regs};
 
 use super::space::{GuestRam, HostGuestMemory, LinearTables};
 use super::switch;
@@ -157,80 +157,188 @@ pub fn native_syscall(iterations: u32) -> Result<f64, &'static str> {
     native_roundtrip(ProbeLevel::User, iterations)
 }
 
+/// The probe's machine: its memory, tables and registers, entered like a
+/// guest. Dropping it restores the address space and the probe gate.
+struct Probe {
+    regs: Regs,
+    old_cr3: u64,
+    tables: LinearTables,
+    ram: GuestRam,
+}
+
+impl Probe {
+    /// Loads the probe code, its GDT and gate, and switches to its tables.
+    fn new(level: ProbeLevel, iterations: u32) -> Result<Self, &'static str> {
+        let ram = GuestRam::new(2 << 20).map_err(|_| "no memory for the probe")?;
+        let tables = LinearTables::new(ram.base(), ram.bytes())
+            .map_err(|_| "no memory for the probe tables")?;
+        // SAFETY: `ram` is mapped and lives as long as the probe.
+        let mut mem = unsafe { HostGuestMemory::new(ram.base(), 2 << 20) };
+        let start = &raw const rv_probe_start as u64;
+        let end = &raw const rv_probe_end as u64;
+        // SAFETY: the two symbols delimit the probe's bytes in .rodata.
+        let code =
+            unsafe { core::slice::from_raw_parts(start as *const u8, (end - start) as usize) };
+        mem.write(PROBE_GPA, code)
+            .map_err(|_| "probe code does not fit")?;
+
+        let mut guest_gdt = GuestGdt::new();
+        let (cs, ds, cpl) = match level {
+            ProbeLevel::Kernel => (KERNEL_CS, KERNEL_DS, 1),
+            ProbeLevel::User => {
+                // Flat user code/data in slots 14/15, DPL 3, as a guest kernel
+                // loads them for its user mode; the whole probe memory is
+                // mapped user-accessible (the linear tables use U/S pages
+                // throughout).
+                for (slot, desc) in [
+                    (14, SegmentDescriptor::flat_code(3)),
+                    (15, SegmentDescriptor::flat_data(3)),
+                ] {
+                    guest_gdt
+                        .load_entry(slot, desc.low(), desc.high())
+                        .map_err(|_| "probe user segments rejected")?;
+                }
+                (USER_CS, USER_DS, 3)
+            }
+        };
+        let regs = Regs {
+            eip: PROBE_GPA,
+            cs: u32::from(cs),
+            ss: u32::from(ds),
+            ds: u32::from(ds),
+            es: u32::from(ds),
+            esp: (2 << 20) - 16,
+            esi: iterations.max(1),
+            eflags: 0x202,
+            ..Regs::default()
+        };
+        gdt::load_guest_entries(guest_gdt.entries());
+        // The gate's DPL must allow `int` from the probe's CPL (CPL <= DPL).
+        idt::set_gate_handler(PROBE_VECTOR, iretq_only as *const () as u64, cpl);
+        let old_cr3 = cpu::cr3();
+        // SAFETY: the probe tables share the kernel's upper half.
+        unsafe { cpu::write_cr3(tables.cr3()) };
+        Ok(Self {
+            regs,
+            old_cr3,
+            tables,
+            ram,
+        })
+    }
+
+    /// Enters the probe at its start until an exit `fast` does not finish.
+    fn run(&mut self, fast: Option<(switch::FastHandler, *mut ())>) -> switch::ExitInfo {
+        self.regs.eip = PROBE_GPA;
+        // SAFETY: `regs` lives in `self` until `run` returns, and nothing
+        // else touches it meanwhile.
+        unsafe { switch::run(&raw mut self.regs, fast) }
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        // SAFETY: back to the address space we came from (upper half
+        // identical); the probe's tables and memory are freed after this.
+        unsafe { cpu::write_cr3(self.old_cr3) };
+        idt::set_gate_dpl(PROBE_VECTOR, 0);
+        // The tables and the memory are dropped after this, in that order.
+        let _ = (&self.tables, &self.ram);
+    }
+}
+
 /// Runs the probe at `level`: TSC ticks per `int`/`iretq` round trip.
 fn native_roundtrip(level: ProbeLevel, iterations: u32) -> Result<f64, &'static str> {
     let iterations = iterations.max(1);
-    let ram = GuestRam::new(2 << 20).map_err(|_| "no memory for the probe")?;
-    let tables =
-        LinearTables::new(ram.base(), ram.bytes()).map_err(|_| "no memory for the probe tables")?;
-    // SAFETY: `ram` is mapped and lives until the end of this function.
-    let mut mem = unsafe { HostGuestMemory::new(ram.base(), 2 << 20) };
-    let start = &raw const rv_probe_start as u64;
-    let end = &raw const rv_probe_end as u64;
-    // SAFETY: the two symbols delimit the probe's bytes in .rodata.
-    let code = unsafe { core::slice::from_raw_parts(start as *const u8, (end - start) as usize) };
-    mem.write(PROBE_GPA, code)
-        .map_err(|_| "probe code does not fit")?;
-
-    let mut guest_gdt = GuestGdt::new();
-    let (cs, ds, cpl) = match level {
-        ProbeLevel::Kernel => (KERNEL_CS, KERNEL_DS, 1),
-        ProbeLevel::User => {
-            // Flat user code/data in slots 14/15, DPL 3, as a guest kernel
-            // loads them for its user mode; the whole probe memory is mapped
-            // user-accessible (the linear tables use U/S pages throughout).
-            for (slot, desc) in [
-                (14, SegmentDescriptor::flat_code(3)),
-                (15, SegmentDescriptor::flat_data(3)),
-            ] {
-                guest_gdt
-                    .load_entry(slot, desc.low(), desc.high())
-                    .map_err(|_| "probe user segments rejected")?;
-            }
-            (USER_CS, USER_DS, 3)
-        }
-    };
-    let mut regs = Regs {
-        eip: PROBE_GPA,
-        cs: u32::from(cs),
-        ss: u32::from(ds),
-        ds: u32::from(ds),
-        es: u32::from(ds),
-        esp: (2 << 20) - 16,
-        esi: iterations,
-        eflags: 0x202,
-        ..Regs::default()
-    };
-    gdt::load_guest_entries(guest_gdt.entries());
-    // The gate's DPL must allow `int` from the probe's CPL (CPL <= DPL).
-    idt::set_gate_handler(PROBE_VECTOR, iretq_only as *const () as u64, cpl);
-    let old_cr3 = cpu::cr3();
-    // SAFETY: the probe tables share the kernel's upper half.
-    unsafe { cpu::write_cr3(tables.cr3()) };
+    let mut probe = Probe::new(level, iterations)?;
     // Host interrupts (the timer) may interrupt the probe; retry the run then.
-    let mut result = Err("probe interrupted too often");
     for _ in 0..8 {
-        regs.eip = PROBE_GPA;
-        // SAFETY: `regs` lives on this stack until `run` returns; no fast
-        // handler: every exit comes back here.
-        let exit = unsafe { switch::run(&raw mut regs, None) };
+        // No fast handler: every exit comes back here.
+        let exit = probe.run(None);
         match exit.trapnum {
             t if t == SYSCALL_VECTOR => {
-                let ticks = f64::from(regs.ebx.saturating_sub(regs.edx));
-                result = Ok(ticks / f64::from(iterations));
-                break;
+                let r = &probe.regs;
+                return Ok(f64::from(r.ebx.saturating_sub(r.edx)) / f64::from(iterations));
             }
             t if t >= 32 => continue,
-            _ => {
-                result = Err("probe faulted");
-                break;
-            }
+            _ => return Err("probe faulted"),
         }
     }
-    // SAFETY: back to the address space we came from (upper half identical).
-    unsafe { cpu::write_cr3(old_cr3) };
-    idt::set_gate_dpl(PROBE_VECTOR, 0);
-    drop(tables);
-    drop(ram);
-    result
+    Err("probe interrupted too often")
+}
+
+/// `selftest=entryfault`: a return into a guest that the CPU refuses faults
+/// at CPL 0, and that fault must be the guest's ("unhandled trap 256"), not
+/// the hypervisor's, on every path that returns into a guest. The probe is
+/// run twice with an exit handler that makes the return impossible (an SS
+/// whose RPL is not the CS's, which `iretq` refuses with #GP):
+///
+/// 1. the handler asks for a return through the dispatcher's guest-return
+///    sequence (an exit handled where it landed);
+/// 2. the handler goes into the hypercall stub as a trapped `int 0x1f`
+///    would, with the stub armed to answer it and the frame's SS null, so the
+///    stub's own `iretq` is refused.
+///
+/// Each must come back from the world switch as trap 256 with the fault's
+/// vector (13); a hypervisor without the window dies with an exception.
+pub fn entry_fault_selftest() -> Result<[u32; 2], &'static str> {
+    /// The probe's data selector with RPL 3 while CS has RPL 1.
+    const BAD_SS: u16 = KERNEL_DS | 3;
+    fn bad_ss(ctx: *mut (), _exit: &switch::ExitInfo) -> bool {
+        // SAFETY: `ctx` is the probe's register block (see below), not
+        // otherwise touched while the probe runs.
+        unsafe { (*ctx.cast::<Regs>()).ss = u32::from(BAD_SS) };
+        true
+    }
+    fn into_stub(_ctx: *mut (), _exit: &switch::ExitInfo) -> bool {
+        static EMPTY: AtomicU8 = AtomicU8::new(guest_abi::hcall::HCALL_STATUS_EMPTY);
+        static NO_IRQS: AtomicU32 = AtomicU32::new(0);
+        switch::arm_hcall_stub(Some(switch::StubArm {
+            trivial: 1 << guest_abi::hcall::LHCALL_FLUSH_ASYNC,
+            ring_status: EMPTY.as_ptr() as u64,
+            irqs: &NO_IRQS,
+            vcpu_irqs: 0,
+            cs: u32::from(KERNEL_CS),
+            ss: u32::from(BAD_SS),
+        }));
+        // Build the frame `int 0x1f` from the probe would have pushed (SS,
+        // ESP, RFLAGS, CS, EIP), with the bad SS, and enter the stub with
+        // eax = FLUSH_ASYNC, as the CPU would. The stub's `iretq` faults; the
+        // fault path leaves for the world switch's caller, abandoning this
+        // stack (the trap stack), so this never returns.
+        // SAFETY: interrupts are off (trap path); the pushes stay on the
+        // trap stack; the stub only reads the armed values and the frame.
+        unsafe {
+            core::arch::asm!(
+                "push {ss}",
+                "push {esp}",
+                "push 0x202",
+                "push {cs}",
+                "push {eip}",
+                "xor eax, eax",
+                "jmp {stub}",
+                ss = const BAD_SS,
+                esp = const (2u32 << 20) - 16,
+                cs = const KERNEL_CS,
+                eip = const PROBE_GPA,
+                stub = sym switch::hcall_stub,
+                options(noreturn),
+            )
+        }
+    }
+    let mut faults = [0u32; 2];
+    for (fault, handler) in faults
+        .iter_mut()
+        .zip([bad_ss as switch::FastHandler, into_stub])
+    {
+        let mut probe = Probe::new(ProbeLevel::Kernel, 1)?;
+        let regs: *mut Regs = &raw mut probe.regs;
+        let exit = probe.run(Some((handler, regs.cast())));
+        if exit.trapnum != ENTRY_FAULT_TRAPNUM {
+            return Err("a refused return into the guest did not come back as trap 256");
+        }
+        // The switch reports the fault's vector in the CR2 slot of an
+        // entry fault.
+        *fault = exit.cr2;
+    }
+    Ok(faults)
 }
