@@ -870,7 +870,7 @@ impl Vcpu {
     /// path must decide (no kernel stack, a frame outside guest memory, or
     /// a handler state whose selectors were not validated before).
     /// `irq_enabled` is `lguest_data.irq_enabled`, for the pushed EFLAGS.
-    #[inline]
+    #[inline(always)]
     fn fast_frame<M: GuestMemory>(
         &self,
         err: Option<u32>,
@@ -928,7 +928,7 @@ impl Vcpu {
 
     /// Writes a decided frame and points the guest at `gate` (the end of
     /// `push_frame`); `false` if a write failed (it cannot, once decided).
-    #[inline]
+    #[inline(always)]
     fn fast_push<M: GuestMemory>(
         &mut self,
         f: &FastFrame,

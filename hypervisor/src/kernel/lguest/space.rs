@@ -208,7 +208,9 @@ impl HostGuestMemory {
     /// The host pointer of a checked range (`r` from [`check_range`]).
     #[inline(always)]
     fn at(&self, r: &core::ops::Range<usize>) -> *mut u8 {
-        (self.base + r.start as u64) as *mut u8
+        // `base + limit` is a direct-map address (`new`'s contract) and
+        // `r.start < limit`: no wrap, so no overflow check is needed.
+        self.base.wrapping_add(r.start as u64) as *mut u8
     }
 }
 
@@ -249,10 +251,30 @@ impl GuestMemory for HostGuestMemory {
     fn write_u32s(&mut self, gpa: u32, words: &[u32]) -> Result<(), MemFault> {
         let r = check_range(self.limit, gpa, words.len().saturating_mul(4), true)?;
         let p = self.at(&r).cast::<u32>();
-        for (i, &w) in words.iter().enumerate() {
-            // SAFETY: `r` covers all the words and is inside guest memory
-            // (see `read`); unaligned stores are fine.
-            unsafe { p.add(i).write_unaligned(w.to_le()) };
+        // The common frame sizes are spelled out so they compile to plain
+        // stores.
+        // SAFETY: `r` covers `words.len()` words and is inside guest memory
+        // (see `read`); every index below is less than `words.len()`;
+        // unaligned stores are fine.
+        unsafe {
+            match *words {
+                [a, b, c] => {
+                    p.write_unaligned(a.to_le());
+                    p.add(1).write_unaligned(b.to_le());
+                    p.add(2).write_unaligned(c.to_le());
+                }
+                [a, b, c, d] => {
+                    p.write_unaligned(a.to_le());
+                    p.add(1).write_unaligned(b.to_le());
+                    p.add(2).write_unaligned(c.to_le());
+                    p.add(3).write_unaligned(d.to_le());
+                }
+                _ => {
+                    for (i, &w) in words.iter().enumerate() {
+                        p.add(i).write_unaligned(w.to_le());
+                    }
+                }
+            }
         }
         Ok(())
     }

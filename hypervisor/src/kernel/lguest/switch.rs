@@ -87,9 +87,7 @@ static FAST_EXITS: AtomicU64 = AtomicU64::new(0);
 // [`arm_hcall_stub`] before the guest runs, read only by the stub while it
 // runs (single CPU, so plain relaxed atomics suffice: they are just memory
 // the asm can address).
-/// Non-zero: the stub may answer calls.
-static STUB_OK: AtomicU32 = AtomicU32::new(0);
-/// Bit n: call n is a no-op now.
+/// Bit n: the stub may answer call n now (0: the stub answers nothing).
 static STUB_TRIVIAL: AtomicU32 = AtomicU32::new(0);
 /// Host address of `lguest_data.hcall_status[cursor]` of the running guest.
 static STUB_RING: AtomicU64 = AtomicU64::new(0);
@@ -195,15 +193,15 @@ pub struct StubArm {
 pub fn arm_hcall_stub(arm: Option<StubArm>) {
     match arm {
         Some(a) => {
-            STUB_TRIVIAL.store(a.trivial, Ordering::Relaxed);
             STUB_RING.store(a.ring_status, Ordering::Relaxed);
             STUB_IRQS.store(a.irqs.as_ptr() as u64, Ordering::Relaxed);
             STUB_VCPU_IRQS.store(a.vcpu_irqs, Ordering::Relaxed);
             STUB_CS.store(a.cs, Ordering::Relaxed);
             STUB_SS.store(a.ss, Ordering::Relaxed);
-            STUB_OK.store(1, Ordering::Relaxed);
+            // Last: until now the stub answered nothing (or the same guest).
+            STUB_TRIVIAL.store(a.trivial, Ordering::Relaxed);
         }
-        None => STUB_OK.store(0, Ordering::Relaxed),
+        None => STUB_TRIVIAL.store(0, Ordering::Relaxed),
     }
 }
 
@@ -234,8 +232,6 @@ pub unsafe extern "C" fn hcall_stub() {
     naked_asm!(
         "push rax",
         "push rcx",
-        "cmp dword ptr [rip + {ok}], 0",
-        "je 3f",
         "cmp eax, 31",
         "ja 3f",
         "mov ecx, dword ptr [rip + {trivial}]",
@@ -274,7 +270,6 @@ pub unsafe extern "C" fn hcall_stub() {
         "push 0",
         "push 0x1f",
         "jmp {common}",
-        ok = sym STUB_OK,
         trivial = sym STUB_TRIVIAL,
         ring = sym STUB_RING,
         irqs = sym STUB_IRQS,
