@@ -251,6 +251,17 @@ extern "C" fn kernel_main() -> ! {
             Ok(v) => {
                 lguest::probe::report("native_int_roundtrip", v, None);
                 lguest::probe::report("native_int_roundtrip_per64", v / 64.0, None);
+                // Where the hypercall round trip goes: the hardware's `int`
+                // and `iretq`, and the stub's own instructions (the same
+                // stub the guest's trivial calls meet, measured from a CPL-1
+                // probe); the rest of the guest's figure is its own loop.
+                match lguest::probe::hcall_stub_roundtrip(10_000) {
+                    Ok(stub) => {
+                        lguest::probe::report_stage("hypercall_roundtrip", "hardware", v);
+                        lguest::probe::report_stage("hypercall_roundtrip", "stub", stub - v);
+                    }
+                    Err(e) => kprintln!("bench: hypercall stub probe failed: {e}"),
+                }
             }
             Err(e) => kprintln!("bench: native probe failed: {e}"),
         }

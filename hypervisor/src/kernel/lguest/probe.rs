@@ -66,10 +66,6 @@ pub fn report(metric: &str, value: f64, floor: Option<&str>) {
 /// `results.json`; every stage of a metric must be reported once, in the
 /// unit of the metric (instructions). Call it from host context (it takes
 /// the console lock), e.g. when a guest exits, not from the trap path.
-#[allow(
-    dead_code,
-    reason = "the API for the per-stage breakdown of the hypercall path, whose measurement lands with the fast paths"
-)]
 pub fn report_stage(metric: &str, stage: &str, value: f64) {
     if enabled() {
         kprintln!("{}", BenchLine::stage(metric, stage, value));
@@ -132,9 +128,77 @@ global_asm!(
     ".popsection",
 );
 
+// The same probe with the hypercall stub in the loop: `int 0x1f` with
+// eax = LHCALL_FLUSH_ASYNC (0), which the stub preserves, so the loop needs
+// no extra instruction. Used for the breakdown of `hypercall_roundtrip`.
+global_asm!(
+    ".pushsection .rodata.rv_probe_hcall, \"a\"",
+    ".code32",
+    ".globl rv_probe_hcall_start",
+    "rv_probe_hcall_start:",
+    "rdtsc",
+    "mov edi, eax",
+    "mov ecx, esi",
+    "xor eax, eax",
+    "2:",
+    "int 0x1f",
+    "dec ecx",
+    "jnz 2b",
+    "rdtsc",
+    "sub eax, edi",
+    "mov ebx, eax",
+    "rdtsc",
+    "mov edi, eax",
+    "mov ecx, esi",
+    "xor eax, eax",
+    "3:",
+    "dec ecx",
+    "jnz 3b",
+    "rdtsc",
+    "sub eax, edi",
+    "mov edx, eax",
+    "int 0x80",
+    "4:",
+    "jmp 4b",
+    ".globl rv_probe_hcall_end",
+    "rv_probe_hcall_end:",
+    ".code64",
+    ".popsection",
+);
+
 unsafe extern "C" {
     static rv_probe_start: u8;
     static rv_probe_end: u8;
+    static rv_probe_hcall_start: u8;
+    static rv_probe_hcall_end: u8;
+}
+
+/// Which probe code to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProbeCode {
+    /// `int 0x81` to [`iretq_only`].
+    Native,
+    /// `int 0x1f` to the hypercall stub.
+    Hcall,
+}
+
+/// An `lguest_data.hcall_status` byte that always says "empty", and a
+/// pending-irq word that is always 0: what the stub reads when it is armed
+/// for the probe.
+static PROBE_RING_EMPTY: AtomicU8 = AtomicU8::new(guest_abi::hcall::HCALL_STATUS_EMPTY);
+static PROBE_NO_IRQS: AtomicU32 = AtomicU32::new(0);
+
+/// The stub armed for the probe (kernel level, selectors 0x61/0x69), with
+/// SS `ss` as the one it accepts.
+fn probe_stub_arm(ss: u32) -> switch::StubArm {
+    switch::StubArm {
+        trivial: 1 << guest_abi::hcall::LHCALL_FLUSH_ASYNC,
+        ring_status: PROBE_RING_EMPTY.as_ptr() as u64,
+        irqs: &PROBE_NO_IRQS,
+        vcpu_irqs: 0,
+        cs: u32::from(KERNEL_CS),
+        ss,
+    }
 }
 
 /// The ring-0 side of the probe: nothing but the return.
@@ -168,14 +232,20 @@ struct Probe {
 
 impl Probe {
     /// Loads the probe code, its GDT and gate, and switches to its tables.
-    fn new(level: ProbeLevel, iterations: u32) -> Result<Self, &'static str> {
+    fn new(level: ProbeLevel, iterations: u32, which: ProbeCode) -> Result<Self, &'static str> {
         let ram = GuestRam::new(2 << 20).map_err(|_| "no memory for the probe")?;
         let tables = LinearTables::new(ram.base(), ram.bytes())
             .map_err(|_| "no memory for the probe tables")?;
         // SAFETY: `ram` is mapped and lives as long as the probe.
         let mut mem = unsafe { HostGuestMemory::new(ram.base(), 2 << 20) };
-        let start = &raw const rv_probe_start as u64;
-        let end = &raw const rv_probe_end as u64;
+        let (start, end) = match which {
+            ProbeCode::Native => (&raw const rv_probe_start, &raw const rv_probe_end),
+            ProbeCode::Hcall => (
+                &raw const rv_probe_hcall_start,
+                &raw const rv_probe_hcall_end,
+            ),
+        };
+        let (start, end) = (start as u64, end as u64);
         // SAFETY: the two symbols delimit the probe's bytes in .rodata.
         let code =
             unsafe { core::slice::from_raw_parts(start as *const u8, (end - start) as usize) };
@@ -246,12 +316,32 @@ impl Drop for Probe {
     }
 }
 
+/// The hypercall stub answering a trivial call from a CPL-1 probe: TSC ticks
+/// per `int 0x1f` round trip (the hardware's `int` and `iretq` plus every
+/// instruction of the stub), for the breakdown of `hypercall_roundtrip`.
+pub fn hcall_stub_roundtrip(iterations: u32) -> Result<f64, &'static str> {
+    native_roundtrip_of(ProbeLevel::Kernel, iterations, ProbeCode::Hcall)
+}
+
 /// Runs the probe at `level`: TSC ticks per `int`/`iretq` round trip.
 fn native_roundtrip(level: ProbeLevel, iterations: u32) -> Result<f64, &'static str> {
+    native_roundtrip_of(level, iterations, ProbeCode::Native)
+}
+
+/// Runs probe code `which` at `level`: TSC ticks per loop iteration beyond
+/// the empty loop.
+fn native_roundtrip_of(
+    level: ProbeLevel,
+    iterations: u32,
+    which: ProbeCode,
+) -> Result<f64, &'static str> {
     let iterations = iterations.max(1);
-    let mut probe = Probe::new(level, iterations)?;
+    let mut probe = Probe::new(level, iterations, which)?;
     // Host interrupts (the timer) may interrupt the probe; retry the run then.
     for _ in 0..8 {
+        if which == ProbeCode::Hcall {
+            switch::arm_hcall_stub(Some(probe_stub_arm(u32::from(KERNEL_DS))));
+        }
         // No fast handler: every exit comes back here.
         let exit = probe.run(None);
         match exit.trapnum {
@@ -290,16 +380,7 @@ pub fn entry_fault_selftest() -> Result<[u32; 2], &'static str> {
         true
     }
     fn into_stub(_ctx: *mut (), _exit: &switch::ExitInfo) -> bool {
-        static EMPTY: AtomicU8 = AtomicU8::new(guest_abi::hcall::HCALL_STATUS_EMPTY);
-        static NO_IRQS: AtomicU32 = AtomicU32::new(0);
-        switch::arm_hcall_stub(Some(switch::StubArm {
-            trivial: 1 << guest_abi::hcall::LHCALL_FLUSH_ASYNC,
-            ring_status: EMPTY.as_ptr() as u64,
-            irqs: &NO_IRQS,
-            vcpu_irqs: 0,
-            cs: u32::from(KERNEL_CS),
-            ss: u32::from(BAD_SS),
-        }));
+        switch::arm_hcall_stub(Some(probe_stub_arm(u32::from(BAD_SS))));
         // Build the frame `int 0x1f` from the probe would have pushed (SS,
         // ESP, RFLAGS, CS, EIP), with the bad SS, and enter the stub with
         // eax = FLUSH_ASYNC, as the CPU would. The stub's `iretq` faults; the
@@ -330,7 +411,7 @@ pub fn entry_fault_selftest() -> Result<[u32; 2], &'static str> {
         .iter_mut()
         .zip([bad_ss as switch::FastHandler, into_stub])
     {
-        let mut probe = Probe::new(ProbeLevel::Kernel, 1)?;
+        let mut probe = Probe::new(ProbeLevel::Kernel, 1, ProbeCode::Native)?;
         let regs: *mut Regs = &raw mut probe.regs;
         let exit = probe.run(Some((handler, regs.cast())));
         if exit.trapnum != ENTRY_FAULT_TRAPNUM {
