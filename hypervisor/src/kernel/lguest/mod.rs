@@ -388,32 +388,37 @@ fn arm_stub(r: &Running) {
 }
 
 /// The run loop's exit handler on the trap stack (`fastpath=on`; interrupts
-/// off): exactly the run loop's own steps — `handle_exit`, merge the pending
-/// irqs, `prepare_entry` — so an exit handled here leaves the vCPU as the run
-/// loop would. It returns `true` (enter the guest again at once) only when
+/// off). First (`full == false`) the shortcuts that need only the frame
+/// registers (`Vcpu::fast_exit`, `Vcpu::fast_resume`); then (`full`) exactly
+/// the run loop's own steps — `handle_exit`, merge the pending irqs,
+/// `prepare_entry` — so an exit handled here leaves the vCPU as the run loop
+/// would. It returns `true` (enter the guest again at once) only when
 /// both resumed and the GDT is unchanged (the hardware GDT and the data
 /// segment caches then still hold what the guest runs with); otherwise it
 /// records how far it got in `handled` for the run loop to go on from there.
-fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo) -> bool {
+fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo, full: bool) -> bool {
     // SAFETY: `ctx` is the `Running` of the guest being run, passed by the
     // run loop to `switch::run`, which is suspended in `enter_guest` and does
     // not touch it until the trap path returns to it.
     let r = unsafe { &mut *ctx.cast::<Running>() };
-    // Irqs raised from interrupt context first (the vCPU's state machine
-    // does not look at them before `prepare_entry`, so merging them here
-    // rather than after `handle_exit` changes nothing).
-    merge_pending(r);
-    // A plain reflection: it changes nothing the hypercall stub was armed
-    // with, so the stub stays armed as it is.
-    if r.vcpu
-        .fast_exit(exit.trapnum, exit.errcode, exit.cr2, &mut r.mem)
-    {
-        return true;
-    }
-    // A trivial hypercall or a host interrupt, with an irq to deliver.
-    if r.vcpu.fast_resume(exit.trapnum, &mut r.mem, &mut r.env) {
-        arm_stub(r);
-        return true;
+    if !full {
+        // Irqs raised from interrupt context first (the vCPU's state machine
+        // does not look at them before `prepare_entry`, so merging them here
+        // rather than after `handle_exit` changes nothing).
+        merge_pending(r);
+        // A plain reflection: it changes nothing the hypercall stub was
+        // armed with, so the stub stays armed as it is.
+        if r.vcpu
+            .fast_exit(exit.trapnum, exit.errcode, exit.cr2, &mut r.mem)
+        {
+            return true;
+        }
+        // A trivial hypercall or a host interrupt, with an irq to deliver.
+        if r.vcpu.fast_resume(exit.trapnum, &mut r.mem, &mut r.env) {
+            arm_stub(r);
+            return true;
+        }
+        return false;
     }
     let key = r.vcpu.gdt_key();
     let exit = Exit::from_trapnum(exit.trapnum, exit.errcode, exit.cr2);

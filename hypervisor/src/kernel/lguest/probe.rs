@@ -373,13 +373,13 @@ fn native_roundtrip_of(
 pub fn entry_fault_selftest() -> Result<[u32; 2], &'static str> {
     /// The probe's data selector with RPL 3 while CS has RPL 1.
     const BAD_SS: u16 = KERNEL_DS | 3;
-    fn bad_ss(ctx: *mut (), _exit: &switch::ExitInfo) -> bool {
+    fn bad_ss(ctx: *mut (), _exit: &switch::ExitInfo, _full: bool) -> bool {
         // SAFETY: `ctx` is the probe's register block (see below), not
         // otherwise touched while the probe runs.
         unsafe { (*ctx.cast::<Regs>()).ss = u32::from(BAD_SS) };
         true
     }
-    fn into_stub(_ctx: *mut (), _exit: &switch::ExitInfo) -> bool {
+    fn into_stub(_ctx: *mut (), _exit: &switch::ExitInfo, _full: bool) -> bool {
         switch::arm_hcall_stub(Some(probe_stub_arm(u32::from(BAD_SS))));
         // Build the frame `int 0x1f` from the probe would have pushed (SS,
         // ESP, RFLAGS, CS, EIP), with the bad SS, and enter the stub with

@@ -44,11 +44,16 @@ use rustyvisor::lguest::vcpu::{EFLAGS_GUEST_MASK, ENTRY_FAULT_TRAPNUM, Regs, san
 use crate::kernel::arch::cpu;
 use crate::kernel::arch::trap::TrapFrame;
 
-/// Handles a guest exit on the trap stack (interrupts off) after the guest's
-/// registers were saved into its [`Regs`]. Returns `true` if the guest may be
-/// entered again right away with those registers (same GDT, same data
-/// segment selectors), `false` to go back to the run loop.
-pub type FastHandler = fn(ctx: *mut (), exit: &ExitInfo) -> bool;
+/// Handles a guest exit on the trap stack (interrupts off), in two calls at
+/// most. First with `full == false`: only the trap number, error code, frame
+/// registers (EIP, CS, EFLAGS, ESP, SS), EAX and data segment selectors are
+/// in the guest's [`Regs`], and the handler may finish the exit only by
+/// changing frame registers. If it declines, every register is saved and it
+/// is called again with `full == true`, when it may change any of them.
+/// Returns `true` if the guest may be entered again right away with those
+/// registers (same GDT, same data segment selectors), `false` to go back to
+/// the run loop (after the `full` call).
+pub type FastHandler = fn(ctx: *mut (), exit: &ExitInfo, full: bool) -> bool;
 
 /// Per-CPU switch state (only the boot CPU runs guests for now).
 #[repr(C)]
@@ -406,7 +411,8 @@ pub fn entry_fault(frame: &TrapFrame) -> ! {
         unsafe {
             let iret = frame.rsp as *const u64;
             let regs = &mut *(*state).regs;
-            save_guest_regs(regs, frame);
+            save_exit_regs(regs, frame);
+            save_other_regs(regs, frame);
             regs.eip = *iret as u32;
             regs.cs = *iret.add(1) as u32;
             regs.eflags = *iret.add(2) as u32;
@@ -422,9 +428,10 @@ pub fn entry_fault(frame: &TrapFrame) -> ! {
     }
 }
 
-/// Copies the guest's general registers (from a trap frame taken while they
-/// were live) and its data segment selectors into its register block.
-fn save_guest_regs(regs: &mut Regs, frame: &TrapFrame) {
+/// Saves what every exit needs into the guest's register block: the trap
+/// number and error code, the frame registers (EIP, CS, EFLAGS, ESP, SS),
+/// EAX (a hypercall's number) and the data segment selectors.
+fn save_exit_regs(regs: &mut Regs, frame: &TrapFrame) {
     let (ds, es, fs, gs): (u16, u16, u16, u16);
     // SAFETY: reads the data segment registers, which still hold the guest's
     // selectors (the host never loads them in 64-bit mode).
@@ -436,16 +443,28 @@ fn save_guest_regs(regs: &mut Regs, frame: &TrapFrame) {
         );
     }
     regs.eax = frame.rax as u32;
+    regs.ds = u32::from(ds);
+    regs.es = u32::from(es);
+    regs.fs = u32::from(fs);
+    regs.gs = u32::from(gs);
+    regs.trapnum = frame.vector as u32;
+    regs.errcode = frame.error_code as u32;
+    regs.eip = frame.rip as u32;
+    regs.cs = frame.cs as u32;
+    regs.eflags = frame.rflags as u32;
+    regs.esp = frame.rsp as u32;
+    regs.ss = frame.ss as u32;
+}
+
+/// Saves the rest of the guest's general registers (what the full exit
+/// path may read or change).
+fn save_other_regs(regs: &mut Regs, frame: &TrapFrame) {
     regs.ebx = frame.rbx as u32;
     regs.ecx = frame.rcx as u32;
     regs.edx = frame.rdx as u32;
     regs.esi = frame.rsi as u32;
     regs.edi = frame.rdi as u32;
     regs.ebp = frame.rbp as u32;
-    regs.ds = u32::from(ds);
-    regs.es = u32::from(es);
-    regs.fs = u32::from(fs);
-    regs.gs = u32::from(gs);
 }
 
 /// A trap from the running guest (host interrupts already serviced by the
@@ -458,48 +477,61 @@ pub fn guest_exit(frame: &mut TrapFrame) -> bool {
     let cr2 = if frame.vector == 14 { cpu::cr2() } else { 0 };
     // SAFETY: `regs` was set by `run` to the running guest's register block,
     // which outlives the guest's execution; interrupts are off, single CPU.
-    let (regs, segs, fast, ctx) = unsafe {
+    let (regs, fast, ctx) = unsafe {
         let regs = &mut *(*state).regs;
-        save_guest_regs(regs, frame);
-        regs.trapnum = frame.vector as u32;
-        regs.errcode = frame.error_code as u32;
-        regs.eip = frame.rip as u32;
-        regs.cs = frame.cs as u32;
-        regs.eflags = frame.rflags as u32;
-        regs.esp = frame.rsp as u32;
-        regs.ss = frame.ss as u32;
+        save_exit_regs(regs, frame);
         (*state).errcode = frame.error_code;
         (*state).cr2 = cr2;
-        let segs = (regs.ds, regs.es, regs.fs, regs.gs);
-        (regs as *mut Regs, segs, (*state).fast, (*state).ctx)
+        (regs as *mut Regs, (*state).fast, (*state).ctx)
     };
-    if let Some(handler) = fast {
-        let info = ExitInfo {
-            trapnum: frame.vector as u32,
-            errcode: frame.error_code as u32,
-            cr2: cr2 as u32,
-        };
-        if handler(ctx, &info) {
-            // SAFETY: as above; the handler is done with the block.
-            let r = unsafe { &*regs };
-            // Back into the guest with the same data segments it left with
-            // (the handler only finishes exits that change none of them).
-            if (r.ds, r.es, r.fs, r.gs) == segs {
-                frame.rax = u64::from(r.eax);
-                frame.rbx = u64::from(r.ebx);
-                frame.rcx = u64::from(r.ecx);
-                frame.rdx = u64::from(r.edx);
-                frame.rsi = u64::from(r.esi);
-                frame.rdi = u64::from(r.edi);
-                frame.rbp = u64::from(r.ebp);
-                frame.rip = u64::from(r.eip);
-                frame.cs = u64::from(r.cs);
-                frame.rflags = u64::from(sanitize_eflags(r.eflags));
-                frame.rsp = u64::from(r.esp);
-                frame.ss = u64::from(r.ss);
-                FAST_EXITS.fetch_add(1, Ordering::Relaxed);
-                return true;
-            }
+    let info = ExitInfo {
+        trapnum: frame.vector as u32,
+        errcode: frame.error_code as u32,
+        cr2: cr2 as u32,
+    };
+    // First the shortcuts, which need only what `save_exit_regs` saved and
+    // change only the frame registers (EIP, CS, EFLAGS, ESP, SS).
+    if let Some(handler) = fast
+        && handler(ctx, &info, false)
+    {
+        // SAFETY: as above; the handler is done with the block.
+        let r = unsafe { &*regs };
+        frame.rip = u64::from(r.eip);
+        frame.cs = u64::from(r.cs);
+        frame.rflags = u64::from(sanitize_eflags(r.eflags));
+        frame.rsp = u64::from(r.esp);
+        frame.ss = u64::from(r.ss);
+        FAST_EXITS.fetch_add(1, Ordering::Relaxed);
+        return true;
+    }
+    // SAFETY: as above.
+    let segs = unsafe {
+        let regs = &mut *regs;
+        save_other_regs(regs, frame);
+        (regs.ds, regs.es, regs.fs, regs.gs)
+    };
+    if let Some(handler) = fast
+        && handler(ctx, &info, true)
+    {
+        // SAFETY: as above; the handler is done with the block.
+        let r = unsafe { &*regs };
+        // Back into the guest with the same data segments it left with
+        // (the handler only finishes exits that change none of them).
+        if (r.ds, r.es, r.fs, r.gs) == segs {
+            frame.rax = u64::from(r.eax);
+            frame.rbx = u64::from(r.ebx);
+            frame.rcx = u64::from(r.ecx);
+            frame.rdx = u64::from(r.edx);
+            frame.rsi = u64::from(r.esi);
+            frame.rdi = u64::from(r.edi);
+            frame.rbp = u64::from(r.ebp);
+            frame.rip = u64::from(r.eip);
+            frame.cs = u64::from(r.cs);
+            frame.rflags = u64::from(sanitize_eflags(r.eflags));
+            frame.rsp = u64::from(r.esp);
+            frame.ss = u64::from(r.ss);
+            FAST_EXITS.fetch_add(1, Ordering::Relaxed);
+            return true;
         }
     }
     // SAFETY: `state` is valid; `exit_to_host` abandons this trap stack and
