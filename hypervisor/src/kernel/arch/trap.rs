@@ -96,6 +96,33 @@ unsafe extern "C" fn trap_stubs() {
     )
 }
 
+/// The end of every trap: restore the 15 registers [`trap_common`] saved,
+/// drop vector and error code, `iretq`. One text, used twice: for returns
+/// into the hypervisor and, inside the entry-fault window, into a guest.
+macro_rules! restore_and_iretq {
+    () => {
+        concat!(
+            "pop r15\n",
+            "pop r14\n",
+            "pop r13\n",
+            "pop r12\n",
+            "pop r11\n",
+            "pop r10\n",
+            "pop r9\n",
+            "pop r8\n",
+            "pop rbp\n",
+            "pop rdi\n",
+            "pop rsi\n",
+            "pop rdx\n",
+            "pop rcx\n",
+            "pop rbx\n",
+            "pop rax\n",
+            "add rsp, 16\n",
+            "iretq",
+        )
+    };
+}
+
 /// Saves the registers, calls [`dispatch`], restores them and returns from
 /// the interrupt.
 #[unsafe(naked)]
@@ -125,45 +152,13 @@ pub(crate) unsafe extern "C" fn trap_common() {
         "call {dispatch}",
         "test al, al",
         "jnz 2f",
-        "pop r15",
-        "pop r14",
-        "pop r13",
-        "pop r12",
-        "pop r11",
-        "pop r10",
-        "pop r9",
-        "pop r8",
-        "pop rbp",
-        "pop rdi",
-        "pop rsi",
-        "pop rdx",
-        "pop rcx",
-        "pop rbx",
-        "pop rax",
-        "add rsp, 16",
-        "iretq",
+        restore_and_iretq!(),
         // Back into the guest after an exit handled on the trap stack: the
         // same restore, inside the window that blames a fault on the guest.
         "2:",
         ".globl rv_guest_return_begin",
         "rv_guest_return_begin:",
-        "pop r15",
-        "pop r14",
-        "pop r13",
-        "pop r12",
-        "pop r11",
-        "pop r10",
-        "pop r9",
-        "pop r8",
-        "pop rbp",
-        "pop rdi",
-        "pop rsi",
-        "pop rdx",
-        "pop rcx",
-        "pop rbx",
-        "pop rax",
-        "add rsp, 16",
-        "iretq",
+        restore_and_iretq!(),
         ".globl rv_guest_return_end",
         "rv_guest_return_end:",
         "ud2",

@@ -95,75 +95,66 @@ const PROBE_GPA: u32 = 0x1000;
 // It exits with `int 0x80`, whose gate has DPL 3, so that the exit is legal
 // from both levels (`int 0x1f`, the hypercall gate, is DPL 1 and would #GP
 // from CPL 3).
-global_asm!(
-    ".pushsection .rodata.rv_probe, \"a\"",
-    ".code32",
-    ".globl rv_probe_start",
-    "rv_probe_start:",
-    "rdtsc",
-    "mov edi, eax",
-    "mov ecx, esi",
-    "2:",
-    "int 0x81",
-    "dec ecx",
-    "jnz 2b",
-    "rdtsc",
-    "sub eax, edi",
-    "mov ebx, eax",
-    "rdtsc",
-    "mov edi, eax",
-    "mov ecx, esi",
-    "3:",
-    "dec ecx",
-    "jnz 3b",
-    "rdtsc",
-    "sub eax, edi",
-    "mov edx, eax",
-    "int 0x80",
-    "4:",
-    "jmp 4b",
-    ".globl rv_probe_end",
-    "rv_probe_end:",
-    ".code64",
-    ".popsection",
+//
+// Each probe: `$setup` once, `rdtsc`, `esi` iterations of `$op`, `rdtsc`;
+// then the same without `$op`; results in ebx/edx; exit with `int 0x80`.
+// Assembled into section `$section`, between the symbols `$start`/`$end`.
+macro_rules! probe_code {
+    ($section:literal, $start:literal, $end:literal, $setup:literal, $op:literal) => {
+        global_asm!(
+            concat!(".pushsection ", $section, ", \"a\""),
+            ".code32",
+            concat!(".globl ", $start),
+            concat!($start, ":"),
+            "rdtsc",
+            "mov edi, eax",
+            "mov ecx, esi",
+            $setup,
+            "2:",
+            $op,
+            "dec ecx",
+            "jnz 2b",
+            "rdtsc",
+            "sub eax, edi",
+            "mov ebx, eax",
+            "rdtsc",
+            "mov edi, eax",
+            "mov ecx, esi",
+            $setup,
+            "3:",
+            "dec ecx",
+            "jnz 3b",
+            "rdtsc",
+            "sub eax, edi",
+            "mov edx, eax",
+            "int 0x80",
+            "4:",
+            "jmp 4b",
+            concat!(".globl ", $end),
+            concat!($end, ":"),
+            ".code64",
+            ".popsection",
+        );
+    };
+}
+
+probe_code!(
+    ".rodata.rv_probe",
+    "rv_probe_start",
+    "rv_probe_end",
+    "nop",
+    "int 0x81"
 );
 
 // The same probe with the hypercall stub in the loop: `int 0x1f` with
-// eax = LHCALL_FLUSH_ASYNC (0), which the stub preserves, so the loop needs
-// no extra instruction. Used for the breakdown of `hypercall_roundtrip`.
-global_asm!(
-    ".pushsection .rodata.rv_probe_hcall, \"a\"",
-    ".code32",
-    ".globl rv_probe_hcall_start",
-    "rv_probe_hcall_start:",
-    "rdtsc",
-    "mov edi, eax",
-    "mov ecx, esi",
+// eax = LHCALL_FLUSH_ASYNC (0), which the stub preserves. Used for the
+// breakdown of `hypercall_roundtrip`.
+probe_code!(
+    ".rodata.rv_probe_hcall",
+    "rv_probe_hcall_start",
+    "rv_probe_hcall_end",
     "xor eax, eax",
-    "2:",
-    "int 0x1f",
-    "dec ecx",
-    "jnz 2b",
-    "rdtsc",
-    "sub eax, edi",
-    "mov ebx, eax",
-    "rdtsc",
-    "mov edi, eax",
-    "mov ecx, esi",
-    "xor eax, eax",
-    "3:",
-    "dec ecx",
-    "jnz 3b",
-    "rdtsc",
-    "sub eax, edi",
-    "mov edx, eax",
-    "int 0x80",
-    "4:",
-    "jmp 4b",
-    ".globl rv_probe_hcall_end",
-    "rv_probe_hcall_end:",
-    ".code64",
-    ".popsection",
+    "int 0x1f"
 );
 
 unsafe extern "C" {

@@ -456,6 +456,16 @@ fn save_exit_regs(regs: &mut Regs, frame: &TrapFrame) {
     regs.ss = frame.ss as u32;
 }
 
+/// Puts the guest's frame registers (EIP, CS, EFLAGS sanitised, ESP, SS)
+/// into the hardware frame the dispatcher returns through.
+fn load_frame_regs(frame: &mut TrapFrame, r: &Regs) {
+    frame.rip = u64::from(r.eip);
+    frame.cs = u64::from(r.cs);
+    frame.rflags = u64::from(sanitize_eflags(r.eflags));
+    frame.rsp = u64::from(r.esp);
+    frame.ss = u64::from(r.ss);
+}
+
 /// Saves the rest of the guest's general registers (what the full exit
 /// path may read or change).
 fn save_other_regs(regs: &mut Regs, frame: &TrapFrame) {
@@ -495,12 +505,7 @@ pub fn guest_exit(frame: &mut TrapFrame) -> bool {
         && handler(ctx, &info, false)
     {
         // SAFETY: as above; the handler is done with the block.
-        let r = unsafe { &*regs };
-        frame.rip = u64::from(r.eip);
-        frame.cs = u64::from(r.cs);
-        frame.rflags = u64::from(sanitize_eflags(r.eflags));
-        frame.rsp = u64::from(r.esp);
-        frame.ss = u64::from(r.ss);
+        load_frame_regs(frame, unsafe { &*regs });
         FAST_EXITS.fetch_add(1, Ordering::Relaxed);
         return true;
     }
@@ -525,11 +530,7 @@ pub fn guest_exit(frame: &mut TrapFrame) -> bool {
             frame.rsi = u64::from(r.esi);
             frame.rdi = u64::from(r.edi);
             frame.rbp = u64::from(r.ebp);
-            frame.rip = u64::from(r.eip);
-            frame.cs = u64::from(r.cs);
-            frame.rflags = u64::from(sanitize_eflags(r.eflags));
-            frame.rsp = u64::from(r.esp);
-            frame.ss = u64::from(r.ss);
+            load_frame_regs(frame, r);
             FAST_EXITS.fetch_add(1, Ordering::Relaxed);
             return true;
         }
