@@ -58,7 +58,6 @@
 #![no_std]
 #![no_main]
 
-use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use lguest_rt::guest_abi::irq::SYSCALL_VECTOR;
@@ -67,6 +66,7 @@ use lguest_rt::guest_abi::{
     FIRST_EXTERNAL_VECTOR, KERNEL_CS, KERNEL_DS, LHCALL_FLUSH_ASYNC, LHCALL_RING_SIZE,
     LHCALL_SEND_INTERRUPTS, USER_CS, USER_DS, trap,
 };
+use lguest_rt::stack::Stack;
 use lguest_rt::{BootInfo, hcall, irq, println};
 
 lguest_rt::entry!(main);
@@ -392,18 +392,10 @@ fn with_gate(vector: u32, gate_type: u32, dpl: u8, stub: StubKind, f: impl FnOnc
 const KSTACK_SIZE: usize = 8192;
 const USTACK_SIZE: usize = 4096;
 
-/// A page-aligned stack, used only by the CPU.
-#[repr(C, align(4096))]
-struct Stack<const N: usize>(UnsafeCell<[u8; N]>);
-
-// SAFETY: used only as raw memory by the CPU (as a stack), never through
-// Rust references.
-unsafe impl<const N: usize> Sync for Stack<N> {}
-
 /// The `SET_STACK` stack: traps from user mode arrive here.
-static KSTACK: Stack<KSTACK_SIZE> = Stack(UnsafeCell::new([0; KSTACK_SIZE]));
+static KSTACK: Stack<KSTACK_SIZE> = Stack::new();
 /// The user-mode batch's stack.
-static USTACK: Stack<USTACK_SIZE> = Stack(UnsafeCell::new([0; USTACK_SIZE]));
+static USTACK: Stack<USTACK_SIZE> = Stack::new();
 
 /// Kernel esp saved by `bench_user_batch`, restored by `bench_user_exit`.
 static SAVED_ESP: AtomicU32 = AtomicU32::new(0);
@@ -413,7 +405,7 @@ static SAVED_ESP: AtomicU32 = AtomicU32::new(0);
 /// stack for traps from CPL 3. The runtime stays in the host's linear mode,
 /// whose pages are all user-accessible, so no mapping is needed.
 fn prepare_user_mode() {
-    let ktop = hcall::phys(KSTACK.0.get()) + KSTACK_SIZE as u32;
+    let ktop = KSTACK.top();
     // SAFETY: slots 14/15 are the user segments, unused by the runtime; the
     // kernel stack is reserved for traps from user mode.
     unsafe {

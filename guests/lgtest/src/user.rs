@@ -24,11 +24,11 @@
 //! 5-word frame (eip, cs, eflags, esp, ss): the frame ends exactly at the
 //! stack's top.
 
-use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use lguest_rt::guest_abi::seg::{IDT_TYPE_TRAP, SegmentDescriptor};
 use lguest_rt::guest_abi::{KERNEL_CS, KERNEL_DS, USER_CS, USER_DS, trap};
+use lguest_rt::stack::Stack;
 use lguest_rt::sync::IrqCell;
 use lguest_rt::trap::{set_handler, set_irq_handler, set_syscall_handler};
 use lguest_rt::{BootInfo, TrapFrame, check, check_eq, hcall, irq};
@@ -36,19 +36,8 @@ use lguest_rt::{BootInfo, TrapFrame, check, check_eq, hcall, irq};
 const KSTACK_SIZE: usize = 8192;
 const USTACK_SIZE: usize = 4096;
 
-#[repr(C, align(4096))]
-struct Stack<const N: usize>(UnsafeCell<[u8; N]>);
-
-// SAFETY: used only as raw memory by the CPU (as a stack), never through
-// Rust references.
-unsafe impl<const N: usize> Sync for Stack<N> {}
-
-static KSTACK: Stack<KSTACK_SIZE> = Stack(UnsafeCell::new([0; KSTACK_SIZE]));
-static USTACK: Stack<USTACK_SIZE> = Stack(UnsafeCell::new([0; USTACK_SIZE]));
-
-fn top<const N: usize>(s: &Stack<N>) -> u32 {
-    hcall::phys(s.0.get()) + N as u32
-}
+static KSTACK: Stack<KSTACK_SIZE> = Stack::new();
+static USTACK: Stack<USTACK_SIZE> = Stack::new();
 
 /// Kernel esp saved by `lgtest_enter_user`, restored by
 /// `lgtest_kernel_resume`.
@@ -213,8 +202,8 @@ fn timer(f: &mut TrapFrame) {
 }
 
 pub fn run(_boot: &BootInfo) {
-    let ktop = top(&KSTACK);
-    let utop = top(&USTACK);
+    let ktop = KSTACK.top();
+    let utop = USTACK.top();
     // SAFETY: slots 14/15 are the Linux user segments, unused by the
     // kernel; the kernel stack is reserved for traps from user mode.
     unsafe {

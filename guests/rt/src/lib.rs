@@ -54,6 +54,7 @@ pub mod console;
 pub mod hcall;
 pub mod irq;
 mod mem;
+pub mod stack;
 mod start;
 pub mod sync;
 pub mod test;
