@@ -26,7 +26,15 @@ pub fn counters() -> (u64, u64) {
 /// acknowledged.
 pub fn handle_host(frame: &mut TrapFrame) {
     let vector = frame.vector;
-    if vector < 32 && super::lguest::switch::is_entry_fault(frame.rip) {
+    // A fault raised by the instruction that loads guest state is the
+    // guest's. NMI (2) and machine check (18) are not caused by that
+    // instruction: they may merely arrive while it is about to run, and are
+    // the host's whatever the instruction pointer says.
+    if vector < 32
+        && vector != 2
+        && vector != 18
+        && super::lguest::switch::is_entry_fault(frame.rip)
+    {
         super::lguest::switch::entry_fault(frame);
     }
     match vector {
