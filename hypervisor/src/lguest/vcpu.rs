@@ -684,8 +684,9 @@ impl Vcpu {
     /// simply reflected through a present guest gate (the i386 frame pushed
     /// onto a kernel stack that lies in guest memory), with no virtual irq
     /// pending, no hypercall waiting and selectors the vCPU has validated
-    /// before. Returns `true` if it did exactly what [`handle_exit`]
-    /// (Self::handle_exit) followed by [`prepare_entry`](Self::prepare_entry)
+    /// before. Returns `true` if it did exactly what
+    /// [`handle_exit`](Self::handle_exit) followed by
+    /// [`prepare_entry`](Self::prepare_entry)
     /// would have done (same registers, same frame, same `lguest_data`
     /// writes), `false` if it changed nothing and the full path must run.
     ///
