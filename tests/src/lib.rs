@@ -4,7 +4,7 @@
 //! a virtual machine, booted from a GRUB ISO ([`image`]) in QEMU ([`qemu`]) by the [`runner`], and
 //! judged from its serial log and exit status by the pure functions in [`verdict`]. Scenarios
 //! live in `tests/scenarios/*.toml`; `docs/testing.md` explains the format. Benchmarks reuse the
-//! same machinery and parse `bench:` lines ([`bench`]).
+//! same machinery and parse `bench:` lines ([`mod@bench`]).
 //!
 //! Everything here runs on the host; `cargo test -p rustyvisor-tests` tests it without QEMU.
 

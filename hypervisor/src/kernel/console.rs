@@ -3,7 +3,7 @@
 //! Output goes to COM1 through the `uart_16550` driver under an [`IrqMutex`],
 //! so printing is safe from interrupt handlers. Input arrives by interrupt
 //! (COM1 = ISA IRQ 4) into a ring buffer that tasks drain with [`read_byte`].
-//! Boot reports and diagnostics are printed plainly with [`kprintln!`]; log
+//! Boot reports and diagnostics are printed plainly with `kprintln!`; log
 //! records carry a timestamp and a level.
 
 use core::fmt::{self, Write};

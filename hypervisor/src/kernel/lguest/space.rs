@@ -3,13 +3,13 @@
 //! Guest-physical memory is one physically contiguous, 2 MiB-aligned run of
 //! frames, reached by the host through the direct map. Until the guest turns
 //! on its own paging (shadow paging is a later milestone), its 32-bit linear
-//! addresses map 1:1 onto guest-physical memory: PML4[0] of the guest's own
+//! addresses map 1:1 onto guest-physical memory: `PML4[0]` of the guest's own
 //! PML4 covers exactly `[0, mem)` with 2 MiB user pages, and nothing else of
 //! the low 4 GiB is mapped. PML4 entries 256–511 are copied from the kernel's
 //! PML4 (they never change after boot), so the hypervisor stays mapped — and
 //! unreachable for 32-bit code — while the guest runs.
 //!
-//! Dropping a [`GuestSpace`] switches the CPU back to the kernel tables if
+//! Dropping a [`LinearTables`] switches the CPU back to the kernel tables if
 //! needed and returns every frame (memory and tables).
 
 use rustyvisor::lguest::guestmem::{GuestMemory, MemFault, check_range};
