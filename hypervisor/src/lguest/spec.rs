@@ -59,6 +59,25 @@ pub enum SpecError<'a> {
     MemOutOfRange(&'a str),
     /// `mem=` appears twice (both values).
     DuplicateMem(&'a str, &'a str),
+    /// The name is not one word of at most [`MAX_NAME`] letters, digits,
+    /// `_`, `-` and `.`.
+    BadName(&'a str),
+}
+
+/// Longest guest name.
+pub const MAX_NAME: usize = 32;
+
+/// Whether `name` may be a guest's name: one word of at most [`MAX_NAME`]
+/// ASCII letters, digits, `_`, `-` and `.`. The console relies on it: guest
+/// text is printed after `guest NAME: ` and the hypervisor's own lines about
+/// a guest as `guest NAME <status>`, so a name must never hold a space, a
+/// colon or anything a terminal would interpret.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 impl fmt::Display for SpecError<'_> {
@@ -82,6 +101,12 @@ impl fmt::Display for SpecError<'_> {
             Self::DuplicateMem(a, b) => {
                 write!(f, "mem= given twice (mem={a} and mem={b}); give it once")
             }
+            Self::BadName(name) => write!(
+                f,
+                "bad name \"{}\": a guest name is up to {MAX_NAME} letters, digits, '_', '-' \
+                 and '.' (the first word of the module command line)",
+                super::console::Escaped::new(name.as_bytes())
+            ),
         }
     }
 }
@@ -107,6 +132,9 @@ pub fn parse(cmdline: &str, full_len: usize) -> Result<GuestSpec<'_>, SpecError<
     }
     let mut words = cmdline.split_whitespace();
     let name = words.next().unwrap_or("guest");
+    if !valid_name(name) {
+        return Err(SpecError::BadName(name));
+    }
     let mut mem: Option<(&str, u64)> = None;
     let mut args = String::new();
     for w in words {
@@ -230,6 +258,29 @@ mod tests {
             err(&line).to_string(),
             "module command line is 257 bytes, the limit is 256"
         );
+    }
+
+    #[test]
+    fn names_are_one_safe_word() {
+        for good in ["hello", "a", "web-1", "db_2.test", &"x".repeat(MAX_NAME)] {
+            assert!(valid_name(good), "{good}");
+            assert_eq!(ok(good).name, good);
+        }
+        for bad in [
+            "",
+            "a:b",
+            "a\x1b",
+            "caf\u{e9}",
+            "a/b",
+            &"x".repeat(MAX_NAME + 1),
+        ] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+        let e = parse("he:llo mem=16M", 14).unwrap_err();
+        assert_eq!(e, SpecError::BadName("he:llo"));
+        // Shown escaped: a name cannot drive the console.
+        let e = parse("a\x1b[2J", 8).unwrap_err().to_string();
+        assert!(e.starts_with("bad name \"a\\x1b[2J\""), "{e}");
     }
 
     #[test]

@@ -465,17 +465,6 @@ fn dead(vcpu: &Vcpu) -> RunExit {
 /// Most bytes of one early-console string read from the guest.
 const NOTIFY_TEXT_MAX: usize = 1024;
 
-/// Whether `name` may be printed as a guest's name: one word of letters,
-/// digits, `_`, `-` and `.`, so that `guest NAME: ` (guest text) and
-/// `guest NAME <status>` (the hypervisor's lines) can never be confused.
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 32
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
-}
-
 /// Runs every guest module, one after the other. Returns (guests run,
 /// guests that ended with a power off).
 pub fn launch_modules(modules: &[Module], fastpath: bool) -> (u32, u32) {
@@ -498,14 +487,6 @@ pub fn launch_modules(modules: &[Module], fastpath: bool) -> (u32, u32) {
                 continue;
             }
         };
-        if !valid_name(spec.name) {
-            kprintln!(
-                "guest {} not started: a guest name is letters, digits, '_', '-' and '.' \
-                 (the first word of the module command line)",
-                Escaped::new(spec.name.as_bytes())
-            );
-            continue;
-        }
         let mut restarts = 0;
         loop {
             ran += 1;
