@@ -1388,6 +1388,33 @@ fn the_full_path_changes_nothing_for_a_call_the_stub_answers() {
 // ---------------------------------------------------------------------------
 // Exits finished where they land: the same as the full path.
 
+/// After a shortcut took an exit: the full path on `t` (the same guest
+/// before the exit) must resume and leave the same registers, guest memory,
+/// pending irqs and stub view.
+fn assert_same_as_full_path(case: u32, exit: Exit, v: &Vcpu, m: &VecMemory, t: &mut T) {
+    let a = t.exit(exit);
+    let b = t.prepare();
+    assert_eq!((a, b), (Action::Resume, Action::Resume), "case {case}");
+    assert_eq!(v.regs, t.v.regs, "case {case}: registers");
+    assert!(*m == t.m, "case {case}: guest memory");
+    assert_eq!(v.pending, t.v.pending, "case {case}: pending");
+    assert_eq!(v.stub_view(), t.v.stub_view(), "case {case}");
+    assert!(!v.is_dead(), "case {case}");
+}
+
+/// After a shortcut declined: nothing of `before` changed.
+fn assert_unchanged(case: u32, v: &Vcpu, m: &VecMemory, before: &(Regs, VecMemory, u32)) {
+    assert_eq!(
+        v.regs, before.0,
+        "case {case}: declined but changed registers"
+    );
+    assert!(*m == before.1, "case {case}: declined but wrote memory");
+    assert_eq!(
+        v.pending, before.2,
+        "case {case}: declined but changed irqs"
+    );
+}
+
 /// Random guests, random traps: whenever `fast_exit` takes an exit, the
 /// registers, guest memory and vCPU state are exactly what `handle_exit`
 /// then `prepare_entry` produce; whenever it declines, it changed nothing.
@@ -1462,23 +1489,13 @@ fn fast_exit_is_the_full_path_or_nothing() {
             t.m = mem;
         }
         let (mut fast_v, mut fast_m) = (t.v.clone(), t.m.clone());
-        let before = (t.v.regs, t.m.clone());
+        let before = (t.v.regs, t.m.clone(), t.v.pending);
         if fast_v.fast_exit(vector, errcode, cr2, &mut fast_m) {
             taken += 1;
-            let a = t.exit(exit);
-            let b = t.prepare();
-            assert_eq!((a, b), (Action::Resume, Action::Resume), "case {case}");
-            assert_eq!(fast_v.regs, t.v.regs, "case {case}: registers");
-            assert!(fast_m == t.m, "case {case}: guest memory");
-            assert_eq!(fast_v.stub_view(), t.v.stub_view(), "case {case}");
-            assert!(!fast_v.is_dead(), "case {case}");
+            assert_same_as_full_path(case, exit, &fast_v, &fast_m, &mut t);
         } else {
             declined += 1;
-            assert_eq!(
-                fast_v.regs, before.0,
-                "case {case}: declined but changed registers"
-            );
-            assert!(fast_m == before.1, "case {case}: declined but wrote memory");
+            assert_unchanged(case, &fast_v, &fast_m, &before);
         }
     }
     // Both outcomes are exercised, many times.
@@ -1578,25 +1595,10 @@ fn fast_resume_is_the_full_path_or_nothing() {
             if fv.pending != before.2 {
                 delivered += 1;
             }
-            let a = t.exit(exit);
-            let b = t.prepare();
-            assert_eq!((a, b), (Action::Resume, Action::Resume), "case {case}");
-            assert_eq!(fv.regs, t.v.regs, "case {case}: registers");
-            assert!(fm == t.m, "case {case}: guest memory");
-            assert_eq!(fv.pending, t.v.pending, "case {case}: pending");
-            assert_eq!(fv.stub_view(), t.v.stub_view(), "case {case}");
-            assert!(!fv.is_dead(), "case {case}");
+            assert_same_as_full_path(case, exit, &fv, &fm, &mut t);
         } else {
             declined += 1;
-            assert_eq!(
-                fv.regs, before.0,
-                "case {case}: declined but changed registers"
-            );
-            assert!(fm == before.1, "case {case}: declined but wrote memory");
-            assert_eq!(
-                fv.pending, before.2,
-                "case {case}: declined but changed irqs"
-            );
+            assert_unchanged(case, &fv, &fm, &before);
         }
     }
     assert!(
