@@ -243,11 +243,14 @@ impl IdtEntry {
     }
 }
 
-/// EFLAGS bits.
-const EFLAGS_TF: u32 = 0x100;
-const EFLAGS_NT: u32 = 0x4000;
-const EFLAGS_RF: u32 = 0x1_0000;
-const EFLAGS_VM: u32 = 0x2_0000;
+/// EFLAGS.TF (single-step).
+pub const EFLAGS_TF: u32 = 0x100;
+/// EFLAGS.NT (nested task).
+pub const EFLAGS_NT: u32 = 0x4000;
+/// EFLAGS.RF (resume).
+pub const EFLAGS_RF: u32 = 0x1_0000;
+/// EFLAGS.VM (virtual-8086 mode).
+pub const EFLAGS_VM: u32 = 0x2_0000;
 /// EFLAGS bits the guest may have: CF PF AF ZF SF TF DF OF AC ID.
 /// (IF is forced on, IOPL/NT/RF/VM/VIF/VIP forced off.)
 pub const EFLAGS_GUEST_MASK: u32 = 0x0024_0DD5;
@@ -319,17 +322,24 @@ impl fmt::Debug for Vcpu {
 }
 
 /// What the hypercall stub (the world switch's answer to `int $0x1f` that
-/// never leaves the trap stack) may do for this guest until its next exit
-/// that reaches the run loop: answer the calls in [`trivial`](Self::trivial)
-/// by returning at once, as long as the async ring has no entry at
-/// [`ring_status`](Self::ring_status) and no virtual irq is pending.
+/// never leaves the trap stack) and the reflection stubs (its answer to
+/// `int3` and `int $0x80`) may do for this guest until its next exit that
+/// reaches the run loop.
 ///
-/// Those are exactly the conditions under which the full path
+/// The hypercall stub answers the calls in [`trivial`](Self::trivial) by
+/// returning at once, as long as the async ring has no entry at
+/// [`ring_status`](Self::ring_status) and no virtual irq is pending. Those
+/// are exactly the conditions under which the full path
 /// ([`Vcpu::handle_exit`] then [`Vcpu::prepare_entry`]) changes nothing but
 /// the register block's `trapnum`/`errcode` bookkeeping (and EFLAGS
 /// sanitising, which the stub does too): the call is a no-op, the ring drain
 /// finds nothing, there is nothing to deliver, and the selectors are the
 /// ones the guest is running with.
+///
+/// The reflection stubs push the i386 frame of a [`STUB_VECTORS`] trap onto
+/// the guest's stack and enter its gate, following [`StubView::reflect`]
+/// (the model they implement instruction by instruction, tested against the
+/// full path here).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StubView {
     /// Bit `n` set: hypercall `n` is a no-op right now.
@@ -337,9 +347,155 @@ pub struct StubView {
     /// Guest-physical address of `lguest_data.hcall_status[cursor]`: the
     /// stub answers only while it is `HCALL_STATUS_EMPTY`.
     pub ring_status: u32,
-    /// Pending virtual irqs: the stub answers only while this is 0 (and no
+    /// Pending virtual irqs: the stubs act only while this is 0 (and no
     /// new irq was raised from interrupt context).
     pub pending: u32,
+    /// Guest-physical address of `lguest_data.irq_enabled`.
+    pub irq_enabled: u32,
+    /// The stack segment a kernel-mode (CPL 1) trap must come from to be
+    /// reflected by a stub — the one the guest was last entered with, when
+    /// that was at CPL 1 (validated then) — or 0 (never matches: the full
+    /// path decides).
+    pub kss: u32,
+    /// Base of [`kss`](Self::kss).
+    pub kss_base: u32,
+    /// The `SET_STACK` stack segment (validated as a CPL-1 stack now) that
+    /// a user-mode trap switches to, or 0 when there is none or its 5-word
+    /// frame would not lie inside `[0, limit)`.
+    pub ss1: u32,
+    /// Guest-physical address of the 5-word frame a user-mode trap pushes
+    /// (`ss1`'s base + `esp1` − 20), when `ss1 != 0`.
+    pub user_frame: u32,
+    /// The handler's ESP after a user-mode trap (`esp1` − 20).
+    pub user_esp: u32,
+    /// The guest-physical bytes a stub may push a frame into: `[0, limit)`
+    /// (linear mode: guest-virtual == guest-physical).
+    pub limit: u32,
+    /// The guest gates of [`STUB_VECTORS`], in that order.
+    pub gates: [StubGate; 2],
+}
+
+/// The vectors with a reflection stub: `int3` and the system call.
+pub const STUB_VECTORS: [u32; 2] = [trap::BP, SYSCALL_VECTOR];
+
+/// A guest gate as a reflection stub reads it: one word, `0` when the stub
+/// must leave the trap to the full path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StubGate(pub u64);
+
+impl StubGate {
+    /// Bit: a trap from CPL 1 may take this gate (present, DPL ≥ 1, and the
+    /// guest runs at CPL 1 with a validated stack).
+    pub const FROM_KERNEL: u64 = 1 << 32;
+    /// Bit: a trap from CPL 3 may take this gate (present, DPL 3, and the
+    /// guest has a valid `SET_STACK` stack).
+    pub const FROM_USER: u64 = 1 << 33;
+    /// Bit: an interrupt gate (entering it clears the virtual IF).
+    pub const INTERRUPT: u64 = 1 << 34;
+
+    /// The handler's EIP.
+    pub fn eip(self) -> u32 {
+        self.0 as u32
+    }
+
+    /// Whether a trap from `cpl` may be reflected through this gate.
+    pub fn allows(self, cpl: u32) -> bool {
+        let bit = if cpl == 1 {
+            Self::FROM_KERNEL
+        } else {
+            Self::FROM_USER
+        };
+        self.0 & bit != 0
+    }
+}
+
+/// The frame registers of a trap as the CPU pushed them (32-bit values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HwFrame {
+    /// EIP of the instruction after the `int`.
+    pub eip: u32,
+    /// CS (its RPL is the CPL the trap came from).
+    pub cs: u32,
+    /// EFLAGS.
+    pub eflags: u32,
+    /// ESP.
+    pub esp: u32,
+    /// SS.
+    pub ss: u32,
+}
+
+impl StubView {
+    /// What a reflection stub does with trap `vector` (no error code) that
+    /// arrived with frame `f` while the irqs `raised` were raised from
+    /// interrupt context: push the i386 frame and point `f` at the guest's
+    /// gate (`true`), or change nothing (`false`: the full path runs).
+    ///
+    /// The data segment registers are not looked at: the guest may have
+    /// changed them since its last entry, but only with the CPU's checks,
+    /// which accept exactly what the full path's entry check accepts at the
+    /// same CPL (the hardware GDT holds only validated guest descriptors),
+    /// and whatever is valid at CPL 3 is valid at CPL 1.
+    pub fn reflect<M: GuestMemory>(
+        &self,
+        vector: u32,
+        f: &mut HwFrame,
+        raised: u32,
+        mem: &mut M,
+    ) -> bool {
+        let Some(i) = STUB_VECTORS.iter().position(|&v| v == vector) else {
+            return false;
+        };
+        let Some(&gate) = self.gates.get(i) else {
+            return false;
+        };
+        if self.pending | raised != 0 {
+            return false;
+        }
+        let cpl = f.cs & 3;
+        if !gate.allows(cpl) {
+            return false;
+        }
+        let (low, esp, ss, bytes) = if cpl == 1 {
+            if f.ss != self.kss || self.kss == 0 {
+                return false;
+            }
+            let top = self.kss_base.wrapping_add(f.esp);
+            if top > self.limit {
+                return false;
+            }
+            let Some(low) = top.checked_sub(12) else {
+                return false;
+            };
+            (low, f.esp.wrapping_sub(12), f.ss, 12u32)
+        } else {
+            // Decided when armed (`FROM_USER` is only set if it fits).
+            (self.user_frame, self.user_esp, self.ss1, 20u32)
+        };
+        let Ok(ie) = mem.read_u32(self.irq_enabled) else {
+            return false;
+        };
+        let eflags = if ie & X86_EFLAGS_IF == 0 {
+            f.eflags & !X86_EFLAGS_IF
+        } else {
+            f.eflags
+        };
+        let words = [f.eip, f.cs, eflags, f.esp, f.ss];
+        let n = (bytes / 4) as usize;
+        if mem.write_u32s(low, words.get(..n).unwrap_or(&[])).is_err() {
+            return false;
+        }
+        if gate.0 & StubGate::INTERRUPT != 0 && mem.write_u32(self.irq_enabled, 0).is_err() {
+            return false;
+        }
+        *f = HwFrame {
+            eip: gate.eip(),
+            cs: u32::from(KERNEL_CS),
+            eflags: sanitize_eflags(f.eflags & !(EFLAGS_TF | EFLAGS_VM | EFLAGS_RF | EFLAGS_NT)),
+            esp,
+            ss,
+        };
+        true
+    }
 }
 
 /// Hypercalls that do nothing in linear mode: `FLUSH_ASYNC` (its work, the
@@ -376,13 +532,15 @@ impl SelKey {
 }
 
 /// A reflection frame decided by `Vcpu::fast_frame`: `words[first..end]`
-/// go to guest-physical `low` upwards; the handler runs on `ss`:`low`.
+/// go to guest-physical `low` upwards; the handler runs on `ss`:`esp`
+/// (`esp` is `low` minus the segment base).
 struct FastFrame {
     words: [u32; 6],
     first: usize,
     end: usize,
     low: u32,
     ss: u32,
+    esp: u32,
 }
 
 /// Source of [`Vcpu::instance`] numbers.
@@ -394,10 +552,11 @@ impl Vcpu {
         self.instance
     }
 
-    /// What the hypercall stub may answer for this guest now, or `None` if
-    /// every hypercall must take the full path (before INIT, dead, halted,
-    /// or a call waiting to be finished).
-    pub fn stub_view(&self) -> Option<StubView> {
+    /// What the hypercall and reflection stubs may do for this guest now
+    /// (frames pushed only into guest-physical `[0, limit)`), or `None` if
+    /// every exit must take the full path (before INIT, dead, halted, or a
+    /// call waiting to be finished).
+    pub fn stub_view(&self, limit: u32) -> Option<StubView> {
         let ld = self.lguest_data?;
         if self.dead.is_some() || self.restart || self.halted || self.pending_hcall.is_some() {
             return None;
@@ -405,12 +564,55 @@ impl Vcpu {
         // `ring_cursor < LHCALL_RING_SIZE` (64) and `ld + SIZE <= limit`
         // (checked at INIT), so this stays inside lguest_data.
         let slot = (self.ring_cursor % LHCALL_RING_SIZE) as u32;
+        // A kernel-mode trap may be reflected on the stack the guest was
+        // entered with, if it was entered at CPL 1 with selectors that
+        // passed the entry check; a user-mode one on a valid SET_STACK stack.
+        let validated = self.validated == Some(SelKey::of(self.gdt.generation(), &self.regs));
+        let kss = if validated && self.cpl() == 1 {
+            self.regs.ss
+        } else {
+            0
+        };
+        let base = |ss: u32| u16::try_from(ss).map_or(0, |s| self.gdt.segment_base(s));
+        let ss1_ok = self.stack_set
+            && u16::try_from(self.ss1).is_ok_and(|s| self.gdt.valid_stack_selector(s, 1));
+        let user_top = base(self.ss1).wrapping_add(self.esp1);
+        let user_frame = user_top.checked_sub(20).filter(|_| user_top <= limit);
+        let (ss1, user_frame) = match user_frame {
+            Some(low) if ss1_ok => (self.ss1, low),
+            _ => (0, 0),
+        };
+        let gate = |vector: u32| {
+            let Some(g) = self.idt.get(vector as usize).filter(|g| g.present()) else {
+                return StubGate(0);
+            };
+            let dpl = u32::from(g.dpl());
+            let mut bits = u64::from(g.offset());
+            if kss != 0 && dpl >= 1 {
+                bits |= StubGate::FROM_KERNEL;
+            }
+            if ss1 != 0 && dpl >= 3 {
+                bits |= StubGate::FROM_USER;
+            }
+            if g.gate_type() == IDT_TYPE_INTERRUPT {
+                bits |= StubGate::INTERRUPT;
+            }
+            StubGate(bits)
+        };
         Some(StubView {
             trivial: TRIVIAL_HCALLS,
             ring_status: ld
                 .wrapping_add(LguestData::OFF_HCALL_STATUS)
                 .wrapping_add(slot),
             pending: self.pending,
+            irq_enabled: ld.wrapping_add(LguestData::OFF_IRQ_ENABLED),
+            kss,
+            kss_base: base(kss),
+            ss1,
+            user_frame,
+            user_esp: self.esp1.wrapping_sub(20),
+            limit,
+            gates: STUB_VECTORS.map(gate),
         })
     }
 
@@ -924,6 +1126,7 @@ impl Vcpu {
             end,
             low,
             ss,
+            esp: esp.wrapping_sub(bytes),
         })
     }
 
@@ -942,7 +1145,7 @@ impl Vcpu {
         let r = &mut self.regs;
         r.eflags = sanitize_eflags(r.eflags & !(EFLAGS_TF | EFLAGS_VM | EFLAGS_RF | EFLAGS_NT));
         r.ss = f.ss;
-        r.esp = f.low;
+        r.esp = f.esp;
         r.cs = u32::from(KERNEL_CS);
         r.eip = gate.offset();
         ok && (gate.gate_type() != IDT_TYPE_INTERRUPT

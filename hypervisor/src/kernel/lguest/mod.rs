@@ -69,9 +69,15 @@ pub fn init_cpu() {
         switch::hcall_stub as *const () as u64,
         1,
     );
-    for v in [3u8, 4, 0x80] {
-        idt::set_gate_dpl(v, 3);
-    }
+    // `int3` and the system call enter through stubs that reflect them to
+    // the guest's gate themselves when they can.
+    idt::set_gate_handler(3, switch::int3_stub as *const () as u64, 3);
+    idt::set_gate_handler(
+        guest_abi::irq::SYSCALL_VECTOR as u8,
+        switch::syscall_stub as *const () as u64,
+        3,
+    );
+    idt::set_gate_dpl(4, 3);
     // CR4.UMIP (if CPUID.(7,0):ECX[2]): sgdt/sidt/smsw/str/sldt outside
     // ring 0 raise #GP(0), and the vCPU answers with guest-view values.
     let umip = u64::from(cpuid(0).eax >= 7 && cpuid(7).ecx & (1 << 2) != 0);
@@ -370,11 +376,25 @@ fn merge_pending(r: &mut Running) {
     }
 }
 
-/// Tells the hypercall stub what it may answer for this guest until its next
-/// exit (nothing if the vCPU says so, or if the ring status byte were not
-/// guest memory, which INIT already ruled out).
+/// Tells the hypercall and reflection stubs what they may do for this guest
+/// until its next exit that reaches Rust (nothing if the vCPU says so).
 fn arm_stub(r: &Running) {
-    let arm = r.vcpu.stub_view().and_then(|v| {
+    let arm = r.vcpu.stub_view(r.mem.limit()).and_then(|v| {
+        // The view's addresses are inside guest memory by construction
+        // (INIT checked lguest_data; the user frame was checked against the
+        // limit); checked once more here, where they become host addresses.
+        let user_len = if v.ss1 != 0 { 20 } else { 0 };
+        let reflect = switch::ReflectArm {
+            mem_base: r.mem.host_addr(0, 0)?,
+            limit: v.limit.min(r.mem.limit()),
+            irq_enabled: r.mem.host_addr(v.irq_enabled, 4)?,
+            kss: v.kss,
+            kss_base: v.kss_base,
+            user_frame: r.mem.host_addr(v.user_frame, user_len)?,
+            user_esp: v.user_esp,
+            ss1: v.ss1,
+            gates: v.gates,
+        };
         Some(switch::StubArm {
             trivial: v.trivial,
             ring_status: r.mem.host_addr(v.ring_status, 1)?,
@@ -382,9 +402,10 @@ fn arm_stub(r: &Running) {
             vcpu_irqs: v.pending,
             cs: r.vcpu.regs.cs,
             ss: r.vcpu.regs.ss,
+            reflect: Some(reflect),
         })
     });
-    switch::arm_hcall_stub(arm);
+    switch::arm_stubs(arm);
 }
 
 /// The run loop's exit handler on the trap stack (`fastpath=on`; interrupts

@@ -189,6 +189,7 @@ fn probe_stub_arm(ss: u32) -> switch::StubArm {
         vcpu_irqs: 0,
         cs: u32::from(KERNEL_CS),
         ss,
+        reflect: None,
     }
 }
 
@@ -331,7 +332,7 @@ fn native_roundtrip_of(
     // Host interrupts (the timer) may interrupt the probe; retry the run then.
     for _ in 0..8 {
         if which == ProbeCode::Hcall {
-            switch::arm_hcall_stub(Some(probe_stub_arm(u32::from(KERNEL_DS))));
+            switch::arm_stubs(Some(probe_stub_arm(u32::from(KERNEL_DS))));
         }
         // No fast handler: every exit comes back here.
         let exit = probe.run(None);
@@ -371,7 +372,7 @@ pub fn entry_fault_selftest() -> Result<[u32; 2], &'static str> {
         true
     }
     fn into_stub(_ctx: *mut (), _exit: &switch::ExitInfo, _full: bool) -> bool {
-        switch::arm_hcall_stub(Some(probe_stub_arm(u32::from(BAD_SS))));
+        switch::arm_stubs(Some(probe_stub_arm(u32::from(BAD_SS))));
         // Build the frame `int 0x1f` from the probe would have pushed (SS,
         // ESP, RFLAGS, CS, EIP), with the bad SS, and enter the stub with
         // eax = FLUSH_ASYNC, as the CPU would. The stub's `iretq` faults; the

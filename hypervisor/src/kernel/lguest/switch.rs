@@ -36,10 +36,16 @@
 
 use core::arch::naked_asm;
 use core::cell::UnsafeCell;
+use core::mem::offset_of;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use guest_abi::hcall::HCALL_STATUS_EMPTY;
-use rustyvisor::lguest::vcpu::{EFLAGS_GUEST_MASK, ENTRY_FAULT_TRAPNUM, Regs, sanitize_eflags};
+use guest_abi::irq::X86_EFLAGS_IF;
+use guest_abi::seg::KERNEL_CS;
+use rustyvisor::lguest::vcpu::{
+    EFLAGS_GUEST_MASK, EFLAGS_NT, EFLAGS_RF, EFLAGS_TF, EFLAGS_VM, ENTRY_FAULT_TRAPNUM, Regs,
+    StubGate, sanitize_eflags,
+};
 
 use crate::kernel::arch::cpu;
 use crate::kernel::arch::trap::TrapFrame;
@@ -88,24 +94,83 @@ static STATE: SwitchCell = SwitchCell(UnsafeCell::new(SwitchState {
 static EXITS: AtomicU64 = AtomicU64::new(0);
 static FAST_EXITS: AtomicU64 = AtomicU64::new(0);
 
-// What the hypercall stub ([`hcall_stub`]) reads; written only by
-// [`arm_hcall_stub`] before the guest runs, read only by the stub while it
-// runs (single CPU, so plain relaxed atomics suffice: they are just memory
-// the asm can address).
-/// Bit n: the stub may answer call n now (0: the stub answers nothing).
-static STUB_TRIVIAL: AtomicU32 = AtomicU32::new(0);
-/// Host address of `lguest_data.hcall_status[cursor]` of the running guest.
-static STUB_RING: AtomicU64 = AtomicU64::new(0);
-/// Host address of the running guest's interrupt-raised pending irqs.
-static STUB_IRQS: AtomicU64 = AtomicU64::new(0);
-/// The vCPU's own pending irqs.
-static STUB_VCPU_IRQS: AtomicU32 = AtomicU32::new(0);
-/// The CS and SS the guest was last entered with (validated then): the stub
-/// answers only from exactly those.
-static STUB_CS: AtomicU32 = AtomicU32::new(0);
-static STUB_SS: AtomicU32 = AtomicU32::new(0);
-/// Calls the stub answered.
-static STUB_ANSWERED: AtomicU64 = AtomicU64::new(0);
+/// What the hypercall and reflection stubs read, in one block the asm
+/// addresses by field offset: written only by [`arm_stubs`] before the guest
+/// runs (interrupts off), read (and the counters written) only by the stubs
+/// while it runs, on this one CPU.
+#[repr(C)]
+struct Armed {
+    /// Bit n: the hypercall stub may answer call n now (0: it answers
+    /// nothing).
+    trivial: u32,
+    /// The vCPU's own pending irqs.
+    vcpu_irqs: u32,
+    /// The CS and SS the guest was last entered with (validated then): the
+    /// hypercall stub answers only from exactly those.
+    cs: u32,
+    ss: u32,
+    /// Host address of `lguest_data.hcall_status[cursor]`.
+    ring: u64,
+    /// Host address of the guest's interrupt-raised pending irqs (a zero
+    /// word while disarmed).
+    irqs: u64,
+    /// Host address of guest-physical 0.
+    mem_base: u64,
+    /// Host address of `lguest_data.irq_enabled`.
+    irq_enabled: u64,
+    /// The frame bound `[0, limit)`, the kernel-mode stack segment and its
+    /// base (see `StubView`).
+    limit: u32,
+    kss: u32,
+    kss_base: u32,
+    _pad: u32,
+    /// Host address of the user-mode trap frame; the handler's ESP and SS
+    /// after a user-mode trap (zero-extended: stored as they are).
+    user_frame: u64,
+    user_esp: u64,
+    ss1: u64,
+    /// Per [`STUB_VECTORS`]: the handler's EIP (zero-extended) and the
+    /// `StubGate` bits 32.. (`FROM_KERNEL` = 1, `FROM_USER` = 2,
+    /// `INTERRUPT` = 4); 0 = the full path decides.
+    gate_eip: [u64; 2],
+    gate_bits: [u32; 2],
+    /// Calls the hypercall stub answered; traps the reflection stubs
+    /// reflected.
+    answered: u64,
+    reflected: u64,
+}
+
+struct ArmedCell(UnsafeCell<Armed>);
+
+// SAFETY: only the boot CPU touches it: `arm_stubs` with interrupts off and
+// no guest running, the stubs while a guest runs (interrupts off), so
+// accesses never overlap.
+unsafe impl Sync for ArmedCell {}
+
+/// The zero word `Armed::irqs` points at while disarmed.
+static NO_IRQS: AtomicU32 = AtomicU32::new(0);
+
+static ARMED: ArmedCell = ArmedCell(UnsafeCell::new(Armed {
+    trivial: 0,
+    vcpu_irqs: 0,
+    cs: 0,
+    ss: 0,
+    ring: 0,
+    irqs: 0,
+    mem_base: 0,
+    irq_enabled: 0,
+    limit: 0,
+    kss: 0,
+    kss_base: 0,
+    _pad: 0,
+    user_frame: 0,
+    user_esp: 0,
+    ss1: 0,
+    gate_eip: [0; 2],
+    gate_bits: [0; 2],
+    answered: 0,
+    reflected: 0,
+}));
 
 /// What the last exit was, besides its trap number.
 #[derive(Debug, Clone, Copy)]
@@ -147,7 +212,7 @@ pub unsafe fn run(regs: *mut Regs, fast: Option<(FastHandler, *mut ())>) -> Exit
         (*state).ctx = fast.map_or(core::ptr::null_mut(), |(_, c)| c);
         enter_guest(state.cast::<u64>())
     };
-    arm_hcall_stub(None);
+    arm_stubs(None);
     // SAFETY: the trap path wrote these before returning here; we are back in
     // host context on the only CPU.
     let (errcode, cr2) = unsafe {
@@ -166,15 +231,19 @@ pub unsafe fn run(regs: *mut Regs, fast: Option<(FastHandler, *mut ())>) -> Exit
 /// they landed (by the hypercall stub or on the trap stack) and went straight
 /// back into the guest.
 pub fn exits() -> (u64, u64) {
-    let stub = STUB_ANSWERED.load(Ordering::Relaxed);
+    let a = ARMED.0.get();
+    // SAFETY: plain reads of two counters from host context; the stubs
+    // that write them run only while a guest runs on this CPU, not now.
+    let stub = unsafe { (*a).answered.wrapping_add((*a).reflected) };
     (
         EXITS.load(Ordering::Relaxed) + stub,
         FAST_EXITS.load(Ordering::Relaxed) + stub,
     )
 }
 
-/// What the hypercall stub may answer for the guest about to run (see
-/// [`rustyvisor::lguest::vcpu::StubView`]), with the host addresses it reads.
+/// What the stubs may do for the guest about to run (see
+/// [`rustyvisor::lguest::vcpu::StubView`]), with host addresses for its
+/// guest-physical ones.
 #[derive(Debug, Clone, Copy)]
 pub struct StubArm {
     /// Bit n: call n is a no-op now.
@@ -189,24 +258,74 @@ pub struct StubArm {
     pub cs: u32,
     /// See `cs`.
     pub ss: u32,
+    /// What the reflection stubs may do (`None`: nothing).
+    pub reflect: Option<ReflectArm>,
 }
 
-/// Lets the hypercall stub answer trivial calls for the guest about to run
-/// (`Some`), or sends every call the full way (`None`). The world switch
-/// disarms it whenever it returns to the run loop, so the stub never answers
-/// for a guest that is not running.
-pub fn arm_hcall_stub(arm: Option<StubArm>) {
-    match arm {
-        Some(a) => {
-            STUB_RING.store(a.ring_status, Ordering::Relaxed);
-            STUB_IRQS.store(a.irqs.as_ptr() as u64, Ordering::Relaxed);
-            STUB_VCPU_IRQS.store(a.vcpu_irqs, Ordering::Relaxed);
-            STUB_CS.store(a.cs, Ordering::Relaxed);
-            STUB_SS.store(a.ss, Ordering::Relaxed);
-            // Last: until now the stub answered nothing (or the same guest).
-            STUB_TRIVIAL.store(a.trivial, Ordering::Relaxed);
-        }
-        None => STUB_TRIVIAL.store(0, Ordering::Relaxed),
+/// The reflection stubs' part of a [`StubArm`]: the view's fields, with
+/// host addresses.
+#[derive(Debug, Clone, Copy)]
+pub struct ReflectArm {
+    /// Host address of guest-physical 0; guest-physical `[0, limit)` is
+    /// host `[mem_base, mem_base + limit)`.
+    pub mem_base: u64,
+    /// See `mem_base`.
+    pub limit: u32,
+    /// Host address of `lguest_data.irq_enabled` (inside guest RAM).
+    pub irq_enabled: u64,
+    /// `StubView::kss`, `kss_base`.
+    pub kss: u32,
+    /// See `kss`.
+    pub kss_base: u32,
+    /// Host address of the user-mode frame (20 bytes inside guest RAM when
+    /// `ss1 != 0`).
+    pub user_frame: u64,
+    /// `StubView::user_esp`, `ss1`.
+    pub user_esp: u32,
+    /// See `user_esp`.
+    pub ss1: u32,
+    /// `StubView::gates`.
+    pub gates: [StubGate; 2],
+}
+
+/// Lets the stubs answer for the guest about to run (`Some`), or sends
+/// every exit the full way (`None`). The world switch disarms them whenever
+/// it returns to the run loop, so they never act for a guest that is not
+/// running. Call with no guest running on this CPU.
+pub fn arm_stubs(arm: Option<StubArm>) {
+    let a = ARMED.0.get();
+    // SAFETY: see `ArmedCell`: no stub runs while this writes (no guest is
+    // running on this CPU).
+    unsafe {
+        // First off, then the addresses, then on: a half-written block is
+        // never acted upon.
+        (*a).trivial = 0;
+        (*a).gate_bits = [0; 2];
+        let Some(arm) = arm else {
+            (*a).irqs = NO_IRQS.as_ptr() as u64;
+            return;
+        };
+        (*a).vcpu_irqs = arm.vcpu_irqs;
+        (*a).cs = arm.cs;
+        (*a).ss = arm.ss;
+        (*a).ring = arm.ring_status;
+        (*a).irqs = arm.irqs.as_ptr() as u64;
+        (*a).trivial = arm.trivial;
+        // With an irq pending, a reflection would be followed by its
+        // delivery: the full path does both.
+        let Some(r) = arm.reflect.filter(|_| arm.vcpu_irqs == 0) else {
+            return;
+        };
+        (*a).mem_base = r.mem_base;
+        (*a).irq_enabled = r.irq_enabled;
+        (*a).limit = r.limit;
+        (*a).kss = r.kss;
+        (*a).kss_base = r.kss_base;
+        (*a).user_frame = r.user_frame;
+        (*a).user_esp = u64::from(r.user_esp);
+        (*a).ss1 = u64::from(r.ss1);
+        (*a).gate_eip = r.gates.map(|g| u64::from(g.eip()));
+        (*a).gate_bits = r.gates.map(|g| (g.0 >> 32) as u32);
     }
 }
 
@@ -239,28 +358,28 @@ pub unsafe extern "C" fn hcall_stub() {
         "push rcx",
         "cmp eax, 31",
         "ja 3f",
-        "mov ecx, dword ptr [rip + {trivial}]",
+        "mov ecx, dword ptr [rip + {armed} + {trivial}]",
         "bt ecx, eax",
         "jnc 3f",
-        "mov rcx, qword ptr [rip + {ring}]",
+        "mov rcx, qword ptr [rip + {armed} + {ring}]",
         "cmp byte ptr [rcx], {empty}",
         "jne 3f",
-        "mov rcx, qword ptr [rip + {irqs}]",
+        "mov rcx, qword ptr [rip + {armed} + {irqs}]",
         "cmp dword ptr [rcx], 0",
         "jne 3f",
-        "cmp dword ptr [rip + {vcpu_irqs}], 0",
+        "cmp dword ptr [rip + {armed} + {vcpu_irqs}], 0",
         "jne 3f",
         // The saved CS is at [rsp + 24], SS at [rsp + 48] (above rax, rcx).
         "mov ecx, dword ptr [rsp + 24]",
-        "cmp ecx, dword ptr [rip + {cs}]",
+        "cmp ecx, dword ptr [rip + {armed} + {cs}]",
         "jne 3f",
         "mov ecx, dword ptr [rsp + 48]",
-        "cmp ecx, dword ptr [rip + {ss}]",
+        "cmp ecx, dword ptr [rip + {armed} + {ss}]",
         "jne 3f",
         // The saved RFLAGS is at [rsp + 32] (above rax, rcx, RIP and CS).
         "and dword ptr [rsp + 32], {mask}",
         "or dword ptr [rsp + 32], 0x202",
-        "inc qword ptr [rip + {answered}]",
+        "inc qword ptr [rip + {armed} + {answered}]",
         "pop rcx",
         "pop rax",
         ".globl rv_hcall_iret",
@@ -275,18 +394,171 @@ pub unsafe extern "C" fn hcall_stub() {
         "push 0",
         "push 0x1f",
         "jmp {common}",
-        trivial = sym STUB_TRIVIAL,
-        ring = sym STUB_RING,
-        irqs = sym STUB_IRQS,
-        vcpu_irqs = sym STUB_VCPU_IRQS,
-        cs = sym STUB_CS,
-        ss = sym STUB_SS,
-        answered = sym STUB_ANSWERED,
+        armed = sym ARMED,
+        trivial = const offset_of!(Armed, trivial),
+        ring = const offset_of!(Armed, ring),
+        irqs = const offset_of!(Armed, irqs),
+        vcpu_irqs = const offset_of!(Armed, vcpu_irqs),
+        cs = const offset_of!(Armed, cs),
+        ss = const offset_of!(Armed, ss),
+        answered = const offset_of!(Armed, answered),
         empty = const HCALL_STATUS_EMPTY,
         mask = const EFLAGS_GUEST_MASK,
         common = sym crate::kernel::arch::trap::trap_common,
     )
 }
+
+/// One reflection stub: the entry point of the guest-callable gate of
+/// `STUB_VECTORS[$i]` (vector `$vector`, no error code), implementing
+/// `StubView::reflect` (the host-tested model; read the two side by side).
+///
+/// With only rcx and rdx saved (the hardware frame is then at `rsp + 16`:
+/// RIP +16, CS +24, RFLAGS +32, RSP +40, SS +48), it checks, in order: the
+/// trap came from the guest kernel (CS RPL 1) or user mode (RPL 3; RPL 0 is
+/// the host itself: full path); the gate allows that CPL (its bits were
+/// cleared when armed with an irq pending); no irq was raised from interrupt
+/// context since; for a kernel-mode trap, SS is the validated one and the
+/// 3-word frame lies inside guest memory (for a user-mode one, the 5-word
+/// frame on the `SET_STACK` stack was checked when armed). Only then does it
+/// write: the frame words (EFLAGS with the virtual IF), `irq_enabled` = 0
+/// for an interrupt gate, and the hardware frame (the gate's EIP, the guest
+/// kernel CS, sanitised EFLAGS without TF/VM/RF/NT, the new ESP and SS),
+/// and `iretq`s — inside the entry-fault window, like every return into a
+/// guest. Otherwise it falls into the generic path exactly as the generic
+/// stub of the vector would.
+macro_rules! reflect_stub {
+    ($name:ident, $vector:expr, $i:expr, $iret:literal, $iret_end:literal) => {
+        #[unsafe(naked)]
+        pub unsafe extern "C" fn $name() {
+            naked_asm!(
+                "push rcx",
+                "push rdx",
+                "mov ecx, dword ptr [rsp + 24]",
+                "test cl, 2",
+                "jnz 5f",
+                "test cl, 1",
+                "jz 8f",
+                // From the guest kernel: on the validated stack segment,
+                // the frame below ESP inside guest memory.
+                "test byte ptr [rip + {armed} + {bits}], 1",
+                "jz 8f",
+                "mov edx, dword ptr [rsp + 48]",
+                "cmp edx, dword ptr [rip + {armed} + {kss}]",
+                "jne 8f",
+                "mov rdx, qword ptr [rip + {armed} + {irqs}]",
+                "cmp dword ptr [rdx], 0",
+                "jne 8f",
+                "mov edx, dword ptr [rsp + 40]",
+                "add edx, dword ptr [rip + {armed} + {kss_base}]",
+                "cmp edx, dword ptr [rip + {armed} + {limit}]",
+                "ja 8f",
+                "sub edx, 12",
+                "jb 8f",
+                // Decided. EFLAGS with the virtual IF into ecx.
+                "mov ecx, dword ptr [rsp + 32]",
+                "add rdx, qword ptr [rip + {armed} + {mem_base}]",
+                "push rdx",
+                "mov rdx, qword ptr [rip + {armed} + {ie}]",
+                "test dword ptr [rdx], {if_}",
+                "pop rdx",
+                "jnz 1f",
+                "and ecx, {not_if}",
+                "1:",
+                "mov dword ptr [rdx + 8], ecx",
+                "mov ecx, dword ptr [rsp + 16]",
+                "mov dword ptr [rdx], ecx",
+                "mov ecx, dword ptr [rsp + 24]",
+                "mov dword ptr [rdx + 4], ecx",
+                "sub dword ptr [rsp + 40], 12",
+                "jmp 6f",
+                // From user mode: onto the SET_STACK stack (checked when
+                // armed).
+                "5:",
+                "test byte ptr [rip + {armed} + {bits}], 2",
+                "jz 8f",
+                "mov rdx, qword ptr [rip + {armed} + {irqs}]",
+                "cmp dword ptr [rdx], 0",
+                "jne 8f",
+                // Decided. EFLAGS with the virtual IF into ecx.
+                "mov ecx, dword ptr [rsp + 32]",
+                "mov rdx, qword ptr [rip + {armed} + {ie}]",
+                "test dword ptr [rdx], {if_}",
+                "jnz 1f",
+                "and ecx, {not_if}",
+                "1:",
+                "mov rdx, qword ptr [rip + {armed} + {uframe}]",
+                "mov dword ptr [rdx + 8], ecx",
+                "mov ecx, dword ptr [rsp + 16]",
+                "mov dword ptr [rdx], ecx",
+                "mov ecx, dword ptr [rsp + 24]",
+                "mov dword ptr [rdx + 4], ecx",
+                "mov ecx, dword ptr [rsp + 40]",
+                "mov dword ptr [rdx + 12], ecx",
+                "mov ecx, dword ptr [rsp + 48]",
+                "mov dword ptr [rdx + 16], ecx",
+                "mov rcx, qword ptr [rip + {armed} + {uesp}]",
+                "mov qword ptr [rsp + 40], rcx",
+                "mov rcx, qword ptr [rip + {armed} + {ss1}]",
+                "mov qword ptr [rsp + 48], rcx",
+                // Both: the gate.
+                "6:",
+                "test byte ptr [rip + {armed} + {bits}], 4",
+                "jz 2f",
+                "mov rdx, qword ptr [rip + {armed} + {ie}]",
+                "mov dword ptr [rdx], 0",
+                "2:",
+                "mov rcx, qword ptr [rip + {armed} + {eip}]",
+                "mov qword ptr [rsp + 16], rcx",
+                "mov qword ptr [rsp + 24], {kernel_cs}",
+                "and dword ptr [rsp + 32], {mask}",
+                "or dword ptr [rsp + 32], 0x202",
+                "inc qword ptr [rip + {armed} + {reflected}]",
+                "pop rdx",
+                "pop rcx",
+                concat!(".globl ", $iret),
+                concat!($iret, ":"),
+                "iretq",
+                concat!(".globl ", $iret_end),
+                concat!($iret_end, ":"),
+                // The full path: what the generic stub of the vector does.
+                "8:",
+                "pop rdx",
+                "pop rcx",
+                "push 0",
+                "push {vector}",
+                "jmp {common}",
+                armed = sym ARMED,
+                bits = const offset_of!(Armed, gate_bits) + 4 * $i,
+                eip = const offset_of!(Armed, gate_eip) + 8 * $i,
+                kss = const offset_of!(Armed, kss),
+                kss_base = const offset_of!(Armed, kss_base),
+                limit = const offset_of!(Armed, limit),
+                irqs = const offset_of!(Armed, irqs),
+                mem_base = const offset_of!(Armed, mem_base),
+                ie = const offset_of!(Armed, irq_enabled),
+                uframe = const offset_of!(Armed, user_frame),
+                uesp = const offset_of!(Armed, user_esp),
+                ss1 = const offset_of!(Armed, ss1),
+                reflected = const offset_of!(Armed, reflected),
+                if_ = const X86_EFLAGS_IF,
+                not_if = const !X86_EFLAGS_IF,
+                kernel_cs = const KERNEL_CS,
+                mask = const EFLAGS_GUEST_MASK & !(EFLAGS_TF | EFLAGS_VM | EFLAGS_RF | EFLAGS_NT),
+                vector = const $vector,
+                common = sym crate::kernel::arch::trap::trap_common,
+            )
+        }
+    };
+}
+
+reflect_stub!(int3_stub, 3, 0, "rv_int3_iret", "rv_int3_iret_end");
+reflect_stub!(
+    syscall_stub,
+    0x80,
+    1,
+    "rv_syscall_iret",
+    "rv_syscall_iret_end"
+);
 
 /// Enters the guest. `state` points at [`SwitchState`] (host_rsp at +0, regs
 /// pointer at +8). Returns the trap number when the guest exits.
@@ -372,11 +644,18 @@ unsafe extern "C" {
     static rv_guest_return_end: u8;
     static rv_hcall_iret: u8;
     static rv_hcall_iret_end: u8;
+    static rv_int3_iret: u8;
+    static rv_int3_iret_end: u8;
+    static rv_syscall_iret: u8;
+    static rv_syscall_iret_end: u8;
 }
 
-/// Whether `rip` is the hypercall stub's `iretq`.
+/// Whether `rip` is the `iretq` of the hypercall stub or a reflection stub.
 fn in_stub_iret(rip: u64) -> bool {
-    (&raw const rv_hcall_iret as u64..&raw const rv_hcall_iret_end as u64).contains(&rip)
+    let at = |begin: *const u8, end: *const u8| (begin as u64..end as u64).contains(&rip);
+    at(&raw const rv_hcall_iret, &raw const rv_hcall_iret_end)
+        || at(&raw const rv_int3_iret, &raw const rv_int3_iret_end)
+        || at(&raw const rv_syscall_iret, &raw const rv_syscall_iret_end)
 }
 
 /// Whether a CPL-0 fault at `rip` happened while loading guest state: in

@@ -1307,9 +1307,9 @@ fn every_vcpu_has_its_own_instance_and_gdt_key() {
 #[test]
 fn stub_view_only_for_a_running_initialised_guest() {
     let t = T::fresh();
-    assert_eq!(t.v.stub_view(), None, "before INIT");
+    assert_eq!(t.v.stub_view(MEM), None, "before INIT");
     let mut t = T::init();
-    let view = t.v.stub_view().expect("after INIT");
+    let view = t.v.stub_view(MEM).expect("after INIT");
     assert_eq!(view.ring_status, LD + LguestData::OFF_HCALL_STATUS);
     assert_eq!(view.pending, 0);
     for nr in [LHCALL_FLUSH_ASYNC, LHCALL_SEND_INTERRUPTS, LHCALL_FLUSH_TLB] {
@@ -1331,14 +1331,14 @@ fn stub_view_only_for_a_running_initialised_guest() {
         assert_eq!(view.trivial & (1 << nr), 0, "{nr} is not trivial");
     }
     t.v.set_irq(3);
-    assert_eq!(t.v.stub_view().map(|v| v.pending), Some(1 << 3));
+    assert_eq!(t.v.stub_view(MEM).map(|v| v.pending), Some(1 << 3));
     // Halted, dead: every call takes the full path.
     let mut t = T::init();
     assert_eq!(t.hcall(LHCALL_HALT, 0, 0, 0), Action::Halt);
-    assert_eq!(t.v.stub_view(), None);
+    assert_eq!(t.v.stub_view(MEM), None);
     let mut t = T::init();
     t.hcall(99, 0, 0, 0);
-    assert_eq!(t.v.stub_view(), None);
+    assert_eq!(t.v.stub_view(MEM), None);
 }
 
 #[test]
@@ -1347,7 +1347,7 @@ fn stub_view_follows_the_ring_cursor() {
     t.queue(0, [LHCALL_SEND_INTERRUPTS, 0, 0, 0, 0]);
     t.queue(1, [LHCALL_SEND_INTERRUPTS, 0, 0, 0, 0]);
     assert_eq!(t.hcall(LHCALL_FLUSH_ASYNC, 0, 0, 0), Action::Resume);
-    let view = t.v.stub_view().unwrap();
+    let view = t.v.stub_view(MEM).unwrap();
     assert_eq!(view.ring_status, LD + LguestData::off_hcall_status(2));
 }
 
@@ -1357,7 +1357,9 @@ fn stub_view_follows_the_ring_cursor() {
 fn the_full_path_changes_nothing_for_a_call_the_stub_answers() {
     for nr in 0..32 {
         let mut t = T::init();
-        let view = t.v.stub_view().unwrap();
+        // As the stub is armed: after an entry check.
+        assert_eq!(t.prepare(), Action::Resume);
+        let view = t.v.stub_view(MEM).unwrap();
         if view.trivial & (1 << nr) == 0 {
             continue;
         }
@@ -1381,7 +1383,7 @@ fn the_full_path_changes_nothing_for_a_call_the_stub_answers() {
         assert_eq!(t.v.regs, expected, "call {nr}");
         assert!(t.m == mem, "call {nr} wrote guest memory");
         assert!(t.e.clock.is_empty() && t.e.ts.is_empty(), "call {nr}");
-        assert_eq!(t.v.stub_view(), Some(view), "call {nr}");
+        assert_eq!(t.v.stub_view(MEM), Some(view), "call {nr}");
     }
 }
 
@@ -1398,7 +1400,7 @@ fn assert_same_as_full_path(case: u32, exit: Exit, v: &Vcpu, m: &VecMemory, t: &
     assert_eq!(v.regs, t.v.regs, "case {case}: registers");
     assert!(*m == t.m, "case {case}: guest memory");
     assert_eq!(v.pending, t.v.pending, "case {case}: pending");
-    assert_eq!(v.stub_view(), t.v.stub_view(), "case {case}");
+    assert_eq!(v.stub_view(MEM), t.v.stub_view(MEM), "case {case}");
     assert!(!v.is_dead(), "case {case}");
 }
 
@@ -1780,4 +1782,111 @@ fn in_from_16bit_code() {
         umip(&mut t, code);
         assert_eq!(t.v.regs.eax, want, "{code:x?}");
     }
+}
+
+/// Random guests, random `int3`/`int $0x80` traps: whenever the reflection
+/// stubs' model ([`StubView::reflect`], armed as the run loop arms it: after
+/// an entry) takes a trap, the frame registers and guest memory are exactly
+/// what `handle_exit` then `prepare_entry` produce; whenever it declines,
+/// it changed nothing.
+#[test]
+fn stub_reflect_is_the_full_path_or_nothing() {
+    let mut rng = crate::testutil::Rng(0x51ab_c0de_2024_0007);
+    let mut taken = [0u32; 2];
+    let mut declined = 0u32;
+    // A CPL-1 data segment with base 0x4000 in GDT slot 20 (selector 0xa1).
+    let based: u64 = 0x00CF_B200_4000_FFFF;
+    for case in 0..4000 {
+        let mut r = |n: u64| rng.next_u64() % n;
+        let mut t = T::init();
+        for &v in &[3u32, 0x80, 0x20] {
+            if r(5) != 0 {
+                let ty = if r(2) == 0 {
+                    IDT_TYPE_INTERRUPT
+                } else {
+                    IDT_TYPE_TRAP
+                };
+                t.gate(v, 0x2000 + v, ty, [1u8, 3, 3, 0][r(4) as usize]);
+            }
+        }
+        t.user_segments();
+        assert_eq!(
+            t.hcall(
+                LHCALL_LOAD_GDT_ENTRY,
+                20,
+                based as u32,
+                (based >> 32) as u32
+            ),
+            Action::Resume
+        );
+        if r(4) != 0 {
+            let ss = [u32::from(KERNEL_DS), 0xa1, u32::from(USER_DS)][r(3) as usize];
+            let esp = [KSTACK, 8, 20, MEM, MEM - 0x4000, 0][r(6) as usize];
+            t.hcall(LHCALL_SET_STACK, ss, esp, 1);
+        }
+        if r(3) == 0 {
+            t.v.regs.ss = 0xa1;
+        }
+        if r(6) == 0 {
+            t.v.set_irq(r(3) as u32);
+        }
+        // Entered (and the stubs armed) like the run loop does it.
+        if t.prepare() != Action::Resume {
+            continue;
+        }
+        let Some(view) = t.v.stub_view(MEM) else {
+            continue;
+        };
+        // Then the guest runs on without exits: maybe `iret`s to user
+        // mode, moves its stack, loads another stack segment.
+        t.set_ld(
+            LguestData::OFF_IRQ_ENABLED,
+            if r(2) == 0 { X86_EFLAGS_IF } else { 0 },
+        );
+        if r(3) == 0 {
+            t.user_mode();
+        } else if r(6) == 0 {
+            t.v.regs.ss = [u32::from(KERNEL_DS), 0xa1][r(2) as usize];
+        }
+        t.v.regs.esp = [KSTACK, 12, 0, MEM, MEM - 4, 0xFFFF_FFF0, 0xFFFF_C010][r(7) as usize];
+        t.v.regs.eip = 0x1_2345;
+        t.v.regs.eflags = 0x202 | (r(0x1_0000) as u32 & 0x4DD5);
+        let raised = if r(8) == 0 { 1 << r(3) } else { 0 };
+        let vector = [3u32, 0x80][r(2) as usize];
+        let r0 = t.v.regs;
+        let hw0 = HwFrame {
+            eip: r0.eip,
+            cs: r0.cs,
+            eflags: r0.eflags,
+            esp: r0.esp,
+            ss: r0.ss,
+        };
+        let mut hw = hw0;
+        let mut m = t.m.clone();
+        if view.reflect(vector, &mut hw, raised, &mut m) {
+            taken[usize::from(r0.cs & 3 == 3)] += 1;
+            let a = t.trap(vector, 0);
+            let b = t.prepare();
+            assert_eq!((a, b), (Action::Resume, Action::Resume), "case {case}");
+            let v = t.v.regs;
+            let full = HwFrame {
+                eip: v.eip,
+                cs: v.cs,
+                eflags: v.eflags,
+                esp: v.esp,
+                ss: v.ss,
+            };
+            assert_eq!(hw, full, "case {case}: frame registers");
+            assert!(m == t.m, "case {case}: guest memory");
+            assert_eq!(t.v.pending_irqs(), 0, "case {case}");
+        } else {
+            declined += 1;
+            assert_eq!(hw, hw0, "case {case}: declined but changed the frame");
+            assert!(m == t.m, "case {case}: declined but wrote memory");
+        }
+    }
+    assert!(
+        taken[0] > 200 && taken[1] > 60 && declined > 200,
+        "taken {taken:?}, declined {declined}"
+    );
 }
