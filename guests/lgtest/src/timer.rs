@@ -15,7 +15,7 @@
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
-use lguest_rt::guest_abi::{FIRST_EXTERNAL_VECTOR, Timespec32};
+use lguest_rt::guest_abi::{FIRST_EXTERNAL_VECTOR, LHCALL_SEND_INTERRUPTS, Timespec32};
 use lguest_rt::sync::IrqCell;
 use lguest_rt::trap::set_irq_handler;
 use lguest_rt::{BootInfo, TrapFrame, check, check_eq, hcall, irq};
@@ -66,6 +66,7 @@ pub fn run(_boot: &BootInfo) {
     irq::unmask(0);
     periodic();
     irqs_off();
+    noirq_window();
     blocked();
     irq::mask(0);
     set_irq_handler(0, None);
@@ -158,6 +159,28 @@ fn irqs_off() {
         "irqs on: delivered exactly once"
     );
     check_eq!(irq::pending(), 0, "irq_pending cleared after delivery");
+}
+
+/// A pending irq is not delivered to a hypercall made from inside the
+/// paravirt `iret`'s no-interrupt window, even with interrupts on; the next
+/// hypercall from outside gets it.
+fn noirq_window() {
+    COUNT.store(0, Ordering::Relaxed);
+    check!(pending_with_irqs_off(), "noirq: expired timer pending");
+    // Interrupts on without asking for the pending one yet.
+    irq::enable_quietly();
+    lguest_rt::trap::noirq_hypercall(LHCALL_SEND_INTERRUPTS);
+    check_eq!(
+        COUNT.load(Ordering::Relaxed),
+        0,
+        "noirq: nothing delivered inside the no-irq window"
+    );
+    hcall::send_interrupts();
+    check_eq!(
+        COUNT.load(Ordering::Relaxed),
+        1,
+        "noirq: delivered after the window"
+    );
 }
 
 fn blocked() {

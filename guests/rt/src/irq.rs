@@ -95,6 +95,15 @@ pub fn enable() {
     restore(IrqFlags(X86_EFLAGS_IF));
 }
 
+/// Enable virtual interrupts (`irq_enabled = 0x200`) without asking for
+/// one the host left pending: the next exit delivers it (for tests of when
+/// the host delivers).
+pub fn enable_quietly() {
+    compiler_fence(Ordering::SeqCst);
+    write_field!(irq_enabled, X86_EFLAGS_IF);
+    compiler_fence(Ordering::SeqCst);
+}
+
 /// Disable virtual interrupts, returning the previous state.
 #[inline]
 pub fn save() -> IrqFlags {

@@ -256,6 +256,32 @@ pub fn noirq_window() -> (u32, u32) {
     (0, 0)
 }
 
+/// Makes hypercall `nr` (no arguments) from inside the no-interrupt window
+/// (`[noirq_start, noirq_end)`), where the host must not deliver an
+/// interrupt even if one is pending and interrupts are on: for tests of that
+/// rule.
+pub fn noirq_hypercall(nr: u32) {
+    #[cfg(target_arch = "x86")]
+    // SAFETY: `lguest_rt_noirq_hcall` is `int 0x1f; ret`: a hypercall with
+    // eax = nr and whatever the other registers hold (the calls used with it
+    // take no arguments), which the host answers like any other; eax..edx are
+    // declared clobbered as for every hypercall. Not `nomem`: the host may
+    // write guest memory.
+    unsafe {
+        core::arch::asm!(
+            "call lguest_rt_noirq_hcall",
+            inout("eax") nr => _,
+            out("ecx") _,
+            out("edx") _,
+        );
+    }
+    #[cfg(not(target_arch = "x86"))]
+    {
+        let _ = nr;
+        unimplemented!("lguest hypercalls exist only on 32-bit x86");
+    }
+}
+
 /// Address of the paravirt `iret` (for hand-written entry code: jump there
 /// with `EIP, CS, EFLAGS` on top of the stack).
 pub fn iret_address() -> u32 {
@@ -369,6 +395,13 @@ core::arch::global_asm!(
     "mov dword ptr ss:[{lguest_data}], eax",
     "pop eax",
     "iretd",
+    // `noirq_hypercall`: a hypercall made from inside the window, so that
+    // tests can check the host delivers nothing there (its return EIP, the
+    // `ret`, lies inside the window too). Never on the iret path.
+    ".globl lguest_rt_noirq_hcall",
+    "lguest_rt_noirq_hcall:",
+    "int 0x1f",
+    "ret",
     ".globl lguest_rt_noirq_end",
     "lguest_rt_noirq_end:",
     ".popsection",

@@ -52,6 +52,7 @@ pub fn init() -> (u64, u64) {
 }
 
 /// Nanoseconds since [`init`] (0 before it).
+#[inline]
 pub fn now_ns() -> u64 {
     let hz = TSC_HZ.load(Ordering::Relaxed);
     if hz == 0 {

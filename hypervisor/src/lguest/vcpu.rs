@@ -93,6 +93,8 @@ pub struct Regs {
 }
 
 const _: () = assert!(core::mem::size_of::<Regs>() == 72);
+// `stub_deliver` stores time and irq_pending with one write.
+const _: () = assert!(LguestData::OFF_IRQ_PENDING == LguestData::OFF_TIME + 8);
 
 /// Why the guest stopped running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,7 +217,9 @@ pub trait Env {
 }
 
 /// One stored guest IDT gate: selector forced to 0x61, high dword masked
-/// with `0xFFFF_EF00` (offset 31:16, P, DPL, type).
+/// with `0xFFFF_EF00` (offset 31:16, P, DPL, type). `repr(C)`: the
+/// hypercall stub's lane reads the gates of irqs in place.
+#[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct IdtEntry {
     /// Low dword: selector << 16 | offset 15:0.
@@ -409,19 +413,51 @@ impl StubGate {
     }
 }
 
-/// The frame registers of a trap as the CPU pushed them (32-bit values).
+/// The frame registers of a trap from compatibility mode, laid out as the
+/// CPU pushes them in 64-bit mode (so the trap path can hand over the
+/// hardware frame itself): 32-bit values, zero-extended.
+#[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct HwFrame {
     /// EIP of the instruction after the `int`.
-    pub eip: u32,
+    pub eip: u64,
     /// CS (its RPL is the CPL the trap came from).
-    pub cs: u32,
+    pub cs: u64,
     /// EFLAGS.
-    pub eflags: u32,
+    pub eflags: u64,
     /// ESP.
-    pub esp: u32,
+    pub esp: u64,
     /// SS.
-    pub ss: u32,
+    pub ss: u64,
+}
+
+impl HwFrame {
+    /// The frame registers of `r`.
+    pub fn of(r: &Regs) -> Self {
+        Self {
+            eip: u64::from(r.eip),
+            cs: u64::from(r.cs),
+            eflags: u64::from(r.eflags),
+            esp: u64::from(r.esp),
+            ss: u64::from(r.ss),
+        }
+    }
+
+    /// The frame `(eip, cs, eflags, esp, ss)` from 32-bit values.
+    fn new(eip: u32, cs: u32, eflags: u32, esp: u32, ss: u32) -> Self {
+        Self {
+            eip: u64::from(eip),
+            cs: u64::from(cs),
+            eflags: u64::from(eflags),
+            esp: u64::from(esp),
+            ss: u64::from(ss),
+        }
+    }
+
+    /// EFLAGS sanitised as every entry does (see [`sanitize_eflags`]).
+    pub fn sanitize(&mut self) {
+        self.eflags = u64::from(sanitize_eflags(self.eflags as u32));
+    }
 }
 
 impl StubView {
@@ -451,22 +487,29 @@ impl StubView {
         if self.pending | raised != 0 {
             return false;
         }
-        let cpl = f.cs & 3;
+        let (eip, cs, fl, fesp, fss) = (
+            f.eip as u32,
+            f.cs as u32,
+            f.eflags as u32,
+            f.esp as u32,
+            f.ss as u32,
+        );
+        let cpl = cs & 3;
         if !gate.allows(cpl) {
             return false;
         }
         let (low, esp, ss, bytes) = if cpl == 1 {
-            if f.ss != self.kss || self.kss == 0 {
+            if fss != self.kss || self.kss == 0 {
                 return false;
             }
-            let top = self.kss_base.wrapping_add(f.esp);
+            let top = self.kss_base.wrapping_add(fesp);
             if top > self.limit {
                 return false;
             }
             let Some(low) = top.checked_sub(12) else {
                 return false;
             };
-            (low, f.esp.wrapping_sub(12), f.ss, 12u32)
+            (low, fesp.wrapping_sub(12), fss, 12u32)
         } else {
             // Decided when armed (`FROM_USER` is only set if it fits).
             (self.user_frame, self.user_esp, self.ss1, 20u32)
@@ -475,11 +518,11 @@ impl StubView {
             return false;
         };
         let eflags = if ie & X86_EFLAGS_IF == 0 {
-            f.eflags & !X86_EFLAGS_IF
+            fl & !X86_EFLAGS_IF
         } else {
-            f.eflags
+            fl
         };
-        let words = [f.eip, f.cs, eflags, f.esp, f.ss];
+        let words = [eip, cs, eflags, fesp, fss];
         let n = (bytes / 4) as usize;
         if mem.write_u32s(low, words.get(..n).unwrap_or(&[])).is_err() {
             return false;
@@ -487,13 +530,13 @@ impl StubView {
         if gate.0 & StubGate::INTERRUPT != 0 && mem.write_u32(self.irq_enabled, 0).is_err() {
             return false;
         }
-        *f = HwFrame {
-            eip: gate.eip(),
-            cs: u32::from(KERNEL_CS),
-            eflags: sanitize_eflags(f.eflags & !(EFLAGS_TF | EFLAGS_VM | EFLAGS_RF | EFLAGS_NT)),
+        *f = HwFrame::new(
+            gate.eip(),
+            u32::from(KERNEL_CS),
+            sanitize_eflags(fl & !(EFLAGS_TF | EFLAGS_VM | EFLAGS_RF | EFLAGS_NT)),
             esp,
             ss,
-        };
+        );
         true
     }
 }
@@ -614,6 +657,20 @@ impl Vcpu {
             limit,
             gates: STUB_VECTORS.map(gate),
         })
+    }
+
+    /// Where the hypercall stub's lane finds, in place, what it reads and
+    /// writes of this vCPU while the guest runs (the run loop is suspended
+    /// then): the pending irq word, which it may clear bits of (after
+    /// moving interrupt-raised irqs in), and the IDT gates of the irqs
+    /// (vectors 32 onwards, `LGUEST_IRQS` of them), which it only reads.
+    /// Used as [`stub_deliver`](Self::stub_deliver) describes.
+    pub fn lane_ptrs(&mut self) -> (*mut u32, *const IdtEntry) {
+        let gates = self
+            .idt
+            .get(FIRST_EXTERNAL_VECTOR as usize..)
+            .map_or(core::ptr::null(), <[IdtEntry]>::as_ptr);
+        (&raw mut self.pending, gates)
     }
 
     /// What the hardware GDT must hold for this guest now: its descriptors
@@ -993,6 +1050,120 @@ impl Vcpu {
             self.regs.trapnum = vector;
             self.regs.errcode = 0;
         }
+        true
+    }
+
+    /// The hypercall stub's lane (the model the stub's assembly follows
+    /// step by step, tested here against the full path): a trivial
+    /// hypercall that the stub has
+    /// checked (the number is in [`StubView::trivial`], the ring status byte
+    /// is empty, and `f`'s CS and SS are the ones the guest was entered
+    /// with under `view`) but could not answer alone because virtual irqs
+    /// are pending. Finishes it as `handle_exit` then `prepare_entry` would —
+    /// delivering the lowest pending, unblocked irq to its gate on the
+    /// current stack, or telling the guest one is pending — with `f` as the
+    /// guest's frame registers, and returns `true`; or changes nothing and
+    /// returns `false` (the full path runs). `self.regs` is not used or
+    /// updated (the next exit saves the frame there).
+    ///
+    /// Every lguest_data field and the frame go through the bounds-checked
+    /// accessor, once each; the frame is checked before anything is
+    /// written.
+    #[inline]
+    pub fn stub_deliver<M: GuestMemory, E: Env>(
+        &mut self,
+        view: &StubView,
+        f: &mut HwFrame,
+        mem: &mut M,
+        env: &mut E,
+    ) -> bool {
+        let Some(ld) = self.lguest_data else {
+            return false;
+        };
+        if self.dead.is_some() || self.restart || self.halted || self.pending_hcall.is_some() {
+            return false;
+        }
+        let (eip, cs, fl, fesp, fss) = (
+            f.eip as u32,
+            f.cs as u32,
+            f.eflags as u32,
+            f.esp as u32,
+            f.ss as u32,
+        );
+        // Entered at CPL 1 with validated selectors, and still on them.
+        if cs & 3 != 1 || view.kss == 0 || fss != view.kss {
+            return false;
+        }
+        let at = |off: u32| ld.wrapping_add(off);
+        let Ok(blocked) = mem.read_u32(at(LguestData::OFF_BLOCKED_INTERRUPTS)) else {
+            return false;
+        };
+        let avail = self.pending & !blocked;
+        if avail == 0 {
+            f.sanitize();
+            return true;
+        }
+        let Ok(ie) = mem.read_u32(at(LguestData::OFF_IRQ_ENABLED)) else {
+            return false;
+        };
+        if ie & X86_EFLAGS_IF == 0 {
+            if mem
+                .write_u32(at(LguestData::OFF_IRQ_PENDING), X86_EFLAGS_IF)
+                .is_err()
+            {
+                return false;
+            }
+            f.sanitize();
+            return true;
+        }
+        if self.noirq_start <= eip && eip < self.noirq_end {
+            f.sanitize();
+            return true;
+        }
+        let irq = avail.trailing_zeros();
+        let gate = self
+            .idt
+            .get(FIRST_EXTERNAL_VECTOR.saturating_add(irq) as usize)
+            .copied()
+            .filter(IdtEntry::present);
+        // The state after the delivery (the guest kernel's CS on this stack)
+        // is the validated one only if the guest already runs on that CS.
+        let (Some(gate), true) = (gate, cs == u32::from(KERNEL_CS)) else {
+            return false;
+        };
+        let top = view.kss_base.wrapping_add(fesp);
+        if top > view.limit.min(mem.limit()) {
+            return false;
+        }
+        let Some(low) = top.checked_sub(12) else {
+            return false;
+        };
+        // Decided: the full path's writes, in its order.
+        let more = avail & avail.wrapping_sub(1) != 0;
+        self.pending &= !1u32.checked_shl(irq).unwrap_or(0);
+        let (sec, nsec) = env.wallclock();
+        let ok = mem.write_u32s(low, &[eip, cs, fl]).is_ok()
+            && (gate.gate_type() != IDT_TYPE_INTERRUPT
+                || mem.write_u32(at(LguestData::OFF_IRQ_ENABLED), 0).is_ok())
+            // time (sec, nsec) and irq_pending are adjacent: one store.
+            && mem
+                .write_u32s(
+                    at(LguestData::OFF_TIME),
+                    &[sec as u32, nsec as u32, if more { X86_EFLAGS_IF } else { 0 }],
+                )
+                .is_ok();
+        if !ok {
+            // Cannot happen: lguest_data and the frame were checked.
+            self.kill("bad stack frame");
+            return false;
+        }
+        *f = HwFrame::new(
+            gate.offset(),
+            u32::from(KERNEL_CS),
+            sanitize_eflags(fl & !(EFLAGS_TF | EFLAGS_VM | EFLAGS_RF | EFLAGS_NT)),
+            fesp.wrapping_sub(12),
+            fss,
+        );
         true
     }
 

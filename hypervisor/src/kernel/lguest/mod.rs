@@ -16,6 +16,7 @@ pub mod switch;
 
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
+use guest_abi::data::LguestData;
 use guest_abi::lhreq::{Errno, LhReq};
 use rustyvisor::lguest::chan::{
     Channel, DeathReason, EventHandle, GuestCore, InitLimits, RunExit, TaskId, check_initialize,
@@ -130,14 +131,20 @@ struct KernelEnv {
     ts: bool,
 }
 
+/// The guest's wall clock, as `(seconds, nanoseconds)`: with no RTC
+/// driver yet, the time since boot.
+fn wallclock() -> (i32, i32) {
+    let ns = time::now_ns();
+    (
+        i32::try_from(ns / 1_000_000_000).unwrap_or(i32::MAX),
+        (ns % 1_000_000_000) as i32,
+    )
+}
+
 impl Env for KernelEnv {
+    #[inline]
     fn wallclock(&self) -> (i32, i32) {
-        // No RTC driver yet: time since boot.
-        let ns = time::now_ns();
-        (
-            i32::try_from(ns / 1_000_000_000).unwrap_or(i32::MAX),
-            (ns % 1_000_000_000) as i32,
-        )
+        wallclock()
     }
 
     fn tsc_khz(&self) -> u32 {
@@ -303,7 +310,10 @@ impl GuestCore for KernelCore {
                 let regs = &raw mut (*ptr).vcpu.regs;
                 switch::run(
                     regs,
-                    fast.then_some((exit_on_trap_stack as switch::FastHandler, ptr.cast())),
+                    fast.then_some(switch::Handlers {
+                        exit: exit_on_trap_stack,
+                        ctx: ptr.cast(),
+                    }),
                 )
             };
             set_cr0_ts(false);
@@ -378,8 +388,13 @@ fn merge_pending(r: &mut Running) {
 
 /// Tells the hypercall and reflection stubs what they may do for this guest
 /// until its next exit that reaches Rust (nothing if the vCPU says so).
-fn arm_stub(r: &Running) {
-    let arm = r.vcpu.stub_view(r.mem.limit()).and_then(|v| {
+fn arm_stub(r: &mut Running) {
+    let view = r.vcpu.stub_view(r.mem.limit());
+    let at_kernel_cs = r.vcpu.regs.cs == u32::from(guest_abi::KERNEL_CS);
+    let ld = r.vcpu.lguest_data();
+    let noirq = r.vcpu.noirq_window();
+    let (pending, irq_gates) = r.vcpu.lane_ptrs();
+    let arm = view.and_then(|v| {
         // The view's addresses are inside guest memory by construction
         // (INIT checked lguest_data; the user frame was checked against the
         // limit); checked once more here, where they become host addresses.
@@ -394,6 +409,17 @@ fn arm_stub(r: &Running) {
             user_esp: v.user_esp,
             ss1: v.ss1,
             gates: v.gates,
+            // The lane delivers onto the stack the guest was entered with,
+            // at the guest kernel's CS.
+            lane: match ld {
+                Some(ld) if v.kss != 0 && at_kernel_cs => Some(switch::LaneArm {
+                    ld: r.mem.host_addr(ld, LguestData::SIZE as usize)?,
+                    pending,
+                    irq_gates,
+                    noirq,
+                }),
+                _ => None,
+            },
         };
         Some(switch::StubArm {
             trivial: v.trivial,

@@ -289,7 +289,7 @@ impl Probe {
     }
 
     /// Enters the probe at its start until an exit `fast` does not finish.
-    fn run(&mut self, fast: Option<(switch::FastHandler, *mut ())>) -> switch::ExitInfo {
+    fn run(&mut self, fast: Option<switch::Handlers>) -> switch::ExitInfo {
         self.regs.eip = PROBE_GPA;
         // SAFETY: `regs` lives in `self` until `run` returns, and nothing
         // else touches it meanwhile.
@@ -405,7 +405,10 @@ pub fn entry_fault_selftest() -> Result<[u32; 2], &'static str> {
     {
         let mut probe = Probe::new(ProbeLevel::Kernel, 1, ProbeCode::Native)?;
         let regs: *mut Regs = &raw mut probe.regs;
-        let exit = probe.run(Some((handler, regs.cast())));
+        let exit = probe.run(Some(switch::Handlers {
+            exit: handler,
+            ctx: regs.cast(),
+        }));
         if exit.trapnum != ENTRY_FAULT_TRAPNUM {
             return Err("a refused return into the guest did not come back as trap 256");
         }

@@ -39,12 +39,13 @@ use core::cell::UnsafeCell;
 use core::mem::offset_of;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use guest_abi::data::LguestData;
 use guest_abi::hcall::HCALL_STATUS_EMPTY;
 use guest_abi::irq::X86_EFLAGS_IF;
-use guest_abi::seg::KERNEL_CS;
+use guest_abi::seg::{IDT_TYPE_INTERRUPT, KERNEL_CS};
 use rustyvisor::lguest::vcpu::{
-    EFLAGS_GUEST_MASK, EFLAGS_NT, EFLAGS_RF, EFLAGS_TF, EFLAGS_VM, ENTRY_FAULT_TRAPNUM, Regs,
-    StubGate, sanitize_eflags,
+    EFLAGS_GUEST_MASK, EFLAGS_NT, EFLAGS_RF, EFLAGS_TF, EFLAGS_VM, ENTRY_FAULT_TRAPNUM, IdtEntry,
+    Regs, StubGate, sanitize_eflags,
 };
 
 use crate::kernel::arch::cpu;
@@ -60,6 +61,15 @@ use crate::kernel::arch::trap::TrapFrame;
 /// registers (same GDT, same data segment selectors), `false` to go back to
 /// the run loop (after the `full` call).
 pub type FastHandler = fn(ctx: *mut (), exit: &ExitInfo, full: bool) -> bool;
+
+/// What the run loop lets the trap path do on its behalf, and its context.
+#[derive(Clone, Copy)]
+pub struct Handlers {
+    /// Every exit first goes here (see [`FastHandler`]).
+    pub exit: FastHandler,
+    /// Passed back to it.
+    pub ctx: *mut (),
+}
 
 /// Per-CPU switch state (only the boot CPU runs guests for now).
 #[repr(C)]
@@ -134,10 +144,23 @@ struct Armed {
     /// `INTERRUPT` = 4); 0 = the full path decides.
     gate_eip: [u64; 2],
     gate_bits: [u32; 2],
+    /// The lane (irq delivery after a trivial hypercall): non-zero when it
+    /// may run; host addresses of `lguest_data`, of the vCPU's pending irq
+    /// word and of its irq gates (`IdtEntry` pairs from vector 32); the
+    /// no-irq window.
+    lane_ok: u32,
+    noirq_start: u32,
+    noirq_end: u32,
+    _pad2: u32,
+    ld: u64,
+    pending: u64,
+    irq_gates: u64,
     /// Calls the hypercall stub answered; traps the reflection stubs
     /// reflected.
     answered: u64,
     reflected: u64,
+    /// Calls the hypercall stub's lane finished.
+    lane_answered: u64,
 }
 
 struct ArmedCell(UnsafeCell<Armed>);
@@ -168,8 +191,16 @@ static ARMED: ArmedCell = ArmedCell(UnsafeCell::new(Armed {
     ss1: 0,
     gate_eip: [0; 2],
     gate_bits: [0; 2],
+    lane_ok: 0,
+    noirq_start: 0,
+    noirq_end: 0,
+    _pad2: 0,
+    ld: 0,
+    pending: 0,
+    irq_gates: 0,
     answered: 0,
     reflected: 0,
+    lane_answered: 0,
 }));
 
 /// What the last exit was, besides its trap number.
@@ -196,7 +227,7 @@ pub struct ExitInfo {
 /// `regs` must be valid for reads and writes until this returns, and the
 /// caller must not touch `*regs` (or `fast`'s context) otherwise meanwhile:
 /// the trap path writes it, and `fast` gets `ctx` back, on this CPU.
-pub unsafe fn run(regs: *mut Regs, fast: Option<(FastHandler, *mut ())>) -> ExitInfo {
+pub unsafe fn run(regs: *mut Regs, fast: Option<Handlers>) -> ExitInfo {
     let state = STATE.0.get();
     // SAFETY: single CPU; interrupts are disabled from here until the `iretq`
     // inside `enter_guest` (which turns them on with the guest's IF), so the
@@ -208,8 +239,8 @@ pub unsafe fn run(regs: *mut Regs, fast: Option<(FastHandler, *mut ())>) -> Exit
         (*regs).eflags = sanitize_eflags((*regs).eflags);
         x86_64::instructions::interrupts::disable();
         (*state).regs = regs;
-        (*state).fast = fast.map(|(f, _)| f);
-        (*state).ctx = fast.map_or(core::ptr::null_mut(), |(_, c)| c);
+        (*state).fast = fast.map(|h| h.exit);
+        (*state).ctx = fast.map_or(core::ptr::null_mut(), |h| h.ctx);
         enter_guest(state.cast::<u64>())
     };
     arm_stubs(None);
@@ -234,7 +265,11 @@ pub fn exits() -> (u64, u64) {
     let a = ARMED.0.get();
     // SAFETY: plain reads of two counters from host context; the stubs
     // that write them run only while a guest runs on this CPU, not now.
-    let stub = unsafe { (*a).answered.wrapping_add((*a).reflected) };
+    let stub = unsafe {
+        (*a).answered
+            .wrapping_add((*a).reflected)
+            .wrapping_add((*a).lane_answered)
+    };
     (
         EXITS.load(Ordering::Relaxed) + stub,
         FAST_EXITS.load(Ordering::Relaxed) + stub,
@@ -286,6 +321,23 @@ pub struct ReflectArm {
     pub ss1: u32,
     /// `StubView::gates`.
     pub gates: [StubGate; 2],
+    /// The lane's part, if it may run: the guest is running on the guest
+    /// kernel's CS with the validated stack segment `kss`.
+    pub lane: Option<LaneArm>,
+}
+
+/// What the hypercall stub's lane needs (see `Vcpu::stub_deliver`, whose
+/// steps it follows).
+#[derive(Debug, Clone, Copy)]
+pub struct LaneArm {
+    /// Host address of `lguest_data` (all of it inside guest RAM).
+    pub ld: u64,
+    /// The vCPU's pending irq word and irq gates (`Vcpu::lane_ptrs`).
+    pub pending: *mut u32,
+    /// See `pending`.
+    pub irq_gates: *const IdtEntry,
+    /// `Vcpu::noirq_window`.
+    pub noirq: (u32, u32),
 }
 
 /// Lets the stubs answer for the guest about to run (`Some`), or sends
@@ -301,6 +353,7 @@ pub fn arm_stubs(arm: Option<StubArm>) {
         // never acted upon.
         (*a).trivial = 0;
         (*a).gate_bits = [0; 2];
+        (*a).lane_ok = 0;
         let Some(arm) = arm else {
             (*a).irqs = NO_IRQS.as_ptr() as u64;
             return;
@@ -311,9 +364,7 @@ pub fn arm_stubs(arm: Option<StubArm>) {
         (*a).ring = arm.ring_status;
         (*a).irqs = arm.irqs.as_ptr() as u64;
         (*a).trivial = arm.trivial;
-        // With an irq pending, a reflection would be followed by its
-        // delivery: the full path does both.
-        let Some(r) = arm.reflect.filter(|_| arm.vcpu_irqs == 0) else {
+        let Some(r) = arm.reflect else {
             return;
         };
         (*a).mem_base = r.mem_base;
@@ -324,9 +375,31 @@ pub fn arm_stubs(arm: Option<StubArm>) {
         (*a).user_frame = r.user_frame;
         (*a).user_esp = u64::from(r.user_esp);
         (*a).ss1 = u64::from(r.ss1);
+        if let Some(l) = r
+            .lane
+            .filter(|l| !l.pending.is_null() && !l.irq_gates.is_null())
+        {
+            (*a).ld = l.ld;
+            (*a).pending = l.pending as u64;
+            (*a).irq_gates = l.irq_gates as u64;
+            (*a).noirq_start = l.noirq.0;
+            (*a).noirq_end = l.noirq.1;
+            (*a).lane_ok = 1;
+        }
         (*a).gate_eip = r.gates.map(|g| u64::from(g.eip()));
-        (*a).gate_bits = r.gates.map(|g| (g.0 >> 32) as u32);
+        // With an irq pending, a reflection would be followed by its
+        // delivery: the full path does both.
+        if arm.vcpu_irqs == 0 {
+            (*a).gate_bits = r.gates.map(|g| (g.0 >> 32) as u32);
+        }
     }
+}
+
+/// The lane's call into Rust for the guest's clock: `time` and `nsec` of
+/// `lguest_data.time` as one little-endian word (C ABI, trap path).
+extern "C" fn lane_wallclock() -> u64 {
+    let (sec, nsec) = super::wallclock();
+    u64::from(sec as u32) | (u64::from(nsec as u32) << 32)
 }
 
 /// Entry point of the hypercall gate (vector 0x1f, DPL 1) when exits are
@@ -364,11 +437,6 @@ pub unsafe extern "C" fn hcall_stub() {
         "mov rcx, qword ptr [rip + {armed} + {ring}]",
         "cmp byte ptr [rcx], {empty}",
         "jne 3f",
-        "mov rcx, qword ptr [rip + {armed} + {irqs}]",
-        "cmp dword ptr [rcx], 0",
-        "jne 3f",
-        "cmp dword ptr [rip + {armed} + {vcpu_irqs}], 0",
-        "jne 3f",
         // The saved CS is at [rsp + 24], SS at [rsp + 48] (above rax, rcx).
         "mov ecx, dword ptr [rsp + 24]",
         "cmp ecx, dword ptr [rip + {armed} + {cs}]",
@@ -376,6 +444,10 @@ pub unsafe extern "C" fn hcall_stub() {
         "mov ecx, dword ptr [rsp + 48]",
         "cmp ecx, dword ptr [rip + {armed} + {ss}]",
         "jne 3f",
+        "mov rcx, qword ptr [rip + {armed} + {irqs}]",
+        "mov ecx, dword ptr [rcx]",
+        "or ecx, dword ptr [rip + {armed} + {vcpu_irqs}]",
+        "jnz 4f",
         // The saved RFLAGS is at [rsp + 32] (above rax, rcx, RIP and CS).
         "and dword ptr [rsp + 32], {mask}",
         "or dword ptr [rsp + 32], 0x202",
@@ -387,6 +459,126 @@ pub unsafe extern "C" fn hcall_stub() {
         "iretq",
         ".globl rv_hcall_iret_end",
         "rv_hcall_iret_end:",
+        // Irqs pending: the lane, `Vcpu::stub_deliver` step by step. With
+        // rdx, rsi and rdi saved too, the hardware frame is at rsp + 40:
+        // RIP +40, CS +48, RFLAGS +56, RSP +64, SS +72. When armed, the
+        // lane knows CS is the guest kernel's and SS the validated `kss`
+        // (the checks above compared them with the armed CS and SS).
+        "4:",
+        "cmp dword ptr [rip + {armed} + {lane_ok}], 0",
+        "je 3f",
+        "push rdx",
+        "push rsi",
+        "push rdi",
+        // Irqs raised from interrupt context into the vCPU's word (as the
+        // run loop's merge does); the reflection stubs then stand aside.
+        "mov rsi, qword ptr [rip + {armed} + {irqs}]",
+        "xor ecx, ecx",
+        "xchg dword ptr [rsi], ecx",
+        "mov rdi, qword ptr [rip + {armed} + {pending}]",
+        "or ecx, dword ptr [rdi]",
+        "mov dword ptr [rdi], ecx",
+        "mov dword ptr [rip + {armed} + {vcpu_irqs}], ecx",
+        "mov qword ptr [rip + {armed} + {gate_bits}], 0",
+        // avail = pending & !blocked; none: done.
+        "mov rsi, qword ptr [rip + {armed} + {ld}]",
+        "mov edx, dword ptr [rsi + {off_blocked}]",
+        "not edx",
+        "and edx, ecx",
+        "jz 7f",
+        // Virtual irqs off: tell the guest one is pending; done.
+        "test dword ptr [rsi + {off_ie}], {if_}",
+        "jz 6f",
+        // Inside the no-irq window: done.
+        "mov eax, dword ptr [rsp + 40]",
+        "cmp eax, dword ptr [rip + {armed} + {noirq_start}]",
+        "jb 1f",
+        "cmp eax, dword ptr [rip + {armed} + {noirq_end}]",
+        "jb 7f",
+        "1:",
+        // The lowest irq's gate must be present, and the 3-word frame
+        // below ESP inside guest memory; else the full path decides.
+        "bsf ecx, edx",
+        "mov rdi, qword ptr [rip + {armed} + {irq_gates}]",
+        "mov eax, dword ptr [rdi + rcx * 8 + 4]",
+        "test eax, 0x8000",
+        "jz 9f",
+        "mov esi, dword ptr [rsp + 64]",
+        "add esi, dword ptr [rip + {armed} + {kss_base}]",
+        "cmp esi, dword ptr [rip + {armed} + {limit}]",
+        "ja 9f",
+        "sub esi, 12",
+        "jb 9f",
+        // Decided. The irq is no longer pending; edx != 0 iff more are.
+        "mov rdi, qword ptr [rip + {armed} + {pending}]",
+        "btr dword ptr [rdi], ecx",
+        "btr dword ptr [rip + {armed} + {vcpu_irqs}], ecx",
+        "lea edi, [rdx - 1]",
+        "and edx, edi",
+        // The frame: EIP, CS, EFLAGS (the virtual IF is on).
+        "add rsi, qword ptr [rip + {armed} + {mem_base}]",
+        "mov edi, dword ptr [rsp + 40]",
+        "mov dword ptr [rsi], edi",
+        "mov edi, dword ptr [rsp + 48]",
+        "mov dword ptr [rsi + 4], edi",
+        "mov edi, dword ptr [rsp + 56]",
+        "mov dword ptr [rsi + 8], edi",
+        // An interrupt gate turns the virtual IF off.
+        "mov edi, eax",
+        "and edi, 0xF00",
+        "cmp edi, {intr_type}",
+        "jne 2f",
+        "mov rdi, qword ptr [rip + {armed} + {ld}]",
+        "mov dword ptr [rdi + {off_ie}], 0",
+        "2:",
+        // Into the gate: EIP = offset 31:16 | 15:0, the kernel CS, ESP - 12
+        // (same SS), EFLAGS without TF/VM/RF/NT (sanitised at 7).
+        "and eax, 0xFFFF0000",
+        "mov rdi, qword ptr [rip + {armed} + {irq_gates}]",
+        "movzx edi, word ptr [rdi + rcx * 8]",
+        "or eax, edi",
+        "mov qword ptr [rsp + 40], rax",
+        "mov qword ptr [rsp + 48], {kernel_cs}",
+        "sub dword ptr [rsp + 64], 12",
+        "and dword ptr [rsp + 56], {mask_no_tf}",
+        // The guest's clock and irq_pending (adjacent: time at +12, +16,
+        // irq_pending at +20), the clock from Rust (C ABI: rdx is kept on
+        // the stack across, RSP stays 16-byte aligned with the padding).
+        "push rdx",
+        "sub rsp, 8",
+        "call {wallclock}",
+        "add rsp, 8",
+        "pop rdx",
+        "xor r8d, r8d",
+        "xor r9d, r9d",
+        "xor r10d, r10d",
+        "xor r11d, r11d",
+        "neg edx",
+        "sbb edx, edx",
+        "and edx, {if_}",
+        "mov rsi, qword ptr [rip + {armed} + {ld}]",
+        "mov qword ptr [rsi + {off_time}], rax",
+        "mov dword ptr [rsi + {off_pending}], edx",
+        "jmp 7f",
+        "6:",
+        "mov dword ptr [rsi + {off_pending}], {if_}",
+        // Done: EFLAGS sanitised, counted, back into the guest.
+        "7:",
+        "and dword ptr [rsp + 56], {mask}",
+        "or dword ptr [rsp + 56], 0x202",
+        "inc qword ptr [rip + {armed} + {lane_answered}]",
+        "pop rdi",
+        "pop rsi",
+        "pop rdx",
+        "pop rcx",
+        "pop rax",
+        "jmp rv_hcall_iret",
+        // Not decided after all: nothing was written but the merge of
+        // raised irqs, which the full path would do first anyway.
+        "9:",
+        "pop rdi",
+        "pop rsi",
+        "pop rdx",
         // The full path: what the generic stub of vector 0x1f does.
         "3:",
         "pop rcx",
@@ -394,7 +586,27 @@ pub unsafe extern "C" fn hcall_stub() {
         "push 0",
         "push 0x1f",
         "jmp {common}",
+        wallclock = sym lane_wallclock,
         armed = sym ARMED,
+        lane_ok = const offset_of!(Armed, lane_ok),
+        pending = const offset_of!(Armed, pending),
+        gate_bits = const offset_of!(Armed, gate_bits),
+        ld = const offset_of!(Armed, ld),
+        noirq_start = const offset_of!(Armed, noirq_start),
+        noirq_end = const offset_of!(Armed, noirq_end),
+        irq_gates = const offset_of!(Armed, irq_gates),
+        kss_base = const offset_of!(Armed, kss_base),
+        limit = const offset_of!(Armed, limit),
+        mem_base = const offset_of!(Armed, mem_base),
+        lane_answered = const offset_of!(Armed, lane_answered),
+        off_blocked = const LguestData::OFF_BLOCKED_INTERRUPTS,
+        off_ie = const LguestData::OFF_IRQ_ENABLED,
+        off_time = const LguestData::OFF_TIME,
+        off_pending = const LguestData::OFF_IRQ_PENDING,
+        if_ = const X86_EFLAGS_IF,
+        intr_type = const IDT_TYPE_INTERRUPT << 8,
+        kernel_cs = const KERNEL_CS,
+        mask_no_tf = const EFLAGS_GUEST_MASK & !(EFLAGS_TF | EFLAGS_VM | EFLAGS_RF | EFLAGS_NT),
         trivial = const offset_of!(Armed, trivial),
         ring = const offset_of!(Armed, ring),
         irqs = const offset_of!(Armed, irqs),

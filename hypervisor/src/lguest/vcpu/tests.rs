@@ -11,7 +11,7 @@ const KSTACK: u32 = 0x9_0000;
 const UCODE: u64 = 0x00CF_FA00_0000_FFFF;
 const UDATA: u64 = 0x00CF_F200_0000_FFFF;
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct FakeEnv {
     clock: Vec<Option<u64>>,
     ts: Vec<bool>,
@@ -1854,13 +1854,7 @@ fn stub_reflect_is_the_full_path_or_nothing() {
         let raised = if r(8) == 0 { 1 << r(3) } else { 0 };
         let vector = [3u32, 0x80][r(2) as usize];
         let r0 = t.v.regs;
-        let hw0 = HwFrame {
-            eip: r0.eip,
-            cs: r0.cs,
-            eflags: r0.eflags,
-            esp: r0.esp,
-            ss: r0.ss,
-        };
+        let hw0 = HwFrame::of(&r0);
         let mut hw = hw0;
         let mut m = t.m.clone();
         if view.reflect(vector, &mut hw, raised, &mut m) {
@@ -1869,13 +1863,7 @@ fn stub_reflect_is_the_full_path_or_nothing() {
             let b = t.prepare();
             assert_eq!((a, b), (Action::Resume, Action::Resume), "case {case}");
             let v = t.v.regs;
-            let full = HwFrame {
-                eip: v.eip,
-                cs: v.cs,
-                eflags: v.eflags,
-                esp: v.esp,
-                ss: v.ss,
-            };
+            let full = HwFrame::of(&v);
             assert_eq!(hw, full, "case {case}: frame registers");
             assert!(m == t.m, "case {case}: guest memory");
             assert_eq!(t.v.pending_irqs(), 0, "case {case}");
@@ -1887,6 +1875,102 @@ fn stub_reflect_is_the_full_path_or_nothing() {
     }
     assert!(
         taken[0] > 200 && taken[1] > 60 && declined > 200,
+        "taken {taken:?}, declined {declined}"
+    );
+}
+
+/// Random guests with irqs pending, a trivial hypercall from the entry
+/// state: whenever the hypercall stub's lane ([`Vcpu::stub_deliver`]) takes
+/// it, the frame registers, guest memory and pending irqs are exactly what
+/// `handle_exit` then `prepare_entry` produce; whenever it declines, it
+/// changed nothing.
+#[test]
+fn stub_deliver_is_the_full_path_or_nothing() {
+    const NOIRQ_START: u32 = 0x5000;
+    let mut rng = crate::testutil::Rng(0x0dd_ba11_cafe_f00d);
+    let mut taken = [0u32; 2];
+    let mut declined = 0u32;
+    let based: u64 = 0x00CF_B200_4000_FFFF;
+    for case in 0..4000 {
+        let mut r = |n: u64| rng.next_u64() % n;
+        let mut t = T::fresh();
+        t.set_ld(LguestData::OFF_NOIRQ_START, NOIRQ_START);
+        t.set_ld(LguestData::OFF_NOIRQ_END, NOIRQ_START + 4);
+        assert_eq!(t.hcall(LHCALL_LGUEST_INIT, LD, 0, 0), Action::Resume);
+        for irq in 0..3u32 {
+            if r(4) != 0 {
+                let ty = if r(2) == 0 {
+                    IDT_TYPE_INTERRUPT
+                } else {
+                    IDT_TYPE_TRAP
+                };
+                t.gate(0x20 + irq, 0x3000 + irq, ty, r(4) as u8);
+            }
+        }
+        assert_eq!(
+            t.hcall(
+                LHCALL_LOAD_GDT_ENTRY,
+                20,
+                based as u32,
+                (based >> 32) as u32
+            ),
+            Action::Resume
+        );
+        if r(4) == 0 {
+            t.v.regs.ss = 0xa1;
+        }
+        t.v.regs.esp = [KSTACK, 12, 0, MEM, MEM - 4, 0xFFFF_FFF0, 0xFFFF_C010][r(7) as usize];
+        // Armed after an entry, with irqs off so nothing is delivered yet.
+        t.set_ld(LguestData::OFF_IRQ_ENABLED, 0);
+        if t.prepare() != Action::Resume {
+            continue;
+        }
+        let Some(view) = t.v.stub_view(MEM) else {
+            continue;
+        };
+        for _ in 0..=r(2) {
+            t.v.set_irq(r(4) as u32);
+        }
+        t.set_ld(LguestData::OFF_BLOCKED_INTERRUPTS, r(8) as u32);
+        t.set_ld(
+            LguestData::OFF_IRQ_ENABLED,
+            if r(4) != 0 { X86_EFLAGS_IF } else { 0 },
+        );
+        t.v.regs.eip = [0x1_2345, NOIRQ_START, NOIRQ_START + 1][r(3) as usize];
+        t.v.regs.eflags = 0x202 | (r(0x1_0000) as u32 & 0x4DD5);
+        t.v.regs.eax = [LHCALL_SEND_INTERRUPTS, LHCALL_FLUSH_ASYNC][r(2) as usize];
+        if r(6) == 0 {
+            t.v.regs.cs = 0x69 ^ 0x08; // another CPL-1 selector: refused or not CS
+        }
+        let r0 = t.v.regs;
+        let hw0 = HwFrame::of(&r0);
+        let mut hw = hw0;
+        let (mut v, mut m, mut e) = (t.v.clone(), t.m.clone(), t.e.clone());
+        if v.stub_deliver(&view, &mut hw, &mut m, &mut e) {
+            taken[usize::from(
+                hw != HwFrame {
+                    eflags: hw.eflags,
+                    ..hw0
+                },
+            )] += 1;
+            let a = t.trap(0x1f, 0);
+            let b = t.prepare();
+            assert_eq!((a, b), (Action::Resume, Action::Resume), "case {case}");
+            let x = t.v.regs;
+            let full = HwFrame::of(&x);
+            assert_eq!(hw, full, "case {case}: frame registers");
+            assert!(m == t.m, "case {case}: guest memory");
+            assert_eq!(v.pending_irqs(), t.v.pending_irqs(), "case {case}: pending");
+            assert!(!v.is_dead(), "case {case}");
+        } else {
+            declined += 1;
+            assert_eq!(hw, hw0, "case {case}: declined but changed the frame");
+            assert!(m == t.m, "case {case}: declined but wrote memory");
+            assert_eq!(v.pending_irqs(), t.v.pending_irqs(), "case {case}");
+        }
+    }
+    assert!(
+        taken[0] > 200 && taken[1] > 200 && declined > 100,
         "taken {taken:?}, declined {declined}"
     );
 }
