@@ -15,12 +15,14 @@
 //! 4. `LHCALL_NOTIFY` inside the ring: two console strings around a GDT
 //!    write; the host returns to the launcher at each notify and then
 //!    finishes the drain. The scenario checks the two lines.
+//! 5. No-op calls, a synchronous call, then a GDT write in the ring: the
+//!    write runs (the host's ring cursor followed the no-op calls).
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use lguest_rt::guest_abi::hcall::{HCALL_STATUS_EMPTY, HCALL_STATUS_READY};
 use lguest_rt::guest_abi::seg::SegmentDescriptor;
-use lguest_rt::guest_abi::{LHCALL_LOAD_GDT_ENTRY, LHCALL_NOTIFY};
+use lguest_rt::guest_abi::{LHCALL_LOAD_GDT_ENTRY, LHCALL_NOTIFY, LHCALL_SEND_INTERRUPTS};
 use lguest_rt::{BootInfo, check, check_eq, hcall, irq};
 
 /// Free GDT slots used by the test.
@@ -79,6 +81,29 @@ pub fn run(_boot: &BootInfo) {
     no_replay();
     overflow();
     notify_in_ring();
+    noops_then_a_call();
+}
+
+/// No-op calls (which the host may take off the ring without leaving its
+/// trap path), then a synchronous call (a full exit), then a real call in
+/// the ring: it must run — the host's idea of where the ring continues
+/// must have followed the no-op calls it took off.
+fn noops_then_a_call() {
+    reset_slots();
+    hcall::flush_async();
+    for _ in 0..37 {
+        // SAFETY: SEND_INTERRUPTS has no effect on guest state.
+        unsafe { hcall::async_hcall(LHCALL_SEND_INTERRUPTS, 0, 0, 0, 0) };
+    }
+    hcall::flush_async();
+    set_gdt(SLOTS[1], 7);
+    queue_gdt(SLOTS[0], 5);
+    hcall::flush_async();
+    check_eq!(
+        (limit(SLOTS[0]), limit(SLOTS[1])),
+        (Some(5), Some(7)),
+        "a call queued after no-op calls ran"
+    );
 }
 
 const RESET: u32 = 0xABC;

@@ -379,6 +379,18 @@ pub struct StubView {
     pub gates: [StubGate; 2],
 }
 
+/// Where the stubs find the vCPU state they read and write in place (see
+/// [`Vcpu::stub_ptrs`]).
+#[derive(Debug, Clone, Copy)]
+pub struct StubPtrs {
+    /// The pending irq word.
+    pub pending: *mut u32,
+    /// `LGUEST_IRQS` IDT gates, from vector 32 (`IdtEntry` is `repr(C)`).
+    pub irq_gates: *const IdtEntry,
+    /// The async ring cursor (always below `LHCALL_RING_SIZE`).
+    pub ring_cursor: *mut usize,
+}
+
 /// The vectors with a reflection stub: `int3` and the system call.
 pub const STUB_VECTORS: [u32; 2] = [trap::BP, SYSCALL_VECTOR];
 
@@ -659,18 +671,65 @@ impl Vcpu {
         })
     }
 
-    /// Where the hypercall stub's lane finds, in place, what it reads and
-    /// writes of this vCPU while the guest runs (the run loop is suspended
-    /// then): the pending irq word, which it may clear bits of (after
-    /// moving interrupt-raised irqs in), and the IDT gates of the irqs
-    /// (vectors 32 onwards, `LGUEST_IRQS` of them), which it only reads.
-    /// Used as [`stub_deliver`](Self::stub_deliver) describes.
-    pub fn lane_ptrs(&mut self) -> (*mut u32, *const IdtEntry) {
-        let gates = self
-            .idt
-            .get(FIRST_EXTERNAL_VECTOR as usize..)
-            .map_or(core::ptr::null(), <[IdtEntry]>::as_ptr);
-        (&raw mut self.pending, gates)
+    /// Where the hypercall stub finds, in place, what it reads and writes
+    /// of this vCPU while the guest runs (the run loop is suspended then):
+    /// the pending irq word, which its lane may clear bits of (after moving
+    /// interrupt-raised irqs in), the IDT gates of the irqs (vectors 32
+    /// onwards, `LGUEST_IRQS` of them), which it only reads, and the async
+    /// ring cursor, which its drain advances. Used as
+    /// [`stub_deliver`](Self::stub_deliver) and
+    /// [`stub_drain`](Self::stub_drain) describe.
+    pub fn stub_ptrs(&mut self) -> StubPtrs {
+        StubPtrs {
+            pending: &raw mut self.pending,
+            irq_gates: self
+                .idt
+                .get(FIRST_EXTERNAL_VECTOR as usize..)
+                .map_or(core::ptr::null(), <[IdtEntry]>::as_ptr),
+            ring_cursor: &raw mut self.ring_cursor,
+        }
+    }
+
+    /// The hypercall stub's drain (the model its assembly follows, tested
+    /// here against the full path): takes the no-op calls (those of
+    /// [`StubView::trivial`]) off the async ring from the cursor on, exactly
+    /// as the full path's drain would (status byte set empty, cursor
+    /// advanced), until an empty slot — `true`: the ring is empty now and
+    /// the stub may go on answering — or anything else — `false`: the full
+    /// path goes on from there. At most one pass over the ring (and a look
+    /// at the slot it started from).
+    pub fn stub_drain<M: GuestMemory>(&mut self, mem: &mut M) -> bool {
+        let Some(ld) = self.lguest_data else {
+            return false;
+        };
+        let mut n = self.ring_cursor % LHCALL_RING_SIZE;
+        let mut emptied = false;
+        // One pass, plus the look at the slot it started from (emptied by
+        // then if the whole ring held no-op calls).
+        for _ in 0..=LHCALL_RING_SIZE {
+            // `n < 64` and lguest_data lies inside guest memory (checked at
+            // INIT).
+            let status = ld.wrapping_add(LguestData::off_hcall_status(n as u32));
+            match mem.read_u8(status) {
+                Ok(HCALL_STATUS_EMPTY) => {
+                    emptied = true;
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+            let arg0 = mem.read_u32(ld.wrapping_add(LguestData::off_hcall(n as u32)));
+            match arg0 {
+                Ok(nr) if nr < 32 && TRIVIAL_HCALLS & (1 << nr) != 0 => {}
+                _ => break,
+            }
+            if mem.write_u8(status, HCALL_STATUS_EMPTY).is_err() {
+                break;
+            }
+            n = n.wrapping_add(1) % LHCALL_RING_SIZE;
+        }
+        self.ring_cursor = n;
+        emptied
     }
 
     /// What the hardware GDT must hold for this guest now: its descriptors

@@ -17,6 +17,7 @@ pub mod switch;
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use guest_abi::data::LguestData;
+use guest_abi::hcall::{HcallArgs, LHCALL_RING_SIZE};
 use guest_abi::lhreq::{Errno, LhReq};
 use rustyvisor::lguest::chan::{
     Channel, DeathReason, EventHandle, GuestCore, InitLimits, RunExit, TaskId, check_initialize,
@@ -393,7 +394,7 @@ fn arm_stub(r: &mut Running) {
     let at_kernel_cs = r.vcpu.regs.cs == u32::from(guest_abi::KERNEL_CS);
     let ld = r.vcpu.lguest_data();
     let noirq = r.vcpu.noirq_window();
-    let (pending, irq_gates) = r.vcpu.lane_ptrs();
+    let ptrs = r.vcpu.stub_ptrs();
     let arm = view.and_then(|v| {
         // The view's addresses are inside guest memory by construction
         // (INIT checked lguest_data; the user frame was checked against the
@@ -414,8 +415,8 @@ fn arm_stub(r: &mut Running) {
             lane: match ld {
                 Some(ld) if v.kss != 0 && at_kernel_cs => Some(switch::LaneArm {
                     ld: r.mem.host_addr(ld, LguestData::SIZE as usize)?,
-                    pending,
-                    irq_gates,
+                    pending: ptrs.pending,
+                    irq_gates: ptrs.irq_gates,
                     noirq,
                 }),
                 _ => None,
@@ -424,6 +425,20 @@ fn arm_stub(r: &mut Running) {
         Some(switch::StubArm {
             trivial: v.trivial,
             ring_status: r.mem.host_addr(v.ring_status, 1)?,
+            drain: match ld {
+                Some(ld) => Some(switch::DrainArm {
+                    status_base: r.mem.host_addr(
+                        ld.wrapping_add(LguestData::OFF_HCALL_STATUS),
+                        LHCALL_RING_SIZE,
+                    )?,
+                    hcalls_base: r.mem.host_addr(
+                        ld.wrapping_add(LguestData::OFF_HCALLS),
+                        LHCALL_RING_SIZE * core::mem::size_of::<HcallArgs>(),
+                    )?,
+                    cursor: ptrs.ring_cursor,
+                }),
+                None => None,
+            },
             irqs: PENDING.get(r.env.slot)?,
             vcpu_irqs: v.pending,
             cs: r.vcpu.regs.cs,

@@ -189,6 +189,7 @@ fn probe_stub_arm(ss: u32) -> switch::StubArm {
         vcpu_irqs: 0,
         cs: u32::from(KERNEL_CS),
         ss,
+        drain: None,
         reflect: None,
     }
 }

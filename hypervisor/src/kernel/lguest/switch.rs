@@ -40,7 +40,7 @@ use core::mem::offset_of;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use guest_abi::data::LguestData;
-use guest_abi::hcall::HCALL_STATUS_EMPTY;
+use guest_abi::hcall::{HCALL_STATUS_EMPTY, LHCALL_RING_SIZE};
 use guest_abi::irq::X86_EFLAGS_IF;
 use guest_abi::seg::{IDT_TYPE_INTERRUPT, KERNEL_CS};
 use rustyvisor::lguest::vcpu::{
@@ -155,6 +155,13 @@ struct Armed {
     ld: u64,
     pending: u64,
     irq_gates: u64,
+    /// The drain (no-op calls taken off the async ring): non-zero when it
+    /// may run; host addresses of `hcall_status[0]`, of `hcalls[0]` and of
+    /// the vCPU's ring cursor.
+    drain_ok: u64,
+    status_base: u64,
+    hcalls_base: u64,
+    cursor: u64,
     /// Calls the hypercall stub answered; traps the reflection stubs
     /// reflected.
     answered: u64,
@@ -198,6 +205,10 @@ static ARMED: ArmedCell = ArmedCell(UnsafeCell::new(Armed {
     ld: 0,
     pending: 0,
     irq_gates: 0,
+    drain_ok: 0,
+    status_base: 0,
+    hcalls_base: 0,
+    cursor: 0,
     answered: 0,
     reflected: 0,
     lane_answered: 0,
@@ -293,8 +304,25 @@ pub struct StubArm {
     pub cs: u32,
     /// See `cs`.
     pub ss: u32,
+    /// Whether and where the hypercall stub may drain no-op calls from the
+    /// async ring (`None`: never).
+    pub drain: Option<DrainArm>,
     /// What the reflection stubs may do (`None`: nothing).
     pub reflect: Option<ReflectArm>,
+}
+
+/// What the hypercall stub's drain needs (see `Vcpu::stub_drain`, whose
+/// steps it follows).
+#[derive(Debug, Clone, Copy)]
+pub struct DrainArm {
+    /// Host address of `lguest_data.hcall_status[0]` (the 64 bytes inside
+    /// guest RAM).
+    pub status_base: u64,
+    /// Host address of `lguest_data.hcalls[0]` (the 64 entries inside
+    /// guest RAM).
+    pub hcalls_base: u64,
+    /// The vCPU's ring cursor (`StubPtrs::ring_cursor`).
+    pub cursor: *mut usize,
 }
 
 /// The reflection stubs' part of a [`StubArm`]: the view's fields, with
@@ -332,7 +360,7 @@ pub struct ReflectArm {
 pub struct LaneArm {
     /// Host address of `lguest_data` (all of it inside guest RAM).
     pub ld: u64,
-    /// The vCPU's pending irq word and irq gates (`Vcpu::lane_ptrs`).
+    /// The vCPU's pending irq word and irq gates (`Vcpu::stub_ptrs`).
     pub pending: *mut u32,
     /// See `pending`.
     pub irq_gates: *const IdtEntry,
@@ -354,6 +382,7 @@ pub fn arm_stubs(arm: Option<StubArm>) {
         (*a).trivial = 0;
         (*a).gate_bits = [0; 2];
         (*a).lane_ok = 0;
+        (*a).drain_ok = 0;
         let Some(arm) = arm else {
             (*a).irqs = NO_IRQS.as_ptr() as u64;
             return;
@@ -364,6 +393,12 @@ pub fn arm_stubs(arm: Option<StubArm>) {
         (*a).ring = arm.ring_status;
         (*a).irqs = arm.irqs.as_ptr() as u64;
         (*a).trivial = arm.trivial;
+        if let Some(d) = arm.drain.filter(|d| !d.cursor.is_null()) {
+            (*a).status_base = d.status_base;
+            (*a).hcalls_base = d.hcalls_base;
+            (*a).cursor = d.cursor as u64;
+            (*a).drain_ok = 1;
+        }
         let Some(r) = arm.reflect else {
             return;
         };
@@ -436,7 +471,8 @@ pub unsafe extern "C" fn hcall_stub() {
         "jnc 3f",
         "mov rcx, qword ptr [rip + {armed} + {ring}]",
         "cmp byte ptr [rcx], {empty}",
-        "jne 3f",
+        "jne 5f",
+        "20:",
         // The saved CS is at [rsp + 24], SS at [rsp + 48] (above rax, rcx).
         "mov ecx, dword ptr [rsp + 24]",
         "cmp ecx, dword ptr [rip + {armed} + {cs}]",
@@ -579,6 +615,65 @@ pub unsafe extern "C" fn hcall_stub() {
         "pop rdi",
         "pop rsi",
         "pop rdx",
+        // Calls queued in the async ring: the drain, `Vcpu::stub_drain`
+        // step by step. No-op calls are taken off (status byte emptied,
+        // cursor advanced) until an empty slot, then the call is answered as
+        // above; anything else leaves the rest to the full path. rax (the
+        // call number is no longer needed: popped at the end) = the status
+        // bytes, rsi = the entries, rdx = cursor, edi = the no-op mask, r8 =
+        // slots left to look at (one pass plus the first slot again); the
+        // cursor and the armed status pointer are written back either way.
+        "5:",
+        "cmp qword ptr [rip + {armed} + {drain_ok}], 0",
+        "je 3f",
+        "push rdx",
+        "push rsi",
+        "push rdi",
+        "mov rsi, qword ptr [rip + {armed} + {cursor}]",
+        "mov rdx, qword ptr [rsi]",
+        "and edx, {ring_mask}",
+        "mov rax, qword ptr [rip + {armed} + {status_base}]",
+        "mov rsi, qword ptr [rip + {armed} + {hcalls_base}]",
+        "mov edi, dword ptr [rip + {armed} + {trivial}]",
+        "mov r8d, {ring_size} + 1",
+        "10:",
+        "cmp byte ptr [rax + rdx], {empty}",
+        "je 11f",
+        "dec r8d",
+        "jz 12f",
+        "imul ecx, edx, {entry_size}",
+        "mov ecx, dword ptr [rsi + rcx]",
+        "cmp ecx, 31",
+        "ja 12f",
+        "bt edi, ecx",
+        "jnc 12f",
+        "mov byte ptr [rax + rdx], {empty}",
+        "inc edx",
+        "and edx, {ring_mask}",
+        "jmp 10b",
+        // Something else at the cursor: the full path decides.
+        "12:",
+        "call 13f",
+        "pop rdi",
+        "pop rsi",
+        "pop rdx",
+        "jmp 3f",
+        // Empty now: on with the answer.
+        "11:",
+        "call 13f",
+        "pop rdi",
+        "pop rsi",
+        "pop rdx",
+        "jmp 20b",
+        // Write back the cursor and the armed status pointer; r8 is the
+        // host's alone, zeroed.
+        "13:",
+        "mov rcx, qword ptr [rip + {armed} + {cursor}]",
+        "mov qword ptr [rcx], rdx",
+        "add rax, rdx",
+        "mov qword ptr [rip + {armed} + {ring}], rax",
+        "xor r8d, r8d",
+        "ret",
         // The full path: what the generic stub of vector 0x1f does.
         "3:",
         "pop rcx",
@@ -586,6 +681,13 @@ pub unsafe extern "C" fn hcall_stub() {
         "push 0",
         "push 0x1f",
         "jmp {common}",
+        drain_ok = const offset_of!(Armed, drain_ok),
+        cursor = const offset_of!(Armed, cursor),
+        status_base = const offset_of!(Armed, status_base),
+        hcalls_base = const offset_of!(Armed, hcalls_base),
+        ring_mask = const LHCALL_RING_SIZE - 1,
+        ring_size = const LHCALL_RING_SIZE,
+        entry_size = const core::mem::size_of::<guest_abi::hcall::HcallArgs>(),
         wallclock = sym lane_wallclock,
         armed = sym ARMED,
         lane_ok = const offset_of!(Armed, lane_ok),

@@ -1974,3 +1974,74 @@ fn stub_deliver_is_the_full_path_or_nothing() {
         "taken {taken:?}, declined {declined}"
     );
 }
+
+/// Random rings (no-op calls, other calls, empty slots) and cursors: the
+/// hypercall stub's drain ([`Vcpu::stub_drain`]) followed by the full path
+/// of a trivial hypercall ends exactly where the full path alone does, and
+/// when the drain says the ring is empty, it is.
+#[test]
+fn stub_drain_then_the_full_path_is_the_full_path() {
+    let mut rng = crate::testutil::Rng(0x5eed_0f_a5c1_1234);
+    let mut emptied = 0u32;
+    let mut stopped = 0u32;
+    for case in 0..3000 {
+        let mut r = |n: u64| rng.next_u64() % n;
+        let mut t = T::init();
+        // Advance the cursor to a random slot with no-op calls.
+        let start = r(64) as u32;
+        for s in 0..start {
+            t.queue(s, [LHCALL_SEND_INTERRUPTS, 0, 0, 0, 0]);
+        }
+        if start > 0 {
+            assert_eq!(t.hcall(LHCALL_FLUSH_ASYNC, 0, 0, 0), Action::Resume);
+        }
+        let n = r(66) as u32;
+        for k in 0..n.min(64) {
+            let slot = (start + k) % 64;
+            let nr = match r(120) {
+                0 => LHCALL_TS,
+                1 => 77, // not a call: kills on the full path
+                2 => LHCALL_FLUSH_TLB,
+                3 => LHCALL_FLUSH_ASYNC,
+                _ => LHCALL_SEND_INTERRUPTS,
+            };
+            t.queue(slot, [nr, 0, 0, 0, 0]);
+        }
+        t.v.regs.eax = LHCALL_SEND_INTERRUPTS;
+        let (mut v, mut m) = (t.v.clone(), t.m.clone());
+        let empty = v.stub_drain(&mut m);
+        let view = v.stub_view(MEM);
+        if empty {
+            emptied += 1;
+            let view = view.expect("still running");
+            assert_eq!(
+                m.read_u8(view.ring_status),
+                Ok(HCALL_STATUS_EMPTY),
+                "case {case}"
+            );
+        } else {
+            stopped += 1;
+        }
+        // Then the full path on both.
+        let mut d = T {
+            v,
+            m,
+            e: t.e.clone(),
+        };
+        let a = (d.trap(0x1f, 0), d.prepare());
+        let b = (t.trap(0x1f, 0), t.prepare());
+        assert_eq!(a, b, "case {case}");
+        assert_eq!(d.v.regs, t.v.regs, "case {case}: registers");
+        assert!(d.m == t.m, "case {case}: guest memory");
+        assert_eq!(
+            d.v.stub_view(MEM),
+            t.v.stub_view(MEM),
+            "case {case}: cursor"
+        );
+        assert_eq!(d.v.dead_reason(), t.v.dead_reason(), "case {case}");
+    }
+    assert!(
+        emptied > 300 && stopped > 300,
+        "emptied {emptied}, stopped {stopped}"
+    );
+}
