@@ -1981,7 +1981,7 @@ fn stub_deliver_is_the_full_path_or_nothing() {
 /// when the drain says the ring is empty, it is.
 #[test]
 fn stub_drain_then_the_full_path_is_the_full_path() {
-    let mut rng = crate::testutil::Rng(0x5eed_0f_a5c1_1234);
+    let mut rng = crate::testutil::Rng(0x005e_ed0f_a5c1_1234);
     let mut emptied = 0u32;
     let mut stopped = 0u32;
     for case in 0..3000 {
