@@ -35,15 +35,16 @@ pub fn run(cfg: &Config, _boot: &BootInfo) {
 }
 
 /// `selftest=entryfault` (after the lguest CPU setup): a return into a
-/// guest that the CPU refuses, on the exit fast path and in the hypercall
-/// stub, comes back as the guest's trap 256, never as a host exception.
+/// guest that the CPU refuses, on the exit fast path, in the hypercall stub
+/// and in a reflection stub, comes back as the guest's trap 256, never as a
+/// host exception.
 pub fn entry_fault(cfg: &Config) {
     if !cfg.selftests.contains(SelfTest::EntryFault) {
         return;
     }
     match super::lguest::probe::entry_fault_selftest() {
-        Ok([fast, stub]) => kprintln!(
-            "selftest: entryfault ok (refused returns came back as trap 256: fast path fault {fast}, hypercall stub fault {stub})"
+        Ok([fast, stub, reflect]) => kprintln!(
+            "selftest: entryfault ok (refused returns came back as trap 256: fast path fault {fast}, hypercall stub fault {stub}, reflection stub fault {reflect})"
         ),
         Err(e) => fail(format_args!("entryfault: {e}")),
     }

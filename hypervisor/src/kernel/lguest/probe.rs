@@ -28,7 +28,7 @@ use guest_abi::{KERNEL_CS, KERNEL_DS, USER_CS, USER_DS};
 use rustyvisor::bench::BenchLine;
 use rustyvisor::lguest::guestmem::GuestMemory;
 use rustyvisor::lguest::segments::GuestGdt;
-use rustyvisor::lguest::vcpu::{ENTRY_FAULT_TRAPNUM, Regs};
+use rustyvisor::lguest::vcpu::{ENTRY_FAULT_TRAPNUM, Regs, StubGate};
 
 use super::space::{GuestRam, HostGuestMemory, LinearTables};
 use super::switch;
@@ -178,6 +178,12 @@ enum ProbeCode {
 /// for the probe.
 static PROBE_RING_EMPTY: AtomicU8 = AtomicU8::new(guest_abi::hcall::HCALL_STATUS_EMPTY);
 static PROBE_NO_IRQS: AtomicU32 = AtomicU32::new(0);
+
+/// Where the reflection stub, armed by `selftest=entryfault`, pushes its
+/// frame (standing in for guest memory), and the `irq_enabled` it reads.
+static REFLECT_FRAME: [AtomicU32; 8] = [const { AtomicU32::new(0) }; 8];
+const REFLECT_FRAME_BYTES: u32 = 8 * 4;
+static REFLECT_IE: AtomicU32 = AtomicU32::new(guest_abi::irq::X86_EFLAGS_IF);
 
 /// The stub armed for the probe (kernel level, selectors 0x61/0x69), with
 /// SS `ss` as the one it accepts.
@@ -359,11 +365,15 @@ fn native_roundtrip_of(
 ///    sequence (an exit handled where it landed);
 /// 2. the handler goes into the hypercall stub as a trapped `int 0x1f`
 ///    would, with the stub armed to answer it and the frame's SS null, so the
-///    stub's own `iretq` is refused.
+///    stub's own `iretq` is refused;
+/// 3. the handler goes into the `int3` reflection stub as a trapped `int3`
+///    from CPL 1 would, with the stub armed to reflect it onto a stack whose
+///    (armed, "validated") SS is the bad one, so the reflection's `iretq`
+///    into the guest's handler is refused.
 ///
 /// Each must come back from the world switch as trap 256 with the fault's
 /// vector (13); a hypervisor without the window dies with an exception.
-pub fn entry_fault_selftest() -> Result<[u32; 2], &'static str> {
+pub fn entry_fault_selftest() -> Result<[u32; 3], &'static str> {
     /// The probe's data selector with RPL 3 while CS has RPL 1.
     const BAD_SS: u16 = KERNEL_DS | 3;
     fn bad_ss(ctx: *mut (), _exit: &switch::ExitInfo, _full: bool) -> bool {
@@ -399,10 +409,52 @@ pub fn entry_fault_selftest() -> Result<[u32; 2], &'static str> {
             )
         }
     }
-    let mut faults = [0u32; 2];
-    for (fault, handler) in faults
-        .iter_mut()
-        .zip([bad_ss as switch::FastHandler, into_stub])
+    fn into_reflect(_ctx: *mut (), _exit: &switch::ExitInfo, _full: bool) -> bool {
+        let mut arm = probe_stub_arm(u32::from(KERNEL_DS));
+        arm.reflect = Some(switch::ReflectArm {
+            mem_base: REFLECT_FRAME.as_ptr() as u64,
+            limit: REFLECT_FRAME_BYTES,
+            irq_enabled: REFLECT_IE.as_ptr() as u64,
+            kss: u32::from(BAD_SS),
+            kss_base: 0,
+            user_frame: 0,
+            user_esp: 0,
+            ss1: 0,
+            gates: [
+                StubGate(u64::from(PROBE_GPA) | StubGate::FROM_KERNEL),
+                StubGate(0),
+            ],
+            lane: None,
+        });
+        switch::arm_stubs(Some(arm));
+        // The frame `int3` at CPL 1 would have pushed, on the bad SS with
+        // ESP at the top of the armed frame area; then the stub, as the CPU
+        // would enter it. It pushes the i386 frame there and `iretq`s into
+        // the gate with the bad SS, which faults (see `into_stub`).
+        // SAFETY: as in `into_stub`; the stub writes only the armed frame
+        // area and reads the armed `irq_enabled` word.
+        unsafe {
+            core::arch::asm!(
+                "push {ss}",
+                "push {esp}",
+                "push 0x202",
+                "push {cs}",
+                "push {eip}",
+                "jmp {stub}",
+                ss = const BAD_SS,
+                esp = const REFLECT_FRAME_BYTES,
+                cs = const KERNEL_CS,
+                eip = const PROBE_GPA,
+                stub = sym switch::int3_stub,
+                options(noreturn),
+            )
+        }
+    }
+    let mut faults = [0u32; 3];
+    for (fault, handler) in
+        faults
+            .iter_mut()
+            .zip([bad_ss as switch::FastHandler, into_stub, into_reflect])
     {
         let mut probe = Probe::new(ProbeLevel::Kernel, 1, ProbeCode::Native)?;
         let regs: *mut Regs = &raw mut probe.regs;
