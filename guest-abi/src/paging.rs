@@ -52,4 +52,5 @@ pub const TWO_LEVEL_PGD_SPAN: u32 = 4 << 20;
 /// Bytes mapped by one PAE PMD entry (2 MiB).
 pub const PAE_PMD_SPAN: u32 = 2 << 20;
 
-const _: () = assert!(PAGE_TABLE == PAGE_PRESENT | PAGE_RW | PAGE_USER | PAGE_ACCESSED | PAGE_DIRTY);
+const _: () =
+    assert!(PAGE_TABLE == PAGE_PRESENT | PAGE_RW | PAGE_USER | PAGE_ACCESSED | PAGE_DIRTY);

@@ -361,7 +361,7 @@ impl GuestPaging {
     pub fn check_cr3(&self, cr3: u32) -> Result<(), Kill> {
         let end = u64::from(cr3).saturating_add(u64::from(self.format.top_bytes()));
         let limit = u64::from(self.pfnlimit).saturating_mul(u64::from(PAGE));
-        if cr3 % self.format.top_align() != 0 || end > limit {
+        if !cr3.is_multiple_of(self.format.top_align()) || end > limit {
             return Err(Kill::new(format_args!(
                 "bad page directory {cr3:#x} ({} paging)",
                 self.format.option_name()
@@ -751,11 +751,32 @@ mod tests {
             other => panic!("{other:?}"),
         };
         // NX (reserved for the guest) in a PTE, a PMD, a PDPT entry.
-        pae(&mut m, 0x1020, 0xC020_3000, 0x2001, 0x3067, 1 << 63 | 0x9067);
+        pae(
+            &mut m,
+            0x1020,
+            0xC020_3000,
+            0x2001,
+            0x3067,
+            1 << 63 | 0x9067,
+        );
         assert_eq!(reason(&m), (Level::Pte, BadReason::ReservedBits));
-        pae(&mut m, 0x1020, 0xC020_3000, 0x2001, 1 << 63 | 0x3067, 0x9067);
+        pae(
+            &mut m,
+            0x1020,
+            0xC020_3000,
+            0x2001,
+            1 << 63 | 0x3067,
+            0x9067,
+        );
         assert_eq!(reason(&m), (Level::Pmd, BadReason::ReservedBits));
-        pae(&mut m, 0x1020, 0xC020_3000, 1 << 52 | 0x2001, 0x3067, 0x9067);
+        pae(
+            &mut m,
+            0x1020,
+            0xC020_3000,
+            1 << 52 | 0x2001,
+            0x3067,
+            0x9067,
+        );
         assert_eq!(reason(&m), (Level::Pdpt, BadReason::ReservedBits));
         // PDPT flags other than PRESENT.
         pae(&mut m, 0x1020, 0xC020_3000, 0x2003, 0x3067, 0x9067);
@@ -764,8 +785,18 @@ mod tests {
         pae(&mut m, 0x1020, 0xC020_3000, 0x2001, 0x30E7, 0x9067);
         assert_eq!(reason(&m), (Level::Pmd, BadReason::LargePage));
         // Address bits above 4 GiB are a pfn beyond the limit.
-        pae(&mut m, 0x1020, 0xC020_3000, 0x2001, 0x3067, 1 << 40 | 0x9067);
-        assert!(matches!(reason(&m), (Level::Pte, BadReason::PfnBeyondLimit { .. })));
+        pae(
+            &mut m,
+            0x1020,
+            0xC020_3000,
+            0x2001,
+            0x3067,
+            1 << 40 | 0x9067,
+        );
+        assert!(matches!(
+            reason(&m),
+            (Level::Pte, BadReason::PfnBeyondLimit { .. })
+        ));
         assert!(g.check_cr3(0x1020).is_ok());
         assert!(g.check_cr3(0x1010).is_err());
         assert!(g.check_cr3(0x3F_FFE0).is_ok());
