@@ -715,7 +715,7 @@ mod tests {
         assert!(g.check_cr3(0x40_0000).is_err());
         assert!(g.check_cr3(0x1020).is_err());
         assert_eq!(
-            g.check_cr3(u32::MAX & !0xFFF).unwrap_err().as_str(),
+            g.check_cr3(!0xFFF).unwrap_err().as_str(),
             "bad page directory 0xfffff000 (2level paging)"
         );
     }
