@@ -14,6 +14,12 @@
 //! - [`insn`]: decoding the instructions the host emulates after a #GP(0)
 //!   (`cli`, `in`, `out`; `sgdt`, `sidt`, `smsw`, `sldt`, `str` under UMIP).
 //! - [`guestmem`]: the bounds-checked guest-physical memory accessor.
+//! - [`pagewalk`]: the guest's page-table formats (2-level, PAE) and the
+//!   validating walk of a guest virtual address through them.
+//! - [`shadow`]: shadow page tables — the long-mode tables the CPU really
+//!   uses while a paging guest runs, derived from the guest's own tables,
+//!   cached per guest `cr3`, capped and accounted (the kernel supplies
+//!   frames through [`shadow::ShadowBackend`]).
 //! - [`loader`]: ELF loading and `boot_params`.
 //! - [`console`]: guest text shown as data (escaped, capped, rate-limited).
 //! - [`fpustate`]: which guest instance owns the FPU registers.
@@ -26,10 +32,11 @@
 //! describes them.
 //!
 //! The modules that handle guest-controlled values (`chan`, `console`,
-//! `guestmem`, `insn`, `loader`, `segments`, `spec`, `vcpu`) deny
-//! `clippy::indexing_slicing` and `clippy::arithmetic_side_effects` outside
-//! their tests: every index is a `get()`, every sum a checked, saturating or
-//! (where the operands are bounded, said in a comment) wrapping operation.
+//! `guestmem`, `insn`, `loader`, `pagewalk`, `segments`, `shadow`, `spec`,
+//! `vcpu`) deny `clippy::indexing_slicing` and
+//! `clippy::arithmetic_side_effects` outside their tests: every index is a
+//! `get()`, every sum a checked, saturating or (where the operands are
+//! bounded, said in a comment) wrapping operation.
 
 pub mod chan;
 pub mod console;
@@ -39,6 +46,8 @@ pub mod guestmem;
 pub mod insn;
 pub mod kill;
 pub mod loader;
+pub mod pagewalk;
 pub mod segments;
+pub mod shadow;
 pub mod spec;
 pub mod vcpu;
