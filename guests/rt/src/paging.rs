@@ -608,7 +608,8 @@ pub fn kernel_pte(va: u32) -> u64 {
 // ---- Address spaces -------------------------------------------------------------------
 
 /// A user address space: its own top-level table, sharing the kernel's
-/// mappings, with user mappings in `[USER_START, USER_END)`.
+/// mappings, with user mappings in `[USER_START, USER_END)`. Its frames
+/// come back with [`destroy`](Self::destroy); dropping it leaks them.
 #[derive(Debug, PartialEq, Eq)]
 pub struct AddressSpace {
     top: u32,
