@@ -23,7 +23,7 @@
 //! | [`lhreq`] | control-channel requests ([`LhReq`]) and [`Errno`] |
 //! | [`device`] | lguest bus device page records, virtio ids, vring sizes |
 //! | [`boot`] | `boot_params` offsets, e820, guest-physical memory map |
-//! | [`pgtable`] | page-table entry bits and geometry of the 2-level and PAE formats, `PAGE_OFFSET` |
+//! | [`paging`] | page-table entry bits and geometry of the 2-level and PAE formats, `PAGE_OFFSET` |
 //!
 //! The prose reference with all tables (including the host's validation
 //! rules and kill reasons) is `docs/abi.md`.
@@ -69,7 +69,7 @@ pub mod device;
 pub mod hcall;
 pub mod irq;
 pub mod lhreq;
-pub mod pgtable;
+pub mod paging;
 pub mod seg;
 
 pub use boot::{BOOT_PARAMS_ADDR, BootE820Entry, CMDLINE_ADDR, SetupHeader};

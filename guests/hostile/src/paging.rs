@@ -13,9 +13,9 @@
 //! | mode | does | the host |
 //! |---|---|---|
 //! | `pgpfn` | a PTE (A/D set) whose frame is 64 MiB beyond guest RAM | kills: "bad page table entry" |
-//! | `pgdir` | a top-level entry (2-level PGD / PAE PDPT) pointing at 0xF0000000, beyond guest RAM | kills: "bad page directory entry" |
+//! | `pgdir` | a top-level entry (2-level PGD / PAE PDPT) pointing at 0xF0000000, beyond guest RAM | kills: "bad page directory entry" (lguest; any "bad page ... entry" wording) |
 //! | `paereserved` | (PAE) a PTE with reserved bit 62 set | kills: "bad page table entry" |
-//! | `paepdpt` | (PAE) a PDPT entry with RW set (only P is allowed there) | kills: "bad page directory entry" |
+//! | `paepdpt` | (PAE) a PDPT entry with RW set (only P is allowed there) | kills: "bad page directory entry" (likewise) |
 //! | `pgdindex` | `LHCALL_SET_PGD` with index 1024 (2-level) or 4 (PAE), one past the end | kills (upstream: "Attempt to set pgd %u/%u", which it got wrong for 1024) |
 //! | `setpmd` | (2-level) `LHCALL_SET_PMD` | kills with a reason that names `paging=pae` |
 //! | `stackunmapped` | `LHCALL_SET_STACK` on an unmapped virtual address, then `int $0x80` from user mode | kills: "bad stack page" (at `SET_STACK`, or when the frame is pushed) |
@@ -25,8 +25,8 @@
 use lguest_rt::guest_abi::KERNEL_DS;
 use lguest_rt::guest_abi::hcall::{LHCALL_SET_PGD, LHCALL_SET_PMD};
 use lguest_rt::paging::{
-    self, AddressSpace, Format, PAGE_ACCESSED, PAGE_DIRTY, PAGE_PRESENT, PAGE_RW, PAGE_SIZE,
-    PAGE_TABLE, PAGE_USER, PF_PROT, PTRS_PER_PGD_2LEVEL, PTRS_PER_PGD_PAE, probe_read, probe_write,
+    self, AddressSpace, Format, PAE_PDPT_ENTRIES, PAGE_ACCESSED, PAGE_DIRTY, PAGE_PRESENT, PAGE_RW,
+    PAGE_SIZE, PAGE_TABLE, PAGE_USER, PF_PROT, TWO_LEVEL_ENTRIES, probe_read, probe_write,
 };
 use lguest_rt::{BootInfo, check, check_eq, hcall, println, process};
 
@@ -125,8 +125,8 @@ pub fn pgdindex(boot: &BootInfo) {
         return;
     };
     let idx = match format {
-        Format::TwoLevel => PTRS_PER_PGD_2LEVEL,
-        Format::Pae => PTRS_PER_PGD_PAE,
+        Format::TwoLevel => TWO_LEVEL_ENTRIES,
+        Format::Pae => PAE_PDPT_ENTRIES,
     };
     println!("hostile: LHCALL_SET_PGD index {idx}");
     // SAFETY: an index one past the table; the host must refuse it.

@@ -61,7 +61,7 @@ use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 use guest_abi::hcall::{
     LHCALL_FLUSH_TLB, LHCALL_NEW_PGTABLE, LHCALL_SET_PGD, LHCALL_SET_PMD, LHCALL_SET_PTE,
 };
-pub use guest_abi::pgtable::*;
+pub use guest_abi::paging::*;
 
 use crate::sync::IrqCell;
 use crate::trap::TrapFrame;
@@ -69,10 +69,19 @@ use crate::{BootInfo, hcall, irq};
 
 /// Guest page size.
 pub const PAGE_SIZE: u32 = guest_abi::PAGE_SIZE;
-/// Software bit: the mapping owns its frame (freed on unmap and destroy).
-pub const PTE_OWNED: u64 = PAGE_SOFTW1;
-/// Software bit: copy-on-write (a read-only shared page; a write fault copies).
-pub const PTE_COW: u64 = PAGE_SOFTW2;
+/// Software bit 9: the mapping owns its frame (freed on unmap and destroy).
+pub const PTE_OWNED: u64 = 1 << 9;
+/// Software bit 10: copy-on-write (a read-only shared page; a write fault
+/// copies).
+pub const PTE_COW: u64 = 1 << 10;
+const _: () = assert!((PTE_OWNED | PTE_COW) & !PAGE_SOFTWARE == 0);
+
+/// Address bits below a 2-level PGD index.
+const PGDIR_SHIFT_2LEVEL: u32 = TWO_LEVEL_PGD_SPAN.trailing_zeros();
+/// Address bits below a PAE PDPT index.
+const PGDIR_SHIFT_PAE: u32 = PAE_PDPT_SPAN.trailing_zeros();
+/// Address bits below a PAE PMD index.
+const PMD_SHIFT_PAE: u32 = PAE_PMD_SPAN.trailing_zeros();
 /// First user virtual address (PDPT slot 1 in PAE, PGD slot 256 in 2-level).
 pub const USER_START: u32 = 0x4000_0000;
 /// End of the user part (= `kernel_address`).
@@ -131,8 +140,8 @@ impl Format {
     /// Mask of the frame address in an entry.
     pub const fn frame_mask(self) -> u64 {
         match self {
-            Format::TwoLevel => PAGE_MASK_2LEVEL,
-            Format::Pae => PAGE_MASK_PAE,
+            Format::TwoLevel => PAGE_ADDR_MASK_2LEVEL,
+            Format::Pae => PAGE_ADDR_MASK,
         }
     }
 
@@ -147,8 +156,8 @@ impl Format {
     /// Index of `va` in its page table.
     pub const fn pte_index(self, va: u32) -> u32 {
         match self {
-            Format::TwoLevel => (va >> 12) & (PTRS_PER_PTE_2LEVEL - 1),
-            Format::Pae => (va >> 12) & (PTRS_PER_PTE_PAE - 1),
+            Format::TwoLevel => (va >> 12) & (TWO_LEVEL_ENTRIES - 1),
+            Format::Pae => (va >> 12) & (PAE_ENTRIES - 1),
         }
     }
 
@@ -459,7 +468,7 @@ fn walk(
         Format::Pae => match level(top, fmt.top_index(va), PAGE_PRESENT, true)? {
             Some(pmd) => level(
                 pmd,
-                (va >> PMD_SHIFT_PAE) & (PTRS_PER_PMD_PAE - 1),
+                (va >> PMD_SHIFT_PAE) & (PAE_ENTRIES - 1),
                 dir_flags,
                 false,
             )?,
@@ -624,8 +633,8 @@ impl AddressSpace {
         let k = kernel_top();
         let user = fmt.user_top_range();
         let slots = match fmt {
-            Format::TwoLevel => PTRS_PER_PGD_2LEVEL,
-            Format::Pae => PTRS_PER_PGD_PAE,
+            Format::TwoLevel => TWO_LEVEL_ENTRIES,
+            Format::Pae => PAE_PDPT_ENTRIES,
         };
         for i in (0..slots).filter(|i| !user.contains(i)) {
             let e = read_entry(k, i);
@@ -778,7 +787,7 @@ impl AddressSpace {
                 match fmt {
                     Format::TwoLevel => free_pt(t),
                     Format::Pae => {
-                        for j in 0..PTRS_PER_PMD_PAE {
+                        for j in 0..PAE_ENTRIES {
                             let pe = read_entry(t, j);
                             if pe & PAGE_PRESENT != 0 {
                                 free_pt((pe & mask) as u32);
