@@ -23,7 +23,7 @@
 //! | [`lhreq`] | control-channel requests ([`LhReq`]) and [`Errno`] |
 //! | [`device`] | lguest bus device page records, virtio ids, vring sizes |
 //! | [`boot`] | `boot_params` offsets, e820, guest-physical memory map |
-//! | [`paging`] | guest page-table entry bits (2-level and PAE) |
+//! | [`paging`] | page-table entry bits and geometry of the 2-level and PAE formats, `PAGE_OFFSET` |
 //!
 //! The prose reference with all tables (including the host's validation
 //! rules and kill reasons) is `docs/abi.md`.

@@ -3,7 +3,7 @@
 //! `hostile,mode=gdt64` in a scenario).
 //!
 //! The guest prints `hostile: trying <mode>` first. In every mode except
-//! the survivors (`io`, `crash`, `forgeshutdown`, `umip`) the hypervisor must kill the guest with a reason (see the
+//! the survivors (`io`, `crash`, `forgeshutdown`, `umip`, `pgedit`, `pgflood`) the hypervisor must kill the guest with a reason (see the
 //! table in [`MODES`]); if the guest is still alive afterwards it prints
 //! `FAIL: <mode> survived` and powers off, so a scenario expecting the kill
 //! line fails.
@@ -22,6 +22,8 @@
 #![no_std]
 #![no_main]
 
+mod paging;
+
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU32, Ordering};
 
@@ -34,7 +36,9 @@ use lguest_rt::guest_abi::{KERNEL_CS, KERNEL_DS, LGUEST_SHUTDOWN_POWEROFF};
 use lguest_rt::hcall::phys;
 use lguest_rt::{BootInfo, hcall, println, trap};
 
-lguest_rt::entry!(main);
+// kernel_address = PAGE_OFFSET: the paging modes (`paging.rs`) split kernel
+// and user like Linux; the other modes do not care.
+lguest_rt::entry!(main, kernel_address = lguest_rt::paging::PAGE_OFFSET);
 
 /// What must happen to the guest in a mode.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -131,6 +135,24 @@ const MODES: &[Mode] = &[
     // sgdt/sidt/smsw/str/sldt at CPL 1 see the guest view (UMIP emulation),
     // never the host's tables: "PASS: umip guest view".
     ("umip", umip, Expect::Survive),
+    // Paging (`paging.rs`, with `paging=2level|pae`): "bad page table entry"
+    ("pgpfn", paging::pgpfn, Expect::Kill),
+    // "bad page directory entry"
+    ("pgdir", paging::pgdir, Expect::Kill),
+    // PAE only: "bad page table entry"
+    ("paereserved", paging::paereserved, Expect::Kill),
+    // PAE only: "bad page directory entry"
+    ("paepdpt", paging::paepdpt, Expect::Kill),
+    // SET_PGD one past the top-level table: a reason naming the index
+    ("pgdindex", paging::pgdindex, Expect::Kill),
+    // 2-level only: a reason naming `paging=pae`
+    ("setpmd", paging::setpmd, Expect::Kill),
+    // "bad stack page ..."
+    ("stackunmapped", paging::stackunmapped, Expect::Kill),
+    // A page table edited behind the host's back: "PASS: pgedit: ..."
+    ("pgedit", paging::pgedit, Expect::Survive),
+    // Address spaces in a loop: "PASS: pgflood: ..."
+    ("pgflood", paging::pgflood, Expect::Survive),
 ];
 
 fn main(boot: &BootInfo) {

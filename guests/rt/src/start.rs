@@ -64,6 +64,9 @@ core::arch::global_asm!(
 unsafe extern "Rust" {
     /// The guest's entry point, defined by [`entry!`](crate::entry).
     fn __lguest_rt_guest_main(boot: &BootInfo);
+    /// `lguest_data.kernel_address` to announce at INIT, defined by
+    /// [`entry!`](crate::entry).
+    static __LGUEST_RT_KERNEL_ADDRESS: u32;
 }
 
 /// Runtime initialisation, then the guest's `main`, then power off.
@@ -73,6 +76,9 @@ extern "C" fn rt_main(boot_params: u32) -> ! {
     let (start, end) = crate::trap::noirq_window();
     write_field!(noirq_start, start);
     write_field!(noirq_end, end);
+    // The host reads kernel_address at LGUEST_INIT too (E4).
+    // SAFETY: `entry!` defines this immutable static.
+    write_field!(kernel_address, unsafe { __LGUEST_RT_KERNEL_ADDRESS });
     // SAFETY: first hypercall, once; LGUEST_DATA is a static laid out per
     // the ABI with Linux's initial contents.
     unsafe { crate::hcall::lguest_init(irq::lguest_data_addr()) };
