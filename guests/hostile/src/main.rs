@@ -89,7 +89,8 @@ const MODES: &[Mode] = &[
     ("stackpages", stackpages, Expect::Kill),
     // "bad stack page 0xf0000fff"
     ("stackaddr", stackaddr, Expect::Kill),
-    // "LHCALL_NEW_PGTABLE not yet supported (shadow paging)"
+    // "bad stack page …": the empty page directory maps nothing, so the
+    // first fault cannot be pushed onto the (now unmapped) kernel stack
     ("nopgtable", nopgtable, Expect::Kill),
     // Faults, all "unhandled trap <n> at <eip> (<info>)":
     ("farjump", farjump, Expect::Kill), // ljmp to the host's code selector 0x50
@@ -324,8 +325,9 @@ unsafe impl Sync for Page {}
 static EMPTY_PGDIR: Page = Page(UnsafeCell::new([0; 4096]));
 
 fn nopgtable(_: &BootInfo) {
-    // SAFETY: none: an empty page directory maps nothing, so if the host
-    // accepted it the guest would fault at once. It must refuse it.
+    // SAFETY: none: an empty page directory maps nothing, so the guest
+    // faults at once, and the host cannot push that fault anywhere: it
+    // must kill the guest, not itself.
     unsafe { hcall::new_pgtable(phys(EMPTY_PGDIR.0.get())) }
 }
 

@@ -507,7 +507,10 @@ enum Evicted {
     Nothing,
 }
 
-/// One guest's shadow page tables. See the module documentation.
+/// One guest's shadow page tables. See the module documentation. (Cloning
+/// copies the bookkeeping, not the frames: for tests of the pure state
+/// machine around it.)
+#[derive(Clone)]
 pub struct ShadowPaging {
     cfg: ShadowConfig,
     paging: GuestPaging,
@@ -1394,4 +1397,4 @@ const fn pt_index(vaddr: u32) -> usize {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -4,7 +4,9 @@
 //! The first word names the guest; `mem=SIZE` (at most once, a size in the
 //! [`parse_size`] grammar) sets its RAM, between
 //! [`MIN_GUEST_MEM`] and [`MAX_GUEST_MEM`] (default [`DEFAULT_GUEST_MEM`]);
-//! every other word goes to the guest as its own command line.
+//! `paging=2level` or `paging=pae` (at most once) declares the page-table
+//! format the guest uses once it turns on paging (2-level by default); every
+//! word but the name and `mem=` goes to the guest as its own command line.
 //!
 //! The hypervisor's launcher and `cargo xtask` (which refuses a bad
 //! `--guest` before building anything) both use [`parse`], so a spec is
@@ -20,6 +22,9 @@
 
 extern crate alloc;
 
+use guest_abi::paging::{PAGING_2LEVEL, PAGING_PAE};
+
+use super::pagewalk::Format;
 use alloc::string::String;
 use core::fmt;
 
@@ -44,8 +49,13 @@ pub struct GuestSpec<'a> {
     /// Guest RAM in bytes.
     pub mem: u64,
     /// The guest's own command line: every word but the name and `mem=`,
-    /// separated by single spaces.
+    /// separated by single spaces (`paging=` stays: the guest may read it
+    /// too).
     pub args: String,
+    /// The page-table format the guest uses once it turns paging on
+    /// (`paging=2level` or `paging=pae`; 2-level by default, like the
+    /// lguest kernels of the era), fixed for its life.
+    pub paging: Format,
 }
 
 /// Why a guest module command line is refused.
@@ -62,6 +72,10 @@ pub enum SpecError<'a> {
     /// The name is not one word of at most [`MAX_NAME`] letters, digits,
     /// `_`, `-` and `.`.
     BadName(&'a str),
+    /// `paging=` is neither `2level` nor `pae`.
+    BadPaging(&'a str),
+    /// `paging=` appears twice (both values).
+    DuplicatePaging(&'a str, &'a str),
 }
 
 /// Longest guest name.
@@ -101,6 +115,18 @@ impl fmt::Display for SpecError<'_> {
             Self::DuplicateMem(a, b) => {
                 write!(f, "mem= given twice (mem={a} and mem={b}); give it once")
             }
+            Self::BadPaging(v) => write!(
+                f,
+                "bad paging=\"{}\": the page-table format is paging=2level (the default) or \
+                 paging=pae",
+                super::console::Escaped::new(v.as_bytes())
+            ),
+            Self::DuplicatePaging(a, b) => write!(
+                f,
+                "paging= given twice (paging={} and paging={}); give it once",
+                super::console::Escaped::new(a.as_bytes()),
+                super::console::Escaped::new(b.as_bytes())
+            ),
             Self::BadName(name) => write!(
                 f,
                 "bad name \"{}\": a guest name is up to {MAX_NAME} letters, digits, '_', '-' \
@@ -124,7 +150,8 @@ pub fn name_of(cmdline: &str) -> &str {
 /// # Errors
 ///
 /// A line longer than [`MAX_MODULE_CMDLINE`], a `mem=` that is not a size
-/// or is out of range, or a second `mem=`.
+/// or is out of range, a second `mem=`, a `paging=` that is not a format,
+/// a second `paging=`.
 pub fn parse(cmdline: &str, full_len: usize) -> Result<GuestSpec<'_>, SpecError<'_>> {
     let full_len = full_len.max(cmdline.len());
     if full_len > MAX_MODULE_CMDLINE {
@@ -136,8 +163,20 @@ pub fn parse(cmdline: &str, full_len: usize) -> Result<GuestSpec<'_>, SpecError<
         return Err(SpecError::BadName(name));
     }
     let mut mem: Option<(&str, u64)> = None;
+    let mut paging: Option<(&str, Format)> = None;
     let mut args = String::new();
     for w in words {
+        if let Some(v) = w.strip_prefix("paging=") {
+            if let Some((first, _)) = paging {
+                return Err(SpecError::DuplicatePaging(first, v));
+            }
+            let f = match v {
+                PAGING_2LEVEL => Format::TwoLevel,
+                PAGING_PAE => Format::Pae,
+                _ => return Err(SpecError::BadPaging(v)),
+            };
+            paging = Some((v, f));
+        }
         if let Some(v) = w.strip_prefix("mem=") {
             if let Some((first, _)) = mem {
                 return Err(SpecError::DuplicateMem(first, v));
@@ -158,6 +197,7 @@ pub fn parse(cmdline: &str, full_len: usize) -> Result<GuestSpec<'_>, SpecError<
         name,
         mem: mem.map_or(DEFAULT_GUEST_MEM, |(_, bytes)| bytes),
         args,
+        paging: paging.map_or(Format::TwoLevel, |(_, f)| f),
     })
 }
 
@@ -172,6 +212,24 @@ mod tests {
 
     fn err(line: &str) -> SpecError<'_> {
         parse(line, line.len()).expect_err(line)
+    }
+
+    #[test]
+    fn paging_format() {
+        assert_eq!(ok("g").paging, Format::TwoLevel);
+        assert_eq!(ok("g paging=2level").paging, Format::TwoLevel);
+        let s = ok("g paging=pae x");
+        assert_eq!(s.paging, Format::Pae);
+        assert_eq!(s.args, "paging=pae x", "the guest sees the word too");
+        assert_eq!(err("g paging=4level"), SpecError::BadPaging("4level"));
+        assert_eq!(
+            err("g paging=pae paging=2level"),
+            SpecError::DuplicatePaging("pae", "2level")
+        );
+        assert!(
+            err("g paging=x").to_string().contains("paging=pae"),
+            "the message names the values"
+        );
     }
 
     #[test]

@@ -62,7 +62,11 @@ use super::gdtcache::GdtKey;
 use super::guestmem::GuestMemory;
 use super::insn::{self, Op, Operand, Seg, Width};
 use super::kill::{Kill, kill};
+use super::pagewalk::{Access, Format};
 use super::segments::GuestGdt;
+use super::shadow::{
+    Fault, Flush, ShadowBackend, ShadowConfig, ShadowPaging, Switch, check_kernel_address,
+};
 
 /// The guest's registers in the order of Linux lguest's `struct lguest_regs`:
 /// what the switcher saves on every exit and loads on every entry.
@@ -214,6 +218,26 @@ pub trait Env {
     /// host must make guest FPU use trap (#NM), as lguest did (CR0.TS set
     /// while this guest runs).
     fn set_ts(&mut self, on: bool);
+    /// The host side of shadow paging: where this guest's shadow table
+    /// frames come from and how their entries are reached.
+    type Tables: ShadowBackend;
+    /// See [`Env::Tables`].
+    fn tables(&mut self) -> &mut Self::Tables;
+    /// What is fixed about this guest's shadow paging (its page-table
+    /// format, where its memory is, the host half, the caps), for the
+    /// `kernel_address` it declared (already checked), asked once, at INIT.
+    fn shadow_config(&self, kernel_address: u32) -> ShadowConfig;
+}
+
+/// What the host must do to the MMU before the guest runs again (see
+/// [`Vcpu::take_mmu_work`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MmuWork {
+    /// Load this shadow (its root into CR3; `flush` says whether TLB
+    /// entries tagged with its slot may be stale).
+    pub load: Option<Switch>,
+    /// Then invalidate this in the loaded shadow.
+    pub flush: Flush,
 }
 
 /// One stored guest IDT gate: selector forced to 0x61, high dword masked
@@ -311,6 +335,11 @@ pub struct Vcpu {
     /// `check_entry_state`: validity depends only on these, so an entry
     /// with the same values skips the six descriptor checks.
     validated: Option<SelKey>,
+    /// Shadow paging (from INIT; in linear mode until the first
+    /// `NEW_PGTABLE`).
+    shadow: Option<ShadowPaging>,
+    /// A `NEW_PGTABLE` switch the host has not loaded yet.
+    mmu_load: Option<Switch>,
 }
 
 impl fmt::Debug for Vcpu {
@@ -622,14 +651,18 @@ impl Vcpu {
         // A kernel-mode trap may be reflected on the stack the guest was
         // entered with, if it was entered at CPL 1 with selectors that
         // passed the entry check; a user-mode one on a valid SET_STACK stack.
+        // Under shadow paging frames go through guest-virtual addresses,
+        // which only the full path translates: no reflection there.
+        let linear = !self.paging();
         let validated = self.validated == Some(SelKey::of(self.gdt.generation(), &self.regs));
-        let kss = if validated && self.cpl() == 1 {
+        let kss = if linear && validated && self.cpl() == 1 {
             self.regs.ss
         } else {
             0
         };
         let base = |ss: u32| u16::try_from(ss).map_or(0, |s| self.gdt.segment_base(s));
-        let ss1_ok = self.stack_set
+        let ss1_ok = linear
+            && self.stack_set
             && u16::try_from(self.ss1).is_ok_and(|s| self.gdt.valid_stack_selector(s, 1));
         let user_top = base(self.ss1).wrapping_add(self.esp1);
         let user_frame = user_top.checked_sub(20).filter(|_| user_top <= limit);
@@ -655,7 +688,7 @@ impl Vcpu {
             StubGate(bits)
         };
         Some(StubView {
-            trivial: TRIVIAL_HCALLS,
+            trivial: self.trivial_hcalls(),
             ring_status: ld
                 .wrapping_add(LguestData::OFF_HCALL_STATUS)
                 .wrapping_add(slot),
@@ -720,7 +753,7 @@ impl Vcpu {
             }
             let arg0 = mem.read_u32(ld.wrapping_add(LguestData::off_hcall(n as u32)));
             match arg0 {
-                Ok(nr) if nr < 32 && TRIVIAL_HCALLS & (1 << nr) != 0 => {}
+                Ok(nr) if nr < 32 && self.trivial_hcalls() & (1 << nr) != 0 => {}
                 _ => break,
             }
             if mem.write_u8(status, HCALL_STATUS_EMPTY).is_err() {
@@ -777,6 +810,8 @@ impl Vcpu {
             ring_cursor: 0,
             pending_hcall: None,
             validated: None,
+            shadow: None,
+            mmu_load: None,
         }
     }
 
@@ -868,11 +903,76 @@ impl Vcpu {
         }
     }
 
-    /// Guest-virtual to guest-physical. Linear mode: identity for every
-    /// address inside guest memory. (Shadow paging will walk the guest's page
-    /// tables here.)
-    pub fn guest_pa(&self, mem: &impl GuestMemory, vaddr: u32) -> Option<u32> {
-        (vaddr < mem.limit()).then_some(vaddr)
+    /// Guest-virtual to guest-physical for an access the host makes on the
+    /// guest's behalf (pushing a frame: a kernel write; an emulated
+    /// instruction's fetch and store: with the privilege it ran at). Linear mode: identity for every address inside guest
+    /// memory. Under shadow paging: through the guest's current tables,
+    /// honouring their permissions (a supervisor write needs a writable
+    /// page) and setting their ACCESSED/DIRTY bits as the CPU would.
+    pub fn guest_pa(&self, mem: &mut impl GuestMemory, vaddr: u32, access: Access) -> Option<u32> {
+        match self.shadow.as_ref().filter(|s| s.is_paging()) {
+            Some(sh) => sh.translate_for_host(mem, vaddr, access).ok(),
+            None => (vaddr < mem.limit()).then_some(vaddr),
+        }
+    }
+
+    /// The access the host makes for the guest's current privilege level:
+    /// what its own instruction could do (user pages only from CPL 3).
+    fn access_at_cpl(&self, write: bool) -> Access {
+        Access {
+            write,
+            user: self.cpl() == 3,
+        }
+    }
+
+    /// Whether the guest runs on shadow page tables (after its first
+    /// `NEW_PGTABLE`), rather than in linear mode.
+    pub fn paging(&self) -> bool {
+        self.shadow.as_ref().is_some_and(ShadowPaging::is_paging)
+    }
+
+    /// What the host must do to the MMU before the guest runs again: load
+    /// the shadow a `NEW_PGTABLE` switched to, and apply the invalidations
+    /// the shadow core owes the loaded shadow. Call after every
+    /// [`handle_exit`](Self::handle_exit) and
+    /// [`prepare_entry`](Self::prepare_entry) (it is empty in linear mode).
+    pub fn take_mmu_work(&mut self) -> MmuWork {
+        MmuWork {
+            load: self.mmu_load.take(),
+            flush: self
+                .shadow
+                .as_mut()
+                .map_or(Flush::None, ShadowPaging::take_flush),
+        }
+    }
+
+    /// The current shadow's root (host-physical PML4) under shadow paging.
+    pub fn shadow_root(&self) -> Option<u64> {
+        self.shadow.as_ref().and_then(ShadowPaging::current_root)
+    }
+
+    /// The shadow core (`None` before INIT), for its counters.
+    pub fn shadow(&self) -> Option<&ShadowPaging> {
+        self.shadow.as_ref()
+    }
+
+    /// Frees every shadow table frame (the guest died or restarts; no
+    /// shadow may be loaded in CR3 any more) and forgets the shadows.
+    pub fn release_shadows<B: ShadowBackend>(&mut self, b: &mut B) {
+        if let Some(sh) = self.shadow.as_mut() {
+            sh.release_all(b);
+        }
+        self.mmu_load = None;
+    }
+
+    /// The hypercalls that are no-ops right now (see [`StubView::trivial`]):
+    /// `FLUSH_TLB` only in linear mode, where nothing is cached.
+    fn trivial_hcalls(&self) -> u32 {
+        if self.paging() {
+            TRIVIAL_HCALLS & !(1 << guest_abi::hcall::LHCALL_FLUSH_TLB)
+        } else {
+            TRIVIAL_HCALLS
+        }
     }
 
     // ----------------------------------------------------------------------
@@ -1090,7 +1190,7 @@ impl Vcpu {
         let hcall = vector == u32::from(LGUEST_TRAP_ENTRY);
         if hcall {
             let nr = self.regs.eax;
-            let trivial = nr < 32 && TRIVIAL_HCALLS & (1 << nr) != 0;
+            let trivial = nr < 32 && self.trivial_hcalls() & (1 << nr) != 0;
             let slot = (self.ring_cursor % LHCALL_RING_SIZE) as u32;
             let status = mem.read_u8(
                 ld.wrapping_add(LguestData::OFF_HCALL_STATUS)
@@ -1114,16 +1214,18 @@ impl Vcpu {
 
     /// The hypercall stub's lane (the model the stub's assembly follows
     /// step by step, tested here against the full path): a trivial
-    /// hypercall that the stub has
-    /// checked (the number is in [`StubView::trivial`], the ring status byte
-    /// is empty, and `f`'s CS and SS are the ones the guest was entered
-    /// with under `view`) but could not answer alone because virtual irqs
-    /// are pending. Finishes it as `handle_exit` then `prepare_entry` would —
-    /// delivering the lowest pending, unblocked irq to its gate on the
-    /// current stack, or telling the guest one is pending — with `f` as the
-    /// guest's frame registers, and returns `true`; or changes nothing and
-    /// returns `false` (the full path runs). `self.regs` is not used or
-    /// updated (the next exit saves the frame there).
+    /// hypercall that the stub has checked (the number is in
+    /// [`StubView::trivial`], the ring status byte is empty, and `f`'s CS
+    /// and SS are the ones the guest was entered with under `view`) but
+    /// could not answer alone because virtual irqs are pending. When
+    /// exactly one irq is pending and unblocked, and the guest can take it
+    /// now (virtual irqs on, outside the no-irq window), finishes it as
+    /// `handle_exit` then `prepare_entry` would — delivering it to its gate
+    /// on the current stack — with `f` as the guest's frame registers, and
+    /// returns `true`; otherwise changes nothing and returns `false` (the
+    /// full path runs, and arms the host's poke for an irq it leaves
+    /// pending). `self.regs` is not used or updated (the next exit saves
+    /// the frame there).
     ///
     /// Every lguest_data field and the frame go through the bounds-checked
     /// accessor, once each; the frame is checked before anything is
@@ -1157,27 +1259,17 @@ impl Vcpu {
         let Ok(blocked) = mem.read_u32(at(LguestData::OFF_BLOCKED_INTERRUPTS)) else {
             return false;
         };
+        // Exactly one irq, deliverable now: the lane never leaves an irq
+        // pending (the full path does, and arms the host's poke for it).
         let avail = self.pending & !blocked;
-        if avail == 0 {
-            f.sanitize();
-            return true;
+        if avail == 0 || avail & avail.wrapping_sub(1) != 0 {
+            return false;
         }
         let Ok(ie) = mem.read_u32(at(LguestData::OFF_IRQ_ENABLED)) else {
             return false;
         };
-        if ie & X86_EFLAGS_IF == 0 {
-            if mem
-                .write_u32(at(LguestData::OFF_IRQ_PENDING), X86_EFLAGS_IF)
-                .is_err()
-            {
-                return false;
-            }
-            f.sanitize();
-            return true;
-        }
-        if self.noirq_start <= eip && eip < self.noirq_end {
-            f.sanitize();
-            return true;
+        if ie & X86_EFLAGS_IF == 0 || (self.noirq_start <= eip && eip < self.noirq_end) {
+            return false;
         }
         let irq = avail.trailing_zeros();
         let gate = self
@@ -1198,7 +1290,6 @@ impl Vcpu {
             return false;
         };
         // Decided: the full path's writes, in its order.
-        let more = avail & avail.wrapping_sub(1) != 0;
         self.pending &= !1u32.checked_shl(irq).unwrap_or(0);
         let (sec, nsec) = env.wallclock();
         let ok = mem.write_u32s(low, &[eip, cs, fl]).is_ok()
@@ -1206,10 +1297,7 @@ impl Vcpu {
                 || mem.write_u32(at(LguestData::OFF_IRQ_ENABLED), 0).is_ok())
             // time (sec, nsec) and irq_pending are adjacent: one store.
             && mem
-                .write_u32s(
-                    at(LguestData::OFF_TIME),
-                    &[sec as u32, nsec as u32, if more { X86_EFLAGS_IF } else { 0 }],
-                )
+                .write_u32s(at(LguestData::OFF_TIME), &[sec as u32, nsec as u32, 0])
                 .is_ok();
         if !ok {
             // Cannot happen: lguest_data and the frame were checked.
@@ -1345,9 +1433,10 @@ impl Vcpu {
         let bytes = (end.saturating_sub(first) as u32).wrapping_mul(4);
         let top = self.gdt.segment_base(ss as u16).wrapping_add(esp);
         let low = top.checked_sub(bytes)?;
-        // Linear mode: guest-virtual == guest-physical inside guest memory
-        // (the full path translates each word with `guest_pa` the same way).
-        if self.guest_pa(mem, low).is_none() || top > mem.limit() {
+        // Linear mode only: guest-virtual == guest-physical inside guest
+        // memory (the full path translates each word with `guest_pa` the
+        // same way). Under shadow paging the full path translates.
+        if self.paging() || low >= mem.limit() || top > mem.limit() {
             return None;
         }
         Some(FastFrame {
@@ -1422,9 +1511,20 @@ impl Vcpu {
             }
             trap::NM if !self.ts => Ok(Action::Resume),
             trap::PF => {
+                // Under shadow paging most faults are the shadow's to fill
+                // (lguest's demand_page); the rest are the guest's own.
+                let mut errcode = errcode;
+                if let Some(sh) = self.shadow.as_mut().filter(|s| s.is_paging()) {
+                    match sh.demand_fault(mem, env.tables(), cr2, errcode) {
+                        Fault::Fixed => return Ok(Action::Resume),
+                        Fault::Reflect { errcode: e } => errcode = e,
+                        Fault::Kill(k) => return Err(k),
+                    }
+                }
                 if let Some(ld) = self.lguest_data {
                     mem.write_u32(ld.wrapping_add(LguestData::OFF_CR2), cr2)?;
                 }
+                self.regs.errcode = errcode;
                 self.reflect(vector, errcode, cr2, mem)
             }
             _ => self.reflect(vector, errcode, cr2, mem),
@@ -1442,10 +1542,21 @@ impl Vcpu {
     fn emulate_insn<M: GuestMemory>(&mut self, mem: &mut M) -> Result<bool, Kill> {
         let cs = self.regs.cs as u16;
         let lin = self.gdt.segment_base(cs).wrapping_add(self.regs.eip);
-        let fetch = |i: u32| {
-            let pa = self.guest_pa(mem, lin.wrapping_add(i))?;
-            mem.read_u8(pa).ok()
-        };
+        // The instruction's bytes (at most 15), as far as they translate:
+        // read first, since translating may set ACCESSED bits in the
+        // guest's tables.
+        let access = self.access_at_cpl(false);
+        let mut bytes = [None::<u8>; 15];
+        for (i, slot) in (0u32..).zip(bytes.iter_mut()) {
+            let Some(pa) = self.guest_pa(mem, lin.wrapping_add(i), access) else {
+                break;
+            };
+            *slot = mem.read_u8(pa).ok();
+            if slot.is_none() {
+                break;
+            }
+        }
+        let fetch = |i: u32| bytes.get(i as usize).copied().flatten();
         let r = &self.regs;
         let gpr = [r.eax, r.ecx, r.edx, r.ebx, r.esp, r.ebp, r.esi, r.edi];
         let Some(d) = insn::decode(fetch, self.gdt.is_16bit_code(cs), &gpr) else {
@@ -1550,8 +1661,9 @@ impl Vcpu {
     /// Write `data` at guest-virtual `vaddr`, translated page by page; an
     /// address that does not translate kills ("bad address %#x").
     fn write_virt<M: GuestMemory>(&self, mem: &mut M, vaddr: u32, data: &[u8]) -> Result<(), Kill> {
+        let access = self.access_at_cpl(true);
         for (va, b) in (0u32..).map(|i| vaddr.wrapping_add(i)).zip(data) {
-            let Some(pa) = self.guest_pa(mem, va) else {
+            let Some(pa) = self.guest_pa(mem, va, access) else {
                 return kill!("bad address {va:#x}");
             };
             mem.write_u8(pa, *b)?;
@@ -1667,7 +1779,7 @@ impl Vcpu {
             let va = vaddr.wrapping_add(off);
             // `off < 4` and `va % PAGE < PAGE`: neither subtraction wraps.
             let n = PAGE.wrapping_sub(va % PAGE).min(4u32.wrapping_sub(off));
-            let Some(pa) = self.guest_pa(mem, va) else {
+            let Some(pa) = self.guest_pa(mem, va, Access::KERNEL_WRITE) else {
                 return kill!("bad stack page {va:#x}");
             };
             let end = off.saturating_add(n);
@@ -1815,7 +1927,7 @@ impl Vcpu {
             let at = ld.wrapping_add(LguestData::off_hcall(n as u32));
             let status = ld.wrapping_add(LguestData::off_hcall_status(n as u32));
             let arg0 = mem.read_u32(at)?;
-            if arg0 < 32 && TRIVIAL_HCALLS & (1 << arg0) != 0 {
+            if arg0 < 32 && self.trivial_hcalls() & (1 << arg0) != 0 {
                 // A no-op call: nothing to decode or dispatch.
                 mem.write_u8(status, HCALL_STATUS_EMPTY)?;
                 continue;
@@ -1857,9 +1969,14 @@ impl Vcpu {
         self.noirq_start = mem.read_u32(at(LguestData::OFF_NOIRQ_START))?;
         self.noirq_end = mem.read_u32(at(LguestData::OFF_NOIRQ_END))?;
         self.write_time(ld, mem, env)?;
-        self.kernel_address = mem.read_u32(at(LguestData::OFF_KERNEL_ADDRESS))?;
+        let ka = mem.read_u32(at(LguestData::OFF_KERNEL_ADDRESS))?;
+        check_kernel_address(ka)?;
+        self.kernel_address = ka;
         // Nothing of the hypervisor lives below 4 GiB in a guest's view.
         mem.write_u32(at(LguestData::OFF_RESERVE_MEM), 0)?;
+        let shadow = ShadowPaging::new(env.shadow_config(ka))
+            .map_err(|e| Kill::new(format_args!("cannot set up shadow paging: {e}")))?;
+        self.shadow = Some(shadow);
         self.lguest_data = Some(ld);
         Ok(())
     }
@@ -1876,22 +1993,24 @@ impl Vcpu {
             arg1: a1,
             arg2: a2,
             arg3: a3,
-            arg4: _,
+            arg4: a4,
         } = args;
         let Ok(h) = Hypercall::try_from(nr) else {
             return kill!("Bad hypercall {nr}");
         };
         match h {
             Hypercall::FlushAsync | Hypercall::SendInterrupts => Ok(Action::Resume),
-            // Linear mode: nothing is cached, so there is nothing to flush.
-            Hypercall::FlushTlb => Ok(Action::Resume),
             Hypercall::LguestInit => kill!("already have lguest_data"),
             Hypercall::Shutdown => self.shutdown(a1, a2, mem),
-            Hypercall::NewPgtable | Hypercall::SetPte | Hypercall::SetPgd | Hypercall::SetPmd => {
-                kill!("{} not yet supported (shadow paging)", h.name())
-            }
+            Hypercall::NewPgtable
+            | Hypercall::SetPte
+            | Hypercall::SetPgd
+            | Hypercall::SetPmd
+            | Hypercall::FlushTlb => self.paging_call(h, [a1, a2, a3, a4], mem, env),
             Hypercall::LoadIdtEntry => self.load_idt_entry(a1, a2, a3).map(|()| Action::Resume),
-            Hypercall::SetStack => self.set_stack(a1, a2, a3, mem).map(|()| Action::Resume),
+            Hypercall::SetStack => self
+                .set_stack(a1, a2, a3, mem, env)
+                .map(|()| Action::Resume),
             Hypercall::Ts => {
                 self.ts = a1 & 8 != 0;
                 env.set_ts(self.ts);
@@ -1918,6 +2037,41 @@ impl Vcpu {
             Hypercall::Notify => Ok(Action::Notify(a1)),
             _ => kill!("Bad hypercall {nr}"),
         }
+    }
+
+    /// The page-table hypercalls (docs/abi.md; lguest ABI sheet §5.4),
+    /// handed to the shadow core: `NEW_PGTABLE(gpgdir)` (the first one
+    /// leaves linear mode), `SET_PTE(gpgdir, vaddr, pte[, pte_high])`,
+    /// `SET_PGD(gpgdir, index)`, `SET_PMD(pmd, index)` (PAE),
+    /// `FLUSH_TLB(all)`.
+    fn paging_call<M: GuestMemory, E: Env>(
+        &mut self,
+        h: Hypercall,
+        [a1, a2, a3, a4]: [u32; 4],
+        mem: &mut M,
+        env: &mut E,
+    ) -> Result<Action, Kill> {
+        let Some(sh) = self.shadow.as_mut() else {
+            return kill!("{} before INIT", h.name());
+        };
+        let b = env.tables();
+        match h {
+            Hypercall::NewPgtable => {
+                let sw = sh.new_pgtable(mem, b, a1)?;
+                self.mmu_load = Some(sw);
+            }
+            Hypercall::SetPte => {
+                let pte = match sh.config().format {
+                    Format::Pae => u64::from(a3) | (u64::from(a4) << 32),
+                    Format::TwoLevel => u64::from(a3),
+                };
+                sh.set_pte(mem, b, a1, a2, pte)?;
+            }
+            Hypercall::SetPgd => sh.set_pgd(mem, b, a1, a2)?,
+            Hypercall::SetPmd => sh.set_pmd(mem, b, a1, a2)?,
+            _ => sh.flush_tlb(mem, b, a1 != 0)?,
+        }
+        Ok(Action::Resume)
     }
 
     /// `LHCALL_SHUTDOWN(msg, reason)`.
@@ -1970,12 +2124,13 @@ impl Vcpu {
     }
 
     /// `LHCALL_SET_STACK(ss, esp, pages)`.
-    fn set_stack<M: GuestMemory>(
+    fn set_stack<M: GuestMemory, E: Env>(
         &mut self,
         ss: u32,
         esp: u32,
         pages: u32,
-        mem: &M,
+        mem: &mut M,
+        env: &mut E,
     ) -> Result<(), Kill> {
         // A valid ring-1 stack now (RPL 1, writable 32-bit data with DPL 1;
         // upstream checked only the RPL); `push_frame` checks again at use,
@@ -1986,12 +2141,23 @@ impl Vcpu {
         if pages > 2 {
             return kill!("bad stack pages {pages}");
         }
-        // "Pin" the stack: every page must be guest memory.
-        for i in 0..pages {
-            let va = esp.wrapping_sub(1).wrapping_sub(i.wrapping_mul(PAGE));
-            if self.guest_pa(mem, va).is_none() {
-                return kill!("bad stack page {va:#x}");
+        if pages == 0 {
+            return kill!("bad stack pages 0");
+        }
+        // Pin the stack: under shadow paging its pages are kept present and
+        // writable in every shadow from now on (a page the guest's tables do
+        // not map writable kills); in linear mode every page must be guest
+        // memory, and the stack is recorded for when paging starts.
+        if !self.paging() {
+            for i in 0..pages {
+                let va = esp.wrapping_sub(1).wrapping_sub(i.wrapping_mul(PAGE));
+                if va >= mem.limit() {
+                    return kill!("bad stack page {va:#x}");
+                }
             }
+        }
+        if let Some(sh) = self.shadow.as_mut() {
+            sh.pin_stack(mem, env.tables(), esp, pages)?;
         }
         self.ss1 = ss;
         self.esp1 = esp;

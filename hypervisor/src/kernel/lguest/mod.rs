@@ -25,13 +25,15 @@ use rustyvisor::lguest::chan::{
 use rustyvisor::lguest::console::{ConsoleLine, Escaped, GuestConsole};
 use rustyvisor::lguest::guestmem::GuestMemory;
 use rustyvisor::lguest::loader;
+use rustyvisor::lguest::pagewalk::Format;
+use rustyvisor::lguest::shadow::{Flush, ShadowConfig};
 use rustyvisor::lguest::spec::{self, GuestSpec};
 use rustyvisor::lguest::vcpu::{Action, Env, Exit, Vcpu};
 use rustyvisor::mm::{LARGE_PAGE_SIZE, PAGE_SIZE};
 use rustyvisor::timerq::TimerId;
 use rustyvisor::units::Bytes;
 
-use self::space::{GuestRam, HostGuestMemory, LinearTables};
+use self::space::{GuestRam, HostGuestMemory, LinearTables, ShadowFrames};
 use super::arch::{cpu, gdt, idt};
 use super::bootinfo::Module;
 use super::mem::{self, phys_to_virt};
@@ -119,6 +121,45 @@ fn set_cr0_ts(on: bool) {
     unsafe { core::arch::asm!("mov cr0, {}", in(reg) new, options(nostack, preserves_flags)) };
 }
 
+/// Per guest slot: a poke is armed (see [`ensure_poke`]).
+static POKE: [AtomicBool; MAX_GUESTS] = [const { AtomicBool::new(false) }; MAX_GUESTS];
+
+/// How long a deliverable-later irq may wait for an exit.
+const POKE_NS: u64 = 1_000_000;
+
+/// The poke's timer: its interrupt alone makes a running guest exit, where
+/// the pending irq is delivered if the guest can take it by then.
+fn poke_fired(slot: u64) {
+    if let Some(p) = POKE.get(slot as usize) {
+        p.store(false, Ordering::SeqCst);
+    }
+}
+
+/// A guest may re-enable or unblock virtual irqs without an exit (its
+/// paravirt `iret` stores `irq_enabled`; unmasking clears a bit of
+/// `blocked_interrupts`), and lguest relied on the host's periodic tick to
+/// deliver what was pending then. This host has no periodic tick, so while
+/// the vCPU has irqs pending at an entry, a one-shot poke is armed
+/// ([`POKE_NS`]): a guest spinning in user mode still gets its timer irq.
+/// Called with interrupts off, right before every return into the guest
+/// from Rust (the stubs never leave an irq pending that was not pending at
+/// such a return: see `Vcpu::stub_deliver`).
+fn ensure_poke(r: &mut Running) {
+    merge_pending(r);
+    if r.vcpu.pending_irqs() == 0 {
+        return;
+    }
+    let Some(flag) = POKE.get(r.env.slot) else {
+        return;
+    };
+    if flag.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    if time::arm_after(POKE_NS, poke_fired, r.env.slot as u64).is_err() {
+        flag.store(false, Ordering::SeqCst);
+    }
+}
+
 fn clock_fired(slot: u64) {
     if let Some(p) = PENDING.get(slot as usize) {
         p.fetch_or(1, Ordering::SeqCst);
@@ -130,6 +171,13 @@ struct KernelEnv {
     slot: usize,
     clock: Option<TimerId>,
     ts: bool,
+    /// Where the guest's shadow page tables come from.
+    tables: ShadowFrames,
+    /// The guest's page-table format (`paging=`).
+    paging: Format,
+    /// Host-physical address of guest-physical 0, and guest frames.
+    guest_base: u64,
+    pfnlimit: u32,
 }
 
 /// The guest's wall clock, as `(seconds, nanoseconds)`: with no RTC
@@ -167,6 +215,22 @@ impl Env for KernelEnv {
     fn set_ts(&mut self, on: bool) {
         self.ts = on;
     }
+
+    type Tables = ShadowFrames;
+
+    fn tables(&mut self) -> &mut ShadowFrames {
+        &mut self.tables
+    }
+
+    fn shadow_config(&self, kernel_address: u32) -> ShadowConfig {
+        ShadowConfig::new(
+            self.paging,
+            self.guest_base,
+            self.pfnlimit,
+            kernel_address,
+            mem::kernel_pml4(),
+        )
+    }
 }
 
 /// How far the exit handler on the trap stack got with the last exit.
@@ -196,24 +260,30 @@ pub struct KernelCore {
     slot: usize,
     /// Handle exits on the trap stack when they need no launcher.
     fastpath: bool,
+    /// The guest's page-table format.
+    paging: Format,
     running: Option<Running>,
 }
 
 impl KernelCore {
-    /// A core using interrupt slot `slot`.
-    pub fn new(slot: usize, fastpath: bool) -> Self {
+    /// A core using interrupt slot `slot`, for a guest whose page tables
+    /// are in format `paging`.
+    pub fn new(slot: usize, fastpath: bool, paging: Format) -> Self {
         Self {
             slot: slot % MAX_GUESTS,
             fastpath,
+            paging,
             running: None,
         }
     }
 
-    /// Host bytes used for this guest beyond its RAM (page tables).
+    /// Host bytes used for this guest beyond its RAM: its linear-mode
+    /// tables and the most its shadow page tables held at once.
     pub fn overhead_bytes(&self) -> u64 {
-        self.running
-            .as_ref()
-            .map_or(0, |r| r.tables.overhead_bytes())
+        self.running.as_ref().map_or(0, |r| {
+            let shadow = r.vcpu.shadow().map_or(0, |s| s.stats().peak_frames);
+            r.tables.overhead_bytes() + shadow as u64 * PAGE_SIZE
+        })
     }
 }
 
@@ -244,6 +314,10 @@ impl GuestCore for KernelCore {
                 slot: self.slot,
                 clock: None,
                 ts: false,
+                tables: ShadowFrames,
+                paging: self.paging,
+                guest_base: args.base - mem::DIRECT_MAP_BASE,
+                pfnlimit: args.bytes / PAGE_SIZE as u32,
             },
             eventfds: [(0, 0); 16],
         });
@@ -256,9 +330,12 @@ impl GuestCore for KernelCore {
         let Some(r) = self.running.as_mut() else {
             return RunExit::Dead(DeathReason::new("not initialised"));
         };
-        // SAFETY: the tables map the hypervisor's upper half exactly like the
-        // kernel PML4, plus this guest's memory at linear 0.
-        unsafe { cpu::write_cr3(r.tables.cr3()) };
+        // SAFETY: the linear tables and every shadow map the hypervisor's
+        // upper half exactly like the kernel PML4, plus (only) this guest's
+        // memory below 4 GiB.
+        unsafe { cpu::write_cr3(r.vcpu.shadow_root().unwrap_or(r.tables.cr3())) };
+        // Whatever the vCPU owed the MMU is done by that load.
+        let _ = r.vcpu.take_mmu_work();
         set_cr0_ts(false);
         fpu::switch_to(slot, r.vcpu.instance());
         // What `prepare_entry` returned on the trap stack, if the exit handler
@@ -296,8 +373,11 @@ impl GuestCore for KernelCore {
                 Action::Dead => return dead(&r.vcpu),
                 Action::Restart => return RunExit::Restart,
             }
+            apply_mmu(r);
             gdt::load_guest_entries_cached(r.vcpu.gdt_key(), r.vcpu.gdt.entries());
             set_cr0_ts(r.env.ts);
+            x86_64::instructions::interrupts::disable();
+            ensure_poke(r);
             if fast {
                 arm_stub(r);
             }
@@ -364,9 +444,35 @@ impl GuestCore for KernelCore {
         if let Some(mut r) = self.running.take() {
             r.env.set_clockevent(None);
             fpu::release(self.slot, r.vcpu.instance());
-            // Dropping `r` frees the tables (switching CR3 back first).
+            // Off the guest's tables before any of them is freed.
+            // SAFETY: the kernel PML4 maps everything the host uses.
+            unsafe { cpu::write_cr3(mem::kernel_pml4()) };
+            r.vcpu.release_shadows(&mut r.env.tables);
+            // Dropping `r` frees the linear tables.
         }
         PENDING[self.slot].store(0, Ordering::SeqCst);
+    }
+}
+
+/// Does what the vCPU owes the MMU before the guest runs again: loads the
+/// shadow a `NEW_PGTABLE` switched to (a CR3 write, which also drops the old
+/// address space's TLB entries: no PCIDs yet), or applies the shadow core's
+/// invalidation of the loaded one. The trap stack and everything else the
+/// host touches are in the upper half, which every shadow maps like the
+/// kernel PML4, so this is safe on the trap stack too.
+fn apply_mmu(r: &mut Running) {
+    let work = r.vcpu.take_mmu_work();
+    if let Some(sw) = work.load {
+        // SAFETY: a shadow root from the shadow core: its upper half is the
+        // kernel PML4's; below 4 GiB only this guest's memory.
+        unsafe { cpu::write_cr3(sw.root) };
+        return;
+    }
+    match work.flush {
+        Flush::None => {}
+        Flush::Page(va) => x86_64::instructions::tlb::flush(x86_64::VirtAddr::new(u64::from(va))),
+        // SAFETY: reloading the CR3 already in use.
+        Flush::All => unsafe { cpu::write_cr3(cpu::cr3() & !0xFFF) },
     }
 }
 
@@ -477,6 +583,7 @@ fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo, full: bool) -> bool
         }
         // A trivial hypercall or a host interrupt, with an irq to deliver.
         if r.vcpu.fast_resume(exit.trapnum, &mut r.mem, &mut r.env) {
+            ensure_poke(r);
             arm_stub(r);
             return true;
         }
@@ -494,7 +601,9 @@ fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo, full: bool) -> bool
     merge_pending(r);
     match r.vcpu.prepare_entry(&mut r.mem, &mut r.env) {
         Action::Resume if r.vcpu.gdt_key() == key => {
+            apply_mmu(r);
             set_cr0_ts(r.env.ts);
+            ensure_poke(r);
             arm_stub(r);
             true
         }
@@ -633,7 +742,7 @@ fn run_guest(slot: usize, m: &Module, spec: &GuestSpec<'_>, fastpath: bool) -> O
 
     let exits_before = switch::exits();
     let owner = TaskId(1);
-    let mut chan = Channel::new(KernelCore::new(slot, fastpath), owner);
+    let mut chan = Channel::new(KernelCore::new(slot, fastpath, spec.paging), owner);
     let init = [
         LhReq::Initialize as u64,
         ram.base(),

@@ -13,6 +13,7 @@
 //! needed and returns every frame (memory and tables).
 
 use rustyvisor::lguest::guestmem::{GuestMemory, MemFault, check_range};
+use rustyvisor::lguest::shadow::ShadowBackend;
 use rustyvisor::mm::frame::PhysFrame;
 use rustyvisor::mm::{LARGE_PAGE_SIZE, PAGE_SIZE};
 
@@ -177,6 +178,38 @@ impl Drop for LinearTables {
             mem::free_frame(*f);
         }
         mem::free_frame(self.pml4);
+    }
+}
+
+/// Where a guest's shadow page tables live: frames from the frame
+/// allocator, zeroed, reached through the direct map. The shadow core
+/// (`rustyvisor::lguest::shadow`) decides every entry and counts (and caps)
+/// the frames it holds; it only ever touches frames it got from here and
+/// reads the kernel PML4.
+pub struct ShadowFrames;
+
+impl ShadowBackend for ShadowFrames {
+    fn alloc_table(&mut self) -> Option<u64> {
+        zeroed_frame().map(|f| f.start_address())
+    }
+
+    fn free_table(&mut self, frame: u64) {
+        mem::free_frame(PhysFrame::containing_address(frame));
+    }
+
+    fn read(&self, frame: u64, index: usize) -> u64 {
+        // SAFETY: `frame` is a table frame the core allocated here (or the
+        // kernel PML4), direct-mapped; `index < 512` keeps the read inside.
+        unsafe { (phys_to_virt(frame + (index as u64 % 512) * 8) as *const u64).read_volatile() }
+    }
+
+    fn write(&mut self, frame: u64, index: usize, value: u64) {
+        // SAFETY: `frame` is a table frame the core allocated here (never
+        // the kernel PML4: the core only reads that one), direct-mapped;
+        // `index < 512` keeps the write inside.
+        unsafe {
+            (phys_to_virt(frame + (index as u64 % 512) * 8) as *mut u64).write_volatile(value)
+        };
     }
 }
 

@@ -516,21 +516,25 @@ pub unsafe extern "C" fn hcall_stub() {
         "mov dword ptr [rdi], ecx",
         "mov dword ptr [rip + {armed} + {vcpu_irqs}], ecx",
         "mov qword ptr [rip + {armed} + {gate_bits}], 0",
-        // avail = pending & !blocked; none: done.
+        // avail = pending & !blocked: exactly one irq, deliverable now
+        // (virtual irqs on, outside the no-irq window); anything else —
+        // nothing deliverable, or more left pending after this one — is
+        // the full path's (which arms the poke for what stays pending).
         "mov rsi, qword ptr [rip + {armed} + {ld}]",
         "mov edx, dword ptr [rsi + {off_blocked}]",
         "not edx",
         "and edx, ecx",
-        "jz 7f",
-        // Virtual irqs off: tell the guest one is pending; done.
+        "jz 9f",
+        "lea edi, [rdx - 1]",
+        "test edi, edx",
+        "jnz 9f",
         "test dword ptr [rsi + {off_ie}], {if_}",
-        "jz 6f",
-        // Inside the no-irq window: done.
+        "jz 9f",
         "mov eax, dword ptr [rsp + 40]",
         "cmp eax, dword ptr [rip + {armed} + {noirq_start}]",
         "jb 1f",
         "cmp eax, dword ptr [rip + {armed} + {noirq_end}]",
-        "jb 7f",
+        "jb 9f",
         "1:",
         // The lowest irq's gate must be present, and the 3-word frame
         // below ESP inside guest memory; else the full path decides.
@@ -545,12 +549,10 @@ pub unsafe extern "C" fn hcall_stub() {
         "ja 9f",
         "sub esi, 12",
         "jb 9f",
-        // Decided. The irq is no longer pending; edx != 0 iff more are.
+        // Decided. The irq is no longer pending (and none other is).
         "mov rdi, qword ptr [rip + {armed} + {pending}]",
         "btr dword ptr [rdi], ecx",
         "btr dword ptr [rip + {armed} + {vcpu_irqs}], ecx",
-        "lea edi, [rdx - 1]",
-        "and edx, edi",
         // The frame: EIP, CS, EFLAGS (the virtual IF is on).
         "add rsi, qword ptr [rip + {armed} + {mem_base}]",
         "mov edi, dword ptr [rsp + 40]",
@@ -577,29 +579,17 @@ pub unsafe extern "C" fn hcall_stub() {
         "mov qword ptr [rsp + 48], {kernel_cs}",
         "sub dword ptr [rsp + 64], 12",
         "and dword ptr [rsp + 56], {mask_no_tf}",
-        // The guest's clock and irq_pending (adjacent: time at +12, +16,
-        // irq_pending at +20), the clock from Rust (C ABI: rdx is kept on
-        // the stack across, RSP stays 16-byte aligned with the padding).
-        "push rdx",
-        "sub rsp, 8",
+        // The guest's clock (time at +12, +16; from Rust, C ABI: RSP is
+        // 16-byte aligned here) and irq_pending (+20): none left.
         "call {wallclock}",
-        "add rsp, 8",
-        "pop rdx",
         "xor r8d, r8d",
         "xor r9d, r9d",
         "xor r10d, r10d",
         "xor r11d, r11d",
-        "neg edx",
-        "sbb edx, edx",
-        "and edx, {if_}",
         "mov rsi, qword ptr [rip + {armed} + {ld}]",
         "mov qword ptr [rsi + {off_time}], rax",
-        "mov dword ptr [rsi + {off_pending}], edx",
-        "jmp 7f",
-        "6:",
-        "mov dword ptr [rsi + {off_pending}], {if_}",
+        "mov dword ptr [rsi + {off_pending}], 0",
         // Done: EFLAGS sanitised, counted, back into the guest.
-        "7:",
         "and dword ptr [rsp + 56], {mask}",
         "or dword ptr [rsp + 56], 0x202",
         "inc qword ptr [rip + {armed} + {lane_answered}]",
@@ -609,12 +599,13 @@ pub unsafe extern "C" fn hcall_stub() {
         "pop rcx",
         "pop rax",
         "jmp rv_hcall_iret",
-        // Not decided after all: nothing was written but the merge of
-        // raised irqs, which the full path would do first anyway.
+        // Not for the lane: nothing was written but the merge of raised
+        // irqs, which the full path would do first anyway.
         "9:",
         "pop rdi",
         "pop rsi",
         "pop rdx",
+        "jmp 3f",
         // Calls queued in the async ring: the drain, `Vcpu::stub_drain`
         // step by step. No-op calls are taken off (status byte emptied,
         // cursor advanced) until an empty slot, then the call is answered as

@@ -9,15 +9,15 @@ use super::*;
 use crate::lguest::guestmem::VecMemory;
 use crate::testutil::Rng;
 
-const GUEST_BASE: u64 = 0x4000_0000;
-const HOST_PML4: u64 = 0x10_0000;
+pub(crate) const GUEST_BASE: u64 = 0x4000_0000;
+pub(crate) const HOST_PML4: u64 = 0x10_0000;
 const MEM: u32 = 8 << 20;
 const PFNLIMIT: u32 = MEM / 4096;
 const KA: u32 = 0xC000_0000;
 
 /// Fake table frames: live frames only, recycled LIFO so a stale pointer
 /// meets someone else's table.
-struct Fake {
+pub(crate) struct Fake {
     tables: HashMap<u64, Vec<u64>>,
     free: Vec<u64>,
     next: u64,
@@ -29,7 +29,7 @@ struct Fake {
 }
 
 impl Fake {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut tables = HashMap::new();
         let mut host = vec![0u64; 512];
         for (i, e) in host.iter_mut().enumerate().skip(256) {
@@ -46,7 +46,7 @@ impl Fake {
     }
 
     /// Frames handed out and not yet returned.
-    fn live(&self) -> usize {
+    pub(crate) fn live(&self) -> usize {
         self.tables.len() - 1
     }
 
