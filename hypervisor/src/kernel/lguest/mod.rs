@@ -26,7 +26,7 @@ use rustyvisor::lguest::console::{ConsoleLine, Escaped, GuestConsole};
 use rustyvisor::lguest::guestmem::GuestMemory;
 use rustyvisor::lguest::loader;
 use rustyvisor::lguest::pagewalk::Format;
-use rustyvisor::lguest::shadow::{Flush, ShadowConfig};
+use rustyvisor::lguest::shadow::{Flush, ShadowConfig, Stats};
 use rustyvisor::lguest::spec::{self, GuestSpec};
 use rustyvisor::lguest::vcpu::{Action, Env, Exit, Vcpu};
 use rustyvisor::mm::{LARGE_PAGE_SIZE, PAGE_SIZE};
@@ -275,6 +275,14 @@ impl KernelCore {
             paging,
             running: None,
         }
+    }
+
+    /// The shadow core's counters, if the guest turned paging on.
+    pub fn shadow_stats(&self) -> Option<Stats> {
+        let r = self.running.as_ref()?;
+        let s = r.vcpu.shadow()?;
+        let st = s.stats();
+        (st.hits + st.misses > 0).then_some(st)
     }
 
     /// Host bytes used for this guest beyond its RAM: its linear-mode
@@ -807,6 +815,18 @@ fn run_guest(slot: usize, m: &Module, spec: &GuestSpec<'_>, fastpath: bool) -> O
         fast - exits_before.1,
         Bytes(chan.core().overhead_bytes())
     );
+    if let Some(st) = chan.core().shadow_stats() {
+        kprintln!(
+            "guest {name} shadow paging: {} switches ({} to a cached shadow), {} fills, {} faults \
+             reflected, {} evictions, at most {} table pages",
+            st.hits + st.misses,
+            st.hits,
+            st.fills,
+            st.reflected,
+            st.evictions,
+            st.peak_frames
+        );
+    }
     chan.close();
     outcome
 }
