@@ -340,6 +340,10 @@ pub struct Vcpu {
     shadow: Option<ShadowPaging>,
     /// A `NEW_PGTABLE` switch the host has not loaded yet.
     mmu_load: Option<Switch>,
+    /// A page fault [`Vcpu::fast_paging`] found to be the guest's own
+    /// (`cr2`, error code to reflect), for the full path to deliver without
+    /// asking the shadow core again.
+    decided_pf: Option<(u32, u32)>,
 }
 
 impl fmt::Debug for Vcpu {
@@ -812,6 +816,7 @@ impl Vcpu {
             validated: None,
             shadow: None,
             mmu_load: None,
+            decided_pf: None,
         }
     }
 
@@ -1169,6 +1174,78 @@ impl Vcpu {
         true
     }
 
+    /// The shadow-paging exits finished on the trap stack: a page fault the
+    /// shadow core fills (the guest never sees it), and `NEW_PGTABLE` (with
+    /// an empty async ring). Only when nothing else is to be done before the
+    /// guest runs again (no irq pending, the selectors it runs with
+    /// validated): then it did exactly what `handle_exit` and
+    /// `prepare_entry` would, and returns `true`. Otherwise `false`, with
+    /// nothing changed — except that a page fault found to be the guest's
+    /// own is remembered for the full path (which then reflects it without
+    /// asking the shadow core again), and a fault or call that kills the
+    /// guest has killed it. For a hypercall, `regs` must hold all the
+    /// guest's registers (the call's arguments); for a page fault the frame
+    /// registers suffice.
+    pub fn fast_paging<M: GuestMemory, E: Env>(
+        &mut self,
+        vector: u32,
+        errcode: u32,
+        cr2: u32,
+        mem: &mut M,
+        env: &mut E,
+    ) -> bool {
+        let Some(ld) = self.lguest_data else {
+            return false;
+        };
+        if !self.paging()
+            || self.dead.is_some()
+            || self.restart
+            || self.halted
+            || self.pending_hcall.is_some()
+            || self.pending != 0
+            || self.validated != Some(SelKey::of(self.gdt.generation(), &self.regs))
+        {
+            return false;
+        }
+        let hcall = vector == u32::from(LGUEST_TRAP_ENTRY);
+        let r = if vector == trap::PF {
+            let Some(sh) = self.shadow.as_mut() else {
+                return false;
+            };
+            match sh.demand_fault(mem, env.tables(), cr2, errcode) {
+                Fault::Fixed => Ok(()),
+                Fault::Reflect { errcode: e } => {
+                    self.decided_pf = Some((cr2, e));
+                    return false;
+                }
+                Fault::Kill(k) => Err(k),
+            }
+        } else if hcall && self.regs.eax == guest_abi::hcall::LHCALL_NEW_PGTABLE && self.cpl() == 1
+        {
+            let slot = (self.ring_cursor % LHCALL_RING_SIZE) as u32;
+            let status = mem.read_u8(
+                ld.wrapping_add(LguestData::OFF_HCALL_STATUS)
+                    .wrapping_add(slot),
+            );
+            if status != Ok(HCALL_STATUS_EMPTY) {
+                return false;
+            }
+            let a = [self.regs.ebx, self.regs.ecx, self.regs.edx, self.regs.esi];
+            self.paging_call(Hypercall::NewPgtable, a, mem, env)
+                .map(|_| ())
+        } else {
+            return false;
+        };
+        if let Err(k) = r {
+            self.kill(k);
+            return false;
+        }
+        self.regs.trapnum = vector;
+        self.regs.errcode = if hcall { 0 } else { errcode };
+        self.regs.eflags = sanitize_eflags(self.regs.eflags);
+        true
+    }
+
     /// After an exit the full path would finish with nothing but
     /// `prepare_entry`: a trivial hypercall (see [`StubView`]; here the
     /// virtual irqs may be pending) or a host interrupt. Finishes it and the
@@ -1514,7 +1591,10 @@ impl Vcpu {
                 // Under shadow paging most faults are the shadow's to fill
                 // (lguest's demand_page); the rest are the guest's own.
                 let mut errcode = errcode;
-                if let Some(sh) = self.shadow.as_mut().filter(|s| s.is_paging()) {
+                let decided = self.decided_pf.take().filter(|&(c, _)| c == cr2);
+                if let Some((_, e)) = decided {
+                    errcode = e;
+                } else if let Some(sh) = self.shadow.as_mut().filter(|s| s.is_paging()) {
                     match sh.demand_fault(mem, env.tables(), cr2, errcode) {
                         Fault::Fixed => return Ok(Action::Resume),
                         Fault::Reflect { errcode: e } => errcode = e,

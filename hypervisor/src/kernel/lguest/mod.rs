@@ -582,6 +582,17 @@ fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo, full: bool) -> bool
         // does not look at them before `prepare_entry`, so merging them here
         // rather than after `handle_exit` changes nothing).
         merge_pending(r);
+        // A shadow fill: nothing the stubs were armed with changes, and
+        // nothing is pending (so no poke). (A page fault needs only the
+        // frame registers; `NEW_PGTABLE` reads ebx, saved only for the
+        // second call.)
+        if exit.trapnum == guest_abi::irq::trap::PF
+            && r.vcpu
+                .fast_paging(exit.trapnum, exit.errcode, exit.cr2, &mut r.mem, &mut r.env)
+        {
+            apply_mmu(r);
+            return true;
+        }
         // A plain reflection: it changes nothing the hypercall stub was
         // armed with, so the stub stays armed as it is.
         if r.vcpu
@@ -596,6 +607,14 @@ fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo, full: bool) -> bool
             return true;
         }
         return false;
+    }
+    // A switch of shadows, as for a fill above (all registers saved now).
+    if exit.trapnum == u32::from(guest_abi::hcall::LGUEST_TRAP_ENTRY)
+        && r.vcpu
+            .fast_paging(exit.trapnum, exit.errcode, exit.cr2, &mut r.mem, &mut r.env)
+    {
+        apply_mmu(r);
+        return true;
     }
     let key = r.vcpu.gdt_key();
     let exit = Exit::from_trapnum(exit.trapnum, exit.errcode, exit.cr2);

@@ -17,6 +17,7 @@ const KA: u32 = 0xC000_0000;
 
 /// Fake table frames: live frames only, recycled LIFO so a stale pointer
 /// meets someone else's table.
+#[derive(Clone, PartialEq, Eq, Debug)]
 pub(crate) struct Fake {
     tables: HashMap<u64, Vec<u64>>,
     free: Vec<u64>,

@@ -21,13 +21,11 @@ struct FakeEnv {
 }
 
 impl Clone for FakeEnv {
-    /// The shadow frames are not cloned: a clone starts with an empty
-    /// backend (tests clone only guests in linear mode, which hold none).
     fn clone(&self) -> Self {
         Self {
             clock: self.clock.clone(),
             ts: self.ts.clone(),
-            tables: None,
+            tables: self.tables.clone(),
             format: self.format,
         }
     }
@@ -2168,5 +2166,104 @@ fn stub_drain_then_the_full_path_is_the_full_path() {
     assert!(
         emptied > 300 && stopped > 300,
         "emptied {emptied}, stopped {stopped}"
+    );
+}
+
+/// Random paging guests, random page faults and `NEW_PGTABLE`s: whenever
+/// [`Vcpu::fast_paging`] finishes one, the registers, guest memory, shadow
+/// tables, MMU work and counters are exactly what `handle_exit` then
+/// `prepare_entry` produce; whenever it declines, the full path after it
+/// ends exactly where the full path alone does.
+#[test]
+fn fast_paging_is_the_full_path() {
+    let mut rng = crate::testutil::Rng(0x00fa_57fa_u64 << 20 | 0x1234);
+    let mut taken = 0u32;
+    let mut declined = 0u32;
+    // A second directory: the kernel half only.
+    const PGD2: u32 = 0x2_2000;
+    for case in 0..1500 {
+        let mut r = |n: u64| rng.next_u64() % n;
+        let mut t = paging_guest();
+        t.m.write_u32(PGD2 + (KBASE >> 22) * 4, PTES | 0x63)
+            .unwrap();
+        t.gate(14, 0x7000, IDT_TYPE_INTERRUPT, 0);
+        t.v.regs.esp = KBASE + 0x9000;
+        // Some pages clean, read-only, user, missing.
+        for _ in 0..r(6) {
+            let page = r(u64::from(MEM / 4096)) as u32;
+            let flags = [0x63, 0x61, 0x21, 0x67, 0x00, 0x03][r(6) as usize];
+            t.m.write_u32(PTES + page * 4, (page << 12) | flags)
+                .unwrap();
+        }
+        if r(3) == 0 {
+            assert_eq!(t.hcall(LHCALL_NEW_PGTABLE, PGD2, 0, 0), Action::Resume);
+        }
+        t.gate(0x20, 0x7100, IDT_TYPE_INTERRUPT, 0);
+        if t.prepare() != Action::Resume {
+            continue;
+        }
+        let _ = t.v.take_mmu_work();
+        // An irq raised meanwhile, maybe deliverable at the next entry.
+        if r(6) == 0 {
+            t.v.set_irq(0);
+        }
+        if r(2) == 0 {
+            t.set_ld(LguestData::OFF_IRQ_ENABLED, X86_EFLAGS_IF);
+        }
+        let exit = if r(3) == 0 {
+            t.v.regs.eax = LHCALL_NEW_PGTABLE;
+            t.v.regs.ebx = [PGD, PGD2, PGD + 1, 0x3000][r(4) as usize];
+            Exit::Trap {
+                vector: 0x1f,
+                errcode: 0,
+                cr2: 0,
+            }
+        } else {
+            let page = r(u64::from(MEM / 4096) + 8) as u32;
+            Exit::Trap {
+                vector: 14,
+                errcode: [0, 2, 4, 6, 1, 3][r(6) as usize],
+                cr2: [KBASE, 0][r(2) as usize] + page * 4096 + r(4096) as u32,
+            }
+        };
+        let Exit::Trap {
+            vector,
+            errcode,
+            cr2,
+        } = exit
+        else {
+            unreachable!()
+        };
+        let mut f = T {
+            v: t.v.clone(),
+            m: t.m.clone(),
+            e: t.e.clone(),
+        };
+        let fast = f.v.fast_paging(vector, errcode, cr2, &mut f.m, &mut f.e);
+        if fast {
+            taken += 1;
+        } else {
+            declined += 1;
+            f.exit(exit);
+            f.prepare();
+        }
+        let a = (t.exit(exit), t.prepare());
+        if fast {
+            assert_eq!(a, (Action::Resume, Action::Resume), "case {case}");
+        }
+        assert_eq!(f.v.regs, t.v.regs, "case {case}: registers");
+        assert!(f.m == t.m, "case {case}: guest memory");
+        assert_eq!(f.e.tables, t.e.tables, "case {case}: shadow tables");
+        assert_eq!(f.v.take_mmu_work(), t.v.take_mmu_work(), "case {case}");
+        assert_eq!(
+            f.v.shadow().map(ShadowPaging::stats),
+            t.v.shadow().map(ShadowPaging::stats),
+            "case {case}: counters"
+        );
+        assert_eq!(f.v.dead_reason(), t.v.dead_reason(), "case {case}");
+    }
+    assert!(
+        taken > 300 && declined > 300,
+        "taken {taken}, declined {declined}"
     );
 }
