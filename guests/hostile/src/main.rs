@@ -154,6 +154,8 @@ const MODES: &[Mode] = &[
     ("pgedit", paging::pgedit, Expect::Survive),
     // Address spaces in a loop: "PASS: pgflood: ..."
     ("pgflood", paging::pgflood, Expect::Survive),
+    // "guest kernel executed a user page at 0x53000000 (… SMEP)"
+    ("smep", paging::smep, Expect::Kill),
 ];
 
 fn main(boot: &BootInfo) {

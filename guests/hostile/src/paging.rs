@@ -20,6 +20,7 @@
 //! | `setpmd` | (2-level) `LHCALL_SET_PMD` | kills with a reason that names `paging=pae` |
 //! | `stackunmapped` | `LHCALL_SET_STACK` on an unmapped virtual address, then `int $0x80` from user mode | kills: "bad stack page" (at `SET_STACK`, or when the frame is pushed) |
 //! | `pgedit` | maps a page-table page writable into its own address space and edits it behind the host's back, then makes the `SET_PTE`/`FLUSH_TLB` it owes | survives: every edit is seen after the call, no stale (writable) mapping stays |
+//! | `smep` | the guest kernel (CPL 1) calls code on a page its tables map user-accessible | kills: a guest kernel may not execute user pages (the host runs with SMEP while a paging guest runs) |
 //! | `pgflood` | 512 fresh top-levels, each with 64 pages in 64 different page tables, all touched, then all revisited | survives (the host caps and evicts its shadows); prints what it did |
 
 use lguest_rt::guest_abi::KERNEL_DS;
@@ -409,4 +410,30 @@ pub fn pgflood(boot: &BootInfo) {
         0,
         "pgflood: every page read back through every address space"
     );
+}
+
+/// The guest kernel calls a `ret` on a user page of its own address space:
+/// under shadow paging the host runs with SMEP, so the fetch faults in a way
+/// the shadow cannot fix; the host must kill the guest (not loop, not die).
+pub fn smep(boot: &BootInfo) {
+    if start(boot, None).is_none() {
+        return;
+    }
+    let s = fresh_space();
+    let frame = paging::alloc_frame().expect("a frame");
+    // SAFETY: a fresh frame of ours, reached through the kernel mapping:
+    // one `ret` instruction.
+    unsafe {
+        core::ptr::with_exposed_provenance_mut::<u8>(paging::kva(frame) as usize)
+            .write_volatile(0xC3)
+    };
+    let _ = s.set_pte(VA, u64::from(frame) | KERNEL_RW | PAGE_USER);
+    println!("hostile: calling user page {VA:#x} from the kernel");
+    #[cfg(target_arch = "x86")]
+    // SAFETY: none on purpose: the page holds `ret`, so on a host without
+    // SMEP the call simply returns.
+    unsafe {
+        core::arch::asm!("call {}", in(reg) VA, clobber_abi("C"))
+    };
+    println!("FAIL: smep survived");
 }

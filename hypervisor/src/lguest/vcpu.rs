@@ -299,6 +299,12 @@ const CR0_TS: u32 = 1 << 3;
 /// The guest-view CR0 without TS: PE, MP, ET, NE, PG.
 pub const GUEST_CR0: u32 = 1 | 1 << 1 | 1 << 4 | 1 << 5 | 1 << 31;
 
+/// The #PF error code bits (present, user, instruction fetch) and their
+/// values when the guest kernel fetched an instruction from a present user
+/// page: what SMEP refuses.
+const PF_SMEP_MASK: u32 = 0x1 | 0x4 | 0x10;
+const PF_SMEP_VIOLATION: u32 = 0x1 | 0x10;
+
 /// Guest page size for splitting guest-virtual accesses.
 const PAGE: u32 = 4096;
 
@@ -1209,6 +1215,11 @@ impl Vcpu {
         }
         let hcall = vector == u32::from(LGUEST_TRAP_ENTRY);
         let r = if vector == trap::PF {
+            // The guest kernel fetching from a user page is the full path's
+            // to kill (see `handle_trap`): a fill would not stop the fault.
+            if errcode & PF_SMEP_MASK == PF_SMEP_VIOLATION {
+                return false;
+            }
             let Some(sh) = self.shadow.as_mut() else {
                 return false;
             };
@@ -1591,6 +1602,15 @@ impl Vcpu {
                 // Under shadow paging most faults are the shadow's to fill
                 // (lguest's demand_page); the rest are the guest's own.
                 let mut errcode = errcode;
+                // The guest kernel fetching an instruction from a user page:
+                // under shadow paging the host runs with SMEP, and the
+                // shadow would only fault again (P, I/D set, U/S clear).
+                if self.paging() && errcode & PF_SMEP_MASK == PF_SMEP_VIOLATION {
+                    return kill!(
+                        "guest kernel executed a user page at {:#x} (not allowed under shadow paging: the host runs with SMEP)",
+                        cr2
+                    );
+                }
                 let decided = self.decided_pf.take().filter(|&(c, _)| c == cr2);
                 if let Some((_, e)) = decided {
                     errcode = e;

@@ -85,6 +85,10 @@ pub fn init_cpu() {
     // CR4.UMIP (if CPUID.(7,0):ECX[2]): sgdt/sidt/smsw/str/sldt outside
     // ring 0 raise #GP(0), and the vCPU answers with guest-view values.
     let umip = u64::from(cpuid(0).eax >= 7 && cpuid(7).ecx & (1 << 2) != 0);
+    SMEP_CPU.store(
+        cpuid(0).eax >= 7 && cpuid(7).ebx & (1 << 7) != 0,
+        Ordering::Relaxed,
+    );
     // SAFETY: IA32_SYSENTER_CS (0x174) exists on all x86_64 CPUs; 0 makes
     // SYSENTER fault. OSFXSR|OSXMMEXCPT let guests use SSE; CR0.MP with EM
     // clear gives the usual x87 behaviour with lazy TS; CR0.NE makes x87
@@ -110,6 +114,34 @@ fn cpuid(leaf: u32) -> core::arch::x86_64::CpuidResult {
 /// Whether CR0.TS is set. Only `set_cr0_ts` changes TS, so this mirror saves
 /// reading CR0 (a slow, sometimes trapping instruction) twice per guest entry.
 static CR0_TS: AtomicBool = AtomicBool::new(false);
+
+/// Whether the CPU has SMEP (CPUID.(7,0):EBX[7]), and whether CR4.SMEP is
+/// set now (a mirror, like `CR0_TS`).
+static SMEP_CPU: AtomicBool = AtomicBool::new(false);
+static SMEP_ON: AtomicBool = AtomicBool::new(false);
+
+/// CR4.SMEP on while a guest under shadow paging runs (and until another
+/// guest or the host needs it off): with a guest's tables loaded, a stray
+/// jump of host code to a low address would otherwise run guest code at
+/// CPL 0. Linear-mode guests run their kernel on user pages (the linear map
+/// is user-accessible so that their user mode works), so it is off for
+/// them. SMAP stays off: a guest kernel at CPL 1 reads and writes its user
+/// pages (copy_to/from_user), which SMAP would forbid.
+fn set_smep(on: bool) {
+    let on = on && SMEP_CPU.load(Ordering::Relaxed);
+    if SMEP_ON.swap(on, Ordering::Relaxed) == on {
+        return;
+    }
+    let cr4 = cpu::cr4();
+    let new = if on {
+        cr4 | (1 << 20)
+    } else {
+        cr4 & !(1 << 20)
+    };
+    // SAFETY: only SMEP changes; the host never executes user pages (its
+    // code is all in the upper half, mapped supervisor).
+    unsafe { cpu::write_cr4(new) };
+}
 
 fn set_cr0_ts(on: bool) {
     if CR0_TS.swap(on, Ordering::Relaxed) == on {
@@ -344,6 +376,7 @@ impl GuestCore for KernelCore {
         unsafe { cpu::write_cr3(r.vcpu.shadow_root().unwrap_or(r.tables.cr3())) };
         // Whatever the vCPU owed the MMU is done by that load.
         let _ = r.vcpu.take_mmu_work();
+        set_smep(r.vcpu.paging());
         set_cr0_ts(false);
         fpu::switch_to(slot, r.vcpu.instance());
         // What `prepare_entry` returned on the trap stack, if the exit handler
@@ -455,6 +488,7 @@ impl GuestCore for KernelCore {
             // Off the guest's tables before any of them is freed.
             // SAFETY: the kernel PML4 maps everything the host uses.
             unsafe { cpu::write_cr3(mem::kernel_pml4()) };
+            set_smep(false);
             r.vcpu.release_shadows(&mut r.env.tables);
             // Dropping `r` frees the linear tables.
         }
@@ -469,6 +503,7 @@ impl GuestCore for KernelCore {
 /// host touches are in the upper half, which every shadow maps like the
 /// kernel PML4, so this is safe on the trap stack too.
 fn apply_mmu(r: &mut Running) {
+    set_smep(r.vcpu.paging());
     let work = r.vcpu.take_mmu_work();
     if let Some(sw) = work.load {
         // SAFETY: a shadow root from the shadow core: its upper half is the

@@ -1,9 +1,12 @@
-//! A guest's memory and its "linear mode" address space.
+//! A guest's memory, its "linear mode" address space, and where its shadow
+//! page tables come from.
 //!
 //! Guest-physical memory is one physically contiguous, 2 MiB-aligned run of
 //! frames, reached by the host through the direct map. Until the guest turns
-//! on its own paging (shadow paging is a later milestone), its 32-bit linear
-//! addresses map 1:1 onto guest-physical memory: `PML4[0]` of the guest's own
+//! on its own paging (its first `LHCALL_NEW_PGTABLE`; from then on it runs
+//! on shadow page tables, `rustyvisor::lguest::shadow`, whose frames come
+//! from [`ShadowFrames`]), its 32-bit linear addresses map 1:1 onto
+//! guest-physical memory: `PML4[0]` of the guest's own
 //! PML4 covers exactly `[0, mem)` with 2 MiB user pages, and nothing else of
 //! the low 4 GiB is mapped. PML4 entries 256–511 are copied from the kernel's
 //! PML4 (they never change after boot), so the hypervisor stays mapped — and
@@ -15,6 +18,7 @@
 use rustyvisor::lguest::guestmem::{GuestMemory, MemFault, check_range};
 use rustyvisor::lguest::shadow::ShadowBackend;
 use rustyvisor::mm::frame::PhysFrame;
+use rustyvisor::mm::paging::PageFlags;
 use rustyvisor::mm::{LARGE_PAGE_SIZE, PAGE_SIZE};
 
 use crate::kernel::arch::cpu;
@@ -24,10 +28,11 @@ use crate::kernel::mem::{self, phys_to_virt};
 /// one PDPT: 4 GiB, minus room for device pages above RAM).
 pub const MAX_GUEST_BYTES: u64 = rustyvisor::lguest::spec::MAX_GUEST_MEM;
 
-const P: u64 = 1;
-const RW: u64 = 1 << 1;
-const US: u64 = 1 << 2;
-const PS: u64 = 1 << 7;
+// The x86 entry bits, from the one tested implementation (`mm::paging`).
+const P: u64 = PageFlags::PRESENT.bits();
+const RW: u64 = PageFlags::WRITABLE.bits();
+const US: u64 = PageFlags::USER.bits();
+const PS: u64 = PageFlags::HUGE.bits();
 
 fn zeroed_frame() -> Option<PhysFrame> {
     let f = mem::alloc_frame()?;

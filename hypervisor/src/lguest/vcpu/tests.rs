@@ -2267,3 +2267,31 @@ fn fast_paging_is_the_full_path() {
         "taken {taken}, declined {declined}"
     );
 }
+
+/// Under shadow paging the host runs with SMEP: the guest kernel fetching
+/// from a user page is killed with a reason, never filled (the fill would
+/// not stop the fault: a livelock) on either path.
+#[test]
+fn kernel_fetch_from_a_user_page_kills_under_paging() {
+    let mut t = paging_guest();
+    t.prepare();
+    let cr2 = KBASE + 0x5000;
+    let (mut m, mut e) = (t.m.clone(), t.e.clone());
+    assert!(!t.v.fast_paging(14, 0x11, cr2, &mut m, &mut e));
+    let exit = Exit::Trap {
+        vector: 14,
+        errcode: 0x11,
+        cr2,
+    };
+    assert_eq!(t.exit(exit), Action::Dead);
+    assert!(
+        t.dead().contains("executed a user page at 0xc0005000"),
+        "{}",
+        t.dead()
+    );
+    // A user-mode fetch (U/S set) is an ordinary fault.
+    let mut t = paging_guest();
+    t.prepare();
+    let (mut m, mut e) = (t.m.clone(), t.e.clone());
+    assert!(t.v.fast_paging(14, 0x15, cr2, &mut m, &mut e) || !t.v.is_dead());
+}
