@@ -115,7 +115,7 @@ fn cpuid(leaf: u32) -> core::arch::x86_64::CpuidResult {
 /// reading CR0 (a slow, sometimes trapping instruction) twice per guest entry.
 static CR0_TS: AtomicBool = AtomicBool::new(false);
 
-/// Whether the CPU has SMEP (CPUID.(7,0):EBX[7]), and whether CR4.SMEP is
+/// Whether the CPU has SMEP (CPUID.(7,0):EBX bit 7), and whether CR4.SMEP is
 /// set now (a mirror, like `CR0_TS`).
 static SMEP_CPU: AtomicBool = AtomicBool::new(false);
 static SMEP_ON: AtomicBool = AtomicBool::new(false);
