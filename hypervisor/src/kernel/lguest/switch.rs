@@ -139,7 +139,7 @@ struct Armed {
     user_frame: u64,
     user_esp: u64,
     ss1: u64,
-    /// Per [`STUB_VECTORS`]: the handler's EIP (zero-extended) and the
+    /// Per `STUB_VECTORS`: the handler's EIP (zero-extended) and the
     /// `StubGate` bits 32.. (`FROM_KERNEL` = 1, `FROM_USER` = 2,
     /// `INTERRUPT` = 4); 0 = the full path decides.
     gate_eip: [u64; 2],
