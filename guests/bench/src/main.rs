@@ -55,6 +55,16 @@
 //!
 //! Values are printed as an integer when exact, else with one decimal.
 //! After the last line the guest returns, which powers it off.
+//!
+//! # Modes
+//!
+//! `mode=` on the module command line picks what one module measures: the
+//! paths above (no `mode=`, or `mode=paths`; the guest stays in the host's
+//! linear mode), the shadow-paging paths (`mode=shadow`: `shadow_fault`,
+//! `pgtable_switch`, `guest_fork_like`) or one round robin of K address
+//! spaces (`mode=rr2`, `rr4`, `rr8`, `rr16`: `pgtable_switch_rrK`, and the
+//! declaration the harness turns into `shadow_cache_hit_rate_rrK`); see
+//! [`shadow`]. `tests/benches/lguest.toml` runs all six, one module each.
 #![no_std]
 #![no_main]
 

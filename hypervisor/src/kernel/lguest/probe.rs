@@ -3,8 +3,11 @@
 //! stub that does nothing but `iretq`, from CPL 1 (`native_int_roundtrip`,
 //! what a hypercall or a trap from the guest kernel pays) and from CPL 3
 //! (`native_syscall`, what a system call from guest user mode pays); see
-//! docs/benchmarks.md. Also the one place the hypervisor prints `bench:`
-//! lines ([`report`], [`report_stage`]).
+//! docs/benchmarks.md. Also the paging floors ([`report_paging_floors`]):
+//! `native_page_fault` (a write to a not-present page, filled by a minimal
+//! ring-0 #PF handler) and `native_cr3_write`, measured at ring 0 in host
+//! context in an address space of the probe's own. Also the one place the
+//! hypervisor prints `bench:` lines ([`report`], [`report_stage`]).
 //!
 //! The probe is a few 32-bit instructions run exactly like a guest (its own
 //! linear-mode address space, entered through the world switch) with either
