@@ -55,6 +55,16 @@
 //!
 //! Values are printed as an integer when exact, else with one decimal.
 //! After the last line the guest returns, which powers it off.
+//!
+//! # Modes
+//!
+//! `mode=` on the module command line picks what one module measures: the
+//! paths above (no `mode=`, or `mode=paths`; the guest stays in the host's
+//! linear mode), the shadow-paging paths (`mode=shadow`: `shadow_fault`,
+//! `pgtable_switch`, `guest_fork_like`) or one round robin of K address
+//! spaces (`mode=rr2`, `rr4`, `rr8`, `rr16`: `pgtable_switch_rrK`, and the
+//! declaration the harness turns into `shadow_cache_hit_rate_rrK`); see
+//! [`shadow`]. `tests/benches/lguest.toml` runs all six, one module each.
 #![no_std]
 #![no_main]
 
@@ -69,7 +79,12 @@ use lguest_rt::guest_abi::{
 use lguest_rt::stack::Stack;
 use lguest_rt::{BootInfo, hcall, irq, println};
 
-lguest_rt::entry!(main);
+mod shadow;
+
+// `kernel_address` = PAGE_OFFSET for the modes that turn on paging; the
+// host only uses it once the guest leaves linear mode (the first
+// `NEW_PGTABLE`), which the default mode never does.
+lguest_rt::entry!(main, kernel_address = lguest_rt::paging::PAGE_OFFSET);
 
 /// Iterations per timed batch (hypercall, trap).
 const N: u32 = 1000;
@@ -85,7 +100,23 @@ const IRQ_DELAY_NS: u32 = 20_000;
 /// Give up waiting for `irq_pending` after this many exits.
 const IRQ_WAIT_EXITS: u32 = 1_000_000;
 
-fn main(_boot: &BootInfo) {
+/// The bench to run, from `mode=` on the module command line: the basic
+/// paths (the default, `mode=paths`), the shadow-paging benches
+/// (`mode=shadow`) or one round robin of address spaces (`mode=rr2`, `rr4`,
+/// `rr8`, `rr16`): see [`shadow`].
+fn main(boot: &BootInfo) {
+    match boot.arg("mode") {
+        None | Some("paths") => paths(),
+        Some("shadow") => shadow::run(boot),
+        Some(m) => match m.strip_prefix("rr").and_then(|k| k.parse().ok()) {
+            Some(k) => shadow::round_robin(boot, k),
+            None => panic!("bench: unknown mode {m:?}: paths, shadow, rr2, rr4, rr8 or rr16"),
+        },
+    }
+}
+
+/// The basic paths (the metrics in the table above).
+fn paths() {
     let empty = min_of(BATCHES, batch_empty);
     report("guest_loop_overhead", u64::from(empty), N, "-");
 

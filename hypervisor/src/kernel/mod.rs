@@ -269,6 +269,7 @@ extern "C" fn kernel_main() -> ! {
             Ok(v) => lguest::probe::report("native_syscall", v, None),
             Err(e) => kprintln!("bench: native syscall probe failed: {e}"),
         }
+        lguest::probe::report_paging_floors();
     }
     let (ran, clean) = lguest::launch_modules(boot.modules(), cfg.fastpath);
     if ran > 0 {

@@ -3,8 +3,11 @@
 //! stub that does nothing but `iretq`, from CPL 1 (`native_int_roundtrip`,
 //! what a hypercall or a trap from the guest kernel pays) and from CPL 3
 //! (`native_syscall`, what a system call from guest user mode pays); see
-//! docs/benchmarks.md. Also the one place the hypervisor prints `bench:`
-//! lines ([`report`], [`report_stage`]).
+//! docs/benchmarks.md. Also the paging floors ([`report_paging_floors`]):
+//! `native_page_fault` (a write to a not-present page, filled by a minimal
+//! ring-0 #PF handler) and `native_cr3_write`, measured at ring 0 in host
+//! context in an address space of the probe's own. Also the one place the
+//! hypervisor prints `bench:` lines ([`report`], [`report_stage`]).
 //!
 //! The probe is a few 32-bit instructions run exactly like a guest (its own
 //! linear-mode address space, entered through the world switch) with either
@@ -20,7 +23,7 @@
 //! `switch::run` must leave the probe's traps to the normal exit.
 
 use core::arch::{global_asm, naked_asm};
-use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 
 use guest_abi::irq::SYSCALL_VECTOR;
 use guest_abi::seg::SegmentDescriptor;
@@ -29,10 +32,14 @@ use rustyvisor::bench::BenchLine;
 use rustyvisor::lguest::guestmem::GuestMemory;
 use rustyvisor::lguest::segments::GuestGdt;
 use rustyvisor::lguest::vcpu::{ENTRY_FAULT_TRAPNUM, Regs, StubGate};
+use rustyvisor::mm::PAGE_SIZE;
+use rustyvisor::mm::frame::PhysFrame;
+use rustyvisor::mm::paging::PageFlags;
 
 use super::space::{GuestRam, HostGuestMemory, LinearTables};
 use super::switch;
 use crate::kernel::arch::{cpu, gdt, idt};
+use crate::kernel::mem::{self, phys_to_virt};
 use crate::kprintln;
 
 /// Whether bench mode is on (`bench` on the command line): only then do
@@ -470,4 +477,338 @@ pub fn entry_fault_selftest() -> Result<[u32; 3], &'static str> {
         *fault = exit.cr2;
     }
     Ok(faults)
+}
+
+// ---- Paging floors -------------------------------------------------------------
+
+/// Vector of the page fault (#PF).
+const PF_VECTOR: u8 = 14;
+/// Linear address of the first page the native page-fault probe touches:
+/// PD entry 1 under PDPT entry 0 of the probe's own PML4 entry 0, so one
+/// 4 KiB page table of the probe's covers `[PF_BASE, PF_BASE + 2 MiB)`.
+const PF_BASE: u64 = 2 << 20;
+/// Most pages one batch may touch (one page table).
+const PF_MAX_PAGES: u32 = 512;
+
+/// Direct-map address of the probe's page table, and the leaf
+/// [`pf_fill`] writes into it: what the minimal #PF handler needs, read by it
+/// without calling into Rust.
+static PF_PT: AtomicU64 = AtomicU64::new(0);
+static PF_LEAF: AtomicU64 = AtomicU64::new(0);
+
+/// The native page-fault handler measured by [`native_page_fault`]: maps
+/// the faulting page (one PTE of the probe's page table, indexed by CR2, to
+/// the probe's data frame, present and writable) and returns to the faulting
+/// instruction, which then completes. Installed as the #PF gate only while
+/// the probe runs, with interrupts off; nothing else can fault meanwhile.
+#[unsafe(naked)]
+unsafe extern "C" fn pf_fill() {
+    naked_asm!(
+        "push rax",
+        "push rcx",
+        "mov rax, cr2",
+        "shr rax, 12",
+        "and eax, 511",
+        "mov rcx, qword ptr [rip + {pt}]",
+        "lea rcx, [rcx + rax * 8]",
+        "mov rax, qword ptr [rip + {leaf}]",
+        "mov qword ptr [rcx], rax",
+        "pop rcx",
+        "pop rax",
+        // The error code.
+        "add rsp, 8",
+        "iretq",
+        pt = sym PF_PT,
+        leaf = sym PF_LEAF,
+    )
+}
+
+/// The paging probes' own address space, in host context: a PML4 whose
+/// entries 256–511 are the kernel's (the hypervisor stays mapped: the probes
+/// run at ring 0 on the host stack) and whose entry 0 leads through a PDPT
+/// and a PD to one 4 KiB page table covering `[PF_BASE, PF_BASE + 2 MiB)`,
+/// empty until the #PF handler fills it, plus the one data frame every
+/// filled entry maps. Dropping it frees the frames (the host's own tables
+/// are only read, never written).
+struct PagingProbe {
+    pml4: PhysFrame,
+    pdpt: PhysFrame,
+    pd: PhysFrame,
+    pt: PhysFrame,
+    data: PhysFrame,
+}
+
+impl PagingProbe {
+    fn new() -> Result<Self, &'static str> {
+        fn zeroed() -> Result<PhysFrame, &'static str> {
+            let f = mem::alloc_frame().ok_or("no memory for the paging probe")?;
+            // SAFETY: a fresh frame, reached through the direct map.
+            unsafe {
+                core::ptr::write_bytes(
+                    phys_to_virt(f.start_address()) as *mut u8,
+                    0,
+                    PAGE_SIZE as usize,
+                )
+            };
+            Ok(f)
+        }
+        // Frames taken so far go back on an error.
+        let mut got: [Option<PhysFrame>; 5] = [None; 5];
+        for slot in &mut got {
+            match zeroed() {
+                Ok(f) => *slot = Some(f),
+                Err(e) => {
+                    got.iter().flatten().for_each(|f| mem::free_frame(*f));
+                    return Err(e);
+                }
+            }
+        }
+        let [Some(pml4), Some(pdpt), Some(pd), Some(pt), Some(data)] = got else {
+            unreachable!("every frame was allocated");
+        };
+        let kernel = mem::kernel_pml4();
+        for slot in 256..512u64 {
+            // SAFETY: the kernel PML4 is a live table frame in the direct map.
+            let e = unsafe { (phys_to_virt(kernel + slot * 8) as *const u64).read_volatile() };
+            pte_write(pml4, slot, e);
+        }
+        let table = PageFlags::PRESENT | PageFlags::WRITABLE;
+        pte_write(pml4, 0, pdpt.start_address() | table.bits());
+        pte_write(pdpt, 0, pd.start_address() | table.bits());
+        pte_write(pd, PF_BASE >> 21, pt.start_address() | table.bits());
+        Ok(Self {
+            pml4,
+            pdpt,
+            pd,
+            pt,
+            data,
+        })
+    }
+
+    /// Empties the page table (the fills of the last batch).
+    fn clear(&self) {
+        for i in 0..u64::from(PF_MAX_PAGES) {
+            pte_write(self.pt, i, 0);
+        }
+    }
+}
+
+impl Drop for PagingProbe {
+    fn drop(&mut self) {
+        for f in [self.pt, self.pd, self.pdpt, self.pml4, self.data] {
+            mem::free_frame(f);
+        }
+    }
+}
+
+/// Writes entry `index` (< 512) of the table frame `table`.
+fn pte_write(table: PhysFrame, index: u64, value: u64) {
+    // SAFETY: a table frame of the paging probe, direct-mapped; index < 512.
+    unsafe {
+        (phys_to_virt(table.start_address() + (index % 512) * 8) as *mut u64).write_volatile(value)
+    }
+}
+
+/// Runs `f` in the probe's address space with host interrupts off and
+/// [`pf_fill`] as the #PF gate; afterwards the CR3 value and the gate are
+/// exactly what they were (the #PF gate is the kernel's stub, DPL 0, no IST,
+/// as `idt::init` made it).
+fn in_probe_space<R>(probe: &PagingProbe, f: impl FnOnce(u64) -> R) -> R {
+    x86_64::instructions::interrupts::without_interrupts(|| {
+        let old_cr3 = cpu::cr3();
+        PF_PT.store(phys_to_virt(probe.pt.start_address()), Ordering::Relaxed);
+        PF_LEAF.store(
+            probe.data.start_address() | (PageFlags::PRESENT | PageFlags::WRITABLE).bits(),
+            Ordering::Relaxed,
+        );
+        idt::set_gate_handler(PF_VECTOR, pf_fill as *const () as u64, 0);
+        // SAFETY: the probe's PML4 shares the kernel's upper half, which maps
+        // all the code, stack and data the host runs from here on.
+        unsafe { cpu::write_cr3(probe.pml4.start_address()) };
+        let r = f(old_cr3);
+        // SAFETY: back to the address space we came from.
+        unsafe { cpu::write_cr3(old_cr3) };
+        idt::set_gate_dpl(PF_VECTOR, 0);
+        r
+    })
+}
+
+/// The native page fault (`native_page_fault`), at ring 0 in host context:
+/// a loop writing one word to each of `pages` consecutive pages that are not
+/// present in the probe's page table; each write faults to [`pf_fill`],
+/// which maps the page and `iretq`s, and the write completes. TSC ticks per
+/// fault (instructions under `-icount shift=0`: the faulting write, the
+/// handler's 13 instructions), the same loop without the write subtracted;
+/// the minimum of `batches` batches, each starting from an empty table.
+pub fn native_page_fault(pages: u32, batches: u32) -> Result<f64, &'static str> {
+    let pages = pages.clamp(1, PF_MAX_PAGES);
+    let probe = PagingProbe::new()?;
+    let best = in_probe_space(&probe, |_| {
+        let (mut faults, mut empty) = (u64::MAX, u64::MAX);
+        for _ in 0..batches.max(1) {
+            probe.clear();
+            // SAFETY: reloading the probe's own PML4 drops the previous
+            // batch's translations.
+            unsafe { cpu::write_cr3(probe.pml4.start_address()) };
+            faults = faults.min(touch_loop::<true>(pages));
+            empty = empty.min(touch_loop::<false>(pages));
+        }
+        faults.saturating_sub(empty)
+    });
+    Ok(best as f64 / f64::from(pages))
+}
+
+/// `pages` iterations writing one word to page `PF_BASE + i * 4096` (with
+/// `TOUCH`) or of the same loop without the write; TSC ticks.
+fn touch_loop<const TOUCH: bool>(pages: u32) -> u64 {
+    let ticks: u64;
+    // SAFETY: the probe's address space is loaded and the #PF gate is
+    // `pf_fill` (in_probe_space): each write faults once, gets its page
+    // mapped to the probe's data frame and completes. The fault pushes its
+    // frame on this stack (no red zone in the kernel), hence no `nostack`.
+    unsafe {
+        if TOUCH {
+            core::arch::asm!(
+                "rdtsc",
+                "shl rdx, 32",
+                "or rax, rdx",
+                "mov r8, rax",
+                "2:",
+                "mov dword ptr [rsi], ecx",
+                "add rsi, 4096",
+                "dec ecx",
+                "jnz 2b",
+                "rdtsc",
+                "shl rdx, 32",
+                "or rax, rdx",
+                "sub rax, r8",
+                inout("ecx") pages => _,
+                inout("rsi") PF_BASE => _,
+                out("rax") ticks,
+                out("rdx") _,
+                out("r8") _,
+            );
+        } else {
+            core::arch::asm!(
+                "rdtsc",
+                "shl rdx, 32",
+                "or rax, rdx",
+                "mov r8, rax",
+                "2:",
+                "add rsi, 4096",
+                "dec ecx",
+                "jnz 2b",
+                "rdtsc",
+                "shl rdx, 32",
+                "or rax, rdx",
+                "sub rax, r8",
+                inout("ecx") pages => _,
+                inout("rsi") PF_BASE => _,
+                out("rax") ticks,
+                out("rdx") _,
+                out("r8") _,
+            );
+        }
+    }
+    ticks
+}
+
+/// The native address-space switch (`native_cr3_write`), at ring 0 in host
+/// context: `iterations` rounds of two `mov cr3` (to the probe's PML4 and
+/// back to the kernel's, which map the hypervisor identically), minus the
+/// same loop without them; TSC ticks per write, the minimum of `batches`
+/// batches.
+pub fn native_cr3_write(iterations: u32, batches: u32) -> Result<f64, &'static str> {
+    let iterations = iterations.max(1);
+    let probe = PagingProbe::new()?;
+    let best = in_probe_space(&probe, |host_cr3| {
+        let (mut writes, mut empty) = (u64::MAX, u64::MAX);
+        for _ in 0..batches.max(1) {
+            writes = writes.min(cr3_loop::<true>(
+                iterations,
+                probe.pml4.start_address(),
+                host_cr3,
+            ));
+            empty = empty.min(cr3_loop::<false>(
+                iterations,
+                probe.pml4.start_address(),
+                host_cr3,
+            ));
+        }
+        writes.saturating_sub(empty)
+    });
+    Ok(best as f64 / (2.0 * f64::from(iterations)))
+}
+
+/// `iterations` rounds of `mov cr3, host; mov cr3, probe` (with `WRITE`) or
+/// of the same loop without them; TSC ticks. Starts and ends in the probe's
+/// space.
+fn cr3_loop<const WRITE: bool>(iterations: u32, probe: u64, host: u64) -> u64 {
+    let ticks: u64;
+    // SAFETY: both PML4s map the whole upper half (code, stack, data) the
+    // same way; the loop ends on the probe's, which is current before it.
+    unsafe {
+        if WRITE {
+            core::arch::asm!(
+                "rdtsc",
+                "shl rdx, 32",
+                "or rax, rdx",
+                "mov r8, rax",
+                "2:",
+                "mov cr3, rdi",
+                "mov cr3, rsi",
+                "dec ecx",
+                "jnz 2b",
+                "rdtsc",
+                "shl rdx, 32",
+                "or rax, rdx",
+                "sub rax, r8",
+                inout("ecx") iterations => _,
+                in("rdi") host,
+                in("rsi") probe,
+                out("rax") ticks,
+                out("rdx") _,
+                out("r8") _,
+                options(nostack),
+            );
+        } else {
+            core::arch::asm!(
+                "rdtsc",
+                "shl rdx, 32",
+                "or rax, rdx",
+                "mov r8, rax",
+                "2:",
+                "dec ecx",
+                "jnz 2b",
+                "rdtsc",
+                "shl rdx, 32",
+                "or rax, rdx",
+                "sub rax, r8",
+                inout("ecx") iterations => _,
+                in("rdi") host,
+                in("rsi") probe,
+                out("rax") ticks,
+                out("rdx") _,
+                out("r8") _,
+                options(nomem, nostack),
+            );
+        }
+    }
+    ticks
+}
+
+/// Measures and reports (bench mode only) the paging floors:
+/// `native_page_fault` and `native_cr3_write`.
+pub fn report_paging_floors() {
+    if !enabled() {
+        return;
+    }
+    match native_page_fault(256, 5) {
+        Ok(v) => report("native_page_fault", v, None),
+        Err(e) => kprintln!("bench: native page-fault probe failed: {e}"),
+    }
+    match native_cr3_write(1000, 5) {
+        Ok(v) => report("native_cr3_write", v, None),
+        Err(e) => kprintln!("bench: native cr3 probe failed: {e}"),
+    }
 }
