@@ -747,6 +747,35 @@ impl ShadowPaging {
         })
     }
 
+    /// [`new_pgtable`](Self::new_pgtable) when it needs nothing but the
+    /// switch: the shadow of `gpgdir` is cached, its TLB entries are not
+    /// stale, the kernel stack is pinned in it (or there is none), and no
+    /// invalidation is owed to the current one. Then it does exactly what
+    /// `new_pgtable` does (a cache hit that returns `flush: false`) and
+    /// returns the root to load; otherwise it changes nothing and returns
+    /// `None`. For the hypercall stub's fast switch.
+    pub fn fast_switch(&mut self, gpgdir: u32) -> Option<u64> {
+        if self.pending != Flush::None {
+            return None;
+        }
+        let si = self
+            .slots
+            .iter()
+            .position(|s| s.is_some_and(|s| s.gpgdir == gpgdir))?;
+        let needs_pin = self.stack.is_some();
+        let tick = self.tick.saturating_add(1);
+        let s = self.slot_mut(si)?;
+        if s.stale || (needs_pin && !s.pinned) {
+            return None;
+        }
+        s.last_used = tick;
+        let root = s.pml4;
+        self.tick = tick;
+        self.stats.hits = self.stats.hits.saturating_add(1);
+        self.current = Some(si);
+        Some(root)
+    }
+
     /// `LHCALL_SET_PTE(gpgdir, vaddr, pte)` (PAE: the 64-bit `pte`; 2-level:
     /// the 32-bit one, zero-extended). For `vaddr` at or above
     /// `kernel_address` every cached shadow is updated, else only the shadow

@@ -1257,6 +1257,30 @@ impl Vcpu {
         true
     }
 
+    /// The hypercall stub's fast switch: `NEW_PGTABLE(gpgdir)` from the
+    /// state the stub was armed with (an empty async ring, no irq pending,
+    /// the CS/SS validated at the last entry), when the shadow core can do
+    /// it without anything else ([`ShadowPaging::fast_switch`]): returns the
+    /// root the host must load now (instead of through
+    /// [`take_mmu_work`](Self::take_mmu_work)), having done what the full
+    /// path does; else changes nothing.
+    pub fn stub_switch(&mut self, gpgdir: u32) -> Option<u64> {
+        self.lguest_data?;
+        if self.dead.is_some()
+            || self.restart
+            || self.halted
+            || self.pending_hcall.is_some()
+            || self.pending != 0
+            || self.mmu_load.is_some()
+        {
+            return None;
+        }
+        self.shadow
+            .as_mut()
+            .filter(|s| s.is_paging())?
+            .fast_switch(gpgdir)
+    }
+
     /// After an exit the full path would finish with nothing but
     /// `prepare_entry`: a trivial hypercall (see [`StubView`]; here the
     /// virtual irqs may be pending) or a host interrupt. Finishes it and the

@@ -434,6 +434,7 @@ impl GuestCore for KernelCore {
                     regs,
                     fast.then_some(switch::Handlers {
                         exit: exit_on_trap_stack,
+                        switch: Some(switch_on_trap_stack),
                         ctx: ptr.cast(),
                     }),
                 )
@@ -592,10 +593,20 @@ fn arm_stub(r: &mut Running) {
             vcpu_irqs: v.pending,
             cs: r.vcpu.regs.cs,
             ss: r.vcpu.regs.ss,
+            switch: r.vcpu.paging(),
             reflect: Some(reflect),
         })
     });
     switch::arm_stubs(arm);
+}
+
+/// The hypercall stub's fast `NEW_PGTABLE` (`fastpath=on`; interrupts off,
+/// on the trap stack): `Vcpu::stub_switch`, whose root the stub loads.
+fn switch_on_trap_stack(ctx: *mut (), gpgdir: u32) -> u64 {
+    // SAFETY: as in `exit_on_trap_stack`: `ctx` is the running guest's
+    // `Running`, not touched by the suspended run loop meanwhile.
+    let r = unsafe { &mut *ctx.cast::<Running>() };
+    r.vcpu.stub_switch(gpgdir).unwrap_or(0)
 }
 
 /// The run loop's exit handler on the trap stack (`fastpath=on`; interrupts

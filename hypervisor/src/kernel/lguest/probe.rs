@@ -203,6 +203,7 @@ fn probe_stub_arm(ss: u32) -> switch::StubArm {
         cs: u32::from(KERNEL_CS),
         ss,
         drain: None,
+        switch: false,
         reflect: None,
     }
 }
@@ -467,6 +468,7 @@ pub fn entry_fault_selftest() -> Result<[u32; 3], &'static str> {
         let regs: *mut Regs = &raw mut probe.regs;
         let exit = probe.run(Some(switch::Handlers {
             exit: handler,
+            switch: None,
             ctx: regs.cast(),
         }));
         if exit.trapnum != ENTRY_FAULT_TRAPNUM {

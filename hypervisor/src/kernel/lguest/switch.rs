@@ -62,12 +62,20 @@ use crate::kernel::arch::trap::TrapFrame;
 /// the run loop (after the `full` call).
 pub type FastHandler = fn(ctx: *mut (), exit: &ExitInfo, full: bool) -> bool;
 
+/// The hypercall stub's fast `NEW_PGTABLE` (interrupts off, on the trap
+/// stack, from the state the stub was armed with): the root to load for
+/// `gpgdir`, with the switch done in the vCPU, or 0 (nothing changed: the
+/// full path runs).
+pub type SwitchHandler = fn(ctx: *mut (), gpgdir: u32) -> u64;
+
 /// What the run loop lets the trap path do on its behalf, and its context.
 #[derive(Clone, Copy)]
 pub struct Handlers {
     /// Every exit first goes here (see [`FastHandler`]).
     pub exit: FastHandler,
-    /// Passed back to it.
+    /// The hypercall stub's fast switch of shadows, if any.
+    pub switch: Option<SwitchHandler>,
+    /// Passed back to both.
     pub ctx: *mut (),
 }
 
@@ -81,8 +89,10 @@ struct SwitchState {
     /// Error code and CR2 of the last exit.
     errcode: u64,
     cr2: u64,
-    /// The run loop's exit handler for this entry, and its context.
+    /// The run loop's exit handler for this entry, its fast switch, and
+    /// their context.
     fast: Option<FastHandler>,
+    switch: Option<SwitchHandler>,
     ctx: *mut (),
 }
 
@@ -98,6 +108,7 @@ static STATE: SwitchCell = SwitchCell(UnsafeCell::new(SwitchState {
     errcode: 0,
     cr2: 0,
     fast: None,
+    switch: None,
     ctx: core::ptr::null_mut(),
 }));
 
@@ -159,6 +170,8 @@ struct Armed {
     /// may run; host addresses of `hcall_status[0]`, of `hcalls[0]` and of
     /// the vCPU's ring cursor.
     drain_ok: u64,
+    /// Non-zero: `NEW_PGTABLE` may take the fast switch (a paging guest).
+    switch_ok: u64,
     status_base: u64,
     hcalls_base: u64,
     cursor: u64,
@@ -206,6 +219,7 @@ static ARMED: ArmedCell = ArmedCell(UnsafeCell::new(Armed {
     pending: 0,
     irq_gates: 0,
     drain_ok: 0,
+    switch_ok: 0,
     status_base: 0,
     hcalls_base: 0,
     cursor: 0,
@@ -251,6 +265,7 @@ pub unsafe fn run(regs: *mut Regs, fast: Option<Handlers>) -> ExitInfo {
         x86_64::instructions::interrupts::disable();
         (*state).regs = regs;
         (*state).fast = fast.map(|h| h.exit);
+        (*state).switch = fast.and_then(|h| h.switch);
         (*state).ctx = fast.map_or(core::ptr::null_mut(), |h| h.ctx);
         enter_guest(state.cast::<u64>())
     };
@@ -259,6 +274,7 @@ pub unsafe fn run(regs: *mut Regs, fast: Option<Handlers>) -> ExitInfo {
     // host context on the only CPU.
     let (errcode, cr2) = unsafe {
         (*state).fast = None;
+        (*state).switch = None;
         ((*state).errcode, (*state).cr2)
     };
     x86_64::instructions::interrupts::enable();
@@ -307,6 +323,9 @@ pub struct StubArm {
     /// Whether and where the hypercall stub may drain no-op calls from the
     /// async ring (`None`: never).
     pub drain: Option<DrainArm>,
+    /// Whether `NEW_PGTABLE` may go to the run loop's fast switch (the
+    /// guest runs on shadow page tables).
+    pub switch: bool,
     /// What the reflection stubs may do (`None`: nothing).
     pub reflect: Option<ReflectArm>,
 }
@@ -383,6 +402,7 @@ pub fn arm_stubs(arm: Option<StubArm>) {
         (*a).gate_bits = [0; 2];
         (*a).lane_ok = 0;
         (*a).drain_ok = 0;
+        (*a).switch_ok = 0;
         let Some(arm) = arm else {
             (*a).irqs = NO_IRQS.as_ptr() as u64;
             return;
@@ -393,6 +413,7 @@ pub fn arm_stubs(arm: Option<StubArm>) {
         (*a).ring = arm.ring_status;
         (*a).irqs = arm.irqs.as_ptr() as u64;
         (*a).trivial = arm.trivial;
+        (*a).switch_ok = u64::from(arm.switch);
         if let Some(d) = arm.drain.filter(|d| !d.cursor.is_null()) {
             (*a).status_base = d.status_base;
             (*a).hcalls_base = d.hcalls_base;
@@ -430,6 +451,25 @@ pub fn arm_stubs(arm: Option<StubArm>) {
     }
 }
 
+/// The hypercall stub's call into Rust for its fast switch: the run loop's
+/// [`SwitchHandler`] for `gpgdir` (C ABI, trap path); 0 if there is none.
+extern "C" fn switch_lane(gpgdir: u32) -> u64 {
+    let state = STATE.0.get();
+    // SAFETY: the stub only runs while a guest runs, so `switch`/`ctx` are
+    // the run loop's (set by `run`); interrupts are off.
+    let (switch, ctx) = unsafe { ((*state).switch, (*state).ctx) };
+    let Some(switch) = switch else {
+        return 0;
+    };
+    let root = switch(ctx, gpgdir);
+    if root != 0 {
+        let a = ARMED.0.get();
+        // SAFETY: see `ArmedCell` (trap path, interrupts off).
+        unsafe { (*a).lane_answered = (*a).lane_answered.wrapping_add(1) };
+    }
+    root
+}
+
 /// The lane's call into Rust for the guest's clock: `time` and `nsec` of
 /// `lguest_data.time` as one little-endian word (C ABI, trap path).
 extern "C" fn lane_wallclock() -> u64 {
@@ -464,6 +504,8 @@ pub unsafe extern "C" fn hcall_stub() {
     naked_asm!(
         "push rax",
         "push rcx",
+        "cmp eax, {new_pgtable}",
+        "je 30f",
         "cmp eax, 31",
         "ja 3f",
         "mov ecx, dword ptr [rip + {armed} + {trivial}]",
@@ -665,6 +707,48 @@ pub unsafe extern "C" fn hcall_stub() {
         "mov qword ptr [rip + {armed} + {ring}], rax",
         "xor r8d, r8d",
         "ret",
+        // `NEW_PGTABLE`: the fast switch of shadows, from the armed state
+        // only (an empty ring, the validated CS and SS, no irq pending):
+        // Rust says which root to load (the vCPU's and the shadow core's
+        // bookkeeping done), the stub loads it into CR3 (no PCIDs: the load
+        // flushes the TLB) and returns. 0: the full path.
+        "30:",
+        "cmp qword ptr [rip + {armed} + {switch_ok}], 0",
+        "je 3f",
+        "mov rcx, qword ptr [rip + {armed} + {ring}]",
+        "cmp byte ptr [rcx], {empty}",
+        "jne 3f",
+        "mov ecx, dword ptr [rsp + 24]",
+        "cmp ecx, dword ptr [rip + {armed} + {cs}]",
+        "jne 3f",
+        "mov ecx, dword ptr [rsp + 48]",
+        "cmp ecx, dword ptr [rip + {armed} + {ss}]",
+        "jne 3f",
+        "mov rcx, qword ptr [rip + {armed} + {irqs}]",
+        "mov ecx, dword ptr [rcx]",
+        "or ecx, dword ptr [rip + {armed} + {vcpu_irqs}]",
+        "jnz 3f",
+        "push rdx",
+        "push rsi",
+        "push rdi",
+        "cld",
+        "mov edi, ebx",
+        "call {switch_lane}",
+        "pop rdi",
+        "pop rsi",
+        "pop rdx",
+        "xor r8d, r8d",
+        "xor r9d, r9d",
+        "xor r10d, r10d",
+        "xor r11d, r11d",
+        "test rax, rax",
+        "jz 3f",
+        "mov cr3, rax",
+        "and dword ptr [rsp + 32], {mask}",
+        "or dword ptr [rsp + 32], 0x202",
+        "pop rcx",
+        "pop rax",
+        "jmp rv_hcall_iret",
         // The full path: what the generic stub of vector 0x1f does.
         "3:",
         "pop rcx",
@@ -673,6 +757,9 @@ pub unsafe extern "C" fn hcall_stub() {
         "push 0x1f",
         "jmp {common}",
         drain_ok = const offset_of!(Armed, drain_ok),
+        switch_ok = const offset_of!(Armed, switch_ok),
+        switch_lane = sym switch_lane,
+        new_pgtable = const guest_abi::hcall::LHCALL_NEW_PGTABLE,
         cursor = const offset_of!(Armed, cursor),
         status_base = const offset_of!(Armed, status_base),
         hcalls_base = const offset_of!(Armed, hcalls_base),

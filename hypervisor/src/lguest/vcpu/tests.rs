@@ -2295,3 +2295,72 @@ fn kernel_fetch_from_a_user_page_kills_under_paging() {
     let (mut m, mut e) = (t.m.clone(), t.e.clone());
     assert!(t.v.fast_paging(14, 0x15, cr2, &mut m, &mut e) || !t.v.is_dead());
 }
+
+/// The hypercall stub's fast switch ([`Vcpu::stub_switch`]) between random
+/// cached and uncached address spaces: when it switches, the full path
+/// (`handle_exit` + `prepare_entry`) ends in the same state and asks for the
+/// same root without a flush; when it declines, nothing changed.
+#[test]
+fn stub_switch_is_the_full_path_or_nothing() {
+    let mut rng = crate::testutil::Rng(0x0051_7c40_0000_0777);
+    let (mut taken, mut declined) = (0u32, 0u32);
+    let dirs = [PGD, 0x2_2000, 0x2_3000, 0x2_4000, 0x2_5000, 0x2_6000];
+    for case in 0..1500 {
+        let mut r = |n: u64| rng.next_u64() % n;
+        let mut t = paging_guest();
+        for &d in &dirs[1..] {
+            t.m.write_u32(d + (KBASE >> 22) * 4, PTES | 0x63).unwrap();
+        }
+        if r(2) == 0 {
+            assert_eq!(
+                t.hcall(LHCALL_SET_STACK, 0x69, KBASE + 0x9000, 1),
+                Action::Resume
+            );
+        }
+        for _ in 0..r(8) {
+            let d = dirs[r(dirs.len() as u64) as usize];
+            assert_eq!(t.hcall(LHCALL_NEW_PGTABLE, d, 0, 0), Action::Resume);
+            if r(4) == 0 {
+                t.hcall(LHCALL_FLUSH_TLB, r(2) as u32, 0, 0);
+            }
+        }
+        if t.v.is_dead() || t.prepare() != Action::Resume {
+            continue;
+        }
+        let _ = t.v.take_mmu_work();
+        let target = dirs[r(dirs.len() as u64) as usize];
+        t.v.regs.eax = LHCALL_NEW_PGTABLE;
+        t.v.regs.ebx = target;
+        let mut f = t.v.clone();
+        match f.stub_switch(target) {
+            Some(root) => {
+                taken += 1;
+                assert_eq!(t.trap(0x1f, 0), Action::Resume, "case {case}");
+                assert_eq!(t.prepare(), Action::Resume, "case {case}");
+                let w = t.v.take_mmu_work();
+                let sw = w.load.expect("the full path switches");
+                assert_eq!((sw.root, sw.flush), (root, false), "case {case}");
+                assert_eq!(w.flush, Flush::None, "case {case}");
+                assert_eq!(f.shadow_root(), t.v.shadow_root(), "case {case}");
+                assert_eq!(
+                    f.shadow().map(ShadowPaging::stats),
+                    t.v.shadow().map(ShadowPaging::stats),
+                    "case {case}"
+                );
+            }
+            None => {
+                declined += 1;
+                assert_eq!(f.shadow_root(), t.v.shadow_root(), "case {case}");
+                assert_eq!(
+                    f.shadow().map(ShadowPaging::stats),
+                    t.v.shadow().map(ShadowPaging::stats),
+                    "case {case}"
+                );
+            }
+        }
+    }
+    assert!(
+        taken > 200 && declined > 200,
+        "taken {taken}, declined {declined}"
+    );
+}
