@@ -371,6 +371,7 @@ impl GuestPaging {
     }
 
     /// Frame check shared by every level.
+    #[inline]
     fn check_pfn(&self, level: Level, entry: u64, at: u32, vaddr: u32) -> Result<u32, BadEntry> {
         let pfn = (entry & PAGE_ADDR_MASK) >> 12;
         match u32::try_from(pfn) {
@@ -390,6 +391,7 @@ impl GuestPaging {
 
     /// Validates a present table entry (2-level PGD, PAE PDPT or PMD) and
     /// returns the guest-physical address of the table it names.
+    #[inline]
     fn check_table_entry(
         &self,
         level: Level,
@@ -427,6 +429,7 @@ impl GuestPaging {
     /// Validates a present leaf PTE (from a table, or handed to `SET_PTE`)
     /// and returns its guest frame number. `at` is where it is (0 if it came
     /// from a hypercall).
+    #[inline]
     pub fn check_pte(&self, pte: u64, at: u32, vaddr: u32) -> Result<u32, BadEntry> {
         let bad = |reason| BadEntry {
             level: Level::Pte,
@@ -449,6 +452,7 @@ impl GuestPaging {
     }
 
     /// Reads the entry at guest-physical `at` (4 or 8 bytes per the format).
+    #[inline]
     fn read_entry(
         &self,
         mem: &impl GuestMemory,
@@ -471,6 +475,7 @@ impl GuestPaging {
 
     /// Walks `vaddr` through the tables at `cr3`, validating every entry on
     /// the way, without checking permissions (see [`Self::translate`]).
+    #[inline]
     pub fn walk(
         &self,
         mem: &impl GuestMemory,
@@ -543,6 +548,7 @@ impl GuestPaging {
 
     /// Walks `vaddr` and checks that `access` is allowed: the CPU's view of
     /// the guest's tables.
+    #[inline]
     pub fn translate(
         &self,
         mem: &impl GuestMemory,
@@ -560,6 +566,7 @@ impl GuestPaging {
     /// Sets the leaf's ACCESSED bit, and DIRTY for a write, in guest memory
     /// (what the CPU does on a successful access). Writes only if a bit is
     /// missing.
+    #[inline]
     pub fn mark_accessed(
         &self,
         mem: &mut impl GuestMemory,

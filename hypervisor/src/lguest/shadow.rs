@@ -657,6 +657,7 @@ impl ShadowPaging {
     /// (and, for a write, DIRTY) bit set in guest memory and is installed,
     /// a missing or forbidding one is the guest's fault, a bad one kills.
     /// Before the first `NEW_PGTABLE` every fault is reflected.
+    #[inline]
     pub fn demand_fault<B: ShadowBackend>(
         &mut self,
         mem: &mut impl GuestMemory,
@@ -998,6 +999,7 @@ impl ShadowPaging {
     // Filling.
 
     /// The shadow leaf for guest PTE `pte` naming frame `pfn` (validated).
+    #[inline]
     fn leaf(&self, pte: u64, pfn: u32) -> Result<u64, Kill> {
         // pfn < pfnlimit <= 2^20 and guest_base + pfnlimit pages was checked
         // in `new`: cannot fail.
@@ -1015,6 +1017,7 @@ impl ShadowPaging {
 
     /// Makes `vaddr` mapped for `access` in slot `si` (the current one)
     /// from the guest's tables.
+    #[inline]
     fn fill<B: ShadowBackend>(
         &mut self,
         mem: &mut impl GuestMemory,
@@ -1055,6 +1058,7 @@ impl ShadowPaging {
     /// entry carrying `upper`'s rights. Evicts (other shadows first, then
     /// the contents of this one) to stay under the cap or when the backend
     /// has no frames.
+    #[inline]
     fn ensure_tables<B: ShadowBackend>(
         &mut self,
         b: &mut B,
@@ -1287,6 +1291,7 @@ impl ShadowPaging {
 
     /// Makes sure the stack is present and writable in the current shadow.
     /// Returns whether it had to (re-)pin.
+    #[inline]
     fn ensure_pinned<B: ShadowBackend>(
         &mut self,
         mem: &mut impl GuestMemory,

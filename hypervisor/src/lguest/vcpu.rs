@@ -1215,22 +1215,10 @@ impl Vcpu {
         }
         let hcall = vector == u32::from(LGUEST_TRAP_ENTRY);
         let r = if vector == trap::PF {
-            // The guest kernel fetching from a user page is the full path's
-            // to kill (see `handle_trap`): a fill would not stop the fault.
-            if errcode & PF_SMEP_MASK == PF_SMEP_VIOLATION {
+            if !self.pf_fill(cr2, errcode, mem, env) {
                 return false;
             }
-            let Some(sh) = self.shadow.as_mut() else {
-                return false;
-            };
-            match sh.demand_fault(mem, env.tables(), cr2, errcode) {
-                Fault::Fixed => Ok(()),
-                Fault::Reflect { errcode: e } => {
-                    self.decided_pf = Some((cr2, e));
-                    return false;
-                }
-                Fault::Kill(k) => Err(k),
-            }
+            Ok(())
         } else if hcall && self.regs.eax == guest_abi::hcall::LHCALL_NEW_PGTABLE && self.cpl() == 1
         {
             let slot = (self.ring_cursor % LHCALL_RING_SIZE) as u32;
@@ -1255,6 +1243,64 @@ impl Vcpu {
         self.regs.errcode = if hcall { 0 } else { errcode };
         self.regs.eflags = sanitize_eflags(self.regs.eflags);
         true
+    }
+
+    /// A page fault the shadow core fills (`true`: done, the guest
+    /// resumes where it faulted). `false`: not filled — the guest kernel
+    /// fetching from a user page (the full path kills it: a fill would not
+    /// stop the fault), a fault that is the guest's own (remembered in
+    /// `decided_pf` for the full path), or a kill (done).
+    #[inline]
+    fn pf_fill<M: GuestMemory, E: Env>(
+        &mut self,
+        cr2: u32,
+        errcode: u32,
+        mem: &mut M,
+        env: &mut E,
+    ) -> bool {
+        if errcode & PF_SMEP_MASK == PF_SMEP_VIOLATION {
+            return false;
+        }
+        let Some(sh) = self.shadow.as_mut() else {
+            return false;
+        };
+        match sh.demand_fault(mem, env.tables(), cr2, errcode) {
+            Fault::Fixed => true,
+            Fault::Reflect { errcode: e } => {
+                self.decided_pf = Some((cr2, e));
+                false
+            }
+            Fault::Kill(k) => {
+                self.kill(k);
+                false
+            }
+        }
+    }
+
+    /// The page-fault stub's fill: a #PF taken while the guest runs under
+    /// shadow paging from the state the stubs were armed with (no irq
+    /// pending, and the stub checked that the frame's SS is a valid stack
+    /// segment for its CPL), filled by the shadow core. `true`: done as the
+    /// full path would (the guest's registers are unchanged, so `regs` is
+    /// neither read nor written); `false`: see `pf_fill` (nothing changed,
+    /// a decided reflection, or a kill).
+    pub fn stub_fill<M: GuestMemory, E: Env>(
+        &mut self,
+        cr2: u32,
+        errcode: u32,
+        mem: &mut M,
+        env: &mut E,
+    ) -> bool {
+        if !self.paging()
+            || self.dead.is_some()
+            || self.restart
+            || self.halted
+            || self.pending_hcall.is_some()
+            || self.pending != 0
+        {
+            return false;
+        }
+        self.pf_fill(cr2, errcode, mem, env)
     }
 
     /// The hypercall stub's fast switch: `NEW_PGTABLE(gpgdir)` from the

@@ -67,6 +67,24 @@ pub fn set_gate_handler(vector: u8, handler: u64, dpl: u8) {
     });
 }
 
+/// The raw gate of `vector`, to put back later with [`restore_gate`].
+pub fn saved_gate(vector: u8) -> [u64; 2] {
+    x86_64::instructions::interrupts::without_interrupts(|| {
+        // SAFETY: interrupts off on the only running CPU; a plain read.
+        unsafe { (*IDT.0.get()).0[usize::from(vector)] }
+    })
+}
+
+/// Puts back a gate read with [`saved_gate`].
+pub fn restore_gate(vector: u8, saved: [u64; 2]) {
+    x86_64::instructions::interrupts::without_interrupts(|| {
+        // SAFETY: interrupts off on the only running CPU; the entry is
+        // rewritten whole (with a value it held before) before the next
+        // interrupt can read it.
+        unsafe { (*IDT.0.get()).0[usize::from(vector)] = saved };
+    });
+}
+
 /// Changes which privilege levels may raise `vector` with `int n` (the
 /// lguest hypercall gate 0x1f is DPL 1, for instance).
 pub fn set_gate_dpl(vector: u8, dpl: u8) {

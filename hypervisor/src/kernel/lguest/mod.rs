@@ -76,6 +76,9 @@ pub fn init_cpu() {
     // `int3` and the system call enter through stubs that reflect them to
     // the guest's gate themselves when they can.
     idt::set_gate_handler(3, switch::int3_stub as *const () as u64, 3);
+    // A page fault of a guest under shadow paging is usually filled by
+    // its stub without the generic path.
+    idt::set_gate_handler(14, switch::pf_stub as *const () as u64, 0);
     idt::set_gate_handler(
         guest_abi::irq::SYSCALL_VECTOR as u8,
         switch::syscall_stub as *const () as u64,
@@ -435,6 +438,7 @@ impl GuestCore for KernelCore {
                     fast.then_some(switch::Handlers {
                         exit: exit_on_trap_stack,
                         switch: Some(switch_on_trap_stack),
+                        fill: Some(fill_on_trap_stack),
                         ctx: ptr.cast(),
                     }),
                 )
@@ -607,6 +611,25 @@ fn switch_on_trap_stack(ctx: *mut (), gpgdir: u32) -> u64 {
     // `Running`, not touched by the suspended run loop meanwhile.
     let r = unsafe { &mut *ctx.cast::<Running>() };
     r.vcpu.stub_switch(gpgdir).unwrap_or(0)
+}
+
+/// The page-fault stub's fill (`fastpath=on`; interrupts off, on the trap
+/// stack): the frame's SS must be a stack segment the entry check accepts
+/// at its CPL (the guest may have loaded one the CPU accepts but the host
+/// refuses, a 16-bit one: the full path kills it then), then
+/// `Vcpu::stub_fill` and the TLB work it leaves.
+fn fill_on_trap_stack(ctx: *mut (), cr2: u32, errcode: u32, cs: u32, ss: u32) -> bool {
+    // SAFETY: as in `exit_on_trap_stack`: `ctx` is the running guest's
+    // `Running`, not touched by the suspended run loop meanwhile.
+    let r = unsafe { &mut *ctx.cast::<Running>() };
+    let cpl = (cs & 3) as u8;
+    let ss_ok = (cpl == 1 || cpl == 3)
+        && u16::try_from(ss).is_ok_and(|s| r.vcpu.gdt.valid_stack_selector(s, cpl));
+    if !ss_ok || !r.vcpu.stub_fill(cr2, errcode, &mut r.mem, &mut r.env) {
+        return false;
+    }
+    apply_mmu(r);
+    true
 }
 
 /// The run loop's exit handler on the trap stack (`fastpath=on`; interrupts

@@ -469,6 +469,7 @@ pub fn entry_fault_selftest() -> Result<[u32; 3], &'static str> {
         let exit = probe.run(Some(switch::Handlers {
             exit: handler,
             switch: None,
+            fill: None,
             ctx: regs.cast(),
         }));
         if exit.trapnum != ENTRY_FAULT_TRAPNUM {
@@ -613,8 +614,7 @@ fn pte_write(table: PhysFrame, index: u64, value: u64) {
 
 /// Runs `f` in the probe's address space with host interrupts off and
 /// [`pf_fill`] as the #PF gate; afterwards the CR3 value and the gate are
-/// exactly what they were (the #PF gate is the kernel's stub, DPL 0, no IST,
-/// as `idt::init` made it).
+/// exactly what they were (saved and put back as they were).
 fn in_probe_space<R>(probe: &PagingProbe, f: impl FnOnce(u64) -> R) -> R {
     x86_64::instructions::interrupts::without_interrupts(|| {
         let old_cr3 = cpu::cr3();
@@ -623,6 +623,7 @@ fn in_probe_space<R>(probe: &PagingProbe, f: impl FnOnce(u64) -> R) -> R {
             probe.data.start_address() | (PageFlags::PRESENT | PageFlags::WRITABLE).bits(),
             Ordering::Relaxed,
         );
+        let saved = idt::saved_gate(PF_VECTOR);
         idt::set_gate_handler(PF_VECTOR, pf_fill as *const () as u64, 0);
         // SAFETY: the probe's PML4 shares the kernel's upper half, which maps
         // all the code, stack and data the host runs from here on.
@@ -630,7 +631,7 @@ fn in_probe_space<R>(probe: &PagingProbe, f: impl FnOnce(u64) -> R) -> R {
         let r = f(old_cr3);
         // SAFETY: back to the address space we came from.
         unsafe { cpu::write_cr3(old_cr3) };
-        idt::set_gate_dpl(PF_VECTOR, 0);
+        idt::restore_gate(PF_VECTOR, saved);
         r
     })
 }

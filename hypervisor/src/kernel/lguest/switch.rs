@@ -68,6 +68,12 @@ pub type FastHandler = fn(ctx: *mut (), exit: &ExitInfo, full: bool) -> bool;
 /// full path runs).
 pub type SwitchHandler = fn(ctx: *mut (), gpgdir: u32) -> u64;
 
+/// The page-fault stub's fill (interrupts off, on the trap stack): a #PF
+/// at `cr2` with `errcode` from a running guest whose frame has `cs` and
+/// `ss`; `true` if the shadow now maps it and the guest may simply resume
+/// (the MMU work done), `false` if the full path must decide.
+pub type FillHandler = fn(ctx: *mut (), cr2: u32, errcode: u32, cs: u32, ss: u32) -> bool;
+
 /// What the run loop lets the trap path do on its behalf, and its context.
 #[derive(Clone, Copy)]
 pub struct Handlers {
@@ -75,7 +81,9 @@ pub struct Handlers {
     pub exit: FastHandler,
     /// The hypercall stub's fast switch of shadows, if any.
     pub switch: Option<SwitchHandler>,
-    /// Passed back to both.
+    /// The page-fault stub's fill, if any.
+    pub fill: Option<FillHandler>,
+    /// Passed back to all of them.
     pub ctx: *mut (),
 }
 
@@ -93,6 +101,7 @@ struct SwitchState {
     /// their context.
     fast: Option<FastHandler>,
     switch: Option<SwitchHandler>,
+    fill: Option<FillHandler>,
     ctx: *mut (),
 }
 
@@ -109,6 +118,7 @@ static STATE: SwitchCell = SwitchCell(UnsafeCell::new(SwitchState {
     cr2: 0,
     fast: None,
     switch: None,
+    fill: None,
     ctx: core::ptr::null_mut(),
 }));
 
@@ -170,7 +180,8 @@ struct Armed {
     /// may run; host addresses of `hcall_status[0]`, of `hcalls[0]` and of
     /// the vCPU's ring cursor.
     drain_ok: u64,
-    /// Non-zero: `NEW_PGTABLE` may take the fast switch (a paging guest).
+    /// Non-zero: `NEW_PGTABLE` may take the fast switch, and a #PF the
+    /// page-fault stub's fill (a paging guest).
     switch_ok: u64,
     status_base: u64,
     hcalls_base: u64,
@@ -266,6 +277,7 @@ pub unsafe fn run(regs: *mut Regs, fast: Option<Handlers>) -> ExitInfo {
         (*state).regs = regs;
         (*state).fast = fast.map(|h| h.exit);
         (*state).switch = fast.and_then(|h| h.switch);
+        (*state).fill = fast.and_then(|h| h.fill);
         (*state).ctx = fast.map_or(core::ptr::null_mut(), |h| h.ctx);
         enter_guest(state.cast::<u64>())
     };
@@ -275,6 +287,7 @@ pub unsafe fn run(regs: *mut Regs, fast: Option<Handlers>) -> ExitInfo {
     let (errcode, cr2) = unsafe {
         (*state).fast = None;
         (*state).switch = None;
+        (*state).fill = None;
         ((*state).errcode, (*state).cr2)
     };
     x86_64::instructions::interrupts::enable();
@@ -468,6 +481,95 @@ extern "C" fn switch_lane(gpgdir: u32) -> u64 {
         unsafe { (*a).lane_answered = (*a).lane_answered.wrapping_add(1) };
     }
     root
+}
+
+/// The page-fault stub's call into Rust: the run loop's [`FillHandler`]
+/// for the fault at `cr2`; `frame` is the hardware frame (error code, RIP,
+/// CS, RFLAGS, RSP, SS). C ABI, trap path.
+extern "C" fn fill_lane(cr2: u64, frame: &[u64; 6]) -> bool {
+    let state = STATE.0.get();
+    // SAFETY: the stub acts only while a guest runs (armed), so `fill`/`ctx`
+    // are the run loop's (set by `run`); interrupts are off.
+    let (fill, ctx) = unsafe { ((*state).fill, (*state).ctx) };
+    let Some(fill) = fill else {
+        return false;
+    };
+    let [errcode, _, cs, _, _, ss] = *frame;
+    if !fill(ctx, cr2 as u32, errcode as u32, cs as u32, ss as u32) {
+        return false;
+    }
+    let a = ARMED.0.get();
+    // SAFETY: see `ArmedCell` (trap path, interrupts off).
+    unsafe { (*a).lane_answered = (*a).lane_answered.wrapping_add(1) };
+    true
+}
+
+/// Entry point of the page-fault gate (vector 14): a fault of a guest under
+/// shadow paging that the shadow core can fill is filled in Rust
+/// ([`FillHandler`], `Vcpu::stub_fill`) with only the caller-saved registers
+/// saved, and the guest resumes at the faulting instruction; anything else —
+/// a fault of the host itself (CPL 0), a guest not armed for it (linear
+/// mode, `fastpath=off`), irqs pending, a fault that is the guest's own or
+/// kills it — falls into the generic path exactly as the generic stub of
+/// vector 14 would. The hardware frame is: error code, RIP, CS, RFLAGS, RSP,
+/// SS. The `iretq` is in the entry-fault window.
+#[unsafe(naked)]
+pub unsafe extern "C" fn pf_stub() {
+    naked_asm!(
+        "test byte ptr [rsp + 16], 3",
+        "jz 8f",
+        "cmp qword ptr [rip + {armed} + {switch_ok}], 0",
+        "je 8f",
+        "push rax",
+        "push rcx",
+        "mov rcx, qword ptr [rip + {armed} + {irqs}]",
+        "mov ecx, dword ptr [rcx]",
+        "or ecx, dword ptr [rip + {armed} + {vcpu_irqs}]",
+        "jnz 9f",
+        // rax, rcx, rdx, rsi, rdi saved and the padding word: RSP is then
+        // 16-byte aligned for the call (the CPU aligned it before its
+        // 6-word frame). r8-r11 are the host's alone: zeroed after.
+        "push rdx",
+        "push rsi",
+        "push rdi",
+        "sub rsp, 8",
+        "cld",
+        "mov rdi, cr2",
+        "lea rsi, [rsp + 48]",
+        "call {fill_lane}",
+        "xor r8d, r8d",
+        "xor r9d, r9d",
+        "xor r10d, r10d",
+        "xor r11d, r11d",
+        "test al, al",
+        "lea rsp, [rsp + 8]",
+        "pop rdi",
+        "pop rsi",
+        "pop rdx",
+        "pop rcx",
+        "pop rax",
+        "jz 8f",
+        "lea rsp, [rsp + 8]",
+        ".globl rv_pf_iret",
+        "rv_pf_iret:",
+        "iretq",
+        ".globl rv_pf_iret_end",
+        "rv_pf_iret_end:",
+        "9:",
+        "pop rcx",
+        "pop rax",
+        // The full path: what the generic stub of vector 14 does (the CPU
+        // pushed the error code).
+        "8:",
+        "push 14",
+        "jmp {common}",
+        armed = sym ARMED,
+        switch_ok = const offset_of!(Armed, switch_ok),
+        irqs = const offset_of!(Armed, irqs),
+        vcpu_irqs = const offset_of!(Armed, vcpu_irqs),
+        fill_lane = sym fill_lane,
+        common = sym crate::kernel::arch::trap::trap_common,
+    )
 }
 
 /// The lane's call into Rust for the guest's clock: `time` and `nsec` of
@@ -1040,14 +1142,18 @@ unsafe extern "C" {
     static rv_int3_iret_end: u8;
     static rv_syscall_iret: u8;
     static rv_syscall_iret_end: u8;
+    static rv_pf_iret: u8;
+    static rv_pf_iret_end: u8;
 }
 
-/// Whether `rip` is the `iretq` of the hypercall stub or a reflection stub.
+/// Whether `rip` is the `iretq` of the hypercall stub, a reflection stub or
+/// the page-fault stub.
 fn in_stub_iret(rip: u64) -> bool {
     let at = |begin: *const u8, end: *const u8| (begin as u64..end as u64).contains(&rip);
     at(&raw const rv_hcall_iret, &raw const rv_hcall_iret_end)
         || at(&raw const rv_int3_iret, &raw const rv_int3_iret_end)
         || at(&raw const rv_syscall_iret, &raw const rv_syscall_iret_end)
+        || at(&raw const rv_pf_iret, &raw const rv_pf_iret_end)
 }
 
 /// Whether a CPL-0 fault at `rip` happened while loading guest state: in

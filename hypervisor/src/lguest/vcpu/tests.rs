@@ -2239,7 +2239,21 @@ fn fast_paging_is_the_full_path() {
             m: t.m.clone(),
             e: t.e.clone(),
         };
+        // The page-fault stub's fill does the same as fast_paging for a
+        // fault from the state it was armed with.
+        let mut g = T {
+            v: t.v.clone(),
+            m: t.m.clone(),
+            e: t.e.clone(),
+        };
+        let stub = vector == 14 && g.v.stub_fill(cr2, errcode, &mut g.m, &mut g.e);
         let fast = f.v.fast_paging(vector, errcode, cr2, &mut f.m, &mut f.e);
+        if vector == 14 {
+            assert_eq!(stub, fast, "case {case}");
+            assert!(g.m == f.m, "case {case}: stub fill memory");
+            assert_eq!(g.e.tables, f.e.tables, "case {case}: stub fill tables");
+            assert_eq!(g.v.dead_reason(), f.v.dead_reason(), "case {case}");
+        }
         if fast {
             taken += 1;
         } else {
