@@ -689,6 +689,71 @@ impl ShadowPaging {
         }
     }
 
+    /// [`demand_fault`](Self::demand_fault) in its common case, without
+    /// its general machinery: the guest's tables allow the access, and the
+    /// current shadow already has the page table for the address (with the
+    /// rights the guest's upper level gives) and the kernel stack pinned.
+    /// Then it does exactly what `demand_fault` does (`Fault::Fixed`: A/D
+    /// set in the guest entry, the leaf installed, the fill counted, a lost
+    /// right invalidated) and returns `true`; otherwise it changes nothing
+    /// and returns `false` (`demand_fault` decides: a reflection, a kill,
+    /// tables to allocate).
+    #[inline]
+    pub fn fast_fill<B: ShadowBackend>(
+        &mut self,
+        mem: &mut impl GuestMemory,
+        b: &mut B,
+        vaddr: u32,
+        errcode: u32,
+    ) -> bool {
+        let Some(ci) = self.current else {
+            return false;
+        };
+        let Some(s) = self.slot(ci) else {
+            return false;
+        };
+        if self.stack.is_some() && !s.pinned {
+            return false;
+        }
+        let access = Access::from_errcode(errcode);
+        let Ok(mut t) = self.paging.translate(mem, s.gpgdir, vaddr, access) else {
+            return false;
+        };
+        let pdpte = b.read(s.pdpt, gib_index(vaddr));
+        if pdpte & PAGE_PRESENT == 0 {
+            return false;
+        }
+        let pde = b.read(pdpte & ADDR_MASK, pd_index(vaddr));
+        let pt = pde & ADDR_MASK;
+        if pde & PAGE_PRESENT == 0 || pde != pt | pde_flags(t.upper) {
+            return false;
+        }
+        // Decided: `fill`'s writes, in its order (the leaf cannot fail for
+        // a validated frame; the A/D write goes where the PTE was read).
+        let Ok(leaf) = self.leaf(
+            t.pte | PAGE_ACCESSED | if access.write { PAGE_DIRTY } else { 0 },
+            t.pfn(),
+        ) else {
+            return false;
+        };
+        if self
+            .paging
+            .mark_accessed(mem, &mut t, access.write)
+            .is_err()
+        {
+            return false;
+        }
+        let idx = pt_index(vaddr);
+        let old = b.read(pt, idx);
+        b.write(pt, idx, leaf);
+        let lost = old & !leaf & (PAGE_RW | PAGE_USER) != 0 || (old ^ leaf) & ADDR_MASK != 0;
+        if old & PAGE_PRESENT != 0 && lost {
+            self.touched(ci, Flush::Page(vaddr));
+        }
+        self.stats.fills = self.stats.fills.saturating_add(1);
+        true
+    }
+
     /// `LHCALL_NEW_PGTABLE(gpgdir)`: switch to the shadow of the guest
     /// tables at `gpgdir`, from the cache or made now (reusing the policy's
     /// victim when the cache is full), and re-pin the kernel stack in it if
@@ -1068,13 +1133,7 @@ impl ShadowPaging {
     ) -> Result<u64, OutOfFrames> {
         let gi = gib_index(vaddr);
         let di = pd_index(vaddr);
-        let mut pde_flags = PageFlags::PRESENT.bits() | PageFlags::ACCESSED.bits();
-        if upper.write {
-            pde_flags |= PageFlags::WRITABLE.bits();
-        }
-        if upper.user {
-            pde_flags |= PageFlags::USER.bits();
-        }
+        let pde_flags = pde_flags(upper);
         for _ in 0..FILL_ATTEMPTS {
             let Some(s) = self.slot(si) else {
                 return Err(OutOfFrames);
@@ -1416,6 +1475,20 @@ impl ShadowPaging {
 }
 
 /// PDPT index of `vaddr` (0–3).
+/// The flags of a shadow PD entry under guest rights `upper` (the guest
+/// level above the leaf): present, accessed, and its RW and USER.
+#[inline]
+fn pde_flags(upper: Perms) -> u64 {
+    let mut f = PageFlags::PRESENT.bits() | PageFlags::ACCESSED.bits();
+    if upper.write {
+        f |= PageFlags::WRITABLE.bits();
+    }
+    if upper.user {
+        f |= PageFlags::USER.bits();
+    }
+    f
+}
+
 const fn gib_index(vaddr: u32) -> usize {
     (vaddr >> 30) as usize
 }

@@ -1264,6 +1264,9 @@ impl Vcpu {
         let Some(sh) = self.shadow.as_mut() else {
             return false;
         };
+        if sh.fast_fill(mem, env.tables(), cr2, errcode) {
+            return true;
+        }
         match sh.demand_fault(mem, env.tables(), cr2, errcode) {
             Fault::Fixed => true,
             Fault::Reflect { errcode: e } => {

@@ -283,6 +283,9 @@ enum Handled {
 struct Running {
     /// What the trap-stack exit handler did with the last exit.
     handled: Handled,
+    /// The (GDT generation, SS, CPL) the page-fault stub last found to be a
+    /// valid stack.
+    ss_ok: Option<(u64, u32, u32)>,
     vcpu: Vcpu,
     mem: HostGuestMemory,
     tables: LinearTables,
@@ -350,6 +353,7 @@ impl GuestCore for KernelCore {
         PENDING[self.slot].store(0, Ordering::SeqCst);
         self.running = Some(Running {
             handled: Handled::No,
+            ss_ok: None,
             vcpu: Vcpu::new(args.start),
             mem,
             tables,
@@ -622,12 +626,23 @@ fn fill_on_trap_stack(ctx: *mut (), cr2: u32, errcode: u32, cs: u32, ss: u32) ->
     // SAFETY: as in `exit_on_trap_stack`: `ctx` is the running guest's
     // `Running`, not touched by the suspended run loop meanwhile.
     let r = unsafe { &mut *ctx.cast::<Running>() };
-    let cpl = (cs & 3) as u8;
-    let ss_ok = (cpl == 1 || cpl == 3)
-        && u16::try_from(ss).is_ok_and(|s| r.vcpu.gdt.valid_stack_selector(s, cpl));
-    if !ss_ok || !r.vcpu.stub_fill(cr2, errcode, &mut r.mem, &mut r.env) {
+    // The last (GDT generation, SS, CPL) found valid, checked again only
+    // when one of them changes.
+    let key = (r.vcpu.gdt.generation(), ss, cs & 3);
+    if r.ss_ok != Some(key) {
+        let cpl = (cs & 3) as u8;
+        let ok = (cpl == 1 || cpl == 3)
+            && u16::try_from(ss).is_ok_and(|s| r.vcpu.gdt.valid_stack_selector(s, cpl));
+        if !ok {
+            return false;
+        }
+        r.ss_ok = Some(key);
+    }
+    if !r.vcpu.stub_fill(cr2, errcode, &mut r.mem, &mut r.env) {
         return false;
     }
+    // A fill loads no other shadow; it may owe the loaded one an
+    // invalidation.
     apply_mmu(r);
     true
 }

@@ -1266,7 +1266,32 @@ fn property(fmt: Format, seed: u64, cache_size: usize, max_frames: usize, steps:
                     continue;
                 }
                 let want = guest(&g.mem, fmt, cr3, va);
-                match sp.demand_fault(&mut g.mem, &mut b, va, err) {
+                // The fast fill either does exactly what demand_fault does,
+                // or nothing at all.
+                let (mut fsp, mut fb, mut fmem) = (sp.clone(), b.clone(), g.mem.clone());
+                let fast = fsp.fast_fill(&mut fmem, &mut fb, va, err);
+                if !fast {
+                    assert!(
+                        fb == b && fmem == g.mem,
+                        "step {step}: declined but changed"
+                    );
+                    assert_eq!(fsp.stats(), sp.stats(), "step {step}");
+                }
+                let before = (sp.clone(), b.clone(), g.mem.clone());
+                let outcome = sp.demand_fault(&mut g.mem, &mut b, va, err);
+                if fast {
+                    assert_eq!(
+                        outcome,
+                        Fault::Fixed,
+                        "step {step}: fast fill of a non-fill"
+                    );
+                    assert!(fb == b && fmem == g.mem, "step {step}: fast fill differs");
+                    assert_eq!(fsp.stats(), sp.stats(), "step {step}");
+                    assert_eq!(fsp.take_flush(), sp.clone().take_flush(), "step {step}");
+                    FAST_FILLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                let _ = before;
+                match outcome {
                     Fault::Fixed => {
                         let (_, w, u, _) = want.unwrap();
                         assert!((w || !access.write) && (u || !access.user));
@@ -1367,6 +1392,9 @@ fn property(fmt: Format, seed: u64, cache_size: usize, max_frames: usize, steps:
     assert_eq!((sp.frames(), b.live()), (0, 0));
 }
 
+/// Fast fills seen by the property runs (they must happen).
+static FAST_FILLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 #[test]
 fn property_two_level() {
     property(Format::TwoLevel, 0x5EED_0001, 4, DEFAULT_MAX_FRAMES, 3000);
@@ -1377,4 +1405,20 @@ fn property_two_level() {
 fn property_pae() {
     property(Format::Pae, 0x5EED_0003, 4, DEFAULT_MAX_FRAMES, 3000);
     property(Format::Pae, 0x5EED_0004, 3, MIN_FRAMES, 3000);
+}
+
+#[test]
+fn fast_fill_happens_in_the_property_runs() {
+    property(
+        Format::TwoLevel,
+        77,
+        DEFAULT_CACHE_SIZE,
+        DEFAULT_MAX_FRAMES,
+        3000,
+    );
+    assert!(
+        FAST_FILLS.load(std::sync::atomic::Ordering::Relaxed) > 5,
+        "fast fills: {}",
+        FAST_FILLS.load(std::sync::atomic::Ordering::Relaxed)
+    );
 }
