@@ -201,6 +201,16 @@ fn clock_fired(slot: u64) {
     }
 }
 
+/// Shadows cached per guest, replaced least recently used first. Chosen by
+/// measurement (docs/benchmarks.md, "Shadow cache"): with K address spaces
+/// in a round robin every switch hits while K ≤ the cache size (about 140
+/// to 190 instructions per switch, growing slowly with the slots searched)
+/// and misses once K is larger (about 8,500: a fresh shadow refilled);
+/// 8 slots cover the process counts of the guests we run at half the
+/// memory of 16 (every cached shadow holds its own copy of the kernel
+/// half), and a kernel-half `SET_PTE` updates every cached shadow.
+const SHADOW_CACHE: usize = 8;
+
 /// Host services for the vCPU state machine.
 struct KernelEnv {
     slot: usize,
@@ -258,13 +268,15 @@ impl Env for KernelEnv {
     }
 
     fn shadow_config(&self, kernel_address: u32) -> ShadowConfig {
-        ShadowConfig::new(
+        let mut c = ShadowConfig::new(
             self.paging,
             self.guest_base,
             self.pfnlimit,
             kernel_address,
             mem::kernel_pml4(),
-        )
+        );
+        c.cache_size = SHADOW_CACHE;
+        c
     }
 }
 

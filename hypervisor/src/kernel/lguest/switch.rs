@@ -606,13 +606,11 @@ pub unsafe extern "C" fn hcall_stub() {
     naked_asm!(
         "push rax",
         "push rcx",
-        "cmp eax, {new_pgtable}",
-        "je 30f",
         "cmp eax, 31",
         "ja 3f",
         "mov ecx, dword ptr [rip + {armed} + {trivial}]",
         "bt ecx, eax",
-        "jnc 3f",
+        "jnc 31f",
         "mov rcx, qword ptr [rip + {armed} + {ring}]",
         "cmp byte ptr [rcx], {empty}",
         "jne 5f",
@@ -814,7 +812,9 @@ pub unsafe extern "C" fn hcall_stub() {
         // Rust says which root to load (the vCPU's and the shadow core's
         // bookkeeping done), the stub loads it into CR3 (no PCIDs: the load
         // flushes the TLB) and returns. 0: the full path.
-        "30:",
+        "31:",
+        "cmp eax, {new_pgtable}",
+        "jne 3f",
         "cmp qword ptr [rip + {armed} + {switch_ok}], 0",
         "je 3f",
         "mov rcx, qword ptr [rip + {armed} + {ring}]",
