@@ -709,17 +709,18 @@ impl ShadowPaging {
         let Some(ci) = self.current else {
             return false;
         };
-        let Some(s) = self.slot(ci) else {
+        let Some(Some(s)) = self.slots.get(ci) else {
             return false;
         };
-        if self.stack.is_some() && !s.pinned {
+        if !s.pinned && self.stack.is_some() {
             return false;
         }
+        let (gpgdir, pdpt) = (s.gpgdir, s.pdpt);
         let access = Access::from_errcode(errcode);
-        let Ok(mut t) = self.paging.translate(mem, s.gpgdir, vaddr, access) else {
+        let Ok(t) = self.paging.translate(mem, gpgdir, vaddr, access) else {
             return false;
         };
-        let pdpte = b.read(s.pdpt, gib_index(vaddr));
+        let pdpte = b.read(pdpt, gib_index(vaddr));
         if pdpte & PAGE_PRESENT == 0 {
             return false;
         }
@@ -728,20 +729,27 @@ impl ShadowPaging {
         if pde & PAGE_PRESENT == 0 || pde != pt | pde_flags(t.upper) {
             return false;
         }
-        // Decided: `fill`'s writes, in its order (the leaf cannot fail for
-        // a validated frame; the A/D write goes where the PTE was read).
-        let Ok(leaf) = self.leaf(
-            t.pte | PAGE_ACCESSED | if access.write { PAGE_DIRTY } else { 0 },
-            t.pfn(),
-        ) else {
-            return false;
-        };
-        if self
-            .paging
-            .mark_accessed(mem, &mut t, access.write)
-            .is_err()
-        {
-            return false;
+        // Decided: `fill`'s writes, in its order — the guest entry's A/D
+        // (`mark_accessed`), then the leaf (`leaf`: the frame was checked
+        // against pfnlimit, and guest_base + pfnlimit pages against the
+        // physical limit in `new`, so the sum cannot overflow).
+        let mut want = t.pte | PAGE_ACCESSED;
+        if access.write {
+            want |= PAGE_DIRTY;
+        }
+        if want != t.pte {
+            let r = match self.cfg.format {
+                Format::TwoLevel => mem.write_u32(t.pte_gpa, want as u32),
+                Format::Pae => mem.write_u64(t.pte_gpa, want),
+            };
+            if r.is_err() {
+                return false;
+            }
+        }
+        let mut leaf =
+            self.cfg.guest_base.wrapping_add(u64::from(t.pfn()) << 12) | (want & LEAF_COPY);
+        if want & PAGE_RW != 0 && want & PAGE_DIRTY != 0 {
+            leaf |= PageFlags::WRITABLE.bits();
         }
         let idx = pt_index(vaddr);
         let old = b.read(pt, idx);

@@ -957,6 +957,16 @@ impl Vcpu {
         }
     }
 
+    /// The invalidation the shadow core owes the loaded shadow (the flush
+    /// part of [`take_mmu_work`](Self::take_mmu_work), after a fill, which
+    /// loads no other shadow).
+    #[inline]
+    pub fn take_shadow_flush(&mut self) -> Flush {
+        self.shadow
+            .as_mut()
+            .map_or(Flush::None, ShadowPaging::take_flush)
+    }
+
     /// The current shadow's root (host-physical PML4) under shadow paging.
     pub fn shadow_root(&self) -> Option<u64> {
         self.shadow.as_ref().and_then(ShadowPaging::current_root)
@@ -1287,6 +1297,7 @@ impl Vcpu {
     /// full path would (the guest's registers are unchanged, so `regs` is
     /// neither read nor written); `false`: see `pf_fill` (nothing changed,
     /// a decided reflection, or a kill).
+    #[inline]
     pub fn stub_fill<M: GuestMemory, E: Env>(
         &mut self,
         cr2: u32,

@@ -454,7 +454,6 @@ impl GuestCore for KernelCore {
                     fast.then_some(switch::Handlers {
                         exit: exit_on_trap_stack,
                         switch: Some(switch_on_trap_stack),
-                        fill: Some(fill_on_trap_stack),
                         ctx: ptr.cast(),
                     }),
                 )
@@ -629,15 +628,22 @@ fn switch_on_trap_stack(ctx: *mut (), gpgdir: u32) -> u64 {
     r.vcpu.stub_switch(gpgdir).unwrap_or(0)
 }
 
-/// The page-fault stub's fill (`fastpath=on`; interrupts off, on the trap
-/// stack): the frame's SS must be a stack segment the entry check accepts
-/// at its CPL (the guest may have loaded one the CPU accepts but the host
-/// refuses, a 16-bit one: the full path kills it then), then
-/// `Vcpu::stub_fill` and the TLB work it leaves.
-fn fill_on_trap_stack(ctx: *mut (), cr2: u32, errcode: u32, cs: u32, ss: u32) -> bool {
-    // SAFETY: as in `exit_on_trap_stack`: `ctx` is the running guest's
-    // `Running`, not touched by the suspended run loop meanwhile.
-    let r = unsafe { &mut *ctx.cast::<Running>() };
+/// The page-fault stub's fill (`fastpath=on`, a guest under shadow
+/// paging; interrupts off, on the trap stack; C ABI): `frame` is the
+/// hardware frame (error code, RIP, CS, RFLAGS, RSP, SS). The frame's SS
+/// must be a stack segment the entry check accepts at its CPL (the guest may
+/// have loaded one the CPU accepts but the host refuses, a 16-bit one: the
+/// full path kills it then); then `Vcpu::stub_fill`, and the invalidation it
+/// owes the loaded shadow. `true`: the guest resumes at the faulting
+/// instruction; `false`: nothing changed, the full path decides.
+extern "C" fn pf_fill_lane(cr2: u64, frame: &[u64; 6]) -> bool {
+    // SAFETY: the stub calls this only when armed for a running guest under
+    // shadow paging by the run loop, whose context is then its `Running`,
+    // not touched by the suspended run loop meanwhile (as in
+    // `exit_on_trap_stack`).
+    let r = unsafe { &mut *switch::current_ctx().cast::<Running>() };
+    let [errcode, _, cs, _, _, ss] = *frame;
+    let (cs, ss) = (cs as u32, ss as u32);
     // The last (GDT generation, SS, CPL) found valid, checked again only
     // when one of them changes.
     let key = (r.vcpu.gdt.generation(), ss, cs & 3);
@@ -650,12 +656,19 @@ fn fill_on_trap_stack(ctx: *mut (), cr2: u32, errcode: u32, cs: u32, ss: u32) ->
         }
         r.ss_ok = Some(key);
     }
-    if !r.vcpu.stub_fill(cr2, errcode, &mut r.mem, &mut r.env) {
+    if !r
+        .vcpu
+        .stub_fill(cr2 as u32, errcode as u32, &mut r.mem, &mut r.env)
+    {
         return false;
     }
-    // A fill loads no other shadow; it may owe the loaded one an
-    // invalidation.
-    apply_mmu(r);
+    match r.vcpu.take_shadow_flush() {
+        Flush::None => {}
+        Flush::Page(va) => x86_64::instructions::tlb::flush(x86_64::VirtAddr::new(u64::from(va))),
+        // SAFETY: reloading the CR3 already in use.
+        Flush::All => unsafe { cpu::write_cr3(cpu::cr3() & !0xFFF) },
+    }
+    switch::count_lane();
     true
 }
 

@@ -469,7 +469,6 @@ pub fn entry_fault_selftest() -> Result<[u32; 3], &'static str> {
         let exit = probe.run(Some(switch::Handlers {
             exit: handler,
             switch: None,
-            fill: None,
             ctx: regs.cast(),
         }));
         if exit.trapnum != ENTRY_FAULT_TRAPNUM {

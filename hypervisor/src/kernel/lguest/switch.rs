@@ -68,12 +68,6 @@ pub type FastHandler = fn(ctx: *mut (), exit: &ExitInfo, full: bool) -> bool;
 /// full path runs).
 pub type SwitchHandler = fn(ctx: *mut (), gpgdir: u32) -> u64;
 
-/// The page-fault stub's fill (interrupts off, on the trap stack): a #PF
-/// at `cr2` with `errcode` from a running guest whose frame has `cs` and
-/// `ss`; `true` if the shadow now maps it and the guest may simply resume
-/// (the MMU work done), `false` if the full path must decide.
-pub type FillHandler = fn(ctx: *mut (), cr2: u32, errcode: u32, cs: u32, ss: u32) -> bool;
-
 /// What the run loop lets the trap path do on its behalf, and its context.
 #[derive(Clone, Copy)]
 pub struct Handlers {
@@ -81,9 +75,8 @@ pub struct Handlers {
     pub exit: FastHandler,
     /// The hypercall stub's fast switch of shadows, if any.
     pub switch: Option<SwitchHandler>,
-    /// The page-fault stub's fill, if any.
-    pub fill: Option<FillHandler>,
-    /// Passed back to all of them.
+    /// Passed back to both (and the page-fault stub's fill, which the run
+    /// loop's module provides directly: `pf_fill_lane`).
     pub ctx: *mut (),
 }
 
@@ -101,7 +94,6 @@ struct SwitchState {
     /// their context.
     fast: Option<FastHandler>,
     switch: Option<SwitchHandler>,
-    fill: Option<FillHandler>,
     ctx: *mut (),
 }
 
@@ -118,7 +110,6 @@ static STATE: SwitchCell = SwitchCell(UnsafeCell::new(SwitchState {
     cr2: 0,
     fast: None,
     switch: None,
-    fill: None,
     ctx: core::ptr::null_mut(),
 }));
 
@@ -277,7 +268,6 @@ pub unsafe fn run(regs: *mut Regs, fast: Option<Handlers>) -> ExitInfo {
         (*state).regs = regs;
         (*state).fast = fast.map(|h| h.exit);
         (*state).switch = fast.and_then(|h| h.switch);
-        (*state).fill = fast.and_then(|h| h.fill);
         (*state).ctx = fast.map_or(core::ptr::null_mut(), |h| h.ctx);
         enter_guest(state.cast::<u64>())
     };
@@ -287,7 +277,6 @@ pub unsafe fn run(regs: *mut Regs, fast: Option<Handlers>) -> ExitInfo {
     let (errcode, cr2) = unsafe {
         (*state).fast = None;
         (*state).switch = None;
-        (*state).fill = None;
         ((*state).errcode, (*state).cr2)
     };
     x86_64::instructions::interrupts::enable();
@@ -483,30 +472,25 @@ extern "C" fn switch_lane(gpgdir: u32) -> u64 {
     root
 }
 
-/// The page-fault stub's call into Rust: the run loop's [`FillHandler`]
-/// for the fault at `cr2`; `frame` is the hardware frame (error code, RIP,
-/// CS, RFLAGS, RSP, SS). C ABI, trap path.
-extern "C" fn fill_lane(cr2: u64, frame: &[u64; 6]) -> bool {
-    let state = STATE.0.get();
-    // SAFETY: the stub acts only while a guest runs (armed), so `fill`/`ctx`
-    // are the run loop's (set by `run`); interrupts are off.
-    let (fill, ctx) = unsafe { ((*state).fill, (*state).ctx) };
-    let Some(fill) = fill else {
-        return false;
-    };
-    let [errcode, _, cs, _, _, ss] = *frame;
-    if !fill(ctx, cr2 as u32, errcode as u32, cs as u32, ss as u32) {
-        return false;
-    }
+/// The run loop's context for the exit being handled (the page-fault
+/// stub's fill, `pf_fill_lane`, reaches its `Running` through it). Only
+/// meaningful on the trap path of a running guest.
+pub fn current_ctx() -> *mut () {
+    // SAFETY: a plain read of the pointer `run` stored; the caller is the
+    // trap path of the guest `run` is running.
+    unsafe { (*STATE.0.get()).ctx }
+}
+
+/// Counts an exit a stub's Rust lane finished.
+pub fn count_lane() {
     let a = ARMED.0.get();
     // SAFETY: see `ArmedCell` (trap path, interrupts off).
     unsafe { (*a).lane_answered = (*a).lane_answered.wrapping_add(1) };
-    true
 }
 
 /// Entry point of the page-fault gate (vector 14): a fault of a guest under
 /// shadow paging that the shadow core can fill is filled in Rust
-/// ([`FillHandler`], `Vcpu::stub_fill`) with only the caller-saved registers
+/// (`pf_fill_lane`, `Vcpu::stub_fill`) with only the caller-saved registers
 /// saved, and the guest resumes at the faulting instruction; anything else —
 /// a fault of the host itself (CPL 0), a guest not armed for it (linear
 /// mode, `fastpath=off`), irqs pending, a fault that is the guest's own or
@@ -567,7 +551,7 @@ pub unsafe extern "C" fn pf_stub() {
         switch_ok = const offset_of!(Armed, switch_ok),
         irqs = const offset_of!(Armed, irqs),
         vcpu_irqs = const offset_of!(Armed, vcpu_irqs),
-        fill_lane = sym fill_lane,
+        fill_lane = sym super::pf_fill_lane,
         common = sym crate::kernel::arch::trap::trap_common,
     )
 }
