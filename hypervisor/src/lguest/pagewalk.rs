@@ -452,7 +452,7 @@ impl GuestPaging {
     }
 
     /// Reads the entry at guest-physical `at` (4 or 8 bytes per the format).
-    #[inline]
+    #[inline(always)]
     fn read_entry(
         &self,
         mem: &impl GuestMemory,
@@ -475,7 +475,7 @@ impl GuestPaging {
 
     /// Walks `vaddr` through the tables at `cr3`, validating every entry on
     /// the way, without checking permissions (see [`Self::translate`]).
-    #[inline]
+    #[inline(always)]
     pub fn walk(
         &self,
         mem: &impl GuestMemory,
@@ -548,7 +548,7 @@ impl GuestPaging {
 
     /// Walks `vaddr` and checks that `access` is allowed: the CPU's view of
     /// the guest's tables.
-    #[inline]
+    #[inline(always)]
     pub fn translate(
         &self,
         mem: &impl GuestMemory,

@@ -1305,13 +1305,12 @@ impl Vcpu {
         mem: &mut M,
         env: &mut E,
     ) -> bool {
-        if !self.paging()
-            || self.dead.is_some()
-            || self.restart
-            || self.halted
-            || self.pending_hcall.is_some()
-            || self.pending != 0
-        {
+        // Armed only for a running, paging guest with nothing waiting
+        // (`stub_view`): dead, restart, halted and a waiting hypercall
+        // cannot become true without a trip through Rust, which re-arms or
+        // disarms; pending irqs can (the stub checks the raised ones), and
+        // paging is cheap to check.
+        if self.pending != 0 || !self.paging() {
             return false;
         }
         self.pf_fill(cr2, errcode, mem, env)

@@ -203,14 +203,14 @@ impl ShadowBackend for ShadowFrames {
         mem::free_frame(PhysFrame::containing_address(frame));
     }
 
-    #[inline]
+    #[inline(always)]
     fn read(&self, frame: u64, index: usize) -> u64 {
         // SAFETY: `frame` is a table frame the core allocated here (or the
         // kernel PML4), direct-mapped; `index < 512` keeps the read inside.
         unsafe { (phys_to_virt(frame + (index as u64 % 512) * 8) as *const u64).read_volatile() }
     }
 
-    #[inline]
+    #[inline(always)]
     fn write(&mut self, frame: u64, index: usize, value: u64) {
         // SAFETY: `frame` is a table frame the core allocated here (never
         // the kernel PML4: the core only reads that one), direct-mapped;
