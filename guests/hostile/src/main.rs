@@ -156,6 +156,8 @@ const MODES: &[Mode] = &[
     ("pgflood", paging::pgflood, Expect::Survive),
     // "guest kernel executed a user page at 0x53000000 (… SMEP)"
     ("smep", paging::smep, Expect::Kill),
+    // "bad ss 0xa1 at …": a 16-bit stack segment, found at a shadow fill
+    ("pgss16", paging::pgss16, Expect::Kill),
 ];
 
 fn main(boot: &BootInfo) {
@@ -442,7 +444,7 @@ fn wild(_: &BootInfo) {
 }
 
 /// Free GDT slots used by the segment modes (selectors 0xa0 and 0xa8).
-const SLOT_A: u32 = 20;
+pub(crate) const SLOT_A: u32 = 20;
 const SLOT_B: u32 = 21;
 
 /// Access byte of a code/data descriptor with `dpl`.
@@ -488,11 +490,11 @@ fn cpl2(_: &BootInfo) {
 }
 
 /// A flat, writable data segment with DPL 1 and B = 0 (16-bit stack).
-const DATA16: SegmentDescriptor =
+pub(crate) const DATA16: SegmentDescriptor =
     SegmentDescriptor::new(0, 0xF_FFFF, access(1, false), SegmentDescriptor::FLAG_G);
 
 /// Saved esp and ss of `ss16`.
-static SS16_SAVE: [AtomicU32; 2] = [AtomicU32::new(0), AtomicU32::new(0)];
+pub(crate) static SS16_SAVE: [AtomicU32; 2] = [AtomicU32::new(0), AtomicU32::new(0)];
 
 fn ss16(_: &BootInfo) {
     let esp: u32;

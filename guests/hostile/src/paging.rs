@@ -21,6 +21,7 @@
 //! | `stackunmapped` | `LHCALL_SET_STACK` on an unmapped virtual address, then `int $0x80` from user mode | kills: "bad stack page" (at `SET_STACK`, or when the frame is pushed) |
 //! | `pgedit` | maps a page-table page writable into its own address space and edits it behind the host's back, then makes the `SET_PTE`/`FLUSH_TLB` it owes | survives: every edit is seen after the call, no stale (writable) mapping stays |
 //! | `smep` | the guest kernel (CPL 1) calls code on a page its tables map user-accessible | kills: a guest kernel may not execute user pages (the host runs with SMEP while a paging guest runs) |
+//! | `pgss16` | loads a 16-bit stack segment at CPL 1 (the CPU accepts it; the host must not return to it) and touches a page its tables map but the shadow does not have yet | kills: "bad ss" (the fill itself is fine; the return is not) |
 //! | `pgflood` | 512 fresh top-levels, each with 64 pages in 64 different page tables, all touched, then all revisited | survives (the host caps and evicts its shadows); prints what it did |
 
 use lguest_rt::guest_abi::KERNEL_DS;
@@ -436,4 +437,43 @@ pub fn smep(boot: &BootInfo) {
         core::arch::asm!("call {}", in(reg) VA, clobber_abi("C"))
     };
     println!("FAIL: smep survived");
+}
+
+/// A 16-bit stack segment loaded at CPL 1 (which the CPU accepts and the
+/// host refuses: returning to it would leave host RSP bits in ESP), then a
+/// touch of a page the guest's tables map but the shadow does not have yet:
+/// the host fills it, but must kill the guest rather than return to that
+/// stack (the page-fault stub's fast path as much as the full one).
+pub fn pgss16(boot: &BootInfo) {
+    if start(boot, None).is_none() {
+        return;
+    }
+    let s = fresh_space();
+    let frame = paging::alloc_frame().expect("a frame");
+    // A and D clear: recorded by SET_PTE, filled only on the touch.
+    let _ = s.set_pte(VA, u64::from(frame) | PAGE_PRESENT | PAGE_RW);
+    println!("hostile: touching {VA:#x} on a 16-bit stack");
+    #[cfg(target_arch = "x86")]
+    // SAFETY: slot 20 is free; the asm switches to the 16-bit stack at
+    // 0xf000 (nothing is pushed there), reads VA (mapped above) and goes
+    // back to its own ss:esp, saved in `SS16_SAVE`.
+    unsafe {
+        hcall::load_gdt_entry(crate::SLOT_A, crate::DATA16);
+        core::arch::asm!(
+            "mov dword ptr [edi], esp",
+            "mov ecx, ss",
+            "mov dword ptr [edi + 4], ecx",
+            "mov esp, 0xf000",
+            "mov eax, 0xa1",
+            "mov ss, eax",
+            "mov eax, dword ptr [{va}]",
+            "mov ecx, dword ptr [edi + 4]",
+            "mov ss, ecx",
+            "mov esp, dword ptr [edi]",
+            va = const VA,
+            in("edi") crate::SS16_SAVE.as_ptr(),
+            out("eax") _, out("ecx") _,
+        );
+    }
+    println!("FAIL: pgss16 survived");
 }
