@@ -16,8 +16,6 @@ use super::mem::phys_to_virt;
 
 /// Memory map entries kept (more are counted and reported, not used).
 pub const MAX_MMAP: usize = 128;
-/// Modules kept.
-pub const MAX_MODULES: usize = 16;
 
 /// Which firmware started GRUB.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -57,12 +55,10 @@ pub struct BootInfo {
     pub mmap_len: usize,
     /// Entries that did not fit.
     pub mmap_dropped: usize,
-    /// Modules.
-    pub modules: [Module; MAX_MODULES],
-    /// Valid entries in `modules`.
-    pub modules_len: usize,
-    /// Modules that did not fit.
-    pub modules_dropped: usize,
+    /// Direct-map address of the boot information, which stays reserved
+    /// (and mapped) forever: the modules are read from it when asked for,
+    /// so there is no cap on their number.
+    mbi_virt: u64,
     /// Physical address of the RSDP copy inside the boot information.
     pub rsdp: Option<u64>,
     /// Framebuffer (address, width, height, bpp), if the loader set one up.
@@ -77,9 +73,44 @@ impl BootInfo {
         self.mmap.get(..self.mmap_len).unwrap_or(&[])
     }
 
-    /// The modules.
-    pub fn modules(&self) -> &[Module] {
-        self.modules.get(..self.modules_len).unwrap_or(&[])
+    /// The modules, as many as the loader passed, read from the boot
+    /// information (no copy, no allocation: usable before the heap exists).
+    pub fn modules(&self) -> Modules<'_> {
+        // SAFETY: `parse` loaded the structure from this address and it is
+        // reserved for good (never handed to the frame allocator, never
+        // written), so it is still valid and unchanged.
+        let info = unsafe { BootInformation::load(self.mbi_virt as *const BootInformationHeader) };
+        Modules {
+            info: info.ok(),
+            next: 0,
+            _boot: core::marker::PhantomData,
+        }
+    }
+}
+
+/// The modules of the boot information, in the loader's order (see
+/// [`BootInfo::modules`]).
+pub struct Modules<'a> {
+    info: Option<BootInformation<'a>>,
+    next: usize,
+    _boot: core::marker::PhantomData<&'a BootInfo>,
+}
+
+impl Iterator for Modules<'_> {
+    type Item = Module;
+
+    fn next(&mut self) -> Option<Module> {
+        let m = self.info.as_ref()?.module_tags().nth(self.next)?;
+        self.next = self.next.saturating_add(1);
+        let start = u64::from(m.start_address());
+        let end = u64::from(m.end_address()).max(start);
+        let full = m.cmdline().unwrap_or("");
+        let (cmdline, _) = FixedStr::copy_from(full);
+        Some(Module {
+            range: PhysRange::new(start, end),
+            cmdline,
+            cmdline_len: full.len(),
+        })
     }
 }
 
@@ -155,32 +186,6 @@ pub fn parse(magic: u32, mbi: u64) -> Result<BootInfo, BootInfoError> {
         }
     }
 
-    let empty = Module {
-        range: PhysRange::new(0, 0),
-        cmdline: FixedStr::empty(),
-        cmdline_len: 0,
-    };
-    let mut modules = [empty; MAX_MODULES];
-    let mut modules_len = 0;
-    let mut modules_dropped = 0;
-    for m in info.module_tags() {
-        let start = u64::from(m.start_address());
-        let end = u64::from(m.end_address()).max(start);
-        let full = m.cmdline().unwrap_or("");
-        let (cmd, _) = FixedStr::copy_from(full);
-        match modules.get_mut(modules_len) {
-            Some(slot) => {
-                *slot = Module {
-                    range: PhysRange::new(start, end),
-                    cmdline: cmd,
-                    cmdline_len: full.len(),
-                };
-                modules_len += 1;
-            }
-            None => modules_dropped += 1,
-        }
-    }
-
     // The RSDP is copied into the tag right after its 8-byte header; the ACPI
     // code reads it there (the boot information stays reserved forever).
     let rsdp = info
@@ -207,9 +212,7 @@ pub fn parse(magic: u32, mbi: u64) -> Result<BootInfo, BootInfoError> {
         mmap,
         mmap_len,
         mmap_dropped,
-        modules,
-        modules_len,
-        modules_dropped,
+        mbi_virt: ptr as u64,
         rsdp,
         framebuffer,
         mbi: PhysRange::new(start, end),

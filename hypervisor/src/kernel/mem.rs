@@ -146,8 +146,17 @@ pub fn init(boot: &BootInfo) -> Result<MemoryReport, MemError> {
     let _ = reserved.insert(PhysRange::new(0, 1 << 20));
     let _ = reserved.insert(image.align_outward(PAGE_SIZE));
     let _ = reserved.insert(boot.mbi.align_outward(PAGE_SIZE));
+    // Every module, however many: one range each (GRUB packs them, so they
+    // usually merge); should the list fill up, the span of all of them.
+    let mut all = PhysRange::new(u64::MAX, 0);
+    let mut full = false;
     for m in boot.modules() {
-        let _ = reserved.insert(m.range.align_outward(PAGE_SIZE));
+        let r = m.range.align_outward(PAGE_SIZE);
+        all = PhysRange::new(all.start.min(r.start), all.end.max(r.end));
+        full |= reserved.insert(r).is_err();
+    }
+    if full && reserved.insert(all).is_err() {
+        return Err(MemError::MapTooComplex);
     }
     let (usable, summary) =
         region::build_usable_from_slice::<128>(boot.memory_map(), reserved.as_slice())

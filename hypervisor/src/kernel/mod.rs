@@ -21,6 +21,9 @@ pub mod selftest;
 pub mod sync;
 pub mod time;
 
+extern crate alloc;
+
+use alloc::vec::Vec;
 use rustyvisor::config::{self, Config};
 use rustyvisor::units::Bytes;
 
@@ -235,9 +238,6 @@ extern "C" fn kernel_main() -> ! {
             Bytes(m.range.len())
         );
     }
-    if boot.modules_dropped > 0 {
-        kprintln!("module: {} more ignored (too many)", boot.modules_dropped);
-    }
 
     selftest::run(cfg, boot);
 
@@ -271,7 +271,8 @@ extern "C" fn kernel_main() -> ! {
         }
         lguest::probe::report_paging_floors();
     }
-    let (ran, clean) = lguest::launch_modules(boot.modules(), cfg.fastpath);
+    let modules: Vec<_> = boot.modules().collect();
+    let (ran, clean) = lguest::launch_modules(&modules, cfg.fastpath);
     if ran > 0 {
         kprintln!("guests: {ran} run, {clean} powered off cleanly");
     }
