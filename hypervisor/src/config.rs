@@ -149,17 +149,20 @@ pub enum SelfTest {
     /// A refused return into a guest is the guest's fault (trap 256) on
     /// every return path.
     EntryFault,
+    /// Host tasks: spawned, switched in turn, their stacks freed.
+    Tasks,
 }
 
 impl SelfTest {
     /// All self tests, in the order they are listed / run.
-    pub const ALL: [SelfTest; 6] = [
+    pub const ALL: [SelfTest; 7] = [
         SelfTest::Memory,
         SelfTest::PageFault,
         SelfTest::Divide,
         SelfTest::Panic,
         SelfTest::Timer,
         SelfTest::EntryFault,
+        SelfTest::Tasks,
     ];
 
     /// Command-line name.
@@ -172,6 +175,7 @@ impl SelfTest {
             SelfTest::Panic => "panic",
             SelfTest::Timer => "timer",
             SelfTest::EntryFault => "entryfault",
+            SelfTest::Tasks => "tasks",
         }
     }
 
@@ -707,10 +711,10 @@ mod tests {
         let (c, e) = parse("selftest=all");
         assert!(e.is_empty());
         assert_eq!(c.selftests, SelfTestSet::all());
-        assert_eq!(c.selftests.len(), 6);
+        assert_eq!(c.selftests.len(), 7);
         assert_eq!(
             c.selftests.to_string(),
-            "memory,pagefault,divide,panic,timer,entryfault"
+            "memory,pagefault,divide,panic,timer,entryfault,tasks"
         );
         let (c, e) = parse("selftest=timer selftest=page-fault");
         assert!(e.is_empty());

@@ -19,6 +19,7 @@ pub mod pit;
 pub mod power;
 pub mod selftest;
 pub mod sync;
+pub mod task;
 pub mod time;
 
 extern crate alloc;

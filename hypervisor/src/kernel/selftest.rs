@@ -30,6 +30,7 @@ pub fn run(cfg: &Config, _boot: &BootInfo) {
             SelfTest::Panic => panic!("selftest panic: deliberate"),
             // Needs the guest machinery: run by `entry_fault` after it is up.
             SelfTest::EntryFault => {}
+            SelfTest::Tasks => tasks(),
         }
     }
 }
@@ -48,6 +49,63 @@ pub fn entry_fault(cfg: &Config) {
         ),
         Err(e) => fail(format_args!("entryfault: {e}")),
     }
+}
+
+/// What the tasks of `selftest=tasks` did, in order: (task, step).
+static TASK_TRACE: super::sync::IrqMutex<Vec<(u64, u64)>> = super::sync::IrqMutex::new(Vec::new());
+
+fn task_body(arg: u64) {
+    // Task `arg` takes `arg + 2` steps (2, 3, 4), yielding after each.
+    for step in 0..arg + 2 {
+        if super::task::current_name() != Some("selftest") {
+            fail(format_args!("tasks: task {arg} does not know who it is"));
+        }
+        TASK_TRACE.lock().push((arg, step));
+        super::task::yield_now();
+    }
+}
+
+/// `selftest=tasks`: three tasks on their own stacks take turns (each step
+/// a yield) in round-robin order, the shorter ones end first, and every
+/// stack comes back.
+fn tasks() {
+    let (free_before, _, _) = mem::frame_counts();
+    for i in 0..3 {
+        if super::task::spawn("selftest", task_body, i).is_err() {
+            fail(format_args!("tasks: no stack for task {i}"));
+        }
+    }
+    let ended = super::task::run();
+    let trace = core::mem::take(&mut *TASK_TRACE.lock());
+    // Round robin: 0,1,2 | 0,1,2 | 1,2 (task 0 has ended) | 2.
+    let expected: Vec<(u64, u64)> = [
+        (0, 0),
+        (1, 0),
+        (2, 0),
+        (0, 1),
+        (1, 1),
+        (2, 1),
+        (1, 2),
+        (2, 2),
+        (2, 3),
+    ]
+    .into();
+    if trace != expected {
+        fail(format_args!(
+            "tasks: turns {trace:?}, expected {expected:?}"
+        ));
+    }
+    let (free_after, _, _) = mem::frame_counts();
+    if ended != 3 || free_after != free_before {
+        fail(format_args!(
+            "tasks: {ended} of 3 ended, {} frames not returned",
+            free_before.abs_diff(free_after)
+        ));
+    }
+    kprintln!(
+        "selftest: tasks ok (3 tasks, {} turns in round-robin order, every stack freed)",
+        trace.len()
+    );
 }
 
 fn fail(what: core::fmt::Arguments<'_>) -> ! {
