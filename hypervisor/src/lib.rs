@@ -2,9 +2,10 @@
 //!
 //! This library holds the *pure* logic of the hypervisor: command-line
 //! parsing, memory-map sanitising, the physical frame allocator, page-table
-//! manipulation, timer queues, ring buffers, AML scanning, and the lguest
+//! manipulation, timer queues, ring buffers, AML scanning, the lguest
 //! core (control channel, vCPU state machine, GDT validation, guest memory
-//! accessors, ELF loader, guest console). None of it touches hardware, so
+//! accessors, ELF loader, guest console) and the host-task scheduling
+//! policy ([`sched`]). None of it touches hardware, so
 //! all of it is unit-tested on the host with `cargo test -p hypervisor`.
 //! Architecture-specific code (boot, interrupts, the world switch into
 //! guests, port I/O, the direct map) lives in the bare-metal binary, which
@@ -22,6 +23,7 @@ pub mod fixedstr;
 pub mod lguest;
 pub mod mm;
 pub mod ringbuf;
+pub mod sched;
 #[cfg(test)]
 pub(crate) mod testutil;
 pub mod timerq;
