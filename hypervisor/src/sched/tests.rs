@@ -614,6 +614,36 @@ fn event_woken_task_runs_within_one_slice_and_at_once_with_need_resched() {
 }
 
 #[test]
+fn a_long_sleeper_banks_no_cpu_time() {
+    // b sleeps for a second while a spins; once awake it shares the CPU
+    // with a at once instead of catching up on the second it slept.
+    let mut s = Scheduler::default();
+    let a = s.spawn(DEFAULT_WEIGHT);
+    let b = s.spawn(DEFAULT_WEIGHT);
+    s.block(b, sleep(1_000 * MS)).unwrap();
+    let mut now = 0;
+    let mut a_last = 0;
+    let mut a_gap = 0;
+    let (mut a_after, mut b_after) = (0, 0);
+    while now < 1_100 * MS {
+        let (t, until) = run_of(s.pick_next(now));
+        if t == a {
+            a_gap = a_gap.max(now - a_last);
+            a_last = until;
+        }
+        if now >= 1_000 * MS {
+            *if t == a { &mut a_after } else { &mut b_after } += until - now;
+        }
+        now = until;
+    }
+    assert!(a_gap <= SLICE_NS, "a waited {a_gap} ns");
+    assert!(
+        a_after.abs_diff(b_after) <= 2 * SLICE_NS,
+        "{a_after} vs {b_after}"
+    );
+}
+
+#[test]
 fn need_resched_rules() {
     let mut s = Scheduler::default();
     assert!(!s.need_resched(0), "nothing runnable");
