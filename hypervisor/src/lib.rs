@@ -2,9 +2,11 @@
 //!
 //! This library holds the *pure* logic of the hypervisor: command-line
 //! parsing, memory-map sanitising, the physical frame allocator, page-table
-//! manipulation, timer queues, ring buffers, AML scanning, and the lguest
+//! manipulation, timer queues, ring buffers, AML scanning, the lguest
 //! core (control channel, vCPU state machine, GDT validation, guest memory
-//! accessors, ELF loader, guest console). None of it touches hardware, so
+//! accessors, ELF loader, guest console), the host-task scheduling policy
+//! ([`sched`]) and the hypervisor console's input state machine
+//! ([`hvconsole`]). None of it touches hardware, so
 //! all of it is unit-tested on the host with `cargo test -p hypervisor`.
 //! Architecture-specific code (boot, interrupts, the world switch into
 //! guests, port I/O, the direct map) lives in the bare-metal binary, which
@@ -19,9 +21,11 @@ pub mod acpi_s5;
 pub mod bench;
 pub mod config;
 pub mod fixedstr;
+pub mod hvconsole;
 pub mod lguest;
 pub mod mm;
 pub mod ringbuf;
+pub mod sched;
 #[cfg(test)]
 pub(crate) mod testutil;
 pub mod timerq;
