@@ -4,7 +4,9 @@
 //! parsing, memory-map sanitising, the physical frame allocator, page-table
 //! manipulation, timer queues, ring buffers, AML scanning, and the lguest
 //! core (control channel, vCPU state machine, GDT validation, guest memory
-//! accessors, ELF loader, guest console). None of it touches hardware, so
+//! accessors, ELF loader, guest console), and the virtio devices of the
+//! lguest bus (`virtio`: virtqueues, device page, console, rng, block, net
+//! and the switch between guests). None of it touches hardware, so
 //! all of it is unit-tested on the host with `cargo test -p hypervisor`.
 //! Architecture-specific code (boot, interrupts, the world switch into
 //! guests, port I/O, the direct map) lives in the bare-metal binary, which
@@ -26,3 +28,4 @@ pub mod ringbuf;
 pub(crate) mod testutil;
 pub mod timerq;
 pub mod units;
+pub mod virtio;
