@@ -772,3 +772,485 @@ where
     }
     Ok(n)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lguest::guestmem::VecMemory;
+    use crate::virtio::testdriver::Driver;
+    use alloc::string::ToString;
+    use core::cell::RefCell;
+
+    const MEM: u32 = 0x10_0000;
+    const PFN: u32 = 0x80;
+
+    fn setup(num: u16) -> (VecMemory, Driver, VirtQueue) {
+        let mem = VecMemory::new(MEM);
+        let drv = Driver::new(num, PFN);
+        let q = drv.host_queue(&mem);
+        (mem, drv, q)
+    }
+
+    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> Descriptor {
+        Descriptor {
+            addr,
+            len,
+            flags,
+            next,
+        }
+    }
+
+    #[test]
+    fn layout_is_vring_init_4096() {
+        let l = RingLayout::new(128, PFN).unwrap();
+        assert_eq!(l.desc, 0x80000);
+        assert_eq!(l.avail, 0x80000 + 128 * 16);
+        // 2048 + 2·131 = 2310 rounds up to the next page.
+        assert_eq!(l.used, 0x81000);
+        assert_eq!(l.size, 5126);
+        let l = RingLayout::new(256, 1).unwrap();
+        assert_eq!(l.used, 0x1000 + 0x2000);
+        assert!(RingLayout::new(128, 0x10_0000).is_none());
+        assert!(RingLayout::new(128, 0xF_FFFF).is_none());
+    }
+
+    #[test]
+    fn bad_sizes_and_placement() {
+        let cfg = |num, pfn| LguestVqconfig { num, irq: 1, pfn };
+        for n in [0u16, 3, 100, 65535] {
+            assert_eq!(
+                VirtQueue::new(cfg(n, PFN), MEM).unwrap_err(),
+                QueueError::BadSize(n)
+            );
+        }
+        // The ring must lie entirely inside guest memory.
+        let last = MEM / 4096 - 1;
+        assert_eq!(
+            VirtQueue::new(cfg(128, last), MEM).unwrap_err(),
+            QueueError::RingOutsideMemory { pfn: last }
+        );
+        assert!(VirtQueue::new(cfg(128, last - 1), MEM).is_ok());
+        assert!(VirtQueue::new(cfg(128, u32::MAX), MEM).is_err());
+    }
+
+    #[test]
+    fn descriptor_wire_format() {
+        let d = desc(0x1122_3344_5566_7788, 0x99aa_bbcc, 0x0003, 0x0102);
+        let b = d.to_bytes();
+        assert_eq!(b[..8], 0x1122_3344_5566_7788u64.to_le_bytes());
+        assert_eq!(b[8..12], 0x99aa_bbccu32.to_le_bytes());
+        assert_eq!(b[12..14], [3, 0]);
+        assert_eq!(b[14..16], [2, 1]);
+        assert_eq!(Descriptor::parse(&b), d);
+    }
+
+    #[test]
+    fn pop_and_push_used() {
+        let (mut mem, mut drv, mut q) = setup(8);
+        assert_eq!(q.pop(&mem).unwrap(), None);
+        let head = drv
+            .add(
+                &mut mem,
+                &[(0x1000, 16, false), (0x2000, 32, true), (0x3000, 8, true)],
+            )
+            .unwrap();
+        let c = q.pop(&mem).unwrap().unwrap();
+        assert_eq!(c.head(), head);
+        assert_eq!(c.readable_len(), 16);
+        assert_eq!(c.writable_len(), 40);
+        assert_eq!(
+            c.segments(),
+            &[
+                Segment {
+                    addr: 0x1000,
+                    len: 16,
+                    writable: false
+                },
+                Segment {
+                    addr: 0x2000,
+                    len: 32,
+                    writable: true
+                },
+                Segment {
+                    addr: 0x3000,
+                    len: 8,
+                    writable: true
+                },
+            ]
+        );
+        assert_eq!(q.pop(&mem).unwrap(), None);
+        q.push_used(&mut mem, c.head(), 40).unwrap();
+        assert_eq!(drv.take_used(&mem), Some((head, 40)));
+        assert_eq!(drv.take_used(&mem), None);
+        assert_eq!(q.used_idx(), 1);
+        assert_eq!(drv.free_count(), 8);
+        assert_eq!(q.push_used(&mut mem, 8, 0), Err(QueueError::BadUsedHead(8)));
+    }
+
+    #[test]
+    fn chain_copies_across_segments() {
+        let (mut mem, mut drv, mut q) = setup(8);
+        mem.write(0x1000, b"hello ").unwrap();
+        mem.write(0x1100, b"world").unwrap();
+        drv.add(
+            &mut mem,
+            &[
+                (0x1000, 6, false),
+                (0x1100, 5, false),
+                (0x2000, 3, true),
+                (0x2100, 4, true),
+            ],
+        )
+        .unwrap();
+        let c = q.pop(&mem).unwrap().unwrap();
+        let mut buf = [0u8; 32];
+        assert_eq!(c.read_at(&mem, 0, &mut buf).unwrap(), 11);
+        assert_eq!(&buf[..11], b"hello world");
+        assert_eq!(c.read_at(&mem, 4, &mut buf[..4]).unwrap(), 4);
+        assert_eq!(&buf[..4], b"o wo");
+        assert_eq!(c.read_at(&mem, 11, &mut buf).unwrap(), 0);
+        assert_eq!(c.write_at(&mut mem, 1, b"abcdefgh").unwrap(), 6);
+        assert_eq!(&mem.as_slice()[0x2000..0x2003], b"\0ab");
+        assert_eq!(&mem.as_slice()[0x2100..0x2105], b"cdef\0");
+    }
+
+    #[test]
+    fn many_chains_wrap_the_indices() {
+        // 70 000 chains through a 4-entry ring: the u16 indices wrap.
+        let (mut mem, mut drv, mut q) = setup(4);
+        let mut chain = Chain::new();
+        for i in 0..70_000u32 {
+            let h = drv.add(&mut mem, &[(0x1000, i % 64, true)]).unwrap();
+            assert!(q.pop_into(&mem, &mut chain).unwrap());
+            assert_eq!(chain.head(), h);
+            assert_eq!(chain.writable_len(), i % 64);
+            q.push_used(&mut mem, h, i % 7).unwrap();
+            assert_eq!(drv.take_used(&mem), Some((h, i % 7)));
+        }
+        assert_eq!(q.last_avail(), (70_000u32 % 65536) as u16);
+        assert!(!q.pop_into(&mem, &mut chain).unwrap());
+    }
+
+    #[test]
+    fn loops_are_refused() {
+        let (mut mem, mut drv, mut q) = setup(8);
+        // 0 -> 1 -> 2 -> 1
+        drv.write_desc(&mut mem, 0, desc(0x1000, 4, VRING_DESC_F_NEXT, 1));
+        drv.write_desc(&mut mem, 1, desc(0x1000, 4, VRING_DESC_F_NEXT, 2));
+        drv.write_desc(&mut mem, 2, desc(0x1000, 4, VRING_DESC_F_NEXT, 1));
+        drv.publish(&mut mem, 0);
+        assert_eq!(
+            q.pop(&mem).unwrap_err(),
+            QueueError::Loop { head: 0, index: 1 }
+        );
+        // The position did not move: the same error again.
+        assert_eq!(q.last_avail(), 0);
+        assert!(q.pop(&mem).is_err());
+
+        // A descriptor pointing at itself.
+        let (mut mem, mut drv, mut q) = setup(8);
+        drv.write_desc(&mut mem, 5, desc(0x1000, 4, VRING_DESC_F_NEXT, 5));
+        drv.publish(&mut mem, 5);
+        assert_eq!(
+            q.pop(&mem).unwrap_err(),
+            QueueError::Loop { head: 5, index: 5 }
+        );
+        assert!(q.pop(&mem).unwrap_err().to_string().contains("loop"));
+    }
+
+    #[test]
+    fn loops_are_refused_even_with_a_loose_segment_limit() {
+        // A full-ring loop (every descriptor once, then back to the head) is
+        // caught by the visited set, not only by the length bound.
+        let (mut mem, mut drv, mut q) = setup(8);
+        for i in 0..8u16 {
+            drv.write_desc(&mut mem, i, desc(0x1000, 1, VRING_DESC_F_NEXT, (i + 1) % 8));
+        }
+        drv.publish(&mut mem, 0);
+        assert_eq!(
+            q.pop(&mem).unwrap_err(),
+            QueueError::Loop { head: 0, index: 0 }
+        );
+    }
+
+    #[test]
+    fn out_of_range_indices() {
+        let (mut mem, mut drv, mut q) = setup(8);
+        drv.publish(&mut mem, 8);
+        assert_eq!(
+            q.pop(&mem).unwrap_err(),
+            QueueError::DescriptorOutOfRange { index: 8 }
+        );
+        let (mut mem, mut drv, mut q) = setup(8);
+        drv.write_desc(&mut mem, 0, desc(0x1000, 4, VRING_DESC_F_NEXT, 0xffff));
+        drv.publish(&mut mem, 0);
+        assert_eq!(
+            q.pop(&mem).unwrap_err(),
+            QueueError::DescriptorOutOfRange { index: 0xffff }
+        );
+    }
+
+    #[test]
+    fn addresses_outside_guest_memory() {
+        let cases: [(u64, u32, bool); 6] = [
+            (u64::from(MEM) - 4, 8, false),
+            (u64::from(MEM), 1, true),
+            (u64::from(MEM) + 0x1000, 0, false),
+            (0x1_0000_0000, 4, false),
+            (0xffff_fff0, 0x20, true),
+            (0x1000, u32::MAX, false),
+        ];
+        for (addr, len, w) in cases {
+            let (mut mem, mut drv, mut q) = setup(8);
+            let flags = if w { VRING_DESC_F_WRITE } else { 0 };
+            drv.write_desc(&mut mem, 0, desc(addr, len, flags, 0));
+            drv.publish(&mut mem, 0);
+            assert_eq!(
+                q.pop(&mem).unwrap_err(),
+                QueueError::BadAddress {
+                    index: 0,
+                    addr,
+                    len
+                },
+                "{addr:#x} {len}"
+            );
+        }
+        // Right up to the end is fine, and so is an empty buffer at the end.
+        let (mut mem, mut drv, mut q) = setup(8);
+        drv.add(&mut mem, &[(MEM - 8, 8, false), (MEM, 0, true)])
+            .unwrap();
+        assert!(q.pop(&mem).unwrap().is_some());
+    }
+
+    #[test]
+    fn oversized_chains() {
+        let (mut mem, mut drv, q) = setup(8);
+        let mut q = q.with_limits(QueueLimits {
+            max_segments: 4,
+            max_bytes: 100,
+        });
+        drv.add(&mut mem, &[(0x1000, 1, false); 5]).unwrap();
+        assert_eq!(
+            q.pop(&mem).unwrap_err(),
+            QueueError::TooManySegments { head: 0, max: 4 }
+        );
+        let (mut mem, mut drv, q) = setup(8);
+        let mut q = q.with_limits(QueueLimits {
+            max_segments: 4,
+            max_bytes: 100,
+        });
+        drv.add(&mut mem, &[(0x1000, 1, false); 4]).unwrap();
+        assert!(q.pop(&mem).unwrap().is_some());
+        drv.add(&mut mem, &[(0x1000, 60, false), (0x2000, 41, true)])
+            .unwrap();
+        assert!(matches!(
+            q.pop(&mem).unwrap_err(),
+            QueueError::ChainTooLong { max: 100, .. }
+        ));
+        // The default limits: num segments, 16 MiB.
+        let (_, mut drv, q) = setup(8);
+        assert_eq!(
+            q.limits(),
+            QueueLimits {
+                max_segments: 8,
+                max_bytes: DEFAULT_MAX_CHAIN_BYTES
+            }
+        );
+        let mut mem = VecMemory::new(17 << 20);
+        let mut q = drv.host_queue(&mem);
+        drv.add(&mut mem, &[(0, 9 << 20, true), (0, 9 << 20, true)])
+            .unwrap();
+        assert!(matches!(
+            q.pop(&mem).unwrap_err(),
+            QueueError::ChainTooLong { .. }
+        ));
+    }
+
+    #[test]
+    fn bad_flags_and_order() {
+        for flags in [VRING_DESC_F_INDIRECT, 8, 0x8000, VRING_DESC_F_INDIRECT | 2] {
+            let (mut mem, mut drv, mut q) = setup(8);
+            drv.write_desc(&mut mem, 0, desc(0x1000, 16, flags, 0));
+            drv.publish(&mut mem, 0);
+            assert_eq!(
+                q.pop(&mem).unwrap_err(),
+                QueueError::BadFlags { index: 0, flags }
+            );
+        }
+        let (mut mem, mut drv, mut q) = setup(8);
+        let h = drv
+            .add(&mut mem, &[(0x1000, 4, true), (0x2000, 4, false)])
+            .unwrap();
+        assert_eq!(
+            q.pop(&mem).unwrap_err(),
+            QueueError::ReadableAfterWritable { index: h + 1 }
+        );
+    }
+
+    #[test]
+    fn avail_index_jump_is_fatal() {
+        let (mut mem, mut drv, mut q) = setup(8);
+        drv.set_avail_idx(&mut mem, 0x8000);
+        let e = q.pop(&mem).unwrap_err();
+        assert_eq!(
+            e,
+            QueueError::AvailIndexJump {
+                last: 0,
+                idx: 0x8000
+            }
+        );
+        assert_eq!(e.to_string(), "guest moved avail index from 0 to 32768");
+        assert!(q.has_avail(&mem).is_err());
+        // Exactly `num` ahead is legal (a full ring), one more is not.
+        let (mut mem, mut drv, mut q) = setup(8);
+        for _ in 0..8 {
+            drv.add(&mut mem, &[(0x1000, 1, true)]).unwrap();
+        }
+        assert!(q.has_avail(&mem).unwrap());
+        drv.set_avail_idx(&mut mem, 9);
+        assert!(matches!(
+            q.pop(&mem),
+            Err(QueueError::AvailIndexJump { last: 0, idx: 9 })
+        ));
+        // Moving backwards is a jump too (by 2^16 - 1).
+        let (mut mem, mut drv, mut q) = setup(8);
+        drv.add(&mut mem, &[(0x1000, 1, true)]).unwrap();
+        q.pop(&mem).unwrap().unwrap();
+        drv.set_avail_idx(&mut mem, 0);
+        assert!(q.pop(&mem).is_err());
+    }
+
+    #[test]
+    fn interrupt_decision() {
+        let (mut mem, mut drv, mut q) = setup(8);
+        assert!(!q.take_interrupt(&mem).unwrap());
+        let h = drv.add(&mut mem, &[(0x1000, 4, true)]).unwrap();
+        q.pop(&mem).unwrap();
+        q.push_used(&mut mem, h, 4).unwrap();
+        assert!(q.pending_used());
+        assert!(q.take_interrupt(&mem).unwrap());
+        // Once per batch.
+        assert!(!q.take_interrupt(&mem).unwrap());
+        // Suppressed by the guest: consumed but no irq.
+        drv.set_avail_flags(&mut mem, VRING_AVAIL_F_NO_INTERRUPT);
+        let h = drv.add(&mut mem, &[(0x1000, 4, true)]).unwrap();
+        q.pop(&mem).unwrap();
+        q.push_used(&mut mem, h, 4).unwrap();
+        assert!(!q.take_interrupt(&mem).unwrap());
+        assert!(!q.pending_used());
+    }
+
+    #[test]
+    fn notify_suppression() {
+        let (mut mem, mut drv, mut q) = setup(8);
+        q.disable_notify(&mut mem).unwrap();
+        assert_eq!(drv.used_flags(&mem), VRING_USED_F_NO_NOTIFY);
+        // Empty ring: enable and sleep.
+        assert!(!q.enable_notify(&mut mem).unwrap());
+        assert_eq!(drv.used_flags(&mem), 0);
+        // Something slipped in: don't sleep.
+        drv.add(&mut mem, &[(0x1000, 4, true)]).unwrap();
+        assert!(q.enable_notify(&mut mem).unwrap());
+    }
+
+    #[test]
+    fn reset_starts_over() {
+        let (mut mem, mut drv, mut q) = setup(8);
+        let h = drv.add(&mut mem, &[(0x1000, 4, true)]).unwrap();
+        q.pop(&mem).unwrap();
+        q.push_used(&mut mem, h, 0).unwrap();
+        q.reset();
+        mem.zero(PFN << 12, q.layout().size).unwrap();
+        assert_eq!(
+            (q.last_avail(), q.used_idx(), q.pending_used()),
+            (0, 0, false)
+        );
+        let mut drv = Driver::new(8, PFN);
+        let h = drv.add(&mut mem, &[(0x1000, 4, true)]).unwrap();
+        assert_eq!(q.pop(&mem).unwrap().unwrap().head(), h);
+    }
+
+    /// Guest memory that records every read and, like a racing guest,
+    /// rewrites each descriptor to point outside memory right after the
+    /// host read it.
+    struct Racing {
+        inner: RefCell<VecMemory>,
+        reads: RefCell<Vec<(u32, usize)>>,
+        desc: Range<u32>,
+    }
+
+    use core::ops::Range;
+
+    impl GuestMemory for Racing {
+        fn limit(&self) -> u32 {
+            self.inner.borrow().limit()
+        }
+        fn read(&self, gpa: u32, buf: &mut [u8]) -> Result<(), MemFault> {
+            self.inner.borrow().read(gpa, buf)?;
+            self.reads.borrow_mut().push((gpa, buf.len()));
+            if self.desc.contains(&gpa) {
+                let mut m = self.inner.borrow_mut();
+                m.write_u64(gpa, 0xffff_0000).unwrap();
+                m.write_u32(gpa + 8, 0x7fff_ffff).unwrap();
+            }
+            Ok(())
+        }
+        fn write(&mut self, gpa: u32, data: &[u8]) -> Result<(), MemFault> {
+            self.inner.get_mut().write(gpa, data)
+        }
+    }
+
+    #[test]
+    fn each_descriptor_is_fetched_once() {
+        let mut vm = VecMemory::new(MEM);
+        let mut drv = Driver::new(8, PFN);
+        let h = drv
+            .add(
+                &mut vm,
+                &[(0x1000, 16, false), (0x2000, 16, false), (0x3000, 64, true)],
+            )
+            .unwrap();
+        let l = drv.layout;
+        let mut q = drv.host_queue(&vm);
+        let mem = Racing {
+            inner: RefCell::new(vm),
+            reads: RefCell::new(Vec::new()),
+            desc: l.desc..l.desc + 8 * 16,
+        };
+        let c = q.pop(&mem).unwrap().unwrap();
+        // The chain holds what was read first, not the rewritten values.
+        assert_eq!(c.head(), h);
+        assert_eq!(c.readable_len(), 32);
+        assert_eq!(c.writable_len(), 64);
+        assert_eq!(c.segments()[2].addr, 0x3000);
+        let reads = mem.reads.borrow();
+        let desc_reads: Vec<_> = reads.iter().filter(|r| mem.desc.contains(&r.0)).collect();
+        assert_eq!(desc_reads.len(), 3);
+        for (i, r) in desc_reads.iter().enumerate() {
+            assert_eq!(r.1, 16);
+            assert_eq!(reads.iter().filter(|x| x.0 == r.0).count(), 1, "desc {i}");
+        }
+        // avail.idx and the avail entry: one read each.
+        assert_eq!(reads.iter().filter(|x| x.0 == l.avail + 2).count(), 1);
+        assert_eq!(reads.iter().filter(|x| x.0 == l.avail + 4).count(), 1);
+    }
+
+    #[test]
+    fn drain_helper() {
+        let (mut mem, mut drv, mut q) = setup(8);
+        for i in 0..5u32 {
+            drv.add(&mut mem, &[(0x1000 + i * 16, 16, true)]).unwrap();
+        }
+        let mut chain = Chain::new();
+        let n = drain::<_, _, QueueError>(&mut q, &mut mem, &mut chain, |m, c| {
+            let w = c.write_at(m, 0, &[0xAB; 16])?;
+            Ok(w as u32)
+        })
+        .unwrap();
+        assert_eq!(n, 5);
+        for _ in 0..5 {
+            assert_eq!(drv.take_used(&mem).unwrap().1, 16);
+        }
+        assert!(mem.as_slice()[0x1000..0x1050].iter().all(|&b| b == 0xAB));
+    }
+}
