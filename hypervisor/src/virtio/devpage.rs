@@ -437,3 +437,335 @@ fn zero_ring<M: GuestMemory + ?Sized>(mem: &mut M, v: &LguestVqconfig) -> Result
         guest_abi::device::vring_size(u32::from(v.num), guest_abi::device::LGUEST_VRING_ALIGN);
     mem.zero(v.pfn.saturating_mul(PAGE), len)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lguest::guestmem::VecMemory;
+    use crate::virtio::block::Block;
+    use crate::virtio::console::Console;
+    use crate::virtio::net::Net;
+    use crate::virtio::rng::Rng;
+    use alloc::boxed::Box;
+    use alloc::string::ToString;
+    use guest_abi::device::{
+        VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_SEG_MAX, VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE,
+        VIRTIO_ID_NET, VIRTIO_ID_RNG, VIRTIO_NET_F_MAC,
+    };
+
+    const RAM: u32 = 256;
+    const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+
+    fn all_devices() -> Vec<Box<dyn VirtioDevice>> {
+        vec![
+            Box::new(Console::default()),
+            Box::new(Rng::new()),
+            Box::new(Block::new(vec![0u8; 8 * 512 + 100], b"disk0")),
+            Box::new(Net::new(MAC)),
+        ]
+    }
+
+    fn bus() -> (DevicePage, VecMemory) {
+        let mut page = DevicePage::new(RAM).unwrap();
+        for (i, d) in all_devices().iter().enumerate() {
+            assert_eq!(page.add(d.as_ref()).unwrap(), i);
+        }
+        let mut mem = VecMemory::new(page.end_pfn() * 4096);
+        mem.as_mut_slice().fill(0xEE);
+        page.write(&mut mem).unwrap();
+        (page, mem)
+    }
+
+    /// Parse the page as the guest's `lguest_device.c` scan does.
+    fn guest_scan(mem: &VecMemory) -> Vec<(LguestDeviceDesc, Vec<LguestVqconfig>, u32, Vec<u8>)> {
+        let base = (RAM * 4096) as usize;
+        let page = &mem.as_slice()[base..base + 4096];
+        let mut out = Vec::new();
+        let mut i = 0usize;
+        while i < 4096 && page[i] != 0 {
+            let d = LguestDeviceDesc::from_bytes(page[i..i + 5].try_into().unwrap());
+            let vqs = (0..d.num_vq as u32)
+                .map(|q| {
+                    let o = i + d.vqconfig_offset(q) as usize;
+                    LguestVqconfig::from_bytes(page[o..o + 8].try_into().unwrap())
+                })
+                .collect();
+            let fo = i + d.features_offset() as usize;
+            let feats = u32::from_le_bytes(page[fo..fo + 4].try_into().unwrap());
+            let co = i + d.config_offset() as usize;
+            let config = page[co..co + d.config_len as usize].to_vec();
+            out.push((d, vqs, feats, config));
+            i += d.record_len() as usize;
+        }
+        out
+    }
+
+    #[test]
+    fn page_layout_as_the_guest_reads_it() {
+        let (page, mem) = bus();
+        let devs = guest_scan(&mem);
+        let types: Vec<u8> = devs.iter().map(|d| d.0.type_).collect();
+        assert_eq!(
+            types,
+            [
+                VIRTIO_ID_CONSOLE,
+                VIRTIO_ID_RNG,
+                VIRTIO_ID_BLOCK,
+                VIRTIO_ID_NET
+            ]
+        );
+        // Rings follow the page, 2 pages each (128 entries), irqs from 1.
+        let mut pfn = RAM + 1;
+        let mut irq = 1;
+        for (_, vqs, _, _) in &devs {
+            for v in vqs {
+                assert_eq!(*v, LguestVqconfig { num: 128, irq, pfn });
+                pfn += 2;
+                irq += 1;
+            }
+        }
+        assert_eq!(page.end_pfn(), pfn);
+        assert_eq!(page.end_pfn(), RAM + 1 + 6 * 2);
+        // Features and config.
+        assert_eq!(devs[0].2, 0);
+        assert_eq!(
+            devs[2].2,
+            (1 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_FLUSH)
+        );
+        assert_eq!(&devs[2].3[..8], &8u64.to_le_bytes());
+        assert_eq!(&devs[2].3[12..16], &126u32.to_le_bytes());
+        assert_eq!(devs[3].2, 1 << VIRTIO_NET_F_MAC);
+        assert_eq!(devs[3].3, MAC);
+        // Status bytes and guest features start at zero; rings are zeroed.
+        assert!(devs.iter().all(|d| d.0.status == 0));
+        for k in 0..4 {
+            assert_eq!(page.guest_features(&mem, k).unwrap(), 0);
+        }
+        let ring0 = (RAM as usize + 1) * 4096;
+        assert!(mem.as_slice()[ring0..ring0 + 5126].iter().all(|&b| b == 0));
+        // The rest of the page is zero: the list is terminated.
+        let end = page.base() as usize
+            + devs
+                .iter()
+                .map(|d| d.0.record_len() as usize)
+                .sum::<usize>();
+        assert!(
+            mem.as_slice()[end..RAM as usize * 4096 + 4096]
+                .iter()
+                .all(|&b| b == 0)
+        );
+    }
+
+    #[test]
+    fn notify_decoding() {
+        let (page, _) = bus();
+        let base = RAM * 4096;
+        assert_eq!(page.decode_notify(base), Notify::Status(0));
+        let rec0 = 5 + 2 * 8 + 8;
+        assert_eq!(page.decode_notify(base + rec0), Notify::Status(1));
+        assert_eq!(page.device_addr(1), Some(base + rec0));
+        assert_eq!(
+            page.decode_notify((RAM + 1) * 4096),
+            Notify::Kick {
+                device: 0,
+                queue: 0
+            }
+        );
+        assert_eq!(
+            page.decode_notify((RAM + 3) * 4096),
+            Notify::Kick {
+                device: 0,
+                queue: 1
+            }
+        );
+        let net_tx = page.queue_config(3, 1).unwrap().pfn * 4096;
+        assert_eq!(
+            page.decode_notify(net_tx),
+            Notify::Kick {
+                device: 3,
+                queue: 1
+            }
+        );
+        // Inside a ring, inside a record, in RAM, far away: something else.
+        for a in [
+            (RAM + 1) * 4096 + 16,
+            (RAM + 2) * 4096,
+            base + 1,
+            base + 4,
+            0x1000,
+            0,
+            u32::MAX,
+        ] {
+            assert_eq!(page.decode_notify(a), Notify::Other(a), "{a:#x}");
+        }
+    }
+
+    #[test]
+    fn status_changes() {
+        let (mut page, mut mem) = bus();
+        let st = |mem: &mut VecMemory, page: &DevicePage, k: usize, v: u8| {
+            mem.write_u8(page.device_addr(k).unwrap() + 4, v).unwrap();
+        };
+        st(&mut mem, &page, 1, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+        assert_eq!(page.status_changed(&mem, 1), Ok(StatusEvent::Progress(1)));
+        st(&mut mem, &page, 1, 3);
+        assert_eq!(page.status_changed(&mem, 1), Ok(StatusEvent::Progress(3)));
+        assert!(!page.is_running(1));
+        st(&mut mem, &page, 1, 7);
+        assert_eq!(page.status_changed(&mem, 1), Ok(StatusEvent::Start));
+        assert!(page.is_running(1));
+        // DRIVER_OK again: nothing new.
+        assert_eq!(page.status_changed(&mem, 1), Ok(StatusEvent::Progress(7)));
+        st(&mut mem, &page, 1, 0);
+        assert_eq!(page.status_changed(&mem, 1), Ok(StatusEvent::Reset));
+        assert!(!page.is_running(1));
+        st(&mut mem, &page, 1, 3 | VIRTIO_CONFIG_S_FAILED);
+        assert_eq!(page.status_changed(&mem, 1), Ok(StatusEvent::Failed));
+        assert_eq!(
+            page.status_changed(&mem, 9),
+            Err(DeviceError::NoSuchDevice(9))
+        );
+    }
+
+    #[test]
+    fn bad_status_writes() {
+        let (mut page, mut mem) = bus();
+        let at = page.device_addr(0).unwrap() + 4;
+        for v in [0x10u8, 0x20, 0x27] {
+            mem.write_u8(at, v).unwrap();
+            let e = page.status_changed(&mem, 0).unwrap_err();
+            assert!(matches!(e, DeviceError::BadStatus { status, .. } if status == v));
+        }
+        // DRIVER_OK without ACKNOWLEDGE/DRIVER.
+        mem.write_u8(at, VIRTIO_CONFIG_S_DRIVER_OK).unwrap();
+        assert!(page.status_changed(&mem, 0).is_err());
+        // Running, then DRIVER_OK cleared without a reset.
+        mem.write_u8(at, 7).unwrap();
+        assert_eq!(page.status_changed(&mem, 0), Ok(StatusEvent::Start));
+        mem.write_u8(at, 3).unwrap();
+        let e = page.status_changed(&mem, 0).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "device 0: bad status 0x3: DRIVER_OK cleared without a reset"
+        );
+    }
+
+    #[test]
+    fn kick_before_driver_ok_starts_once() {
+        let (mut page, _) = bus();
+        assert!(page.kick_starts(2));
+        assert!(page.is_running(2));
+        assert!(!page.kick_starts(2));
+        assert!(!page.kick_starts(42));
+    }
+
+    #[test]
+    fn reset_zeroes_rings_and_guest_features() {
+        let (mut page, mut mem) = bus();
+        let k = 3;
+        let addr = page.device_addr(k).unwrap();
+        let gf = addr + 5 + 16 + 4;
+        mem.write_u32(gf, 0xffff_ffff).unwrap();
+        // The guest can accept only what was offered.
+        assert_eq!(page.guest_features(&mem, k).unwrap(), 1 << VIRTIO_NET_F_MAC);
+        let ring = page.queue_config(k, 1).unwrap().pfn * 4096;
+        mem.write(ring, &[0xAA; 64]).unwrap();
+        mem.write_u8(addr + 4, 7).unwrap();
+        page.status_changed(&mem, k).unwrap();
+        page.reset(&mut mem, k).unwrap();
+        assert!(!page.is_running(k));
+        assert_eq!(mem.read_u32(gf).unwrap(), 0);
+        assert!(
+            mem.as_slice()[ring as usize..ring as usize + 64]
+                .iter()
+                .all(|&b| b == 0)
+        );
+        // Host features and config untouched.
+        assert_eq!(mem.read_u32(gf - 4).unwrap(), 1 << VIRTIO_NET_F_MAC);
+        assert!(page.reset(&mut mem, 7).is_err());
+    }
+
+    #[test]
+    fn queues_for_activation() {
+        let (page, mem) = bus();
+        let qs = page.queues(3, mem.limit()).unwrap();
+        assert_eq!(qs.len(), 2);
+        assert_eq!(qs[1].irq(), 6);
+        assert_eq!(qs[1].pfn(), page.queue_config(3, 1).unwrap().pfn);
+        // Guest memory too small for the rings (pfnlimit not covering them).
+        assert!(page.queues(3, RAM * 4096).is_err());
+    }
+
+    struct Fake {
+        sizes: Vec<u16>,
+        config: usize,
+    }
+    impl VirtioDevice for Fake {
+        fn device_type(&self) -> u8 {
+            9
+        }
+        fn queue_sizes(&self) -> &[u16] {
+            &self.sizes
+        }
+        fn host_features(&self) -> u32 {
+            0
+        }
+        fn config(&self) -> Vec<u8> {
+            vec![1; self.config]
+        }
+        fn activate(&mut self, _: Vec<VirtQueue>, _: u32) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn reset(&mut self) {}
+        fn queues_mut(&mut self) -> &mut [VirtQueue] {
+            &mut []
+        }
+    }
+
+    #[test]
+    fn layout_limits() {
+        let fake = |sizes: &[u16], config| Fake {
+            sizes: sizes.to_vec(),
+            config,
+        };
+        // 31 queues fit (irqs 1..=31), the 32nd does not.
+        let mut page = DevicePage::new(RAM).unwrap();
+        page.add(&fake(&[4; 31], 0)).unwrap();
+        assert_eq!(page.add(&fake(&[4], 0)), Err(LayoutError::OutOfIrqs));
+        // A failed add changes nothing.
+        assert_eq!(page.len(), 1);
+        // A 4-entry ring still takes 2 pages (used ring on its own page).
+        assert_eq!(page.end_pfn(), RAM + 1 + 31 * 2);
+        // Pages: 256 in all, device page included.
+        let mut page = DevicePage::new(RAM).unwrap();
+        assert_eq!(
+            page.add(&fake(&[32768, 32768], 0)),
+            Err(LayoutError::TooManyPages)
+        );
+        page.add(&fake(&[4; 31], 0)).unwrap();
+        // Page full: 16 devices of 255 config bytes take 16·264 > 4095.
+        let mut page = DevicePage::new(RAM).unwrap();
+        let mut n = 0;
+        while page.add(&fake(&[], 255)).is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, 4095 / (5 + 8 + 255));
+        assert_eq!(page.add(&fake(&[], 255)), Err(LayoutError::PageFull));
+        assert_eq!(page.add(&fake(&[], 256)), Err(LayoutError::TooBig));
+        assert_eq!(
+            DevicePage::new(RAM).unwrap().add(&fake(&[3], 0)),
+            Err(LayoutError::BadQueueSize(3))
+        );
+        assert_eq!(
+            DevicePage::new(0xF_FFFF).unwrap_err(),
+            LayoutError::AddressOverflow
+        );
+        assert!(DevicePage::new(0xF_FFFE).is_ok());
+        assert!(
+            DevicePage::new(0xF_FFFE)
+                .unwrap()
+                .add(&fake(&[4], 0))
+                .is_err()
+        );
+    }
+}

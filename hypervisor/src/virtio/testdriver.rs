@@ -5,6 +5,8 @@
 
 use guest_abi::device::{LguestVqconfig, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
+use super::VirtioDevice;
+use super::devpage::{DevicePage, Notify, StatusEvent};
 use super::queue::{Descriptor, RingLayout, VirtQueue};
 use crate::lguest::guestmem::{GuestMemory, VecMemory};
 
@@ -132,4 +134,31 @@ impl Driver {
     pub fn free_count(&self) -> usize {
         self.free.len()
     }
+}
+
+/// RAM pages of the test guests (1 MiB); the device page and rings follow.
+pub const RAM_PAGES: u32 = 256;
+
+/// Put `dev` alone on a bus, write the page, and drive it to DRIVER_OK the
+/// way the guest and the launcher would. Returns the guest memory, the bus
+/// and one guest-side driver per queue.
+pub(crate) fn bring_up(dev: &mut dyn VirtioDevice) -> (VecMemory, DevicePage, Vec<Driver>) {
+    let mut page = DevicePage::new(RAM_PAGES).unwrap();
+    let k = page.add(dev).unwrap();
+    let mut mem = VecMemory::new(page.end_pfn() * 4096);
+    page.write(&mut mem).unwrap();
+    let status_at = page.device_addr(k).unwrap() + 4;
+    mem.write_u8(status_at, 1 | 2 | 4).unwrap();
+    assert_eq!(page.decode_notify(status_at - 4), Notify::Status(k));
+    assert_eq!(page.status_changed(&mem, k).unwrap(), StatusEvent::Start);
+    let feats = page.guest_features(&mem, k).unwrap();
+    dev.activate(page.queues(k, mem.limit()).unwrap(), feats)
+        .unwrap();
+    let drivers = (0..dev.queue_sizes().len())
+        .map(|q| {
+            let c = page.queue_config(k, q).unwrap();
+            Driver::new(c.num, c.pfn)
+        })
+        .collect();
+    (mem, page, drivers)
 }
