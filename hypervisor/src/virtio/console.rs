@@ -191,3 +191,107 @@ impl VirtioDevice for Console {
         &mut self.queues
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::testdriver::bring_up;
+    use crate::virtio::{DeviceError, QueueError, interrupts};
+
+    #[test]
+    fn output_goes_to_the_sink() {
+        let mut con = Console::default();
+        let (mut mem, _, mut drv) = bring_up(&mut con);
+        mem.write(0x1000, b"hello, ").unwrap();
+        mem.write(0x2000, b"world\n").unwrap();
+        let h = drv[TX]
+            .add(&mut mem, &[(0x1000, 7, false), (0x2000, 6, false)])
+            .unwrap();
+        let mut out = Vec::new();
+        assert_eq!(
+            con.service_tx(&mut mem, |b| out.extend_from_slice(b))
+                .unwrap(),
+            13
+        );
+        assert_eq!(out, b"hello, world\n");
+        assert_eq!(drv[TX].take_used(&mem), Some((h, 0)));
+        // One irq for the transmit queue (irq 2), none for receive.
+        assert_eq!(interrupts(&mut con, &mem).unwrap(), [2]);
+        assert_eq!(con.stats().out_bytes, 13);
+    }
+
+    #[test]
+    fn long_output_in_chunks() {
+        let mut con = Console::default();
+        let (mut mem, _, mut drv) = bring_up(&mut con);
+        let text: Vec<u8> = (0..3000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        mem.write(0x1000, &text).unwrap();
+        drv[TX].add(&mut mem, &[(0x1000, 3000, false)]).unwrap();
+        let mut out = Vec::new();
+        let mut calls = 0;
+        con.service_tx(&mut mem, |b| {
+            assert!(b.len() <= CHUNK);
+            calls += 1;
+            out.extend_from_slice(b);
+        })
+        .unwrap();
+        assert_eq!(out, text);
+        assert_eq!(calls, 3000usize.div_ceil(CHUNK));
+    }
+
+    #[test]
+    fn input_is_buffered_until_the_guest_has_buffers() {
+        let mut con = Console::new(8);
+        let (mut mem, _, mut drv) = bring_up(&mut con);
+        assert_eq!(con.push_input(b"abc"), 3);
+        assert_eq!(con.service_rx(&mut mem).unwrap(), 0);
+        assert_eq!(con.pending_input(), 3);
+        // A 2-byte buffer takes "ab".
+        let h = drv[RX].add(&mut mem, &[(0x3000, 2, true)]).unwrap();
+        assert_eq!(con.service_rx(&mut mem).unwrap(), 2);
+        assert_eq!(drv[RX].take_used(&mem), Some((h, 2)));
+        assert_eq!(&mem.as_slice()[0x3000..0x3002], b"ab");
+        // Two buffers queued, one byte left: only one buffer is used.
+        let h = drv[RX]
+            .add(&mut mem, &[(0x3100, 1, true), (0x3200, 16, true)])
+            .unwrap();
+        drv[RX].add(&mut mem, &[(0x3300, 16, true)]).unwrap();
+        assert_eq!(con.service_rx(&mut mem).unwrap(), 1);
+        assert_eq!(drv[RX].take_used(&mem), Some((h, 1)));
+        assert_eq!(drv[RX].take_used(&mem), None);
+        assert_eq!(mem.as_slice()[0x3100], b'c');
+        // The input bound: the rest is dropped and counted.
+        assert_eq!(con.push_input(b"0123456789"), 8);
+        assert_eq!(con.stats().in_dropped, 2);
+        assert_eq!(con.service_rx(&mut mem).unwrap(), 8);
+        assert_eq!(&mem.as_slice()[0x3300..0x3308], b"01234567");
+        assert_eq!(con.stats().in_bytes, 11);
+    }
+
+    #[test]
+    fn inactive_and_reset() {
+        let mut con = Console::default();
+        con.push_input(b"x");
+        let mut mem = crate::lguest::guestmem::VecMemory::new(0x1000);
+        assert_eq!(con.service_rx(&mut mem).unwrap(), 0);
+        assert_eq!(con.service_tx(&mut mem, |_| panic!()).unwrap(), 0);
+        let (mut mem, _, mut drv) = bring_up(&mut con);
+        con.reset();
+        drv[TX].add(&mut mem, &[(0x1000, 1, false)]).unwrap();
+        assert_eq!(con.service_tx(&mut mem, |_| panic!()).unwrap(), 0);
+        assert!(con.queues_mut().is_empty());
+    }
+
+    #[test]
+    fn hostile_chain_is_an_error_not_a_panic() {
+        let mut con = Console::default();
+        let (mut mem, _, mut drv) = bring_up(&mut con);
+        let limit = mem.limit();
+        drv[TX].add(&mut mem, &[(limit - 2, 4, false)]).unwrap();
+        let e = con.service_tx(&mut mem, |_| ()).unwrap_err();
+        assert!(matches!(
+            e,
+            DeviceError::Queue(QueueError::BadAddress { len: 4, .. })
+        ));
+    }
+}

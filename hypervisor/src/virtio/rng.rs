@@ -299,3 +299,94 @@ impl EntropySource for ChaCha20Rng {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::testdriver::bring_up;
+
+    #[test]
+    fn chacha20_rfc8439_block() {
+        // RFC 8439 §2.3.2.
+        let mut key = [0u32; 8];
+        for (i, k) in key.iter_mut().enumerate() {
+            let b = (i * 4) as u8;
+            *k = u32::from_le_bytes([b, b + 1, b + 2, b + 3]);
+        }
+        let out = chacha20_block(&key, 1, &[0x0900_0000, 0x4a00_0000, 0]);
+        let want: [u8; 64] = [
+            0x10, 0xf1, 0xe7, 0xe4, 0xd1, 0x3b, 0x59, 0x15, 0x50, 0x0f, 0xdd, 0x1f, 0xa3, 0x20,
+            0x71, 0xc4, 0xc7, 0xd1, 0xf4, 0xc7, 0x33, 0xc0, 0x68, 0x03, 0x04, 0x22, 0xaa, 0x9a,
+            0xc3, 0xd4, 0x6c, 0x4e, 0xd2, 0x82, 0x64, 0x46, 0x07, 0x9f, 0xaa, 0x09, 0x14, 0xc2,
+            0xd7, 0x05, 0xd9, 0x8b, 0x02, 0xa2, 0xb5, 0x12, 0x9c, 0xd1, 0xde, 0x16, 0x4e, 0xb9,
+            0xcb, 0xd0, 0x83, 0xe8, 0xa2, 0x50, 0x3c, 0x4e,
+        ];
+        assert_eq!(out, want);
+    }
+
+    #[test]
+    fn csprng_is_deterministic_per_seed_and_erases_its_key() {
+        let mut a = ChaCha20Rng::from_seed([7; 32]);
+        let mut b = ChaCha20Rng::from_seed([7; 32]);
+        let mut c = ChaCha20Rng::from_seed([8; 32]);
+        let (mut x, mut y, mut z) = ([0u8; 100], [0u8; 100], [0u8; 100]);
+        a.fill_bytes(&mut x);
+        b.fill_bytes(&mut y);
+        c.fill_bytes(&mut z);
+        assert_eq!(x, y);
+        assert_ne!(x, z);
+        // The next output differs from the first (the key moved on).
+        let mut x2 = [0u8; 100];
+        a.fill_bytes(&mut x2);
+        assert_ne!(x, x2);
+        // Reseeding changes the stream.
+        b.reseed([1; 32]);
+        b.fill_bytes(&mut y);
+        assert_ne!(x2, y);
+        assert_eq!(format!("{a:?}"), "ChaCha20Rng { .. }");
+    }
+
+    #[test]
+    fn fills_guest_buffers() {
+        let mut dev = Rng::new();
+        let (mut mem, _, mut drv) = bring_up(&mut dev);
+        let h = drv[0]
+            .add(&mut mem, &[(0x1000, 300, true), (0x2000, 700, true)])
+            .unwrap();
+        let mut src = ChaCha20Rng::from_seed([3; 32]);
+        assert_eq!(dev.service(&mut mem, &mut src).unwrap(), 1000);
+        assert_eq!(drv[0].take_used(&mem), Some((h, 1000)));
+        let a = &mem.as_slice()[0x1000..0x1000 + 300];
+        let b = &mem.as_slice()[0x2000..0x2000 + 700];
+        // Non-constant, and not the same bytes twice.
+        assert!(a.iter().any(|&x| x != a[0]));
+        assert_ne!(&a[..64], &b[..64]);
+        assert_eq!(dev.bytes_given(), 1000);
+    }
+
+    #[test]
+    fn large_requests_are_capped_and_failures_stop_early() {
+        let mut dev = Rng::new();
+        let (mut mem, _, mut drv) = bring_up(&mut dev);
+        let h = drv[0].add(&mut mem, &[(0, 0x10_0000, true)]).unwrap();
+        let mut src = ChaCha20Rng::from_seed([3; 32]);
+        dev.service(&mut mem, &mut src).unwrap();
+        assert_eq!(drv[0].take_used(&mem), Some((h, MAX_REQUEST)));
+
+        struct Broken(usize);
+        impl EntropySource for Broken {
+            fn fill(&mut self, _: &mut [u8]) -> bool {
+                self.0 += 1;
+                self.0 < 3
+            }
+        }
+        let h1 = drv[0].add(&mut mem, &[(0x1000, 4096, true)]).unwrap();
+        drv[0].add(&mut mem, &[(0x3000, 16, true)]).unwrap();
+        assert_eq!(dev.service(&mut mem, &mut Broken(0)).unwrap(), 512);
+        assert_eq!(drv[0].take_used(&mem), Some((h1, 512)));
+        // The second request waits for a working source.
+        assert_eq!(drv[0].take_used(&mem), None);
+        assert_eq!(dev.failures(), 1);
+        assert_eq!(dev.service(&mut mem, &mut src).unwrap(), 16);
+    }
+}
