@@ -271,3 +271,238 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>> VirtioDevice for Block<S> {
         &mut self.queues
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lguest::guestmem::VecMemory;
+    use crate::virtio::testdriver::{Driver, bring_up};
+
+    const SECTORS: usize = 64;
+
+    fn disk() -> Vec<u8> {
+        (0..SECTORS * 512)
+            .map(|i| (i * 7 + i / 512) as u8)
+            .collect()
+    }
+
+    fn hdr(mem: &mut VecMemory, at: u32, kind: u32, sector: u64) {
+        mem.write_u32(at, kind).unwrap();
+        mem.write_u32(at + 4, 0).unwrap();
+        mem.write_u64(at + 8, sector).unwrap();
+    }
+
+    /// Submit one request and serve it; returns (used len, status byte).
+    fn run(
+        dev: &mut Block<Vec<u8>>,
+        mem: &mut VecMemory,
+        drv: &mut Driver,
+        bufs: &[(u32, u32, bool)],
+        status_at: u32,
+    ) -> (u32, u8) {
+        mem.write_u8(status_at, 0xFF).unwrap();
+        let h = drv.add(mem, bufs).unwrap();
+        assert_eq!(dev.service(mem).unwrap(), 1);
+        let (id, len) = drv.take_used(mem).unwrap();
+        assert_eq!(id, h);
+        (len, mem.read_u8(status_at).unwrap())
+    }
+
+    #[test]
+    fn config_and_features() {
+        let dev = Block::new(vec![0u8; 10 * 512 + 3], b"id");
+        assert_eq!(dev.capacity(), 10);
+        let c = dev.config();
+        assert_eq!(c.len(), CONFIG_LEN);
+        assert_eq!(c[..8], 10u64.to_le_bytes());
+        assert_eq!(c[12..], SEG_MAX.to_le_bytes());
+        assert_eq!(
+            dev.host_features(),
+            (1 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_FLUSH)
+        );
+    }
+
+    #[test]
+    fn read_write_read_back() {
+        let mut dev = Block::new(disk(), b"disk");
+        let (mut mem, _, mut drv) = bring_up(&mut dev);
+        let d = &mut drv[0];
+        // Read sectors 3..5 into two segments.
+        hdr(&mut mem, 0x1000, VIRTIO_BLK_T_IN, 3);
+        let (len, st) = run(
+            &mut dev,
+            &mut mem,
+            d,
+            &[
+                (0x1000, 16, false),
+                (0x2000, 512, true),
+                (0x3000, 512, true),
+                (0x4000, 1, true),
+            ],
+            0x4000,
+        );
+        assert_eq!((len, st), (1025, VIRTIO_BLK_S_OK));
+        assert_eq!(mem.as_slice()[0x2000..0x2200], disk()[3 * 512..4 * 512]);
+        assert_eq!(mem.as_slice()[0x3000..0x3200], disk()[4 * 512..5 * 512]);
+        // Write sector 10 from a header+data segment pair.
+        mem.as_mut_slice()[0x5000..0x5200].fill(0x5A);
+        hdr(&mut mem, 0x1000, VIRTIO_BLK_T_OUT, 10);
+        let (len, st) = run(
+            &mut dev,
+            &mut mem,
+            d,
+            &[(0x1000, 16, false), (0x5000, 512, false), (0x4000, 1, true)],
+            0x4000,
+        );
+        assert_eq!((len, st), (1, VIRTIO_BLK_S_OK));
+        assert!(dev.store()[10 * 512..11 * 512].iter().all(|&b| b == 0x5A));
+        assert_eq!(dev.store()[..10 * 512], disk()[..10 * 512]);
+        assert_eq!(dev.store()[11 * 512..], disk()[11 * 512..]);
+        // Read it back.
+        hdr(&mut mem, 0x1000, VIRTIO_BLK_T_IN, 10);
+        let (_, st) = run(
+            &mut dev,
+            &mut mem,
+            d,
+            &[(0x1000, 16, false), (0x6000, 513, true)],
+            0x6200,
+        );
+        assert_eq!(st, VIRTIO_BLK_S_OK);
+        assert!(mem.as_slice()[0x6000..0x6200].iter().all(|&b| b == 0x5A));
+        let s = dev.stats();
+        assert_eq!(
+            (s.reads, s.bytes_read, s.writes, s.bytes_written),
+            (2, 1536, 1, 512)
+        );
+    }
+
+    #[test]
+    fn beyond_the_end_is_an_io_error() {
+        let mut dev = Block::new(disk(), b"disk");
+        let (mut mem, _, mut drv) = bring_up(&mut dev);
+        let d = &mut drv[0];
+        let last = SECTORS as u64 - 1;
+        for (kind, sector, writable) in [
+            (VIRTIO_BLK_T_OUT, last, false), // 2 sectors from the last one
+            (VIRTIO_BLK_T_IN, last, true),
+            (VIRTIO_BLK_T_OUT, SECTORS as u64, false),
+            (VIRTIO_BLK_T_IN, u64::MAX, true),
+            (VIRTIO_BLK_T_OUT, u64::MAX / 512, false),
+        ] {
+            hdr(&mut mem, 0x1000, kind, sector);
+            let (len, st) = run(
+                &mut dev,
+                &mut mem,
+                d,
+                &[
+                    (0x1000, 16, false),
+                    (0x2000, 1024, writable),
+                    (0x4000, 1, true),
+                ],
+                0x4000,
+            );
+            assert_eq!((len, st), (1, VIRTIO_BLK_S_IOERR), "{kind} {sector}");
+        }
+        assert_eq!(dev.store(), &disk());
+        assert_eq!(dev.stats().errors, 5);
+        assert_eq!(dev.stats().writes, 0);
+        // The very last sector is fine.
+        hdr(&mut mem, 0x1000, VIRTIO_BLK_T_OUT, last);
+        let (_, st) = run(
+            &mut dev,
+            &mut mem,
+            d,
+            &[(0x1000, 16, false), (0x2000, 512, false), (0x4000, 1, true)],
+            0x4000,
+        );
+        assert_eq!(st, VIRTIO_BLK_S_OK);
+        // Not a whole number of sectors.
+        hdr(&mut mem, 0x1000, VIRTIO_BLK_T_IN, 0);
+        let (_, st) = run(
+            &mut dev,
+            &mut mem,
+            d,
+            &[(0x1000, 16, false), (0x2000, 100, true), (0x4000, 1, true)],
+            0x4000,
+        );
+        assert_eq!(st, VIRTIO_BLK_S_IOERR);
+    }
+
+    #[test]
+    fn flush_get_id_and_unsupported() {
+        let mut dev = Block::new(disk(), b"rustyvisor-disk-0123456789");
+        let (mut mem, _, mut drv) = bring_up(&mut dev);
+        let d = &mut drv[0];
+        hdr(&mut mem, 0x1000, VIRTIO_BLK_T_FLUSH, 0);
+        let r = run(
+            &mut dev,
+            &mut mem,
+            d,
+            &[(0x1000, 16, false), (0x4000, 1, true)],
+            0x4000,
+        );
+        assert_eq!(r, (1, VIRTIO_BLK_S_OK));
+        assert_eq!(dev.stats().flushes, 1);
+        hdr(&mut mem, 0x1000, VIRTIO_BLK_T_GET_ID, 0);
+        let r = run(
+            &mut dev,
+            &mut mem,
+            d,
+            &[(0x1000, 16, false), (0x2000, 20, true), (0x4000, 1, true)],
+            0x4000,
+        );
+        assert_eq!(r, (21, VIRTIO_BLK_S_OK));
+        assert_eq!(&mem.as_slice()[0x2000..0x2014], b"rustyvisor-disk-0123");
+        for kind in [2, 3, 11, u32::MAX] {
+            hdr(&mut mem, 0x1000, kind, 0);
+            let r = run(
+                &mut dev,
+                &mut mem,
+                d,
+                &[(0x1000, 16, false), (0x4000, 1, true)],
+                0x4000,
+            );
+            assert_eq!(r, (1, VIRTIO_BLK_S_UNSUPP));
+        }
+        assert_eq!(dev.stats().unsupported, 4);
+    }
+
+    #[test]
+    fn malformed_requests_are_fatal() {
+        let mut dev = Block::new(disk(), b"disk");
+        let (mut mem, _, mut drv) = bring_up(&mut dev);
+        drv[0]
+            .add(&mut mem, &[(0x1000, 12, false), (0x4000, 1, true)])
+            .unwrap();
+        assert!(matches!(
+            dev.service(&mut mem),
+            Err(DeviceError::BadRequest(_))
+        ));
+        drv[0].add(&mut mem, &[(0x1000, 16, false)]).unwrap();
+        let e = dev.service(&mut mem).unwrap_err();
+        assert_eq!(
+            alloc::string::ToString::to_string(&e),
+            "bad device request: block request without a status byte"
+        );
+    }
+
+    #[test]
+    fn seg_max_data_segments_fit() {
+        // Header + SEG_MAX data segments + status = 128 descriptors = num.
+        let big: Vec<u8> = (0..128 * 512).map(|i| (i % 251) as u8).collect();
+        let mut dev = Block::new(big.clone(), b"disk");
+        let (mut mem, _, mut drv) = bring_up(&mut dev);
+        hdr(&mut mem, 0x1000, VIRTIO_BLK_T_IN, 0);
+        let mut bufs = vec![(0x1000, 16, false)];
+        for i in 0..SEG_MAX {
+            bufs.push((0x10000 + i * 512, 512, true));
+        }
+        bufs.push((0x4000, 1, true));
+        let (len, st) = run(&mut dev, &mut mem, &mut drv[0], &bufs, 0x4000);
+        assert_eq!((len, st), (SEG_MAX * 512 + 1, VIRTIO_BLK_S_OK));
+        assert_eq!(
+            mem.as_slice()[0x10000..0x10000 + SEG_MAX as usize * 512],
+            big[..SEG_MAX as usize * 512]
+        );
+    }
+}
