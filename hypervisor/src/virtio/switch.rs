@@ -299,3 +299,353 @@ impl Switch {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lguest::guestmem::VecMemory;
+    use crate::testutil::Rng;
+    use crate::virtio::net::{MAX_FRAME, RX, TX};
+    use crate::virtio::testdriver::{Driver, bring_up};
+    use crate::virtio::{VirtioDevice, interrupts};
+    use guest_abi::device::VIRTIO_NET_HDR_SIZE;
+    use std::collections::HashMap;
+
+    const BCAST: Mac = [0xff; 6];
+
+    fn mac(n: u8) -> Mac {
+        [0x52, 0x54, 0, 0, 0, n]
+    }
+
+    fn frame(dst: Mac, src: Mac, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&dst);
+        f.extend_from_slice(&src);
+        f.extend_from_slice(&[0x88, 0xb5]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn learning_unicast_and_flooding() {
+        let mut sw = Switch::default();
+        let (a, b, c) = (sw.add_port(), sw.add_port(), sw.add_port());
+        // Unknown destination: flooded to every other port.
+        assert_eq!(
+            sw.input(a, &frame(mac(2), mac(1), b"x")),
+            Targets::Flood { queued: 2 }
+        );
+        assert_eq!((sw.pending(a), sw.pending(b), sw.pending(c)), (0, 1, 1));
+        assert_eq!(sw.lookup(&mac(1)), Some(a));
+        // The answer goes to `a` only.
+        assert_eq!(sw.input(b, &frame(mac(1), mac(2), b"y")), Targets::One(a));
+        assert_eq!(sw.pending(a), 1);
+        assert_eq!(sw.pending(c), 1);
+        // Now both are known: b -> a and a -> b are unicast.
+        assert_eq!(sw.input(a, &frame(mac(2), mac(1), b"z")), Targets::One(b));
+        assert_eq!(sw.take(b).unwrap(), frame(mac(2), mac(1), b"x"));
+        assert_eq!(sw.take(b).unwrap(), frame(mac(2), mac(1), b"z"));
+        assert_eq!(sw.take(b), None);
+        // Broadcast: every other port, never the source.
+        assert_eq!(
+            sw.input(c, &frame(BCAST, mac(3), b"all")),
+            Targets::Flood { queued: 2 }
+        );
+        assert_eq!(sw.pending(c), 1); // only the first flood
+        assert_eq!(sw.take(a).unwrap(), frame(mac(1), mac(2), b"y"));
+        assert_eq!(sw.take(a).unwrap(), frame(BCAST, mac(3), b"all"));
+        assert_eq!(sw.take(b).unwrap(), frame(BCAST, mac(3), b"all"));
+        // Multicast sources are not learned.
+        sw.input(c, &frame(BCAST, [0x01, 0, 0x5e, 0, 0, 1], b""));
+        assert_eq!(sw.lookup(&[0x01, 0, 0x5e, 0, 0, 1]), None);
+    }
+
+    #[test]
+    fn never_back_to_the_source() {
+        let mut sw = Switch::default();
+        let (a, b) = (sw.add_port(), sw.add_port());
+        sw.input(a, &frame(BCAST, mac(1), b""));
+        sw.input(a, &frame(BCAST, mac(11), b""));
+        sw.take(b);
+        sw.take(b);
+        // mac(11) lives on port a; a frame from a to it is not reflected.
+        assert_eq!(sw.input(a, &frame(mac(11), mac(1), b"")), Targets::None);
+        assert_eq!((sw.pending(a), sw.pending(b)), (0, 0));
+        assert_eq!(sw.stats(a).unwrap().filtered, 1);
+        // A port alone on the switch floods to nobody.
+        let mut sw = Switch::default();
+        let a = sw.add_port();
+        assert_eq!(sw.input(a, &frame(BCAST, mac(1), b"")), Targets::None);
+        assert_eq!(sw.pending(a), 0);
+    }
+
+    #[test]
+    fn moves_removal_bounds_and_junk() {
+        let mut sw = Switch::new(2, 2);
+        let (a, b, c) = (sw.add_port(), sw.add_port(), sw.add_port());
+        sw.input(a, &frame(BCAST, mac(1), b""));
+        // mac(1) moves to c.
+        sw.input(c, &frame(BCAST, mac(1), b""));
+        assert_eq!(sw.lookup(&mac(1)), Some(c));
+        // Table full (2 entries): mac(3) is not learned, frames to it flood.
+        sw.input(b, &frame(BCAST, mac(2), b""));
+        sw.input(b, &frame(BCAST, mac(3), b""));
+        assert_eq!(sw.lookup(&mac(3)), None);
+        // Pending bound: a has 2 frames queued already; the rest drop.
+        assert_eq!(sw.pending(a), 2);
+        assert_eq!(sw.stats(a).unwrap().dropped, 1);
+        // Removal forgets the port's addresses and frames.
+        sw.remove_port(c);
+        assert_eq!(sw.lookup(&mac(1)), None);
+        assert_eq!(sw.pending(c), 0);
+        assert_eq!(sw.input(c, &frame(BCAST, mac(9), b"")), Targets::None);
+        // Its slot is reused.
+        assert_eq!(sw.add_port(), c);
+        // Too short to be Ethernet.
+        assert_eq!(sw.input(a, &[0xff; 13]), Targets::None);
+        assert_eq!(sw.input(9, &frame(BCAST, mac(1), b"")), Targets::None);
+    }
+
+    /// A guest with a net device and a simple driver for it.
+    struct Guest {
+        net: Net,
+        mem: VecMemory,
+        rx: Driver,
+        tx: Driver,
+        rx_buf: HashMap<u16, u32>,
+        tx_buf: HashMap<u16, u32>,
+        free_tx: Vec<u32>,
+        port: PortId,
+    }
+
+    const RX_BASE: u32 = 0x2_0000;
+    const TX_BASE: u32 = 0x6_0000;
+    const BUF: u32 = 2048;
+
+    impl Guest {
+        fn new(n: u8, sw: &mut Switch) -> Self {
+            let mut net = Net::new(mac(n));
+            let (mem, _, mut drv) = bring_up(&mut net);
+            let tx = drv.pop().unwrap();
+            let rx = drv.pop().unwrap();
+            let mut g = Self {
+                net,
+                mem,
+                rx,
+                tx,
+                rx_buf: HashMap::new(),
+                tx_buf: HashMap::new(),
+                free_tx: (0..64).map(|i| TX_BASE + i * BUF).collect(),
+                port: sw.add_port(),
+            };
+            for i in 0..64 {
+                g.post_rx(RX_BASE + i * BUF);
+            }
+            g
+        }
+        fn post_rx(&mut self, addr: u32) {
+            let hdr = VIRTIO_NET_HDR_SIZE;
+            let h = self
+                .rx
+                .add(
+                    &mut self.mem,
+                    &[(addr, hdr, true), (addr + hdr, MAX_FRAME as u32, true)],
+                )
+                .unwrap();
+            self.rx_buf.insert(h, addr);
+        }
+        /// Queue a frame for transmission; false if no buffer is free.
+        fn send(&mut self, f: &[u8]) -> bool {
+            while let Some((h, _)) = self.tx.take_used(&self.mem) {
+                self.free_tx.push(self.tx_buf.remove(&h).unwrap());
+            }
+            let Some(addr) = self.free_tx.pop() else {
+                return false;
+            };
+            self.mem.write(addr, &[0; 10]).unwrap();
+            self.mem.write(addr + 10, f).unwrap();
+            let h = self
+                .tx
+                .add(
+                    &mut self.mem,
+                    &[(addr, 10, false), (addr + 10, f.len() as u32, false)],
+                )
+                .unwrap();
+            self.tx_buf.insert(h, addr);
+            true
+        }
+        /// Take received frames (and repost their buffers).
+        fn recv(&mut self) -> Vec<Vec<u8>> {
+            let mut out = Vec::new();
+            while let Some((h, len)) = self.rx.take_used(&self.mem) {
+                let addr = self.rx_buf.remove(&h).unwrap();
+                assert!(len >= VIRTIO_NET_HDR_SIZE);
+                assert_eq!(self.mem.read_u16(addr).unwrap(), 0);
+                let start = (addr + VIRTIO_NET_HDR_SIZE) as usize;
+                out.push(self.mem.as_slice()[start..addr as usize + len as usize].to_vec());
+                self.post_rx(addr);
+            }
+            out
+        }
+        /// The kernel's work on a tx kick.
+        fn kick_tx(&mut self, sw: &mut Switch, scratch: &mut Vec<u8>) -> u32 {
+            sw.pump_tx(self.port, &mut self.net, &mut self.mem, scratch)
+                .unwrap()
+        }
+        /// The kernel's work for pending frames / an rx kick.
+        fn kick_rx(&mut self, sw: &mut Switch) -> u32 {
+            sw.pump_rx(self.port, &mut self.net, &mut self.mem).unwrap()
+        }
+    }
+
+    fn fnv(b: &[u8]) -> u32 {
+        b.iter().fold(0x811c_9dc5u32, |h, &x| {
+            (h ^ u32::from(x)).wrapping_mul(0x0100_0193)
+        })
+    }
+
+    /// Frame number `seq` from `src` to `dst`: random length and payload,
+    /// sequence number, FNV checksum at the end.
+    fn test_frame(dst: Mac, src: Mac, seq: u32) -> Vec<u8> {
+        let mut rng = Rng(u64::from(seq) * 0x9E37_79B9 + 1);
+        let len = 46 + (rng.next_u64() % (MAX_FRAME as u64 - 14 - 46 - 8 + 1)) as usize;
+        let mut payload = seq.to_le_bytes().to_vec();
+        payload.extend((0..len).map(|_| rng.next_u64() as u8));
+        let mut f = frame(dst, src, &payload);
+        let sum = fnv(&f);
+        f.extend_from_slice(&sum.to_le_bytes());
+        assert!(f.len() <= MAX_FRAME);
+        f
+    }
+
+    fn check_frame(f: &[u8], dst: Mac, src: Mac, want_seq: u32) {
+        let (body, sum) = f.split_at(f.len() - 4);
+        assert_eq!(fnv(body).to_le_bytes(), sum, "checksum of frame {want_seq}");
+        assert_eq!(&f[6..12], &src);
+        let seq = u32::from_le_bytes(f[14..18].try_into().unwrap());
+        assert_eq!(seq, want_seq, "frames lost or reordered");
+        assert_eq!(f, test_frame(dst, src, seq), "frame {seq} corrupted");
+    }
+
+    #[test]
+    fn ten_thousand_frames_each_way_none_lost() {
+        const N: u32 = 10_000;
+        let mut sw = Switch::default();
+        let mut g = [Guest::new(1, &mut sw), Guest::new(2, &mut sw)];
+        let mut scratch = Vec::new();
+        let mut sent = [0u32; 2];
+        let mut got = [0u32; 2];
+        let mut rounds = 0;
+        while got != [N, N] {
+            rounds += 1;
+            assert!(rounds < 10 * N, "no progress");
+            for i in 0..2 {
+                let (me, peer) = (mac(i as u8 + 1), mac(2 - i as u8));
+                // The guest sends what it has buffers for, then kicks.
+                while sent[i] < N && g[i].send(&test_frame(peer, me, sent[i])) {
+                    sent[i] += 1;
+                }
+                g[i].kick_tx(&mut sw, &mut scratch);
+            }
+            for i in 0..2 {
+                // The kernel delivers; the guest takes and reposts.
+                g[i].kick_rx(&mut sw);
+                let (me, peer) = (mac(i as u8 + 1), mac(2 - i as u8));
+                for f in g[i].recv() {
+                    check_frame(&f, me, peer, got[i]);
+                    got[i] += 1;
+                }
+                // Reposted buffers: deliver what waited for them.
+                g[i].kick_rx(&mut sw);
+            }
+        }
+        for guest in &g {
+            let s = guest.net.stats();
+            assert_eq!((s.tx_frames, s.rx_frames), (u64::from(N), u64::from(N)));
+            assert_eq!((s.tx_dropped, s.rx_dropped), (0, 0));
+            let p = sw.stats(guest.port).unwrap();
+            assert_eq!((p.dropped, p.filtered), (0, 0));
+            assert_eq!(sw.pending(guest.port), 0);
+        }
+        // Both learned.
+        assert_eq!(sw.lookup(&mac(1)), Some(g[0].port));
+        assert_eq!(sw.lookup(&mac(2)), Some(g[1].port));
+    }
+
+    #[test]
+    fn broadcast_reaches_every_other_guest() {
+        let mut sw = Switch::default();
+        let mut g: Vec<Guest> = (1..=4).map(|n| Guest::new(n, &mut sw)).collect();
+        let mut scratch = Vec::new();
+        let f = frame(BCAST, mac(3), b"hello everyone, this is guest three....");
+        assert!(g[2].send(&f));
+        assert_eq!(g[2].kick_tx(&mut sw, &mut scratch), 1);
+        for (i, guest) in g.iter_mut().enumerate() {
+            guest.kick_rx(&mut sw);
+            let got = guest.recv();
+            if i == 2 {
+                assert!(got.is_empty(), "broadcast sent back to its source");
+            } else {
+                assert_eq!(got, core::slice::from_ref(&f));
+                // The rx queue (irq 1) wants an interrupt.
+                assert_eq!(interrupts(&mut guest.net, &guest.mem).unwrap(), [1]);
+            }
+        }
+        // The sender gets its tx interrupt (irq 2).
+        let s = &mut g[2];
+        assert_eq!(interrupts(&mut s.net, &s.mem).unwrap(), [2]);
+    }
+
+    #[test]
+    fn frames_wait_for_receive_buffers() {
+        let mut sw = Switch::default();
+        let mut a = Guest::new(1, &mut sw);
+        let mut b = Guest::new(2, &mut sw);
+        let mut scratch = Vec::new();
+        // b has 64 buffers; send 70 frames.
+        for seq in 0..70 {
+            if !a.send(&test_frame(mac(2), mac(1), seq)) {
+                a.kick_tx(&mut sw, &mut scratch);
+                assert!(a.send(&test_frame(mac(2), mac(1), seq)));
+            }
+        }
+        a.kick_tx(&mut sw, &mut scratch);
+        assert_eq!(b.kick_rx(&mut sw), 64);
+        assert_eq!(sw.pending(b.port), 6);
+        assert_eq!(b.kick_rx(&mut sw), 0);
+        let got = b.recv();
+        assert_eq!(got.len(), 64);
+        assert_eq!(b.kick_rx(&mut sw), 6);
+        let got2 = b.recv();
+        for (i, f) in got.iter().chain(&got2).enumerate() {
+            check_frame(f, mac(2), mac(1), i as u32);
+        }
+    }
+
+    #[test]
+    fn net_device_edges() {
+        let mut g = Guest::new(1, &mut Switch::default());
+        assert_eq!(g.net.config(), mac(1));
+        let mut scratch = Vec::new();
+        // Too short and too long frames are dropped on transmit.
+        assert!(g.send(&[0u8; 13]));
+        assert!(g.send(&vec![0u8; MAX_FRAME + 1]));
+        assert!(!g.net.pop_tx(&mut g.mem, &mut scratch).unwrap());
+        assert_eq!(g.net.stats().tx_dropped, 2);
+        // A too-small receive buffer: the frame is dropped, buffer returned.
+        let mut net = Net::new(mac(5));
+        let (mut mem, _, mut drv) = bring_up(&mut net);
+        let f = frame(BCAST, mac(1), &[0; 100]);
+        assert_eq!(net.deliver(&mut mem, &f).unwrap(), Delivery::NoBuffer);
+        let h = drv[RX].add(&mut mem, &[(0x1000, 64, true)]).unwrap();
+        assert_eq!(net.deliver(&mut mem, &f).unwrap(), Delivery::Dropped);
+        assert_eq!(drv[RX].take_used(&mem), Some((h, 0)));
+        assert_eq!(net.stats().rx_dropped, 1);
+        // Before activation nothing moves.
+        let mut idle = Net::new(mac(6));
+        assert_eq!(idle.deliver(&mut mem, &f).unwrap(), Delivery::NoBuffer);
+        assert!(!idle.pop_tx(&mut mem, &mut scratch).unwrap());
+        assert!(!idle.rx_ready(&mem).unwrap());
+        let _ = TX;
+    }
+}
