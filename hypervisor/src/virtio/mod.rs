@@ -1,7 +1,7 @@
 //! Virtio devices on the lguest bus: pure, host-tested device models.
 //!
 //! Nothing here touches hardware or tasks: every function takes the guest's
-//! memory as a [`GuestMemory`](crate::lguest::guestmem::GuestMemory) and
+//! memory as a [`GuestMemory`] and
 //! returns decisions (raise this irq, kill the guest with this text). The
 //! kernel glues them to host tasks.
 //!
@@ -165,5 +165,117 @@ pub(crate) fn expect_queues(queues: &[VirtQueue], want: usize) -> Result<(), Dev
             want,
             got: queues.len(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::console::{Console, TX};
+    use super::testdriver::{Driver, RAM_PAGES};
+    use super::*;
+    use crate::lguest::guestmem::VecMemory;
+    use alloc::string::ToString;
+
+    /// The launcher glue from the module docs, driven by a guest: status
+    /// notifications, a kick, the interrupt, a hostile kick, a reset.
+    #[test]
+    fn launcher_glue() {
+        let mut con = Console::default();
+        let mut page = DevicePage::new(RAM_PAGES).unwrap();
+        let k = page.add(&con).unwrap();
+        let mut mem = VecMemory::new(page.end_pfn() * 4096);
+        page.write(&mut mem).unwrap();
+        let status = page.device_addr(k).unwrap();
+        let mut out = Vec::new();
+        let mut irqs = Vec::new();
+        // What the launcher does with NOTIFY(addr).
+        let notify = |addr: u32,
+                      mem: &mut VecMemory,
+                      page: &mut DevicePage,
+                      con: &mut Console,
+                      out: &mut Vec<u8>,
+                      irqs: &mut Vec<u16>|
+         -> Result<(), DeviceError> {
+            match page.decode_notify(addr) {
+                Notify::Status(k) => match page.status_changed(mem, k)? {
+                    StatusEvent::Reset | StatusEvent::Failed => {
+                        page.reset(mem, k)?;
+                        con.reset();
+                    }
+                    StatusEvent::Start => {
+                        con.activate(page.queues(k, mem.limit())?, page.guest_features(mem, k)?)?
+                    }
+                    StatusEvent::Progress(_) => {}
+                },
+                Notify::Kick { device, .. } => {
+                    if page.kick_starts(device) {
+                        con.activate(
+                            page.queues(device, mem.limit())?,
+                            page.guest_features(mem, device)?,
+                        )?;
+                    }
+                    con.service_tx(mem, |b| out.extend_from_slice(b))?;
+                    con.service_rx(mem)?;
+                    irqs.extend(interrupts(con, mem)?);
+                }
+                Notify::Other(a) => out.extend_from_slice(format!("[early {a:#x}]").as_bytes()),
+            }
+            Ok(())
+        };
+        // The guest: ACK, DRIVER, DRIVER_OK, each followed by a notify.
+        for s in [1u8, 3, 7] {
+            mem.write_u8(status + 4, s).unwrap();
+            notify(status, &mut mem, &mut page, &mut con, &mut out, &mut irqs).unwrap();
+        }
+        assert!(page.is_running(k));
+        let c = page.queue_config(k, TX).unwrap();
+        let mut tx = Driver::new(c.num, c.pfn);
+        mem.write(0x1000, b"hi\n").unwrap();
+        tx.add(&mut mem, &[(0x1000, 3, false)]).unwrap();
+        notify(
+            c.pfn << 12,
+            &mut mem,
+            &mut page,
+            &mut con,
+            &mut out,
+            &mut irqs,
+        )
+        .unwrap();
+        assert_eq!(out, b"hi\n");
+        assert_eq!(irqs, [c.irq]);
+        notify(0x1000, &mut mem, &mut page, &mut con, &mut out, &mut irqs).unwrap();
+        assert!(out.ends_with(b"[early 0x1000]"));
+        // A hostile ring: the error names it, the launcher kills the guest.
+        tx.set_avail_idx(&mut mem, tx.avail_idx.wrapping_add(0x8000));
+        let e = notify(
+            c.pfn << 12,
+            &mut mem,
+            &mut page,
+            &mut con,
+            &mut out,
+            &mut irqs,
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "guest moved avail index from 1 to 32769");
+        // Reset: rings zeroed, device stopped; the guest can start again.
+        mem.write_u8(status + 4, 0).unwrap();
+        notify(status, &mut mem, &mut page, &mut con, &mut out, &mut irqs).unwrap();
+        assert!(!page.is_running(k) && con.queues_mut().is_empty());
+        assert_eq!(mem.read_u16((c.pfn << 12) + 128 * 16 + 2).unwrap(), 0);
+        mem.write_u8(status + 4, 7).unwrap();
+        notify(status, &mut mem, &mut page, &mut con, &mut out, &mut irqs).unwrap();
+        let mut tx = Driver::new(c.num, c.pfn);
+        mem.write(0x1000, b"again").unwrap();
+        tx.add(&mut mem, &[(0x1000, 5, false)]).unwrap();
+        notify(
+            c.pfn << 12,
+            &mut mem,
+            &mut page,
+            &mut con,
+            &mut out,
+            &mut irqs,
+        )
+        .unwrap();
+        assert!(out.ends_with(b"again"));
     }
 }
