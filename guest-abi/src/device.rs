@@ -163,6 +163,61 @@ pub const fn vring_pages(num: u32) -> u32 {
     vring_size(num, LGUEST_VRING_ALIGN).div_ceil(4096)
 }
 
+/// Virtio status bit: the device needs a reset (virtio 1.0; never set by
+/// the lguest bus host, listed so a status byte carrying it is understood).
+pub const VIRTIO_CONFIG_S_NEEDS_RESET: u8 = 0x40;
+
+/// Size of one split-ring descriptor (`struct vring_desc`: `u64 addr`,
+/// `u32 len`, `u16 flags`, `u16 next`).
+pub const VRING_DESC_SIZE: u32 = 16;
+/// Descriptor flag: the chain continues at `next`.
+pub const VRING_DESC_F_NEXT: u16 = 1;
+/// Descriptor flag: the buffer is device-writable (otherwise device-readable).
+pub const VRING_DESC_F_WRITE: u16 = 2;
+/// Descriptor flag: the buffer holds a table of indirect descriptors.
+pub const VRING_DESC_F_INDIRECT: u16 = 4;
+/// `avail.flags` bit: the driver asks not to be interrupted on used buffers.
+pub const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// `used.flags` bit: the device asks not to be notified (kicked) of new
+/// available buffers.
+pub const VRING_USED_F_NO_NOTIFY: u16 = 1;
+
+/// Feature bit: indirect descriptors (`VIRTIO_RING_F_INDIRECT_DESC`).
+pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
+
+/// Block feature bit: `seg_max` in the config is valid.
+pub const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
+/// Block feature bit: the device is read-only.
+pub const VIRTIO_BLK_F_RO: u32 = 5;
+/// Block feature bit: the device understands `VIRTIO_BLK_T_FLUSH`.
+pub const VIRTIO_BLK_F_FLUSH: u32 = 9;
+/// Block request: read sectors into the writable buffers.
+pub const VIRTIO_BLK_T_IN: u32 = 0;
+/// Block request: write sectors from the readable buffers.
+pub const VIRTIO_BLK_T_OUT: u32 = 1;
+/// Block request: flush the write cache.
+pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+/// Block request: read the device id string (20 bytes).
+pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+/// Block request status: success.
+pub const VIRTIO_BLK_S_OK: u8 = 0;
+/// Block request status: I/O error (also: out of range, bad length).
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+/// Block request status: unsupported request type.
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+/// Size of the block request header (`u32 type`, `u32 ioprio`, `u64 sector`).
+pub const VIRTIO_BLK_OUTHDR_SIZE: u32 = 16;
+/// Block sector size in bytes (capacity and `sector` are in these units).
+pub const VIRTIO_BLK_SECTOR_SIZE: u32 = 512;
+/// Length of the `VIRTIO_BLK_T_GET_ID` answer.
+pub const VIRTIO_BLK_ID_BYTES: u32 = 20;
+
+/// Net feature bit: the device has a MAC address in its config.
+pub const VIRTIO_NET_F_MAC: u32 = 5;
+/// Size of the legacy `struct virtio_net_hdr` that precedes every frame
+/// when `VIRTIO_NET_F_MRG_RXBUF` is not negotiated.
+pub const VIRTIO_NET_HDR_SIZE: u32 = 10;
+
 const _: () = {
     assert!(core::mem::size_of::<LguestDeviceDesc>() == DEVICE_DESC_SIZE as usize);
     assert!(core::mem::align_of::<LguestDeviceDesc>() == 1);

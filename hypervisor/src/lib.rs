@@ -5,8 +5,10 @@
 //! manipulation, timer queues, ring buffers, AML scanning, the lguest
 //! core (control channel, vCPU state machine, GDT validation, guest memory
 //! accessors, ELF loader, guest console), the host-task scheduling policy
-//! ([`sched`]) and the hypervisor console's input state machine
-//! ([`hvconsole`]). None of it touches hardware, so
+//! ([`sched`]), the hypervisor console's input state machine
+//! ([`hvconsole`]) and the virtio devices of the lguest bus ([`virtio`]:
+//! virtqueues, device page, console, rng, block, net and the switch
+//! between guests). None of it touches hardware, so
 //! all of it is unit-tested on the host with `cargo test -p hypervisor`.
 //! Architecture-specific code (boot, interrupts, the world switch into
 //! guests, port I/O, the direct map) lives in the bare-metal binary, which
@@ -30,3 +32,4 @@ pub mod sched;
 pub(crate) mod testutil;
 pub mod timerq;
 pub mod units;
+pub mod virtio;
