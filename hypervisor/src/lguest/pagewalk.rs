@@ -473,6 +473,28 @@ impl GuestPaging {
         })
     }
 
+    /// One upper-level step of a walk: the entry at `at`, present and
+    /// valid, and the guest-physical base of the table it points at.
+    #[inline(always)]
+    fn table_entry(
+        &self,
+        mem: &impl GuestMemory,
+        level: Level,
+        at: u32,
+        vaddr: u32,
+    ) -> Result<(u64, u32), WalkError> {
+        let e = self
+            .read_entry(mem, level, at, vaddr)
+            .map_err(WalkError::Bad)?;
+        if e & PAGE_PRESENT == 0 {
+            return Err(WalkError::NotPresent { level });
+        }
+        let next = self
+            .check_table_entry(level, e, at, vaddr)
+            .map_err(WalkError::Bad)?;
+        Ok((e, next))
+    }
+
     /// Walks `vaddr` through the tables at `cr3`, validating every entry on
     /// the way, without checking permissions (see [`Self::translate`]).
     #[inline(always)]
@@ -491,38 +513,14 @@ impl GuestPaging {
         let (upper, pt_base, pte_index_bytes) = match self.format {
             Format::TwoLevel => {
                 let at = cr3.wrapping_add((vaddr >> 22) << 2);
-                let pgd = self
-                    .read_entry(mem, Level::Pgd, at, vaddr)
-                    .map_err(WalkError::Bad)?;
-                if pgd & PAGE_PRESENT == 0 {
-                    return Err(WalkError::NotPresent { level: Level::Pgd });
-                }
-                let pt = self
-                    .check_table_entry(Level::Pgd, pgd, at, vaddr)
-                    .map_err(WalkError::Bad)?;
+                let (pgd, pt) = self.table_entry(mem, Level::Pgd, at, vaddr)?;
                 (Perms::of_entry(pgd), pt, ((vaddr >> 12) & 0x3FF) << 2)
             }
             Format::Pae => {
                 let at = cr3.wrapping_add((vaddr >> 30) << 3);
-                let pdpte = self
-                    .read_entry(mem, Level::Pdpt, at, vaddr)
-                    .map_err(WalkError::Bad)?;
-                if pdpte & PAGE_PRESENT == 0 {
-                    return Err(WalkError::NotPresent { level: Level::Pdpt });
-                }
-                let pmd_base = self
-                    .check_table_entry(Level::Pdpt, pdpte, at, vaddr)
-                    .map_err(WalkError::Bad)?;
+                let (_, pmd_base) = self.table_entry(mem, Level::Pdpt, at, vaddr)?;
                 let at = pmd_base | (((vaddr >> 21) & 0x1FF) << 3);
-                let pmd = self
-                    .read_entry(mem, Level::Pmd, at, vaddr)
-                    .map_err(WalkError::Bad)?;
-                if pmd & PAGE_PRESENT == 0 {
-                    return Err(WalkError::NotPresent { level: Level::Pmd });
-                }
-                let pt = self
-                    .check_table_entry(Level::Pmd, pmd, at, vaddr)
-                    .map_err(WalkError::Bad)?;
+                let (pmd, pt) = self.table_entry(mem, Level::Pmd, at, vaddr)?;
                 (Perms::of_entry(pmd), pt, ((vaddr >> 12) & 0x1FF) << 3)
             }
         };

@@ -173,12 +173,6 @@ impl VirtioDevice for Console {
     fn queue_sizes(&self) -> &[u16] {
         &SIZES
     }
-    fn host_features(&self) -> u32 {
-        0
-    }
-    fn config(&self) -> Vec<u8> {
-        Vec::new()
-    }
     fn activate(&mut self, queues: Vec<VirtQueue>, _features: u32) -> Result<(), DeviceError> {
         expect_queues(&queues, SIZES.len())?;
         self.queues = queues;

@@ -128,9 +128,15 @@ pub trait VirtioDevice {
     /// Ring sizes, one per queue (each a power of two).
     fn queue_sizes(&self) -> &[u16];
     /// Feature bits offered (the first 32; the lguest bus carries no more).
-    fn host_features(&self) -> u32;
-    /// The device config bytes the guest reads from the device page.
-    fn config(&self) -> Vec<u8>;
+    /// None by default.
+    fn host_features(&self) -> u32 {
+        0
+    }
+    /// The device config bytes the guest reads from the device page. None
+    /// by default.
+    fn config(&self) -> Vec<u8> {
+        Vec::new()
+    }
     /// Start the device with its queues (from
     /// [`DevicePage::queues`]) and the features the guest accepted.
     fn activate(&mut self, queues: Vec<VirtQueue>, guest_features: u32) -> Result<(), DeviceError>;
