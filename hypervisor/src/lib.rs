@@ -30,6 +30,5 @@ pub mod ringbuf;
 pub mod sched;
 #[cfg(test)]
 pub(crate) mod testutil;
-pub mod timerq;
 pub mod units;
 pub mod virtio;

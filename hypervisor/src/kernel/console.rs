@@ -70,6 +70,14 @@ pub fn print(args: fmt::Arguments<'_>) {
     let _ = SERIAL.lock().write_fmt(args);
 }
 
+/// Sends bytes to the serial port as they are (the console's prompt, echo
+/// and erase sequences).
+pub fn write_raw(bytes: &[u8]) {
+    if let Some(uart) = SERIAL.lock().uart.as_mut() {
+        uart.send_bytes_exact(bytes);
+    }
+}
+
 /// Prints on the fatal path: breaks the console lock first, because the CPU
 /// that held it (this one) will never release it.
 pub fn print_fatal(args: fmt::Arguments<'_>) {

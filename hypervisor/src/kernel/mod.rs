@@ -13,6 +13,7 @@ pub mod console;
 pub mod fault;
 pub mod interrupts;
 pub mod ioapic;
+pub mod launcher;
 pub mod lguest;
 pub mod mem;
 pub mod pit;
@@ -273,9 +274,22 @@ extern "C" fn kernel_main() -> ! {
         lguest::probe::report_paging_floors();
     }
     let modules: Vec<_> = boot.modules().collect();
-    let (ran, clean) = lguest::launch_modules(&modules, cfg.fastpath);
-    if ran > 0 {
+    let (free_before, _, _) = mem::frame_counts();
+    if launcher::start(&modules, cfg.fastpath) > 0 {
+        task::run();
+        let (ran, clean) = launcher::results();
         kprintln!("guests: {ran} run, {clean} powered off cleanly");
+        // Every guest, task stack and console buffer is gone now: the
+        // free count is where it was before the first guest.
+        let (free_after, _, _) = mem::frame_counts();
+        if free_after == free_before {
+            kprintln!("guests: every frame came back ({free_after} free)");
+        } else {
+            kprintln!(
+                "guests: LEAK: {} frames not returned",
+                free_before.abs_diff(free_after)
+            );
+        }
     }
 
     kprintln!("idle: nothing to run");

@@ -53,11 +53,18 @@ pub fn entry_fault(cfg: &Config) {
 
 /// What the tasks of `selftest=tasks` did, in order: (task, step).
 static TASK_TRACE: super::sync::IrqMutex<Vec<(u64, u64)>> = super::sync::IrqMutex::new(Vec::new());
+/// The event the waiter task of `selftest=tasks` blocks on.
+static TASK_EVENT: super::sync::IrqMutex<Option<rustyvisor::sched::EventHandle>> =
+    super::sync::IrqMutex::new(None);
+/// (what the waiter took from the event, ns the sleeper slept, whether
+/// the spinner was told to yield).
+static TASK_RESULTS: super::sync::IrqMutex<(u64, u64, bool)> =
+    super::sync::IrqMutex::new((0, 0, false));
 
 fn task_body(arg: u64) {
     // Task `arg` takes `arg + 2` steps (2, 3, 4), yielding after each.
     for step in 0..arg + 2 {
-        if super::task::current_name() != Some("selftest") {
+        if super::task::current_name().as_deref() != Some("selftest") {
             fail(format_args!("tasks: task {arg} does not know who it is"));
         }
         TASK_TRACE.lock().push((arg, step));
@@ -65,45 +72,107 @@ fn task_body(arg: u64) {
     }
 }
 
+fn task_waiter(_: u64) {
+    let Some(e) = *TASK_EVENT.lock() else {
+        return;
+    };
+    let n = super::task::wait_event(e);
+    TASK_RESULTS.lock().0 = n;
+}
+
+fn task_signaller(_: u64) {
+    // Let the waiter block first.
+    super::task::yield_now();
+    if let Some(e) = *TASK_EVENT.lock() {
+        super::task::signal(e, 5);
+    }
+}
+
+fn task_sleeper(_: u64) {
+    let t0 = time::now_ns();
+    super::task::sleep_ns(2_000_000);
+    TASK_RESULTS.lock().1 = time::now_ns() - t0;
+}
+
+fn task_spinner(_: u64) {
+    // Never yields of its own accord: only the slice timer can tell it to.
+    let give_up = time::now_ns() + 10_000_000_000;
+    while !super::task::need_resched() && time::now_ns() < give_up {
+        core::hint::spin_loop();
+    }
+    TASK_RESULTS.lock().2 = super::task::need_resched();
+}
+
 /// `selftest=tasks`: three tasks on their own stacks take turns (each step
-/// a yield) in round-robin order, the shorter ones end first, and every
-/// stack comes back.
+/// a yield), each in its own order; a task blocked on an event wakes when
+/// another signals it and takes the count; a sleeper sleeps at least its
+/// time; a task that never yields is told to at its slice end; every stack
+/// comes back.
 fn tasks() {
     let (free_before, _, _) = mem::frame_counts();
-    for i in 0..3 {
-        if super::task::spawn("selftest", task_body, i).is_err() {
-            fail(format_args!("tasks: no stack for task {i}"));
+    *TASK_EVENT.lock() = Some(super::task::new_event());
+    let bodies: [(super::task::Entry, u64); 7] = [
+        (task_body, 0),
+        (task_body, 1),
+        (task_body, 2),
+        (task_waiter, 0),
+        (task_signaller, 0),
+        (task_sleeper, 0),
+        (task_spinner, 0),
+    ];
+    for (entry, arg) in bodies {
+        if super::task::spawn("selftest", entry, arg).is_err() {
+            fail(format_args!("tasks: no stack for task {arg}"));
         }
     }
     let ended = super::task::run();
+    if let Some(e) = TASK_EVENT.lock().take() {
+        super::task::close_event(e);
+    }
     let trace = core::mem::take(&mut *TASK_TRACE.lock());
-    // Round robin: 0,1,2 | 0,1,2 | 1,2 (task 0 has ended) | 2.
-    let expected: Vec<(u64, u64)> = [
-        (0, 0),
-        (1, 0),
-        (2, 0),
-        (0, 1),
-        (1, 1),
-        (2, 1),
-        (1, 2),
-        (2, 2),
-        (2, 3),
-    ]
-    .into();
-    if trace != expected {
+    // Every task took its steps in order, and they took turns: no task
+    // ran all its steps before another started.
+    for task in 0..3u64 {
+        let steps: Vec<u64> = trace
+            .iter()
+            .filter(|(t, _)| *t == task)
+            .map(|(_, s)| *s)
+            .collect();
+        if steps != (0..task + 2).collect::<Vec<_>>() {
+            fail(format_args!("tasks: task {task} took steps {steps:?}"));
+        }
+    }
+    let first_of = |task: u64| trace.iter().position(|(t, _)| *t == task);
+    let last_of = |task: u64| trace.iter().rposition(|(t, _)| *t == task);
+    if !(0..3).all(|a| (0..3).all(|b| first_of(a) < last_of(b))) {
+        fail(format_args!("tasks: no turns taken: {trace:?}"));
+    }
+    let (taken, slept, told) = *TASK_RESULTS.lock();
+    if taken != 5 {
         fail(format_args!(
-            "tasks: turns {trace:?}, expected {expected:?}"
+            "tasks: the waiter took {taken} from the event, expected 5"
+        ));
+    }
+    if slept < 2_000_000 {
+        fail(format_args!(
+            "tasks: a 2 ms sleep returned after {slept} ns"
+        ));
+    }
+    if !told {
+        fail(format_args!(
+            "tasks: a task that never yields was never preempted"
         ));
     }
     let (free_after, _, _) = mem::frame_counts();
-    if ended != 3 || free_after != free_before {
+    if ended != 7 || free_after != free_before {
         fail(format_args!(
-            "tasks: {ended} of 3 ended, {} frames not returned",
+            "tasks: {ended} of 7 ended, {} frames not returned",
             free_before.abs_diff(free_after)
         ));
     }
     kprintln!(
-        "selftest: tasks ok (3 tasks, {} turns in round-robin order, every stack freed)",
+        "selftest: tasks ok (7 tasks: {} turns taken in order, an event, a sleep, a \
+         preemption; every stack freed)",
         trace.len()
     );
 }
@@ -260,9 +329,7 @@ fn timer() {
     // first. Armed together, they fire in deadline order however late.
     x86_64::instructions::interrupts::without_interrupts(|| {
         for (delay, id) in plan {
-            if time::arm_at(start + delay, on_test_timer, id).is_err() {
-                fail(format_args!("could not arm timer {id}"));
-            }
+            time::arm_at(start + delay, on_test_timer, id);
         }
     });
     // Only catches a timer that never fires: a loaded host running this

@@ -1,17 +1,36 @@
-//! Host tasks: kernel threads, each on its own guarded stack, switched
-//! cooperatively.
+//! Host tasks: kernel threads, each on its own guarded stack, scheduled by
+//! the pure policy in [`rustyvisor::sched`].
 //!
-//! This is the mechanism the launcher tasks of the next milestone build on
-//! (docs/design.md, "Host tasks"): [`spawn`] makes a task that runs
-//! `entry(arg)` on a fresh [`KernelStack`] (a guard page below it: an
-//! overflow faults instead of corrupting memory), [`yield_now`] gives the
-//! CPU back to the scheduler loop, and [`run`] (called on the boot stack)
-//! runs every task, one after the other in turn, until all have returned,
-//! freeing each stack as its task ends. A guest's run loop is a natural
-//! yield point: every host interrupt makes the guest exit to it, so a
-//! time-slice timer is enough to take the CPU back from a guest that never
-//! exits on its own; the policy (who runs next, for how long) is the pure
-//! scheduler's.
+//! [`spawn`] makes a task that runs `entry(arg)` on a fresh [`KernelStack`]
+//! (a guard page below it: an overflow faults instead of corrupting
+//! memory). [`run`], called once on the boot CPU's main stack, is the
+//! scheduler loop: it asks the policy what runs next, switches to that task
+//! until it yields, blocks or ends, and halts the CPU when nothing is
+//! runnable (until the next timer deadline or interrupt), freeing each
+//! task's stack when it ends; it returns when no task is left.
+//!
+//! # Preemption
+//!
+//! Every pick arms a one-shot timer at the end of the task's time slice
+//! (`sched::SLICE_NS`, 4 ms, or an earlier deadline of the policy's). When
+//! it fires, or when an interrupt wakes a task that should run before the
+//! current one ([`wake`], [`signal`]), [`need_resched`] becomes true. A task
+//! running a guest reaches a preemption point at every guest exit (every
+//! host interrupt makes the guest exit, and the run loop returns
+//! "interrupted" to its launcher, which yields). Host code between those
+//! points is short and bounded (a launcher's handling of one exit, the
+//! console's handling of a few bytes), so a guest that never exits on its
+//! own still loses the CPU at its slice end: it cannot starve the others.
+//! Host tasks themselves are not preempted in the middle of host code, like
+//! a kernel without in-kernel preemption.
+//!
+//! # Blocking
+//!
+//! [`block`] puts the running task to sleep on a [`WaitOn`] (a halted
+//! guest, an event counter, a deadline) and switches to the loop; [`wake`]
+//! and [`signal`] (safe from interrupt context) make it runnable again.
+//! A halted guest's launcher checks "nothing deliverable" and blocks with
+//! interrupts off, so an irq raised in between is never a lost wake-up.
 //!
 //! # The switch
 //!
@@ -22,16 +41,23 @@
 //! entry point in r12 and its argument in r13. Everything else a Rust
 //! function may clobber is the caller's to save under the SysV ABI, which
 //! is exactly how `switch_context` is called (an ordinary `extern "C"`
-//! call). Interrupts stay enabled: at every instruction of the switch the
-//! stack pointer is a valid stack (the old or the new one), which is all an
-//! interrupt taken there needs. Only the boot CPU runs tasks.
+//! call). Switches happen with interrupts off; each side restores its own
+//! interrupt flag afterwards. Only the boot CPU runs tasks.
 
+use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
+use alloc::string::String;
 use alloc::vec::Vec;
 use core::arch::naked_asm;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use rustyvisor::sched::{self, Decision, Scheduler, Wait};
+pub use rustyvisor::sched::{EventHandle, TaskId, WaitOn, WakeReason};
+use x86_64::instructions::interrupts;
 
 use super::mem::KernelStack;
 use super::sync::IrqMutex;
+use super::time;
 
 extern crate alloc;
 
@@ -41,9 +67,11 @@ pub const TASK_STACK_PAGES: u64 = 4;
 /// A task's entry point; `arg` is what [`spawn`] was given.
 pub type Entry = fn(arg: u64);
 
-struct Task {
+/// A task's context. Boxed, so the address of `rsp` stays put while the
+/// map of tasks changes.
+struct Ctx {
     /// Its name, for messages.
-    name: &'static str,
+    name: String,
     /// Saved stack pointer while it is not running.
     rsp: u64,
     /// Its stack (freed by the scheduler loop once the task has ended).
@@ -52,33 +80,48 @@ struct Task {
     done: bool,
 }
 
-struct Sched {
-    tasks: Vec<Task>,
-    /// Index of the running task, if one is.
-    current: Option<usize>,
+struct Tasks {
+    policy: Scheduler,
+    ctx: BTreeMap<TaskId, Box<Ctx>>,
+    /// The running task, if one is.
+    current: Option<TaskId>,
     /// The scheduler loop's saved stack pointer while a task runs.
     loop_rsp: u64,
+    /// The timer armed for the current decision's end.
+    timer: Option<time::TimerId>,
 }
 
-static SCHED: IrqMutex<Sched> = IrqMutex::new(Sched {
-    tasks: Vec::new(),
-    current: None,
-    loop_rsp: 0,
-});
+static TASKS: IrqMutex<Option<Tasks>> = IrqMutex::new(None);
+
+/// The running task should give the CPU back at its next preemption point.
+static NEED_RESCHED: AtomicBool = AtomicBool::new(false);
 
 /// Tasks that ran to their end.
 static FINISHED: AtomicU64 = AtomicU64::new(0);
+
+/// Runs `f` on the task table (made on first use).
+fn with<R>(f: impl FnOnce(&mut Tasks) -> R) -> R {
+    let mut g = TASKS.lock();
+    let t = g.get_or_insert_with(|| Tasks {
+        policy: Scheduler::default(),
+        ctx: BTreeMap::new(),
+        current: None,
+        loop_rsp: 0,
+        timer: None,
+    });
+    f(t)
+}
 
 /// Why a task could not be made.
 #[derive(Debug)]
 pub struct NoStack;
 
-/// Makes a task that will run `entry(arg)` once [`run`] gets to it.
+/// Makes a runnable task that will run `entry(arg)`.
 ///
 /// # Errors
 ///
 /// [`NoStack`] when no stack can be allocated.
-pub fn spawn(name: &'static str, entry: Entry, arg: u64) -> Result<(), NoStack> {
+pub fn spawn(name: &str, entry: Entry, arg: u64) -> Result<TaskId, NoStack> {
     let stack = KernelStack::new(TASK_STACK_PAGES).ok_or(NoStack)?;
     let top = stack.top();
     // The first switch pops six callee-saved registers (r15 first) and
@@ -99,74 +142,248 @@ pub fn spawn(name: &'static str, entry: Entry, arg: u64) -> Result<(), NoStack> 
         // owned by this task, not yet used by anyone.
         unsafe { ((rsp + 8 * i as u64) as *mut u64).write(*v) };
     }
-    SCHED.lock().tasks.push(Task {
-        name,
+    let ctx = Box::new(Ctx {
+        name: String::from(name),
         rsp,
         _stack: stack,
         done: false,
     });
-    Ok(())
+    Ok(with(|t| {
+        let id = t.policy.spawn(sched::DEFAULT_WEIGHT);
+        t.ctx.insert(id, ctx);
+        id
+    }))
 }
 
-/// Gives the CPU back to the scheduler loop; returns when this task's turn
-/// comes again. Outside a task (on the boot stack) it does nothing.
-pub fn yield_now() {
-    let (save, to) = {
-        let mut s = SCHED.lock();
-        let Some(i) = s.current else {
-            return;
-        };
-        let to = s.loop_rsp;
-        let Some(t) = s.tasks.get_mut(i) else {
-            return;
-        };
-        (&raw mut t.rsp, to)
+/// The running task (`None` on the loop's own stack).
+pub fn current() -> Option<TaskId> {
+    with(|t| t.current)
+}
+
+/// The name of the running task (`None` on the loop's own stack).
+pub fn current_name() -> Option<String> {
+    with(|t| {
+        let id = t.current?;
+        t.ctx.get(&id).map(|c| c.name.clone())
+    })
+}
+
+/// Whether the running task should yield at its next preemption point
+/// (its slice is over, or a task that must run first woke).
+#[inline]
+pub fn need_resched() -> bool {
+    NEED_RESCHED.load(Ordering::Relaxed)
+}
+
+/// Switches from the running task to the scheduler loop; returns when the
+/// task is picked again. `prepare` runs on the task table first, under its
+/// lock, with the running task's id (e.g. to block it). Outside a task it
+/// does nothing and returns `None`.
+fn switch_to_loop(prepare: impl FnOnce(&mut Tasks, TaskId)) -> Option<TaskId> {
+    let were = interrupts::are_enabled();
+    interrupts::disable();
+    let switch = with(|t| {
+        let id = t.current?;
+        prepare(t, id);
+        let to = t.loop_rsp;
+        let ctx = t.ctx.get_mut(&id)?;
+        Some((id, &raw mut ctx.rsp, to))
+    });
+    let Some((id, save, to)) = switch else {
+        if were {
+            interrupts::enable();
+        }
+        return None;
     };
-    // SAFETY: `save` points into the running task's entry of the task list,
-    // which the loop leaves in place while the task is suspended (it only
-    // removes tasks that are done); `to` is the loop's context, saved by its
-    // own switch into this task.
+    // SAFETY: `save` points into the running task's boxed context, which
+    // stays allocated while the task is suspended (the loop frees only
+    // contexts of tasks that ended); `to` is the loop's context, saved by
+    // its own switch into this task. Interrupts are off.
     unsafe { switch_context(save, to) };
+    if were {
+        interrupts::enable();
+    }
+    Some(id)
 }
 
-/// The name of the running task (`None` on the boot stack).
-pub fn current_name() -> Option<&'static str> {
-    let s = SCHED.lock();
-    s.current.and_then(|i| s.tasks.get(i)).map(|t| t.name)
+/// Gives the CPU back to the scheduler loop; the task stays runnable and
+/// returns when its turn comes again. Outside a task it does nothing.
+pub fn yield_now() {
+    switch_to_loop(|_, _| {});
 }
 
-/// Runs every task in turn (each until it yields or ends) until none is
-/// left, freeing each stack when its task has ended. Call on the boot
-/// stack, not from a task. Returns how many tasks ended.
-pub fn run() -> u64 {
-    let before = FINISHED.load(Ordering::Relaxed);
-    let mut next = 0usize;
+/// Blocks the running task on `on` until `deadline` at the latest, and
+/// returns why it woke (`None` outside a task or if the policy refused the
+/// wait, e.g. a sleep without deadline).
+pub fn block(on: WaitOn, deadline: Option<u64>) -> Option<WakeReason> {
+    let mut ok = false;
+    let id = switch_to_loop(|t, id| {
+        ok = t.policy.block(id, Wait { on, deadline }).is_ok();
+    })?;
+    if !ok {
+        return None;
+    }
+    with(|t| t.policy.take_wake_reason(id))
+}
+
+/// Sleeps for `ns` nanoseconds (yields if 0).
+pub fn sleep_ns(ns: u64) {
+    block(
+        WaitOn::Sleep,
+        Some(time::now_ns().saturating_add(ns.max(1))),
+    );
+}
+
+/// Makes `task` runnable if it is blocked (on anything: a halted guest's
+/// interrupt, a kill). Safe from interrupt context.
+pub fn wake(task: TaskId) {
+    with(|t| {
+        if t.policy.wake(task).unwrap_or(false) {
+            check_resched(t);
+        }
+    });
+}
+
+/// A new event counter (eventfd-like).
+pub fn new_event() -> EventHandle {
+    with(|t| t.policy.new_event())
+}
+
+/// Closes an event; its waiters wake with `Closed`.
+pub fn close_event(e: EventHandle) {
+    with(|t| {
+        let _ = t.policy.close_event(e);
+    });
+}
+
+/// Adds `n` to an event's counter and wakes its waiters. Safe from
+/// interrupt context.
+pub fn signal(e: EventHandle, n: u64) {
+    with(|t| {
+        if t.policy.signal(e, n).unwrap_or(0) > 0 {
+            check_resched(t);
+        }
+    });
+}
+
+/// Takes and clears an event's counter (0 if it is closed).
+pub fn take_event(e: EventHandle) -> u64 {
+    with(|t| t.policy.take_event(e).unwrap_or(0))
+}
+
+/// Waits until the event's counter is not zero, takes it and returns it
+/// (0 if the event is closed or this is not a task).
+pub fn wait_event(e: EventHandle) -> u64 {
     loop {
-        let (save, to) = {
-            let mut s = SCHED.lock();
-            s.tasks.retain(|t| !t.done);
-            if s.tasks.is_empty() {
-                s.current = None;
-                break;
-            }
-            let i = next % s.tasks.len();
-            next = i + 1;
-            s.current = Some(i);
-            let to = s.tasks.get(i).map_or(0, |t| t.rsp);
-            (&raw mut s.loop_rsp, to)
-        };
-        // SAFETY: `to` is a task's saved context (from `spawn` or its last
-        // `yield_now`), on its own live stack; `save` is the loop's slot,
-        // which the task's next switch back reads.
-        unsafe { switch_context(save, to) };
-        let mut s = SCHED.lock();
-        s.current = None;
-        // A task that ended removed itself from the turn order: retry the
-        // same index (the next task moved into it).
-        if s.tasks.iter().any(|t| t.done) {
-            next = next.saturating_sub(1);
+        match with(|t| t.policy.take_event(e)) {
+            Ok(0) => {}
+            Ok(n) => return n,
+            Err(_) => return 0,
+        }
+        match block(WaitOn::Event(e), None) {
+            Some(WakeReason::Closed) | None => return 0,
+            Some(_) => {}
         }
     }
+}
+
+/// CPU time the task was charged, in nanoseconds.
+pub fn cpu_ns(task: TaskId) -> u64 {
+    with(|t| t.policy.cpu_ns(task).unwrap_or(0))
+}
+
+/// The policy's counters and the number of live tasks.
+pub fn stats() -> (sched::Stats, usize) {
+    with(|t| (t.policy.stats(), t.ctx.len()))
+}
+
+fn check_resched(t: &Tasks) {
+    if t.policy.need_resched(time::now_ns()) {
+        NEED_RESCHED.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The decision timer: the slice ended or a deadline of the policy's
+/// passed (a sleeping task's).
+fn decision_timer(_: u64) {
+    with(|t| {
+        t.timer = None;
+        t.policy.expire(time::now_ns());
+        check_resched(t);
+    });
+}
+
+/// Re-arms the decision timer for `until`.
+fn arm_decision(t: &mut Tasks, until: Option<u64>) {
+    if let Some(id) = t.timer.take() {
+        time::cancel(id);
+    }
+    t.timer = until.map(|u| time::arm_at(u, decision_timer, 0));
+}
+
+/// The scheduler loop: runs tasks as the policy decides until none is left,
+/// halting while nothing is runnable. Call on the boot CPU's main stack,
+/// not from a task. Returns how many tasks ended.
+pub fn run() -> u64 {
+    let before = FINISHED.load(Ordering::Relaxed);
+    loop {
+        interrupts::disable();
+        let mut finished: Vec<Box<Ctx>> = Vec::new();
+        let next = with(|t| {
+            t.current = None;
+            // Tasks that ended: their stacks are no longer in use.
+            let done: Vec<TaskId> = t
+                .ctx
+                .iter()
+                .filter(|(_, c)| c.done)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in done {
+                if let Some(c) = t.ctx.remove(&id) {
+                    finished.push(c);
+                }
+            }
+            if t.ctx.is_empty() {
+                arm_decision(t, None);
+                return None;
+            }
+            match t.policy.pick_next(time::now_ns()) {
+                Decision::Run { task, until } => {
+                    let Some(to) = t.ctx.get(&task).map(|c| c.rsp) else {
+                        // Cannot happen (both maps change together); drop
+                        // the stray id rather than pick it forever.
+                        let _ = t.policy.exit(task);
+                        return Some(None);
+                    };
+                    NEED_RESCHED.store(false, Ordering::Relaxed);
+                    arm_decision(t, Some(until));
+                    t.current = Some(task);
+                    Some(Some((&raw mut t.loop_rsp, to)))
+                }
+                Decision::Halt { until } => {
+                    arm_decision(t, until);
+                    Some(None)
+                }
+            }
+        });
+        // Stacks are freed outside the lock.
+        drop(finished);
+        match next {
+            None => break,
+            Some(Some((save, to))) => {
+                // SAFETY: `to` is a task's saved context (from `spawn` or its
+                // last switch to the loop), on its own live stack; `save` is
+                // the loop's slot, which the task's next switch back reads.
+                // Interrupts are off.
+                unsafe { switch_context(save, to) };
+            }
+            // Nothing runnable: sleep until an interrupt (`sti; hlt`
+            // together, so a wake-up between the decision and the halt is
+            // not lost).
+            Some(None) => super::wait_for_interrupt(),
+        }
+    }
+    interrupts::enable();
     FINISHED.load(Ordering::Relaxed) - before
 }
 
@@ -175,6 +392,8 @@ pub fn run() -> u64 {
 #[unsafe(naked)]
 unsafe extern "C" fn task_trampoline() {
     naked_asm!(
+        // The loop switches with interrupts off; a task runs with them on.
+        "sti",
         "mov rdi, r13",
         "call r12",
         "call {exit}",
@@ -186,13 +405,16 @@ unsafe extern "C" fn task_trampoline() {
 /// The end of a task: marks it done and switches to the scheduler loop for
 /// good (the loop frees its stack; this frame is never resumed).
 extern "C" fn task_exit() -> ! {
-    let to = {
-        let mut s = SCHED.lock();
-        if let Some(t) = s.current.and_then(|i| s.tasks.get_mut(i)) {
-            t.done = true;
+    interrupts::disable();
+    let to = with(|t| {
+        if let Some(id) = t.current {
+            let _ = t.policy.exit(id);
+            if let Some(c) = t.ctx.get_mut(&id) {
+                c.done = true;
+            }
         }
-        s.loop_rsp
-    };
+        t.loop_rsp
+    });
     FINISHED.fetch_add(1, Ordering::Relaxed);
     let mut dead = 0u64;
     // SAFETY: `to` is the loop's context; `dead` is a throw-away slot for

@@ -1,20 +1,21 @@
 //! Time: a monotonic nanosecond clock (the TSC, calibrated against the PIT)
 //! and one-shot deadline timers driven by the local APIC timer.
 //!
-//! Timers live in a fixed-size [`TimerQueue`]; the APIC timer is always armed
-//! for the earliest deadline. A timer's callback runs in interrupt context
-//! with the timer lock released, so it may arm new timers.
+//! Timers live in an ordered map keyed by (deadline, sequence number): no
+//! fixed cap (a guest's clock event can never be dropped because others
+//! hold every slot), bounded by memory alone; the heap is interrupt-safe, so
+//! arming from interrupt context is fine. The APIC timer is always armed for
+//! the earliest deadline. A timer's callback runs in interrupt context with
+//! the timer lock released, so it may arm new timers.
 
+extern crate alloc;
+
+use alloc::collections::BTreeMap;
 use core::sync::atomic::{AtomicU64, Ordering};
-
-use rustyvisor::timerq::{TimerId, TimerQueue};
 
 use super::apic;
 use super::arch::cpu;
 use super::sync::IrqMutex;
-
-/// Maximum number of armed timers.
-pub const MAX_TIMERS: usize = 64;
 
 static TSC_HZ: AtomicU64 = AtomicU64::new(0);
 /// Nanoseconds per TSC tick as a 32.32 fixed-point number (`10^9 · 2^32 /
@@ -27,14 +28,23 @@ static TIMER_IRQS: AtomicU64 = AtomicU64::new(0);
 /// A timer callback: called with the argument given at arming time.
 pub type Callback = fn(u64);
 
+/// One armed timer: its deadline first, so the map's order is firing order
+/// (equal deadlines in arming order); ids are never reused, so a stale id
+/// cancels nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TimerId {
+    deadline: u64,
+    seq: u64,
+}
+
 struct Timers {
-    queue: TimerQueue<MAX_TIMERS>,
-    callbacks: [Option<(Callback, u64, TimerId)>; MAX_TIMERS],
+    armed: BTreeMap<TimerId, (Callback, u64)>,
+    next_seq: u64,
 }
 
 static TIMERS: IrqMutex<Timers> = IrqMutex::new(Timers {
-    queue: TimerQueue::new(),
-    callbacks: [None; MAX_TIMERS],
+    armed: BTreeMap::new(),
+    next_seq: 0,
 });
 
 /// Calibrates the TSC and the APIC timer against the PIT (10 ms each) and
@@ -77,51 +87,52 @@ pub fn timer_irqs() -> u64 {
     TIMER_IRQS.load(Ordering::Relaxed)
 }
 
-/// Why a timer could not be armed.
-#[derive(Debug)]
-pub struct TimersFull;
-
 /// Arms a one-shot timer that calls `cb(arg)` at `deadline_ns` (monotonic).
-pub fn arm_at(deadline_ns: u64, cb: Callback, arg: u64) -> Result<TimerId, TimersFull> {
+pub fn arm_at(deadline_ns: u64, cb: Callback, arg: u64) -> TimerId {
     let mut t = TIMERS.lock();
-    let slot = t
-        .callbacks
-        .iter()
-        .position(Option::is_none)
-        .ok_or(TimersFull)?;
-    let id = t
-        .queue
-        .insert(deadline_ns, slot as u64)
-        .map_err(|_| TimersFull)?;
-    if let Some(c) = t.callbacks.get_mut(slot) {
-        *c = Some((cb, arg, id));
+    let id = TimerId {
+        deadline: deadline_ns,
+        seq: t.next_seq,
+    };
+    t.next_seq = t.next_seq.wrapping_add(1);
+    // The APIC only needs reprogramming when this is the new earliest.
+    let earliest = t
+        .armed
+        .first_key_value()
+        .is_none_or(|(first, _)| id < *first);
+    t.armed.insert(id, (cb, arg));
+    if earliest {
+        reprogram(&t);
     }
-    reprogram(&t);
-    Ok(id)
+    id
 }
 
 /// Arms a one-shot timer `delay_ns` from now.
-pub fn arm_after(delay_ns: u64, cb: Callback, arg: u64) -> Result<TimerId, TimersFull> {
+pub fn arm_after(delay_ns: u64, cb: Callback, arg: u64) -> TimerId {
     arm_at(now_ns().saturating_add(delay_ns), cb, arg)
 }
 
 /// Cancels a timer; false if it already fired or was cancelled.
 pub fn cancel(id: TimerId) -> bool {
     let mut t = TIMERS.lock();
-    if !t.queue.cancel(id) {
+    let was_first = t
+        .armed
+        .first_key_value()
+        .is_some_and(|(first, _)| *first == id);
+    if t.armed.remove(&id).is_none() {
         return false;
     }
-    for c in t.callbacks.iter_mut() {
-        if matches!(c, Some((_, _, cid)) if *cid == id) {
-            *c = None;
-        }
+    // A later deadline firing early would only cost a spurious interrupt,
+    // but leaving the APIC armed for a cancelled earliest timer is cheap
+    // to avoid.
+    if was_first {
+        reprogram(&t);
     }
-    reprogram(&t);
     true
 }
 
 fn reprogram(t: &Timers) {
-    let Some(deadline) = t.queue.next_deadline() else {
+    let Some(deadline) = t.armed.first_key_value().map(|(id, _)| id.deadline) else {
         apic::arm_oneshot(0);
         return;
     };
@@ -140,16 +151,15 @@ pub fn on_timer_irq() {
         let now = now_ns();
         let fired = {
             let mut t = TIMERS.lock();
-            match t.queue.pop_expired(now) {
-                Some((_, token)) => t.callbacks.get_mut(token as usize).and_then(Option::take),
-                None => {
+            match t.armed.first_entry() {
+                Some(e) if e.key().deadline <= now => e.remove(),
+                _ => {
                     reprogram(&t);
                     return;
                 }
             }
         };
-        if let Some((cb, arg, _)) = fired {
-            cb(arg);
-        }
+        let (cb, arg) = fired;
+        cb(arg);
     }
 }

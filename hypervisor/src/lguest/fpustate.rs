@@ -2,96 +2,74 @@
 //! another guest must do: the pure policy behind the kernel's lazy FPU
 //! switching (`kernel/lguest/fpu.rs` only executes `fxsave`/`fxrstor`).
 //!
-//! Every guest has an FXSAVE area in its slot. The registers are saved into
-//! the owner's area only when a *different* guest is about to run. Each
-//! area remembers the guest *instance* (unique per started guest, never
-//! reused) whose state it holds, so a new guest — a restart, or another
-//! guest that reuses the slot — can never be handed an older guest's
-//! registers: it gets the reset image, whatever happened before. There is
-//! no separate "reset" step that a caller could forget.
+//! Every guest owns its FXSAVE area (allocated with the guest, freed with
+//! it: no shared slots, so no guest can ever be handed another's area). The
+//! registers are saved into the owner's area only when a *different* guest
+//! is about to run. A guest is named by its *instance* (unique per started
+//! guest, never reused), and an area that was never saved into is loaded as
+//! the reset image, so a new or restarted guest never sees registers from
+//! before it existed. There is no separate "reset" step that a caller could
+//! forget.
 
 /// What [`FpuState::switch_to`] asks the kernel to do, in order: save the
-/// registers into `save_to`'s area, then load.
+/// live registers into the current owner's area, then load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Switch {
-    /// Slot whose area receives the live registers (`fxsave`), if any.
-    pub save_to: Option<usize>,
+    /// Save the live registers into the area of this (previous) owner.
+    pub save_owner: Option<u64>,
     /// What the registers must hold afterwards.
     pub load: Load,
 }
 
-/// What the registers must be loaded with.
+/// The registers' contents after a switch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Load {
-    /// They already hold this guest's state.
+    /// They already hold the guest's state: do nothing.
     Keep,
-    /// The architectural reset image (FCW 0x037f, MXCSR 0x1f80, all
-    /// registers zero): a guest that has never run on this CPU.
+    /// Load the reset image (FCW 0x37F, MXCSR 0x1F80, all else zero).
     Reset,
-    /// The guest's own saved area.
+    /// Load the guest's own saved area.
     Saved,
 }
 
-/// Ownership of the FPU registers and of `N` per-slot save areas.
-#[derive(Debug, Clone)]
-pub struct FpuState<const N: usize> {
-    /// `(slot, instance)` whose state is in the registers.
-    live: Option<(usize, u64)>,
-    /// The instance whose state each slot's area holds.
-    saved: [Option<u64>; N],
+/// Whose state the registers hold.
+#[derive(Debug, Clone, Default)]
+pub struct FpuState {
+    live: Option<u64>,
 }
 
-impl<const N: usize> Default for FpuState<N> {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl<const N: usize> FpuState<N> {
-    /// Nobody's state anywhere.
+impl FpuState {
+    /// Nobody's state is live.
     pub const fn new() -> Self {
-        Self {
-            live: None,
-            saved: [None; N],
-        }
+        Self { live: None }
     }
 
-    /// Guest `instance` in `slot` is about to run. A slot outside `0..N`
-    /// always gets [`Load::Reset`] and its state is never saved.
-    pub fn switch_to(&mut self, slot: usize, instance: u64) -> Switch {
-        if self.live == Some((slot, instance)) {
+    /// The guest instance whose state the registers hold.
+    pub fn live(&self) -> Option<u64> {
+        self.live
+    }
+
+    /// Guest `instance` is about to run; `has_saved` says whether its own
+    /// area holds state saved by an earlier switch away from it.
+    pub fn switch_to(&mut self, instance: u64, has_saved: bool) -> Switch {
+        if self.live == Some(instance) {
             return Switch {
-                save_to: None,
+                save_owner: None,
                 load: Load::Keep,
             };
         }
-        let mut save_to = None;
-        if let Some((owner, owner_instance)) = self.live
-            && owner != slot
-            && let Some(area) = self.saved.get_mut(owner)
-        {
-            *area = Some(owner_instance);
-            save_to = Some(owner);
+        let save_owner = self.live.replace(instance);
+        Switch {
+            save_owner,
+            load: if has_saved { Load::Saved } else { Load::Reset },
         }
-        let load = if self.saved.get(slot).copied().flatten() == Some(instance) {
-            Load::Saved
-        } else {
-            Load::Reset
-        };
-        self.live = Some((slot, instance));
-        Switch { save_to, load }
     }
 
-    /// Guest `instance` in `slot` is gone: its state is neither kept in the
-    /// registers nor saved any more.
-    pub fn release(&mut self, slot: usize, instance: u64) {
-        if self.live == Some((slot, instance)) {
+    /// Guest `instance` is gone: its registers need not be saved (its area
+    /// is about to be freed). Another guest's live state is untouched.
+    pub fn release(&mut self, instance: u64) {
+        if self.live == Some(instance) {
             self.live = None;
-        }
-        if let Some(area) = self.saved.get_mut(slot)
-            && *area == Some(instance)
-        {
-            *area = None;
         }
     }
 }
@@ -100,71 +78,43 @@ impl<const N: usize> FpuState<N> {
 mod tests {
     use super::*;
 
-    fn sw(save_to: Option<usize>, load: Load) -> Switch {
-        Switch { save_to, load }
+    fn sw(save_owner: Option<u64>, load: Load) -> Switch {
+        Switch { save_owner, load }
     }
 
     #[test]
     fn a_guest_starts_from_the_reset_image_and_keeps_its_registers() {
-        let mut f = FpuState::<4>::new();
-        assert_eq!(f.switch_to(0, 1), sw(None, Load::Reset));
-        assert_eq!(f.switch_to(0, 1), sw(None, Load::Keep));
+        let mut f = FpuState::new();
+        assert_eq!(f.switch_to(1, false), sw(None, Load::Reset));
+        assert_eq!(f.switch_to(1, false), sw(None, Load::Keep));
+        assert_eq!(f.live(), Some(1));
     }
 
     #[test]
     fn switching_guests_saves_the_owner_and_restores_the_other() {
-        let mut f = FpuState::<4>::new();
-        f.switch_to(0, 1);
-        assert_eq!(f.switch_to(1, 2), sw(Some(0), Load::Reset));
-        assert_eq!(f.switch_to(0, 1), sw(Some(1), Load::Saved));
-        assert_eq!(f.switch_to(1, 2), sw(Some(0), Load::Saved));
-    }
-
-    #[test]
-    fn a_new_guest_in_a_slot_never_gets_the_old_guests_saved_state() {
-        let mut f = FpuState::<4>::new();
-        f.switch_to(0, 1);
-        f.switch_to(1, 2); // guest 1's registers are saved in area 0
-        f.release(0, 1);
-        assert_eq!(f.switch_to(0, 3), sw(Some(1), Load::Reset));
-        // Even if the old guest was never released.
-        let mut f = FpuState::<4>::new();
-        f.switch_to(0, 1);
-        f.switch_to(1, 2);
-        assert_eq!(f.switch_to(0, 3), sw(Some(1), Load::Reset));
+        let mut f = FpuState::new();
+        f.switch_to(1, false);
+        assert_eq!(f.switch_to(2, false), sw(Some(1), Load::Reset));
+        assert_eq!(f.switch_to(1, true), sw(Some(2), Load::Saved));
+        assert_eq!(f.switch_to(2, true), sw(Some(1), Load::Saved));
     }
 
     #[test]
     fn a_new_guest_never_inherits_the_live_registers() {
-        // Restart in the same slot, with and without a release in between.
-        let mut f = FpuState::<4>::new();
-        f.switch_to(0, 1);
-        f.release(0, 1);
-        assert_eq!(f.switch_to(0, 2), sw(None, Load::Reset));
-        let mut f = FpuState::<4>::new();
-        f.switch_to(0, 1);
-        assert_eq!(f.switch_to(0, 2), sw(None, Load::Reset));
-        // The old guest's state is not saved over the new one's area.
-        assert_eq!(f.switch_to(1, 3), sw(Some(0), Load::Reset));
-        assert_eq!(f.switch_to(0, 2), sw(Some(1), Load::Saved));
+        let mut f = FpuState::new();
+        f.switch_to(1, false);
+        f.release(1);
+        // Guest 1's registers are still in the CPU, but 3 gets the reset
+        // image and nobody saves the dead guest's state.
+        assert_eq!(f.switch_to(3, false), sw(None, Load::Reset));
     }
 
     #[test]
     fn release_of_a_guest_does_not_touch_another_guests_state() {
-        let mut f = FpuState::<4>::new();
-        f.switch_to(0, 1);
-        f.switch_to(1, 2);
-        f.release(0, 7); // not the instance in slot 0
-        assert_eq!(f.switch_to(0, 1), sw(Some(1), Load::Saved));
-        f.release(1, 2);
-        assert_eq!(f.switch_to(0, 1), sw(None, Load::Keep));
-    }
-
-    #[test]
-    fn slots_out_of_range_are_never_saved() {
-        let mut f = FpuState::<2>::new();
-        assert_eq!(f.switch_to(5, 1), sw(None, Load::Reset));
-        assert_eq!(f.switch_to(0, 2), sw(None, Load::Reset));
-        assert_eq!(f.switch_to(5, 1), sw(Some(0), Load::Reset));
+        let mut f = FpuState::new();
+        f.switch_to(1, false);
+        f.release(2);
+        assert_eq!(f.live(), Some(1));
+        assert_eq!(f.switch_to(2, false), sw(Some(1), Load::Reset));
     }
 }

@@ -1,55 +1,188 @@
-//! The lguest core on the real machine, and the minimal built-in launcher.
+//! The lguest core on the real machine.
 //!
 //! [`KernelCore`] implements the control channel's [`GuestCore`]: it owns a
-//! guest's vCPU state machine ([`Vcpu`], pure and host-tested), its
-//! linear-mode address space, its clock event, and runs the guest through the
-//! world switch ([`switch`]) inside the caller's `read()`. The launcher
-//! ([`launch_modules`]) talks to it only through [`Channel`]: it allocates
-//! guest RAM, loads the ELF, writes `boot_params`, then
-//! `write(INITIALIZE, base, pfnlimit, start)` and `read()` in a loop, printing
-//! early-console notifies and the guest's end.
+//! guest's vCPU state machine ([`Vcpu`], pure and host-tested), its RAM (a
+//! capability handed over by the launcher), its linear-mode address space,
+//! its clock event and FPU area, and runs the guest through the world switch
+//! ([`switch`]) inside its launcher task's `read()`. The launcher
+//! (`kernel::launcher`) talks to it only through the control channel.
+//!
+//! What interrupt context and other tasks may touch of a guest lives in its
+//! [`GuestShared`] (pending irqs, the poke flag, kill/restart requests,
+//! counters), one per guest and found by id in a registry: nothing is shared
+//! between guests, and a timer that fires after its guest is gone finds
+//! nothing.
+//!
+//! `read()` returns "interrupted" (`EINTR`) when the launcher task's time
+//! slice is over ([`task::need_resched`]): every host interrupt makes the
+//! guest exit, so even a guest that spins without ever exiting on its own
+//! gives the CPU back at its slice end. A halted guest blocks its task until
+//! an irq is raised for it; a guest halted with every irq blocked costs
+//! nothing until it is killed.
 
 pub mod fpu;
 pub mod probe;
 pub mod space;
 pub mod switch;
 
-use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+extern crate alloc;
+
+use alloc::collections::BTreeMap;
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 
 use guest_abi::data::LguestData;
 use guest_abi::hcall::{HcallArgs, LHCALL_RING_SIZE};
-use guest_abi::lhreq::{Errno, LhReq};
+use guest_abi::lhreq::Errno;
 use rustyvisor::lguest::chan::{
-    Channel, DeathReason, EventHandle, GuestCore, InitLimits, RunExit, TaskId, check_initialize,
+    DeathReason, EventHandle, GuestCore, InitLimits, RunExit, TaskId, check_initialize,
 };
-use rustyvisor::lguest::console::{ConsoleLine, Escaped, GuestConsole};
 use rustyvisor::lguest::guestmem::GuestMemory;
-use rustyvisor::lguest::loader;
 use rustyvisor::lguest::pagewalk::Format;
 use rustyvisor::lguest::shadow::{Flush, ShadowConfig, Stats};
-use rustyvisor::lguest::spec::{self, GuestSpec};
 use rustyvisor::lguest::vcpu::{Action, Env, Exit, Vcpu};
 use rustyvisor::mm::{LARGE_PAGE_SIZE, PAGE_SIZE};
-use rustyvisor::timerq::TimerId;
-use rustyvisor::units::Bytes;
 
-use self::space::{GuestRam, HostGuestMemory, LinearTables, ShadowFrames};
+use self::fpu::FxSlot;
+use self::space::{GuestRam, HostGuestMemory, Ledger, LinearTables, ShadowFrames};
 use super::arch::{cpu, gdt, idt};
-use super::bootinfo::Module;
-use super::mem::{self, phys_to_virt};
-use super::time;
-use crate::kprintln;
+use super::mem;
+use super::sync::IrqMutex;
+use super::task;
+use super::time::{self, TimerId};
 
-/// Guests that can exist at once (slots for interrupt-context state).
-pub(crate) const MAX_GUESTS: usize = 8;
 /// Pages of the per-CPU stack guest traps arrive on.
 const TRAP_STACK_PAGES: u64 = 4;
-/// Restarts honoured per guest before giving up.
-const MAX_RESTARTS: u32 = 3;
 
-/// Virtual interrupts raised from interrupt context (the clock event) per
-/// guest slot, merged into the vCPU before each entry.
-static PENDING: [AtomicU32; MAX_GUESTS] = [const { AtomicU32::new(0) }; MAX_GUESTS];
+/// A guest's life as the console shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Life {
+    /// Being loaded.
+    Starting = 0,
+    /// Running or runnable.
+    Running = 1,
+    /// Halted, waiting for an interrupt.
+    Halted = 2,
+    /// Ended.
+    Dead = 3,
+}
+
+/// What another task asked of a running guest.
+const REQ_NONE: u8 = 0;
+const REQ_KILL: u8 = 1;
+const REQ_RESTART: u8 = 2;
+
+/// What interrupt context and other tasks may touch of one guest. One per
+/// guest (a restart keeps it), owned by its launcher and the registry.
+pub struct GuestShared {
+    /// Registry key, never reused; the argument of its timers.
+    pub id: u64,
+    /// The guest's name.
+    pub name: String,
+    /// The launcher task that runs it.
+    task: AtomicU64,
+    /// Virtual interrupts raised from interrupt context or other tasks
+    /// (the clock event, `IRQ` writes), merged into the vCPU before each
+    /// entry.
+    pending: AtomicU32,
+    /// A poke is armed (see [`ensure_poke`]).
+    poke: AtomicBool,
+    /// `REQ_*`: a kill or restart asked for by the console.
+    request: AtomicU8,
+    /// [`Life`] as a byte.
+    life: AtomicU8,
+    /// Exits, and those handled where they landed.
+    pub exits: AtomicU64,
+    pub fast_exits: AtomicU64,
+    /// Host frames charged to this guest.
+    pub ledger: Ledger,
+}
+
+impl GuestShared {
+    /// Registers a new guest named `name`.
+    pub fn register(name: &str) -> Arc<Self> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let g = Arc::new(Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            name: String::from(name),
+            task: AtomicU64::new(0),
+            pending: AtomicU32::new(0),
+            poke: AtomicBool::new(false),
+            request: AtomicU8::new(REQ_NONE),
+            life: AtomicU8::new(Life::Starting as u8),
+            exits: AtomicU64::new(0),
+            fast_exits: AtomicU64::new(0),
+            ledger: Ledger::default(),
+        });
+        GUESTS.lock().insert(g.id, g.clone());
+        g
+    }
+
+    /// Removes the guest from the registry (its timers then find nothing).
+    pub fn unregister(&self) {
+        GUESTS.lock().remove(&self.id);
+    }
+
+    /// Records the launcher task.
+    pub fn set_task(&self, t: task::TaskId) {
+        self.task.store(t.0, Ordering::Relaxed);
+    }
+
+    /// The launcher task.
+    pub fn task(&self) -> task::TaskId {
+        task::TaskId(self.task.load(Ordering::Relaxed))
+    }
+
+    /// Raises virtual irq `irq` (< 32) and wakes the guest if it halted.
+    /// Safe from interrupt context and from any task.
+    pub fn raise(&self, irq: u32) {
+        if irq < 32 {
+            self.pending.fetch_or(1 << irq, Ordering::SeqCst);
+            task::wake(self.task());
+        }
+    }
+
+    /// Asks the running guest to die (`restart`: to restart) at its next
+    /// exit, waking it if it halted.
+    pub fn request(&self, restart: bool) {
+        self.request.store(
+            if restart { REQ_RESTART } else { REQ_KILL },
+            Ordering::SeqCst,
+        );
+        task::wake(self.task());
+    }
+
+    /// Where the guest is in its life.
+    pub fn life(&self) -> Life {
+        match self.life.load(Ordering::Relaxed) {
+            0 => Life::Starting,
+            1 => Life::Running,
+            2 => Life::Halted,
+            _ => Life::Dead,
+        }
+    }
+
+    /// Sets where the guest is in its life.
+    pub fn set_life(&self, l: Life) {
+        self.life.store(l as u8, Ordering::Relaxed);
+    }
+}
+
+/// Every live guest, by id.
+static GUESTS: IrqMutex<BTreeMap<u64, Arc<GuestShared>>> = IrqMutex::new(BTreeMap::new());
+
+/// The guest registered under `id`, if it still is.
+fn lookup(id: u64) -> Option<Arc<GuestShared>> {
+    GUESTS.lock().get(&id).cloned()
+}
+
+/// Every live guest, in the order they were registered.
+pub fn guests() -> Vec<Arc<GuestShared>> {
+    GUESTS.lock().values().cloned().collect()
+}
 
 /// Prepares the CPU for running guests: the hypercall gate (0x1f) is callable
 /// from the guest kernel (DPL 1); `int3`, `into` and the syscall vector 0x80
@@ -156,17 +289,14 @@ fn set_cr0_ts(on: bool) {
     unsafe { core::arch::asm!("mov cr0, {}", in(reg) new, options(nostack, preserves_flags)) };
 }
 
-/// Per guest slot: a poke is armed (see [`ensure_poke`]).
-static POKE: [AtomicBool; MAX_GUESTS] = [const { AtomicBool::new(false) }; MAX_GUESTS];
-
 /// How long a deliverable-later irq may wait for an exit.
 const POKE_NS: u64 = 1_000_000;
 
 /// The poke's timer: its interrupt alone makes a running guest exit, where
 /// the pending irq is delivered if the guest can take it by then.
-fn poke_fired(slot: u64) {
-    if let Some(p) = POKE.get(slot as usize) {
-        p.store(false, Ordering::SeqCst);
+fn poke_fired(id: u64) {
+    if let Some(g) = lookup(id) {
+        g.poke.store(false, Ordering::SeqCst);
     }
 }
 
@@ -184,20 +314,16 @@ fn ensure_poke(r: &mut Running) {
     if r.vcpu.pending_irqs() == 0 {
         return;
     }
-    let Some(flag) = POKE.get(r.env.slot) else {
-        return;
-    };
-    if flag.swap(true, Ordering::SeqCst) {
+    if r.shared.poke.swap(true, Ordering::SeqCst) {
         return;
     }
-    if time::arm_after(POKE_NS, poke_fired, r.env.slot as u64).is_err() {
-        flag.store(false, Ordering::SeqCst);
-    }
+    time::arm_after(POKE_NS, poke_fired, r.shared.id);
 }
 
-fn clock_fired(slot: u64) {
-    if let Some(p) = PENDING.get(slot as usize) {
-        p.fetch_or(1, Ordering::SeqCst);
+/// The guest's clock event: irq 0, which also wakes it from a halt.
+fn clock_fired(id: u64) {
+    if let Some(g) = lookup(id) {
+        g.raise(0);
     }
 }
 
@@ -213,7 +339,8 @@ const SHADOW_CACHE: usize = 8;
 
 /// Host services for the vCPU state machine.
 struct KernelEnv {
-    slot: usize,
+    /// The guest's registry id (its timers' argument).
+    id: u64,
     clock: Option<TimerId>,
     ts: bool,
     /// Where the guest's shadow page tables come from.
@@ -250,10 +377,7 @@ impl Env for KernelEnv {
             time::cancel(id);
         }
         if let Some(ns) = delta_ns {
-            match time::arm_after(ns, clock_fired, self.slot as u64) {
-                Ok(id) => self.clock = Some(id),
-                Err(_) => log::warn!("guest clock event dropped: no free host timer"),
-            }
+            self.clock = Some(time::arm_after(ns, clock_fired, self.id));
         }
     }
 
@@ -303,24 +427,32 @@ struct Running {
     tables: LinearTables,
     env: KernelEnv,
     eventfds: [(u32, u64); 16],
+    shared: Arc<GuestShared>,
+    fx: alloc::boxed::Box<FxSlot>,
 }
 
 /// The lguest core for one guest (the object behind one control channel).
 pub struct KernelCore {
-    slot: usize,
+    shared: Arc<GuestShared>,
+    /// The guest's RAM: the only memory `INITIALIZE` may map (the
+    /// launcher's `base` must name it).
+    ram: GuestRam,
     /// Handle exits on the trap stack when they need no launcher.
     fastpath: bool,
     /// The guest's page-table format.
     paging: Format,
-    running: Option<Running>,
+    /// Boxed: the vCPU is large, and it lives on the heap rather than on
+    /// the launcher task's small stack.
+    running: Option<alloc::boxed::Box<Running>>,
 }
 
 impl KernelCore {
-    /// A core using interrupt slot `slot`, for a guest whose page tables
-    /// are in format `paging`.
-    pub fn new(slot: usize, fastpath: bool, paging: Format) -> Self {
+    /// A core for the guest `shared`, owning its RAM `ram`, whose page
+    /// tables are in format `paging`.
+    pub fn new(shared: Arc<GuestShared>, ram: GuestRam, fastpath: bool, paging: Format) -> Self {
         Self {
-            slot: slot % MAX_GUESTS,
+            shared,
+            ram,
             fastpath,
             paging,
             running: None,
@@ -354,50 +486,55 @@ impl GuestCore for KernelCore {
             align: LARGE_PAGE_SIZE,
         };
         let args = check_initialize(base, pfnlimit, start, limits)?;
-        let tables = LinearTables::new(args.base, u64::from(args.bytes)).map_err(|e| match e {
-            space::SpaceError::OutOfMemory => Errno::ENOMEM,
-            _ => Errno::EFAULT,
-        })?;
-        // SAFETY: `LinearTables::new` checked that `base` is 2 MiB-aligned
-        // direct-map memory; the launcher owns those `bytes` of guest RAM and
-        // keeps them until after `release`.
+        // The launcher names memory by the RAM object it handed over: any
+        // other address (another guest's RAM, the hypervisor's own image)
+        // is refused, as is more than that object holds.
+        if args.base != self.ram.base() || u64::from(args.bytes) > self.ram.bytes() {
+            return Err(Errno::EFAULT);
+        }
+        let tables = LinearTables::new(args.base, u64::from(args.bytes), &self.shared.ledger)
+            .map_err(|e| match e {
+                space::SpaceError::OutOfMemory => Errno::ENOMEM,
+                _ => Errno::EFAULT,
+            })?;
+        // SAFETY: `[base, base + bytes)` lies inside `self.ram`, this guest's
+        // memory in the direct map, which the core owns and frees only when
+        // it is dropped, after `release`.
         let mem = unsafe { HostGuestMemory::new(args.base, args.bytes) };
-        PENDING[self.slot].store(0, Ordering::SeqCst);
-        self.running = Some(Running {
+        self.shared.pending.store(0, Ordering::SeqCst);
+        self.shared.request.store(REQ_NONE, Ordering::SeqCst);
+        self.running = Some(alloc::boxed::Box::new(Running {
             handled: Handled::No,
             ss_ok: None,
             vcpu: Vcpu::new(args.start),
             mem,
             tables,
             env: KernelEnv {
-                slot: self.slot,
+                id: self.shared.id,
                 clock: None,
                 ts: false,
-                tables: ShadowFrames,
+                tables: ShadowFrames::new(&self.shared.ledger),
                 paging: self.paging,
                 guest_base: args.base - mem::DIRECT_MAP_BASE,
                 pfnlimit: args.bytes / PAGE_SIZE as u32,
             },
             eventfds: [(0, 0); 16],
-        });
+            shared: self.shared.clone(),
+            fx: FxSlot::new(),
+        }));
         Ok(())
     }
 
     fn run(&mut self, _owner: TaskId) -> RunExit {
-        let slot = self.slot;
         let fast = self.fastpath;
         let Some(r) = self.running.as_mut() else {
             return RunExit::Dead(DeathReason::new("not initialised"));
         };
-        // SAFETY: the linear tables and every shadow map the hypervisor's
-        // upper half exactly like the kernel PML4, plus (only) this guest's
-        // memory below 4 GiB.
-        unsafe { cpu::write_cr3(r.vcpu.shadow_root().unwrap_or(r.tables.cr3())) };
-        // Whatever the vCPU owed the MMU is done by that load.
-        let _ = r.vcpu.take_mmu_work();
-        set_smep(r.vcpu.paging());
-        set_cr0_ts(false);
-        fpu::switch_to(slot, r.vcpu.instance());
+        reload(r);
+        r.shared.set_life(Life::Running);
+        if let Some(exit) = preempted(r) {
+            return exit;
+        }
         // What `prepare_entry` returned on the trap stack, if the exit handler
         // there already called it.
         let mut prepared: Option<Action> = None;
@@ -412,16 +549,25 @@ impl GuestCore for KernelCore {
             match action {
                 Action::Resume => {}
                 Action::Halt => {
-                    // Check and sleep with interrupts off, then `sti; hlt`
-                    // atomically: a clock event firing between the check and
-                    // the halt would otherwise be a lost wake-up.
+                    // Check and block with interrupts off: an irq raised
+                    // between the check and the block would otherwise be a
+                    // lost wake-up (`raise` wakes the task after setting the
+                    // bit). The slice is given up while halted.
                     x86_64::instructions::interrupts::disable();
-                    if !r.vcpu.has_deliverable_irq(&r.mem)
-                        && PENDING[slot].load(Ordering::SeqCst) == 0
+                    if r.shared.request.load(Ordering::SeqCst) == REQ_NONE
+                        && !r.vcpu.has_deliverable_irq(&r.mem)
+                        && r.shared.pending.load(Ordering::SeqCst) == 0
                     {
-                        super::wait_for_interrupt();
+                        r.shared.set_life(Life::Halted);
+                        task::block(task::WaitOn::Halted, None);
+                        r.shared.set_life(Life::Running);
+                        // Another guest may have run meanwhile.
+                        reload(r);
                     }
                     x86_64::instructions::interrupts::enable();
+                    if let Some(exit) = preempted(r) {
+                        return exit;
+                    }
                     continue;
                 }
                 Action::Notify(addr) => {
@@ -442,7 +588,8 @@ impl GuestCore for KernelCore {
                 arm_stub(r);
             }
             r.handled = Handled::No;
-            let ptr: *mut Running = r;
+            let before = switch::exits();
+            let ptr: *mut Running = &raw mut **r;
             // SAFETY: `ptr` comes from the `&mut` this loop holds and is used
             // only by the trap path (through `regs` and the fast handler's
             // context) until `run` returns; this frame does not touch `*r`
@@ -459,6 +606,14 @@ impl GuestCore for KernelCore {
                 )
             };
             set_cr0_ts(false);
+            // Only this guest ran since `before`: the difference is its.
+            let after = switch::exits();
+            r.shared
+                .exits
+                .fetch_add(after.0.wrapping_sub(before.0), Ordering::Relaxed);
+            r.shared
+                .fast_exits
+                .fetch_add(after.1.wrapping_sub(before.1), Ordering::Relaxed);
             let after_exit = match core::mem::replace(&mut r.handled, Handled::No) {
                 Handled::No => {
                     let exit = Exit::from_trapnum(info.trapnum, info.errcode, info.cr2);
@@ -467,11 +622,18 @@ impl GuestCore for KernelCore {
                 Handled::Exit(a) => a,
                 Handled::Entry(a) => {
                     prepared = Some(a);
+                    if let Some(exit) = preempted(r) {
+                        return exit;
+                    }
                     continue;
                 }
             };
             match after_exit {
-                Action::Resume | Action::Halt => {}
+                Action::Resume | Action::Halt => {
+                    if let Some(exit) = preempted(r) {
+                        return exit;
+                    }
+                }
                 Action::Notify(addr) => {
                     if !signal_eventfd(r, addr) {
                         return RunExit::Notify(addr);
@@ -484,9 +646,7 @@ impl GuestCore for KernelCore {
     }
 
     fn set_irq(&mut self, irq: u32) {
-        if let Some(r) = self.running.as_mut() {
-            r.vcpu.set_irq(irq);
-        }
+        self.shared.raise(irq);
     }
 
     fn set_eventfd(&mut self, addr: u64, fd: EventHandle) -> Result<(), Errno> {
@@ -504,16 +664,43 @@ impl GuestCore for KernelCore {
     fn release(&mut self) {
         if let Some(mut r) = self.running.take() {
             r.env.set_clockevent(None);
-            fpu::release(self.slot, r.vcpu.instance());
+            fpu::release(r.vcpu.instance());
             // Off the guest's tables before any of them is freed.
             // SAFETY: the kernel PML4 maps everything the host uses.
             unsafe { cpu::write_cr3(mem::kernel_pml4()) };
             set_smep(false);
             r.vcpu.release_shadows(&mut r.env.tables);
-            // Dropping `r` frees the linear tables.
+            // Dropping `r` frees the linear tables and the FPU area.
         }
-        PENDING[self.slot].store(0, Ordering::SeqCst);
+        self.shared.pending.store(0, Ordering::SeqCst);
+        self.shared.set_life(Life::Dead);
     }
+}
+
+/// Makes the CPU hold this guest's context again after other tasks (and
+/// guests) ran: its page tables, SMEP setting and FPU registers.
+fn reload(r: &mut Running) {
+    // SAFETY: the linear tables and every shadow map the hypervisor's
+    // upper half exactly like the kernel PML4, plus (only) this guest's
+    // memory below 4 GiB.
+    unsafe { cpu::write_cr3(r.vcpu.shadow_root().unwrap_or(r.tables.cr3())) };
+    // Whatever the vCPU owed the MMU is done by that load.
+    let _ = r.vcpu.take_mmu_work();
+    set_smep(r.vcpu.paging());
+    set_cr0_ts(false);
+    fpu::switch_to(r.vcpu.instance(), &mut r.fx);
+}
+
+/// Whether the run loop must return to the launcher now rather than enter
+/// the guest again: the console asked for a kill or restart, or the
+/// launcher task's slice is over (`EINTR`; the guest stays runnable).
+fn preempted(r: &mut Running) -> Option<RunExit> {
+    match r.shared.request.swap(REQ_NONE, Ordering::SeqCst) {
+        REQ_KILL => return Some(RunExit::Dead(DeathReason::new("killed from the console"))),
+        REQ_RESTART => return Some(RunExit::Restart),
+        _ => {}
+    }
+    task::need_resched().then_some(RunExit::Interrupted)
 }
 
 /// Does what the vCPU owes the MMU before the guest runs again: loads the
@@ -542,9 +729,7 @@ fn apply_mmu(r: &mut Running) {
 /// Moves the virtual irqs raised from interrupt context (the clock event)
 /// into the vCPU.
 fn merge_pending(r: &mut Running) {
-    let Some(pending) = PENDING.get(r.env.slot) else {
-        return;
-    };
+    let pending = &r.shared.pending;
     // Usually nothing: a plain load is much cheaper than the locked swap.
     if pending.load(Ordering::Relaxed) == 0 {
         return;
@@ -608,7 +793,7 @@ fn arm_stub(r: &mut Running) {
                 }),
                 None => None,
             },
-            irqs: PENDING.get(r.env.slot)?,
+            irqs: &raw const r.shared.pending,
             vcpu_irqs: v.pending,
             cs: r.vcpu.regs.cs,
             ss: r.vcpu.regs.ss,
@@ -686,6 +871,11 @@ fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo, full: bool) -> bool
     // run loop to `switch::run`, which is suspended in `enter_guest` and does
     // not touch it until the trap path returns to it.
     let r = unsafe { &mut *ctx.cast::<Running>() };
+    // The slice is over or the console wants the guest: every exit goes
+    // back to the run loop, which returns to the launcher.
+    if task::need_resched() || r.shared.request.load(Ordering::Relaxed) != REQ_NONE {
+        return false;
+    }
     if !full {
         // Irqs raised from interrupt context first (the vCPU's state machine
         // does not look at them before `prepare_entry`, so merging them here
@@ -767,194 +957,4 @@ fn dead(vcpu: &Vcpu) -> RunExit {
             .cloned()
             .unwrap_or_else(|| DeathReason::new("killed")),
     )
-}
-
-/// Most bytes of one early-console string read from the guest.
-const NOTIFY_TEXT_MAX: usize = 1024;
-
-/// Runs every guest module, one after the other. Returns (guests run,
-/// guests that ended with a power off).
-pub fn launch_modules(modules: &[Module], fastpath: bool) -> (u32, u32) {
-    let mut ran = 0;
-    let mut clean = 0;
-    for (i, m) in modules.iter().enumerate() {
-        let (free_before, _, _) = mem::frame_counts();
-        // A line longer than the copy in `Module` is refused here rather than
-        // run cut short: the lost words could be `mem=` or the guest's own
-        // options, and a guest silently started with a different command line
-        // than the one asked for is worse than one that says why it did not
-        // start (the other guests still run, as after a bad `mem=`).
-        let spec = match spec::parse(m.cmdline.as_str(), m.cmdline_len) {
-            Ok(s) => s,
-            Err(e) => {
-                kprintln!(
-                    "guest {} not started: {e}",
-                    Escaped::new(spec::name_of(m.cmdline.as_str()).as_bytes())
-                );
-                continue;
-            }
-        };
-        let mut restarts = 0;
-        loop {
-            ran += 1;
-            match run_guest(i, m, &spec, fastpath) {
-                Outcome::PowerOff => {
-                    clean += 1;
-                    break;
-                }
-                Outcome::Restart if restarts < MAX_RESTARTS => {
-                    restarts += 1;
-                    kprintln!(
-                        "guest {} restarting ({restarts} of {MAX_RESTARTS})",
-                        spec.name
-                    );
-                }
-                Outcome::Restart => {
-                    kprintln!("guest {} not restarted: too many restarts", spec.name);
-                    break;
-                }
-                Outcome::Failed => break,
-            }
-        }
-        let (free_after, _, _) = mem::frame_counts();
-        if free_after == free_before {
-            kprintln!("guest {} returned all its memory", spec.name);
-        } else {
-            kprintln!(
-                "guest {} LEAK: {} frames not returned",
-                spec.name,
-                free_before.abs_diff(free_after)
-            );
-        }
-    }
-    (ran, clean)
-}
-
-enum Outcome {
-    PowerOff,
-    Restart,
-    Failed,
-}
-
-fn run_guest(slot: usize, m: &Module, spec: &GuestSpec<'_>, fastpath: bool) -> Outcome {
-    let name = spec.name;
-    let ram = match GuestRam::new(spec.mem) {
-        Ok(r) => r,
-        Err(e) => {
-            kprintln!(
-                "guest {name} not started: cannot allocate {}: {e:?}",
-                Bytes(spec.mem)
-            );
-            return Outcome::Failed;
-        }
-    };
-    let Ok(limit) = u32::try_from(ram.bytes()) else {
-        return Outcome::Failed;
-    };
-    // SAFETY: `ram` is this guest's memory, mapped in the direct map, and
-    // outlives `gm` (both live until the end of this function).
-    let mut gm = unsafe { HostGuestMemory::new(ram.base(), limit) };
-    // The module's bytes, through the direct map (modules are reserved).
-    let image_len = m.range.len() as usize;
-    // SAFETY: the module range was reserved at boot and is never reused.
-    let image =
-        unsafe { core::slice::from_raw_parts(phys_to_virt(m.range.start) as *const u8, image_len) };
-    let entry = match loader::load_elf(image, &mut gm) {
-        Ok(e) => e,
-        Err(e) => {
-            kprintln!("guest {name} not started: bad image: {e}");
-            return Outcome::Failed;
-        }
-    };
-    if let Err(e) = loader::write_boot_params(&mut gm, limit, &spec.args) {
-        kprintln!("guest {name} not started: {e}");
-        return Outcome::Failed;
-    }
-    kprintln!(
-        "guest {name} starting: {} RAM, entry {entry:#x}, args \"{}\"",
-        Bytes(ram.bytes()),
-        Escaped::new(spec.args.as_bytes())
-    );
-
-    let exits_before = switch::exits();
-    let owner = TaskId(1);
-    let mut chan = Channel::new(KernelCore::new(slot, fastpath, spec.paging), owner);
-    let init = [
-        LhReq::Initialize as u64,
-        ram.base(),
-        ram.bytes() / PAGE_SIZE,
-        u64::from(entry),
-    ];
-    if let Err(e) = chan.write(owner, &init) {
-        kprintln!("guest {name} not started: INITIALIZE failed: errno {}", e.0);
-        chan.close();
-        return Outcome::Failed;
-    }
-    let mut buf = [0u8; 4];
-    let mut console = GuestConsole::new();
-    let mut text = [0u8; NOTIFY_TEXT_MAX];
-    let outcome = loop {
-        match chan.read(owner, &mut buf) {
-            Ok(_) => {
-                let addr = u32::from_le_bytes(buf);
-                match gm.read_cstr_bytes(addr, &mut text) {
-                    Ok(s) => console.write(time::now_ns(), s, |line| match line {
-                        ConsoleLine::Text(t) => kprintln!("guest {name}: {t}"),
-                        ConsoleLine::Dropped { lines, bytes } => kprintln!(
-                            "guest {name} console: {lines} lines ({bytes} bytes) dropped: \
-                             over the rate limit"
-                        ),
-                    }),
-                    Err(_) => kprintln!("guest {name} notified {addr:#x}: no device there"),
-                }
-            }
-            Err(e) if e == Errno::ERESTART => break Outcome::Restart,
-            Err(e) if e == Errno::ENOENT => {
-                let reason = chan.death_reason().unwrap_or("killed");
-                if reason.starts_with("power off") {
-                    kprintln!("guest {name} powered off");
-                    if let Some(msg) = reason.strip_prefix("power off: ") {
-                        log::info!(
-                            "guest {name} shutdown message: {}",
-                            Escaped::new(msg.as_bytes())
-                        );
-                    }
-                    break Outcome::PowerOff;
-                }
-                kprintln!("guest {name} killed: {}", Escaped::new(reason.as_bytes()));
-                break Outcome::Failed;
-            }
-            Err(e) => {
-                kprintln!("guest {name} failed: read returned errno {}", e.0);
-                break Outcome::Failed;
-            }
-        }
-    };
-    let (lines, bytes) = console.dropped();
-    if lines > 0 {
-        kprintln!(
-            "guest {name} console: {lines} lines ({bytes} bytes) dropped: over the rate limit"
-        );
-    }
-    let (exits, fast) = switch::exits();
-    kprintln!(
-        "guest {name} used {} exits ({} handled where they landed), {} of host memory beyond its RAM",
-        exits - exits_before.0,
-        fast - exits_before.1,
-        Bytes(chan.core().overhead_bytes())
-    );
-    if let Some(st) = chan.core().shadow_stats() {
-        kprintln!(
-            "guest {name} shadow paging: {} switches ({} to a cached shadow), {} fills, {} faults \
-             reflected, {} evictions, at most {} table pages",
-            st.hits + st.misses,
-            st.hits,
-            st.fills,
-            st.reflected,
-            st.evictions,
-            st.peak_frames
-        );
-    }
-    chan.close();
-    outcome
 }

@@ -36,7 +36,7 @@ use rustyvisor::mm::PAGE_SIZE;
 use rustyvisor::mm::frame::PhysFrame;
 use rustyvisor::mm::paging::PageFlags;
 
-use super::space::{GuestRam, HostGuestMemory, LinearTables};
+use super::space::{GuestRam, HostGuestMemory, Ledger, LinearTables};
 use super::switch;
 use crate::kernel::arch::{cpu, gdt, idt};
 use crate::kernel::mem::{self, phys_to_virt};
@@ -240,8 +240,9 @@ struct Probe {
 impl Probe {
     /// Loads the probe code, its GDT and gate, and switches to its tables.
     fn new(level: ProbeLevel, iterations: u32, which: ProbeCode) -> Result<Self, &'static str> {
-        let ram = GuestRam::new(2 << 20).map_err(|_| "no memory for the probe")?;
-        let tables = LinearTables::new(ram.base(), ram.bytes())
+        let ledger = Ledger::default();
+        let ram = GuestRam::new(2 << 20, &ledger).map_err(|_| "no memory for the probe")?;
+        let tables = LinearTables::new(ram.base(), ram.bytes(), &ledger)
             .map_err(|_| "no memory for the probe tables")?;
         // SAFETY: `ram` is mapped and lives as long as the probe.
         let mut mem = unsafe { HostGuestMemory::new(ram.base(), 2 << 20) };

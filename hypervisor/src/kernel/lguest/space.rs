@@ -14,6 +14,16 @@
 //!
 //! Dropping a [`LinearTables`] switches the CPU back to the kernel tables if
 //! needed and returns every frame (memory and tables).
+//!
+//! Every frame taken for a guest (its RAM, its linear tables, its shadow
+//! tables) is charged to the guest's [`Ledger`] where it is allocated and
+//! credited where it is freed, so "this guest gave back all its memory" is
+//! a per-guest fact that holds however many guests run at once.
+
+extern crate alloc;
+
+use alloc::sync::Arc;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use rustyvisor::lguest::guestmem::{GuestMemory, MemFault, check_range};
 use rustyvisor::lguest::shadow::ShadowBackend;
@@ -34,8 +44,29 @@ const RW: u64 = PageFlags::WRITABLE.bits();
 const US: u64 = PageFlags::USER.bits();
 const PS: u64 = PageFlags::HUGE.bits();
 
-fn zeroed_frame() -> Option<PhysFrame> {
+/// Host frames held on behalf of one guest: charged where they are
+/// allocated, credited where they are freed. Clones share the count.
+#[derive(Clone, Default)]
+pub struct Ledger(Arc<AtomicU64>);
+
+impl Ledger {
+    fn charge(&self, frames: u64) {
+        self.0.fetch_add(frames, Ordering::Relaxed);
+    }
+
+    fn credit(&self, frames: u64) {
+        self.0.fetch_sub(frames, Ordering::Relaxed);
+    }
+
+    /// Frames held now.
+    pub fn held(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+fn zeroed_frame(ledger: &Ledger) -> Option<PhysFrame> {
     let f = mem::alloc_frame()?;
+    ledger.charge(1);
     // SAFETY: a freshly allocated frame, reachable through the direct map.
     unsafe {
         core::ptr::write_bytes(
@@ -57,6 +88,7 @@ fn write_entry(table: PhysFrame, index: u64, val: u64) {
 pub struct GuestRam {
     first: PhysFrame,
     frames: u64,
+    ledger: Ledger,
 }
 
 /// Why guest memory or tables could not be made.
@@ -71,8 +103,9 @@ pub enum SpaceError {
 }
 
 impl GuestRam {
-    /// Allocates `bytes` (rounded up to 2 MiB) of zeroed memory.
-    pub fn new(bytes: u64) -> Result<Self, SpaceError> {
+    /// Allocates `bytes` (rounded up to 2 MiB) of zeroed memory, charged
+    /// to `ledger`.
+    pub fn new(bytes: u64, ledger: &Ledger) -> Result<Self, SpaceError> {
         if bytes == 0 || bytes > MAX_GUEST_BYTES {
             return Err(SpaceError::BadSize);
         }
@@ -89,7 +122,12 @@ impl GuestRam {
                 bytes as usize,
             )
         };
-        Ok(Self { first, frames })
+        ledger.charge(frames);
+        Ok(Self {
+            first,
+            frames,
+            ledger: ledger.clone(),
+        })
     }
 
     /// Size in bytes.
@@ -106,6 +144,7 @@ impl GuestRam {
 impl Drop for GuestRam {
     fn drop(&mut self) {
         mem::free_contiguous(self.first, self.frames);
+        self.ledger.credit(self.frames);
     }
 }
 
@@ -115,12 +154,14 @@ pub struct LinearTables {
     pml4: PhysFrame,
     pdpt: Option<PhysFrame>,
     pds: [Option<PhysFrame>; 4],
+    ledger: Ledger,
 }
 
 impl LinearTables {
     /// Builds tables presenting `bytes` of memory whose host (direct-map)
-    /// address is `base`. Both must be 2 MiB multiples.
-    pub fn new(base: u64, bytes: u64) -> Result<Self, SpaceError> {
+    /// address is `base`. Both must be 2 MiB multiples. The table frames
+    /// are charged to `ledger`.
+    pub fn new(base: u64, bytes: u64, ledger: &Ledger) -> Result<Self, SpaceError> {
         let phys = base
             .checked_sub(mem::DIRECT_MAP_BASE)
             .filter(|p| p % LARGE_PAGE_SIZE == 0)
@@ -128,12 +169,13 @@ impl LinearTables {
         if bytes == 0 || bytes > MAX_GUEST_BYTES || !bytes.is_multiple_of(LARGE_PAGE_SIZE) {
             return Err(SpaceError::BadSize);
         }
-        let pml4 = zeroed_frame().ok_or(SpaceError::OutOfMemory)?;
+        let pml4 = zeroed_frame(ledger).ok_or(SpaceError::OutOfMemory)?;
         // From here on, dropping `t` returns whatever was taken.
         let mut t = Self {
             pml4,
             pdpt: None,
             pds: [None; 4],
+            ledger: ledger.clone(),
         };
         let kernel = mem::kernel_pml4();
         for slot in 256..512u64 {
@@ -141,7 +183,7 @@ impl LinearTables {
             let e = unsafe { (phys_to_virt(kernel + slot * 8) as *const u64).read_volatile() };
             write_entry(pml4, slot, e);
         }
-        let pdpt = zeroed_frame().ok_or(SpaceError::OutOfMemory)?;
+        let pdpt = zeroed_frame(ledger).ok_or(SpaceError::OutOfMemory)?;
         t.pdpt = Some(pdpt);
         write_entry(pml4, 0, pdpt.start_address() | P | RW | US);
         for i in 0..bytes / LARGE_PAGE_SIZE {
@@ -149,7 +191,7 @@ impl LinearTables {
             let pd = match t.pds.get(gib).copied().flatten() {
                 Some(pd) => pd,
                 None => {
-                    let pd = zeroed_frame().ok_or(SpaceError::OutOfMemory)?;
+                    let pd = zeroed_frame(ledger).ok_or(SpaceError::OutOfMemory)?;
                     if let Some(slot) = t.pds.get_mut(gib) {
                         *slot = Some(pd);
                     }
@@ -181,8 +223,10 @@ impl Drop for LinearTables {
         }
         for f in self.pds.iter().flatten().chain(self.pdpt.iter()) {
             mem::free_frame(*f);
+            self.ledger.credit(1);
         }
         mem::free_frame(self.pml4);
+        self.ledger.credit(1);
     }
 }
 
@@ -191,16 +235,24 @@ impl Drop for LinearTables {
 /// (`rustyvisor::lguest::shadow`) decides every entry and counts (and caps)
 /// the frames it holds; it only ever touches frames it got from here and
 /// reads the kernel PML4.
-pub struct ShadowFrames;
+pub struct ShadowFrames(Ledger);
+
+impl ShadowFrames {
+    /// Shadow frames charged to `ledger`.
+    pub fn new(ledger: &Ledger) -> Self {
+        Self(ledger.clone())
+    }
+}
 
 impl ShadowBackend for ShadowFrames {
     #[inline]
     fn alloc_table(&mut self) -> Option<u64> {
-        zeroed_frame().map(|f| f.start_address())
+        zeroed_frame(&self.0).map(|f| f.start_address())
     }
 
     fn free_table(&mut self, frame: u64) {
         mem::free_frame(PhysFrame::containing_address(frame));
+        self.0.credit(1);
     }
 
     #[inline(always)]

@@ -314,8 +314,10 @@ pub struct StubArm {
     pub trivial: u32,
     /// Host address of `lguest_data.hcall_status[cursor]` (inside guest RAM).
     pub ring_status: u64,
-    /// The guest's interrupt-raised pending irqs.
-    pub irqs: &'static AtomicU32,
+    /// The guest's interrupt-raised pending irqs: owned by the guest's
+    /// shared state, which outlives every entry into it (the stubs read it
+    /// only while that guest runs).
+    pub irqs: *const AtomicU32,
     /// The vCPU's pending irqs.
     pub vcpu_irqs: u32,
     /// The validated CS and SS the guest is about to be entered with.
@@ -413,7 +415,7 @@ pub fn arm_stubs(arm: Option<StubArm>) {
         (*a).cs = arm.cs;
         (*a).ss = arm.ss;
         (*a).ring = arm.ring_status;
-        (*a).irqs = arm.irqs.as_ptr() as u64;
+        (*a).irqs = arm.irqs as u64;
         (*a).trivial = arm.trivial;
         (*a).switch_ok = u64::from(arm.switch);
         if let Some(d) = arm.drain.filter(|d| !d.cursor.is_null()) {

@@ -1,0 +1,554 @@
+//! The built-in launcher: one host task per guest, and the hypervisor
+//! console task.
+//!
+//! [`start`] registers every guest module and spawns its launcher task;
+//! [`task::run`] then runs them all concurrently under the scheduler. A
+//! launcher task talks to its guest's core only through the control
+//! channel ([`Channel`], the `/dev/lguest` protocol): it allocates the
+//! guest's RAM, loads the image, writes `boot_params`, hands the RAM to the
+//! core and `write(INITIALIZE, base, pfnlimit, start)`s, then `read()`s in a
+//! loop the way lguest's launcher did — a notify address is served (today:
+//! the early console string), `EINTR` (its time slice ended) yields the CPU
+//! and reads again, `ENOENT` is the guest's end (the reason is printed),
+//! `ERESTART` starts it again from its original image.
+//!
+//! The console task turns serial input into console actions
+//! ([`rustyvisor::hvconsole`]): bytes for the guest in focus, and the
+//! Ctrl-A command line (`list`, `focus`, `kill`, `restart`, `stats`,
+//! `help`).
+
+extern crate alloc;
+
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use guest_abi::lhreq::{Errno, LhReq};
+use rustyvisor::hvconsole::{self, Action, Command, GuestInfo, GuestState, HostStats};
+use rustyvisor::lguest::chan::{Channel, TaskId};
+use rustyvisor::lguest::console::{ConsoleLine, Escaped, GuestConsole};
+use rustyvisor::lguest::guestmem::GuestMemory;
+use rustyvisor::lguest::loader;
+use rustyvisor::lguest::spec;
+use rustyvisor::mm::PAGE_SIZE;
+use rustyvisor::sched::{EventHandle, WaitOn};
+use rustyvisor::units::Bytes;
+
+use super::bootinfo::Module;
+use super::lguest::space::{GuestRam, HostGuestMemory, SpaceError};
+use super::lguest::{GuestShared, KernelCore, Life};
+use super::mem::{self, phys_to_virt};
+use super::sync::IrqMutex;
+use super::{console, task, time};
+use crate::kprintln;
+
+/// Restarts honoured per guest before giving up.
+const MAX_RESTARTS: u32 = 3;
+/// Most bytes of one early-console string read from the guest.
+const NOTIFY_TEXT_MAX: usize = 1024;
+
+/// Guests started (a restart counts again) and guests that powered off.
+static RAN: AtomicU32 = AtomicU32::new(0);
+static CLEAN: AtomicU32 = AtomicU32::new(0);
+/// Launcher tasks still running.
+static LIVE: AtomicU32 = AtomicU32::new(0);
+/// Signalled when serial input arrives or a guest ends (the console task
+/// waits on it).
+static CONSOLE_EVENT: IrqMutex<Option<EventHandle>> = IrqMutex::new(None);
+
+/// Signalled whenever a guest gives its memory back (guests waiting for
+/// memory retry then).
+static MEM_FREED: IrqMutex<Option<EventHandle>> = IrqMutex::new(None);
+
+/// What a launcher task is given.
+struct Job {
+    module: Module,
+    shared: Arc<GuestShared>,
+    fastpath: bool,
+}
+
+/// Registers every guest module and spawns its launcher task, plus the
+/// console task when there is at least one guest. Returns the number of
+/// launcher tasks spawned; run them with [`task::run`].
+pub fn start(modules: &[Module], fastpath: bool) -> usize {
+    let mut spawned = 0;
+    *MEM_FREED.lock() = Some(task::new_event());
+    let mut names: Vec<String> = Vec::new();
+    for m in modules {
+        // A line longer than the copy in `Module` is refused here rather
+        // than run cut short: the lost words could be `mem=` or the guest's
+        // own options (the other guests still run).
+        let spec = match spec::parse(m.cmdline.as_str(), m.cmdline_len) {
+            Ok(s) => s,
+            Err(e) => {
+                kprintln!(
+                    "guest {} not started: {e}",
+                    Escaped::new(spec::name_of(m.cmdline.as_str()).as_bytes())
+                );
+                continue;
+            }
+        };
+        // Every guest has its own name on the log and the console.
+        let name = unique_name(&names, spec.name);
+        names.push(name.clone());
+        let shared = GuestShared::register(&name);
+        let job = Box::new(Job {
+            module: *m,
+            shared: shared.clone(),
+            fastpath,
+        });
+        let arg = Box::into_raw(job) as u64;
+        match task::spawn(&name, launcher_main, arg) {
+            Ok(t) => {
+                shared.set_task(t);
+                LIVE.fetch_add(1, Ordering::SeqCst);
+                spawned += 1;
+            }
+            Err(_) => {
+                // SAFETY: `arg` came from `Box::into_raw` just above and no
+                // task got it.
+                drop(unsafe { Box::from_raw(arg as *mut Job) });
+                shared.unregister();
+                kprintln!("guest {name} not started: no memory for its task");
+            }
+        }
+    }
+    if spawned > 0 {
+        *CONSOLE_EVENT.lock() = Some(task::new_event());
+        if task::spawn("console", console_main, 0).is_err() {
+            kprintln!("console: not started (no memory for its task); serial input is ignored");
+        }
+    }
+    spawned
+}
+
+/// (guests run, guests that powered off cleanly).
+pub fn results() -> (u32, u32) {
+    (RAN.load(Ordering::SeqCst), CLEAN.load(Ordering::SeqCst))
+}
+
+/// Serial input arrived (interrupt context): wake the console task.
+pub fn on_serial_input() {
+    if let Some(e) = *CONSOLE_EVENT.lock() {
+        task::signal(e, 1);
+    }
+}
+
+fn poke_console() {
+    on_serial_input();
+}
+
+fn launcher_main(arg: u64) {
+    // SAFETY: `arg` is the `Box<Job>` `start` leaked for this task alone.
+    let job = unsafe { Box::from_raw(arg as *mut Job) };
+    let Job {
+        module,
+        shared,
+        fastpath,
+    } = *job;
+    run_module(&module, &shared, fastpath);
+    shared.set_life(Life::Dead);
+    shared.unregister();
+    LIVE.fetch_sub(1, Ordering::SeqCst);
+    poke_console();
+}
+
+/// Runs one guest module to its end, restarting it as asked.
+fn run_module(m: &Module, shared: &Arc<GuestShared>, fastpath: bool) {
+    let Ok(spec) = spec::parse(m.cmdline.as_str(), m.cmdline_len) else {
+        return;
+    };
+    let name = shared.name.as_str();
+    let mut restarts = 0;
+    loop {
+        RAN.fetch_add(1, Ordering::SeqCst);
+        match run_guest(m, &spec, shared, fastpath) {
+            Outcome::PowerOff => {
+                CLEAN.fetch_add(1, Ordering::SeqCst);
+                break;
+            }
+            Outcome::Restart if restarts < MAX_RESTARTS => {
+                restarts += 1;
+                kprintln!("guest {name} restarting ({restarts} of {MAX_RESTARTS})");
+            }
+            Outcome::Restart => {
+                kprintln!("guest {name} not restarted: too many restarts");
+                break;
+            }
+            Outcome::Failed => break,
+        }
+    }
+    let held = shared.ledger.held();
+    if held == 0 {
+        kprintln!("guest {name} returned all its memory");
+    } else {
+        kprintln!("guest {name} LEAK: {held} frames not returned");
+    }
+}
+
+enum Outcome {
+    PowerOff,
+    Restart,
+    Failed,
+}
+
+fn run_guest(
+    m: &Module,
+    spec: &spec::GuestSpec<'_>,
+    shared: &Arc<GuestShared>,
+    fastpath: bool,
+) -> Outcome {
+    let name = shared.name.as_str();
+    shared.set_life(Life::Starting);
+    let mut said = false;
+    let ram = loop {
+        match GuestRam::new(spec.mem, &shared.ledger) {
+            Ok(r) => break r,
+            // Other guests hold the memory: wait for one of them to give
+            // it back, as long as any is still running.
+            Err(SpaceError::OutOfMemory) if others_hold_memory(shared) => {
+                if !said {
+                    kprintln!(
+                        "guest {name} waiting for {} of memory (other guests hold it)",
+                        Bytes(spec.mem)
+                    );
+                    said = true;
+                }
+                let ev = *MEM_FREED.lock();
+                match ev {
+                    Some(e) => {
+                        task::take_event(e);
+                        if others_hold_memory(shared) {
+                            task::block(WaitOn::Event(e), None);
+                        }
+                    }
+                    None => task::yield_now(),
+                }
+            }
+            Err(e) => {
+                kprintln!(
+                    "guest {name} not started: cannot allocate {}: {e:?}",
+                    Bytes(spec.mem)
+                );
+                return Outcome::Failed;
+            }
+        }
+    };
+    let Ok(limit) = u32::try_from(ram.bytes()) else {
+        return Outcome::Failed;
+    };
+    let (base, bytes) = (ram.base(), ram.bytes());
+    // SAFETY: `ram` is this guest's memory, mapped in the direct map; it
+    // moves into the core below, which keeps it until `chan` is closed at
+    // the end of this function, after the last use of `gm`.
+    let mut gm = unsafe { HostGuestMemory::new(base, limit) };
+    // The module's bytes, through the direct map (modules are reserved).
+    let image_len = m.range.len() as usize;
+    // SAFETY: the module range was reserved at boot and is never reused.
+    let image =
+        unsafe { core::slice::from_raw_parts(phys_to_virt(m.range.start) as *const u8, image_len) };
+    let entry = match loader::load_elf(image, &mut gm) {
+        Ok(e) => e,
+        Err(e) => {
+            kprintln!("guest {name} not started: bad image: {e}");
+            return Outcome::Failed;
+        }
+    };
+    if let Err(e) = loader::write_boot_params(&mut gm, limit, &spec.args) {
+        kprintln!("guest {name} not started: {e}");
+        return Outcome::Failed;
+    }
+    kprintln!(
+        "guest {name} starting: {} RAM, entry {entry:#x}, args \"{}\"",
+        Bytes(bytes),
+        Escaped::new(spec.args.as_bytes())
+    );
+
+    let exits_before = (
+        shared.exits.load(Ordering::Relaxed),
+        shared.fast_exits.load(Ordering::Relaxed),
+    );
+    let owner = task::current().unwrap_or(TaskId(0));
+    let core = KernelCore::new(shared.clone(), ram, fastpath, spec.paging);
+    let mut chan = Channel::new(core, owner);
+    let init = [
+        LhReq::Initialize as u64,
+        base,
+        bytes / PAGE_SIZE,
+        u64::from(entry),
+    ];
+    if let Err(e) = chan.write(owner, &init) {
+        kprintln!("guest {name} not started: INITIALIZE failed: errno {}", e.0);
+        chan.close();
+        return Outcome::Failed;
+    }
+    let mut buf = [0u8; 4];
+    let mut console = GuestConsole::new();
+    let mut text = [0u8; NOTIFY_TEXT_MAX];
+    let outcome = loop {
+        match chan.read(owner, &mut buf) {
+            Ok(_) => {
+                let addr = u32::from_le_bytes(buf);
+                match gm.read_cstr_bytes(addr, &mut text) {
+                    Ok(s) => console.write(time::now_ns(), s, |line| match line {
+                        ConsoleLine::Text(t) => kprintln!("guest {name}: {t}"),
+                        ConsoleLine::Dropped { lines, bytes } => kprintln!(
+                            "guest {name} console: {lines} lines ({bytes} bytes) dropped: \
+                             over the rate limit"
+                        ),
+                    }),
+                    Err(_) => kprintln!("guest {name} notified {addr:#x}: no device there"),
+                }
+            }
+            // The slice is over: give the CPU back, then run on.
+            Err(e) if e == Errno::EINTR => task::yield_now(),
+            Err(e) if e == Errno::ERESTART => break Outcome::Restart,
+            Err(e) if e == Errno::ENOENT => {
+                let reason = chan.death_reason().unwrap_or("killed");
+                if reason.starts_with("power off") {
+                    kprintln!("guest {name} powered off");
+                    if let Some(msg) = reason.strip_prefix("power off: ") {
+                        log::info!(
+                            "guest {name} shutdown message: {}",
+                            Escaped::new(msg.as_bytes())
+                        );
+                    }
+                    break Outcome::PowerOff;
+                }
+                kprintln!("guest {name} killed: {}", Escaped::new(reason.as_bytes()));
+                break Outcome::Failed;
+            }
+            Err(e) => {
+                kprintln!("guest {name} failed: read returned errno {}", e.0);
+                break Outcome::Failed;
+            }
+        }
+    };
+    let (lines, dropped) = console.dropped();
+    if lines > 0 {
+        kprintln!(
+            "guest {name} console: {lines} lines ({dropped} bytes) dropped: over the rate limit"
+        );
+    }
+    kprintln!(
+        "guest {name} used {} exits ({} handled where they landed), {} of host memory beyond its RAM",
+        shared.exits.load(Ordering::Relaxed) - exits_before.0,
+        shared.fast_exits.load(Ordering::Relaxed) - exits_before.1,
+        Bytes(chan.core().overhead_bytes())
+    );
+    if let Some(st) = chan.core().shadow_stats() {
+        kprintln!(
+            "guest {name} shadow paging: {} switches ({} to a cached shadow), {} fills, {} faults \
+             reflected, {} evictions, at most {} table pages",
+            st.hits + st.misses,
+            st.hits,
+            st.fills,
+            st.reflected,
+            st.evictions,
+            st.peak_frames
+        );
+    }
+    drop(gm);
+    chan.close();
+    if let Some(e) = *MEM_FREED.lock() {
+        task::signal(e, 1);
+    }
+    outcome
+}
+
+/// Whether a guest other than `me` holds memory now (so waiting for it
+/// can succeed).
+fn others_hold_memory(me: &GuestShared) -> bool {
+    super::lguest::guests()
+        .iter()
+        .any(|g| g.id != me.id && g.ledger.held() > 0)
+}
+
+/// A guest's name on the log and the console: the module's name, or
+/// `NAME-N` (the smallest N from 2 not taken) when an earlier module has
+/// that name already (several modules may share one; `focus` and `kill`
+/// need one guest per name, and so does reading the log).
+fn unique_name(taken: &[String], name: &str) -> String {
+    if !taken.iter().any(|t| t == name) {
+        return String::from(name);
+    }
+    let mut n = 2u32;
+    loop {
+        let candidate = format!("{name}-{n}");
+        if !taken.iter().any(|t| *t == candidate) {
+            return candidate;
+        }
+        n += 1;
+    }
+}
+
+/// The console task: serial input → [`hvconsole::Console`] → actions.
+/// Ends when the last launcher task has.
+fn console_main(_: u64) {
+    let Some(event) = *CONSOLE_EVENT.lock() else {
+        return;
+    };
+    let mut con = hvconsole::Console::default();
+    // (console name, guest id) of the guests the console knows.
+    let mut known: Vec<(String, u64)> = Vec::new();
+    let mut actions = Vec::new();
+    // CPU time of each guest's task at the last `list`, for its CPU share.
+    let mut last_cpu: Vec<(u64, u64)> = Vec::new();
+    let mut last_list = time::now_ns();
+    loop {
+        // Take the wake-ups now: input arriving from here on signals again.
+        task::take_event(event);
+        // Keep the console's guest list in step with the registry.
+        let live = super::lguest::guests();
+        known.retain(|(n, id)| {
+            let alive = live.iter().any(|g| g.id == *id);
+            if !alive {
+                con.remove_guest(n, &mut actions);
+            }
+            alive
+        });
+        for g in &live {
+            if !known.iter().any(|(_, id)| *id == g.id) {
+                if con.add_guest(&g.name).is_ok() {
+                    known.push((g.name.clone(), g.id));
+                }
+            }
+        }
+        let mut input = [0u8; 64];
+        let mut n = 0;
+        while n < input.len() {
+            match console::read_byte() {
+                Some(b) => {
+                    if let Some(slot) = input.get_mut(n) {
+                        *slot = b;
+                    }
+                    n += 1;
+                }
+                None => break,
+            }
+        }
+        if let Some(bytes) = input.get(..n) {
+            con.input(bytes, &mut actions);
+        }
+        for a in actions.drain(..) {
+            match a {
+                Action::ToGuest { guest, bytes } => {
+                    // No virtio console input yet: the guest in focus gets
+                    // nothing, which the console says once.
+                    let _ = (guest, bytes);
+                }
+                Action::Echo(bytes) => console::write_raw(&bytes),
+                Action::Print(line) => kprintln!("{line}"),
+                Action::Run(cmd) => {
+                    run_command(&con, cmd, &known, &live, &mut last_cpu, &mut last_list)
+                }
+            }
+        }
+        if LIVE.load(Ordering::SeqCst) == 0 {
+            break;
+        }
+        // Input that arrived since the take above left the count non-zero:
+        // then this does not block.
+        task::block(WaitOn::Event(event), None);
+    }
+    if let Some(e) = CONSOLE_EVENT.lock().take() {
+        task::close_event(e);
+    }
+}
+
+fn run_command(
+    con: &hvconsole::Console,
+    cmd: Command,
+    known: &[(String, u64)],
+    live: &[Arc<GuestShared>],
+    last_cpu: &mut Vec<(u64, u64)>,
+    last_list: &mut u64,
+) {
+    let find = |name: &str| {
+        let id = known.iter().find(|(n, _)| n == name).map(|(_, id)| *id)?;
+        live.iter().find(|g| g.id == id)
+    };
+    match cmd {
+        Command::List => {
+            let now = time::now_ns();
+            let interval = now.saturating_sub(*last_list).max(1);
+            let mut infos = Vec::new();
+            let mut cpu_now = Vec::new();
+            for (n, id) in known {
+                let Some(g) = live.iter().find(|g| g.id == *id) else {
+                    continue;
+                };
+                let cpu = task::cpu_ns(g.task());
+                let before = last_cpu
+                    .iter()
+                    .find(|(i, _)| i == id)
+                    .map_or(0, |(_, c)| *c);
+                cpu_now.push((*id, cpu));
+                let permille = (u128::from(cpu.saturating_sub(before)) * 1000
+                    / u128::from(interval))
+                .min(1000) as u32;
+                infos.push((
+                    n.as_str(),
+                    match g.life() {
+                        Life::Halted => GuestState::Halted,
+                        Life::Dead => GuestState::Dead,
+                        Life::Starting if g.exits.load(Ordering::Relaxed) > 0 => {
+                            GuestState::Restarting
+                        }
+                        _ => GuestState::Running,
+                    },
+                    g.ledger.held() * PAGE_SIZE,
+                    g.exits.load(Ordering::Relaxed),
+                    permille,
+                ));
+            }
+            let infos: Vec<GuestInfo<'_>> = infos
+                .iter()
+                .map(|&(name, state, mem, exits, cpu_permille)| GuestInfo {
+                    name,
+                    state,
+                    mem,
+                    exits,
+                    cpu_permille,
+                })
+                .collect();
+            for line in con.list(&infos) {
+                kprintln!("{line}");
+            }
+            *last_cpu = cpu_now;
+            *last_list = now;
+        }
+        Command::Stats => {
+            let (free, _, managed) = mem::frame_counts();
+            let (sched, tasks) = task::stats();
+            let host = HostStats {
+                uptime_ns: time::now_ns(),
+                mem_total: managed * PAGE_SIZE,
+                mem_free: free * PAGE_SIZE,
+                tasks,
+                runnable: 0,
+                sched,
+            };
+            for line in con.stats(&host) {
+                kprintln!("{line}");
+            }
+        }
+        Command::Kill(name) => match find(&name) {
+            Some(g) => {
+                kprintln!("console: killing guest {name}");
+                g.request(false);
+            }
+            None => kprintln!("console: no guest {name}"),
+        },
+        Command::Restart(name) => match find(&name) {
+            Some(g) => {
+                kprintln!("console: restarting guest {name}");
+                g.request(true);
+            }
+            None => kprintln!("console: no guest {name}"),
+        },
+    }
+}
