@@ -1,0 +1,123 @@
+//! `conc`: a guest for the concurrency scenarios, one behaviour per boot
+//! chosen with `mode=<name>` on the module command line.
+//!
+//! | mode | what |
+//! |---|---|
+//! | `ticker` | `count=N` (20) clock events `period=MS` (20 ms) apart, each awaited with HALT; prints `tick K` and at the end the worst wake-up lateness it saw, then powers off |
+//! | `cpu` | computes for `ms=M` (300 ms) of TSC time without a single exit of its own, printing `cpu: K%` as it goes, then powers off |
+//! | `spin` | turns virtual irqs off and spins forever without an exit: only the host's time slice takes the CPU back, only `kill` ends it |
+//! | `haltblocked` | blocks every virtual irq, turns them off and halts forever: it must cost nothing, and only `kill` ends it |
+#![no_std]
+#![no_main]
+
+use core::arch::asm;
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use lguest_rt::trap::set_irq_handler;
+use lguest_rt::{BootInfo, TrapFrame, hcall, irq, println};
+
+lguest_rt::entry!(main);
+
+fn main(boot: &BootInfo) {
+    match boot.arg("mode") {
+        Some("ticker") => ticker(
+            num(boot.arg("count"), 20),
+            num(boot.arg("period"), 20),
+        ),
+        Some("cpu") => cpu(num(boot.arg("ms"), 300)),
+        Some("spin") => spin(),
+        Some("haltblocked") => halt_blocked(),
+        other => println!("FAIL: unknown mode {other:?}"),
+    }
+}
+
+fn num(s: Option<&str>, default: u32) -> u32 {
+    s.and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn rdtsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: rdtsc is allowed at CPL 1 (the host leaves CR4.TSD clear).
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// Nanoseconds since an arbitrary start, from the TSC.
+fn now_ns() -> u64 {
+    let khz = u64::from(irq::tsc_khz().max(1));
+    rdtsc() * 1_000_000 / khz
+}
+
+static TICKS: AtomicU32 = AtomicU32::new(0);
+
+fn on_tick(_: &mut TrapFrame) {
+    TICKS.fetch_add(1, Ordering::Relaxed);
+}
+
+fn ticker(count: u32, period_ms: u32) {
+    set_irq_handler(0, Some(on_tick));
+    irq::unmask(0);
+    let period_ns = u64::from(period_ms) * 1_000_000;
+    let mut worst = 0u64;
+    for k in 1..=count {
+        let armed = now_ns();
+        hcall::set_clockevent(period_ms.saturating_mul(1_000_000));
+        loop {
+            irq::disable();
+            if TICKS.load(Ordering::Relaxed) >= k {
+                irq::enable();
+                break;
+            }
+            hcall::halt();
+        }
+        let late = now_ns().saturating_sub(armed + period_ns);
+        worst = worst.max(late);
+        println!("tick {k}");
+    }
+    println!(
+        "ticker done: {count} ticks, worst lateness {} ms",
+        worst / 1_000_000
+    );
+}
+
+fn cpu(ms: u32) {
+    let start = now_ns();
+    let total = u64::from(ms) * 1_000_000;
+    let mut shown = 0;
+    let mut x = 1u32;
+    loop {
+        let done = now_ns().saturating_sub(start);
+        if done >= total {
+            break;
+        }
+        let pct = done * 100 / total;
+        if pct >= shown + 25 {
+            shown = pct - pct % 25;
+            println!("cpu: {shown}%");
+        }
+        for _ in 0..10_000 {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        }
+        core::hint::black_box(x);
+    }
+    println!("cpu: done");
+}
+
+fn spin() -> ! {
+    println!("spinning with irqs off");
+    irq::disable();
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+fn halt_blocked() -> ! {
+    for i in 0..32 {
+        irq::mask(i);
+    }
+    println!("halting with every irq blocked");
+    irq::disable();
+    loop {
+        hcall::halt();
+    }
+}
