@@ -11,6 +11,7 @@
 pub mod bench;
 pub mod error;
 pub mod image;
+pub mod input;
 pub mod qemu;
 pub mod runner;
 pub mod scenario;

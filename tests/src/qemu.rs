@@ -157,7 +157,8 @@ pub fn memory_arg(bytes: u64) -> String {
 /// Where the serial port goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Serial {
-    /// The terminal (`cargo xtask run`).
+    /// QEMU's stdin and stdout (`-serial stdio`): the terminal (`cargo xtask run`), or pipes to
+    /// the runner (scenarios with scripted `input`).
     Stdio,
     /// A log file (tests, benches).
     File(PathBuf),

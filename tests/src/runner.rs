@@ -6,26 +6,51 @@
 //! |---|---|
 //! | `<name>.log` | the serial log, as the hypervisor wrote it |
 //! | `<name>.qemu.log` | QEMU's `-d cpu_reset,guest_errors` log (`cpu_reset` only under UEFI) |
-//! | `<name>.out` | QEMU's own stdout and stderr |
+//! | `<name>.out` | QEMU's own stdout and stderr (only stderr with scripted input) |
 //! | `<name>.cmd` | the QEMU command line |
 //! | `<name>.OVMF_VARS.fd` | the UEFI variable store (UEFI scenarios) |
 //!
 //! and, if it failed, its image in `<target>/iso/<name>.iso` (staged in `<target>/iso-stage/<name>/`).
+//!
+//! # Serial port
+//!
+//! A scenario without `input` gets `-serial file:<name>.log`: QEMU writes the log itself.
+//!
+//! A scenario with `input` gets `-serial stdio` with both ends piped to the harness, and three
+//! threads run while QEMU does:
+//!
+//! * the **reader** reads QEMU's stdout (the serial output and nothing else: QEMU's warnings go
+//!   to stderr, `-d` to its own file) until end of file, appends every chunk to `<name>.log`
+//!   at once, and feeds it to a [`StepMatcher`]; the steps that become due go to the writer
+//!   over a channel. It never blocks on anything but the pipe, so QEMU's UART is never held
+//!   up for long (QEMU's own `logfile=` option was not used: when a chardev write fails with
+//!   `EAGAIN` it logs the bytes and the UART then sends them again).
+//! * the **writer** takes due steps in order, waits their `delay_ms`, and writes their bytes to
+//!   QEMU's stdin one at a time, [`INPUT_BYTE_PAUSE`] apart. A write error (QEMU is gone) ends
+//!   it; the steps written in full are counted.
+//! * the calling thread waits for QEMU with the hard timeout ([`wait_with_timeout`]: kill and
+//!   reap). Once QEMU is gone its stdout reaches end of file, so the reader ends; that closes
+//!   the channel and, with the stop flag, ends the writer. QEMU's stdin stays open until then,
+//!   so an early end of input never looks like a hang-up to QEMU.
+//!
+//! The verdict then reads `<name>.log` like any other, and the first step not written in full
+//! is a failure ([`crate::input::unsent`]).
 
 use std::fmt::Write as _;
 use std::fs;
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{Child, ExitStatus, Stdio};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::{Child, ChildStdin, ChildStdout, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::err;
 use crate::error::{Context, Result};
 use crate::image::{Image, ResolvedGuest};
+use crate::input::{INPUT_BYTE_PAUSE, Step, StepMatcher, unsent};
 use crate::qemu::{Accel, Firmware, Ovmf, Qemu, Serial, check_kvm};
 use crate::scenario::Scenario;
 use crate::verdict::{Failure, Outcome, judge, serial_lines, visible};
@@ -140,12 +165,17 @@ impl Runner<'_> {
             ),
         };
         match self.boot(scenario, &report) {
-            Ok((outcome, output)) => {
+            Ok((outcome, output, input)) => {
                 report.qemu_output = output;
                 report.lines = fs::read(&report.log)
                     .map(|raw| serial_lines(&raw))
                     .unwrap_or_default();
                 report.failures = judge(&scenario.expectations, &report.lines, outcome);
+                // Reported even when the run failed otherwise: a guest that hangs waiting for
+                // input it never got times out, and this says why.
+                report
+                    .failures
+                    .extend(unsent(&scenario.input, &input.matched, input.sent));
                 if report.passed() {
                     // Images are big (two GRUB platforms); keep only those of failures.
                     let _ = fs::remove_file(self.iso(scenario));
@@ -167,8 +197,9 @@ impl Runner<'_> {
         self.ws.iso_dir().join(format!("{}.iso", scenario.name))
     }
 
-    /// Builds the image and runs QEMU; returns how it ended and what it printed.
-    fn boot(&self, scenario: &Scenario, report: &Report) -> Result<(Outcome, String)> {
+    /// Builds the image and runs QEMU; returns how it ended, what it printed and how far the
+    /// scripted input got.
+    fn boot(&self, scenario: &Scenario, report: &Report) -> Result<(Outcome, String, InputRun)> {
         let dir = self.ws.qemu_dir();
         fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
         let file = |ext: &str| self.file(scenario, ext);
@@ -210,7 +241,11 @@ impl Runner<'_> {
             machine: scenario.machine.clone(),
             uefi,
             iso,
-            serial: Serial::File(report.log.clone()),
+            serial: if scenario.input.is_empty() {
+                Serial::File(report.log.clone())
+            } else {
+                Serial::Stdio
+            },
             debug_log: Some(report.qemu_log.clone()),
             gdb: false,
         };
@@ -222,17 +257,32 @@ impl Runner<'_> {
         let err_out = out
             .try_clone()
             .context(|| format!("opening {}", out_path.display()))?;
-        let mut child = qemu
-            .command()
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err_out)
-            .spawn()
-            .context(|| format!("starting {}", crate::qemu::QEMU))?;
-        let outcome = wait_with_timeout(&mut child, scenario.timeout)
-            .context(|| format!("waiting for {}", crate::qemu::QEMU))?;
+        let mut command = qemu.command();
+        let (outcome, input) = if scenario.input.is_empty() {
+            let mut child = command
+                .stdin(Stdio::null())
+                .stdout(out)
+                .stderr(err_out)
+                .spawn()
+                .context(|| format!("starting {}", crate::qemu::QEMU))?;
+            let outcome = wait_with_timeout(&mut child, scenario.timeout)
+                .context(|| format!("waiting for {}", crate::qemu::QEMU))?;
+            (outcome, InputRun::default())
+        } else {
+            drop(out);
+            let log = fs::File::create(&report.log)
+                .context(|| format!("creating {}", report.log.display()))?;
+            let mut child = command
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(err_out)
+                .spawn()
+                .context(|| format!("starting {}", crate::qemu::QEMU))?;
+            run_scripted(&mut child, log, &scenario.input, scenario.timeout)
+                .context(|| format!("running {} with scripted input", crate::qemu::QEMU))?
+        };
         let output = fs::read_to_string(&out_path).unwrap_or_default();
-        Ok((outcome, output))
+        Ok((outcome, output, input))
     }
 
     /// Runs scenarios on `jobs` worker threads. `on_done` sees each report as it finishes;
@@ -266,6 +316,138 @@ impl Runner<'_> {
             .into_iter()
             .flatten()
             .collect()
+    }
+}
+
+/// How far a run's scripted input got.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct InputRun {
+    /// The 1-based serial line where each step matched, in step order.
+    matched: Vec<usize>,
+    /// How many steps were written in full (the first `sent`).
+    sent: usize,
+}
+
+/// Runs a spawned QEMU whose serial port is its stdio (both piped): copies the serial output to
+/// `log`, writes the input `steps` as they become due, and waits for QEMU with the hard
+/// `timeout`. Returns once QEMU is gone, reaped, and both helper threads have ended (see the
+/// module documentation).
+fn run_scripted(
+    child: &mut Child,
+    log: fs::File,
+    steps: &[Step],
+    timeout: Duration,
+) -> io::Result<(Outcome, InputRun)> {
+    let missing = |what| io::Error::other(format!("QEMU's {what} is not piped"));
+    let stdout = child.stdout.take().ok_or_else(|| missing("stdout"))?;
+    let stdin = child.stdin.take().ok_or_else(|| missing("stdin"))?;
+    let matcher = StepMatcher::new(steps.iter().map(|s| s.after.clone()).collect());
+    let sent = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    thread::scope(|scope| {
+        let (due, due_rx) = mpsc::channel();
+        let reader = scope.spawn(move || copy_serial(stdout, log, matcher, &due));
+        let (sent, stop) = (&sent, &stop);
+        let writer = scope.spawn(move || write_steps(stdin, steps, due_rx, sent, stop));
+        let outcome = wait_with_timeout(child, timeout);
+        if outcome.is_err() {
+            // Never leave QEMU running: the reader would wait for its output forever.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        stop.store(true, Ordering::Relaxed);
+        let panicked = |_| io::Error::other("a serial thread panicked");
+        let copied = reader.join().map_err(panicked);
+        writer.join().map_err(panicked)?;
+        let matched = copied??;
+        Ok((
+            outcome?,
+            InputRun {
+                matched,
+                sent: sent.load(Ordering::Relaxed),
+            },
+        ))
+    })
+}
+
+/// The reader: copies QEMU's serial output to `log` until end of file and sends the steps it
+/// makes due to `due`. Returns where each step matched. A failed log write is returned at the
+/// end; reading goes on until then so that QEMU is never blocked on a full pipe.
+fn copy_serial(
+    mut stdout: ChildStdout,
+    mut log: fs::File,
+    mut matcher: StepMatcher,
+    due: &mpsc::Sender<usize>,
+) -> io::Result<Vec<usize>> {
+    let mut buf = [0; 4096];
+    let mut log_error = None;
+    loop {
+        let n = match stdout.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let chunk = &buf[..n];
+        if log_error.is_none()
+            && let Err(e) = log.write_all(chunk)
+        {
+            log_error = Some(e);
+        }
+        for step in matcher.feed(chunk) {
+            // The writer is gone only if it failed to write: nothing more will be sent.
+            let _ = due.send(step);
+        }
+    }
+    match log_error {
+        Some(e) => Err(io::Error::new(
+            e.kind(),
+            format!("writing the serial log: {e}"),
+        )),
+        None => Ok(matcher.matched().to_vec()),
+    }
+}
+
+/// The writer: writes each due step (indices from `due`, in order) to QEMU's stdin after its
+/// delay, [`INPUT_BYTE_PAUSE`] between bytes, and counts the steps written in full in `sent`.
+/// Ends when `due` is closed, when `stop` is set, or at the first failed write.
+fn write_steps(
+    mut stdin: ChildStdin,
+    steps: &[Step],
+    due: mpsc::Receiver<usize>,
+    sent: &AtomicUsize,
+    stop: &AtomicBool,
+) {
+    // Sleeps `d` in short slices; false if told to stop meanwhile.
+    let pause = |d: Duration| {
+        let end = Instant::now() + d;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= end {
+                return true;
+            }
+            thread::sleep((end - now).min(Duration::from_millis(10)));
+        }
+    };
+    while let Ok(index) = due.recv() {
+        let Some(step) = steps.get(index) else {
+            return;
+        };
+        if !pause(step.delay) {
+            return;
+        }
+        for (i, byte) in step.send.iter().enumerate() {
+            if (i > 0 && !pause(INPUT_BYTE_PAUSE)) || stdin.write_all(&[*byte]).is_err() {
+                return;
+            }
+        }
+        if stdin.flush().is_err() {
+            return;
+        }
+        sent.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -335,6 +517,97 @@ mod tests {
         assert_eq!(outcome, Outcome::TimedOut(Duration::ZERO));
         // Reaped: nothing left to wait for.
         assert!(child.try_wait().unwrap().is_some());
+    }
+
+    /// Runs `script` under `sh` as a stand-in for QEMU with scripted input; returns how it
+    /// ended, how far the input got and the log.
+    fn scripted(
+        script: &str,
+        steps: &[(&str, &str)],
+        timeout: Duration,
+    ) -> (Outcome, InputRun, String) {
+        let dir = std::env::temp_dir().join(format!(
+            "rustyvisor-tests-scripted-{}-{:?}",
+            std::process::id(),
+            thread::current().id()
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        let log_path = dir.join("serial.log");
+        let log = fs::File::create(&log_path).unwrap();
+        let steps: Vec<Step> = steps
+            .iter()
+            .map(|(after, send)| Step {
+                after: regex::Regex::new(after).unwrap(),
+                send: crate::input::decode_escapes(send).unwrap(),
+                delay: Duration::ZERO,
+            })
+            .collect();
+        let mut child = Command::new("sh")
+            .args(["-c", script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (outcome, input) = run_scripted(&mut child, log, &steps, timeout).unwrap();
+        assert!(child.try_wait().unwrap().is_some(), "not reaped");
+        let text = fs::read_to_string(&log_path).unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+        (outcome, input, text)
+    }
+
+    #[test]
+    fn scripted_input_answers_the_output() {
+        let script = "echo 'boot'; echo 'login:'; read a; echo \"got $a\"; \
+                      echo 'next:'; read b; echo \"got $b\"; exit 33";
+        let (outcome, input, log) = scripted(
+            script,
+            &[("^login:$", "\\x41\\x01\\n"), ("^next:", "two\\r\\n")],
+            Duration::from_secs(60),
+        );
+        assert_eq!(outcome, Outcome::Exited(33));
+        assert_eq!(
+            input,
+            InputRun {
+                matched: vec![2, 4],
+                sent: 2
+            }
+        );
+        assert_eq!(log, "boot\nlogin:\ngot A\x01\nnext:\ngot two\r\n");
+    }
+
+    #[test]
+    fn scripted_output_is_logged_completely() {
+        // 4 MiB in one go, far more than a pipe holds, then a line a step waits for.
+        let script = "head -c 4194304 /dev/zero | tr '\\0' 'x'; echo; echo done; read a; \
+                      echo \"$a\"; exit 33";
+        let (outcome, input, log) =
+            scripted(script, &[("^done$", "bye\\n")], Duration::from_secs(60));
+        assert_eq!(outcome, Outcome::Exited(33));
+        assert_eq!(input.sent, 1);
+        assert_eq!(log.len(), 4194304 + "\ndone\nbye\n".len());
+        assert!(log.ends_with("x\ndone\nbye\n"));
+    }
+
+    #[test]
+    fn scripted_input_that_is_never_due_ends_at_the_timeout_or_the_exit() {
+        // Still running, its output open: killed and reaped at the timeout.
+        let (outcome, input, log) = scripted(
+            "echo waiting; read a; echo never",
+            &[("^prompt", "x\\n")],
+            Duration::from_millis(300),
+        );
+        assert_eq!(outcome, Outcome::TimedOut(Duration::from_millis(300)));
+        assert_eq!(input, InputRun::default());
+        assert_eq!(log, "waiting\n");
+        // Gone before the line it waits for.
+        let (outcome, input, _) = scripted(
+            "echo early; exit 1",
+            &[("^early", "a\\n"), ("^late", "b\\n")],
+            Duration::from_secs(60),
+        );
+        assert_eq!(outcome, Outcome::Exited(1));
+        assert_eq!(input.matched, [1]);
+        assert!(input.sent <= 1);
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //!
 //! A file holds any number of `[[scenario]]` tables, an optional `[defaults]` table (the same
 //! keys, applied to every scenario of that file) and an optional `[patterns]` table of named
-//! pattern lists. An entry of `expect`, `forbid` or a pattern list written as `"@name"` stands for
-//! the list called `name`; pattern lists may be defined in any file of the directory. See
+//! pattern lists. An entry of `expect`, of a list in `expect_each`, of `forbid` or of a pattern
+//! list written as `"@name"` stands for the list called `name`; pattern lists may be defined in
+//! any file of the directory. `input` is the scripted serial input ([`crate::input`]). See
 //! `docs/testing.md`.
 
 use std::collections::BTreeMap;
@@ -18,6 +19,7 @@ use serde::Deserialize;
 use crate::err;
 use crate::error::{Context, Error, Result};
 use crate::image::GuestSpec;
+use crate::input::{Step, decode_escapes};
 use crate::qemu::{Accel, EXIT_SUCCESS, Firmware, Machine};
 use crate::verdict::Expectations;
 
@@ -60,6 +62,8 @@ pub struct Scenario {
     pub machine: Machine,
     /// What the run must show.
     pub expectations: Expectations,
+    /// Scripted serial input, in order (empty: the serial port only logs, as `-serial file:`).
+    pub input: Vec<Step>,
     /// Hard limit on the run; QEMU is killed after it.
     pub timeout: Duration,
 }
@@ -132,10 +136,21 @@ struct RawScenario {
     icount: Option<bool>,
     qemu_args: Option<Vec<String>>,
     expect: Option<Vec<String>>,
+    expect_each: Option<Vec<Vec<String>>>,
     forbid: Option<Vec<String>>,
     exit_code: Option<i32>,
     timeout_secs: Option<u64>,
     also_with: Option<Vec<String>>,
+    input: Option<Vec<RawStep>>,
+}
+
+/// One `input` step as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    after: String,
+    send: String,
+    delay_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -371,15 +386,23 @@ fn build(
         .collect::<Result<Vec<_>>>()
         .map_err(|e| fail(e.to_string()))?;
     let expect = pick!(expect).unwrap_or_default();
+    let expect_each = pick!(expect_each).unwrap_or_default();
     // A test guest's summary must name its exact count: `DONE: \d+ passed` would pass a guest
     // that stopped after its first check.
-    if let Some(loose) = expect
-        .iter()
-        .find(|p| p.contains("DONE:") && !pinned_count(p))
-    {
-        return Err(fail(format!(
-            "expect: `{loose}` must pin the exact count, e.g. `DONE: 43 passed, 0 failed$`"
-        )));
+    for (key, list) in std::iter::once(("expect".to_string(), &expect)).chain(
+        expect_each
+            .iter()
+            .enumerate()
+            .map(|(k, list)| (format!("expect_each #{}", k + 1), list)),
+    ) {
+        if let Some(loose) = list
+            .iter()
+            .find(|p| p.contains("DONE:") && !pinned_count(p))
+        {
+            return Err(fail(format!(
+                "{key}: `{loose}` must pin the exact count, e.g. `DONE: 43 passed, 0 failed$`"
+            )));
+        }
     }
     let forbid =
         pick!(forbid).unwrap_or_else(|| DEFAULT_FORBID.iter().map(|p| p.to_string()).collect());
@@ -400,6 +423,42 @@ fn build(
             })
             .collect()
     };
+    let expect_each = expect_each
+        .iter()
+        .enumerate()
+        .map(|(k, list)| {
+            let key = format!("expect_each #{}", k + 1);
+            let stream = regexes(&key, list)?;
+            if stream.is_empty() {
+                return Err(fail(format!("{key}: the list has no patterns")));
+            }
+            Ok(stream)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let input = pick!(input)
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .map(|(k, step): (usize, &RawStep)| {
+            let key = format!("input step {}", k + 1);
+            let after = Regex::new(&step.after).map_err(|e| {
+                fail(format!(
+                    "{key}: bad regex `{}`: {}",
+                    step.after,
+                    e.to_string().replace('\n', "\n    ")
+                ))
+            })?;
+            let send = decode_escapes(&step.send).map_err(|e| fail(format!("{key}: {e}")))?;
+            if send.is_empty() {
+                return Err(fail(format!("{key}: `send` is empty")));
+            }
+            Ok(Step {
+                after,
+                send,
+                delay: Duration::from_millis(step.delay_ms.unwrap_or(0)),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok(Scenario {
         description: pick!(description),
         cmdline: pick!(cmdline).unwrap_or_default(),
@@ -414,9 +473,11 @@ fn build(
         },
         expectations: Expectations {
             expect: regexes("expect", &expect)?,
+            expect_each,
             forbid: regexes("forbid", &forbid)?,
             exit_code,
         },
+        input,
         timeout: Duration::from_secs(timeout_secs),
         file: path.to_path_buf(),
         name,
@@ -646,6 +707,151 @@ mod tests {
     }
 
     #[test]
+    fn expect_each_lists_expand_and_come_from_defaults() {
+        let text = r#"
+            [patterns]
+            a-done = ['^guest a powered off', '^guest a returned all its memory']
+
+            [defaults]
+            expect_each = [['^x']]
+
+            [[scenario]]
+            name = "two"
+            expect = ['^summary']
+            expect_each = [
+                ['^guest a: hello', '@a-done'],
+                ['^guest b: hello', '^guest b powered off'],
+            ]
+
+            [[scenario]]
+            name = "inherits"
+
+            [[scenario]]
+            name = "none"
+            expect = ['^y']
+            expect_each = []
+        "#;
+        let s = parse(&[("a.toml", text)]).unwrap();
+        let streams = |s: &Scenario| -> Vec<Vec<String>> {
+            s.expectations
+                .expect_each
+                .iter()
+                .map(|l| l.iter().map(|r| r.as_str().to_string()).collect())
+                .collect()
+        };
+        assert_eq!(patterns(&s[0].expectations.expect), ["^summary"]);
+        assert_eq!(
+            streams(&s[0]),
+            [
+                vec![
+                    "^guest a: hello",
+                    "^guest a powered off",
+                    "^guest a returned all its memory"
+                ],
+                vec!["^guest b: hello", "^guest b powered off"],
+            ]
+        );
+        assert_eq!(streams(&s[1]), [["^x"]]);
+        assert!(s[1].expectations.expect.is_empty());
+        assert!(streams(&s[2]).is_empty());
+
+        for (text, needle) in [
+            (
+                "[[scenario]]\nname = \"a\"\nexpect_each = [['^a'], ['(']]\n",
+                "scenario `a`: expect_each #2: bad regex `(`",
+            ),
+            (
+                "[[scenario]]\nname = \"a\"\nexpect_each = [['@nope']]\n",
+                "expect_each #1: unknown pattern list `@nope`",
+            ),
+            (
+                "[[scenario]]\nname = \"a\"\nexpect_each = [['^a'], []]\n",
+                "expect_each #2: the list has no patterns",
+            ),
+            (
+                "[[scenario]]\nname = \"a\"\nexpect_each = ['^a']\n",
+                "expect_each",
+            ),
+            (
+                "[[scenario]]\nname = \"a\"\nexpect_each = [['DONE: \\d+ passed, 0 failed']]\n",
+                "expect_each #1: `DONE: \\d+ passed, 0 failed` must pin the exact count",
+            ),
+        ] {
+            let e = error_of(text);
+            assert!(e.contains(needle), "{needle:?} not in {e:?}");
+            assert!(e.starts_with("tests/scenarios/x.toml: "), "{e}");
+        }
+    }
+
+    #[test]
+    fn input_steps_parse_with_escapes_and_delays() {
+        let text = r#"
+            [[scenario]]
+            name = "console"
+            cmdline = "exit=qemu"
+            expect = ['^guest a: got list']
+            input = [
+                { after = '^guest a: ready', send = '\x01list\r' },
+                { after = '^rustyvisor> ', send = 'a\\b\n', delay_ms = 250 },
+                { after = 'x', send = "basic \t string\r" },
+                { after = 'x', send = "\x01 is TOML 1.1" },
+            ]
+
+            [[scenario]]
+            name = "plain"
+            expect = ['^x']
+        "#;
+        let s = parse(&[("a.toml", text)]).unwrap();
+        let input = &s[0].input;
+        assert_eq!(input.len(), 4);
+        assert_eq!(input[0].after.as_str(), "^guest a: ready");
+        assert_eq!(input[0].send, b"\x01list\r");
+        assert_eq!(input[0].delay, Duration::ZERO);
+        assert_eq!(input[1].after.as_str(), "^rustyvisor> ");
+        assert_eq!(input[1].send, b"a\\b\n");
+        assert_eq!(input[1].delay, Duration::from_millis(250));
+        // A TOML basic string's own escapes are decoded by TOML first; the result passes through.
+        assert_eq!(input[2].send, b"basic \t string\r");
+        assert_eq!(input[3].send, b"\x01 is TOML 1.1");
+        assert!(s[1].input.is_empty());
+        // Variants keep the input.
+        let text = "[[scenario]]\nname = \"a\"\nexpect = ['^x']\nalso_with = ['y']\n\
+                    input = [{ after = '^x', send = 'z' }]\n";
+        let s = parse(&[("a.toml", text)]).unwrap();
+        assert_eq!(s[1].input.len(), 1);
+
+        for (text, needle) in [
+            (
+                "input = [{ after = '(', send = 'x' }]",
+                "scenario `a`: input step 1: bad regex `(`",
+            ),
+            (
+                "input = [{ after = 'a', send = 'x' }, { after = 'b', send = '\\q' }]",
+                "input step 2: unknown escape `\\q`",
+            ),
+            (
+                "input = [{ after = 'a', send = '\\x0' }]",
+                "input step 1: `\\x0` in `\\x0` is not `\\x` and two hex digits",
+            ),
+            (
+                "input = [{ after = 'a', send = '' }]",
+                "input step 1: `send` is empty",
+            ),
+            ("input = [{ after = 'a' }]", "send"),
+            ("input = [{ send = 'a' }]", "after"),
+            ("input = [{ after = 'a', send = 'b', wait = 1 }]", "wait"),
+            (
+                "input = [{ after = 'a', send = 'b', delay_ms = -1 }]",
+                "x.toml",
+            ),
+        ] {
+            let e = error_of(&format!("[[scenario]]\nname = \"a\"\n{text}\n"));
+            assert!(e.contains(needle), "{needle:?} not in {e:?}");
+            assert!(e.starts_with("tests/scenarios/x.toml: "), "{e}");
+        }
+    }
+
+    #[test]
     fn test_guest_summaries_must_pin_their_counts() {
         for loose in [
             r"^guest g: DONE: \d+ passed, 0 failed",
@@ -668,7 +874,7 @@ mod tests {
         assert!(!scenarios.is_empty(), "no scenarios in {}", dir.display());
         for s in &scenarios {
             assert!(
-                !s.expectations.expect.is_empty(),
+                !s.expectations.expect.is_empty() || !s.expectations.expect_each.is_empty(),
                 "scenario `{}` expects nothing",
                 s.name
             );

@@ -6,6 +6,9 @@
 //! * `expect` patterns must match lines in order: each one on the line where the previous one
 //!   matched or on a later line (one line may satisfy several consecutive patterns, so write
 //!   patterns that tell repeated lines apart).
+//! * Each list of `expect_each` is matched the same way, on its own: the lists are independent
+//!   of each other and of `expect` (concurrent guests interleave their lines, but each guest's
+//!   own lines come in order).
 //! * `forbid` patterns must match no line.
 //! * The exit status must be the expected one; a timeout always fails.
 
@@ -21,6 +24,9 @@ use crate::qemu::exit_meaning;
 pub struct Expectations {
     /// Patterns that must match, in order.
     pub expect: Vec<Regex>,
+    /// Ordered streams: each list must match in order like `expect`, independently of the other
+    /// lists and of `expect`.
+    pub expect_each: Vec<Vec<Regex>>,
     /// Patterns that must not match any line.
     pub forbid: Vec<Regex>,
     /// Required QEMU exit status.
@@ -65,12 +71,26 @@ pub enum Failure {
     },
     /// Expected pattern number `index` (1-based) matched no line at or after the previous one.
     Missing {
-        /// 1-based position in `expect`.
+        /// `None` for `expect`, else the 1-based position of the list in `expect_each`.
+        stream: Option<usize>,
+        /// 1-based position in `expect` or in that `expect_each` list.
         index: usize,
         /// The pattern.
         pattern: String,
         /// 1-based line of the previous pattern's match, if there was a previous pattern.
         after_line: Option<usize>,
+    },
+    /// Scripted input step number `step` (1-based) was never written to the serial port.
+    InputNotSent {
+        /// 1-based position in `input`.
+        step: usize,
+        /// The step's `after` regex.
+        pattern: String,
+        /// 1-based line where the previous step matched, if there was a previous step.
+        after_line: Option<usize>,
+        /// 1-based line where this step's regex matched, if it did (QEMU then ended before the
+        /// text could be written).
+        matched_line: Option<usize>,
     },
 }
 
@@ -95,16 +115,41 @@ impl fmt::Display for Failure {
                 visible(line)
             ),
             Self::Missing {
+                stream,
                 index,
                 pattern,
                 after_line,
             } => {
+                if let Some(stream) = stream {
+                    write!(f, "expect_each #{stream}: ")?;
+                }
                 write!(f, "missing expected regex #{index} `{pattern}`")?;
                 match after_line {
                     Some(line) => {
                         write!(f, " at or after line {line}, where #{} matched", index - 1)
                     }
                     None => Ok(()),
+                }
+            }
+            Self::InputNotSent {
+                step,
+                pattern,
+                after_line,
+                matched_line,
+            } => {
+                write!(f, "input step {step} never sent: ")?;
+                match (matched_line, after_line) {
+                    (Some(line), _) => write!(
+                        f,
+                        "line {line} matched `{pattern}` but QEMU ended before the text was written"
+                    ),
+                    (None, Some(line)) => write!(
+                        f,
+                        "no line matched `{pattern}` at or after line {line}, where step {} \
+                         matched",
+                        step - 1
+                    ),
+                    (None, None) => write!(f, "no line matched `{pattern}`"),
                 }
             }
         }
@@ -151,7 +196,8 @@ pub fn visible(line: &str) -> String {
 /// Judges one run. An empty result means PASS.
 ///
 /// Failures come in this order: how QEMU ended (timeout, signal, wrong exit code), forbidden
-/// patterns, then the first missing expected pattern.
+/// patterns, the first missing pattern of `expect`, then the first missing pattern of each
+/// `expect_each` list that has one.
 pub fn judge(exp: &Expectations, lines: &[String], outcome: Outcome) -> Vec<Failure> {
     let mut failures = Vec::new();
     match outcome {
@@ -172,15 +218,17 @@ pub fn judge(exp: &Expectations, lines: &[String], outcome: Outcome) -> Vec<Fail
             });
         }
     }
-    if let Some(missing) = first_missing(&exp.expect, lines) {
-        failures.push(missing);
+    failures.extend(first_missing(None, &exp.expect, lines));
+    for (s, stream) in exp.expect_each.iter().enumerate() {
+        failures.extend(first_missing(Some(s + 1), stream, lines));
     }
     failures
 }
 
-/// Matches `expect` in order; returns the first pattern that has no match at or after the line
-/// where its predecessor matched.
-fn first_missing(expect: &[Regex], lines: &[String]) -> Option<Failure> {
+/// Matches one ordered list (`expect`, or the list numbered `stream` of `expect_each`) in
+/// order; returns the first pattern that has no match at or after the line where its
+/// predecessor matched.
+fn first_missing(stream: Option<usize>, expect: &[Regex], lines: &[String]) -> Option<Failure> {
     let mut from = 0;
     let mut previous_line = None;
     for (k, re) in expect.iter().enumerate() {
@@ -191,6 +239,7 @@ fn first_missing(expect: &[Regex], lines: &[String]) -> Option<Failure> {
             }
             None => {
                 return Some(Failure::Missing {
+                    stream,
                     index: k + 1,
                     pattern: re.as_str().to_string(),
                     after_line: previous_line,
@@ -212,6 +261,7 @@ mod tests {
     fn exp(expect: &[&str], forbid: &[&str], exit_code: i32) -> Expectations {
         Expectations {
             expect: res(expect),
+            expect_each: Vec::new(),
             forbid: res(forbid),
             exit_code,
         }
@@ -245,6 +295,7 @@ mod tests {
         assert_eq!(
             judge(&e, &lines(BOOT), Outcome::Exited(33)),
             [Failure::Missing {
+                stream: None,
                 index: 2,
                 pattern: "^boot: ".into(),
                 after_line: Some(4),
@@ -259,6 +310,7 @@ mod tests {
         assert_eq!(
             failures,
             [Failure::Missing {
+                stream: None,
                 index: 1,
                 pattern: "^nothing like this".into(),
                 after_line: None,
@@ -295,10 +347,155 @@ mod tests {
         assert_eq!(
             judge(&backwards, &log, Outcome::Exited(33)),
             [Failure::Missing {
+                stream: None,
                 index: 2,
                 pattern: "CR2=".into(),
                 after_line: Some(4),
             }]
+        );
+    }
+
+    /// Two guests running at once interleave their lines: each guest's lines are in order, the
+    /// two sequences are not in any order relative to each other.
+    const INTERLEAVED: &str = "rustyvisor 0.1.0\r\n\
+                               guest b: step 1\r\n\
+                               guest a: step 1\r\n\
+                               guest a: step 2\r\n\
+                               guest b: step 2\r\n\
+                               guest b powered off\r\n\
+                               guest a powered off\r\n\
+                               summary: 2 guests\r\n";
+
+    fn each(streams: &[&[&str]]) -> Expectations {
+        Expectations {
+            expect_each: streams.iter().map(|s| res(s)).collect(),
+            ..exp(&["^rustyvisor", "^summary: "], &[], 33)
+        }
+    }
+
+    #[test]
+    fn each_stream_matches_in_order_on_its_own() {
+        let e = each(&[
+            &[
+                "^guest a: step 1",
+                "^guest a: step 2",
+                "^guest a powered off",
+            ],
+            &[
+                "^guest b: step 1",
+                "^guest b: step 2",
+                "^guest b powered off",
+            ],
+        ]);
+        assert_eq!(judge(&e, &lines(INTERLEAVED), Outcome::Exited(33)), []);
+        // The same patterns as one `expect` list would demand an order the log does not have.
+        let global = exp(
+            &["^guest a: step 1", "^guest b: step 1", "^guest a: step 2"],
+            &[],
+            33,
+        );
+        assert!(matches!(
+            judge(&global, &lines(INTERLEAVED), Outcome::Exited(33))[..],
+            [Failure::Missing {
+                stream: None,
+                index: 2,
+                ..
+            }]
+        ));
+        // A stream may match lines before those `expect` matched: they are independent.
+        let early = Expectations {
+            expect: res(&["^summary: "]),
+            ..each(&[&["^rustyvisor", "^guest b: step 2"]])
+        };
+        assert_eq!(judge(&early, &lines(INTERLEAVED), Outcome::Exited(33)), []);
+    }
+
+    #[test]
+    fn each_stream_reports_its_own_first_missing_pattern() {
+        let e = each(&[
+            &["^guest a: step 1", "^guest a: step 2"],
+            &["^guest b powered off", "^guest b: step 2"],
+            &["^guest c: "],
+            &["^guest a powered off"],
+        ]);
+        let failures = judge(&e, &lines(INTERLEAVED), Outcome::Exited(33));
+        assert_eq!(
+            failures,
+            [
+                Failure::Missing {
+                    stream: Some(2),
+                    index: 2,
+                    pattern: "^guest b: step 2".into(),
+                    after_line: Some(6),
+                },
+                Failure::Missing {
+                    stream: Some(3),
+                    index: 1,
+                    pattern: "^guest c: ".into(),
+                    after_line: None,
+                },
+            ]
+        );
+        assert_eq!(
+            failures[0].to_string(),
+            "expect_each #2: missing expected regex #2 `^guest b: step 2` at or after line 6, \
+             where #1 matched"
+        );
+        assert_eq!(
+            failures[1].to_string(),
+            "expect_each #3: missing expected regex #1 `^guest c: `"
+        );
+        // `expect` failures come first and keep their message.
+        let both = Expectations {
+            expect: res(&["^nope"]),
+            ..each(&[&["^nope either"]])
+        };
+        let reasons: Vec<String> = judge(&both, &lines(INTERLEAVED), Outcome::Exited(33))
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                "missing expected regex #1 `^nope`",
+                "expect_each #1: missing expected regex #1 `^nope either`"
+            ]
+        );
+    }
+
+    #[test]
+    fn unsent_input_steps_explain_themselves() {
+        let never = Failure::InputNotSent {
+            step: 1,
+            pattern: "^login:".into(),
+            after_line: None,
+            matched_line: None,
+        };
+        assert_eq!(
+            never.to_string(),
+            "input step 1 never sent: no line matched `^login:`"
+        );
+        let later = Failure::InputNotSent {
+            step: 3,
+            pattern: "^ready".into(),
+            after_line: Some(12),
+            matched_line: None,
+        };
+        assert_eq!(
+            later.to_string(),
+            "input step 3 never sent: no line matched `^ready` at or after line 12, where step 2 \
+             matched"
+        );
+        let late = Failure::InputNotSent {
+            step: 2,
+            pattern: "^ready".into(),
+            after_line: Some(12),
+            matched_line: Some(14),
+        };
+        assert_eq!(
+            late.to_string(),
+            "input step 2 never sent: line 14 matched `^ready` but QEMU ended before the text \
+             was written"
         );
     }
 
