@@ -20,10 +20,7 @@ lguest_rt::entry!(main);
 
 fn main(boot: &BootInfo) {
     match boot.arg("mode") {
-        Some("ticker") => ticker(
-            num(boot.arg("count"), 20),
-            num(boot.arg("period"), 20),
-        ),
+        Some("ticker") => ticker(num(boot.arg("count"), 20), num(boot.arg("period"), 20)),
         Some("cpu") => cpu(num(boot.arg("ms"), 300)),
         Some("spin") => spin(),
         Some("haltblocked") => halt_blocked(),

@@ -19,10 +19,23 @@ const COM1: u16 = 0x3F8;
 
 struct Serial {
     uart: Option<Uart16550<PioBackend>>,
+    /// The console's open command line (prompt and text typed so far), to
+    /// show again below every line printed while it is open.
+    prompt: Option<alloc::vec::Vec<u8>>,
+    /// The prompt is on the screen: the cursor is at its end, not at the
+    /// start of a line.
+    prompt_shown: bool,
+    /// The last byte written was a line end.
+    at_line_start: bool,
 }
+
+extern crate alloc;
 
 impl Write for Serial {
     fn write_str(&mut self, s: &str) -> fmt::Result {
+        if let Some(last) = s.as_bytes().last() {
+            self.at_line_start = *last == b'\n';
+        }
         if let Some(uart) = self.uart.as_mut() {
             for chunk in s.split_inclusive('\n') {
                 match chunk.strip_suffix('\n') {
@@ -38,7 +51,12 @@ impl Write for Serial {
     }
 }
 
-static SERIAL: IrqMutex<Serial> = IrqMutex::new(Serial { uart: None });
+static SERIAL: IrqMutex<Serial> = IrqMutex::new(Serial {
+    uart: None,
+    prompt: None,
+    prompt_shown: false,
+    at_line_start: true,
+});
 static INPUT: IrqMutex<RingBuffer<1024>> = IrqMutex::new(RingBuffer::new());
 static TIMESTAMPS: AtomicBool = AtomicBool::new(true);
 static LEVEL: AtomicU8 = AtomicU8::new(3);
@@ -65,17 +83,38 @@ pub fn init(baud: u32) {
     serial.uart = uart.ok().and_then(|mut u| u.init(config).ok().map(|()| u));
 }
 
-/// Writes formatted text to the console.
+/// Writes formatted text to the console. While the console's command line
+/// is open, a printed line starts below the prompt and the prompt is shown
+/// again after it, so no line (a guest's above all) is glued to what the
+/// user is typing.
 pub fn print(args: fmt::Arguments<'_>) {
-    let _ = SERIAL.lock().write_fmt(args);
+    let mut serial = SERIAL.lock();
+    if core::mem::take(&mut serial.prompt_shown) {
+        let _ = serial.write_str("\n");
+    }
+    let _ = serial.write_fmt(args);
+    if serial.at_line_start
+        && let Some(p) = serial.prompt.take()
+    {
+        if let Some(uart) = serial.uart.as_mut() {
+            uart.send_bytes_exact(&p);
+        }
+        serial.prompt = Some(p);
+        serial.prompt_shown = true;
+    }
 }
 
 /// Sends bytes to the serial port as they are (the console's prompt, echo
-/// and erase sequences).
-pub fn write_raw(bytes: &[u8]) {
-    if let Some(uart) = SERIAL.lock().uart.as_mut() {
+/// and erase sequences), and records the command line now on the screen
+/// (`None`: closed) for [`print`].
+pub fn write_raw(bytes: &[u8], line: Option<alloc::vec::Vec<u8>>) {
+    let mut serial = SERIAL.lock();
+    if let Some(uart) = serial.uart.as_mut() {
         uart.send_bytes_exact(bytes);
     }
+    serial.prompt_shown = line.is_some();
+    serial.at_line_start = line.is_none();
+    serial.prompt = line;
 }
 
 /// Prints on the fatal path: breaks the console lock first, because the CPU

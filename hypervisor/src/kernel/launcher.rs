@@ -440,7 +440,7 @@ fn console_main(_: u64) {
                     // nothing, which the console says once.
                     let _ = (guest, bytes);
                 }
-                Action::Echo(bytes) => console::write_raw(&bytes),
+                Action::Echo(bytes) => console::write_raw(&bytes, prompt_line(&con)),
                 Action::Print(line) => kprintln!("{line}"),
                 Action::Run(cmd) => {
                     run_command(&con, cmd, &known, &live, &mut last_cpu, &mut last_list)
@@ -457,6 +457,18 @@ fn console_main(_: u64) {
     if let Some(e) = CONSOLE_EVENT.lock().take() {
         task::close_event(e);
     }
+}
+
+/// The open command line as it is shown (prompt and text), without the
+/// line end `redraw` starts with.
+fn prompt_line(con: &hvconsole::Console) -> Option<Vec<u8>> {
+    let mut bytes = con.redraw()?;
+    let start = bytes
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(0);
+    bytes.drain(..start);
+    Some(bytes)
 }
 
 fn run_command(
