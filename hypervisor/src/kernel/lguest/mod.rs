@@ -9,6 +9,7 @@
 //! `write(INITIALIZE, base, pfnlimit, start)` and `read()` in a loop, printing
 //! early-console notifies and the guest's end.
 
+pub mod devices;
 pub mod fpu;
 pub mod probe;
 pub mod space;
@@ -29,7 +30,7 @@ use rustyvisor::lguest::pagewalk::Format;
 use rustyvisor::lguest::shadow::{Flush, ShadowConfig, Stats};
 use rustyvisor::lguest::spec::{self, GuestSpec};
 use rustyvisor::lguest::vcpu::{Action, Env, Exit, Vcpu};
-use rustyvisor::mm::{LARGE_PAGE_SIZE, PAGE_SIZE};
+use rustyvisor::mm::PAGE_SIZE;
 use rustyvisor::timerq::TimerId;
 use rustyvisor::units::Bytes;
 
@@ -44,8 +45,6 @@ use crate::kprintln;
 pub(crate) const MAX_GUESTS: usize = 8;
 /// Pages of the per-CPU stack guest traps arrive on.
 const TRAP_STACK_PAGES: u64 = 4;
-/// Restarts honoured per guest before giving up.
-const MAX_RESTARTS: u32 = 3;
 
 /// Virtual interrupts raised from interrupt context (the clock event) per
 /// guest slot, merged into the vCPU before each entry.
@@ -349,9 +348,14 @@ impl GuestCore for KernelCore {
     type Init = ();
 
     fn initialize(&mut self, base: u64, pfnlimit: u64, start: u64) -> Result<(), Errno> {
+        // devices: memory is RAM plus the device pages above it, so its size
+        // is a 4 KiB multiple; `LinearTables::new` checks that `base` is
+        // 2 MiB-aligned (`EFAULT` otherwise, as `check_initialize` would).
         let limits = InitLimits {
-            max_bytes: space::MAX_GUEST_BYTES as u32,
-            align: LARGE_PAGE_SIZE,
+            max_bytes: (space::MAX_GUEST_BYTES
+                + u64::from(guest_abi::device::DEVICE_PAGES) * PAGE_SIZE)
+                as u32,
+            align: PAGE_SIZE,
         };
         let args = check_initialize(base, pfnlimit, start, limits)?;
         let tables = LinearTables::new(args.base, u64::from(args.bytes)).map_err(|e| match e {
@@ -777,7 +781,12 @@ const NOTIFY_TEXT_MAX: usize = 1024;
 pub fn launch_modules(modules: &[Module], fastpath: bool) -> (u32, u32) {
     let mut ran = 0;
     let mut clean = 0;
+    // devices: modules a guest's `block=` names are data, not guests.
+    let data = devices::data_modules(modules);
     for (i, m) in modules.iter().enumerate() {
+        if data.get(i).copied().unwrap_or(false) {
+            continue;
+        }
         let (free_before, _, _) = mem::frame_counts();
         // A line longer than the copy in `Module` is refused here rather than
         // run cut short: the lost words could be `mem=` or the guest's own
@@ -797,16 +806,17 @@ pub fn launch_modules(modules: &[Module], fastpath: bool) -> (u32, u32) {
         let mut restarts = 0;
         loop {
             ran += 1;
-            match run_guest(i, m, &spec, fastpath) {
+            match run_guest(i, m, &spec, fastpath, modules) {
                 Outcome::PowerOff => {
                     clean += 1;
                     break;
                 }
-                Outcome::Restart if restarts < MAX_RESTARTS => {
+                Outcome::Restart if restarts < spec.restarts => {
                     restarts += 1;
                     kprintln!(
-                        "guest {} restarting ({restarts} of {MAX_RESTARTS})",
-                        spec.name
+                        "guest {} restarting ({restarts} of {})",
+                        spec.name,
+                        spec.restarts
                     );
                 }
                 Outcome::Restart => {
@@ -836,9 +846,23 @@ enum Outcome {
     Failed,
 }
 
-fn run_guest(slot: usize, m: &Module, spec: &GuestSpec<'_>, fastpath: bool) -> Outcome {
+fn run_guest(
+    slot: usize,
+    m: &Module,
+    spec: &GuestSpec<'_>,
+    fastpath: bool,
+    modules: &[Module],
+) -> Outcome {
     let name = spec.name;
-    let ram = match GuestRam::new(spec.mem) {
+    // devices: the guest's virtio devices; their pages follow RAM.
+    let mut devs = match devices::GuestDevices::new(spec, modules) {
+        Ok(d) => d,
+        Err(e) => {
+            kprintln!("guest {name} not started: {}", Escaped::new(e.as_bytes()));
+            return Outcome::Failed;
+        }
+    };
+    let ram = match GuestRam::with_device_pages(spec.mem, devs.device_pages()) {
         Ok(r) => r,
         Err(e) => {
             kprintln!(
@@ -848,12 +872,14 @@ fn run_guest(slot: usize, m: &Module, spec: &GuestSpec<'_>, fastpath: bool) -> O
             return Outcome::Failed;
         }
     };
-    let Ok(limit) = u32::try_from(ram.bytes()) else {
+    let (Ok(limit), Ok(total)) = (u32::try_from(ram.bytes()), u32::try_from(ram.total_bytes()))
+    else {
         return Outcome::Failed;
     };
-    // SAFETY: `ram` is this guest's memory, mapped in the direct map, and
-    // outlives `gm` (both live until the end of this function).
-    let mut gm = unsafe { HostGuestMemory::new(ram.base(), limit) };
+    // SAFETY: `ram` is this guest's memory (RAM and device pages), mapped
+    // in the direct map, and outlives `gm` (both live until the end of this
+    // function).
+    let mut gm = unsafe { HostGuestMemory::new(ram.base(), total) };
     // The module's bytes, through the direct map (modules are reserved).
     let image_len = m.range.len() as usize;
     // SAFETY: the module range was reserved at boot and is never reused.
@@ -870,6 +896,11 @@ fn run_guest(slot: usize, m: &Module, spec: &GuestSpec<'_>, fastpath: bool) -> O
         kprintln!("guest {name} not started: {e}");
         return Outcome::Failed;
     }
+    // devices: the device page and zeroed rings, above RAM.
+    if let Err(e) = devs.write(&mut gm) {
+        kprintln!("guest {name} not started: {}", Escaped::new(e.as_bytes()));
+        return Outcome::Failed;
+    }
     kprintln!(
         "guest {name} starting: {} RAM, entry {entry:#x}, args \"{}\"",
         Bytes(ram.bytes()),
@@ -882,7 +913,7 @@ fn run_guest(slot: usize, m: &Module, spec: &GuestSpec<'_>, fastpath: bool) -> O
     let init = [
         LhReq::Initialize as u64,
         ram.base(),
-        ram.bytes() / PAGE_SIZE,
+        u64::from(devs.end_pfn()), // devices: RAM plus device pages
         u64::from(entry),
     ];
     if let Err(e) = chan.write(owner, &init) {
@@ -897,6 +928,18 @@ fn run_guest(slot: usize, m: &Module, spec: &GuestSpec<'_>, fastpath: bool) -> O
         match chan.read(owner, &mut buf) {
             Ok(_) => {
                 let addr = u32::from_le_bytes(buf);
+                // devices: status changes and kicks; misuse kills the guest.
+                let irq = |n: u16| {
+                    let _ = chan.write(owner, &[LhReq::Irq as u64, u64::from(n)]);
+                };
+                match devs.notify(&mut gm, addr, name, &mut console, irq) {
+                    devices::Notified::Device => continue,
+                    devices::Notified::Kill(why) => {
+                        kprintln!("guest {name} killed: {}", Escaped::new(why.as_bytes()));
+                        break Outcome::Failed;
+                    }
+                    devices::Notified::Other => {}
+                }
                 match gm.read_cstr_bytes(addr, &mut text) {
                     Ok(s) => console.write(time::now_ns(), s, |line| match line {
                         ConsoleLine::Text(t) => kprintln!("guest {name}: {t}"),
@@ -930,6 +973,7 @@ fn run_guest(slot: usize, m: &Module, spec: &GuestSpec<'_>, fastpath: bool) -> O
             }
         }
     };
+    devs.finish(name, &mut console); // devices: last partial line, counters
     let (lines, bytes) = console.dropped();
     if lines > 0 {
         kprintln!(
