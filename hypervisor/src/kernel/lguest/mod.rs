@@ -985,7 +985,8 @@ fn run_guest(
         "guest {name} used {} exits ({} handled where they landed), {} of host memory beyond its RAM",
         exits - exits_before.0,
         fast - exits_before.1,
-        Bytes(chan.core().overhead_bytes())
+        // devices: the device pages are host memory beyond RAM too.
+        Bytes(chan.core().overhead_bytes() + u64::from(devs.device_pages()) * PAGE_SIZE)
     );
     if let Some(st) = chan.core().shadow_stats() {
         kprintln!(
