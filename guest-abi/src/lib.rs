@@ -24,6 +24,7 @@
 //! | [`device`] | lguest bus device page records, virtio ids, vring sizes |
 //! | [`boot`] | `boot_params` offsets, e820, guest-physical memory map |
 //! | [`paging`] | page-table entry bits and geometry of the 2-level and PAE formats, `PAGE_OFFSET` |
+//! | [`testdata`] | the pattern of generated test disks and their checksum |
 //!
 //! The prose reference with all tables (including the host's validation
 //! rules and kill reasons) is `docs/abi.md`.
@@ -71,6 +72,7 @@ pub mod irq;
 pub mod lhreq;
 pub mod paging;
 pub mod seg;
+pub mod testdata;
 
 pub use boot::{BOOT_PARAMS_ADDR, BootE820Entry, CMDLINE_ADDR, SetupHeader};
 pub use data::{LguestData, Timespec32};

@@ -5,6 +5,7 @@
 //! ```text
 //! boot/rustyvisor.elf          the hypervisor (multiboot2)
 //! boot/guests/<name>.elf       one file per distinct guest
+//! boot/guests/<name>.data      one file per data module (`data:` specs, e.g. a block device's disk)
 //! boot/grub/grub.cfg           timeout 0, one menu entry, GRUB's terminal left alone
 //! ```
 //!
@@ -31,9 +32,95 @@ pub enum GuestSource {
     Package(String),
     /// A 32-bit ELF file.
     File(PathBuf),
+    /// A data module, not a guest: a file put on the ISO as a GRUB module whose command line is
+    /// just `name` (e.g. the disk a guest's `block=name` names).
+    Data {
+        /// The module's name.
+        name: String,
+        /// Its contents.
+        content: DataContent,
+    },
 }
 
-/// A parsed `--guest` / scenario `guests` entry: `name-or-path[,arg]...`.
+/// What a data module holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataContent {
+    /// A file on the host (relative paths from where the command runs, or the workspace root
+    /// for scenarios).
+    File(PathBuf),
+    /// Generated: `size` bytes of `fill`.
+    Generated {
+        /// Size in bytes.
+        size: u64,
+        /// What every byte is.
+        fill: Fill,
+    },
+}
+
+/// The contents of a generated data module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// `guest_abi::testdata::pattern_byte(offset)` at every offset (test guests verify it).
+    Pattern,
+    /// Zeros.
+    Zero,
+}
+
+impl Fill {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Pattern => "pattern",
+            Self::Zero => "zero",
+        }
+    }
+}
+
+/// Largest generated data module.
+pub const MAX_DATA_SIZE: u64 = 256 << 20;
+
+/// Parses the part after `data:`: `NAME:SIZE[:pattern|zero]` or `NAME=PATH`.
+fn parse_data(spec: &str, rest: &str) -> Result<GuestSource> {
+    let bad = |why: &str| {
+        err!(
+            "data `{spec}`: {why} (expected data:NAME:SIZE[:pattern|zero] or data:NAME=PATH, \
+             e.g. data:disk:1M:pattern)"
+        )
+    };
+    let (name, content) = if let Some((name, path)) = rest.split_once('=') {
+        if path.is_empty() {
+            return Err(bad("no path"));
+        }
+        (name, DataContent::File(PathBuf::from(path)))
+    } else {
+        let mut parts = rest.split(':');
+        let name = parts.next().unwrap_or_default();
+        let size = parts.next().ok_or_else(|| bad("no size"))?;
+        let size = rustyvisor::units::parse_size(size)
+            .filter(|s| (1..=MAX_DATA_SIZE).contains(s))
+            .ok_or_else(|| bad("the size must be from 1 byte to 256 MiB"))?;
+        let fill = match parts.next() {
+            None | Some("pattern") => Fill::Pattern,
+            Some("zero") => Fill::Zero,
+            Some(_) => return Err(bad("the fill is `pattern` or `zero`")),
+        };
+        if parts.next().is_some() {
+            return Err(bad("too many `:`"));
+        }
+        (name, DataContent::Generated { size, fill })
+    };
+    if !spec::valid_name(name) {
+        return Err(bad(
+            "the name must be a guest-style name (letters, digits, `-`, `_`, `.`)",
+        ));
+    }
+    Ok(GuestSource::Data {
+        name: name.to_string(),
+        content,
+    })
+}
+
+/// A parsed `--guest` / scenario `guests` entry: `name-or-path[,arg]...`, or a data module
+/// `data:NAME:SIZE[:pattern|zero]` / `data:NAME=PATH` (no arguments).
 ///
 /// A path must contain a `/` or end in `.elf`; anything else names a package in `guests/`.
 /// The arguments go to the guest's module command line after its name. Parsing checks only
@@ -57,7 +144,12 @@ impl GuestSpec {
                 "guest `{spec}`: expected a guest name or an ELF path before the first comma"
             ));
         }
-        let source = if first.contains('/') || first.ends_with(".elf") {
+        let source = if let Some(rest) = first.strip_prefix("data:") {
+            if items.next().is_some() {
+                return Err(err!("data `{spec}`: a data module takes no arguments"));
+            }
+            parse_data(spec, rest)?
+        } else if first.contains('/') || first.ends_with(".elf") {
             GuestSource::File(PathBuf::from(first))
         } else if first
             .chars()
@@ -86,7 +178,34 @@ impl GuestSpec {
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default(),
+            GuestSource::Data { name, .. } => name.clone(),
         }
+    }
+
+    /// The spec as `--guest` takes it back (for `reproduce:` commands).
+    pub fn spec_string(&self) -> String {
+        let mut spec = match &self.source {
+            GuestSource::Package(name) => name.clone(),
+            GuestSource::File(path) => path.display().to_string(),
+            GuestSource::Data {
+                name,
+                content: DataContent::File(path),
+            } => format!("data:{name}={}", path.display()),
+            GuestSource::Data {
+                name,
+                content: DataContent::Generated { size, fill },
+            } => format!("data:{name}:{size}:{}", fill.as_str()),
+        };
+        for arg in &self.args {
+            spec.push(',');
+            spec.push_str(arg);
+        }
+        spec
+    }
+
+    /// Whether this is a data module rather than a guest.
+    pub fn is_data(&self) -> bool {
+        matches!(self.source, GuestSource::Data { .. })
     }
 
     /// The module command line GRUB passes to the hypervisor: `name args...`.
@@ -103,6 +222,9 @@ impl GuestSpec {
     /// ([`rustyvisor::lguest::spec::parse`]: `mem=` range, one `mem=`, the length limit) and
     /// returns the guest's RAM in bytes. The message is the one the hypervisor would print.
     pub fn check(&self) -> Result<u64> {
+        if self.is_data() {
+            return Ok(0);
+        }
         let line = self.module_cmdline();
         spec::parse(&line, line.len())
             .map(|s| s.mem)
@@ -126,6 +248,24 @@ impl GuestSpec {
                 check_elf32(&path)?;
                 (name, path)
             }
+            GuestSource::Data { name, content } => {
+                let path = match content {
+                    DataContent::File(path) => {
+                        let path = base.join(path);
+                        fs::metadata(&path).context(|| format!("data `{name}`"))?;
+                        path
+                    }
+                    DataContent::Generated { size, fill } => {
+                        generate_data(&ws.iso_dir().join("data"), *size, *fill)?
+                    }
+                };
+                return Ok(ResolvedGuest {
+                    file_name: format!("{name}.data"),
+                    name: name.clone(),
+                    elf: path,
+                    args: Vec::new(),
+                });
+            }
         };
         Ok(ResolvedGuest {
             file_name: format!("{name}.elf"),
@@ -139,9 +279,35 @@ impl GuestSpec {
     pub fn package(&self) -> Option<&str> {
         match &self.source {
             GuestSource::Package(name) => Some(name),
-            GuestSource::File(_) => None,
+            GuestSource::File(_) | GuestSource::Data { .. } => None,
         }
     }
+}
+
+/// The bytes of a generated data module.
+pub fn data_bytes(size: u64, fill: Fill) -> Vec<u8> {
+    match fill {
+        Fill::Pattern => (0..size).map(guest_abi::testdata::pattern_byte).collect(),
+        Fill::Zero => vec![0; size as usize],
+    }
+}
+
+/// Writes (once) the generated data module of `size` bytes of `fill` under `dir`.
+fn generate_data(dir: &Path, size: u64, fill: Fill) -> Result<PathBuf> {
+    let path = dir.join(format!("{}-{size}.img", fill.as_str()));
+    if fs::metadata(&path).is_ok_and(|m| m.len() == size) {
+        return Ok(path);
+    }
+    fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
+    // Written under a temporary name first: two scenarios running at once may both write it.
+    let tmp = dir.join(format!(
+        "{}-{size}.{}.tmp",
+        fill.as_str(),
+        std::process::id()
+    ));
+    fs::write(&tmp, data_bytes(size, fill)).context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, &path).context(|| format!("renaming {}", tmp.display()))?;
+    Ok(path)
 }
 
 /// Checks a hypervisor command line with the hypervisor's own parser
@@ -346,6 +512,53 @@ pub fn check_multiboot2(elf: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn data_modules() {
+        let d = GuestSpec::parse("data:disk:1M:pattern").unwrap();
+        assert_eq!(d.name(), "disk");
+        assert!(d.is_data());
+        assert_eq!(d.check().unwrap(), 0);
+        assert_eq!(
+            d.source,
+            GuestSource::Data {
+                name: "disk".into(),
+                content: DataContent::Generated {
+                    size: 1 << 20,
+                    fill: Fill::Pattern
+                }
+            }
+        );
+        assert_eq!(d.spec_string(), "data:disk:1048576:pattern");
+        assert_eq!(GuestSpec::parse(&d.spec_string()).unwrap(), d);
+        let f = GuestSpec::parse("data:img=tests/x.img").unwrap();
+        assert_eq!(f.spec_string(), "data:img=tests/x.img");
+        assert_eq!(
+            GuestSpec::parse("data:z:4K").unwrap().source,
+            GuestSource::Data {
+                name: "z".into(),
+                content: DataContent::Generated {
+                    size: 4096,
+                    fill: Fill::Pattern
+                }
+            }
+        );
+        for bad in [
+            "data:disk",
+            "data:disk:0",
+            "data:disk:1G",
+            "data:disk:1M:ones",
+            "data:a:b:1M",
+            "data::1M",
+            "data:disk=",
+            "data:disk:1M,x",
+        ] {
+            assert!(GuestSpec::parse(bad).is_err(), "{bad}");
+        }
+        let bytes = data_bytes(1024, Fill::Pattern);
+        assert_eq!(bytes[700], guest_abi::testdata::pattern_byte(700));
+        assert_eq!(data_bytes(3, Fill::Zero), [0, 0, 0]);
+    }
+
     use super::*;
 
     #[test]

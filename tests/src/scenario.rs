@@ -83,15 +83,7 @@ impl Scenario {
             words.extend(["--cmdline".into(), self.cmdline.clone()]);
         }
         for guest in &self.guests {
-            let mut spec = match &guest.source {
-                crate::image::GuestSource::Package(name) => name.clone(),
-                crate::image::GuestSource::File(path) => path.display().to_string(),
-            };
-            for arg in &guest.args {
-                spec.push(',');
-                spec.push_str(arg);
-            }
-            words.extend(["--guest".into(), spec]);
+            words.extend(["--guest".into(), guest.spec_string()]);
         }
         let m = &self.machine;
         if m.firmware == Firmware::Uefi {

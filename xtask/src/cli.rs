@@ -52,6 +52,10 @@ IMAGE OPTIONS (iso, run):
                                     `/` or ending in .elf), then comma-separated arguments:
                                     --guest hello,mem=16M  --guest ./k.elf,mem=16M,console=hvc0
                                     mem=SIZE is the guest's RAM: 4M to 3G (default 16M)
+                                    block=NAME, net, noconsole, restart=N: its devices
+                                    and restarts; data:NAME:SIZE[:pattern|zero] or
+                                    data:NAME=PATH adds a data module (not a guest), e.g.
+                                    --guest vio,block=disk --guest data:disk:1M:pattern
     --no-check                      boot a command line or guest spec the hypervisor would
                                     refuse (to watch it do so)
 MACHINE OPTIONS (run):

@@ -48,6 +48,7 @@
 //! | [`test`](mod@test) | [`check!`], [`check_eq!`], [`test::finish`] |
 //! | [`sync`] | [`IrqCell`](sync::IrqCell), the interrupt-safe cell used for all mutable statics |
 //! | [`paging`] | the guest's own page tables (2-level or PAE): frame allocator, kernel map at [`PAGE_OFFSET`](paging::PAGE_OFFSET), [`AddressSpace`](paging::AddressSpace), the page-fault hook, fault probes |
+//! | [`virtio`] | the lguest bus (device page walk), legacy split virtqueues, console / entropy / block / net drivers |
 //! | [`process`] | CPL-3 processes in their own address spaces, `int $0x80` system calls, switching on a system call or the timer |
 #![no_std]
 #![warn(missing_docs)]
@@ -64,6 +65,7 @@ mod start;
 pub mod sync;
 pub mod test;
 pub mod trap;
+pub mod virtio;
 
 pub use boot::BootInfo;
 pub use guest_abi;

@@ -39,14 +39,12 @@ use rustyvisor::units::Bytes;
 
 use super::bootinfo::Module;
 use super::lguest::space::{GuestRam, HostGuestMemory, SpaceError};
-use super::lguest::{GuestShared, KernelCore, Life};
+use super::lguest::{GuestShared, KernelCore, Life, devices};
 use super::mem::{self, phys_to_virt};
 use super::sync::IrqMutex;
 use super::{console, task, time};
 use crate::kprintln;
 
-/// Restarts honoured per guest before giving up.
-const MAX_RESTARTS: u32 = 3;
 /// Most bytes of one early-console string read from the guest.
 const NOTIFY_TEXT_MAX: usize = 1024;
 
@@ -66,6 +64,8 @@ static MEM_FREED: IrqMutex<Option<EventHandle>> = IrqMutex::new(None);
 /// What a launcher task is given.
 struct Job {
     module: Module,
+    /// Every module of the boot (a guest's `block=` names one).
+    modules: Arc<Vec<Module>>,
     shared: Arc<GuestShared>,
     fastpath: bool,
 }
@@ -77,7 +77,13 @@ pub fn start(modules: &[Module], fastpath: bool) -> usize {
     let mut spawned = 0;
     *MEM_FREED.lock() = Some(task::new_event());
     let mut names: Vec<String> = Vec::new();
-    for m in modules {
+    let all = Arc::new(modules.to_vec());
+    // Modules a guest's `block=` names are data, not guests.
+    let data = devices::data_modules(modules);
+    for (i, m) in modules.iter().enumerate() {
+        if data.get(i).copied().unwrap_or(false) {
+            continue;
+        }
         // A line longer than the copy in `Module` is refused here rather
         // than run cut short: the lost words could be `mem=` or the guest's
         // own options (the other guests still run).
@@ -97,6 +103,7 @@ pub fn start(modules: &[Module], fastpath: bool) -> usize {
         let shared = GuestShared::register(&name);
         let job = Box::new(Job {
             module: *m,
+            modules: all.clone(),
             shared: shared.clone(),
             fastpath,
         });
@@ -146,10 +153,11 @@ fn launcher_main(arg: u64) {
     let job = unsafe { Box::from_raw(arg as *mut Job) };
     let Job {
         module,
+        modules,
         shared,
         fastpath,
     } = *job;
-    run_module(&module, &shared, fastpath);
+    run_module(&module, &modules, &shared, fastpath);
     shared.set_life(Life::Dead);
     shared.unregister();
     LIVE.fetch_sub(1, Ordering::SeqCst);
@@ -157,7 +165,7 @@ fn launcher_main(arg: u64) {
 }
 
 /// Runs one guest module to its end, restarting it as asked.
-fn run_module(m: &Module, shared: &Arc<GuestShared>, fastpath: bool) {
+fn run_module(m: &Module, modules: &[Module], shared: &Arc<GuestShared>, fastpath: bool) {
     let Ok(spec) = spec::parse(m.cmdline.as_str(), m.cmdline_len) else {
         return;
     };
@@ -165,14 +173,14 @@ fn run_module(m: &Module, shared: &Arc<GuestShared>, fastpath: bool) {
     let mut restarts = 0;
     loop {
         RAN.fetch_add(1, Ordering::SeqCst);
-        match run_guest(m, &spec, shared, fastpath) {
+        match run_guest(m, modules, &spec, shared, fastpath) {
             Outcome::PowerOff => {
                 CLEAN.fetch_add(1, Ordering::SeqCst);
                 break;
             }
-            Outcome::Restart if restarts < MAX_RESTARTS => {
+            Outcome::Restart if restarts < spec.restarts => {
                 restarts += 1;
-                kprintln!("guest {name} restarting ({restarts} of {MAX_RESTARTS})");
+                kprintln!("guest {name} restarting ({restarts} of {})", spec.restarts);
             }
             Outcome::Restart => {
                 kprintln!("guest {name} not restarted: too many restarts");
@@ -197,15 +205,24 @@ enum Outcome {
 
 fn run_guest(
     m: &Module,
+    modules: &[Module],
     spec: &spec::GuestSpec<'_>,
     shared: &Arc<GuestShared>,
     fastpath: bool,
 ) -> Outcome {
     let name = shared.name.as_str();
     shared.set_life(Life::Starting);
+    // The guest's virtio devices; their pages follow RAM.
+    let mut devs = match devices::GuestDevices::new(spec, modules) {
+        Ok(d) => d,
+        Err(e) => {
+            kprintln!("guest {name} not started: {}", Escaped::new(e.as_bytes()));
+            return Outcome::Failed;
+        }
+    };
     let mut said = false;
     let ram = loop {
-        match GuestRam::new(spec.mem, &shared.ledger) {
+        match GuestRam::with_device_pages(spec.mem, devs.device_pages(), &shared.ledger) {
             Ok(r) => break r,
             // Other guests hold the memory: wait for one of them to give
             // it back, as long as any is still running.
@@ -237,14 +254,16 @@ fn run_guest(
             }
         }
     };
-    let Ok(limit) = u32::try_from(ram.bytes()) else {
+    let (Ok(limit), Ok(total)) = (u32::try_from(ram.bytes()), u32::try_from(ram.total_bytes()))
+    else {
         return Outcome::Failed;
     };
     let (base, bytes) = (ram.base(), ram.bytes());
-    // SAFETY: `ram` is this guest's memory, mapped in the direct map; it
-    // moves into the core below, which keeps it until `chan` is closed at
-    // the end of this function, after the last use of `gm`.
-    let mut gm = unsafe { HostGuestMemory::new(base, limit) };
+    // SAFETY: `ram` is this guest's memory (RAM and device pages), mapped
+    // in the direct map; it moves into the core below, which keeps it until
+    // `chan` is closed at the end of this function, after the last use of
+    // `gm`.
+    let mut gm = unsafe { HostGuestMemory::new(base, total) };
     // The module's bytes, through the direct map (modules are reserved).
     let image_len = m.range.len() as usize;
     // SAFETY: the module range was reserved at boot and is never reused.
@@ -259,6 +278,11 @@ fn run_guest(
     };
     if let Err(e) = loader::write_boot_params(&mut gm, limit, &spec.args) {
         kprintln!("guest {name} not started: {e}");
+        return Outcome::Failed;
+    }
+    // The device page and zeroed rings, above RAM.
+    if let Err(e) = devs.write(&mut gm) {
+        kprintln!("guest {name} not started: {}", Escaped::new(e.as_bytes()));
         return Outcome::Failed;
     }
     kprintln!(
@@ -277,7 +301,7 @@ fn run_guest(
     let init = [
         LhReq::Initialize as u64,
         base,
-        bytes / PAGE_SIZE,
+        u64::from(devs.end_pfn()), // RAM plus device pages
         u64::from(entry),
     ];
     if let Err(e) = chan.write(owner, &init) {
@@ -292,6 +316,18 @@ fn run_guest(
         match chan.read(owner, &mut buf) {
             Ok(_) => {
                 let addr = u32::from_le_bytes(buf);
+                // Status changes and kicks; misuse kills the guest.
+                let irq = |n: u16| {
+                    let _ = chan.write(owner, &[LhReq::Irq as u64, u64::from(n)]);
+                };
+                match devs.notify(&mut gm, addr, name, &mut console, irq) {
+                    devices::Notified::Device => continue,
+                    devices::Notified::Kill(why) => {
+                        kprintln!("guest {name} killed: {}", Escaped::new(why.as_bytes()));
+                        break Outcome::Failed;
+                    }
+                    devices::Notified::Other => {}
+                }
                 match gm.read_cstr_bytes(addr, &mut text) {
                     Ok(s) => console.write(time::now_ns(), s, |line| match line {
                         ConsoleLine::Text(t) => kprintln!("guest {name}: {t}"),
@@ -327,6 +363,7 @@ fn run_guest(
             }
         }
     };
+    devs.finish(name, &mut console); // last partial line, counters
     let (lines, dropped) = console.dropped();
     if lines > 0 {
         kprintln!(
@@ -337,7 +374,8 @@ fn run_guest(
         "guest {name} used {} exits ({} handled where they landed), {} of host memory beyond its RAM",
         shared.exits.load(Ordering::Relaxed) - exits_before.0,
         shared.fast_exits.load(Ordering::Relaxed) - exits_before.1,
-        Bytes(chan.core().overhead_bytes())
+        // The device pages are host memory beyond RAM too.
+        Bytes(chan.core().overhead_bytes() + u64::from(devs.device_pages()) * PAGE_SIZE)
     );
     if let Some(st) = chan.core().shadow_stats() {
         kprintln!(

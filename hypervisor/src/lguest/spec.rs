@@ -8,6 +8,20 @@
 //! format the guest uses once it turns on paging (2-level by default); every
 //! word but the name and `mem=` goes to the guest as its own command line.
 //!
+//! Device and lifecycle options (each at most once; a bad value refuses the
+//! guest with a message naming the option):
+//!
+//! | word | meaning |
+//! |---|---|
+//! | `block=MODULE` | a virtio block device backed by a copy of the GRUB module whose name (first word of its command line) is `MODULE`; that module is data, not a guest |
+//! | `net` | a virtio network device on the hypervisor's switch |
+//! | `console` / `noconsole` | the virtio console (on by default; `console` is accepted and changes nothing) |
+//! | `restart=N` | restarts honoured, 0 to [`MAX_RESTARTS`] (default [`DEFAULT_RESTARTS`]) |
+//!
+//! These words stay on the guest's command line too (like `paging=`), so a
+//! guest can see which devices it was given; an entropy device is always
+//! there.
+//!
 //! The hypervisor's launcher and `cargo xtask` (which refuses a bad
 //! `--guest` before building anything) both use [`parse`], so a spec is
 //! accepted or refused with the same message on both sides.
@@ -37,6 +51,11 @@ pub const MIN_GUEST_MEM: u64 = 4 * MIB;
 pub const MAX_GUEST_MEM: u64 = 3 * GIB;
 /// Guest RAM when the module line has no `mem=`.
 pub const DEFAULT_GUEST_MEM: u64 = 16 * MIB;
+/// Restarts honoured per guest when the line has no `restart=`.
+pub const DEFAULT_RESTARTS: u32 = 3;
+/// Largest `restart=`.
+pub const MAX_RESTARTS: u32 = 100;
+
 /// Longest module command line the hypervisor keeps, in bytes (what it
 /// copies out of the boot information). Longer lines are refused, never cut.
 pub const MAX_MODULE_CMDLINE: usize = 256;
@@ -56,6 +75,32 @@ pub struct GuestSpec<'a> {
     /// (`paging=2level` or `paging=pae`; 2-level by default, like the
     /// lguest kernels of the era), fixed for its life.
     pub paging: Format,
+    /// The devices asked for on the line.
+    pub devices: DeviceSpec<'a>,
+    /// Restarts honoured (`restart=N`, default [`DEFAULT_RESTARTS`]).
+    pub restarts: u32,
+}
+
+/// The virtio devices a guest asked for (the entropy device is always
+/// given).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceSpec<'a> {
+    /// `block=MODULE`: the name of the data module backing a block device.
+    pub block: Option<&'a str>,
+    /// `net`: a network device.
+    pub net: bool,
+    /// The virtio console (off with `noconsole`).
+    pub console: bool,
+}
+
+impl Default for DeviceSpec<'_> {
+    fn default() -> Self {
+        Self {
+            block: None,
+            net: false,
+            console: true,
+        }
+    }
 }
 
 /// Why a guest module command line is refused.
@@ -76,6 +121,14 @@ pub enum SpecError<'a> {
     BadPaging(&'a str),
     /// `paging=` appears twice (both values).
     DuplicatePaging(&'a str, &'a str),
+    /// `block=` does not name a module (the value).
+    BadBlock(&'a str),
+    /// `restart=` is not a number from 0 to [`MAX_RESTARTS`] (the value).
+    BadRestart(&'a str),
+    /// A device or lifecycle option appears twice (the option's name).
+    Duplicate(&'static str),
+    /// `console` and `noconsole` both given.
+    ConsoleConflict,
 }
 
 /// Longest guest name.
@@ -127,6 +180,20 @@ impl fmt::Display for SpecError<'_> {
                 super::console::Escaped::new(a.as_bytes()),
                 super::console::Escaped::new(b.as_bytes())
             ),
+            Self::BadBlock(v) => write!(
+                f,
+                "bad block=\"{}\": give the name of a GRUB module (the first word of its \
+                 command line), e.g. block=disk",
+                super::console::Escaped::new(v.as_bytes())
+            ),
+            Self::BadRestart(v) => write!(
+                f,
+                "bad restart=\"{}\": the number of restarts is 0 to {MAX_RESTARTS} (default \
+                 {DEFAULT_RESTARTS})",
+                super::console::Escaped::new(v.as_bytes())
+            ),
+            Self::Duplicate(opt) => write!(f, "{opt} given twice; give it once"),
+            Self::ConsoleConflict => f.write_str("console and noconsole both given; give one"),
             Self::BadName(name) => write!(
                 f,
                 "bad name \"{}\": a guest name is up to {MAX_NAME} letters, digits, '_', '-' \
@@ -165,7 +232,48 @@ pub fn parse(cmdline: &str, full_len: usize) -> Result<GuestSpec<'_>, SpecError<
     let mut mem: Option<(&str, u64)> = None;
     let mut paging: Option<(&str, Format)> = None;
     let mut args = String::new();
+    let mut devices = DeviceSpec::default();
+    let mut console_word: Option<bool> = None;
+    let mut net = false;
+    let mut restarts: Option<u32> = None;
     for w in words {
+        if let Some(v) = w.strip_prefix("block=") {
+            if devices.block.is_some() {
+                return Err(SpecError::Duplicate("block="));
+            }
+            if !valid_name(v) {
+                return Err(SpecError::BadBlock(v));
+            }
+            devices.block = Some(v);
+        } else if let Some(v) = w.strip_prefix("restart=") {
+            if restarts.is_some() {
+                return Err(SpecError::Duplicate("restart="));
+            }
+            let n = v
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n <= MAX_RESTARTS && !v.starts_with('+'))
+                .ok_or(SpecError::BadRestart(v))?;
+            restarts = Some(n);
+        } else if w == "net" {
+            if net {
+                return Err(SpecError::Duplicate("net"));
+            }
+            net = true;
+        } else if w == "console" || w == "noconsole" {
+            let on = w == "console";
+            match console_word {
+                Some(prev) if prev == on => {
+                    return Err(SpecError::Duplicate(if on {
+                        "console"
+                    } else {
+                        "noconsole"
+                    }));
+                }
+                Some(_) => return Err(SpecError::ConsoleConflict),
+                None => console_word = Some(on),
+            }
+        }
         if let Some(v) = w.strip_prefix("paging=") {
             if let Some((first, _)) = paging {
                 return Err(SpecError::DuplicatePaging(first, v));
@@ -198,6 +306,12 @@ pub fn parse(cmdline: &str, full_len: usize) -> Result<GuestSpec<'_>, SpecError<
         mem: mem.map_or(DEFAULT_GUEST_MEM, |(_, bytes)| bytes),
         args,
         paging: paging.map_or(Format::TwoLevel, |(_, f)| f),
+        devices: DeviceSpec {
+            net,
+            console: console_word.unwrap_or(true),
+            ..devices
+        },
+        restarts: restarts.unwrap_or(DEFAULT_RESTARTS),
     })
 }
 
@@ -339,6 +453,55 @@ mod tests {
         // Shown escaped: a name cannot drive the console.
         let e = parse("a\x1b[2J", 8).unwrap_err().to_string();
         assert!(e.starts_with("bad name \"a\\x1b[2J\""), "{e}");
+    }
+
+    #[test]
+    fn device_options() {
+        let s = ok("vio block=disk net restart=0 x");
+        assert_eq!(
+            s.devices,
+            DeviceSpec {
+                block: Some("disk"),
+                net: true,
+                console: true
+            }
+        );
+        assert_eq!(s.restarts, 0);
+        assert_eq!(s.args, "block=disk net restart=0 x", "the guest sees them");
+        let s = ok("g");
+        assert_eq!(s.devices, DeviceSpec::default());
+        assert_eq!(s.restarts, DEFAULT_RESTARTS);
+        assert!(ok("g console").devices.console);
+        assert!(!ok("g noconsole").devices.console);
+        assert_eq!(ok("g restart=100").restarts, MAX_RESTARTS);
+        for bad in ["101", "-1", "+3", "x", "", "99999999999"] {
+            let line = alloc::format!("g restart={bad}");
+            assert_eq!(parse(&line, line.len()), Err(SpecError::BadRestart(bad)));
+        }
+        assert_eq!(err("g block="), SpecError::BadBlock(""));
+        assert_eq!(err("g block=a:b"), SpecError::BadBlock("a:b"));
+        assert_eq!(err("g block=a block=b"), SpecError::Duplicate("block="));
+        assert_eq!(err("g net net"), SpecError::Duplicate("net"));
+        assert_eq!(
+            err("g restart=1 restart=1"),
+            SpecError::Duplicate("restart=")
+        );
+        assert_eq!(err("g console noconsole"), SpecError::ConsoleConflict);
+        assert_eq!(
+            err("g noconsole noconsole"),
+            SpecError::Duplicate("noconsole")
+        );
+        assert_eq!(
+            err("g restart=x").to_string(),
+            "bad restart=\"x\": the number of restarts is 0 to 100 (default 3)"
+        );
+        assert!(
+            err("g block=\x1b")
+                .to_string()
+                .starts_with("bad block=\"\\x1b\"")
+        );
+        // Look-alikes are the guest's own words.
+        assert_eq!(ok("g network blockx=1").devices, DeviceSpec::default());
     }
 
     #[test]

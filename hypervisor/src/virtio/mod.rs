@@ -51,6 +51,7 @@ use alloc::vec::Vec;
 extern crate alloc;
 
 pub mod block;
+pub mod bus;
 pub mod console;
 pub mod devpage;
 pub mod net;

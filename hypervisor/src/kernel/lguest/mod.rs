@@ -20,6 +20,7 @@
 //! an irq is raised for it; a guest halted with every irq blocked costs
 //! nothing until it is killed.
 
+pub mod devices;
 pub mod fpu;
 pub mod probe;
 pub mod space;
@@ -43,7 +44,7 @@ use rustyvisor::lguest::guestmem::GuestMemory;
 use rustyvisor::lguest::pagewalk::Format;
 use rustyvisor::lguest::shadow::{Flush, ShadowConfig, Stats};
 use rustyvisor::lguest::vcpu::{Action, Env, Exit, Vcpu};
-use rustyvisor::mm::{LARGE_PAGE_SIZE, PAGE_SIZE};
+use rustyvisor::mm::PAGE_SIZE;
 
 use self::fpu::FxSlot;
 use self::space::{GuestRam, HostGuestMemory, Ledger, LinearTables, ShadowFrames};
@@ -481,15 +482,20 @@ impl GuestCore for KernelCore {
     type Init = ();
 
     fn initialize(&mut self, base: u64, pfnlimit: u64, start: u64) -> Result<(), Errno> {
+        // devices: memory is RAM plus the device pages above it, so its size
+        // is a 4 KiB multiple; `LinearTables::new` checks that `base` is
+        // 2 MiB-aligned (`EFAULT` otherwise, as `check_initialize` would).
         let limits = InitLimits {
-            max_bytes: space::MAX_GUEST_BYTES as u32,
-            align: LARGE_PAGE_SIZE,
+            max_bytes: (space::MAX_GUEST_BYTES
+                + u64::from(guest_abi::device::DEVICE_PAGES) * PAGE_SIZE)
+                as u32,
+            align: PAGE_SIZE,
         };
         let args = check_initialize(base, pfnlimit, start, limits)?;
         // The launcher names memory by the RAM object it handed over: any
         // other address (another guest's RAM, the hypervisor's own image)
         // is refused, as is more than that object holds.
-        if args.base != self.ram.base() || u64::from(args.bytes) > self.ram.bytes() {
+        if args.base != self.ram.base() || u64::from(args.bytes) > self.ram.total_bytes() {
             return Err(Errno::EFAULT);
         }
         let tables = LinearTables::new(args.base, u64::from(args.bytes), &self.shared.ledger)

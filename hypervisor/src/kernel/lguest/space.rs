@@ -12,6 +12,12 @@
 //! PML4 (they never change after boot), so the hypervisor stays mapped — and
 //! unreachable for 32-bit code — while the guest runs.
 //!
+//! Above RAM come the guest's device pages (the lguest bus device page and
+//! its rings, `rustyvisor::virtio::bus`): [`GuestRam::with_device_pages`]
+//! allocates them in the same run, right after RAM, without rounding them
+//! up to 2 MiB, and [`LinearTables`] maps the 2 MiB-aligned bulk with 2 MiB
+//! pages and the tail (under 2 MiB) with 4 KiB pages of one page table.
+//!
 //! Dropping a [`LinearTables`] switches the CPU back to the kernel tables if
 //! needed and returns every frame (memory and tables).
 //!
@@ -87,8 +93,11 @@ fn write_entry(table: PhysFrame, index: u64, val: u64) {
 /// launcher. Dropping it returns the frames.
 pub struct GuestRam {
     first: PhysFrame,
+    /// Frames of RAM (a 2 MiB multiple).
     frames: u64,
     ledger: Ledger,
+    /// Frames above RAM (device page and rings).
+    device_frames: u64,
 }
 
 /// Why guest memory or tables could not be made.
@@ -106,12 +115,25 @@ impl GuestRam {
     /// Allocates `bytes` (rounded up to 2 MiB) of zeroed memory, charged
     /// to `ledger`.
     pub fn new(bytes: u64, ledger: &Ledger) -> Result<Self, SpaceError> {
+        Self::with_device_pages(bytes, 0, ledger)
+    }
+
+    /// Allocates `bytes` of RAM (rounded up to 2 MiB) plus `device_pages`
+    /// 4 KiB pages right above it, all zeroed, in one run, charged to
+    /// `ledger`.
+    pub fn with_device_pages(
+        bytes: u64,
+        device_pages: u32,
+        ledger: &Ledger,
+    ) -> Result<Self, SpaceError> {
         if bytes == 0 || bytes > MAX_GUEST_BYTES {
             return Err(SpaceError::BadSize);
         }
         let bytes = bytes.next_multiple_of(LARGE_PAGE_SIZE);
         let frames = bytes / PAGE_SIZE;
-        let first = mem::alloc_contiguous(frames, LARGE_PAGE_SIZE / PAGE_SIZE)
+        let device_frames = u64::from(device_pages);
+        let total = frames + device_frames;
+        let first = mem::alloc_contiguous(total, LARGE_PAGE_SIZE / PAGE_SIZE)
             .ok_or(SpaceError::OutOfMemory)?;
         // SAFETY: the run was just allocated to this guest; zero it so no
         // previous contents (host or another guest's) leak into it.
@@ -119,20 +141,26 @@ impl GuestRam {
             core::ptr::write_bytes(
                 phys_to_virt(first.start_address()) as *mut u8,
                 0,
-                bytes as usize,
+                (total * PAGE_SIZE) as usize,
             )
         };
-        ledger.charge(frames);
+        ledger.charge(total);
         Ok(Self {
             first,
             frames,
             ledger: ledger.clone(),
+            device_frames,
         })
     }
 
-    /// Size in bytes.
+    /// Size of RAM in bytes (what `boot_params` reports).
     pub fn bytes(&self) -> u64 {
         self.frames * PAGE_SIZE
+    }
+
+    /// Size of RAM plus device pages in bytes (`pfnlimit << 12`).
+    pub fn total_bytes(&self) -> u64 {
+        (self.frames + self.device_frames) * PAGE_SIZE
     }
 
     /// Host (direct-map) address of guest-physical 0: `LHREQ_INITIALIZE.base`.
@@ -143,8 +171,8 @@ impl GuestRam {
 
 impl Drop for GuestRam {
     fn drop(&mut self) {
-        mem::free_contiguous(self.first, self.frames);
-        self.ledger.credit(self.frames);
+        mem::free_contiguous(self.first, self.frames + self.device_frames);
+        self.ledger.credit(self.frames + self.device_frames);
     }
 }
 
@@ -155,18 +183,26 @@ pub struct LinearTables {
     pdpt: Option<PhysFrame>,
     pds: [Option<PhysFrame>; 4],
     ledger: Ledger,
+    /// The 4 KiB page table of the tail below a 2 MiB multiple, if any.
+    tail: Option<PhysFrame>,
 }
 
 impl LinearTables {
     /// Builds tables presenting `bytes` of memory whose host (direct-map)
-    /// address is `base`. Both must be 2 MiB multiples. The table frames
-    /// are charged to `ledger`.
+    /// address is `base`. `base` must be 2 MiB-aligned, `bytes` a 4 KiB
+    /// multiple: the 2 MiB multiple below it is mapped with 2 MiB pages, the
+    /// rest with 4 KiB pages of one page table. The table frames are
+    /// charged to `ledger`.
     pub fn new(base: u64, bytes: u64, ledger: &Ledger) -> Result<Self, SpaceError> {
         let phys = base
             .checked_sub(mem::DIRECT_MAP_BASE)
             .filter(|p| p % LARGE_PAGE_SIZE == 0)
             .ok_or(SpaceError::BadBase)?;
-        if bytes == 0 || bytes > MAX_GUEST_BYTES || !bytes.is_multiple_of(LARGE_PAGE_SIZE) {
+        // RAM up to the `mem=` limit, plus at most 2 MiB of device pages.
+        if bytes == 0
+            || bytes > MAX_GUEST_BYTES + LARGE_PAGE_SIZE
+            || !bytes.is_multiple_of(PAGE_SIZE)
+        {
             return Err(SpaceError::BadSize);
         }
         let pml4 = zeroed_frame(ledger).ok_or(SpaceError::OutOfMemory)?;
@@ -176,6 +212,7 @@ impl LinearTables {
             pdpt: None,
             pds: [None; 4],
             ledger: ledger.clone(),
+            tail: None,
         };
         let kernel = mem::kernel_pml4();
         for slot in 256..512u64 {
@@ -186,7 +223,10 @@ impl LinearTables {
         let pdpt = zeroed_frame(ledger).ok_or(SpaceError::OutOfMemory)?;
         t.pdpt = Some(pdpt);
         write_entry(pml4, 0, pdpt.start_address() | P | RW | US);
-        for i in 0..bytes / LARGE_PAGE_SIZE {
+        let large = bytes / LARGE_PAGE_SIZE;
+        let tail_pages = (bytes % LARGE_PAGE_SIZE) / PAGE_SIZE;
+        let chunks = large + u64::from(tail_pages > 0);
+        for i in 0..chunks {
             let gib = (i / 512) as usize;
             let pd = match t.pds.get(gib).copied().flatten() {
                 Some(pd) => pd,
@@ -199,7 +239,17 @@ impl LinearTables {
                     pd
                 }
             };
-            write_entry(pd, i % 512, (phys + i * LARGE_PAGE_SIZE) | P | RW | US | PS);
+            let at = phys + i * LARGE_PAGE_SIZE;
+            if i < large {
+                write_entry(pd, i % 512, at | P | RW | US | PS);
+            } else {
+                let pt = zeroed_frame(ledger).ok_or(SpaceError::OutOfMemory)?;
+                t.tail = Some(pt);
+                for k in 0..tail_pages {
+                    write_entry(pt, k, (at + k * PAGE_SIZE) | P | RW | US);
+                }
+                write_entry(pd, i % 512, pt.start_address() | P | RW | US);
+            }
         }
         Ok(t)
     }
@@ -211,7 +261,10 @@ impl LinearTables {
 
     /// Host memory used for the tables.
     pub fn overhead_bytes(&self) -> u64 {
-        (1 + u64::from(self.pdpt.is_some()) + self.pds.iter().flatten().count() as u64) * PAGE_SIZE
+        (1 + u64::from(self.pdpt.is_some())
+            + u64::from(self.tail.is_some())
+            + self.pds.iter().flatten().count() as u64)
+            * PAGE_SIZE
     }
 }
 
@@ -221,7 +274,13 @@ impl Drop for LinearTables {
             // SAFETY: the kernel PML4 maps everything the host uses.
             unsafe { cpu::write_cr3(mem::kernel_pml4()) };
         }
-        for f in self.pds.iter().flatten().chain(self.pdpt.iter()) {
+        for f in self
+            .pds
+            .iter()
+            .flatten()
+            .chain(self.pdpt.iter())
+            .chain(self.tail.iter())
+        {
             mem::free_frame(*f);
             self.ledger.credit(1);
         }
