@@ -286,8 +286,20 @@ fn badptr(_: &BootInfo) {
 }
 
 fn badedge(boot: &BootInfo) {
-    // 24 bytes starting 8 bytes before the end of guest memory.
-    let end = u32::try_from(boot.mem_bytes).unwrap_or(u32::MAX);
+    // 24 bytes starting 8 bytes before the end of guest memory: RAM, then
+    // the device page and the rings the bus puts above it.
+    let ram = u32::try_from(boot.mem_bytes).unwrap_or(u32::MAX);
+    let mut end = ram.saturating_add(4096);
+    let bus = lguest_rt::virtio::Bus::scan(boot.mem_bytes);
+    for d in bus.devices() {
+        for q in 0..=u8::MAX {
+            let Some(c) = d.vq(q) else {
+                break;
+            };
+            let pages = lguest_rt::guest_abi::device::vring_pages(u32::from(c.num));
+            end = end.max(c.pfn.saturating_add(pages).saturating_mul(4096));
+        }
+    }
     raw_hcall(LHCALL_LOAD_TLS, end - 8, 0, 0);
 }
 
