@@ -2,7 +2,8 @@
 //!
 //! This library holds the *pure* logic of the hypervisor: command-line
 //! parsing, memory-map sanitising, the physical frame allocator, page-table
-//! manipulation, timer queues, ring buffers, AML scanning, the lguest
+//! manipulation, timer queues, ring buffers (serial input; serial output
+//! with whole-line records, [`txring`]), AML scanning, the lguest
 //! core (control channel, vCPU state machine, GDT validation, guest memory
 //! accessors, ELF loader, guest console), the host-task scheduling policy
 //! ([`sched`]), the hypervisor console's input state machine
@@ -30,5 +31,6 @@ pub mod ringbuf;
 pub mod sched;
 #[cfg(test)]
 pub(crate) mod testutil;
+pub mod txring;
 pub mod units;
 pub mod virtio;

@@ -53,8 +53,9 @@ pub fn service_irq(vector: u64) {
             SPURIOUS.fetch_add(1, Ordering::Relaxed);
         }
         v if v == u64::from(ioapic::IRQ_VECTOR_BASE + COM1_IRQ) => {
-            console::on_serial_irq();
-            super::launcher::on_serial_input();
+            if console::on_serial_irq() {
+                super::launcher::on_serial_input();
+            }
             apic::eoi();
         }
         v if v == u64::from(apic::TIMER_VECTOR) => {

@@ -208,11 +208,13 @@ extern "C" fn kernel_main() -> ! {
         cpus - 1,
         apic::id()
     );
+    let mut com1_routed = false;
     if let Some(p) = platform.as_ref() {
         match p.ioapic {
             Some((addr, gsi_base)) => {
                 let pins = ioapic::init(addr, gsi_base, &p.overrides);
                 let routed = ioapic::route_isa_irq(interrupts::COM1_IRQ, apic::id());
+                com1_routed = routed;
                 kprintln!(
                     "acpi: revision {}, {} IO-APIC(s), first at {addr:#x} with {pins} pins; \
                      COM1 irq {}",
@@ -221,7 +223,7 @@ extern "C" fn kernel_main() -> ! {
                     if routed { "routed" } else { "not routed" }
                 );
             }
-            None => kprintln!("acpi: no IO-APIC; serial input disabled"),
+            None => kprintln!("acpi: no IO-APIC; serial input disabled, output synchronous"),
         }
         if !power::acpi_poweroff_available() {
             log::info!("acpi: no \\_S5 sleep state; `exit=poweroff` will halt instead");
@@ -231,6 +233,10 @@ extern "C" fn kernel_main() -> ! {
     let (tsc_hz, apic_hz) = time::init();
     kprintln!("timer: lapic {apic_hz} Hz, tsc {tsc_hz} Hz (calibrated against the PIT)");
     x86_64::instructions::interrupts::enable();
+    if com1_routed {
+        // From here on console output is queued and sent by interrupt.
+        console::enable_irq_output();
+    }
 
     for m in boot.modules() {
         kprintln!(
@@ -304,15 +310,18 @@ fn summary() {
     let (free, used, managed) = mem::frame_counts();
     let (heap_used, heap_size) = mem::heap_usage();
     let (spurious, unexpected) = interrupts::counters();
+    let (out_lines, out_bytes) = console::output_dropped();
     kprintln!(
         "summary: uptime {} ms, frames {free} free / {used} used / {managed} managed, \
          heap {} of {}, timer irqs {}, spurious {spurious}, unexpected {unexpected}, \
-         console input dropped {}",
+         console input dropped {}, output dropped {} lines ({} bytes)",
         time::now_ns() / 1_000_000,
         Bytes(heap_used as u64),
         Bytes(heap_size as u64),
         time::timer_irqs(),
-        console::input_dropped()
+        console::input_dropped(),
+        out_lines,
+        out_bytes
     );
 }
 

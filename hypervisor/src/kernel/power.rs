@@ -5,6 +5,7 @@ use core::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, Ordering};
 use rustyvisor::config::ExitMode;
 
 use super::arch::cpu;
+use super::console;
 
 /// isa-debug-exit port (QEMU: `-device isa-debug-exit,iobase=0xf4,iosize=0x04`).
 const QEMU_EXIT_PORT: u16 = 0xF4;
@@ -78,14 +79,19 @@ fn acpi_poweroff() {
 
 /// The normal end of a run (nothing left to do): QEMU success exit, ACPI
 /// power-off, or halt with interrupts still serviced, per the command line.
+/// Queued console output is drained first, synchronously, whenever the
+/// machine is about to go away.
 pub fn finish() -> ! {
     match MODE.load(Ordering::Relaxed) {
         MODE_QEMU => {
+            // Queued output would die with QEMU: send it all first.
+            console::flush();
             qemu_exit(QEMU_SUCCESS);
             crate::kprintln!("power: QEMU debug-exit device not present; halting");
         }
         MODE_POWEROFF => {
             crate::kprintln!("power: ACPI soft-off");
+            console::flush();
             acpi_poweroff();
             crate::kprintln!("power: ACPI soft-off failed or unavailable; halting");
         }
@@ -95,25 +101,28 @@ pub fn finish() -> ! {
     // person at the serial line sees the machine is alive.
     loop {
         cpu::enable_and_hlt();
-        while let Some(byte) = crate::kernel::console::read_byte() {
+        while let Some(byte) = console::read_byte() {
             let c = if byte == b'\r' {
                 '\n'
             } else {
                 char::from(byte)
             };
-            crate::kernel::console::print(format_args!("{c}"));
+            console::print(format_args!("{c}"));
         }
     }
 }
 
 /// The end of a fatal error: QEMU failure exit under `exit=qemu`, otherwise
-/// halt with interrupts off so the diagnostic stays on screen.
+/// halt with interrupts off so the diagnostic stays on screen. The console
+/// is drained and made synchronous first.
 pub fn fatal_stop() -> ! {
     x86_64::instructions::interrupts::disable();
+    // Send what is queued (synchronously, for good) before QEMU exits.
+    console::flush_fatal();
     if MODE.load(Ordering::Relaxed) == MODE_QEMU {
         qemu_exit(QEMU_FAILURE);
     }
-    crate::kernel::console::print_fatal(format_args!(
+    console::print_fatal(format_args!(
         "system halted after a fatal error; reset the machine\n"
     ));
     cpu::halt_forever()
