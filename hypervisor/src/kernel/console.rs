@@ -302,7 +302,10 @@ pub fn print(args: fmt::Arguments<'_>) {
     let below = core::mem::take(&mut serial.prompt_shown);
     let mut ended = false;
     serial.emit(|w| {
-        let mut t = LineEnd { out: w, ended: &mut ended };
+        let mut t = LineEnd {
+            out: w,
+            ended: &mut ended,
+        };
         if below {
             t.write_str("\n")?;
         }
