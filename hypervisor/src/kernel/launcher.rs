@@ -20,6 +20,7 @@
 extern crate alloc;
 
 use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::String;
 use alloc::sync::Arc;
@@ -60,6 +61,24 @@ static CONSOLE_EVENT: IrqMutex<Option<EventHandle>> = IrqMutex::new(None);
 /// Signalled whenever a guest gives its memory back (guests waiting for
 /// memory retry then).
 static MEM_FREED: IrqMutex<Option<EventHandle>> = IrqMutex::new(None);
+
+/// The guest behind each switch port, so a frame queued for a port wakes
+/// its guest's launcher.
+static NET_PORTS: IrqMutex<BTreeMap<usize, Arc<GuestShared>>> = IrqMutex::new(BTreeMap::new());
+
+/// Kicks the launcher of every other guest that has frames waiting.
+fn wake_receivers(me: u64) {
+    let ports: Vec<(usize, Arc<GuestShared>)> = NET_PORTS
+        .lock()
+        .iter()
+        .map(|(p, g)| (*p, g.clone()))
+        .collect();
+    for (port, g) in ports {
+        if g.id != me && devices::port_pending(port) {
+            g.kick_launcher();
+        }
+    }
+}
 
 /// What a launcher task is given.
 struct Job {
@@ -309,6 +328,10 @@ fn run_guest(
         chan.close();
         return Outcome::Failed;
     }
+    let port = devs.net_port();
+    if let Some(p) = port {
+        NET_PORTS.lock().insert(p, shared.clone());
+    }
     let mut buf = [0u8; 4];
     let mut console = GuestConsole::new();
     let mut text = [0u8; NOTIFY_TEXT_MAX];
@@ -321,7 +344,12 @@ fn run_guest(
                     let _ = chan.write(owner, &[LhReq::Irq as u64, u64::from(n)]);
                 };
                 match devs.notify(&mut gm, addr, name, &mut console, irq) {
-                    devices::Notified::Device => continue,
+                    devices::Notified::Device => {
+                        if port.is_some() {
+                            wake_receivers(shared.id);
+                        }
+                        continue;
+                    }
                     devices::Notified::Kill(why) => {
                         kprintln!("guest {name} killed: {}", Escaped::new(why.as_bytes()));
                         break Outcome::Failed;
@@ -341,6 +369,23 @@ fn run_guest(
             }
             // The slice is over: give the CPU back, then run on.
             Err(e) if e == Errno::EINTR => task::yield_now(),
+            // The devices have work: console input, frames from the switch.
+            Err(e) if e == Errno::EAGAIN => {
+                let input = shared.take_input();
+                if !input.is_empty() {
+                    devs.push_input(&input);
+                }
+                let irq = |n: u16| {
+                    let _ = chan.write(owner, &[LhReq::Irq as u64, u64::from(n)]);
+                };
+                if let Err(why) = devs.poll(&mut gm, name, &mut console, irq) {
+                    kprintln!("guest {name} killed: {}", Escaped::new(why.as_bytes()));
+                    break Outcome::Failed;
+                }
+                if port.is_some() {
+                    wake_receivers(shared.id);
+                }
+            }
             Err(e) if e == Errno::ERESTART => break Outcome::Restart,
             Err(e) if e == Errno::ENOENT => {
                 let reason = chan.death_reason().unwrap_or("killed");
@@ -363,6 +408,9 @@ fn run_guest(
             }
         }
     };
+    if let Some(p) = port {
+        NET_PORTS.lock().remove(&p);
+    }
     devs.finish(name, &mut console); // last partial line, counters
     let (lines, dropped) = console.dropped();
     if lines > 0 {
@@ -389,7 +437,8 @@ fn run_guest(
             st.peak_frames
         );
     }
-    drop(gm);
+    // `gm` (a view of the RAM the core owns) is not used past this point.
+    let _ = &gm;
     chan.close();
     if let Some(e) = *MEM_FREED.lock() {
         task::signal(e, 1);
@@ -416,7 +465,7 @@ fn unique_name(taken: &[String], name: &str) -> String {
     let mut n = 2u32;
     loop {
         let candidate = format!("{name}-{n}");
-        if !taken.iter().any(|t| *t == candidate) {
+        if !taken.contains(&candidate) {
             return candidate;
         }
         n += 1;
@@ -449,10 +498,8 @@ fn console_main(_: u64) {
             alive
         });
         for g in &live {
-            if !known.iter().any(|(_, id)| *id == g.id) {
-                if con.add_guest(&g.name).is_ok() {
-                    known.push((g.name.clone(), g.id));
-                }
+            if !known.iter().any(|(_, id)| *id == g.id) && con.add_guest(&g.name).is_ok() {
+                known.push((g.name.clone(), g.id));
             }
         }
         let mut input = [0u8; 64];
@@ -474,9 +521,10 @@ fn console_main(_: u64) {
         for a in actions.drain(..) {
             match a {
                 Action::ToGuest { guest, bytes } => {
-                    // No virtio console input yet: the guest in focus gets
-                    // nothing, which the console says once.
-                    let _ = (guest, bytes);
+                    let id = known.iter().find(|(n, _)| *n == guest).map(|(_, id)| *id);
+                    if let Some(g) = live.iter().find(|g| Some(g.id) == id) {
+                        g.push_input(&bytes);
+                    }
                 }
                 Action::Echo(bytes) => console::write_raw(&bytes, prompt_line(&con)),
                 Action::Print(line) => kprintln!("{line}"),

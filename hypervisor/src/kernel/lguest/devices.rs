@@ -60,6 +60,14 @@ static SEEDS: spin::Mutex<Option<ChaCha20Rng>> = spin::Mutex::new(None);
 /// MACs handed out so far (the low bytes of the next one).
 static NEXT_MAC: AtomicU32 = AtomicU32::new(1);
 
+/// Frames wait on switch port `port` for its guest.
+pub fn port_pending(port: usize) -> bool {
+    SWITCH
+        .lock()
+        .as_ref()
+        .is_some_and(|sw| sw.pending(port) > 0)
+}
+
 /// Which modules are data for a guest's block device rather than guests:
 /// those whose name (first word of the command line) some guest's
 /// `block=MODULE` names. One flag per module.
@@ -349,10 +357,6 @@ impl GuestDevices {
     /// Deliver console input and frames waiting in the switch into the
     /// guest's receive buffers, raising irqs (for a launcher about to run
     /// the guest again). `Err` is a kill reason.
-    #[allow(
-        dead_code,
-        reason = "for the concurrent launcher and the console focus"
-    )]
     pub fn poll<M, I>(
         &mut self,
         mem: &mut M,
@@ -368,13 +372,14 @@ impl GuestDevices {
         self.bus.poll(mem, &mut host).map_err(|e| e.to_string())
     }
 
+    /// The guest's port on the switch, if it has a network device.
+    pub fn net_port(&self) -> Option<usize> {
+        self.bus.net_port()
+    }
+
     /// Buffer console input for the guest (delivered by the next
     /// [`Self::poll`] or notify); returns the bytes taken, the rest is
     /// dropped and counted.
-    #[allow(
-        dead_code,
-        reason = "for the concurrent launcher and the console focus"
-    )]
     pub fn push_input(&mut self, bytes: &[u8]) -> usize {
         self.bus.push_input(bytes)
     }

@@ -93,6 +93,11 @@ pub struct GuestShared {
     poke: AtomicBool,
     /// `REQ_*`: a kill or restart asked for by the console.
     request: AtomicU8,
+    /// Its devices have work the launcher must do (console input, frames
+    /// from the switch): the run loop returns `EAGAIN` ("break").
+    service: AtomicBool,
+    /// Console input for the guest, not yet handed to its device.
+    input: IrqMutex<alloc::collections::VecDeque<u8>>,
     /// [`Life`] as a byte.
     life: AtomicU8,
     /// Exits, and those handled where they landed.
@@ -113,6 +118,8 @@ impl GuestShared {
             pending: AtomicU32::new(0),
             poke: AtomicBool::new(false),
             request: AtomicU8::new(REQ_NONE),
+            service: AtomicBool::new(false),
+            input: IrqMutex::new(alloc::collections::VecDeque::new()),
             life: AtomicU8::new(Life::Starting as u8),
             exits: AtomicU64::new(0),
             fast_exits: AtomicU64::new(0),
@@ -156,6 +163,33 @@ impl GuestShared {
         task::wake(self.task());
     }
 
+    /// Asks the launcher to serve the guest's devices: the guest leaves its
+    /// run loop at its next exit (or wakes from a halt) with `EAGAIN`.
+    pub fn kick_launcher(&self) {
+        self.service.store(true, Ordering::SeqCst);
+        task::wake(self.task());
+    }
+
+    /// Queues console input for the guest (at most [`INPUT_MAX`] bytes
+    /// wait; more is dropped) and kicks its launcher. Returns the bytes
+    /// taken.
+    pub fn push_input(&self, bytes: &[u8]) -> usize {
+        let taken = {
+            let mut q = self.input.lock();
+            let room = INPUT_MAX.saturating_sub(q.len());
+            let n = bytes.len().min(room);
+            q.extend(bytes.iter().take(n));
+            n
+        };
+        self.kick_launcher();
+        taken
+    }
+
+    /// Takes the queued console input.
+    pub fn take_input(&self) -> Vec<u8> {
+        self.input.lock().drain(..).collect()
+    }
+
     /// Where the guest is in its life.
     pub fn life(&self) -> Life {
         match self.life.load(Ordering::Relaxed) {
@@ -171,6 +205,9 @@ impl GuestShared {
         self.life.store(l as u8, Ordering::Relaxed);
     }
 }
+
+/// Console input that may wait for one guest's launcher.
+pub const INPUT_MAX: usize = 4096;
 
 /// Every live guest, by id.
 static GUESTS: IrqMutex<BTreeMap<u64, Arc<GuestShared>>> = IrqMutex::new(BTreeMap::new());
@@ -561,6 +598,7 @@ impl GuestCore for KernelCore {
                     // bit). The slice is given up while halted.
                     x86_64::instructions::interrupts::disable();
                     if r.shared.request.load(Ordering::SeqCst) == REQ_NONE
+                        && !r.shared.service.load(Ordering::SeqCst)
                         && !r.vcpu.has_deliverable_irq(&r.mem)
                         && r.shared.pending.load(Ordering::SeqCst) == 0
                     {
@@ -705,6 +743,9 @@ fn preempted(r: &mut Running) -> Option<RunExit> {
         REQ_KILL => return Some(RunExit::Dead(DeathReason::new("killed from the console"))),
         REQ_RESTART => return Some(RunExit::Restart),
         _ => {}
+    }
+    if r.shared.service.swap(false, Ordering::SeqCst) {
+        return Some(RunExit::Break);
     }
     task::need_resched().then_some(RunExit::Interrupted)
 }
@@ -879,7 +920,10 @@ fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo, full: bool) -> bool
     let r = unsafe { &mut *ctx.cast::<Running>() };
     // The slice is over or the console wants the guest: every exit goes
     // back to the run loop, which returns to the launcher.
-    if task::need_resched() || r.shared.request.load(Ordering::Relaxed) != REQ_NONE {
+    if task::need_resched()
+        || r.shared.request.load(Ordering::Relaxed) != REQ_NONE
+        || r.shared.service.load(Ordering::Relaxed)
+    {
         return false;
     }
     if !full {

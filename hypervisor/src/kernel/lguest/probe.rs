@@ -198,7 +198,7 @@ fn probe_stub_arm(ss: u32) -> switch::StubArm {
     switch::StubArm {
         trivial: 1 << guest_abi::hcall::LHCALL_FLUSH_ASYNC,
         ring_status: PROBE_RING_EMPTY.as_ptr() as u64,
-        irqs: &PROBE_NO_IRQS,
+        irqs: &raw const PROBE_NO_IRQS,
         vcpu_irqs: 0,
         cs: u32::from(KERNEL_CS),
         ss,
