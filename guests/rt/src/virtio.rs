@@ -220,6 +220,12 @@ impl Bus {
 /// One buffer of a chain: guest-physical address, length, device-writable.
 pub type Buf = (u32, u32, bool);
 
+/// Wake-ups (any irq: the clock too) [`Virtqueue::wait_used`] waits for
+/// a used element before it gives up.
+pub const WAIT_HALTS: u32 = 100_000;
+
+fn vq_irq(_: &mut crate::TrapFrame) {}
+
 /// A legacy split virtqueue at the place the host chose.
 #[derive(Debug)]
 pub struct Virtqueue {
@@ -253,6 +259,14 @@ impl Virtqueue {
         };
         for i in 0..cfg.num {
             q.write_desc(i, 0, 0, 0, i.wrapping_add(1));
+        }
+        // The host completes requests asynchronously and raises this
+        // queue's irq when it has: take it (the handler has nothing to do:
+        // the waiter looks at the used ring) so that HALT wakes for it.
+        let irq = u32::from(cfg.irq);
+        if irq < guest_abi::LGUEST_IRQS {
+            crate::trap::set_irq_handler(irq, Some(vq_irq));
+            crate::irq::unmask(irq);
         }
         q
     }
@@ -348,13 +362,30 @@ impl Virtqueue {
         Some((head, len))
     }
 
-    /// Add, kick and take the used element the host produced meanwhile:
-    /// the used length, or `None` if the chain could not be added or the
-    /// host did not complete it.
+    /// Waits for the next used element: the host serves a kick in its
+    /// device service task, while the guest runs on, and raises the
+    /// queue's irq when it has added to the used ring, so the guest halts
+    /// until then (checking with virtual irqs off first: no lost wake-up).
+    /// `None` after [`WAIT_HALTS`] wake-ups without one.
+    pub fn wait_used(&mut self) -> Option<(u16, u32)> {
+        for _ in 0..WAIT_HALTS {
+            crate::irq::disable();
+            if let Some(u) = self.pop_used() {
+                crate::irq::enable();
+                return Some(u);
+            }
+            crate::hcall::halt();
+        }
+        None
+    }
+
+    /// Add, kick and wait for the used element the host produces: the used
+    /// length, or `None` if the chain could not be added or the host did
+    /// not complete it.
     pub fn submit(&mut self, bufs: &[Buf]) -> Option<u32> {
         let head = self.add(bufs)?;
         self.kick();
-        match self.pop_used() {
+        match self.wait_used() {
             Some((h, len)) if h == head => Some(len),
             _ => None,
         }

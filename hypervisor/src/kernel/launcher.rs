@@ -80,6 +80,78 @@ fn wake_receivers(me: u64) {
     }
 }
 
+/// What a guest's launcher and the device service task share: its devices,
+/// its memory and its console line assembler.
+struct DevCell {
+    devs: devices::GuestDevices,
+    gm: HostGuestMemory,
+    console: GuestConsole,
+    /// The guest ended: its memory is about to go; serve nothing more.
+    dead: bool,
+}
+
+/// A guest whose ring kicks the service task serves.
+struct Served {
+    shared: Arc<GuestShared>,
+    cell: Arc<spin::Mutex<DevCell>>,
+}
+
+/// Every guest with devices, by guest id.
+static SERVED: IrqMutex<BTreeMap<u64, Served>> = IrqMutex::new(BTreeMap::new());
+
+/// The event every guest's ring kick addresses are bound to
+/// (`LHREQ_EVENTFD`): the device service task waits on it.
+static SERVICE_EVENT: IrqMutex<Option<EventHandle>> = IrqMutex::new(None);
+
+/// The device service task: serves the ring kicks the guests' cores
+/// absorbed through their `EVENTFD` bindings, so that a kick never makes a
+/// guest's `read()` return (lguest's per-virtqueue threads; here one task
+/// serves every guest, so a guest costs no extra stack). Ends when the
+/// last launcher has.
+fn service_main(_: u64) {
+    let Some(ev) = *SERVICE_EVENT.lock() else {
+        return;
+    };
+    while task::wait_event(ev) != 0 {
+        let served: Vec<(Arc<GuestShared>, Arc<spin::Mutex<DevCell>>)> = SERVED
+            .lock()
+            .values()
+            .map(|s| (s.shared.clone(), s.cell.clone()))
+            .collect();
+        for (g, cell) in served {
+            let kicks = g.take_kicks();
+            if kicks.is_empty() {
+                continue;
+            }
+            let net = {
+                let mut c = cell.lock();
+                let DevCell {
+                    devs,
+                    gm,
+                    console,
+                    dead,
+                } = &mut *c;
+                if *dead {
+                    continue;
+                }
+                for addr in kicks {
+                    let irq = |n: u16| g.raise(u32::from(n));
+                    if let devices::Notified::Kill(why) =
+                        devs.notify(gm, addr, &g.name, console, irq)
+                    {
+                        g.kill(&why);
+                        break;
+                    }
+                }
+                devs.net_port().is_some()
+            };
+            if net {
+                wake_receivers(g.id);
+            }
+        }
+    }
+}
+
 /// What a launcher task is given.
 struct Job {
     module: Module,
@@ -143,6 +215,12 @@ pub fn start(modules: &[Module], fastpath: bool) -> usize {
         }
     }
     if spawned > 0 {
+        *SERVICE_EVENT.lock() = Some(task::new_event());
+        if task::spawn("devices", service_main, 0).is_err() {
+            // Without it, kicks come back to each launcher as notifies.
+            SERVICE_EVENT.lock().take();
+            kprintln!("devices: no service task (no memory); launchers serve kicks");
+        }
         *CONSOLE_EVENT.lock() = Some(task::new_event());
         if task::spawn("console", console_main, 0).is_err() {
             kprintln!("console: not started (no memory for its task); serial input is ignored");
@@ -179,7 +257,12 @@ fn launcher_main(arg: u64) {
     run_module(&module, &modules, &shared, fastpath);
     shared.set_life(Life::Dead);
     shared.unregister();
-    LIVE.fetch_sub(1, Ordering::SeqCst);
+    if LIVE.fetch_sub(1, Ordering::SeqCst) == 1
+        && let Some(e) = SERVICE_EVENT.lock().take()
+    {
+        // The last guest: the service task ends.
+        task::close_event(e);
+    }
     poke_console();
 }
 
@@ -232,7 +315,7 @@ fn run_guest(
     let name = shared.name.as_str();
     shared.set_life(Life::Starting);
     // The guest's virtio devices; their pages follow RAM.
-    let mut devs = match devices::GuestDevices::new(spec, modules) {
+    let devs = match devices::GuestDevices::new(spec, modules) {
         Ok(d) => d,
         Err(e) => {
             kprintln!("guest {name} not started: {}", Escaped::new(e.as_bytes()));
@@ -332,19 +415,59 @@ fn run_guest(
     if let Some(p) = port {
         NET_PORTS.lock().insert(p, shared.clone());
     }
+    // Every ring's kick goes to the service task: bound with EVENTFD, a
+    // kick is absorbed by the core and never makes `read()` return.
+    let service = *SERVICE_EVENT.lock();
+    if let Some(ev) = service {
+        for addr in devs.kick_addrs() {
+            if let Err(e) = chan.write(owner, &[LhReq::Eventfd as u64, u64::from(addr), ev.0]) {
+                kprintln!(
+                    "guest {name}: kicks of {addr:#x} come back as notifies (EVENTFD errno {})",
+                    e.0
+                );
+            }
+        }
+    }
+    let device_pages = devs.device_pages();
+    let kick_addrs = devs.kick_addrs();
+    let absorbed_before = shared.kicks_absorbed.load(Ordering::Relaxed);
+    // Kicks that came back to this loop as notifies.
+    let mut kicks_here = 0u64;
+    let cell = Arc::new(spin::Mutex::new(DevCell {
+        devs,
+        gm,
+        console: GuestConsole::new(),
+        dead: false,
+    }));
+    SERVED.lock().insert(
+        shared.id,
+        Served {
+            shared: shared.clone(),
+            cell: cell.clone(),
+        },
+    );
     let mut buf = [0u8; 4];
-    let mut console = GuestConsole::new();
     let mut text = [0u8; NOTIFY_TEXT_MAX];
     let outcome = loop {
-        match chan.read(owner, &mut buf) {
+        let read = chan.read(owner, &mut buf);
+        let irq = |n: u16| {
+            let _ = chan.write(owner, &[LhReq::Irq as u64, u64::from(n)]);
+        };
+        match read {
             Ok(_) => {
                 let addr = u32::from_le_bytes(buf);
-                // Status changes and kicks; misuse kills the guest.
-                let irq = |n: u16| {
-                    let _ = chan.write(owner, &[LhReq::Irq as u64, u64::from(n)]);
-                };
-                match devs.notify(&mut gm, addr, name, &mut console, irq) {
+                if kick_addrs.contains(&addr) {
+                    kicks_here += 1;
+                }
+                let mut c = cell.lock();
+                let DevCell {
+                    devs, gm, console, ..
+                } = &mut *c;
+                // Status changes (and kicks, without a service task); misuse
+                // kills the guest.
+                match devs.notify(gm, addr, name, console, irq) {
                     devices::Notified::Device => {
+                        drop(c);
                         if port.is_some() {
                             wake_receivers(shared.id);
                         }
@@ -372,16 +495,18 @@ fn run_guest(
             // The devices have work: console input, frames from the switch.
             Err(e) if e == Errno::EAGAIN => {
                 let input = shared.take_input();
+                let mut c = cell.lock();
+                let DevCell {
+                    devs, gm, console, ..
+                } = &mut *c;
                 if !input.is_empty() {
                     devs.push_input(&input);
                 }
-                let irq = |n: u16| {
-                    let _ = chan.write(owner, &[LhReq::Irq as u64, u64::from(n)]);
-                };
-                if let Err(why) = devs.poll(&mut gm, name, &mut console, irq) {
+                if let Err(why) = devs.poll(gm, name, console, irq) {
                     kprintln!("guest {name} killed: {}", Escaped::new(why.as_bytes()));
                     break Outcome::Failed;
                 }
+                drop(c);
                 if port.is_some() {
                     wake_receivers(shared.id);
                 }
@@ -411,11 +536,27 @@ fn run_guest(
     if let Some(p) = port {
         NET_PORTS.lock().remove(&p);
     }
-    devs.finish(name, &mut console); // last partial line, counters
-    let (lines, dropped) = console.dropped();
-    if lines > 0 {
+    // The service task serves nothing more for this guest; it holds no
+    // reference to the cell while it waits, so dropping ours below frees
+    // the devices (block copy, switch port) before the memory check.
+    SERVED.lock().remove(&shared.id);
+    {
+        let mut c = cell.lock();
+        c.dead = true;
+        let DevCell { devs, console, .. } = &mut *c;
+        devs.finish(name, console); // last partial line, counters
+        let (lines, dropped) = console.dropped();
+        if lines > 0 {
+            kprintln!(
+                "guest {name} console: {lines} lines ({dropped} bytes) dropped: over the rate limit"
+            );
+        }
+    }
+    drop(cell);
+    if !kick_addrs.is_empty() {
         kprintln!(
-            "guest {name} console: {lines} lines ({dropped} bytes) dropped: over the rate limit"
+            "guest {name} kicks: {} to the device task, {kicks_here} to the launcher",
+            shared.kicks_absorbed.load(Ordering::Relaxed) - absorbed_before
         );
     }
     kprintln!(
@@ -423,7 +564,7 @@ fn run_guest(
         shared.exits.load(Ordering::Relaxed) - exits_before.0,
         shared.fast_exits.load(Ordering::Relaxed) - exits_before.1,
         // The device pages are host memory beyond RAM too.
-        Bytes(chan.core().overhead_bytes() + u64::from(devs.device_pages()) * PAGE_SIZE)
+        Bytes(chan.core().overhead_bytes() + u64::from(device_pages) * PAGE_SIZE)
     );
     if let Some(st) = chan.core().shadow_stats() {
         kprintln!(
@@ -437,8 +578,6 @@ fn run_guest(
             st.peak_frames
         );
     }
-    // `gm` (a view of the RAM the core owns) is not used past this point.
-    let _ = &gm;
     chan.close();
     if let Some(e) = *MEM_FREED.lock() {
         task::signal(e, 1);
@@ -637,14 +776,14 @@ fn run_command(
         Command::Kill(name) => match find(&name) {
             Some(g) => {
                 kprintln!("console: killing guest {name}");
-                g.request(false);
+                g.kill("killed from the console");
             }
             None => kprintln!("console: no guest {name}"),
         },
         Command::Restart(name) => match find(&name) {
             Some(g) => {
                 kprintln!("console: restarting guest {name}");
-                g.request(true);
+                g.restart();
             }
             None => kprintln!("console: no guest {name}"),
         },

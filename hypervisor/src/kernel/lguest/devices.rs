@@ -372,6 +372,11 @@ impl GuestDevices {
         self.bus.poll(mem, &mut host).map_err(|e| e.to_string())
     }
 
+    /// Every ring's kick address, to bind to the service event.
+    pub fn kick_addrs(&self) -> Vec<u32> {
+        self.bus.kick_addrs()
+    }
+
     /// The guest's port on the switch, if it has a network device.
     pub fn net_port(&self) -> Option<usize> {
         self.bus.net_port()

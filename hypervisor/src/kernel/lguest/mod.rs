@@ -98,8 +98,15 @@ pub struct GuestShared {
     service: AtomicBool,
     /// Console input for the guest, not yet handed to its device.
     input: IrqMutex<alloc::collections::VecDeque<u8>>,
+    /// Ring kicks absorbed by an `EVENTFD` binding, not yet served.
+    kicks: IrqMutex<Vec<u32>>,
+    /// Why the guest must die, when `request` is `REQ_KILL`.
+    kill_reason: IrqMutex<Option<String>>,
     /// [`Life`] as a byte.
     life: AtomicU8,
+    /// Ring kicks absorbed by an `EVENTFD` binding (served by the device
+    /// service task without `read()` returning).
+    pub kicks_absorbed: AtomicU64,
     /// Exits, and those handled where they landed.
     pub exits: AtomicU64,
     pub fast_exits: AtomicU64,
@@ -120,7 +127,10 @@ impl GuestShared {
             request: AtomicU8::new(REQ_NONE),
             service: AtomicBool::new(false),
             input: IrqMutex::new(alloc::collections::VecDeque::new()),
+            kicks: IrqMutex::new(Vec::new()),
+            kill_reason: IrqMutex::new(None),
             life: AtomicU8::new(Life::Starting as u8),
+            kicks_absorbed: AtomicU64::new(0),
             exits: AtomicU64::new(0),
             fast_exits: AtomicU64::new(0),
             ledger: Ledger::default(),
@@ -153,14 +163,32 @@ impl GuestShared {
         }
     }
 
-    /// Asks the running guest to die (`restart`: to restart) at its next
-    /// exit, waking it if it halted.
-    pub fn request(&self, restart: bool) {
-        self.request.store(
-            if restart { REQ_RESTART } else { REQ_KILL },
-            Ordering::SeqCst,
-        );
+    /// Asks the running guest to die with `reason` at its next exit,
+    /// waking it if it halted (the console's `kill`, a device service task
+    /// that found the guest misusing a device).
+    pub fn kill(&self, reason: &str) {
+        *self.kill_reason.lock() = Some(String::from(reason));
+        self.request.store(REQ_KILL, Ordering::SeqCst);
         task::wake(self.task());
+    }
+
+    /// Asks the running guest to restart from its image at its next exit.
+    pub fn restart(&self) {
+        self.request.store(REQ_RESTART, Ordering::SeqCst);
+        task::wake(self.task());
+    }
+
+    /// Records a kick of the ring at `addr` for the device service task.
+    fn record_kick(&self, addr: u32) {
+        let mut k = self.kicks.lock();
+        if !k.contains(&addr) {
+            k.push(addr);
+        }
+    }
+
+    /// Takes the kicks recorded since the last call.
+    pub fn take_kicks(&self) -> Vec<u32> {
+        core::mem::take(&mut *self.kicks.lock())
     }
 
     /// Asks the launcher to serve the guest's devices: the guest leaves its
@@ -618,6 +646,10 @@ impl GuestCore for KernelCore {
                     if !signal_eventfd(r, addr) {
                         return RunExit::Notify(addr);
                     }
+                    // The service task may have to run first.
+                    if let Some(exit) = preempted(r) {
+                        return exit;
+                    }
                     continue;
                 }
                 Action::Dead => return dead(&r.vcpu),
@@ -682,6 +714,9 @@ impl GuestCore for KernelCore {
                     if !signal_eventfd(r, addr) {
                         return RunExit::Notify(addr);
                     }
+                    if let Some(exit) = preempted(r) {
+                        return exit;
+                    }
                 }
                 Action::Dead => return dead(&r.vcpu),
                 Action::Restart => return RunExit::Restart,
@@ -740,7 +775,12 @@ fn reload(r: &mut Running) {
 /// launcher task's slice is over (`EINTR`; the guest stays runnable).
 fn preempted(r: &mut Running) -> Option<RunExit> {
     match r.shared.request.swap(REQ_NONE, Ordering::SeqCst) {
-        REQ_KILL => return Some(RunExit::Dead(DeathReason::new("killed from the console"))),
+        REQ_KILL => {
+            let why = r.shared.kill_reason.lock().take();
+            return Some(RunExit::Dead(DeathReason::new(
+                why.as_deref().unwrap_or("killed"),
+            )));
+        }
         REQ_RESTART => return Some(RunExit::Restart),
         _ => {}
     }
@@ -990,12 +1030,18 @@ fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo, full: bool) -> bool
     }
 }
 
-/// Whether a notify of `addr` is absorbed by an event handle bound to it (the
-/// guest keeps running) rather than reported to the launcher. Device service
-/// tasks that wait on these handles arrive with the launcher task (next
-/// milestone); until then the signal has no receiver.
+/// Whether a notify of `addr` is absorbed by an event handle bound to it
+/// (`LHREQ_EVENTFD`): the kick is recorded for the service task, its event
+/// is signalled, and the guest keeps running; otherwise the launcher's
+/// `read()` returns the address.
 fn signal_eventfd(r: &Running, addr: u32) -> bool {
-    addr != 0 && r.eventfds.iter().any(|(a, _)| *a == addr)
+    let Some(&(_, handle)) = r.eventfds.iter().find(|(a, _)| addr != 0 && *a == addr) else {
+        return false;
+    };
+    r.shared.record_kick(addr);
+    r.shared.kicks_absorbed.fetch_add(1, Ordering::Relaxed);
+    task::signal(EventHandle(handle), 1);
+    true
 }
 
 /// The exit for [`Action::Dead`]. (A restart is always [`Action::Restart`]:
