@@ -3,9 +3,9 @@
 //! Keeps one input buffer posted, halts until the host fills it (the
 //! console's receive irq), and collects bytes into a line; a CR or LF ends
 //! it (an empty line, e.g. the LF of a CR LF, is skipped). Each line is
-//! printed as `vio: got line "TEXT"`, every byte outside printable ASCII
-//! (and `"` and `\`) written `\xHH`, so what a test types comes back
-//! unambiguously whatever it is. The line `quit` ends the mode.
+//! printed as `vio: got line "TEXT"`: ASCII as it came (the host shows
+//! control characters escaped, e.g. Ctrl-A as `\x01`), every other byte
+//! written `\xHH`. The line `quit` ends the mode.
 
 use core::fmt::Write;
 use core::sync::atomic::{Ordering, compiler_fence};
@@ -26,7 +26,7 @@ struct Escaped<'a>(&'a [u8]);
 impl core::fmt::Display for Escaped<'_> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         for &b in self.0 {
-            if (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\' {
+            if b.is_ascii() {
                 f.write_char(char::from(b))?;
             } else {
                 write!(f, "\\x{b:02x}")?;

@@ -567,6 +567,7 @@ fn listener(nic: &mut Nic) {
     let mut stall = Stall::new(5 * STALL_NS);
     let mut bcast = false;
     let mut bcast_ok = false;
+    let mut unicast = 0u32;
     let mut last_join = 0u64;
     while !bcast {
         if now_ns().saturating_sub(last_join) >= u64::from(REPEAT_NS) {
@@ -575,11 +576,14 @@ fn listener(nic: &mut Nic) {
         }
         let mut got = false;
         while nic.recv(|bytes| {
-            if let Some(f) = parse(bytes)
-                && f.kind == BCAST
-            {
-                bcast = true;
-                bcast_ok = f.intact && f.data == BCAST_TEXT;
+            match parse(bytes) {
+                Some(f) if f.kind == BCAST => {
+                    bcast = true;
+                    bcast_ok = f.intact && f.data == BCAST_TEXT;
+                }
+                // Frames a sends to b's learned MAC go to b's port only.
+                Some(f) if f.kind == DATA => unicast += 1,
+                _ => {}
             }
         }) {
             got = true;
@@ -593,4 +597,5 @@ fn listener(nic: &mut Nic) {
     }
     check!(bcast, "netpeer listen: broadcast received");
     check!(bcast_ok, "netpeer listen: broadcast intact");
+    check_eq!(unicast, 0, "netpeer listen: none of the frames for b seen");
 }
