@@ -12,9 +12,11 @@
 //! * **a** learns b's MAC from the first `HELLO`, answers, then sends
 //!   `count=N` (10,000) numbered `DATA` frames to b, each with a payload of
 //!   `1 + seq * 97 % 1400` bytes of [`pattern_byte`], never more than
-//!   [`WINDOW`] not yet acknowledged: flow control, so neither the switch's
-//!   per-port queue nor b's receive ring can overflow, and a lost frame is
-//!   an error, never a retransmission.
+//!   `window=W` ([`WINDOW`], at most [`MAX_WINDOW`]) not yet acknowledged:
+//!   flow control, so the switch's per-port queue (256 frames) cannot
+//!   overflow, and a lost frame is an error, never a retransmission. b keeps
+//!   `rxbufs=N` ([`MAX_RX_BUFS`]) receive buffers posted; with fewer than
+//!   the window, frames wait on b's switch port until b posts buffers again.
 //! * **b** checks every frame as it arrives: in sequence, the length the
 //!   sequence number implies, the checksum and every data byte; after each
 //!   batch it sends one cumulative `ACK` (the next sequence number it
@@ -43,8 +45,11 @@ use lguest_rt::{BootInfo, TrapFrame, check, check_eq, irq, println};
 
 /// Frames a may send ahead of b's acknowledgement.
 pub const WINDOW: u32 = 32;
-/// Receive buffers each guest keeps posted.
-const RX_BUFS: usize = 64;
+/// The largest window: transmit slots (each frame takes 2 of the 128
+/// descriptors of the transmit ring).
+pub const MAX_WINDOW: u32 = 64;
+/// Receive buffers a guest keeps posted, at most (the default).
+pub const MAX_RX_BUFS: usize = 64;
 /// Bytes per buffer (virtio header + the largest frame).
 const BUF: usize = 1536;
 /// No progress for this long is a failure.
@@ -90,8 +95,8 @@ impl<const N: usize> Buffers<N> {
     }
 }
 
-static RX: Buffers<RX_BUFS> = Buffers::new();
-static TX: Buffers<{ WINDOW as usize }> = Buffers::new();
+static RX: Buffers<MAX_RX_BUFS> = Buffers::new();
+static TX: Buffers<{ MAX_WINDOW as usize }> = Buffers::new();
 /// The zeroed virtio header every transmitted frame starts with.
 static TX_HDR: [u8; VIRTIO_NET_HDR_SIZE as usize] = [0; VIRTIO_NET_HDR_SIZE as usize];
 
@@ -180,7 +185,7 @@ struct Nic {
     /// Which receive buffer each descriptor head holds.
     rx_slot: [u8; 256],
     /// Receive buffers taken back and not yet posted again.
-    repost: [u8; RX_BUFS],
+    repost: [u8; MAX_RX_BUFS],
     reposts: usize,
     /// Frames a transmit batch holds, not yet kicked.
     tx_queued: u32,
@@ -189,7 +194,7 @@ struct Nic {
 }
 
 impl Nic {
-    fn new(bus: &Bus) -> Option<Self> {
+    fn new(bus: &Bus, rx_bufs: usize) -> Option<Self> {
         let dev = bus.find(VIRTIO_ID_NET)?;
         let net = virtio::Net::new(&dev)?;
         // A no-op handler for every queue irq: a halt returns once one is
@@ -201,12 +206,12 @@ impl Nic {
             mac: net.mac,
             net,
             rx_slot: [0; 256],
-            repost: [0; RX_BUFS],
+            repost: [0; MAX_RX_BUFS],
             reposts: 0,
             tx_queued: 0,
             tx_lost: 0,
         };
-        for i in 0..RX_BUFS {
+        for i in 0..rx_bufs.clamp(1, MAX_RX_BUFS) {
             nic.post(i);
         }
         nic.net.queues[0].kick();
@@ -246,7 +251,7 @@ impl Nic {
         // `len` bytes written, clamped to the buffer) until it is posted.
         let bytes = unsafe { core::slice::from_raw_parts(RX.ptr(i), len) };
         f(&bytes[VIRTIO_NET_HDR_SIZE as usize..]);
-        self.repost[self.reposts % RX_BUFS] = i as u8;
+        self.repost[self.reposts % MAX_RX_BUFS] = i as u8;
         self.reposts += 1;
         true
     }
@@ -259,12 +264,11 @@ impl Nic {
         let buf = unsafe { core::slice::from_raw_parts_mut(p, BUF) };
         let len = build(buf, dst, self.mac, kind, seq, data);
         let q = &mut self.net.queues[1];
-        if q
-            .add(&[
-                (phys(TX_HDR.as_ptr()), VIRTIO_NET_HDR_SIZE, false),
-                (phys(p), len as u32, false),
-            ])
-            .is_some()
+        if q.add(&[
+            (phys(TX_HDR.as_ptr()), VIRTIO_NET_HDR_SIZE, false),
+            (phys(p), len as u32, false),
+        ])
+        .is_some()
         {
             self.tx_queued += 1;
         } else {
@@ -316,24 +320,36 @@ pub fn run(bus: &Bus, role: &str, boot: &BootInfo) {
     set_irq_handler(0, Some(on_tick));
     irq::unmask(0);
     irq::enable();
-    let Some(mut nic) = Nic::new(bus) else {
-        check!(false, "netpeer: net device started (the module line needs `net`)");
-        return;
-    };
     let num = |key: &str, default: u32| {
         boot.arg(key)
             .and_then(|v| v.parse().ok())
             .unwrap_or(default)
     };
+    let Some(mut nic) = Nic::new(bus, num("rxbufs", MAX_RX_BUFS as u32) as usize) else {
+        check!(
+            false,
+            "netpeer: net device started (the module line needs `net`)"
+        );
+        return;
+    };
     match role {
-        "a" => sender(&mut nic, num("count", 10_000), num("listeners", 0)),
+        "a" => sender(
+            &mut nic,
+            num("count", 10_000),
+            num("window", WINDOW),
+            num("listeners", 0),
+        ),
         "b" => receiver(&mut nic),
         "listen" => listener(&mut nic),
         _ => {
             check!(false, "netpeer: known role {}", role);
         }
     }
-    check_eq!(nic.tx_lost, 0, "netpeer: every transmitted frame taken by the host");
+    check_eq!(
+        nic.tx_lost,
+        0,
+        "netpeer: every transmitted frame taken by the host"
+    );
     hcall::set_clockevent(0);
 }
 
@@ -401,7 +417,9 @@ impl SenderState {
                     self.bad += 1;
                 }
             }
-            JOIN if !self.heard[..self.nheard].contains(&f.src) && self.nheard < self.heard.len() => {
+            JOIN if !self.heard[..self.nheard].contains(&f.src)
+                && self.nheard < self.heard.len() =>
+            {
                 self.heard[self.nheard] = f.src;
                 self.nheard += 1;
             }
@@ -410,7 +428,8 @@ impl SenderState {
     }
 }
 
-fn sender(nic: &mut Nic, count: u32, listeners: u32) {
+fn sender(nic: &mut Nic, count: u32, window: u32, listeners: u32) {
+    let window = window.clamp(1, MAX_WINDOW);
     let mut stall = Stall::new(STALL_NS);
     let mut st = SenderState {
         count,
@@ -438,12 +457,12 @@ fn sender(nic: &mut Nic, count: u32, listeners: u32) {
     let mut data = [0u8; BUF];
     while st.acked < count {
         // Fill the window: one kick for the whole batch.
-        while next < count && next - st.acked < WINDOW {
+        while next < count && next - st.acked < window {
             let len = data_len(next);
             for (i, d) in data[..len].iter_mut().enumerate() {
                 *d = data_byte(next, i);
             }
-            nic.queue(next % WINDOW, b, DATA, next, &data[..len]);
+            nic.queue(next % window, b, DATA, next, &data[..len]);
             next += 1;
         }
         nic.flush();
@@ -461,7 +480,7 @@ fn sender(nic: &mut Nic, count: u32, listeners: u32) {
     let ms = (now_ns() - start) / 1_000_000;
     check_eq!(st.acked, count, "netpeer a: every frame acknowledged");
     check_eq!(st.bad, 0, "netpeer a: acknowledgements in order");
-    println!("vio: netpeer a: {count} frames sent and acknowledged in {ms} ms (window {WINDOW})");
+    println!("vio: netpeer a: {count} frames sent and acknowledged in {ms} ms (window {window})");
     // The broadcast, once every listener is there.
     stall.progress();
     while st.nheard < listeners as usize {
@@ -473,7 +492,11 @@ fn sender(nic: &mut Nic, count: u32, listeners: u32) {
             nic.wait(100_000_000);
         }
     }
-    check_eq!(st.nheard, listeners as usize, "netpeer a: every listener heard");
+    check_eq!(
+        st.nheard,
+        listeners as usize,
+        "netpeer a: every listener heard"
+    );
     nic.send(BROADCAST, BCAST, count, BCAST_TEXT);
     check!(true, "netpeer a: broadcast sent");
 }
@@ -520,7 +543,8 @@ fn receiver(nic: &mut Nic) {
                             &mut errors,
                             format_args!("frame {}: bad length or checksum", f.seq),
                         );
-                    } else if let Some(i) = (0..f.data.len()).find(|&i| f.data[i] != data_byte(f.seq, i))
+                    } else if let Some(i) =
+                        (0..f.data.len()).find(|&i| f.data[i] != data_byte(f.seq, i))
                     {
                         report(
                             &mut errors,
@@ -557,9 +581,16 @@ fn receiver(nic: &mut Nic) {
     }
     println!("vio: netpeer b: {expect} frames received, {errors} errors");
     check!(a.is_some(), "netpeer b: a answered the HELLO");
-    check_eq!(errors, 0, "netpeer b: every frame in sequence, intact, with its data");
+    check_eq!(
+        errors,
+        0,
+        "netpeer b: every frame in sequence, intact, with its data"
+    );
     check!(bcast, "netpeer b: broadcast received");
-    check!(bcast_ok, "netpeer b: broadcast intact, after the last frame");
+    check!(
+        bcast_ok,
+        "netpeer b: broadcast intact, after the last frame"
+    );
 }
 
 fn listener(nic: &mut Nic) {
