@@ -337,6 +337,13 @@ impl Virtqueue {
         compiler_fence(Ordering::SeqCst);
     }
 
+    /// Whether the host has used an element not yet taken with
+    /// [`Self::pop_used`] (to test before halting).
+    pub fn has_used(&self) -> bool {
+        compiler_fence(Ordering::SeqCst);
+        rd16(self.used + 2) != self.last_used
+    }
+
     /// Take the next used element `(head, len)` and free its chain.
     pub fn pop_used(&mut self) -> Option<(u16, u32)> {
         compiler_fence(Ordering::SeqCst);

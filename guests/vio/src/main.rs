@@ -11,6 +11,8 @@
 //! | (default) / `noconsole` | a console is there and takes output (`vio: hello through the virtio console` arrives as a console line) / there is none |
 //! | `block=NAME` | capacity > 0; every sector reads back as the `pattern` disk (`guest_abi::testdata`) and its checksum is printed; a write then read back; flush; a write and a read past the end answer IOERR; GET_ID is `NAME` |
 //! | `net` | the MAC is a locally administered unicast `52:54:00:…`; a broadcast frame is sent; a receive buffer is posted |
+//! | `netpeer=a\|b\|listen` (with `net`) | guests exchange frames through the switch instead: a sends `count=N` (10,000) numbered, checksummed frames to b under a window, b checks each and acknowledges; then a broadcasts to b and `listeners=N` listeners (module [`netpeer`]) |
+//! | `echo` | read the virtio console's input and print each line as `vio: got line "..."` until `quit` (module [`echo`]) |
 //! | `hostile=MODE` | misuse a device instead (table in [`HOSTILE`]); the hypervisor must kill the guest, else it prints `FAIL: MODE survived` |
 #![no_std]
 #![no_main]
@@ -23,6 +25,9 @@ use lguest_rt::guest_abi::testdata::{FNV_OFFSET, fnv1a, pattern_byte};
 use lguest_rt::hcall::{notify, phys};
 use lguest_rt::virtio::{self, Bus, Virtqueue};
 use lguest_rt::{BootInfo, check, check_eq, println};
+
+mod echo;
+mod netpeer;
 
 lguest_rt::entry!(main);
 
@@ -44,6 +49,14 @@ fn main(boot: &BootInfo) {
     }
     if let Some(mode) = boot.arg("hostile") {
         hostile(&bus, mode);
+        return;
+    }
+    if let Some(role) = boot.arg("netpeer") {
+        netpeer::run(&bus, role, boot);
+        return;
+    }
+    if boot.has_flag("echo") {
+        echo::run(&bus);
         return;
     }
     console(&bus, !boot.has_flag("noconsole"));
