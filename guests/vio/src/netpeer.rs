@@ -283,10 +283,12 @@ impl Nic {
         }
         let q = &mut self.net.queues[1];
         q.kick();
-        while self.tx_queued > 0 && q.pop_used().is_some() {
+        // The host serves the kick in its device task while this guest runs
+        // on; the transmit buffers are reused, so wait until it has taken
+        // every frame (the queue's irq wakes the halt).
+        while self.tx_queued > 0 && q.wait_used().is_some() {
             self.tx_queued -= 1;
         }
-        // The host serves a kick before NOTIFY returns.
         self.tx_lost += self.tx_queued;
         self.tx_queued = 0;
     }
