@@ -8,7 +8,7 @@
 //! | `log=` | `error`, `warn`, `info`, `debug`, `trace` | `info` |
 //! | `exit=` | `halt`, `qemu`, `poweroff` | `halt` |
 //! | `poweroff` | bare flag, same as `exit=poweroff` | |
-//! | `selftest=` | comma list of `memory`, `pagefault`, `divide`, `panic`, `timer`, `entryfault`, or `all` | none |
+//! | `selftest=` | comma list of `memory`, `pagefault`, `divide`, `panic`, `timer`, `entryfault`, `tasks`, `channel`, or `all` | none |
 //! | `serial=` | baud rate dividing 115200 | `115200` |
 //! | `timestamps=` | `on`/`off` (also `yes`/`no`, `true`/`false`, `1`/`0`); bare `timestamps` = on | `on` |
 //! | `bench` | bare flag: measure and print the native floors (`bench: name=...` lines) | off |
@@ -151,11 +151,14 @@ pub enum SelfTest {
     EntryFault,
     /// Host tasks: spawned, switched in turn, their stacks freed.
     Tasks,
+    /// The control channel's errno table against the real core and real
+    /// guest modules.
+    Channel,
 }
 
 impl SelfTest {
     /// All self tests, in the order they are listed / run.
-    pub const ALL: [SelfTest; 7] = [
+    pub const ALL: [SelfTest; 8] = [
         SelfTest::Memory,
         SelfTest::PageFault,
         SelfTest::Divide,
@@ -163,6 +166,7 @@ impl SelfTest {
         SelfTest::Timer,
         SelfTest::EntryFault,
         SelfTest::Tasks,
+        SelfTest::Channel,
     ];
 
     /// Command-line name.
@@ -176,6 +180,7 @@ impl SelfTest {
             SelfTest::Timer => "timer",
             SelfTest::EntryFault => "entryfault",
             SelfTest::Tasks => "tasks",
+            SelfTest::Channel => "channel",
         }
     }
 
@@ -711,10 +716,10 @@ mod tests {
         let (c, e) = parse("selftest=all");
         assert!(e.is_empty());
         assert_eq!(c.selftests, SelfTestSet::all());
-        assert_eq!(c.selftests.len(), 7);
+        assert_eq!(c.selftests.len(), 8);
         assert_eq!(
             c.selftests.to_string(),
-            "memory,pagefault,divide,panic,timer,entryfault,tasks"
+            "memory,pagefault,divide,panic,timer,entryfault,tasks,channel"
         );
         let (c, e) = parse("selftest=timer selftest=page-fault");
         assert!(e.is_empty());

@@ -21,6 +21,27 @@ pub fn usage_error(e: &Error) -> String {
 /// Scenario worker threads unless `-j` says otherwise.
 pub const DEFAULT_JOBS: usize = 2;
 
+/// What `cargo xtask run` boots when it is given neither `--guest` nor `--cmdline`: several
+/// guests at once, each a `--guest` spec. Two `conc` tickers print a tick every 2 and 3 seconds
+/// for about 20 minutes (so the console has guests to `list`, `focus`, `kill` and `restart`);
+/// `vio` drives the virtio console, entropy, block (the 1 MiB pattern disk `disk`) and network
+/// (a broadcast through the switch) devices and `hello` greets, then both power off. Only one
+/// guest has a network device: `vio` checks that nothing comes back to it, so a second one
+/// would fail that check. When `vio` has a mode in which two guests talk to each other over
+/// the switch, a pair of those belongs here.
+pub const DEMO_GUESTS: [&str; 5] = [
+    "conc,mem=8M,mode=ticker,count=600,period=2000",
+    "conc,mem=8M,mode=ticker,count=400,period=3000",
+    "vio,mem=8M,block=disk,net",
+    "data:disk:1M:pattern",
+    "hello,mem=8M",
+];
+
+/// How to use the hypervisor console, printed by `cargo xtask run` before it boots.
+pub const CONSOLE_HINT: &str = "console: keys go to the guest in focus; Ctrl-A then `help` Enter \
+                                lists the commands (list, focus, kill, restart, stats); Ctrl-A Tab \
+                                focuses the next guest";
+
 /// The usage text.
 pub const USAGE: &str = "\
 cargo xtask: build, boot and test rustyvisor
@@ -35,7 +56,9 @@ COMMANDS:
                                     write a bootable BIOS + UEFI ISO (GRUB, multiboot2)
     run [IMAGE] [MACHINE] [--release|--debug] [--no-build] [--no-check] [-- QEMU-ARGS...]
                                     build, make the ISO and boot it in QEMU with the serial
-                                    port on this terminal (Ctrl-C quits)
+                                    port on this terminal (Ctrl-C quits); with neither
+                                    --guest nor --cmdline, a demo: two conc tickers, a vio
+                                    guest (console, block, net) and hello at once
     test [FILTER] [-j N] [--list] [--no-build]
                                     host unit tests (cargo test), then every scenario in
                                     tests/scenarios/*.toml whose name contains FILTER; ends
@@ -118,6 +141,8 @@ pub struct RunArgs {
     pub profile: Profile,
     /// Skip the build.
     pub no_build: bool,
+    /// The image is the demo ([`DEMO_GUESTS`]): no `--guest` or `--cmdline` was given.
+    pub demo: bool,
 }
 
 /// `cargo xtask test`.
@@ -244,6 +269,11 @@ fn image_option(args: &mut Args, arg: &str, image: &mut ImageArgs) -> Result<boo
     Ok(true)
 }
 
+/// [`DEMO_GUESTS`], parsed.
+pub fn demo_guests() -> Result<Vec<GuestSpec>> {
+    DEMO_GUESTS.iter().map(|g| GuestSpec::parse(g)).collect()
+}
+
 fn number(option: &str, value: &str, max: usize) -> Result<usize> {
     value
         .parse()
@@ -328,6 +358,10 @@ pub fn parse(argv: &[String]) -> Result<Command> {
                 }
             }
             machine.extra_args = std::mem::take(&mut args.rest);
+            let demo = image.guests.is_empty() && image.cmdline.is_empty();
+            if demo {
+                image.guests = demo_guests()?;
+            }
             for (guest, mem) in image.guests.iter().zip(image.check()?) {
                 if mem >= machine.memory {
                     return Err(err!(
@@ -346,6 +380,7 @@ pub fn parse(argv: &[String]) -> Result<Command> {
                 gdb,
                 profile,
                 no_build,
+                demo,
             }))
         }
         "test" => {
@@ -548,9 +583,36 @@ mod tests {
             panic!("not a run command");
         };
         assert_eq!(run.machine, Machine::default());
-        assert_eq!(run.image, ImageArgs::default());
         assert_eq!(run.profile, Profile::Release);
         assert!(!run.gdb && !run.no_build);
+        // No --guest and no --cmdline: the demo.
+        assert!(run.demo);
+        assert_eq!(run.image.cmdline, "");
+        assert_eq!(run.image.guests, demo_guests().unwrap());
+    }
+
+    #[test]
+    fn demo_guests_pass_the_hypervisor_checks_and_fit_the_default_machine() {
+        let image = ImageArgs {
+            guests: demo_guests().unwrap(),
+            ..ImageArgs::default()
+        };
+        let mems = image.check().unwrap();
+        assert!(mems.iter().sum::<u64>() < Machine::default().memory / 2);
+        let names: Vec<String> = image.guests.iter().map(GuestSpec::name).collect();
+        assert_eq!(names, ["conc", "conc", "vio", "disk", "hello"]);
+        // Machine options keep the demo; --guest or --cmdline replace it.
+        let Command::Run(run) = parse_str("run --uefi --smp 2").unwrap() else {
+            panic!("not a run command");
+        };
+        assert!(run.demo && run.image.guests.len() == DEMO_GUESTS.len());
+        for line in ["run --guest hello", "run --cmdline log=debug"] {
+            let Command::Run(run) = parse_str(line).unwrap() else {
+                panic!("not a run command");
+            };
+            assert!(!run.demo, "{line}");
+            assert!(run.image.guests.len() <= 1, "{line}");
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use rustyvisor_tests::workspace::{Profile, Workspace};
 use rustyvisor_tests::{Result, err};
 
 use crate::build::{Guests, build, host_tests};
-use crate::cli::{ImageArgs, RunArgs, TestArgs};
+use crate::cli::{self, ImageArgs, RunArgs, TestArgs};
 use crate::prereq::{Need, ensure};
 
 /// Serial log lines shown for each failing scenario.
@@ -69,6 +69,13 @@ pub fn iso(output: &Path, image: &ImageArgs, profile: Profile, no_build: bool) -
 /// `cargo xtask run`.
 pub fn run(args: &RunArgs) -> Result<i32> {
     let ws = Workspace::load()?;
+    if args.demo {
+        eprintln!(
+            "==> no --guest or --cmdline: booting the demo, {} guests at once: {}",
+            args.image.guests.iter().filter(|g| !g.is_data()).count(),
+            cli::DEMO_GUESTS.join(" ")
+        );
+    }
     let guests = resolve(&ws, &args.image)?;
     let uefi = args.machine.firmware == Firmware::Uefi;
     let mut needs = vec![Need::Iso, Need::Qemu];
@@ -111,6 +118,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             hypervisor.display()
         );
     }
+    eprintln!("==> {}", cli::CONSOLE_HINT);
     eprintln!("==> serial console follows; Ctrl-C quits");
     let status = qemu
         .command()

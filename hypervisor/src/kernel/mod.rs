@@ -251,6 +251,7 @@ extern "C" fn kernel_main() -> ! {
 
     lguest::init_cpu();
     selftest::entry_fault(cfg);
+    selftest::channel(cfg, boot);
     if cfg.bench {
         // Under `-icount shift=0` (cargo xtask bench) TSC ticks are
         // instructions, hence the unit.

@@ -16,6 +16,9 @@ use crate::kprintln;
 
 extern crate alloc;
 
+mod channel;
+pub use channel::channel;
+
 /// Runs every self-test the command line asked for.
 pub fn run(cfg: &Config, _boot: &BootInfo) {
     for t in cfg.selftests.iter() {
@@ -31,6 +34,8 @@ pub fn run(cfg: &Config, _boot: &BootInfo) {
             // Needs the guest machinery: run by `entry_fault` after it is up.
             SelfTest::EntryFault => {}
             SelfTest::Tasks => tasks(),
+            // Needs guests and the lguest CPU setup: run by `channel`.
+            SelfTest::Channel => {}
         }
     }
 }
