@@ -29,10 +29,18 @@ pub const DEFAULT_JOBS: usize = 2;
 /// guest has a network device: `vio` checks that nothing comes back to it, so a second one
 /// would fail that check. When `vio` has a mode in which two guests talk to each other over
 /// the switch, a pair of those belongs here.
-pub const DEMO_GUESTS: [&str; 5] = [
+pub const DEMO_GUESTS: [&str; 8] = [
+    // Console: two tickers print at their own pace, side by side.
     "conc,mem=8M,mode=ticker,count=600,period=2000",
     "conc,mem=8M,mode=ticker,count=400,period=3000",
-    "vio,mem=8M,block=disk,net",
+    // Console input: the first guest has the focus; type a line, it echoes
+    // it (`quit` ends it).
+    "vio,mem=8M,echo",
+    // Network: two guests exchange 10,000 frames over the switch.
+    "vio,mem=8M,net,netpeer=a",
+    "vio,mem=8M,net,netpeer=b",
+    // Block and entropy devices.
+    "vio,mem=8M,block=disk",
     "data:disk:1M:pattern",
     "hello,mem=8M",
 ];
@@ -600,7 +608,7 @@ mod tests {
         let mems = image.check().unwrap();
         assert!(mems.iter().sum::<u64>() < Machine::default().memory / 2);
         let names: Vec<String> = image.guests.iter().map(GuestSpec::name).collect();
-        assert_eq!(names, ["conc", "conc", "vio", "disk", "hello"]);
+        assert_eq!(names, ["conc", "conc", "vio", "vio", "vio", "vio", "disk", "hello"]);
         // Machine options keep the demo; --guest or --cmdline replace it.
         let Command::Run(run) = parse_str("run --uefi --smp 2").unwrap() else {
             panic!("not a run command");
