@@ -608,7 +608,10 @@ mod tests {
         let mems = image.check().unwrap();
         assert!(mems.iter().sum::<u64>() < Machine::default().memory / 2);
         let names: Vec<String> = image.guests.iter().map(GuestSpec::name).collect();
-        assert_eq!(names, ["conc", "conc", "vio", "vio", "vio", "vio", "disk", "hello"]);
+        assert_eq!(
+            names,
+            ["conc", "conc", "vio", "vio", "vio", "vio", "disk", "hello"]
+        );
         // Machine options keep the demo; --guest or --cmdline replace it.
         let Command::Run(run) = parse_str("run --uefi --smp 2").unwrap() else {
             panic!("not a run command");

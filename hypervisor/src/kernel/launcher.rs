@@ -553,10 +553,10 @@ fn run_guest(
         }
     }
     drop(cell);
-    if !kick_addrs.is_empty() {
+    let absorbed = shared.kicks_absorbed.load(Ordering::Relaxed) - absorbed_before;
+    if absorbed + kicks_here > 0 {
         kprintln!(
-            "guest {name} kicks: {} to the device task, {kicks_here} to the launcher",
-            shared.kicks_absorbed.load(Ordering::Relaxed) - absorbed_before
+            "guest {name} kicks: {absorbed} to the device task, {kicks_here} to the launcher"
         );
     }
     kprintln!(

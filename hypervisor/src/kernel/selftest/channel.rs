@@ -502,7 +502,7 @@ fn restart_guest(m: &Module, fastpath: bool) {
 fn console_requests(m: &Module, fastpath: bool) {
     let mut g = Guest::load(m, "chantest-console", fastpath);
     check("INITIALIZE", g.initialize(), Ok(INITIALIZE_RESULT));
-    g.shared.request(true);
+    g.shared.restart();
     let mut console = GuestConsole::new();
     check(
         "read after a console restart",
@@ -513,7 +513,7 @@ fn console_requests(m: &Module, fastpath: bool) {
 
     let mut g = Guest::load(m, "chantest-console", fastpath);
     check("INITIALIZE", g.initialize(), Ok(INITIALIZE_RESULT));
-    g.shared.request(false);
+    g.shared.kill("killed from the console");
     check(
         "read after a console kill",
         Err::<(), _>(g.run_to_end(&mut console)),
