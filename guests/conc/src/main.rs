@@ -34,19 +34,6 @@ fn num(s: Option<&str>, default: u32) -> u32 {
     s.and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-fn rdtsc() -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: rdtsc is allowed at CPL 1 (the host leaves CR4.TSD clear).
-    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
-    (u64::from(hi) << 32) | u64::from(lo)
-}
-
-/// Nanoseconds since an arbitrary start, from the TSC.
-fn now_ns() -> u64 {
-    let khz = u64::from(irq::tsc_khz().max(1));
-    rdtsc() * 1_000_000 / khz
-}
-
 static TICKS: AtomicU32 = AtomicU32::new(0);
 
 fn on_tick(_: &mut TrapFrame) {
@@ -59,7 +46,7 @@ fn ticker(count: u32, period_ms: u32) {
     let period_ns = u64::from(period_ms) * 1_000_000;
     let mut worst = 0u64;
     for k in 1..=count {
-        let armed = now_ns();
+        let armed = irq::now_ns();
         hcall::set_clockevent(period_ms.saturating_mul(1_000_000));
         loop {
             irq::disable();
@@ -69,7 +56,7 @@ fn ticker(count: u32, period_ms: u32) {
             }
             hcall::halt();
         }
-        let late = now_ns().saturating_sub(armed + period_ns);
+        let late = irq::now_ns().saturating_sub(armed + period_ns);
         worst = worst.max(late);
         println!("tick {k}");
     }
@@ -80,12 +67,12 @@ fn ticker(count: u32, period_ms: u32) {
 }
 
 fn cpu(ms: u32) {
-    let start = now_ns();
+    let start = irq::now_ns();
     let total = u64::from(ms) * 1_000_000;
     let mut shown = 0;
     let mut x = 1u32;
     loop {
-        let done = now_ns().saturating_sub(start);
+        let done = irq::now_ns().saturating_sub(start);
         if done >= total {
             break;
         }
@@ -159,11 +146,11 @@ fn xmm_read() -> [[u32; 4]; 8] {
 fn fpu(val: u32, ms: u32) {
     let pattern = 0x5a5a_0000 | (val & 0xffff);
     xmm_fill(pattern);
-    let start = now_ns();
+    let start = irq::now_ns();
     let total = u64::from(ms) * 1_000_000;
     let mut checks = 0u32;
     let mut bad = None;
-    while now_ns().saturating_sub(start) < total {
+    while irq::now_ns().saturating_sub(start) < total {
         // Nothing here touches xmm registers: only the host's switches
         // between guests could change them.
         let regs = xmm_read();

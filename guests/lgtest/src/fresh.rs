@@ -158,13 +158,6 @@ fn dirty_fpu() {
     }
 }
 
-fn rdtsc() -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: rdtsc is allowed at CPL 1 (the host leaves CR4.TSD clear).
-    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
-    (u64::from(hi) << 32) | u64::from(lo)
-}
-
 /// Timer interrupts that arrive in [`WATCH_MS`] with interrupts enabled and
 /// irq 0 unmasked, without this guest arming a clock event.
 fn watch_for_ticks() -> u32 {
@@ -173,8 +166,8 @@ fn watch_for_ticks() -> u32 {
     irq::unmask(0);
     irq::enable();
     let khz = u64::from(irq::tsc_khz().max(1));
-    let start = rdtsc();
-    while rdtsc().wrapping_sub(start) < WATCH_MS * khz {
+    let start = lguest_rt::irq::rdtsc();
+    while lguest_rt::irq::rdtsc().wrapping_sub(start) < WATCH_MS * khz {
         // Each exit lets the host deliver whatever is pending.
         hcall::send_interrupts();
     }

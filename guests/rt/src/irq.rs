@@ -192,6 +192,22 @@ pub fn tsc_khz() -> u32 {
     read_field!(tsc_khz)
 }
 
+/// The time-stamp counter (`rdtsc`, allowed at CPL 1 and 3: the host
+/// leaves CR4.TSD clear).
+pub fn rdtsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: rdtsc only reads the counter into edx:eax.
+    unsafe { core::arch::asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// Nanoseconds since an arbitrary start, from the TSC and the host's
+/// [`tsc_khz`] (1 kHz if the host gave none).
+pub fn now_ns() -> u64 {
+    let khz = u64::from(tsc_khz().max(1));
+    rdtsc().saturating_mul(1_000_000) / khz
+}
+
 /// `lguest_data.reserve_mem`: bytes at the top of 4 GiB the guest must not use.
 pub fn reserve_mem() -> u32 {
     read_field!(reserve_mem)

@@ -32,7 +32,6 @@
 //! progress for [`STALL_NS`] reports `FAIL` with where it stopped instead
 //! of hanging.
 
-use core::arch::asm;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU32, Ordering, compiler_fence};
 
@@ -107,19 +106,6 @@ fn on_tick(_: &mut TrapFrame) {
 }
 
 fn on_queue_irq(_: &mut TrapFrame) {}
-
-fn rdtsc() -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: rdtsc is allowed at CPL 1 (the host leaves CR4.TSD clear).
-    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
-    (u64::from(hi) << 32) | u64::from(lo)
-}
-
-/// Nanoseconds since an arbitrary start, from the TSC.
-fn now_ns() -> u64 {
-    let khz = u64::from(irq::tsc_khz().max(1));
-    rdtsc() * 1_000_000 / khz
-}
 
 /// The data length of frame `seq`.
 fn data_len(seq: u32) -> usize {
@@ -365,16 +351,16 @@ struct Stall {
 impl Stall {
     fn new(limit: u64) -> Self {
         Self {
-            since: now_ns(),
+            since: irq::now_ns(),
             limit,
             reported: false,
         }
     }
     fn progress(&mut self) {
-        self.since = now_ns();
+        self.since = irq::now_ns();
     }
     fn check(&mut self, what: core::fmt::Arguments<'_>) -> bool {
-        if now_ns().saturating_sub(self.since) < self.limit {
+        if irq::now_ns().saturating_sub(self.since) < self.limit {
             return false;
         }
         if !self.reported {
@@ -454,7 +440,7 @@ fn sender(nic: &mut Nic, count: u32, window: u32, listeners: u32) {
     check!(true, "netpeer a: b's MAC learned from its HELLO");
     nic.send(b, HELLO_ACK, 0, &[]);
     stall.progress();
-    let start = now_ns();
+    let start = irq::now_ns();
     let mut next = 0u32;
     let mut data = [0u8; BUF];
     while st.acked < count {
@@ -479,7 +465,7 @@ fn sender(nic: &mut Nic, count: u32, window: u32, listeners: u32) {
             stall.progress();
         }
     }
-    let ms = (now_ns() - start) / 1_000_000;
+    let ms = (irq::now_ns() - start) / 1_000_000;
     check_eq!(st.acked, count, "netpeer a: every frame acknowledged");
     check_eq!(st.bad, 0, "netpeer a: acknowledgements in order");
     println!("vio: netpeer a: {count} frames sent and acknowledged in {ms} ms (window {window})");
@@ -522,9 +508,9 @@ fn receiver(nic: &mut Nic) {
     let mut bcast_ok = false;
     let mut last_hello = 0u64;
     while !bcast {
-        if a.is_none() && now_ns().saturating_sub(last_hello) >= u64::from(REPEAT_NS) {
+        if a.is_none() && irq::now_ns().saturating_sub(last_hello) >= u64::from(REPEAT_NS) {
             nic.send(BROADCAST, HELLO, 0, &[]);
-            last_hello = now_ns();
+            last_hello = irq::now_ns();
         }
         let mut got = false;
         while nic.recv(|bytes| {
@@ -603,9 +589,9 @@ fn listener(nic: &mut Nic) {
     let mut unicast = 0u32;
     let mut last_join = 0u64;
     while !bcast {
-        if now_ns().saturating_sub(last_join) >= u64::from(REPEAT_NS) {
+        if irq::now_ns().saturating_sub(last_join) >= u64::from(REPEAT_NS) {
             nic.send(BROADCAST, JOIN, 0, &[]);
-            last_join = now_ns();
+            last_join = irq::now_ns();
         }
         let mut got = false;
         while nic.recv(|bytes| {

@@ -631,7 +631,12 @@ impl GuestCore for KernelCore {
                         && r.shared.pending.load(Ordering::SeqCst) == 0
                     {
                         r.shared.set_life(Life::Halted);
-                        task::block(task::WaitOn::Halted, None);
+                        if task::block(task::WaitOn::Halted, None).is_none() {
+                            // Not run from a task (nothing to switch to):
+                            // sleep until an interrupt instead (`sti; hlt`
+                            // together, so a wake-up is not lost).
+                            super::wait_for_interrupt();
+                        }
                         r.shared.set_life(Life::Running);
                         // Another guest may have run meanwhile.
                         reload(r);
