@@ -760,13 +760,13 @@ fn run_command(
         }
         Command::Stats => {
             let (free, _, managed) = mem::frame_counts();
-            let (sched, tasks) = task::stats();
+            let (sched, tasks, runnable) = task::stats();
             let host = HostStats {
                 uptime_ns: time::now_ns(),
                 mem_total: managed * PAGE_SIZE,
                 mem_free: free * PAGE_SIZE,
                 tasks,
-                runnable: 0,
+                runnable,
                 sched,
             };
             for line in con.stats(&host) {

@@ -292,9 +292,10 @@ pub fn cpu_ns(task: TaskId) -> u64 {
     with(|t| t.policy.cpu_ns(task).unwrap_or(0))
 }
 
-/// The policy's counters and the number of live tasks.
-pub fn stats() -> (sched::Stats, usize) {
-    with(|t| (t.policy.stats(), t.ctx.len()))
+/// The policy's counters, the number of live tasks and of tasks waiting
+/// for the CPU.
+pub fn stats() -> (sched::Stats, usize, usize) {
+    with(|t| (t.policy.stats(), t.ctx.len(), t.policy.runnable()))
 }
 
 fn check_resched(t: &Tasks) {
