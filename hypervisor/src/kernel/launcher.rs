@@ -314,6 +314,8 @@ fn run_guest(
 ) -> Outcome {
     let name = shared.name.as_str();
     shared.set_life(Life::Starting);
+    // A kill or restart asked for the previous run is done with.
+    shared.clear_request();
     // The guest's virtio devices; their pages follow RAM.
     let devs = match devices::GuestDevices::new(spec, modules) {
         Ok(d) => d,
@@ -329,6 +331,11 @@ fn run_guest(
             // Other guests hold the memory: wait for one of them to give
             // it back, as long as any is still running.
             Err(SpaceError::OutOfMemory) if others_hold_memory(shared) => {
+                // `kill` works on a guest that is still waiting.
+                if let Some(why) = shared.kill_requested() {
+                    kprintln!("guest {name} killed: {}", Escaped::new(why.as_bytes()));
+                    return Outcome::Failed;
+                }
                 if !said {
                     kprintln!(
                         "guest {name} waiting for {} of memory (other guests hold it)",

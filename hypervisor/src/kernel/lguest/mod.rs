@@ -178,6 +178,22 @@ impl GuestShared {
         task::wake(self.task());
     }
 
+    /// Forgets a kill or restart asked for before this (re)start.
+    pub fn clear_request(&self) {
+        self.request.store(REQ_NONE, Ordering::SeqCst);
+        self.kill_reason.lock().take();
+    }
+
+    /// Why the guest was asked to die, if it was (the request stays).
+    pub fn kill_requested(&self) -> Option<String> {
+        (self.request.load(Ordering::SeqCst) == REQ_KILL).then(|| {
+            self.kill_reason
+                .lock()
+                .clone()
+                .unwrap_or_else(|| String::from("killed"))
+        })
+    }
+
     /// Records a kick of the ring at `addr` for the device service task.
     fn record_kick(&self, addr: u32) {
         let mut k = self.kicks.lock();
@@ -573,7 +589,6 @@ impl GuestCore for KernelCore {
         // it is dropped, after `release`.
         let mem = unsafe { HostGuestMemory::new(args.base, args.bytes) };
         self.shared.pending.store(0, Ordering::SeqCst);
-        self.shared.request.store(REQ_NONE, Ordering::SeqCst);
         self.running = Some(alloc::boxed::Box::new(Running {
             handled: Handled::No,
             ss_ok: None,
