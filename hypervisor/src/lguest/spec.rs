@@ -79,6 +79,9 @@ pub struct GuestSpec<'a> {
     pub devices: DeviceSpec<'a>,
     /// Restarts honoured (`restart=N`, default [`DEFAULT_RESTARTS`]).
     pub restarts: u32,
+    /// `initrd=MODULE`: the data module a Linux guest gets as its initial
+    /// ramdisk (placed at the top of its RAM).
+    pub initrd: Option<&'a str>,
 }
 
 /// The virtio devices a guest asked for (the entropy device is always
@@ -123,6 +126,8 @@ pub enum SpecError<'a> {
     DuplicatePaging(&'a str, &'a str),
     /// `block=` does not name a module (the value).
     BadBlock(&'a str),
+    /// `initrd=` does not name a module (the value).
+    BadInitrd(&'a str),
     /// `restart=` is not a number from 0 to [`MAX_RESTARTS`] (the value).
     BadRestart(&'a str),
     /// A device or lifecycle option appears twice (the option's name).
@@ -186,6 +191,12 @@ impl fmt::Display for SpecError<'_> {
                  command line), e.g. block=disk",
                 super::console::Escaped::new(v.as_bytes())
             ),
+            Self::BadInitrd(v) => write!(
+                f,
+                "bad initrd=\"{}\": give the name of a GRUB module (the first word of its \
+                 command line), e.g. initrd=rootfs",
+                super::console::Escaped::new(v.as_bytes())
+            ),
             Self::BadRestart(v) => write!(
                 f,
                 "bad restart=\"{}\": the number of restarts is 0 to {MAX_RESTARTS} (default \
@@ -236,8 +247,17 @@ pub fn parse(cmdline: &str, full_len: usize) -> Result<GuestSpec<'_>, SpecError<
     let mut console_word: Option<bool> = None;
     let mut net = false;
     let mut restarts: Option<u32> = None;
+    let mut initrd: Option<&str> = None;
     for w in words {
-        if let Some(v) = w.strip_prefix("block=") {
+        if let Some(v) = w.strip_prefix("initrd=") {
+            if initrd.is_some() {
+                return Err(SpecError::Duplicate("initrd="));
+            }
+            if !valid_name(v) {
+                return Err(SpecError::BadInitrd(v));
+            }
+            initrd = Some(v);
+        } else if let Some(v) = w.strip_prefix("block=") {
             if devices.block.is_some() {
                 return Err(SpecError::Duplicate("block="));
             }
@@ -312,6 +332,7 @@ pub fn parse(cmdline: &str, full_len: usize) -> Result<GuestSpec<'_>, SpecError<
             ..devices
         },
         restarts: restarts.unwrap_or(DEFAULT_RESTARTS),
+        initrd,
     })
 }
 
@@ -478,6 +499,11 @@ mod tests {
             let line = alloc::format!("g restart={bad}");
             assert_eq!(parse(&line, line.len()), Err(SpecError::BadRestart(bad)));
         }
+        assert_eq!(ok("g initrd=rootfs").initrd, Some("rootfs"));
+        assert_eq!(ok("g").initrd, None);
+        assert_eq!(err("g initrd="), SpecError::BadInitrd(""));
+        assert_eq!(err("g initrd=a/b"), SpecError::BadInitrd("a/b"));
+        assert_eq!(err("g initrd=a initrd=b"), SpecError::Duplicate("initrd="));
         assert_eq!(err("g block="), SpecError::BadBlock(""));
         assert_eq!(err("g block=a:b"), SpecError::BadBlock("a:b"));
         assert_eq!(err("g block=a block=b"), SpecError::Duplicate("block="));

@@ -68,14 +68,15 @@ pub fn port_pending(port: usize) -> bool {
         .is_some_and(|sw| sw.pending(port) > 0)
 }
 
-/// Which modules are data for a guest's block device rather than guests:
-/// those whose name (first word of the command line) some guest's
-/// `block=MODULE` names. One flag per module.
+/// Which modules are data rather than guests: those whose name (first word
+/// of the command line) some guest's `block=MODULE` or `initrd=MODULE`
+/// names. One flag per module.
 pub fn data_modules(modules: &[Module]) -> Vec<bool> {
     let wanted: Vec<&str> = modules
         .iter()
         .filter_map(|m| spec::parse(m.cmdline.as_str(), m.cmdline_len).ok())
-        .filter_map(|s| s.devices.block)
+        .flat_map(|s| [s.devices.block, s.initrd])
+        .flatten()
         .collect();
     modules
         .iter()
