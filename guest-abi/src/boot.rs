@@ -68,6 +68,49 @@ pub const BP_HDR_KERNEL_ALIGNMENT: u32 = BP_HDR + offset_of!(SetupHeader, kernel
 pub const BP_HDR_CMDLINE_SIZE: u32 = BP_HDR + offset_of!(SetupHeader, cmdline_size) as u32;
 /// Offset of `hdr.hardware_subarch` (u32).
 pub const BP_HDR_HARDWARE_SUBARCH: u32 = BP_HDR + offset_of!(SetupHeader, hardware_subarch) as u32;
+/// Offset of `hdr.syssize` (u32, protected-mode code size in 16-byte units).
+pub const BP_HDR_SYSSIZE: u32 = BP_HDR + offset_of!(SetupHeader, syssize) as u32;
+/// Offset of `hdr.jump` (u16: a short `jmp`, `0xEB disp8`; the setup header
+/// ends at `0x202 + disp8`).
+pub const BP_HDR_JUMP: u32 = BP_HDR + offset_of!(SetupHeader, jump) as u32;
+/// Offset of `hdr.heap_end_ptr` (u16).
+pub const BP_HDR_HEAP_END_PTR: u32 = BP_HDR + offset_of!(SetupHeader, heap_end_ptr) as u32;
+/// Offset of `hdr.ext_loader_ver` (u8).
+pub const BP_HDR_EXT_LOADER_VER: u32 = BP_HDR + offset_of!(SetupHeader, ext_loader_ver) as u32;
+/// Offset of `hdr.ext_loader_type` (u8).
+pub const BP_HDR_EXT_LOADER_TYPE: u32 = BP_HDR + offset_of!(SetupHeader, ext_loader_type) as u32;
+/// Offset of `hdr.initrd_addr_max` (u32, protocol 2.03+).
+pub const BP_HDR_INITRD_ADDR_MAX: u32 = BP_HDR + offset_of!(SetupHeader, initrd_addr_max) as u32;
+/// Offset of `hdr.relocatable_kernel` (u8, protocol 2.05+).
+pub const BP_HDR_RELOCATABLE_KERNEL: u32 =
+    BP_HDR + offset_of!(SetupHeader, relocatable_kernel) as u32;
+/// Offset of `hdr.hardware_subarch_data` (u64, protocol 2.07+).
+pub const BP_HDR_HARDWARE_SUBARCH_DATA: u32 =
+    BP_HDR + offset_of!(SetupHeader, hardware_subarch_data) as u32;
+/// Offset of `hdr.payload_offset` (u32, protocol 2.08+).
+pub const BP_HDR_PAYLOAD_OFFSET: u32 = BP_HDR + offset_of!(SetupHeader, payload_offset) as u32;
+/// Offset of `hdr.payload_length` (u32, protocol 2.08+).
+pub const BP_HDR_PAYLOAD_LENGTH: u32 = BP_HDR + offset_of!(SetupHeader, payload_length) as u32;
+/// Offset of `hdr.setup_data` (u64, protocol 2.09+).
+pub const BP_HDR_SETUP_DATA: u32 = BP_HDR + offset_of!(SetupHeader, setup_data) as u32;
+/// Offset of `hdr.pref_address` (u64, protocol 2.10+).
+pub const BP_HDR_PREF_ADDRESS: u32 = BP_HDR + offset_of!(SetupHeader, pref_address) as u32;
+/// Offset of `hdr.init_size` (u32, protocol 2.10+).
+pub const BP_HDR_INIT_SIZE: u32 = BP_HDR + offset_of!(SetupHeader, init_size) as u32;
+/// End of `boot_params.hdr`'s room in the zero page (`_pad7` runs to
+/// `edd_mbr_sig_buffer` at 0x290): a setup header copied from an image
+/// may not extend past it.
+pub const BP_HDR_ROOM_END: u32 = 0x290;
+
+/// `hdr.boot_flag`: the boot-sector signature at offset 0x1fe.
+pub const BOOT_FLAG: u16 = 0xAA55;
+/// `hdr.header`: the setup-header magic `"HdrS"` at offset 0x202.
+pub const HDRS_MAGIC: [u8; 4] = *b"HdrS";
+/// `hdr.loadflags` bit: the protected-mode code loads at 0x100000 (a
+/// bzImage, not a zImage).
+pub const LOADED_HIGH: u8 = 0x01;
+/// `hdr.loadflags` bit: `heap_end_ptr` is valid (real-mode setup only).
+pub const CAN_USE_HEAP: u8 = 0x80;
 
 /// `hdr.version` the launcher writes (boot protocol 2.07, first with
 /// `hardware_subarch`).
@@ -198,6 +241,20 @@ const _: () = {
     assert!(BP_HDR_KERNEL_ALIGNMENT == 0x230);
     assert!(BP_HDR_CMDLINE_SIZE == 0x238);
     assert!(BP_HDR_HARDWARE_SUBARCH == 0x23c);
+    assert!(BP_HDR_SYSSIZE == 0x1f4);
+    assert!(BP_HDR_JUMP == 0x200);
+    assert!(BP_HDR_HEAP_END_PTR == 0x224);
+    assert!(BP_HDR_EXT_LOADER_VER == 0x226);
+    assert!(BP_HDR_EXT_LOADER_TYPE == 0x227);
+    assert!(BP_HDR_INITRD_ADDR_MAX == 0x22c);
+    assert!(BP_HDR_RELOCATABLE_KERNEL == 0x234);
+    assert!(BP_HDR_HARDWARE_SUBARCH_DATA == 0x240);
+    assert!(BP_HDR_PAYLOAD_OFFSET == 0x248);
+    assert!(BP_HDR_PAYLOAD_LENGTH == 0x24c);
+    assert!(BP_HDR_SETUP_DATA == 0x250);
+    assert!(BP_HDR_PREF_ADDRESS == 0x258);
+    assert!(BP_HDR_INIT_SIZE == 0x260);
+    assert!(BP_HDR_ROOM_END < BP_E820_TABLE);
     assert!(BP_HDR + offset_of!(SetupHeader, hardware_subarch_data) as u32 == 0x240);
     assert!(BP_HDR + offset_of!(SetupHeader, setup_data) as u32 == 0x250);
     assert!(BP_HDR + offset_of!(SetupHeader, handover_offset) as u32 == 0x264);

@@ -21,6 +21,8 @@
 //!   cached per guest `cr3`, capped and accounted (the kernel supplies
 //!   frames through [`shadow::ShadowBackend`]).
 //! - [`loader`]: ELF loading and `boot_params`.
+//! - [`bzimage`]: Linux bzImage loading (boot protocol ≥ 2.07: setup
+//!   header, zero page, command line, initrd) and [`bzimage::ImageKind`].
 //! - [`console`]: guest text shown as data (escaped, capped, rate-limited).
 //! - [`fpustate`]: which guest instance owns the FPU registers.
 //! - [`gdtcache`]: whether the hardware GDT already holds a guest's entries.
@@ -31,13 +33,14 @@
 //! The ABI numbers and layouts come from the `guest-abi` crate; docs/abi.md
 //! describes them.
 //!
-//! The modules that handle guest-controlled values (`chan`, `console`,
-//! `guestmem`, `insn`, `loader`, `pagewalk`, `segments`, `shadow`, `spec`,
-//! `vcpu`) deny `clippy::indexing_slicing` and
+//! The modules that handle guest-controlled values (`bzimage`, `chan`,
+//! `console`, `guestmem`, `insn`, `loader`, `pagewalk`, `segments`,
+//! `shadow`, `spec`, `vcpu`) deny `clippy::indexing_slicing` and
 //! `clippy::arithmetic_side_effects` outside their tests: every index is a
 //! `get()`, every sum a checked, saturating or (where the operands are
 //! bounded, said in a comment) wrapping operation.
 
+pub mod bzimage;
 pub mod chan;
 pub mod console;
 pub mod fpustate;
