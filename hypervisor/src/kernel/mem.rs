@@ -496,6 +496,11 @@ impl KernelStack {
     pub fn top(&self) -> u64 {
         self.bottom + self.pages * PAGE_SIZE
     }
+
+    /// The lowest address of the stack (the guard page is just below).
+    pub fn bottom(&self) -> u64 {
+        self.bottom
+    }
 }
 
 impl Drop for KernelStack {

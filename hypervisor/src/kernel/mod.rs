@@ -312,17 +312,21 @@ fn summary() {
     let (heap_used, heap_size) = mem::heap_usage();
     let (spurious, unexpected) = interrupts::counters();
     let (out_lines, out_bytes) = console::output_dropped();
+    let (stack_peak, stack_size) = task::stack_peak();
     kprintln!(
         "summary: uptime {} ms, frames {free} free / {used} used / {managed} managed, \
          heap {} of {}, timer irqs {}, spurious {spurious}, unexpected {unexpected}, \
-         console input dropped {}, output dropped {} lines ({} bytes)",
+         console input dropped {}, output dropped {} lines ({} bytes), \
+         task stacks at most {} of {}",
         time::now_ns() / 1_000_000,
         Bytes(heap_used as u64),
         Bytes(heap_size as u64),
         time::timer_irqs(),
         console::input_dropped(),
         out_lines,
-        out_bytes
+        out_bytes,
+        Bytes(stack_peak),
+        Bytes(stack_size)
     );
 }
 
