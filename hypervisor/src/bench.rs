@@ -25,6 +25,8 @@ pub struct BenchLine<'a> {
     pub value: f64,
     /// The metric this one is compared with (`None` prints `-`).
     pub floor: Option<&'a str>,
+    /// The unit: `insn` unless [`Self::in_unit`] says otherwise.
+    pub unit: &'a str,
 }
 
 impl<'a> BenchLine<'a> {
@@ -35,7 +37,13 @@ impl<'a> BenchLine<'a> {
             stage: None,
             value,
             floor,
+            unit: "insn",
         }
+    }
+
+    /// The same line in another unit (`bytes`, `guests`, `insn/KiB`).
+    pub const fn in_unit(self, unit: &'a str) -> Self {
+        Self { unit, ..self }
     }
 
     /// A stage line: `metric.stage`, no floor.
@@ -45,6 +53,7 @@ impl<'a> BenchLine<'a> {
             stage: Some(stage),
             value,
             floor: None,
+            unit: "insn",
         }
     }
 }
@@ -80,8 +89,9 @@ impl fmt::Display for BenchLine<'_> {
         }
         write!(
             f,
-            " value={} unit=insn floor={}",
+            " value={} unit={} floor={}",
             Insn(self.value),
+            self.unit,
             self.floor.unwrap_or("-")
         )
     }
@@ -117,6 +127,12 @@ mod tests {
         assert_eq!(
             BenchLine::stage("hypercall_roundtrip", "stub", 12.0).to_string(),
             "bench: name=hypercall_roundtrip.stub value=12 unit=insn floor=-"
+        );
+        assert_eq!(
+            BenchLine::metric("guest_overhead", 40960.0, None)
+                .in_unit("bytes")
+                .to_string(),
+            "bench: name=guest_overhead value=40960 unit=bytes floor=-"
         );
     }
 }

@@ -11,7 +11,7 @@
 //! | `selftest=` | comma list of `memory`, `pagefault`, `divide`, `panic`, `timer`, `entryfault`, `tasks`, `channel`, or `all` | none |
 //! | `serial=` | baud rate dividing 115200 | `115200` |
 //! | `timestamps=` | `on`/`off` (also `yes`/`no`, `true`/`false`, `1`/`0`); bare `timestamps` = on | `on` |
-//! | `bench` | bare flag: measure and print the native floors (`bench: name=...` lines) | off |
+//! | `bench`, `bench=MODE` | measure and print benchmark figures (`bench: name=...` lines): `paths` (the bare flag: the native floors and `guest_create`), `io` (the floor `native_memcpy`, for the virtio benches), `guests` (no floors; the launcher does not wait for memory and reports `guest_overhead` and `density`) | off |
 //! | `fastpath=` | `on`/`off`: handle guest exits on the trap stack and return straight to the guest when they need no launcher (`off`: every exit goes back to the run loop, as a reference for tests) | `on` |
 //!
 //! Nothing is ignored silently: unknown options, bad values and duplicates
@@ -285,6 +285,28 @@ pub const DEFAULT_BAUD: u32 = 115_200;
 /// (and the cut reported at boot); `cargo xtask` refuses it up front.
 pub const MAX_CMDLINE: usize = 1024;
 
+/// What `bench` measures (`bench` alone is `bench=paths`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchMode {
+    /// No benchmark output.
+    Off,
+    /// The native floors of the lguest paths and `guest_create`.
+    Paths,
+    /// The floor of the virtio benches, `native_memcpy`.
+    Io,
+    /// No floor: `guest_overhead` and `density` (guests do not wait for
+    /// memory another guest holds; a guest that does not fit is not
+    /// started).
+    Guests,
+}
+
+impl BenchMode {
+    /// Whether any benchmark output is on.
+    pub fn is_on(self) -> bool {
+        self != Self::Off
+    }
+}
+
 /// The effective hypervisor configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -298,8 +320,8 @@ pub struct Config {
     pub serial_baud: u32,
     /// Prefix log lines with timestamps (`timestamps=`).
     pub timestamps: bool,
-    /// Measure the native benchmark floors at boot (`bench`).
-    pub bench: bool,
+    /// Benchmark mode (`bench`, `bench=MODE`).
+    pub bench: BenchMode,
     /// Handle guest exits where they land (`fastpath=`).
     pub fastpath: bool,
     // Future options (guests: `guest=`, `guestmem=`, ...) go here, with a
@@ -321,7 +343,7 @@ impl Config {
         selftests: SelfTestSet::EMPTY,
         serial_baud: DEFAULT_BAUD,
         timestamps: true,
-        bench: false,
+        bench: BenchMode::Off,
         fastpath: true,
     };
 
@@ -345,8 +367,11 @@ impl fmt::Display for Config {
             self.serial_baud,
             if self.timestamps { "on" } else { "off" }
         )?;
-        if self.bench {
-            f.write_str(" bench")?;
+        match self.bench {
+            BenchMode::Off => {}
+            BenchMode::Paths => f.write_str(" bench")?,
+            BenchMode::Io => f.write_str(" bench=io")?,
+            BenchMode::Guests => f.write_str(" bench=guests")?,
         }
         if !self.fastpath {
             f.write_str(" fastpath=off")?;
@@ -464,6 +489,7 @@ const EXPECT_SELFTEST: &str =
     "comma-separated list of memory, pagefault, divide, panic, timer, entryfault, all";
 const EXPECT_BAUD: &str = "a baud rate dividing 115200, e.g. 115200, 57600, 38400, 9600";
 const EXPECT_BOOL: &str = "on or off";
+const EXPECT_BENCH: &str = "paths, io or guests";
 const EXPECT_FLAG: &str = "no value";
 
 fn parse_bool(v: &str) -> Option<bool> {
@@ -608,9 +634,16 @@ impl<'a> Parser<'a> {
                     self.config.fastpath = on;
                 }
             }
-            "bench" if value.is_none() => {
-                if self.first_time(Key::Bench, key) {
-                    self.config.bench = true;
+            "bench" => {
+                let mode = match value {
+                    None | Some("paths") => Some(BenchMode::Paths),
+                    Some("io") => Some(BenchMode::Io),
+                    Some("guests") => Some(BenchMode::Guests),
+                    Some(_) => None,
+                };
+                let v = value.unwrap_or("");
+                if let Some(m) = self.once(Key::Bench, key, v, mode, EXPECT_BENCH) {
+                    self.config.bench = m;
                 }
             }
             // Future options (guests come next) are added here; give each
@@ -677,15 +710,22 @@ mod tests {
         assert_eq!(c.selftests.len(), 2);
         assert_eq!(c.serial_baud, 38400);
         assert!(!c.timestamps);
-        assert!(!c.bench);
+        assert!(!c.bench.is_on());
         assert_eq!(
             c.describe().to_string(),
             "log=debug exit=qemu selftest=memory,timer serial=38400 timestamps=off"
         );
         let (c, e) = parse("bench exit=qemu");
-        assert!(c.bench && e.is_empty());
+        assert!(c.bench == BenchMode::Paths && e.is_empty());
         assert!(c.fastpath);
         assert!(c.to_string().ends_with(" bench"));
+        let (c, e) = parse("bench=guests");
+        assert!(c.bench == BenchMode::Guests && e.is_empty());
+        assert!(c.to_string().ends_with(" bench=guests"));
+        let (c, e) = parse("bench=io");
+        assert!(c.bench == BenchMode::Io && e.is_empty());
+        let (c, e) = parse("bench=fast");
+        assert!(c.bench == BenchMode::Off && e.len() == 1);
         let (c, e) = parse("fastpath=off");
         assert!(!c.fastpath && e.is_empty());
         assert!(c.to_string().ends_with(" fastpath=off"));

@@ -85,6 +85,10 @@ pub enum Limit {
     AtMost(f64),
     /// `value <= floor's value + n` (the metric must have a floor).
     FloorPlus(f64),
+    /// `value <= floor's value × n` (the metric must have a floor).
+    FloorTimes(f64),
+    /// `value >= n` (a figure that should be large: guests per machine).
+    AtLeast(f64),
 }
 
 /// The goal of one metric: a bound, and optionally a harder "stretch" bound.
@@ -140,6 +144,24 @@ pub const GOALS: &[Goal] = &[
         limit: Limit::AtMost(150.0),
         stretch: None,
     },
+    // The launcher issue: network bytes between two guests within 3× of the hypervisor copying
+    // them, a running guest costing at most 64 KiB beyond its RAM, and at least 200 guests of
+    // 4 MiB up at once in 1 GiB.
+    Goal {
+        metric: "net_bytes",
+        limit: Limit::FloorTimes(3.0),
+        stretch: None,
+    },
+    Goal {
+        metric: "guest_overhead",
+        limit: Limit::AtMost(65536.0),
+        stretch: None,
+    },
+    Goal {
+        metric: "density",
+        limit: Limit::AtLeast(200.0),
+        stretch: None,
+    },
 ];
 
 /// A [`Limit`] applied to a measured value.
@@ -147,10 +169,13 @@ pub const GOALS: &[Goal] = &[
 pub struct Verdict {
     /// The limit as written: `<= 80`, or with the bound it comes to, `<= native_syscall + 60 = 62`.
     pub text: String,
-    /// The bound it comes to in this run.
+    /// The bound it comes to in this run (an upper bound, or for [`Limit::AtLeast`] a lower
+    /// one).
     pub max: f64,
-    /// Whether `value <= max`.
+    /// Whether `value <= max` (`value >= max` for [`Limit::AtLeast`]).
     pub met: bool,
+    /// The bound is a lower one ([`Limit::AtLeast`]).
+    pub at_least: bool,
 }
 
 /// A metric's [`Goal`] applied to its value.
@@ -208,11 +233,19 @@ fn verdict(limit: Limit, value: f64, floor: Option<(&str, f64)>) -> Option<Verdi
                 f + n,
             )
         }
+        Limit::FloorTimes(n) => {
+            let (name, f) = floor?;
+            let max = round3(f * n);
+            (format!("<= {} x {name} = {}", number(n), number(max)), max)
+        }
+        Limit::AtLeast(n) => (format!(">= {}", number(n)), n),
     };
+    let at_least = matches!(limit, Limit::AtLeast(_));
     Some(Verdict {
         text,
         max,
-        met: value <= max,
+        met: if at_least { value >= max } else { value <= max },
+        at_least,
     })
 }
 
@@ -325,13 +358,15 @@ fn hit_rate(decl: &SwitchDecl, switches: u64, hits: u64, line_no: usize) -> Resu
 /// with its guest's shadow paging line; see the module documentation).
 pub fn parse_samples(lines: &[String]) -> Result<Vec<Sample>> {
     let mut samples = Vec::new();
-    let mut pending: Option<SwitchDecl> = None;
+    // Declarations waiting for their guest's line; guests run at once, so several may wait,
+    // one per guest.
+    let mut pending: Vec<SwitchDecl> = Vec::new();
     for (i, line) in lines.iter().enumerate() {
         let line_no = i + 1;
         if let Some((guest, rest)) = guest_console(line)
             && let Some(rest) = rest.strip_prefix(SWITCHES_PREFIX)
         {
-            if let Some(p) = &pending {
+            if let Some(p) = pending.iter().find(|p| p.guest == guest) {
                 return Err(err!(
                     "serial log line {line_no}: a second bench-switches: declaration before \
                      guest {}'s shadow paging line for the one on line {}",
@@ -339,12 +374,13 @@ pub fn parse_samples(lines: &[String]) -> Result<Vec<Sample>> {
                     p.line_no
                 ));
             }
-            pending = Some(parse_switch_decl(guest, rest, line, line_no)?);
+            pending.push(parse_switch_decl(guest, rest, line, line_no)?);
             continue;
         }
         if let Some((guest, switches, hits)) = parse_shadow_line(line)
-            && let Some(decl) = pending.take_if(|p| p.guest == guest)
+            && let Some(at) = pending.iter().position(|p| p.guest == guest)
         {
+            let decl = pending.remove(at);
             samples.push(hit_rate(&decl, switches, hits, line_no)?);
             continue;
         }
@@ -392,7 +428,7 @@ pub fn parse_samples(lines: &[String]) -> Result<Vec<Sample>> {
             line_no,
         });
     }
-    if let Some(p) = pending {
+    if let Some(p) = pending.first() {
         return Err(err!(
             "serial log line {}: guest {} declared its switches for `{}`, but no `guest {}{}` \
              line followed",
@@ -529,8 +565,8 @@ pub fn compute_with(samples: &[Sample], goals: &[Goal]) -> Result<Vec<BenchResul
 pub struct GoalSummary {
     /// Metrics whose goal was met.
     pub met: Vec<String>,
-    /// Metrics whose goal was missed: (name, value, the bound).
-    pub missed: Vec<(String, f64, f64)>,
+    /// Metrics whose goal was missed: (name, value, the bound, whether it is a lower bound).
+    pub missed: Vec<(String, f64, f64, bool)>,
     /// Metrics with a stretch goal that met it.
     pub stretch_met: Vec<String>,
     /// Metrics with a stretch goal that missed it.
@@ -548,7 +584,8 @@ pub fn goal_summary(results: &[BenchResult], goals: &[Goal]) -> GoalSummary {
         if g.goal.met {
             sum.met.push(r.name.clone());
         } else {
-            sum.missed.push((r.name.clone(), r.value, g.goal.max));
+            sum.missed
+                .push((r.name.clone(), r.value, g.goal.max, g.goal.at_least));
         }
         match &g.stretch {
             Some(s) if s.met => sum.stretch_met.push(r.name.clone()),
@@ -573,7 +610,10 @@ impl GoalSummary {
             let missed: Vec<String> = self
                 .missed
                 .iter()
-                .map(|(n, v, max)| format!("{n} ({} > {})", number(*v), number(*max)))
+                .map(|(n, v, max, at_least)| {
+                    let op = if *at_least { "<" } else { ">" };
+                    format!("{n} ({} {op} {})", number(*v), number(*max))
+                })
                 .collect();
             let _ = write!(out, "; MISSED: {}", missed.join(", "));
         }
@@ -700,7 +740,7 @@ pub fn to_json_with(mode: &str, machine: &str, results: &[BenchResult], goals: &
             .collect(),
         goals: Goals {
             met: names(&sum.met),
-            missed: sum.missed.iter().map(|(n, _, _)| n.as_str()).collect(),
+            missed: sum.missed.iter().map(|(n, ..)| n.as_str()).collect(),
             stretch_met: names(&sum.stretch_met),
             stretch_missed: names(&sum.stretch_missed),
             not_measured: names(&sum.not_measured),
@@ -997,12 +1037,14 @@ mod tests {
                 goal: Verdict {
                     text: "<= 80".into(),
                     max: 80.0,
-                    met: true
+                    met: true,
+                    at_least: false,
                 },
                 stretch: Some(Verdict {
                     text: "<= 30".into(),
                     max: 30.0,
-                    met: false
+                    met: false,
+                    at_least: false,
                 }),
             })
         );
@@ -1013,7 +1055,8 @@ mod tests {
                 goal: Verdict {
                     text: "<= native_syscall + 60 = 62".into(),
                     max: 62.0,
-                    met: false
+                    met: false,
+                    at_least: false,
                 },
                 stretch: None,
             })
@@ -1024,7 +1067,7 @@ mod tests {
             goal_summary(&results, TEST_GOALS),
             GoalSummary {
                 met: vec!["hypercall_roundtrip".into(), "trap_reflect".into()],
-                missed: vec![("guest_syscall".into(), 70.0, 62.0)],
+                missed: vec![("guest_syscall".into(), 70.0, 62.0, false)],
                 stretch_met: vec![],
                 stretch_missed: vec!["hypercall_roundtrip".into()],
                 not_measured: vec!["irq_delivery".into()],
@@ -1057,7 +1100,8 @@ mod tests {
                 "a goal is for a metric, not a stage"
             );
             let bound = |l: Limit| match l {
-                Limit::AtMost(n) | Limit::FloorPlus(n) => n,
+                Limit::AtMost(n) | Limit::FloorPlus(n) | Limit::FloorTimes(n) => n,
+                Limit::AtLeast(n) => -n,
             };
             if let Some(s) = g.stretch {
                 assert!(bound(s) < bound(g.limit), "{}: stretch is harder", g.metric);
@@ -1070,6 +1114,52 @@ mod tests {
         assert_eq!(find("async_hypercall"), Some(Limit::AtMost(40.0)));
         assert_eq!(find("shadow_fault"), Some(Limit::AtMost(300.0)));
         assert_eq!(find("pgtable_switch"), Some(Limit::AtMost(150.0)));
+        assert_eq!(find("net_bytes"), Some(Limit::FloorTimes(3.0)));
+        assert_eq!(find("guest_overhead"), Some(Limit::AtMost(65536.0)));
+        assert_eq!(find("density"), Some(Limit::AtLeast(200.0)));
+    }
+
+    #[test]
+    fn ratio_and_lower_bound_goals() {
+        const GOALS2: &[Goal] = &[
+            Goal {
+                metric: "net_bytes",
+                limit: Limit::FloorTimes(3.0),
+                stretch: None,
+            },
+            Goal {
+                metric: "density",
+                limit: Limit::AtLeast(200.0),
+                stretch: None,
+            },
+        ];
+        let log = "bench: name=native_memcpy value=130 unit=insn/KiB floor=-\n\
+                   guest b: bench: name=net_bytes value=400 unit=insn/KiB floor=native_memcpy\n\
+                   bench: name=density value=150 unit=guests floor=-";
+        let results = compute_with(&parse_samples(&lines(log)).unwrap(), GOALS2).unwrap();
+        let net = results.iter().find(|r| r.name == "net_bytes").unwrap();
+        let g = net.goal.clone().unwrap().goal;
+        assert_eq!(
+            (g.text.as_str(), g.max, g.met),
+            ("<= 3 x native_memcpy = 390", 390.0, false)
+        );
+        let d = results.iter().find(|r| r.name == "density").unwrap();
+        let g = d.goal.clone().unwrap().goal;
+        assert_eq!(
+            (g.text.as_str(), g.met, g.at_least),
+            (">= 200", false, true)
+        );
+        let sum = goal_summary(&results, GOALS2);
+        assert!(
+            sum.lines().contains("density (150 < 200)"),
+            "{}",
+            sum.lines()
+        );
+        assert!(
+            sum.lines().contains("net_bytes (400 > 390)"),
+            "{}",
+            sum.lines()
+        );
     }
 
     /// A log with a round robin's declaration and its guest's shadow paging line, as the

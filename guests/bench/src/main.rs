@@ -79,6 +79,7 @@ use lguest_rt::guest_abi::{
 use lguest_rt::stack::Stack;
 use lguest_rt::{BootInfo, hcall, irq, println};
 
+mod io;
 mod shadow;
 
 // `kernel_address` = PAGE_OFFSET for the modes that turn on paging; the
@@ -108,9 +109,16 @@ fn main(boot: &BootInfo) {
     match boot.arg("mode") {
         None | Some("paths") => paths(),
         Some("shadow") => shadow::run(boot),
+        Some("console") => io::console(boot),
+        Some("block") => io::block(boot),
+        Some("netsend") => io::net_send(boot),
+        Some("netecho") => io::net_echo(boot),
         Some(m) => match m.strip_prefix("rr").and_then(|k| k.parse().ok()) {
             Some(k) => shadow::round_robin(boot, k),
-            None => panic!("bench: unknown mode {m:?}: paths, shadow, rr2, rr4, rr8 or rr16"),
+            None => panic!(
+                "bench: unknown mode {m:?}: paths, shadow, rr2, rr4, rr8, rr16, console, block, \
+                 netsend or netecho"
+            ),
         },
     }
 }
@@ -180,16 +188,22 @@ fn paths() {
 /// Print one `bench:` line: `total / ops` instructions, rounded to one
 /// decimal (and shown without it when that is `.0`).
 fn report(name: &str, total: u64, ops: u32, floor: &str) {
-    let ops = u64::from(ops.max(1));
+    report_in(name, total, u64::from(ops), "insn", floor);
+}
+
+/// [`report`] in another unit (`insn/KiB`: `total` is instructions × 1024
+/// and `ops` bytes).
+fn report_in(name: &str, total: u64, ops: u64, unit: &str, floor: &str) {
+    let ops = ops.max(1);
     let tenths = (total * 10 + ops / 2) / ops;
     if tenths.is_multiple_of(10) {
         println!(
-            "bench: name={name} value={} unit=insn floor={floor}",
+            "bench: name={name} value={} unit={unit} floor={floor}",
             tenths / 10
         );
     } else {
         println!(
-            "bench: name={name} value={}.{} unit=insn floor={floor}",
+            "bench: name={name} value={}.{} unit={unit} floor={floor}",
             tenths / 10,
             tenths % 10
         );

@@ -25,9 +25,10 @@ use alloc::format;
 use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use guest_abi::lhreq::{Errno, LhReq};
+use rustyvisor::config::BenchMode;
 use rustyvisor::hvconsole::{self, Action, Command, GuestInfo, GuestState, HostStats};
 use rustyvisor::lguest::chan::{Channel, TaskId};
 use rustyvisor::lguest::console::{ConsoleLine, Escaped, GuestConsole};
@@ -38,9 +39,10 @@ use rustyvisor::mm::PAGE_SIZE;
 use rustyvisor::sched::{EventHandle, WaitOn};
 use rustyvisor::units::Bytes;
 
+use super::arch::cpu;
 use super::bootinfo::Module;
 use super::lguest::space::{GuestRam, HostGuestMemory, SpaceError};
-use super::lguest::{GuestShared, KernelCore, Life, devices};
+use super::lguest::{GuestShared, KernelCore, Life, devices, probe};
 use super::mem::{self, phys_to_virt};
 use super::sync::IrqMutex;
 use super::{console, task, time};
@@ -61,6 +63,134 @@ static CONSOLE_EVENT: IrqMutex<Option<EventHandle>> = IrqMutex::new(None);
 /// Signalled whenever a guest gives its memory back (guests waiting for
 /// memory retry then).
 static MEM_FREED: IrqMutex<Option<EventHandle>> = IrqMutex::new(None);
+
+/// `bench=guests`: a guest that does not fit is not started rather than
+/// waiting for memory another guest holds.
+static NO_WAIT: AtomicBool = AtomicBool::new(false);
+/// `bench` (`paths`): `guest_create` is still to be reported (for the first
+/// guest that runs).
+static CREATE_PENDING: AtomicBool = AtomicBool::new(false);
+/// Launcher tasks spawned by [`start`].
+static SPAWNED: AtomicU32 = AtomicU32::new(0);
+/// Guests up now (they printed their first line and have not ended), the
+/// most that were up at once, and the guests not started for lack of
+/// memory (`bench=guests`).
+static UP: AtomicU32 = AtomicU32::new(0);
+static PEAK_UP: AtomicU32 = AtomicU32::new(0);
+static NOT_FITTED: AtomicU32 = AtomicU32::new(0);
+/// RAM (bytes) of the guests up now.
+static UP_RAM: AtomicU64 = AtomicU64::new(0);
+
+/// Host memory in use at one moment: free frames and the heap.
+#[derive(Clone, Copy)]
+struct MemSnap {
+    free: u64,
+    heap_used: u64,
+    /// Frames the heap has taken (its pages and their tables).
+    heap_frames: u64,
+}
+
+impl MemSnap {
+    fn now() -> Self {
+        let (free, _, _) = mem::frame_counts();
+        let (used, _) = mem::heap_usage();
+        Self {
+            free,
+            heap_used: used as u64,
+            heap_frames: mem::heap_frames(),
+        }
+    }
+
+    /// Host bytes taken since `before`: frames taken, with the heap counted
+    /// by what is allocated in it rather than by the frames it grew by.
+    fn taken_since(&self, before: &Self) -> i64 {
+        let frames = before.free as i64
+            - self.free as i64
+            - (self.heap_frames as i64 - before.heap_frames as i64);
+        frames * PAGE_SIZE as i64 + (self.heap_used as i64 - before.heap_used as i64)
+    }
+}
+
+/// `bench=guests`: memory before the first launcher task, and what the
+/// console task took (not a guest's cost).
+static MEM_BASE: IrqMutex<Option<(MemSnap, i64)>> = IrqMutex::new(None);
+
+/// `guest_overhead` as measured when every guest was up: (guests, bytes
+/// per guest, its stages), printed at the end of the run ([`report_bench`]).
+static OVERHEAD: IrqMutex<Option<(u32, [i64; 4])>> = IrqMutex::new(None);
+
+/// A guest printed its first line: count it up, and in `bench=guests`,
+/// when every guest started is up and none was refused, measure what each
+/// costs beyond its RAM.
+fn guest_up(ram: u64) {
+    let up = UP.fetch_add(1, Ordering::SeqCst) + 1;
+    UP_RAM.fetch_add(ram, Ordering::SeqCst);
+    PEAK_UP.fetch_max(up, Ordering::SeqCst);
+    if !NO_WAIT.load(Ordering::SeqCst)
+        || up != SPAWNED.load(Ordering::SeqCst)
+        || NOT_FITTED.load(Ordering::SeqCst) > 0
+    {
+        return;
+    }
+    let Some((base, console_task)) = *MEM_BASE.lock() else {
+        return;
+    };
+    let now = MemSnap::now();
+    let n = i64::from(up);
+    let ram = UP_RAM.load(Ordering::SeqCst) as i64;
+    let total = now.taken_since(&base) - console_task - ram;
+    // What the guests' ledgers hold beyond RAM: device pages and linear
+    // tables (and shadow tables, none for these guests).
+    let held: i64 = super::lguest::guests()
+        .iter()
+        .map(|g| g.ledger.held() as i64 * PAGE_SIZE as i64)
+        .sum::<i64>()
+        - ram;
+    let heap = now.heap_used as i64 - base.heap_used as i64;
+    let rest = total - held - heap;
+    *OVERHEAD.lock() = Some((up, [total / n, held / n, heap / n, rest / n]));
+}
+
+/// The guest that was up has ended.
+fn guest_down(ram: u64) {
+    UP.fetch_sub(1, Ordering::SeqCst);
+    UP_RAM.fetch_sub(ram, Ordering::SeqCst);
+}
+
+/// At the end of the run (every launcher task has ended), in bench mode:
+/// `guest_overhead` (if every guest was up at once) and `density` (if some
+/// guest did not fit: the most guests up at once).
+pub fn report_bench() {
+    if !NO_WAIT.load(Ordering::SeqCst) {
+        return;
+    }
+    // Hundreds of guests' lines may still be queued: the figures must not
+    // be dropped with them.
+    console::flush();
+    if let Some((n, [per, held, heap, rest])) = *OVERHEAD.lock() {
+        kprintln!("guests: {n} up at once; host memory beyond their RAM measured");
+        probe::report_in("guest_overhead", per.max(0) as f64, "bytes", None);
+        for (stage, v) in [
+            ("tables_and_device_pages", held),
+            ("heap", heap),
+            ("task_stack_and_other", rest),
+        ] {
+            kprintln!(
+                "{}",
+                rustyvisor::bench::BenchLine::stage("guest_overhead", stage, v.max(0) as f64)
+                    .in_unit("bytes")
+            );
+        }
+    }
+    let refused = NOT_FITTED.load(Ordering::SeqCst);
+    let peak = PEAK_UP.load(Ordering::SeqCst);
+    if refused > 0 {
+        kprintln!("guests: at most {peak} up at once; {refused} did not fit");
+        probe::report_in("density", f64::from(peak), "guests", None);
+    } else {
+        kprintln!("guests: all {peak} fit (density not measured: add guests until some do not)");
+    }
+}
 
 /// The guest behind each switch port, so a frame queued for a port wakes
 /// its guest's launcher.
@@ -164,8 +294,11 @@ struct Job {
 /// Registers every guest module and spawns its launcher task, plus the
 /// console task when there is at least one guest. Returns the number of
 /// launcher tasks spawned; run them with [`task::run`].
-pub fn start(modules: &[Module], fastpath: bool) -> usize {
+pub fn start(modules: &[Module], fastpath: bool, bench: BenchMode) -> usize {
     let mut spawned = 0;
+    NO_WAIT.store(bench == BenchMode::Guests, Ordering::SeqCst);
+    CREATE_PENDING.store(bench == BenchMode::Paths, Ordering::SeqCst);
+    let base = MemSnap::now();
     *MEM_FREED.lock() = Some(task::new_event());
     let mut names: Vec<String> = Vec::new();
     let all = Arc::new(modules.to_vec());
@@ -203,7 +336,7 @@ pub fn start(modules: &[Module], fastpath: bool) -> usize {
             Ok(t) => {
                 shared.set_task(t);
                 LIVE.fetch_add(1, Ordering::SeqCst);
-                spawned += 1;
+                spawned += 1u32;
             }
             Err(_) => {
                 // SAFETY: `arg` came from `Box::into_raw` just above and no
@@ -214,6 +347,7 @@ pub fn start(modules: &[Module], fastpath: bool) -> usize {
             }
         }
     }
+    SPAWNED.store(spawned, Ordering::SeqCst);
     if spawned > 0 {
         *SERVICE_EVENT.lock() = Some(task::new_event());
         if task::spawn("devices", service_main, 0).is_err() {
@@ -221,12 +355,15 @@ pub fn start(modules: &[Module], fastpath: bool) -> usize {
             SERVICE_EVENT.lock().take();
             kprintln!("devices: no service task (no memory); launchers serve kicks");
         }
+        let before = MemSnap::now();
         *CONSOLE_EVENT.lock() = Some(task::new_event());
         if task::spawn("console", console_main, 0).is_err() {
             kprintln!("console: not started (no memory for its task); serial input is ignored");
         }
+        let console_task = MemSnap::now().taken_since(&before);
+        *MEM_BASE.lock() = Some((base, console_task));
     }
-    spawned
+    spawned as usize
 }
 
 /// (guests run, guests that powered off cleanly).
@@ -316,6 +453,9 @@ fn run_guest(
     shared.set_life(Life::Starting);
     // A kill or restart asked for the previous run is done with.
     shared.clear_request();
+    // `guest_create` (bench mode): from here to the guest's first
+    // instruction, the log line excluded.
+    let t_start = cpu::rdtsc();
     // The guest's virtio devices; their pages follow RAM.
     let devs = match devices::GuestDevices::new(spec, modules) {
         Ok(d) => d,
@@ -330,6 +470,17 @@ fn run_guest(
             Ok(r) => break r,
             // Other guests hold the memory: wait for one of them to give
             // it back, as long as any is still running.
+            // `bench=guests`: the count of guests that fit is the figure;
+            // one that does not fit is refused at once.
+            Err(SpaceError::OutOfMemory) if NO_WAIT.load(Ordering::SeqCst) => {
+                NOT_FITTED.fetch_add(1, Ordering::SeqCst);
+                kprintln!(
+                    "guest {name} not started: out of memory for {} RAM ({} guests up)",
+                    Bytes(spec.mem),
+                    UP.load(Ordering::SeqCst)
+                );
+                return Outcome::Failed;
+            }
             Err(SpaceError::OutOfMemory) if others_hold_memory(shared) => {
                 // `kill` works on a guest that is still waiting.
                 if let Some(why) = shared.kill_requested() {
@@ -368,6 +519,7 @@ fn run_guest(
         return Outcome::Failed;
     };
     let (base, bytes) = (ram.base(), ram.bytes());
+    let t_alloc = cpu::rdtsc();
     // SAFETY: `ram` is this guest's memory (RAM and device pages), mapped
     // in the direct map; it moves into the core below, which keeps it until
     // `chan` is closed at the end of this function, after the last use of
@@ -394,6 +546,7 @@ fn run_guest(
         kprintln!("guest {name} not started: {}", Escaped::new(e.as_bytes()));
         return Outcome::Failed;
     }
+    let t_load = cpu::rdtsc();
     kprintln!(
         "guest {name} starting: {} RAM, entry {entry:#x}, args \"{}\"",
         Bytes(bytes),
@@ -404,6 +557,7 @@ fn run_guest(
         shared.exits.load(Ordering::Relaxed),
         shared.fast_exits.load(Ordering::Relaxed),
     );
+    let t_init = cpu::rdtsc();
     let owner = task::current().unwrap_or(TaskId(0));
     let core = KernelCore::new(shared.clone(), ram, fastpath, spec.paging);
     let mut chan = Channel::new(core, owner);
@@ -418,6 +572,7 @@ fn run_guest(
         chan.close();
         return Outcome::Failed;
     }
+    let t_initialized = cpu::rdtsc();
     let port = devs.net_port();
     if let Some(p) = port {
         NET_PORTS.lock().insert(p, shared.clone());
@@ -453,10 +608,17 @@ fn run_guest(
             cell: cell.clone(),
         },
     );
+    let mut create_pending = CREATE_PENDING.swap(false, Ordering::SeqCst);
+    // RAM of this guest while it counts as up (it printed a line).
+    let mut up: Option<u64> = None;
     let mut buf = [0u8; 4];
     let mut text = [0u8; NOTIFY_TEXT_MAX];
     let outcome = loop {
         let read = chan.read(owner, &mut buf);
+        if create_pending && let Some(first) = chan.core().first_entry_tsc() {
+            create_pending = false;
+            report_create(t_start, [t_alloc, t_load], [t_init, t_initialized], first);
+        }
         let irq = |n: u16| {
             let _ = chan.write(owner, &[LhReq::Irq as u64, u64::from(n)]);
         };
@@ -487,13 +649,21 @@ fn run_guest(
                     devices::Notified::Other => {}
                 }
                 match gm.read_cstr_bytes(addr, &mut text) {
-                    Ok(s) => console.write(time::now_ns(), s, |line| match line {
-                        ConsoleLine::Text(t) => kprintln!("guest {name}: {t}"),
-                        ConsoleLine::Dropped { lines, bytes } => kprintln!(
-                            "guest {name} console: {lines} lines ({bytes} bytes) dropped: \
-                             over the rate limit"
-                        ),
-                    }),
+                    Ok(s) => {
+                        // Its first line: the guest is up (booted and
+                        // printing), for `density` and `guest_overhead`.
+                        if up.is_none() && !s.is_empty() {
+                            up = Some(bytes);
+                            guest_up(bytes);
+                        }
+                        console.write(time::now_ns(), s, |line| match line {
+                            ConsoleLine::Text(t) => kprintln!("guest {name}: {t}"),
+                            ConsoleLine::Dropped { lines, bytes } => kprintln!(
+                                "guest {name} console: {lines} lines ({bytes} bytes) dropped: \
+                                 over the rate limit"
+                            ),
+                        })
+                    }
                     Err(_) => kprintln!("guest {name} notified {addr:#x}: no device there"),
                 }
             }
@@ -540,6 +710,9 @@ fn run_guest(
             }
         }
     };
+    if let Some(ram) = up {
+        guest_down(ram);
+    }
     if let Some(p) = port {
         NET_PORTS.lock().remove(&p);
     }
@@ -590,6 +763,23 @@ fn run_guest(
         task::signal(e, 1);
     }
     outcome
+}
+
+/// Prints `guest_create` and its stages: from `start` (the launcher begins
+/// the guest) through `alloc` (its RAM and device pages allocated and
+/// zeroed) and `load` (ELF image, `boot_params`, device page and rings),
+/// then from `init[0]` to `init[1]` (the core made and `INITIALIZE`: the
+/// linear tables, the vCPU and its FPU area), to `first` (the first entry
+/// into the guest: the launcher's `read()` and the run loop's preparation).
+/// The log line between `load` and `init[0]` is not counted.
+fn report_create(start: u64, [alloc, load]: [u64; 2], [init, initialized]: [u64; 2], first: u64) {
+    let d = |a: u64, b: u64| b.saturating_sub(a) as f64;
+    let total = d(start, load) + d(init, first);
+    probe::report("guest_create", total, None);
+    probe::report_stage("guest_create", "alloc", d(start, alloc));
+    probe::report_stage("guest_create", "load", d(alloc, load));
+    probe::report_stage("guest_create", "initialize", d(init, initialized));
+    probe::report_stage("guest_create", "first_entry", d(initialized, first));
 }
 
 /// Whether a guest other than `me` holds memory now (so waiting for it

@@ -366,9 +366,30 @@ struct KernelHeap {
 
 static HEAP_END: AtomicU64 = AtomicU64::new(HEAP_BASE);
 
+/// Frames the heap took since boot: its pages and the page tables mapping
+/// them (the heap never gives frames back).
+static HEAP_FRAMES: AtomicU64 = AtomicU64::new(0);
+
+/// Frames the heap has taken since boot (pages and their page tables).
+pub fn heap_frames() -> u64 {
+    HEAP_FRAMES.load(Ordering::Relaxed)
+}
+
+/// Page-table frames taken to map task stacks. Stack slots are never
+/// reused (see [`KernelStack::new`]), so these tables stay: about one per
+/// hundred stacks ever made.
+static STACK_TABLE_FRAMES: AtomicU64 = AtomicU64::new(0);
+
+/// Page-table frames the stack region has taken since boot (never given
+/// back).
+pub fn stack_table_frames() -> u64 {
+    STACK_TABLE_FRAMES.load(Ordering::Relaxed)
+}
+
 /// Maps `bytes` (page multiple) more at the heap's end.
 fn grow_heap(bytes: u64) -> bool {
     let start = HEAP_END.load(Ordering::Relaxed);
+    let (free_before, _, _) = frame_counts();
     let flags =
         PageFlags::PRESENT | PageFlags::WRITABLE | PageFlags::NO_EXECUTE | PageFlags::GLOBAL;
     let ok = with_tables(|pt, mem, src| {
@@ -390,6 +411,8 @@ fn grow_heap(bytes: u64) -> bool {
     });
     if ok {
         HEAP_END.store(start + bytes, Ordering::Relaxed);
+        let (free_after, _, _) = frame_counts();
+        HEAP_FRAMES.fetch_add(free_before.saturating_sub(free_after), Ordering::Relaxed);
     }
     ok
 }
@@ -467,6 +490,7 @@ impl KernelStack {
         let bottom = slot + PAGE_SIZE;
         let flags =
             PageFlags::PRESENT | PageFlags::WRITABLE | PageFlags::NO_EXECUTE | PageFlags::GLOBAL;
+        let (free_before, _, _) = frame_counts();
         let ok = with_tables(|pt, mem, src| {
             for i in 0..pages {
                 let Some(frame) = src.alloc.alloc() else {
@@ -488,6 +512,11 @@ impl KernelStack {
             }
             true
         });
+        if ok {
+            let (free_after, _, _) = frame_counts();
+            let tables = free_before.saturating_sub(free_after).saturating_sub(pages);
+            STACK_TABLE_FRAMES.fetch_add(tables, Ordering::Relaxed);
+        }
         let stack = Self { bottom, pages };
         if ok { Some(stack) } else { None }
     }

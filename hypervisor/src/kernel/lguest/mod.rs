@@ -511,6 +511,9 @@ struct Running {
     eventfds: [(u32, u64); 16],
     shared: Arc<GuestShared>,
     fx: alloc::boxed::Box<FxSlot>,
+    /// TSC at the first entry into the guest (0 until then), for the
+    /// `guest_create` bench.
+    first_entry: u64,
 }
 
 /// The lguest core for one guest (the object behind one control channel).
@@ -549,6 +552,14 @@ impl KernelCore {
         (st.hits + st.misses > 0).then_some(st)
     }
 
+    /// TSC when the guest was first entered, if it has been.
+    pub fn first_entry_tsc(&self) -> Option<u64> {
+        self.running
+            .as_ref()
+            .map(|r| r.first_entry)
+            .filter(|&t| t != 0)
+    }
+
     /// Host bytes used for this guest beyond its RAM: its linear-mode
     /// tables and the most its shadow page tables held at once.
     pub fn overhead_bytes(&self) -> u64 {
@@ -565,7 +576,7 @@ impl GuestCore for KernelCore {
     fn initialize(&mut self, base: u64, pfnlimit: u64, start: u64) -> Result<(), Errno> {
         // devices: memory is RAM plus the device pages above it, so its size
         // is a 4 KiB multiple; `LinearTables::new` checks that `base` is
-        // 2 MiB-aligned (`EFAULT` otherwise, as `check_initialize` would).
+        // page-aligned (2 MiB-aligned beyond a small guest; `EFAULT` otherwise).
         let limits = InitLimits {
             max_bytes: (space::MAX_GUEST_BYTES
                 + u64::from(guest_abi::device::DEVICE_PAGES) * PAGE_SIZE)
@@ -607,6 +618,7 @@ impl GuestCore for KernelCore {
             eventfds: [(0, 0); 16],
             shared: self.shared.clone(),
             fx: FxSlot::new(),
+            first_entry: 0,
         }));
         Ok(())
     }
@@ -684,6 +696,9 @@ impl GuestCore for KernelCore {
                 arm_stub(r);
             }
             r.handled = Handled::No;
+            if r.first_entry == 0 {
+                r.first_entry = cpu::rdtsc();
+            }
             let before = switch::exits();
             let ptr: *mut Running = &raw mut **r;
             // SAFETY: `ptr` comes from the `&mut` this loop holds and is used

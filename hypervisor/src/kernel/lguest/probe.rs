@@ -815,3 +815,67 @@ pub fn report_paging_floors() {
         Err(e) => kprintln!("bench: native cr3 probe failed: {e}"),
     }
 }
+
+/// Prints `bench: name=<metric> value=<value> unit=<unit> floor=<floor or ->`
+/// if bench mode is on: [`report`] for a metric in another unit than
+/// instructions (`bytes`, `guests`, `insn/KiB`).
+pub fn report_in(metric: &str, value: f64, unit: &str, floor: Option<&str>) {
+    if enabled() {
+        kprintln!("{}", BenchLine::metric(metric, value, floor).in_unit(unit));
+    }
+}
+
+/// Bytes the `native_memcpy` floor copies per batch: what the virtio
+/// benches move per batch (`guests/bench/src/io.rs`, `IO_BYTES`).
+pub const MEMCPY_BYTES: u64 = 64 * 1024;
+
+/// The floor of the virtio byte benches: instructions per KiB for the
+/// hypervisor to copy `bytes` (a page multiple) from one run of host frames
+/// to another with `core::ptr::copy_nonoverlapping` (the `memcpy` every
+/// host-side virtio copy ends in), through the direct map. The minimum of
+/// `batches` copies, minus a bare `rdtsc` pair, divided by `bytes / 1024`.
+/// Under icount a `rep movs` counts one instruction per iteration, so this
+/// is about 1024 / 8 = 128 per KiB plus the call.
+pub fn native_memcpy(bytes: u64, batches: u32) -> Result<f64, &'static str> {
+    let frames = bytes.div_ceil(PAGE_SIZE).max(1);
+    let src = mem::alloc_contiguous(frames, 1).ok_or("no memory for the copy's source")?;
+    let Some(dst) = mem::alloc_contiguous(frames, 1) else {
+        mem::free_contiguous(src, frames);
+        return Err("no memory for the copy's destination");
+    };
+    let (s, d) = (
+        phys_to_virt(src.start_address()) as *mut u8,
+        phys_to_virt(dst.start_address()) as *mut u8,
+    );
+    let len = (frames * PAGE_SIZE) as usize;
+    // SAFETY: both runs were just allocated here (direct-mapped, `len`
+    // bytes each, disjoint) and are freed below; nothing else uses them.
+    unsafe { core::ptr::write_bytes(s, 0x5a, len) };
+    let mut best = u64::MAX;
+    let mut bare = u64::MAX;
+    for _ in 0..batches.max(1) {
+        let t0 = cpu::rdtsc();
+        let t1 = cpu::rdtsc();
+        bare = bare.min(t1.wrapping_sub(t0));
+        let t0 = cpu::rdtsc();
+        // SAFETY: as above: `len` bytes at `s` and `d`, disjoint runs
+        // owned by this function.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                core::hint::black_box(s) as *const u8,
+                core::hint::black_box(d),
+                len,
+            )
+        };
+        let t1 = cpu::rdtsc();
+        best = best.min(t1.wrapping_sub(t0));
+    }
+    // SAFETY: as above; read back so the copy cannot be elided.
+    let ok = unsafe { d.read_volatile() } == 0x5a;
+    mem::free_contiguous(src, frames);
+    mem::free_contiguous(dst, frames);
+    if !ok {
+        return Err("the copy did not arrive");
+    }
+    Ok(best.saturating_sub(bare) as f64 * 1024.0 / len as f64)
+}

@@ -1,8 +1,11 @@
 //! A guest's memory, its "linear mode" address space, and where its shadow
 //! page tables come from.
 //!
-//! Guest-physical memory is one physically contiguous, 2 MiB-aligned run of
-//! frames, reached by the host through the direct map. Until the guest turns
+//! Guest-physical memory is one physically contiguous run of frames, reached
+//! by the host through the direct map: 2 MiB-aligned, except for a small
+//! guest (at most [`SMALL_GUEST_BYTES`] of RAM), whose run is only 4 KiB
+//! aligned so that guests pack tightly (a 2 MiB-aligned 4 MiB guest with
+//! its device pages above would waste almost 2 MiB after it). Until the guest turns
 //! on its own paging (its first `LHCALL_NEW_PGTABLE`; from then on it runs
 //! on shadow page tables, `rustyvisor::lguest::shadow`, whose frames come
 //! from [`ShadowFrames`]), its 32-bit linear addresses map 1:1 onto
@@ -16,7 +19,9 @@
 //! its rings, `rustyvisor::virtio::bus`): [`GuestRam::with_device_pages`]
 //! allocates them in the same run, right after RAM, without rounding them
 //! up to 2 MiB, and [`LinearTables`] maps the 2 MiB-aligned bulk with 2 MiB
-//! pages and the tail (under 2 MiB) with 4 KiB pages of one page table.
+//! pages and the tail (under 2 MiB) with 4 KiB pages of one page table (a
+//! small guest's run that is not 2 MiB-aligned: every 2 MiB with 4 KiB
+//! pages, one page table each).
 //!
 //! Dropping a [`LinearTables`] switches the CPU back to the kernel tables if
 //! needed and returns every frame (memory and tables).
@@ -49,6 +54,14 @@ const P: u64 = PageFlags::PRESENT.bits();
 const RW: u64 = PageFlags::WRITABLE.bits();
 const US: u64 = PageFlags::USER.bits();
 const PS: u64 = PageFlags::HUGE.bits();
+
+/// Largest RAM of a "small" guest, whose memory is only 4 KiB-aligned (and
+/// mapped with 4 KiB pages in linear mode).
+pub const SMALL_GUEST_BYTES: u64 = 8 << 20;
+
+/// Page tables a [`LinearTables`] may hold: a small guest's RAM and at most
+/// 2 MiB of device pages, one per 2 MiB.
+const MAX_PAGE_TABLES: usize = (SMALL_GUEST_BYTES / LARGE_PAGE_SIZE) as usize + 1;
 
 /// Host frames held on behalf of one guest: charged where they are
 /// allocated, credited where they are freed. Clones share the count.
@@ -89,8 +102,8 @@ fn write_entry(table: PhysFrame, index: u64, val: u64) {
     unsafe { (phys_to_virt(table.start_address() + index * 8) as *mut u64).write_volatile(val) }
 }
 
-/// Guest RAM: one contiguous, 2 MiB-aligned run of zeroed frames, owned by the
-/// launcher. Dropping it returns the frames.
+/// Guest RAM: one contiguous run of zeroed frames (2 MiB-aligned unless the
+/// guest is small), owned by the launcher. Dropping it returns the frames.
 pub struct GuestRam {
     first: PhysFrame,
     /// Frames of RAM (a 2 MiB multiple).
@@ -107,7 +120,8 @@ pub enum SpaceError {
     BadSize,
     /// Not enough (contiguous) free memory.
     OutOfMemory,
-    /// The base handed to the core is not 2 MiB-aligned direct-map memory.
+    /// The base handed to the core is not page-aligned direct-map memory
+    /// (2 MiB-aligned for more than a small guest's memory).
     BadBase,
 }
 
@@ -133,8 +147,12 @@ impl GuestRam {
         let frames = bytes / PAGE_SIZE;
         let device_frames = u64::from(device_pages);
         let total = frames + device_frames;
-        let first = mem::alloc_contiguous(total, LARGE_PAGE_SIZE / PAGE_SIZE)
-            .ok_or(SpaceError::OutOfMemory)?;
+        let align = if bytes <= SMALL_GUEST_BYTES {
+            1
+        } else {
+            LARGE_PAGE_SIZE / PAGE_SIZE
+        };
+        let first = mem::alloc_contiguous(total, align).ok_or(SpaceError::OutOfMemory)?;
         // SAFETY: the run was just allocated to this guest; zero it so no
         // previous contents (host or another guest's) leak into it.
         unsafe {
@@ -183,21 +201,28 @@ pub struct LinearTables {
     pdpt: Option<PhysFrame>,
     pds: [Option<PhysFrame>; 4],
     ledger: Ledger,
-    /// The 4 KiB page table of the tail below a 2 MiB multiple, if any.
-    tail: Option<PhysFrame>,
+    /// The 4 KiB page tables: of the tail below a 2 MiB multiple, or of
+    /// every 2 MiB of a small guest whose memory is not 2 MiB-aligned.
+    pts: [Option<PhysFrame>; MAX_PAGE_TABLES],
 }
 
 impl LinearTables {
     /// Builds tables presenting `bytes` of memory whose host (direct-map)
-    /// address is `base`. `base` must be 2 MiB-aligned, `bytes` a 4 KiB
-    /// multiple: the 2 MiB multiple below it is mapped with 2 MiB pages, the
-    /// rest with 4 KiB pages of one page table. The table frames are
-    /// charged to `ledger`.
+    /// address is `base`, `bytes` a 4 KiB multiple. If `base` is 2 MiB-aligned
+    /// the 2 MiB multiple below `bytes` is mapped with 2 MiB pages and the
+    /// rest with 4 KiB pages of one page table; else `base` must be 4 KiB
+    /// aligned and `bytes` at most a small guest's memory plus 2 MiB, and
+    /// every 2 MiB is mapped with 4 KiB pages. The table frames are charged
+    /// to `ledger`.
     pub fn new(base: u64, bytes: u64, ledger: &Ledger) -> Result<Self, SpaceError> {
         let phys = base
             .checked_sub(mem::DIRECT_MAP_BASE)
-            .filter(|p| p % LARGE_PAGE_SIZE == 0)
+            .filter(|p| p % PAGE_SIZE == 0)
             .ok_or(SpaceError::BadBase)?;
+        let aligned = phys % LARGE_PAGE_SIZE == 0;
+        if !aligned && bytes > SMALL_GUEST_BYTES + LARGE_PAGE_SIZE {
+            return Err(SpaceError::BadBase);
+        }
         // RAM up to the `mem=` limit, plus at most 2 MiB of device pages.
         if bytes == 0
             || bytes > MAX_GUEST_BYTES + LARGE_PAGE_SIZE
@@ -212,7 +237,7 @@ impl LinearTables {
             pdpt: None,
             pds: [None; 4],
             ledger: ledger.clone(),
-            tail: None,
+            pts: [None; MAX_PAGE_TABLES],
         };
         let kernel = mem::kernel_pml4();
         for slot in 256..512u64 {
@@ -223,9 +248,10 @@ impl LinearTables {
         let pdpt = zeroed_frame(ledger).ok_or(SpaceError::OutOfMemory)?;
         t.pdpt = Some(pdpt);
         write_entry(pml4, 0, pdpt.start_address() | P | RW | US);
-        let large = bytes / LARGE_PAGE_SIZE;
-        let tail_pages = (bytes % LARGE_PAGE_SIZE) / PAGE_SIZE;
-        let chunks = large + u64::from(tail_pages > 0);
+        // 2 MiB pages only where the host memory is 2 MiB-aligned too.
+        let large = if aligned { bytes / LARGE_PAGE_SIZE } else { 0 };
+        let chunks = bytes.div_ceil(LARGE_PAGE_SIZE);
+        let mut next_pt = 0;
         for i in 0..chunks {
             let gib = (i / 512) as usize;
             let pd = match t.pds.get(gib).copied().flatten() {
@@ -243,9 +269,14 @@ impl LinearTables {
             if i < large {
                 write_entry(pd, i % 512, at | P | RW | US | PS);
             } else {
+                let Some(slot) = t.pts.get_mut(next_pt) else {
+                    return Err(SpaceError::BadSize);
+                };
                 let pt = zeroed_frame(ledger).ok_or(SpaceError::OutOfMemory)?;
-                t.tail = Some(pt);
-                for k in 0..tail_pages {
+                *slot = Some(pt);
+                next_pt += 1;
+                let pages = (bytes - i * LARGE_PAGE_SIZE).min(LARGE_PAGE_SIZE) / PAGE_SIZE;
+                for k in 0..pages {
                     write_entry(pt, k, (at + k * PAGE_SIZE) | P | RW | US);
                 }
                 write_entry(pd, i % 512, pt.start_address() | P | RW | US);
@@ -262,7 +293,7 @@ impl LinearTables {
     /// Host memory used for the tables.
     pub fn overhead_bytes(&self) -> u64 {
         (1 + u64::from(self.pdpt.is_some())
-            + u64::from(self.tail.is_some())
+            + self.pts.iter().flatten().count() as u64
             + self.pds.iter().flatten().count() as u64)
             * PAGE_SIZE
     }
@@ -279,7 +310,7 @@ impl Drop for LinearTables {
             .iter()
             .flatten()
             .chain(self.pdpt.iter())
-            .chain(self.tail.iter())
+            .chain(self.pts.iter().flatten())
         {
             mem::free_frame(*f);
             self.ledger.credit(1);
