@@ -353,12 +353,23 @@ pub struct ResolvedGuest {
 
 /// Fails unless `path` is a readable 32-bit ELF file.
 fn check_elf32(path: &Path) -> Result<()> {
-    let mut header = [0u8; 5];
-    fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut header))
+    let mut header = [0u8; 0x210];
+    let n = fs::File::open(path)
+        .and_then(|mut f| f.read(&mut header))
         .context(|| format!("guest `{}`", path.display()))?;
-    if &header[..4] != b"\x7fELF" {
-        return Err(err!("guest `{}` is not an ELF file", path.display()));
+    let header = &header[..n];
+    // A Linux bzImage is a guest too (the hypervisor checks its boot
+    // protocol when it loads it).
+    if rustyvisor::lguest::bzimage::ImageKind::detect(header)
+        == rustyvisor::lguest::bzimage::ImageKind::BzImage
+    {
+        return Ok(());
+    }
+    if header.len() < 5 || &header[..4] != b"\x7fELF" {
+        return Err(err!(
+            "guest `{}` is neither an ELF file nor a Linux bzImage",
+            path.display()
+        ));
     }
     if header[4] != 1 {
         return Err(err!(
@@ -705,7 +716,7 @@ mod tests {
     }
 
     #[test]
-    fn only_32_bit_elf_guests() {
+    fn only_32_bit_elf_or_bzimage_guests() {
         let dir = std::env::temp_dir().join(format!("rv-elf-test-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let (e32, e64, txt) = (dir.join("a.elf"), dir.join("b.elf"), dir.join("c.elf"));
@@ -718,8 +729,14 @@ mod tests {
             check_elf32(&txt)
                 .unwrap_err()
                 .message()
-                .contains("not an ELF")
+                .contains("neither an ELF file nor a Linux bzImage")
         );
+        // A bzImage's setup header: "HdrS" at 0x202.
+        let mut bz = vec![0u8; 0x210];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        let bzp = dir.join("bzImage");
+        fs::write(&bzp, &bz).unwrap();
+        assert!(check_elf32(&bzp).is_ok());
         assert!(check_elf32(&dir.join("missing.elf")).is_err());
         fs::remove_dir_all(&dir).unwrap();
     }

@@ -57,8 +57,9 @@ const MODES: &[Mode] = &[
     ("gdt64", gdt64, Expect::Kill),
     // "gdt entry 14: system descriptor"
     ("gdtsys", gdtsys, Expect::Kill),
-    // "reserved gdt entry 16"
-    ("gdtreserved", gdtreserved, Expect::Kill),
+    // survives: writes to host-reserved slots are ignored (as lguest did;
+    // Linux loads its whole GDT), and the slot keeps the host's descriptor
+    ("gdtreserved", gdtreserved, Expect::Survive),
     // "too many gdt entries 40"
     ("gdtindex", gdtindex, Expect::Kill),
     // "gdt entry 8: 64-bit code segment" (third TLS slot)
@@ -218,8 +219,35 @@ fn gdtsys(_: &BootInfo) {
 }
 
 fn gdtreserved(_: &BootInfo) {
-    // SAFETY: slot 16 is the host's TSS; the hypervisor must refuse it.
-    unsafe { hcall::load_gdt_entry(16, SegmentDescriptor::flat_data(1)) }
+    // Flat DPL-1 data into the host's slots: accepted, never installed.
+    for slot in [10u32, 11, 16, 17, 31] {
+        // SAFETY: host-reserved slots; the hypervisor ignores the write.
+        unsafe { hcall::load_gdt_entry(slot, SegmentDescriptor::flat_data(1)) }
+    }
+    for slot in [10u32, 11, 16, 17, 31] {
+        // `verr` sets ZF if the selector names a segment readable at this
+        // CPL: the flat data segment would be; the host's own descriptor
+        // (DPL 0 code/data, the TSS, nothing) is not.
+        let sel = (slot << 3) | 1;
+        let readable: u32;
+        // SAFETY: `verr` only inspects the descriptor; it never faults on
+        // a bad selector (it clears ZF instead).
+        unsafe {
+            core::arch::asm!(
+                "xor {r:e}, {r:e}",
+                "verr {s:x}",
+                "setz {r:l}",
+                s = in(reg) sel,
+                r = out(reg_abcd) readable,
+                options(nomem, nostack),
+            );
+        }
+        if readable == 0 {
+            println!("PASS: reserved gdt entry {slot} ignored");
+        } else {
+            println!("FAIL: reserved gdt entry {slot} became the guest's segment");
+        }
+    }
 }
 
 fn gdtindex(_: &BootInfo) {

@@ -33,7 +33,7 @@ use rustyvisor::hvconsole::{self, Action, Command, GuestInfo, GuestState, HostSt
 use rustyvisor::lguest::chan::{Channel, TaskId};
 use rustyvisor::lguest::console::{ConsoleLine, Escaped, GuestConsole};
 use rustyvisor::lguest::guestmem::GuestMemory;
-use rustyvisor::lguest::loader;
+use rustyvisor::lguest::{bzimage, loader};
 use rustyvisor::lguest::spec;
 use rustyvisor::mm::PAGE_SIZE;
 use rustyvisor::sched::{EventHandle, WaitOn};
@@ -530,17 +530,13 @@ fn run_guest(
     // SAFETY: the module range was reserved at boot and is never reused.
     let image =
         unsafe { core::slice::from_raw_parts(phys_to_virt(m.range.start) as *const u8, image_len) };
-    let entry = match loader::load_elf(image, &mut gm) {
+    let entry = match load_image(image, modules, spec, &mut gm, limit) {
         Ok(e) => e,
         Err(e) => {
-            kprintln!("guest {name} not started: bad image: {e}");
+            kprintln!("guest {name} not started: {}", Escaped::new(e.as_bytes()));
             return Outcome::Failed;
         }
     };
-    if let Err(e) = loader::write_boot_params(&mut gm, limit, &spec.args) {
-        kprintln!("guest {name} not started: {e}");
-        return Outcome::Failed;
-    }
     // The device page and zeroed rings, above RAM.
     if let Err(e) = devs.write(&mut gm) {
         kprintln!("guest {name} not started: {}", Escaped::new(e.as_bytes()));
@@ -780,6 +776,55 @@ fn report_create(start: u64, [alloc, load]: [u64; 2], [init, initialized]: [u64;
     probe::report_stage("guest_create", "load", d(alloc, load));
     probe::report_stage("guest_create", "initialize", d(init, initialized));
     probe::report_stage("guest_create", "first_entry", d(initialized, first));
+}
+
+/// Loads the guest's image into its memory and writes its `boot_params`:
+/// an ELF guest (the Rust test guests) or a Linux bzImage (boot protocol
+/// 2.07+, with `initrd=MODULE` at the top of RAM). Returns the entry point.
+fn load_image(
+    image: &[u8],
+    modules: &[Module],
+    spec: &spec::GuestSpec<'_>,
+    gm: &mut HostGuestMemory,
+    ram: u32,
+) -> Result<u32, String> {
+    match bzimage::ImageKind::detect(image) {
+        bzimage::ImageKind::Elf => {
+            if spec.initrd.is_some() {
+                return Err(String::from("initrd= is for Linux (bzImage) guests"));
+            }
+            let entry = loader::load_elf(image, gm).map_err(|e| format!("bad image: {e}"))?;
+            loader::write_boot_params(gm, ram, &spec.args).map_err(|e| format!("{e}"))?;
+            Ok(entry)
+        }
+        bzimage::ImageKind::BzImage => {
+            let bz = bzimage::parse(image).map_err(|e| format!("bad bzImage: {e}"))?;
+            let initrd = match spec.initrd {
+                Some(want) => {
+                    let m = modules
+                        .iter()
+                        .find(|m| spec::name_of(m.cmdline.as_str()) == want)
+                        .ok_or_else(|| format!("initrd={want}: no module named {want}"))?;
+                    // SAFETY: module ranges were reserved at boot and are
+                    // never reused.
+                    Some(unsafe {
+                        core::slice::from_raw_parts(
+                            phys_to_virt(m.range.start) as *const u8,
+                            m.range.len() as usize,
+                        )
+                    })
+                }
+                None => None,
+            };
+            let entry = bzimage::load(&bz, image, gm, ram, &spec.args, initrd)
+                .map_err(|e| format!("bad bzImage: {e}"))?;
+            log::info!("linux: {entry}");
+            Ok(entry.entry)
+        }
+        bzimage::ImageKind::Unknown => Err(String::from(
+            "bad image: neither an ELF guest nor a Linux bzImage",
+        )),
+    }
 }
 
 /// Whether a guest other than `me` holds memory now (so waiting for it

@@ -7,7 +7,7 @@
 //! | Guest does | lguest | rustyvisor |
 //! |---|---|---|
 //! | index ≥ 32 | kill "too many gdt entries %u" | same |
-//! | index in [`GUEST_RESERVED_GDT`](guest_abi::seg::GUEST_RESERVED_GDT) (10, 11, 16, 17, 31) | accepted, never copied | **kill** "reserved gdt entry %u" |
+//! | index in [`GUEST_RESERVED_GDT`](guest_abi::seg::GUEST_RESERVED_GDT) (10, 11, 16, 17, 31) | accepted, never copied | same: accepted and ignored, the descriptor not even looked at (a real Linux guest loads its whole GDT, these slots included, its TSS in 16) |
 //! | present system descriptor (S = 0: TSS, LDT, call/task/interrupt gate) | accepted | **kill** "gdt entry %u: system descriptor" |
 //! | present 64-bit code segment (L = 1) | n/a (32-bit host) | **kill** "gdt entry %u: 64-bit code segment" |
 //! | present code/data with DPL 2 | accepted (the guest could run at CPL 2) | **kill** "gdt entry %u: DPL 2" |
@@ -128,15 +128,17 @@ impl GuestGdt {
         if index >= GDT_ENTRIES {
             return kill!("too many gdt entries {index}");
         }
-        if is_guest_reserved_slot(index) {
-            return kill!("reserved gdt entry {index}");
-        }
         Ok(index as usize)
     }
 
-    /// `LHCALL_LOAD_GDT_ENTRY(index, lo, hi)`.
+    /// `LHCALL_LOAD_GDT_ENTRY(index, lo, hi)`. A write to a host-reserved
+    /// slot is accepted and ignored, as lguest did: the slot keeps the
+    /// host's descriptor.
     pub fn load_entry(&mut self, index: u32, lo: u32, hi: u32) -> Result<(), Kill> {
         let i = Self::check_index(index)?;
+        if is_guest_reserved_slot(index) {
+            return Ok(());
+        }
         let v = Self::fixup(i, SegmentDescriptor::from_parts(lo, hi).0)?;
         if let Some(slot) = self.entries.get_mut(i) {
             *slot = v;
@@ -313,9 +315,10 @@ mod tests {
             "too many gdt entries 4294967295"
         );
         for r in GUEST_RESERVED_GDT {
-            let e = load(&mut g, r, USER_DATA).unwrap_err();
-            assert_eq!(e.to_string(), format!("reserved gdt entry {r}"));
-            assert_eq!(g.entry(r as usize), Some(0));
+            let before = g.generation();
+            assert_eq!(load(&mut g, r, USER_DATA), Ok(()));
+            assert_eq!(g.entry(r as usize), Some(0), "ignored");
+            assert_eq!(g.generation(), before, "nothing changed");
         }
     }
 
@@ -329,12 +332,8 @@ mod tests {
                 let mut g = GuestGdt::new();
                 let r = load(&mut g, slot, desc);
                 if GUEST_RESERVED_GDT.contains(&slot) {
-                    assert_eq!(
-                        r.unwrap_err().as_str(),
-                        format!("reserved gdt entry {slot}"),
-                        "slot {slot}"
-                    );
-                    assert_eq!(g.entry(slot as usize), Some(0));
+                    assert_eq!(r, Ok(()), "slot {slot}: accepted");
+                    assert_eq!(g.entry(slot as usize), Some(0), "slot {slot}: ignored");
                 } else {
                     assert_eq!(r, Ok(()), "slot {slot} desc {desc:#x}");
                     assert_ne!(g.entry(slot as usize), None);
