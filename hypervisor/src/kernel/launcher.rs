@@ -33,8 +33,8 @@ use rustyvisor::hvconsole::{self, Action, Command, GuestInfo, GuestState, HostSt
 use rustyvisor::lguest::chan::{Channel, TaskId};
 use rustyvisor::lguest::console::{ConsoleLine, Escaped, GuestConsole};
 use rustyvisor::lguest::guestmem::GuestMemory;
-use rustyvisor::lguest::{bzimage, loader};
 use rustyvisor::lguest::spec;
+use rustyvisor::lguest::{bzimage, loader};
 use rustyvisor::mm::PAGE_SIZE;
 use rustyvisor::sched::{EventHandle, WaitOn};
 use rustyvisor::units::Bytes;
