@@ -66,6 +66,20 @@ pub struct Scenario {
     pub input: Vec<Step>,
     /// Hard limit on the run; QEMU is killed after it.
     pub timeout: Duration,
+    /// Files outside the repository the scenario needs (paths relative to the workspace
+    /// root, e.g. the Linux guest kit in `../shared/linux-guest`): without one of them the
+    /// scenario is skipped, and says so, rather than failed.
+    pub requires: Vec<PathBuf>,
+}
+
+impl Scenario {
+    /// The first of [`Self::requires`] that does not exist below `root`.
+    pub fn missing_requirement(&self, root: &Path) -> Option<PathBuf> {
+        self.requires
+            .iter()
+            .find(|p| !root.join(p).exists())
+            .cloned()
+    }
 }
 
 impl Scenario {
@@ -134,6 +148,7 @@ struct RawScenario {
     timeout_secs: Option<u64>,
     also_with: Option<Vec<String>>,
     input: Option<Vec<RawStep>>,
+    requires: Option<Vec<String>>,
 }
 
 /// One `input` step as written.
@@ -451,7 +466,13 @@ fn build(
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    let requires: Vec<PathBuf> = pick!(requires)
+        .unwrap_or_default()
+        .iter()
+        .map(|p: &String| PathBuf::from(p))
+        .collect();
     Ok(Scenario {
+        requires,
         description: pick!(description),
         cmdline: pick!(cmdline).unwrap_or_default(),
         guests,
@@ -515,6 +536,28 @@ mod tests {
             s[2].run_command(),
             "cargo xtask run --no-check --guest hello,mem=5000G --mem 5G"
         );
+    }
+
+    #[test]
+    fn requires_skips_only_when_a_file_is_missing() {
+        let s = parse(&[(
+            "a.toml",
+            "[defaults]\nrequires = [\"Cargo.toml\"]\n\
+             [[scenario]]\nname = \"here\"\n\
+             [[scenario]]\nname = \"gone\"\nrequires = [\"Cargo.toml\", \"no/such/file\"]\n\
+             [[scenario]]\nname = \"none\"\nrequires = []\n",
+        )])
+        .unwrap();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        assert_eq!(s[0].requires, [PathBuf::from("Cargo.toml")]);
+        assert_eq!(s[0].missing_requirement(root), None);
+        assert_eq!(
+            s[1].missing_requirement(root),
+            Some(PathBuf::from("no/such/file"))
+        );
+        assert_eq!(s[2].missing_requirement(root), None);
+        let plain = parse(&[("b.toml", "[[scenario]]\nname = \"b\"\n")]).unwrap();
+        assert!(plain[0].requires.is_empty());
     }
 
     #[test]

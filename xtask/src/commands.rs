@@ -228,6 +228,19 @@ pub fn test(args: &TestArgs) -> Result<i32> {
         }
         return Ok(0);
     }
+    // Scenarios whose outside files (the Linux kit) are not here are skipped, loudly.
+    let (selected, skipped): (Vec<Scenario>, Vec<Scenario>) = selected
+        .into_iter()
+        .partition(|s| s.missing_requirement(&ws.root).is_none());
+    for s in &skipped {
+        if let Some(p) = s.missing_requirement(&ws.root) {
+            println!("SKIP {}: needs {} (not found)", s.name, p.display());
+        }
+    }
+    if selected.is_empty() && !skipped.is_empty() {
+        println!("0 passed, 0 failed, {} skipped", skipped.len());
+        return Ok(0);
+    }
     if selected.is_empty() {
         let names: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
         println!("0 passed, 0 failed");
@@ -268,9 +281,14 @@ pub fn test(args: &TestArgs) -> Result<i32> {
     println!();
     eprintln!("==> scenarios took {:.1}s", start.elapsed().as_secs_f64());
     println!(
-        "{} passed, {} failed",
+        "{} passed, {} failed{}",
         reports.len() - failed.len(),
-        failed.len()
+        failed.len(),
+        if skipped.is_empty() {
+            String::new()
+        } else {
+            format!(", {} skipped (see the SKIP lines)", skipped.len())
+        }
     );
     Ok(if failed.is_empty() { 0 } else { 1 })
 }
