@@ -31,7 +31,7 @@ use guest_abi::lhreq::{Errno, LhReq};
 use rustyvisor::config::BenchMode;
 use rustyvisor::hvconsole::{self, Action, Command, GuestInfo, GuestState, HostStats};
 use rustyvisor::lguest::chan::{Channel, TaskId};
-use rustyvisor::lguest::console::{ConsoleLine, Escaped, GuestConsole};
+use rustyvisor::lguest::console::{ConsoleLine, Escaped, GuestConsole, LineAssembler};
 use rustyvisor::lguest::guestmem::GuestMemory;
 use rustyvisor::lguest::spec;
 use rustyvisor::lguest::{bzimage, loader};
@@ -609,6 +609,8 @@ fn run_guest(
     let mut up: Option<u64> = None;
     let mut buf = [0u8; 4];
     let mut text = [0u8; NOTIFY_TEXT_MAX];
+    // The early console's partial line.
+    let mut early = LineAssembler::new();
     let outcome = loop {
         let read = chan.read(owner, &mut buf);
         if create_pending && let Some(first) = chan.core().first_entry_tsc() {
@@ -652,13 +654,9 @@ fn run_guest(
                             up = Some(bytes);
                             guest_up(bytes);
                         }
-                        console.write(time::now_ns(), s, |line| match line {
-                            ConsoleLine::Text(t) => kprintln!("guest {name}: {t}"),
-                            ConsoleLine::Dropped { lines, bytes } => kprintln!(
-                                "guest {name} console: {lines} lines ({bytes} bytes) dropped: \
-                                 over the rate limit"
-                            ),
-                        })
+                        // Pieces join into lines (Linux's early console
+                        // sends 16-byte chunks).
+                        early.push(s, |l| print_line(console, name, l));
                     }
                     Err(_) => kprintln!("guest {name} notified {addr:#x}: no device there"),
                 }
@@ -720,6 +718,7 @@ fn run_guest(
         let mut c = cell.lock();
         c.dead = true;
         let DevCell { devs, console, .. } = &mut *c;
+        early.finish(|l| print_line(console, name, l));
         devs.finish(name, console); // last partial line, counters
         let (lines, dropped) = console.dropped();
         if lines > 0 {
@@ -776,6 +775,17 @@ fn report_create(start: u64, [alloc, load]: [u64; 2], [init, initialized]: [u64;
     probe::report_stage("guest_create", "load", d(alloc, load));
     probe::report_stage("guest_create", "initialize", d(init, initialized));
     probe::report_stage("guest_create", "first_entry", d(initialized, first));
+}
+
+/// Prints one line of a guest's early console through its console's
+/// escaping and rate cap.
+fn print_line(console: &mut GuestConsole, name: &str, line: &[u8]) {
+    console.write(time::now_ns(), line, |l| match l {
+        ConsoleLine::Text(t) => kprintln!("guest {name}: {t}"),
+        ConsoleLine::Dropped { lines, bytes } => kprintln!(
+            "guest {name} console: {lines} lines ({bytes} bytes) dropped: over the rate limit"
+        ),
+    });
 }
 
 /// Loads the guest's image into its memory and writes its `boot_params`:

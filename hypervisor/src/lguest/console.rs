@@ -118,6 +118,70 @@ pub enum ConsoleLine<'a> {
     },
 }
 
+/// Joins a guest's output that arrives in pieces into whole lines: Linux's
+/// early console notifies 16-byte chunks, and a virtio console hands over
+/// whatever its buffers hold. A `\n` ends a line (a `\r` right before it is
+/// part of the line end, so `\r\n` output shows no stray `\r`); a line
+/// longer than [`ASSEMBLE_MAX`] bytes is handed over in pieces of that
+/// size, so a guest that never sends `\n` cannot grow the buffer. A piece
+/// only ever joins pieces of the same guest (one assembler per guest and
+/// source), and every line still goes through [`GuestConsole`] (escaped,
+/// prefixed, capped, rate-limited).
+#[derive(Debug, Clone, Default)]
+pub struct LineAssembler {
+    buf: alloc::vec::Vec<u8>,
+}
+
+/// The longest line a [`LineAssembler`] holds before handing it over.
+pub const ASSEMBLE_MAX: usize = 256;
+
+extern crate alloc;
+
+impl LineAssembler {
+    /// An empty assembler.
+    pub const fn new() -> Self {
+        Self {
+            buf: alloc::vec::Vec::new(),
+        }
+    }
+
+    /// Adds `text`; `line` receives every line it completes (without the
+    /// line end).
+    pub fn push(&mut self, text: &[u8], mut line: impl FnMut(&[u8])) {
+        for &b in text {
+            if b == b'\n' {
+                if self.buf.last() == Some(&b'\r') {
+                    self.buf.pop();
+                }
+                line(&self.buf);
+                self.buf.clear();
+            } else {
+                self.buf.push(b);
+                if self.buf.len() >= ASSEMBLE_MAX {
+                    line(&self.buf);
+                    self.buf.clear();
+                }
+            }
+        }
+    }
+
+    /// Hands over a partial line still held (at the guest's end).
+    pub fn finish(&mut self, mut line: impl FnMut(&[u8])) {
+        if self.buf.last() == Some(&b'\r') {
+            self.buf.pop();
+        }
+        if !self.buf.is_empty() {
+            line(&self.buf);
+            self.buf.clear();
+        }
+    }
+
+    /// Bytes held (a partial line).
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+}
+
 /// One guest's console: splits its output into lines and applies the rate
 /// cap. Time is passed in (nanoseconds, any monotonic origin).
 #[derive(Debug, Clone)]
@@ -164,10 +228,10 @@ impl GuestConsole {
             .min(BURST_BYTES * NS_PER_SEC);
     }
 
-    /// Feeds one piece of guest output (e.g. one `NOTIFY` string) at time
-    /// `now_ns`; `emit` receives the lines to print, in order. Every `\n`
-    /// ends a line; text after the last `\n` is a line of its own (a guest
-    /// cannot leave a partial line for the next one to complete). A line
+    /// Feeds guest output at time `now_ns` (whole lines, from a
+    /// [`LineAssembler`]); `emit` receives the lines to print, in order.
+    /// Every `\n` ends a line; text after the last `\n` is a line of its
+    /// own. A line
     /// costs its length plus one (the newline), however much of it is shown.
     pub fn write(&mut self, now_ns: u64, text: &[u8], mut emit: impl FnMut(ConsoleLine<'_>)) {
         self.refill(now_ns);
@@ -197,6 +261,44 @@ impl GuestConsole {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn assemble(pieces: &[&[u8]]) -> (Vec<Vec<u8>>, usize) {
+        let mut a = LineAssembler::new();
+        let mut out = Vec::new();
+        for p in pieces {
+            a.push(p, |l| out.push(l.to_vec()));
+        }
+        let held = a.pending();
+        a.finish(|l| out.push(l.to_vec()));
+        (out, held)
+    }
+
+    #[test]
+    fn pieces_join_into_lines_and_crlf_is_one_line_end() {
+        let (lines, held) = assemble(&[b"Linux vers", b"ion 3.10\r", b"\nsecond\r\nthi", b"rd"]);
+        assert_eq!(
+            lines,
+            [
+                b"Linux version 3.10".to_vec(),
+                b"second".to_vec(),
+                b"third".to_vec()
+            ]
+        );
+        assert_eq!(held, 5, "\"third\" waited for its line end");
+        // A lone \r inside a line is the guest's: kept (and escaped later).
+        let (lines, _) = assemble(&[b"a\rb\n\n"]);
+        assert_eq!(lines, [b"a\rb".to_vec(), b"".to_vec()]);
+    }
+
+    #[test]
+    fn a_line_without_end_is_handed_over_in_bounded_pieces() {
+        let long = [b'x'; ASSEMBLE_MAX * 2 + 3];
+        let (lines, held) = assemble(&[&long]);
+        assert_eq!(held, 3);
+        assert_eq!(lines.len(), 3);
+        assert!(lines.iter().all(|l| l.len() <= ASSEMBLE_MAX));
+        assert_eq!(lines.iter().map(Vec::len).sum::<usize>(), long.len());
+    }
 
     fn esc(b: &[u8]) -> String {
         Escaped::new(b).to_string()

@@ -21,9 +21,11 @@
 //!
 //! [`BusHost`] is what the launcher supplies per call: where console lines
 //! go, how an irq is raised, and the switch (locked for the call). Console
-//! output is assembled into lines here ([`LINE_BUF`] bytes at most, a
-//! longer line is cut into pieces), so each piece the launcher prints is
-//! one line of guest text.
+//! output is assembled into lines here by the one
+//! [`LineAssembler`](crate::lguest::console::LineAssembler) (at most
+//! [`ASSEMBLE_MAX`](crate::lguest::console::ASSEMBLE_MAX) bytes, a longer
+//! line cut into pieces; `\r\n` is one line end), so each piece the
+//! launcher prints is one line of guest text.
 //!
 //! Frames a guest sends to other guests are queued on their ports by
 //! [`Switch::input`]; each receiving guest takes them into its receive
@@ -49,10 +51,8 @@ use super::net::{Mac, Net, NetStats};
 use super::rng::{EntropySource, Rng};
 use super::switch::{PortId, Switch};
 use super::{DeviceError, VirtioDevice, interrupts};
+use crate::lguest::console::LineAssembler;
 use crate::lguest::guestmem::GuestMemory;
-
-/// Longest piece of console output handed over as one line.
-pub const LINE_BUF: usize = 256;
 
 /// What the launcher supplies to a bus call.
 pub trait BusHost {
@@ -117,7 +117,7 @@ pub struct Bus<S, E> {
     entropy: E,
     block: Option<Block<S>>,
     net: Option<(Net, PortId)>,
-    line: Vec<u8>,
+    line: LineAssembler,
     scratch: Vec<u8>,
 }
 
@@ -174,7 +174,7 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>, E: EntropySource> Bus<S, E> {
             entropy,
             block,
             net,
-            line: Vec::with_capacity(LINE_BUF),
+            line: LineAssembler::new(),
             scratch: Vec::new(),
         })
     }
@@ -294,10 +294,7 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>, E: EntropySource> Bus<S, E> {
     /// Hand over a partial console line still buffered (at the guest's
     /// end).
     pub fn flush_console<H: BusHost>(&mut self, host: &mut H) {
-        if !self.line.is_empty() {
-            host.console_line(&self.line);
-            self.line.clear();
-        }
+        self.line.finish(|l| host.console_line(l));
     }
 
     /// Counters of every device.
@@ -347,20 +344,7 @@ impl<S: AsRef<[u8]> + AsMut<[u8]>, E: EntropySource> Bus<S, E> {
                     return Err(DeviceError::NoSuchDevice(k));
                 };
                 let line = &mut self.line;
-                c.service_tx(mem, |bytes| {
-                    for &b in bytes {
-                        if b == b'\n' {
-                            host.console_line(line);
-                            line.clear();
-                        } else {
-                            line.push(b);
-                            if line.len() >= LINE_BUF {
-                                host.console_line(line);
-                                line.clear();
-                            }
-                        }
-                    }
-                })?;
+                c.service_tx(mem, |bytes| line.push(bytes, |l| host.console_line(l)))?;
                 c.service_rx(mem)?;
                 raise(c, mem, host)
             }
@@ -519,11 +503,19 @@ mod tests {
         let tx_irq = b.page().queue_config(0, 1).unwrap().irq;
         assert_eq!(host.irqs, [tx_irq]);
         // A long line is cut; a partial one waits for the end.
-        mem.write(0x1000, &[b'x'; LINE_BUF + 5]).unwrap();
-        d[1].add(&mut mem, &[(0x1000, LINE_BUF as u32 + 5, false)]);
+        mem.write(0x1000, &[b'x'; crate::lguest::console::ASSEMBLE_MAX + 5])
+            .unwrap();
+        d[1].add(
+            &mut mem,
+            &[(
+                0x1000,
+                crate::lguest::console::ASSEMBLE_MAX as u32 + 5,
+                false,
+            )],
+        );
         b.notify(&mut mem, kick, &mut host).unwrap();
         assert_eq!(host.lines.len(), 3);
-        assert_eq!(host.lines[2].len(), LINE_BUF);
+        assert_eq!(host.lines[2].len(), crate::lguest::console::ASSEMBLE_MAX);
         b.flush_console(&mut host);
         assert_eq!(host.lines[3], b"xxxxx");
         // Input reaches a posted receive buffer on the next poll.
