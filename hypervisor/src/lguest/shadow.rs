@@ -1055,6 +1055,24 @@ impl ShadowPaging {
         }
     }
 
+    /// Guest virtual → guest physical for an access the host may make later
+    /// on the guest's behalf without walking again (the reflection stubs
+    /// push a user-mode trap frame there): only if the current tables allow
+    /// `access` and the leaf already has ACCESSED (and DIRTY for a write)
+    /// set, so that the later access changes nothing the CPU would have
+    /// changed. Reads only; `None` otherwise (the full path then decides).
+    pub fn translate_quiet(
+        &self,
+        mem: &impl GuestMemory,
+        vaddr: u32,
+        access: Access,
+    ) -> Option<u32> {
+        let cr3 = self.current_gpgdir()?;
+        let t = self.paging.translate(mem, cr3, vaddr, access).ok()?;
+        let need = PAGE_ACCESSED | if access.write { PAGE_DIRTY } else { 0 };
+        (t.pte & need == need).then_some(t.gpa)
+    }
+
     /// Frees every frame of every shadow: the guest died or is restarting.
     /// The kernel must have loaded another CR3 first (none of these tables
     /// may be in use). Afterwards [`Self::frames`] is 0 and the core is back

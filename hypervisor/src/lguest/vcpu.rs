@@ -651,6 +651,33 @@ impl Vcpu {
     /// every exit must take the full path (before INIT, dead, halted, or a
     /// call waiting to be finished).
     pub fn stub_view(&self, limit: u32) -> Option<StubView> {
+        self.stub_view_with(limit, None)
+    }
+
+    /// [`Self::stub_view`] for the run loop, which has the guest's memory:
+    /// under shadow paging too, a user-mode trap may then be reflected by
+    /// the stubs, onto the `SET_STACK` stack, when its 20-byte frame lies
+    /// in one page that the guest's tables map writable for the kernel with
+    /// ACCESSED and DIRTY already set (so pushing it there changes nothing
+    /// the CPU would have changed); the view then holds the frame's
+    /// guest-physical address. Kernel-mode traps still take the full path
+    /// under paging (their stack is wherever the guest's ESP points).
+    pub fn stub_view_in<M: GuestMemory>(&self, mem: &M) -> Option<StubView> {
+        let translate = |va: u32| {
+            self.shadow
+                .as_ref()?
+                .translate_quiet(mem, va, Access::KERNEL_WRITE)
+        };
+        self.stub_view_with(mem.limit(), Some(&translate))
+    }
+
+    /// `translate`: how a user frame's linear address becomes guest-physical
+    /// under paging (`None`: no reflection under paging).
+    fn stub_view_with(
+        &self,
+        limit: u32,
+        translate: Option<&dyn Fn(u32) -> Option<u32>>,
+    ) -> Option<StubView> {
         let ld = self.lguest_data?;
         if self.dead.is_some() || self.restart || self.halted || self.pending_hcall.is_some() {
             return None;
@@ -661,8 +688,9 @@ impl Vcpu {
         // A kernel-mode trap may be reflected on the stack the guest was
         // entered with, if it was entered at CPL 1 with selectors that
         // passed the entry check; a user-mode one on a valid SET_STACK stack.
-        // Under shadow paging frames go through guest-virtual addresses,
-        // which only the full path translates: no reflection there.
+        // Under shadow paging a kernel-mode frame goes wherever the guest's
+        // ESP points, which only the full path translates; a user-mode one
+        // goes to the SET_STACK stack, translated here (`translate`).
         let linear = !self.paging();
         let validated = self.validated == Some(SelKey::of(self.gdt.generation(), &self.regs));
         let kss = if linear && validated && self.cpl() == 1 {
@@ -671,11 +699,23 @@ impl Vcpu {
             0
         };
         let base = |ss: u32| u16::try_from(ss).map_or(0, |s| self.gdt.segment_base(s));
-        let ss1_ok = linear
+        let ss1_ok = (linear || translate.is_some())
             && self.stack_set
             && u16::try_from(self.ss1).is_ok_and(|s| self.gdt.valid_stack_selector(s, 1));
         let user_top = base(self.ss1).wrapping_add(self.esp1);
-        let user_frame = user_top.checked_sub(20).filter(|_| user_top <= limit);
+        let user_low = user_top.checked_sub(20);
+        let user_frame = if linear {
+            user_low.filter(|_| user_top <= limit)
+        } else {
+            // The frame's linear address through the guest's own tables,
+            // without side effects, and all of it in one page.
+            match (user_low, translate) {
+                (Some(low), Some(tr)) if low >> 12 == user_top.wrapping_sub(1) >> 12 => {
+                    tr(low).filter(|pa| pa.checked_add(20).is_some_and(|end| end <= limit))
+                }
+                _ => None,
+            }
+        };
         let (ss1, user_frame) = match user_frame {
             Some(low) if ss1_ok => (self.ss1, low),
             _ => (0, 0),

@@ -22,7 +22,7 @@
 //! [`BusHost`] is what the launcher supplies per call: where console lines
 //! go, how an irq is raised, and the switch (locked for the call). Console
 //! output is assembled into lines here by the one
-//! [`LineAssembler`](crate::lguest::console::LineAssembler) (at most
+//! [`LineAssembler`] (at most
 //! [`ASSEMBLE_MAX`](crate::lguest::console::ASSEMBLE_MAX) bytes, a longer
 //! line cut into pieces; `\r\n` is one line end), so each piece the
 //! launcher prints is one line of guest text.

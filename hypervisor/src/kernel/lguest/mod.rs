@@ -866,7 +866,7 @@ fn merge_pending(r: &mut Running) {
 /// Tells the hypercall and reflection stubs what they may do for this guest
 /// until its next exit that reaches Rust (nothing if the vCPU says so).
 fn arm_stub(r: &mut Running) {
-    let view = r.vcpu.stub_view(r.mem.limit());
+    let view = r.vcpu.stub_view_in(&r.mem);
     let at_kernel_cs = r.vcpu.regs.cs == u32::from(guest_abi::KERNEL_CS);
     let ld = r.vcpu.lguest_data();
     let noirq = r.vcpu.noirq_window();

@@ -2383,3 +2383,45 @@ fn stub_switch_is_the_full_path_or_nothing() {
         "taken {taken}, declined {declined}"
     );
 }
+
+/// Under shadow paging the stubs may reflect a user-mode trap onto the
+/// `SET_STACK` stack only where pushing the frame changes nothing the CPU
+/// would have changed: one page, mapped writable for the kernel, ACCESSED
+/// and DIRTY already set. The view then holds the frame's guest-physical
+/// address; anything else leaves user traps to the full path.
+#[test]
+fn under_paging_user_traps_reflect_only_onto_a_quietly_mapped_stack() {
+    let mut t = paging_guest();
+    let top = KBASE + KSTACK;
+    assert_eq!(t.hcall(LHCALL_SET_STACK, 0x69, top, 2), Action::Resume);
+    t.prepare();
+    let view = t.v.stub_view_in(&t.m).unwrap();
+    assert_eq!(view.ss1, 0x69);
+    assert_eq!(
+        view.user_frame,
+        KSTACK - 20,
+        "guest-physical, through the tables"
+    );
+    assert_eq!(view.user_esp, top - 20, "the guest's ESP stays virtual");
+    assert_eq!(view.kss, 0, "kernel-mode traps still take the full path");
+    // Without the guest's memory to walk, nothing is reflected under paging.
+    assert_eq!(t.v.stub_view(MEM).unwrap().ss1, 0);
+
+    let pte = PTES + ((KSTACK - 20) >> 12) * 4;
+    let frame = (KSTACK - 20) & !0xFFF;
+    // Not yet dirty (the push would set D), read-only, not accessed: no.
+    for bits in [0x023, 0x061, 0x043] {
+        t.m.write_u32(pte, frame | bits).unwrap();
+        let view = t.v.stub_view_in(&t.m).unwrap();
+        assert_eq!((view.ss1, view.user_frame), (0, 0), "pte bits {bits:#x}");
+        assert_eq!(t.m.read_u32(pte).unwrap(), frame | bits, "nothing written");
+    }
+    t.m.write_u32(pte, frame | 0x063).unwrap();
+    assert_eq!(t.v.stub_view_in(&t.m).unwrap().ss1, 0x69);
+
+    // A frame that would straddle two pages: no.
+    let mut t = paging_guest();
+    assert_eq!(t.hcall(LHCALL_SET_STACK, 0x69, top + 8, 2), Action::Resume);
+    t.prepare();
+    assert_eq!(t.v.stub_view_in(&t.m).unwrap().ss1, 0);
+}
