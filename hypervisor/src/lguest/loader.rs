@@ -235,6 +235,22 @@ fn validate<'a>(
     })
 }
 
+/// The e820 map every guest's `boot_params` carries: one RAM entry
+/// `[0, ram_bytes)` (the device pages above RAM are not RAM).
+pub(crate) fn write_ram_e820(
+    mem: &mut (impl GuestMemory + ?Sized),
+    ram_bytes: u32,
+) -> Result<(), MemFault> {
+    let bp = BOOT_PARAMS_ADDR;
+    mem.write_u8(bp + BP_E820_ENTRIES, 1)?;
+    let e820 = BootE820Entry {
+        addr: 0,
+        size: u64::from(ram_bytes),
+        type_: E820_RAM,
+    };
+    mem.write(bp + BootE820Entry::offset(0), &e820.to_bytes())
+}
+
 /// Write the Linux `boot_params` page at guest-physical 0 (e820 with one RAM
 /// entry `[0, ram_bytes)`, boot protocol 2.07, `KEEP_SEGMENTS`,
 /// `hardware_subarch` = lguest, loader 0xFF, `cmd_line_ptr` = 0x1000) and the
@@ -246,13 +262,7 @@ pub fn write_boot_params(
 ) -> Result<(), MemFault> {
     let bp = BOOT_PARAMS_ADDR;
     mem.zero(bp, BOOT_PARAMS_SIZE)?;
-    mem.write_u8(bp + BP_E820_ENTRIES, 1)?;
-    let e820 = BootE820Entry {
-        addr: 0,
-        size: u64::from(ram_bytes),
-        type_: E820_RAM,
-    };
-    mem.write(bp + BootE820Entry::offset(0), &e820.to_bytes())?;
+    write_ram_e820(mem, ram_bytes)?;
     mem.write_u16(bp + BP_HDR_VERSION, BOOT_PROTOCOL_VERSION)?;
     let flags = mem.read_u8(bp + BP_HDR_LOADFLAGS)?;
     mem.write_u8(bp + BP_HDR_LOADFLAGS, flags | KEEP_SEGMENTS)?;
