@@ -213,9 +213,40 @@ impl GuestSpec {
         let mut line = self.name();
         for arg in &self.args {
             line.push(' ');
-            line.push_str(arg);
+            match path_option(arg) {
+                Some((opt, path)) => {
+                    line.push_str(opt);
+                    line.push_str(&module_name_for(path));
+                }
+                None => line.push_str(arg),
+            }
         }
         line
+    }
+
+    /// The guest and the data modules its path-valued options name
+    /// (`initrd=PATH`, `block=PATH`: each file travels as a module of its own, named after
+    /// the file, and the option names that module).
+    pub fn resolve_all(&self, ws: &Workspace, base: &Path) -> Result<Vec<ResolvedGuest>> {
+        let mut guest = self.resolve(ws, base)?;
+        let mut out = Vec::new();
+        for arg in &mut guest.args {
+            let Some((opt, path)) = path_option(arg) else {
+                continue;
+            };
+            let name = module_name_for(path);
+            let file = base.join(path);
+            fs::metadata(&file).context(|| format!("guest `{}`: {arg}", guest.name))?;
+            out.push(ResolvedGuest {
+                file_name: format!("{name}.data"),
+                name: name.clone(),
+                elf: file,
+                args: Vec::new(),
+            });
+            *arg = format!("{opt}{name}");
+        }
+        out.push(guest);
+        Ok(out)
     }
 
     /// Checks the module command line with the hypervisor's own parser
@@ -351,6 +382,33 @@ pub struct ResolvedGuest {
     pub args: Vec<String>,
 }
 
+/// An option whose value is a file to send as a module of its own (`initrd=` or `block=`
+/// with a value holding a `/`): the option with its `=`, and the path.
+fn path_option(arg: &str) -> Option<(&'static str, &str)> {
+    ["initrd=", "block="].into_iter().find_map(|opt| {
+        let v = arg.strip_prefix(opt)?;
+        v.contains('/').then_some((opt, v))
+    })
+}
+
+/// The module name a path-valued option's file gets: its file name, made a valid guest
+/// module name (letters, digits, `_`, `-`, `.`; at most 32 bytes).
+fn module_name_for(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    let name: String = file
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(rustyvisor::lguest::spec::MAX_NAME)
+        .collect();
+    if name.is_empty() { "data".into() } else { name }
+}
+
 /// Fails unless `path` is a readable 32-bit ELF file.
 fn check_elf32(path: &Path) -> Result<()> {
     let mut header = [0u8; 0x210];
@@ -409,7 +467,9 @@ pub fn grub_cfg(cmdline: &str, guests: &[ResolvedGuest]) -> String {
     cfg += &format!("    {}\n", line(words));
     for guest in guests {
         let file = format!("/boot/guests/{}", guest.file_name);
-        let mut words = vec!["module2", file.as_str(), guest.name.as_str()];
+        // `--nounzip`: the hypervisor gets the file's bytes as they are (GRUB would
+        // otherwise decompress a gzip'd module: a Linux initrd, a block device's image).
+        let mut words = vec!["module2", "--nounzip", file.as_str(), guest.name.as_str()];
         words.extend(guest.args.iter().map(String::as_str));
         cfg += &format!("    {}\n", line(words));
     }
@@ -701,7 +761,7 @@ mod tests {
              set timeout_style=hidden\n\
              menuentry \"rustyvisor\" {\n    \
              multiboot2 /boot/rustyvisor.elf exit=qemu log=debug\n    \
-             module2 /boot/guests/kernel.elf kernel mem=16M console=hvc0\n    \
+             module2 --nounzip /boot/guests/kernel.elf kernel mem=16M console=hvc0\n    \
              boot\n}\n"
         );
         assert!(!cfg.contains("serial"));

@@ -214,8 +214,11 @@ impl Runner<'_> {
         let guests = scenario
             .guests
             .iter()
-            .map(|g| g.resolve(self.ws, &self.ws.root))
-            .collect::<Result<Vec<ResolvedGuest>>>()?;
+            .map(|g| g.resolve_all(self.ws, &self.ws.root))
+            .collect::<Result<Vec<Vec<ResolvedGuest>>>>()?
+            .into_iter()
+            .flatten()
+            .collect::<Vec<ResolvedGuest>>();
         let iso = self.iso(scenario);
         Image {
             name: &scenario.name,

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use rustyvisor::units::Bytes;
+use rustyvisor::units::{Bytes, MIB};
 use rustyvisor_tests::err;
 use rustyvisor_tests::image::{GuestSpec, check_cmdline};
 use rustyvisor_tests::qemu::{Accel, Firmware, Machine, memory_arg, parse_memory};
@@ -49,6 +49,14 @@ pub const DEMO_GUESTS: [&str; 8] = [
 pub const CONSOLE_HINT: &str = "console: keys go to the guest in focus; Ctrl-A then `help` Enter \
                                 lists the commands (list, focus, kill, restart, stats); Ctrl-A Tab \
                                 focuses the next guest";
+
+/// Machine RAM that holds guests of `mems` bytes all at once: their sum, plus 128 MiB for
+/// the hypervisor, the modules and each guest's overhead, in 64 MiB steps. `cargo xtask run`
+/// uses it when `--mem` is not given and the default is too small (a Linux guest with 128 MiB).
+pub fn machine_memory_for(mems: &[u64]) -> u64 {
+    let want = mems.iter().sum::<u64>() + 128 * MIB;
+    want.next_multiple_of(64 * MIB)
+}
 
 /// The usage text.
 pub const USAGE: &str = "\
@@ -347,6 +355,7 @@ pub fn parse(argv: &[String]) -> Result<Command> {
             let mut image = ImageArgs::default();
             let mut machine = Machine::default();
             let mut gdb = false;
+            let mut mem_given = false;
             while let Some(arg) = args.items.next() {
                 if common(&arg, &mut profile, &mut no_build)
                     || image_option(&mut args, &arg, &mut image)?
@@ -361,6 +370,7 @@ pub fn parse(argv: &[String]) -> Result<Command> {
                     "--mem" => {
                         machine.memory =
                             parse_memory(&args.value(&arg)?).map_err(|e| err!("`--mem`: {e}"))?;
+                        mem_given = true;
                     }
                     _ => return Err(args.unknown(&arg)),
                 }
@@ -370,7 +380,12 @@ pub fn parse(argv: &[String]) -> Result<Command> {
             if demo {
                 image.guests = demo_guests()?;
             }
-            for (guest, mem) in image.guests.iter().zip(image.check()?) {
+            let mems = image.check()?;
+            // Without --mem, a machine too small for the guests grows to hold them.
+            if !mem_given && mems.iter().sum::<u64>() + 64 * MIB > machine.memory {
+                machine.memory = machine_memory_for(&mems);
+            }
+            for (guest, mem) in image.guests.iter().zip(mems) {
                 if mem >= machine.memory {
                     return Err(err!(
                         "guest `{}` wants {} of RAM, but the machine has {} in all (--mem {}); \
@@ -463,7 +478,7 @@ mod tests {
             "run --mem 1.5G",
             "run --guest hello,mem=5000G",
             "run --cmdline exit=qmeu",
-            "run --guest hello,mem=1G",
+            "run --mem 128M --guest hello,mem=1G",
             "iso",
             "test -j 0",
             "build -- x",
@@ -586,6 +601,23 @@ mod tests {
     }
 
     #[test]
+    fn run_grows_the_machine_for_big_guests_unless_mem_is_given() {
+        let Command::Run(run) = parse_str("run --guest hello,mem=128M").unwrap() else {
+            panic!("not a run command");
+        };
+        assert_eq!(run.machine.memory, 256 * MIB);
+        let Command::Run(run) = parse_str("run --guest hello,mem=8M").unwrap() else {
+            panic!("not a run command");
+        };
+        assert_eq!(
+            run.machine.memory,
+            Machine::default().memory,
+            "fits: unchanged"
+        );
+        assert!(parse_str("run --mem 128M --guest hello,mem=128M").is_err());
+    }
+
+    #[test]
     fn run_defaults() {
         let Command::Run(run) = parse_str("run").unwrap() else {
             panic!("not a run command");
@@ -692,7 +724,7 @@ mod tests {
                 "bad value \"qmeu\" for exit",
             ),
             (
-                "run --guest hello,mem=128M",
+                "run --mem 128M --guest hello,mem=128M",
                 "guest `hello` wants 128 MiB of RAM, but the machine has 128 MiB in all \
                  (--mem 128M); raise --mem",
             ),

@@ -40,7 +40,14 @@ pub fn build_all(profile: Profile) -> Result<i32> {
 /// Resolves image guests given on the command line (paths relative to the current directory).
 fn resolve(ws: &Workspace, image: &ImageArgs) -> Result<Vec<ResolvedGuest>> {
     let cwd = std::env::current_dir().map_err(|e| err!("current directory: {e}"))?;
-    image.guests.iter().map(|g| g.resolve(ws, &cwd)).collect()
+    Ok(image
+        .guests
+        .iter()
+        .map(|g| g.resolve_all(ws, &cwd))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect())
 }
 
 /// `cargo xtask iso`.
@@ -154,7 +161,7 @@ fn prepare(ws: &Workspace, scenarios: &[Scenario]) -> Result<()> {
     for s in scenarios {
         for guest in &s.guests {
             guest
-                .resolve(ws, &ws.root)
+                .resolve_all(ws, &ws.root)
                 .map_err(|e| err!("{}: scenario `{}`: {e}", s.file.display(), s.name))?;
         }
     }
