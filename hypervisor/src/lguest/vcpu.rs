@@ -2303,14 +2303,20 @@ impl Vcpu {
             return kill!("bad shutdown reason {reason}");
         }
         // lguest reads 128 bytes and forces the last one to NUL.
-        let text = mem.read_cstr(msg, 127)?;
         if reason == LGUEST_SHUTDOWN_RESTART {
+            // A restart happens whatever the message: lguest recorded the
+            // restart after (and over) a failed read of it, and Linux's
+            // `machine_restart(NULL)` hands over `__pa(NULL)`.
             if self.dead.is_none() {
-                self.kill(format_args!("restart: {text}"));
+                match mem.read_cstr(msg, 127) {
+                    Ok(text) => self.kill(format_args!("restart: {text}")),
+                    Err(_) => self.kill(format_args!("restart (message at {msg:#x} unreadable)")),
+                }
                 self.restart = true;
             }
             return Ok(Action::Restart);
         }
+        let text = mem.read_cstr(msg, 127)?;
         if text.is_empty() {
             self.kill("power off");
         } else {

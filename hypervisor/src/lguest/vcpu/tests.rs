@@ -628,6 +628,17 @@ fn shutdown_restart_and_bad() {
     assert_eq!(t.trap(3, 0), Action::Restart);
     assert_eq!(t.prepare(), Action::Restart);
 
+    // Linux's `machine_restart(NULL)` passes `__pa(NULL)`, outside guest
+    // memory: the restart still happens (a power off would be killed).
+    let mut t = T::init();
+    assert_eq!(t.hcall(LHCALL_SHUTDOWN, 0x4000_0000, 2, 0), Action::Restart);
+    assert!(t.v.is_restart());
+    assert_eq!(t.dead(), "restart (message at 0x40000000 unreadable)");
+    let mut t = T::init();
+    assert_eq!(t.hcall(LHCALL_SHUTDOWN, 0x4000_0000, 1, 0), Action::Dead);
+    assert!(!t.v.is_restart());
+    assert!(t.dead().starts_with("bad read address 0x40000000"));
+
     let mut t = T::init();
     t.m.write(0x3000, b"again\0").unwrap();
     t.queue(0, [LHCALL_SHUTDOWN, 0x3000, 2, 0, 0]);
