@@ -256,6 +256,27 @@ pub struct UefiFlash {
     pub vars: PathBuf,
 }
 
+/// A Linux kernel QEMU loads itself (`-kernel`, `-initrd`, `-append`), without our ISO: the
+/// bench's native Linux boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectKernel {
+    /// The bzImage (`-kernel`).
+    pub kernel: PathBuf,
+    /// Its initrd (`-initrd`), if any.
+    pub initrd: Option<PathBuf>,
+    /// Its command line (`-append`).
+    pub append: String,
+}
+
+/// What QEMU boots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Boot {
+    /// Our ISO (`-cdrom`): GRUB, the hypervisor and its guest modules.
+    Iso(PathBuf),
+    /// A kernel loaded by QEMU itself.
+    Kernel(DirectKernel),
+}
+
 /// One QEMU invocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Qemu {
@@ -263,8 +284,8 @@ pub struct Qemu {
     pub machine: Machine,
     /// OVMF flash; must be `Some` exactly when `machine.firmware` is UEFI.
     pub uefi: Option<UefiFlash>,
-    /// The ISO to boot.
-    pub iso: PathBuf,
+    /// What to boot.
+    pub boot: Boot,
     /// Serial port destination.
     pub serial: Serial,
     /// QEMU's own log (`-d` [`DEBUG_LOG_ITEMS`] or [`DEBUG_LOG_ITEMS_UEFI`], `-D file`), if wanted.
@@ -346,7 +367,18 @@ impl Qemu {
         if self.gdb {
             args.extend(["-s".into(), "-S".into()]);
         }
-        args.extend(["-cdrom".into(), option_path(&self.iso)]);
+        match &self.boot {
+            Boot::Iso(iso) => args.extend(["-cdrom".into(), option_path(iso)]),
+            Boot::Kernel(k) => {
+                // `-kernel` and `-initrd` take plain file names (no option syntax, no commas
+                // to escape).
+                args.extend(["-kernel".into(), k.kernel.to_string_lossy().into_owned()]);
+                if let Some(initrd) = &k.initrd {
+                    args.extend(["-initrd".into(), initrd.to_string_lossy().into_owned()]);
+                }
+                args.extend(["-append".into(), k.append.clone()]);
+            }
+        }
         args.extend(m.extra_args.iter().cloned());
         args.into_iter().map(OsString::from).collect()
     }
@@ -422,7 +454,7 @@ mod tests {
         Qemu {
             machine: Machine::default(),
             uefi: None,
-            iso: "/t/iso/run.iso".into(),
+            boot: Boot::Iso("/t/iso/run.iso".into()),
             serial: Serial::Stdio,
             debug_log: None,
             gdb: false,
@@ -469,7 +501,7 @@ mod tests {
                 code: "/ovmf/CODE.fd".into(),
                 vars: "/t/qemu/a,b.vars.fd".into(),
             }),
-            iso: "/t/a.iso".into(),
+            boot: Boot::Iso("/t/a.iso".into()),
             serial: Serial::File("/t/qemu/a.log".into()),
             debug_log: Some("/t/qemu/a.qemu.log".into()),
             gdb: true,
@@ -495,6 +527,49 @@ mod tests {
         assert!(has_pair(&args, "-D", "/t/qemu/a.qemu.log"));
         assert!(args.iter().any(|a| a == "-s") && args.iter().any(|a| a == "-S"));
         assert_eq!(&args[args.len() - 2..], ["-d", "int"], "extra args go last");
+    }
+
+    #[test]
+    fn direct_kernel_boot_replaces_the_cdrom() {
+        let q = Qemu {
+            machine: Machine {
+                memory: 512 * MIB,
+                icount: true,
+                ..Machine::default()
+            },
+            boot: Boot::Kernel(DirectKernel {
+                kernel: "../kit/bzImage".into(),
+                initrd: Some("../kit/host-initrd.cpio.gz".into()),
+                append: "console=ttyS0 panic=-1".into(),
+            }),
+            serial: Serial::File("/t/qemu/n.log".into()),
+            ..bios_run()
+        };
+        let args = strings(&q);
+        assert!(has_pair(&args, "-kernel", "../kit/bzImage"));
+        assert!(has_pair(&args, "-initrd", "../kit/host-initrd.cpio.gz"));
+        assert!(has_pair(&args, "-append", "console=ttyS0 panic=-1"));
+        assert!(has_pair(&args, "-m", "512M"));
+        assert!(has_pair(&args, "-icount", "shift=0"));
+        assert!(args.iter().any(|a| a == "-no-reboot"));
+        assert!(!args.iter().any(|a| a == "-cdrom"));
+        assert!(
+            q.command_line()
+                .ends_with("-append 'console=ttyS0 panic=-1'"),
+            "{}",
+            q.command_line()
+        );
+        let bare = Qemu {
+            boot: Boot::Kernel(DirectKernel {
+                kernel: "k".into(),
+                initrd: None,
+                append: String::new(),
+            }),
+            ..bios_run()
+        };
+        let args = strings(&bare);
+        assert!(!args.iter().any(|a| a == "-initrd"));
+        assert!(has_pair(&args, "-append", ""));
     }
 
     #[test]
