@@ -107,6 +107,10 @@ pub struct Machine {
     pub accel: Accel,
     /// `-icount shift=0`: one time-stamp-counter tick per instruction (benches).
     pub icount: bool,
+    /// The CPU model, if not the default ([`CPU_MODEL`] under TCG, `host` under KVM): the
+    /// native Linux bench boot runs QEMU's default `qemu64`, under which the kit's Linux lguest
+    /// works (under `max` its lguest guest stalled once the host switched to the TSC clocksource).
+    pub cpu: Option<String>,
     /// Extra arguments appended to the QEMU command line.
     pub extra_args: Vec<String>,
 }
@@ -119,6 +123,7 @@ impl Default for Machine {
             smp: 1,
             accel: Accel::Tcg,
             icount: false,
+            cpu: None,
             extra_args: Vec::new(),
         }
     }
@@ -315,17 +320,16 @@ impl Qemu {
             "-smp".into(),
             m.smp.to_string(),
         ];
-        match m.accel {
-            Accel::Tcg => args.extend([
-                "-accel".into(),
-                "tcg".into(),
-                "-cpu".into(),
-                CPU_MODEL.into(),
-            ]),
-            Accel::Kvm => {
-                args.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()])
-            }
-        }
+        let (accel, cpu) = match m.accel {
+            Accel::Tcg => ("tcg", CPU_MODEL),
+            Accel::Kvm => ("kvm", "host"),
+        };
+        args.extend([
+            "-accel".into(),
+            accel.into(),
+            "-cpu".into(),
+            m.cpu.clone().unwrap_or_else(|| cpu.into()),
+        ]);
         if m.icount {
             args.extend(["-icount".into(), "shift=0".into()]);
         }
@@ -495,6 +499,7 @@ mod tests {
                 smp: 4,
                 accel: Accel::Kvm,
                 icount: true,
+                cpu: None,
                 extra_args: vec!["-d".into(), "int".into()],
             },
             uefi: Some(UefiFlash {
@@ -535,6 +540,7 @@ mod tests {
             machine: Machine {
                 memory: 512 * MIB,
                 icount: true,
+                cpu: Some("qemu64".into()),
                 ..Machine::default()
             },
             boot: Boot::Kernel(DirectKernel {
@@ -549,6 +555,8 @@ mod tests {
         assert!(has_pair(&args, "-kernel", "../kit/bzImage"));
         assert!(has_pair(&args, "-initrd", "../kit/host-initrd.cpio.gz"));
         assert!(has_pair(&args, "-append", "console=ttyS0 panic=-1"));
+        assert!(has_pair(&args, "-cpu", "qemu64"));
+        assert!(!has_pair(&args, "-cpu", CPU_MODEL));
         assert!(has_pair(&args, "-m", "512M"));
         assert!(has_pair(&args, "-icount", "shift=0"));
         assert!(args.iter().any(|a| a == "-no-reboot"));

@@ -143,10 +143,14 @@ impl Scenario {
         if m.memory != crate::qemu::DEFAULT_MEMORY {
             words.extend(["--mem".into(), crate::qemu::memory_arg(m.memory)]);
         }
-        if m.icount || !m.extra_args.is_empty() {
+        if m.icount || m.cpu.is_some() || !m.extra_args.is_empty() {
             words.push("--".into());
             if m.icount {
                 words.extend(["-icount".into(), "shift=0".into()]);
+            }
+            if let Some(cpu) = &m.cpu {
+                // QEMU takes the last `-cpu`.
+                words.extend(["-cpu".into(), cpu.clone()]);
             }
             words.extend(m.extra_args.iter().cloned());
         }
@@ -171,6 +175,7 @@ struct RawScenario {
     smp: Option<u32>,
     accel: Option<String>,
     icount: Option<bool>,
+    cpu: Option<String>,
     qemu_args: Option<Vec<String>>,
     expect: Option<Vec<String>>,
     expect_each: Option<Vec<Vec<String>>>,
@@ -523,6 +528,17 @@ fn build(
         .iter()
         .map(|p: &String| PathBuf::from(p))
         .collect();
+    let cpu: Option<String> = pick!(cpu);
+    if let Some(model) = &cpu
+        && (model.is_empty()
+            || !model
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+    {
+        return Err(fail(format!(
+            "cpu = \"{model}\" is not a QEMU CPU model name (e.g. \"qemu64\")"
+        )));
+    }
     let cmdline = pick!(cmdline).unwrap_or_default();
     let direct = match pick!(kernel) {
         None => {
@@ -613,6 +629,7 @@ fn build(
             smp,
             accel,
             icount: pick!(icount).unwrap_or(false),
+            cpu,
             extra_args: pick!(qemu_args).unwrap_or_default(),
         },
         expectations: Expectations {
@@ -696,7 +713,7 @@ mod tests {
         let s = parse(&[(
             "b.toml",
             "[defaults]\nkernel = \"../kit/bzImage\"\nmemory = \"512M\"\n\
-             [[scenario]]\nname = \"native\"\ninitrd = \"../kit/host.cpio.gz\"\n\
+             [[scenario]]\nname = \"native\"\ncpu = \"qemu64\"\ninitrd = \"../kit/host.cpio.gz\"\n\
              append = \"console=ttyS0 panic=-1\"\nexit_code = 0\n\
              wall_clock = [{ name = \"up\", to = '^UP$' },\n\
                { name = \"up.late\", from = '^HALF', to = '^UP$' }]\n\
@@ -712,6 +729,8 @@ mod tests {
             })
         );
         assert_eq!(s[0].machine.memory, 512 << 20);
+        assert_eq!(s[0].machine.cpu.as_deref(), Some("qemu64"));
+        assert_eq!(s[1].machine.cpu, None);
         let spans: Vec<(&str, Option<&str>, &str)> = s[0]
             .wall_clock
             .iter()
@@ -738,6 +757,7 @@ mod tests {
             "{cmd}"
         );
         assert!(!cmd.contains("-cdrom"), "{cmd}");
+        assert!(cmd.contains(" -cpu qemu64 "), "{cmd}");
         assert_eq!(
             s[1].direct
                 .as_ref()
@@ -759,6 +779,8 @@ mod tests {
                 "and no `cmdline`",
             ),
             ("kernel = \"\"", "`kernel` is empty"),
+            ("cpu = \"max,+x\"", "not a QEMU CPU model name"),
+            ("cpu = \"\"", "not a QEMU CPU model name"),
             ("kernel = \"k\"\nfirmware = \"uefi\"", "BIOS boots"),
             ("initrd = \"i\"", "`initrd` is for a `kernel`"),
             ("append = \"x\"", "`append` is for a `kernel`"),
