@@ -1285,7 +1285,7 @@ mod tests {
         bench native pipe_pingpong 5172\n\
         bench native fork_exit_wait 55569\n\
         GUEST-UP\n\
-        bench lguest-guest null_syscall 101\n\
+        bench lguest-guest null_syscall 101\r\r\n\
         bench lguest-guest page_fault 7318\n\
         bench lguest-guest pipe_pingpong 10555\n\
         bench lguest-guest fork_exit_wait 229790\n\
