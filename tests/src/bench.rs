@@ -39,6 +39,19 @@
 //! The two counts must agree (`switches = measured + cold`, `hits <= measured`), else the log is
 //! rejected ([`parse_samples`]).
 //!
+//! The Linux kit's benchmark (`/bench` in its initrds) prints `bench <where> <op> <n>`, `<n>`
+//! instructions per operation, which becomes a sample in `insn` ([`linux_sample`]):
+//!
+//! ```text
+//! bench native null_syscall 89                      -> linux_native_null_syscall (a floor)
+//! bench lguest-guest null_syscall 101               -> linux_lguest_null_syscall, floor linux_native_null_syscall
+//! guest bzImage: bench lguest-guest null_syscall 140 -> linux_null_syscall, floor linux_native_null_syscall
+//! ```
+//!
+//! The first two come from a native boot of the kit (its host initrd runs the same kernel under
+//! Linux's own lguest), the last from our hypervisor's boot: a floor may be measured by another
+//! bench of the same run ([`compute_runs`]).
+//!
 //! Goals (instructions a metric should not exceed) are [`GOALS`], the one place they are
 //! written down; a missed goal is shown (status column, summary line, `results.json`) but does
 //! not fail the bench: benches measure. Results are printed as a table and written as JSON
@@ -59,6 +72,14 @@ pub const PREFIX: &str = "bench:";
 /// The prefix of a guest's declaration of its measured address-space switches (a shadow cache
 /// hit rate; see the module documentation).
 pub const SWITCHES_PREFIX: &str = "bench-switches:";
+
+/// The operations of the Linux kit's benchmark, in the order it prints them.
+pub const LINUX_OPS: [&str; 4] = [
+    "null_syscall",
+    "page_fault",
+    "pipe_pingpong",
+    "fork_exit_wait",
+];
 
 /// What the hypervisor's per-guest shadow paging line says after `guest NAME`.
 const SHADOW_LINE: &str = " shadow paging: ";
@@ -160,6 +181,28 @@ pub const GOALS: &[Goal] = &[
     Goal {
         metric: "density",
         limit: Limit::AtLeast(200.0),
+        stretch: None,
+    },
+    // Issue 10: the Linux kit's operations under rustyvisor against the same kernel booted
+    // natively (Linux lguest gets 1.13, 3.7-3.8, 2.0 and 4.1-4.3 on this emulator).
+    Goal {
+        metric: "linux_null_syscall",
+        limit: Limit::FloorTimes(1.25),
+        stretch: None,
+    },
+    Goal {
+        metric: "linux_page_fault",
+        limit: Limit::FloorTimes(2.0),
+        stretch: None,
+    },
+    Goal {
+        metric: "linux_pipe_pingpong",
+        limit: Limit::FloorTimes(1.4),
+        stretch: None,
+    },
+    Goal {
+        metric: "linux_fork_exit_wait",
+        limit: Limit::FloorTimes(2.0),
         stretch: None,
     },
 ];
@@ -353,8 +396,55 @@ fn hit_rate(decl: &SwitchDecl, switches: u64, hits: u64, line_no: usize) -> Resu
     })
 }
 
+/// The sample of a Linux kit benchmark line (see the module documentation), if `line` is one:
+/// `bench native <op> <n>` and `bench lguest-guest <op> <n>` as a natively booted kit prints
+/// them, or `guest NAME: bench lguest-guest <op> <n>` from a Linux guest of ours.
+pub fn linux_sample(line: &str, line_no: usize) -> Option<Result<Sample>> {
+    let (ours, rest) = match guest_console(line) {
+        Some((_, rest)) => (true, rest),
+        None => (false, line),
+    };
+    let rest = rest.strip_prefix("bench ")?;
+    let (place, rest) = rest.split_once(' ')?;
+    let name = |op: &str| match (ours, place) {
+        (false, "native") => Some((format!("linux_native_{op}"), None)),
+        (false, "lguest-guest") => Some((
+            format!("linux_lguest_{op}"),
+            Some(format!("linux_native_{op}")),
+        )),
+        (true, "lguest-guest") => Some((format!("linux_{op}"), Some(format!("linux_native_{op}")))),
+        _ => None,
+    };
+    // Only the kit's two places; anything else is not one of its lines.
+    name("x")?;
+    let bad = |what: &str| Some(Err(err!("serial log line {line_no}: {what}: `{line}`")));
+    let words: Vec<&str> = rest.split_whitespace().collect();
+    let [op, value] = words[..] else {
+        return bad("a Linux bench line is `bench <where> <op> <instructions>`");
+    };
+    if op.is_empty()
+        || !op
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        return bad("bad operation name");
+    }
+    let Ok(value) = value.parse::<u64>() else {
+        return bad("the instruction count is not a whole number");
+    };
+    let (name, floor) = name(op)?;
+    Some(Ok(Sample {
+        name,
+        value: value as f64,
+        unit: "insn".into(),
+        floor,
+        line_no,
+    }))
+}
+
 /// Reads every `bench:` line of a (cleaned) serial log, including those a
-/// guest printed, and every shadow cache hit rate (a guest's `bench-switches:` declaration
+/// guest printed, every Linux kit benchmark line ([`linux_sample`]), and every shadow cache
+/// hit rate (a guest's `bench-switches:` declaration
 /// with its guest's shadow paging line; see the module documentation).
 pub fn parse_samples(lines: &[String]) -> Result<Vec<Sample>> {
     let mut samples = Vec::new();
@@ -382,6 +472,10 @@ pub fn parse_samples(lines: &[String]) -> Result<Vec<Sample>> {
         {
             let decl = pending.remove(at);
             samples.push(hit_rate(&decl, switches, hits, line_no)?);
+            continue;
+        }
+        if let Some(sample) = linux_sample(line, line_no) {
+            samples.push(sample?);
             continue;
         }
         let Some(rest) = bench_payload(line) else {
@@ -452,6 +546,41 @@ pub fn compute(samples: &[Sample]) -> Result<Vec<BenchResult>> {
 
 /// [`compute`] with the given goals.
 pub fn compute_with(samples: &[Sample], goals: &[Goal]) -> Result<Vec<BenchResult>> {
+    compute_in(samples, &[], goals)
+}
+
+/// The results of several benches of one run, each `(bench name, its samples)`, in order: each
+/// bench's metrics are [`compute`]d on their own, but a floor not measured by the bench itself
+/// may come from another bench of the run (the Linux guest under rustyvisor against the same
+/// kit booted natively); a metric reported by two benches is an error. Errors name the bench.
+pub fn compute_runs(runs: &[(String, Vec<Sample>)], goals: &[Goal]) -> Result<Vec<BenchResult>> {
+    let mut results: Vec<BenchResult> = Vec::new();
+    let mut from: Vec<&str> = Vec::new();
+    for (k, (name, samples)) in runs.iter().enumerate() {
+        let outside: Vec<Sample> = runs
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != k)
+            .flat_map(|(_, (_, s))| s.iter().filter(|s| !s.name.contains('.')).cloned())
+            .collect();
+        for r in compute_in(samples, &outside, goals).map_err(|e| err!("bench `{name}`: {e}"))? {
+            if let Some(at) = results.iter().position(|o| o.name == r.name) {
+                return Err(err!(
+                    "metric `{}` is reported by two benches, `{}` and `{name}`",
+                    r.name,
+                    from[at]
+                ));
+            }
+            results.push(r);
+            from.push(name);
+        }
+    }
+    Ok(results)
+}
+
+/// [`compute_with`], where a floor not among `samples` may be one of `outside` (another
+/// bench's metrics).
+fn compute_in(samples: &[Sample], outside: &[Sample], goals: &[Goal]) -> Result<Vec<BenchResult>> {
     for (i, s) in samples.iter().enumerate() {
         if let Some(first) = samples[..i].iter().find(|o| o.name == s.name) {
             return Err(err!(
@@ -470,13 +599,18 @@ pub fn compute_with(samples: &[Sample], goals: &[Goal]) -> Result<Vec<BenchResul
             let floor = match &s.floor {
                 None => None,
                 Some(floor) => {
-                    let f = metrics.iter().find(|o| &o.name == floor).ok_or_else(|| {
-                        err!(
-                            "metric `{}` (line {}): its floor `{floor}` was not measured",
-                            s.name,
-                            s.line_no
-                        )
-                    })?;
+                    let f = metrics
+                        .iter()
+                        .copied()
+                        .chain(outside)
+                        .find(|o| &o.name == floor)
+                        .ok_or_else(|| {
+                            err!(
+                                "metric `{}` (line {}): its floor `{floor}` was not measured",
+                                s.name,
+                                s.line_no
+                            )
+                        })?;
                     if f.unit != s.unit {
                         return Err(err!(
                             "metric `{}` is in {} but its floor `{floor}` is in {}",
@@ -558,6 +692,26 @@ pub fn compute_with(samples: &[Sample], goals: &[Goal]) -> Result<Vec<BenchResul
         });
     }
     Ok(results)
+}
+
+/// Samples of wall-clock spans timed by the runner (`wall_clock` in a bench file), in
+/// seconds with two decimals, no floor; a span whose lines did not both appear is an error.
+pub fn wall_clock_samples(spans: &[(String, Option<std::time::Duration>)]) -> Result<Vec<Sample>> {
+    spans
+        .iter()
+        .map(|(name, span)| {
+            let span = span.ok_or_else(|| {
+                err!("wall-clock span `{name}`: its lines did not appear in the serial log")
+            })?;
+            Ok(Sample {
+                name: name.clone(),
+                value: (span.as_secs_f64() * 100.0).round() / 100.0,
+                unit: "s".into(),
+                floor: None,
+                line_no: 0,
+            })
+        })
+        .collect()
 }
 
 /// What became of the goals of [`GOALS`] (or those given to [`compute_with`]) in a run.
@@ -1117,6 +1271,169 @@ mod tests {
         assert_eq!(find("net_bytes"), Some(Limit::FloorTimes(3.0)));
         assert_eq!(find("guest_overhead"), Some(Limit::AtMost(65536.0)));
         assert_eq!(find("density"), Some(Limit::AtLeast(200.0)));
+        for (op, k) in LINUX_OPS.iter().zip([1.25, 2.0, 1.4, 2.0]) {
+            assert_eq!(find(&format!("linux_{op}")), Some(Limit::FloorTimes(k)));
+            assert_eq!(find(&format!("linux_lguest_{op}")), None);
+        }
+    }
+
+    /// The kit's serial log booted natively (its lguest guest's lines on the same console) and
+    /// our hypervisor's with the kit as a guest.
+    const NATIVE_LOG: &str = "HOST-UP\n\
+        bench native null_syscall 89\n\
+        bench native page_fault 1931\n\
+        bench native pipe_pingpong 5172\n\
+        bench native fork_exit_wait 55569\n\
+        GUEST-UP\n\
+        bench lguest-guest null_syscall 101\r\r\n\
+        bench lguest-guest page_fault 7318\n\
+        bench lguest-guest pipe_pingpong 10555\n\
+        bench lguest-guest fork_exit_wait 229790\n\
+        GUEST-DONE\n";
+    const OURS_LOG: &str = "guest bzImage: GUEST-UP\n\
+        guest bzImage: bench lguest-guest null_syscall 140\n\
+        guest bzImage: bench lguest-guest page_fault 3862\n\
+        guest bzImage: bench lguest-guest pipe_pingpong 7240\n\
+        guest bzImage: bench lguest-guest fork_exit_wait 100000\n\
+        guest bzImage: GUEST-DONE\n";
+
+    #[test]
+    fn linux_kit_lines_become_samples() {
+        let native = parse_samples(&lines(NATIVE_LOG)).unwrap();
+        let names: Vec<(&str, Option<&str>, f64)> = native
+            .iter()
+            .map(|s| (s.name.as_str(), s.floor.as_deref(), s.value))
+            .collect();
+        assert_eq!(
+            names[..2],
+            [
+                ("linux_native_null_syscall", None, 89.0),
+                ("linux_native_page_fault", None, 1931.0)
+            ]
+        );
+        assert_eq!(
+            names[4],
+            (
+                "linux_lguest_null_syscall",
+                Some("linux_native_null_syscall"),
+                101.0
+            )
+        );
+        assert_eq!(native.len(), 8);
+        assert!(native.iter().all(|s| s.unit == "insn"));
+        assert_eq!(native[4].line_no, 7);
+        let ours = parse_samples(&lines(OURS_LOG)).unwrap();
+        assert_eq!(ours.len(), 4);
+        assert_eq!(
+            (
+                ours[3].name.as_str(),
+                ours[3].floor.as_deref(),
+                ours[3].value
+            ),
+            (
+                "linux_fork_exit_wait",
+                Some("linux_native_fork_exit_wait"),
+                100000.0
+            )
+        );
+        // Not the kit's lines: other places, a guest's `native`, prose.
+        for line in [
+            "bench other null_syscall 3",
+            "guest bzImage: bench native null_syscall 3",
+            "bench native",
+            "benchmarks follow",
+            "guest bench: bench: name=x value=1 unit=insn floor=-",
+        ] {
+            assert!(
+                linux_sample(line, 1).is_none_or(|s| s.is_ok_and(|s| !s.name.starts_with("linux"))),
+                "{line}"
+            );
+        }
+        for (line, needle) in [
+            ("bench native null_syscall lots", "not a whole number"),
+            ("bench native null_syscall 1.5", "not a whole number"),
+            (
+                "bench native null_syscall",
+                "bench <where> <op> <instructions>",
+            ),
+            (
+                "bench lguest-guest a b c",
+                "bench <where> <op> <instructions>",
+            ),
+            ("guest g: bench lguest-guest Null 3", "bad operation name"),
+        ] {
+            let e = parse_samples(&lines(line)).unwrap_err();
+            assert!(e.message().contains(needle), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn floors_may_come_from_another_bench_of_the_run() {
+        let runs = vec![
+            ("ours".to_string(), parse_samples(&lines(OURS_LOG)).unwrap()),
+            (
+                "native".to_string(),
+                parse_samples(&lines(NATIVE_LOG)).unwrap(),
+            ),
+        ];
+        let results = compute_runs(&runs, GOALS).unwrap();
+        assert_eq!(results.len(), 12);
+        let get = |n: &str| results.iter().find(|r| r.name == n).unwrap();
+        let ours = get("linux_null_syscall");
+        assert_eq!(ours.ratio, Some(round3(140.0 / 89.0)));
+        let g = ours.goal.clone().unwrap().goal;
+        assert_eq!(
+            (g.text.as_str(), g.max, g.met),
+            (
+                "<= 1.25 x linux_native_null_syscall = 111.25",
+                111.25,
+                false
+            )
+        );
+        assert!(get("linux_page_fault").goal.clone().unwrap().goal.met);
+        assert_eq!(get("linux_lguest_page_fault").ratio, Some(3.79));
+        assert!(get("linux_lguest_page_fault").goal.is_none());
+        // Without the native bench the floors are missing.
+        let e = compute_runs(&runs[..1], GOALS).unwrap_err();
+        assert!(
+            e.message()
+                .starts_with("bench `ours`: metric `linux_null_syscall` (line 2): its floor"),
+            "{e}"
+        );
+        // A metric twice in one run.
+        let twice = vec![runs[1].clone(), ("again".to_string(), runs[1].1.clone())];
+        let e = compute_runs(&twice, GOALS).unwrap_err();
+        assert!(
+            e.message().contains(
+                "`linux_native_null_syscall` is reported by two benches, `native` and `again`"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn wall_clock_spans_are_seconds_without_a_floor() {
+        use std::time::Duration;
+        let spans = vec![
+            ("up".to_string(), Some(Duration::from_millis(12_345))),
+            ("up.boot".to_string(), Some(Duration::from_millis(2_004))),
+        ];
+        let samples = wall_clock_samples(&spans).unwrap();
+        assert_eq!(
+            samples
+                .iter()
+                .map(|s| (s.name.as_str(), s.value, s.unit.as_str(), s.floor.clone()))
+                .collect::<Vec<_>>(),
+            [("up", 12.35, "s", None), ("up.boot", 2.0, "s", None)]
+        );
+        let results = compute(&samples).unwrap();
+        assert_eq!(results.len(), 1);
+        assert_eq!(results[0].stages[0].share, Some(0.162));
+        let e = wall_clock_samples(&[("gone".to_string(), None)]).unwrap_err();
+        assert!(
+            e.message().contains("`gone`: its lines did not appear"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -107,6 +107,10 @@ pub struct Machine {
     pub accel: Accel,
     /// `-icount shift=0`: one time-stamp-counter tick per instruction (benches).
     pub icount: bool,
+    /// The CPU model, if not the default ([`CPU_MODEL`] under TCG, `host` under KVM): the
+    /// native Linux bench boot runs QEMU's default `qemu64`, under which the kit's Linux lguest
+    /// works (under `max` its lguest guest stalled once the host switched to the TSC clocksource).
+    pub cpu: Option<String>,
     /// Extra arguments appended to the QEMU command line.
     pub extra_args: Vec<String>,
 }
@@ -119,6 +123,7 @@ impl Default for Machine {
             smp: 1,
             accel: Accel::Tcg,
             icount: false,
+            cpu: None,
             extra_args: Vec::new(),
         }
     }
@@ -256,6 +261,27 @@ pub struct UefiFlash {
     pub vars: PathBuf,
 }
 
+/// A Linux kernel QEMU loads itself (`-kernel`, `-initrd`, `-append`), without our ISO: the
+/// bench's native Linux boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectKernel {
+    /// The bzImage (`-kernel`).
+    pub kernel: PathBuf,
+    /// Its initrd (`-initrd`), if any.
+    pub initrd: Option<PathBuf>,
+    /// Its command line (`-append`).
+    pub append: String,
+}
+
+/// What QEMU boots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Boot {
+    /// Our ISO (`-cdrom`): GRUB, the hypervisor and its guest modules.
+    Iso(PathBuf),
+    /// A kernel loaded by QEMU itself.
+    Kernel(DirectKernel),
+}
+
 /// One QEMU invocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Qemu {
@@ -263,8 +289,8 @@ pub struct Qemu {
     pub machine: Machine,
     /// OVMF flash; must be `Some` exactly when `machine.firmware` is UEFI.
     pub uefi: Option<UefiFlash>,
-    /// The ISO to boot.
-    pub iso: PathBuf,
+    /// What to boot.
+    pub boot: Boot,
     /// Serial port destination.
     pub serial: Serial,
     /// QEMU's own log (`-d` [`DEBUG_LOG_ITEMS`] or [`DEBUG_LOG_ITEMS_UEFI`], `-D file`), if wanted.
@@ -294,17 +320,16 @@ impl Qemu {
             "-smp".into(),
             m.smp.to_string(),
         ];
-        match m.accel {
-            Accel::Tcg => args.extend([
-                "-accel".into(),
-                "tcg".into(),
-                "-cpu".into(),
-                CPU_MODEL.into(),
-            ]),
-            Accel::Kvm => {
-                args.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()])
-            }
-        }
+        let (accel, cpu) = match m.accel {
+            Accel::Tcg => ("tcg", CPU_MODEL),
+            Accel::Kvm => ("kvm", "host"),
+        };
+        args.extend([
+            "-accel".into(),
+            accel.into(),
+            "-cpu".into(),
+            m.cpu.clone().unwrap_or_else(|| cpu.into()),
+        ]);
         if m.icount {
             args.extend(["-icount".into(), "shift=0".into()]);
         }
@@ -346,7 +371,18 @@ impl Qemu {
         if self.gdb {
             args.extend(["-s".into(), "-S".into()]);
         }
-        args.extend(["-cdrom".into(), option_path(&self.iso)]);
+        match &self.boot {
+            Boot::Iso(iso) => args.extend(["-cdrom".into(), option_path(iso)]),
+            Boot::Kernel(k) => {
+                // `-kernel` and `-initrd` take plain file names (no option syntax, no commas
+                // to escape).
+                args.extend(["-kernel".into(), k.kernel.to_string_lossy().into_owned()]);
+                if let Some(initrd) = &k.initrd {
+                    args.extend(["-initrd".into(), initrd.to_string_lossy().into_owned()]);
+                }
+                args.extend(["-append".into(), k.append.clone()]);
+            }
+        }
         args.extend(m.extra_args.iter().cloned());
         args.into_iter().map(OsString::from).collect()
     }
@@ -422,7 +458,7 @@ mod tests {
         Qemu {
             machine: Machine::default(),
             uefi: None,
-            iso: "/t/iso/run.iso".into(),
+            boot: Boot::Iso("/t/iso/run.iso".into()),
             serial: Serial::Stdio,
             debug_log: None,
             gdb: false,
@@ -463,13 +499,14 @@ mod tests {
                 smp: 4,
                 accel: Accel::Kvm,
                 icount: true,
+                cpu: None,
                 extra_args: vec!["-d".into(), "int".into()],
             },
             uefi: Some(UefiFlash {
                 code: "/ovmf/CODE.fd".into(),
                 vars: "/t/qemu/a,b.vars.fd".into(),
             }),
-            iso: "/t/a.iso".into(),
+            boot: Boot::Iso("/t/a.iso".into()),
             serial: Serial::File("/t/qemu/a.log".into()),
             debug_log: Some("/t/qemu/a.qemu.log".into()),
             gdb: true,
@@ -495,6 +532,52 @@ mod tests {
         assert!(has_pair(&args, "-D", "/t/qemu/a.qemu.log"));
         assert!(args.iter().any(|a| a == "-s") && args.iter().any(|a| a == "-S"));
         assert_eq!(&args[args.len() - 2..], ["-d", "int"], "extra args go last");
+    }
+
+    #[test]
+    fn direct_kernel_boot_replaces_the_cdrom() {
+        let q = Qemu {
+            machine: Machine {
+                memory: 512 * MIB,
+                icount: true,
+                cpu: Some("qemu64".into()),
+                ..Machine::default()
+            },
+            boot: Boot::Kernel(DirectKernel {
+                kernel: "../kit/bzImage".into(),
+                initrd: Some("../kit/host-initrd.cpio.gz".into()),
+                append: "console=ttyS0 panic=-1".into(),
+            }),
+            serial: Serial::File("/t/qemu/n.log".into()),
+            ..bios_run()
+        };
+        let args = strings(&q);
+        assert!(has_pair(&args, "-kernel", "../kit/bzImage"));
+        assert!(has_pair(&args, "-initrd", "../kit/host-initrd.cpio.gz"));
+        assert!(has_pair(&args, "-append", "console=ttyS0 panic=-1"));
+        assert!(has_pair(&args, "-cpu", "qemu64"));
+        assert!(!has_pair(&args, "-cpu", CPU_MODEL));
+        assert!(has_pair(&args, "-m", "512M"));
+        assert!(has_pair(&args, "-icount", "shift=0"));
+        assert!(args.iter().any(|a| a == "-no-reboot"));
+        assert!(!args.iter().any(|a| a == "-cdrom"));
+        assert!(
+            q.command_line()
+                .ends_with("-append 'console=ttyS0 panic=-1'"),
+            "{}",
+            q.command_line()
+        );
+        let bare = Qemu {
+            boot: Boot::Kernel(DirectKernel {
+                kernel: "k".into(),
+                initrd: None,
+                append: String::new(),
+            }),
+            ..bios_run()
+        };
+        let args = strings(&bare);
+        assert!(!args.iter().any(|a| a == "-initrd"));
+        assert!(has_pair(&args, "-append", ""));
     }
 
     #[test]

@@ -40,7 +40,7 @@ use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, mpsc};
@@ -51,13 +51,17 @@ use crate::err;
 use crate::error::{Context, Result};
 use crate::image::{Image, ResolvedGuest};
 use crate::input::{INPUT_BYTE_PAUSE, Step, StepMatcher, unsent};
-use crate::qemu::{Accel, Firmware, Ovmf, Qemu, Serial, check_kvm};
-use crate::scenario::Scenario;
+use crate::qemu::{Accel, Boot, DirectKernel, Firmware, Ovmf, Qemu, Serial, check_kvm};
+use crate::scenario::{Scenario, WallClock};
 use crate::verdict::{Failure, Outcome, judge, serial_lines, visible};
 use crate::workspace::Workspace;
 
 /// SIGKILL, which [`wait_with_timeout`] sends.
 const SIGKILL: i32 = 9;
+
+/// How often the serial log is read while a scenario's `wall_clock` spans are timed: their
+/// resolution.
+pub const WALL_CLOCK_POLL: Duration = Duration::from_millis(20);
 
 /// What one scenario run produced.
 #[derive(Debug, Clone)]
@@ -78,6 +82,9 @@ pub struct Report {
     pub qemu_output: String,
     /// A command that boots the same image interactively.
     pub reproduce: String,
+    /// The scenario's `wall_clock` spans, in order: name and duration (`None`: the span's
+    /// lines did not both appear).
+    pub wall_clock: Vec<(String, Option<Duration>)>,
 }
 
 impl Report {
@@ -163,10 +170,17 @@ impl Runner<'_> {
                 "{}   (add `-- -d int,cpu_reset` to see faults)",
                 scenario.run_command()
             ),
+            wall_clock: Vec::new(),
         };
         match self.boot(scenario, &report) {
-            Ok((outcome, output, input)) => {
+            Ok((outcome, output, input, spans)) => {
                 report.qemu_output = output;
+                report.wall_clock = scenario
+                    .wall_clock
+                    .iter()
+                    .map(|w| w.name.clone())
+                    .zip(spans)
+                    .collect();
                 report.lines = fs::read(&report.log)
                     .map(|raw| serial_lines(&raw))
                     .unwrap_or_default();
@@ -197,9 +211,14 @@ impl Runner<'_> {
         self.ws.iso_dir().join(format!("{}.iso", scenario.name))
     }
 
-    /// Builds the image and runs QEMU; returns how it ended, what it printed and how far the
-    /// scripted input got.
-    fn boot(&self, scenario: &Scenario, report: &Report) -> Result<(Outcome, String, InputRun)> {
+    /// Builds the image (unless QEMU boots a kernel itself) and runs QEMU; returns how it
+    /// ended, what it printed, how far the scripted input got and the `wall_clock` spans.
+    #[allow(clippy::type_complexity)]
+    fn boot(
+        &self,
+        scenario: &Scenario,
+        report: &Report,
+    ) -> Result<(Outcome, String, InputRun, Vec<Option<Duration>>)> {
         let dir = self.ws.qemu_dir();
         fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
         let file = |ext: &str| self.file(scenario, ext);
@@ -211,22 +230,35 @@ impl Runner<'_> {
                 _ => {}
             }
         }
-        let guests = scenario
-            .guests
-            .iter()
-            .map(|g| g.resolve_all(self.ws, &self.ws.root))
-            .collect::<Result<Vec<Vec<ResolvedGuest>>>>()?
-            .into_iter()
-            .flatten()
-            .collect::<Vec<ResolvedGuest>>();
-        let iso = self.iso(scenario);
-        Image {
-            name: &scenario.name,
-            hypervisor: &self.hypervisor,
-            cmdline: &scenario.cmdline,
-            guests: &guests,
-        }
-        .write_iso(self.ws, &iso)?;
+        let boot = match &scenario.direct {
+            Some(direct) => {
+                let root = |p: &PathBuf| self.ws.root.join(p);
+                Boot::Kernel(DirectKernel {
+                    kernel: root(&direct.kernel),
+                    initrd: direct.initrd.as_ref().map(root),
+                    append: direct.append.clone(),
+                })
+            }
+            None => {
+                let guests = scenario
+                    .guests
+                    .iter()
+                    .map(|g| g.resolve_all(self.ws, &self.ws.root))
+                    .collect::<Result<Vec<Vec<ResolvedGuest>>>>()?
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<ResolvedGuest>>();
+                let iso = self.iso(scenario);
+                Image {
+                    name: &scenario.name,
+                    hypervisor: &self.hypervisor,
+                    cmdline: &scenario.cmdline,
+                    guests: &guests,
+                }
+                .write_iso(self.ws, &iso)?;
+                Boot::Iso(iso)
+            }
+        };
         let uefi = match scenario.machine.firmware {
             Firmware::Bios => None,
             Firmware::Uefi => {
@@ -243,7 +275,7 @@ impl Runner<'_> {
         let qemu = Qemu {
             machine: scenario.machine.clone(),
             uefi,
-            iso,
+            boot,
             serial: if scenario.input.is_empty() {
                 Serial::File(report.log.clone())
             } else {
@@ -261,31 +293,39 @@ impl Runner<'_> {
             .try_clone()
             .context(|| format!("opening {}", out_path.display()))?;
         let mut command = qemu.command();
-        let (outcome, input) = if scenario.input.is_empty() {
+        let ((outcome, input), spans) = if scenario.input.is_empty() {
+            let start = Instant::now();
             let mut child = command
                 .stdin(Stdio::null())
                 .stdout(out)
                 .stderr(err_out)
                 .spawn()
                 .context(|| format!("starting {}", crate::qemu::QEMU))?;
-            let outcome = wait_with_timeout(&mut child, scenario.timeout)
-                .context(|| format!("waiting for {}", crate::qemu::QEMU))?;
-            (outcome, InputRun::default())
+            let (outcome, spans) = timed(&report.log, &scenario.wall_clock, start, || {
+                wait_with_timeout(&mut child, scenario.timeout)
+            });
+            let outcome = outcome.context(|| format!("waiting for {}", crate::qemu::QEMU))?;
+            ((outcome, InputRun::default()), spans)
         } else {
             drop(out);
             let log = fs::File::create(&report.log)
                 .context(|| format!("creating {}", report.log.display()))?;
+            let start = Instant::now();
             let mut child = command
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(err_out)
                 .spawn()
                 .context(|| format!("starting {}", crate::qemu::QEMU))?;
-            run_scripted(&mut child, log, &scenario.input, scenario.timeout)
-                .context(|| format!("running {} with scripted input", crate::qemu::QEMU))?
+            let (run, spans) = timed(&report.log, &scenario.wall_clock, start, || {
+                run_scripted(&mut child, log, &scenario.input, scenario.timeout)
+            });
+            let run =
+                run.context(|| format!("running {} with scripted input", crate::qemu::QEMU))?;
+            (run, spans)
         };
         let output = fs::read_to_string(&out_path).unwrap_or_default();
-        Ok((outcome, output, input))
+        Ok((outcome, output, input, spans))
     }
 
     /// Runs scenarios on `jobs` worker threads. `on_done` sees each report as it finishes;
@@ -318,6 +358,106 @@ impl Runner<'_> {
             .unwrap_or_else(|p| p.into_inner())
             .into_iter()
             .flatten()
+            .collect()
+    }
+}
+
+/// Times `spans` while `run` runs (QEMU, spawned at `start`): a thread reads the serial log
+/// `log` every [`WALL_CLOCK_POLL`] and notes when each span's lines appear; once `run` is done
+/// the rest of the log is read (lines only seen then are timed at that moment). Returns `run`'s
+/// result and each span's duration.
+fn timed<T>(
+    log: &Path,
+    spans: &[WallClock],
+    start: Instant,
+    run: impl FnOnce() -> T,
+) -> (T, Vec<Option<Duration>>) {
+    if spans.is_empty() {
+        return (run(), Vec::new());
+    }
+    let stop = AtomicBool::new(false);
+    thread::scope(|scope| {
+        let stop = &stop;
+        let watcher = scope.spawn(move || {
+            let mut clock = SpanClock::new(spans);
+            let mut offset = 0;
+            loop {
+                // Read the stop flag before the log: the last read then sees everything.
+                let last = stop.load(Ordering::Acquire);
+                if let Ok(mut f) = fs::File::open(log) {
+                    use std::io::Seek;
+                    let mut chunk = Vec::new();
+                    if f.seek(io::SeekFrom::Start(offset)).is_ok()
+                        && f.read_to_end(&mut chunk).is_ok()
+                    {
+                        offset += chunk.len() as u64;
+                        clock.feed(&chunk, start.elapsed());
+                    }
+                }
+                if last {
+                    break;
+                }
+                thread::sleep(WALL_CLOCK_POLL);
+            }
+            clock.spans()
+        });
+        let result = run();
+        stop.store(true, Ordering::Release);
+        let spans = watcher.join().unwrap_or_else(|_| vec![None; spans.len()]);
+        (result, spans)
+    })
+}
+
+/// Notes when the lines of some [`WallClock`] spans appear in a serial log fed to it in
+/// chunks, each chunk stamped with the time it was read.
+struct SpanClock<'a> {
+    spans: &'a [WallClock],
+    /// Per span: when its `from` line appeared (zero without `from`: QEMU's start), and when
+    /// its `to` line did.
+    from: Vec<Option<Duration>>,
+    to: Vec<Option<Duration>>,
+    /// The last, unfinished line.
+    partial: Vec<u8>,
+}
+
+impl<'a> SpanClock<'a> {
+    fn new(spans: &'a [WallClock]) -> Self {
+        Self {
+            spans,
+            from: spans
+                .iter()
+                .map(|s| s.from.is_none().then_some(Duration::ZERO))
+                .collect(),
+            to: vec![None; spans.len()],
+            partial: Vec::new(),
+        }
+    }
+
+    /// Feeds the log's next bytes, read at `now` (since QEMU's start).
+    fn feed(&mut self, chunk: &[u8], now: Duration) {
+        self.partial.extend_from_slice(chunk);
+        let Some(end) = self.partial.iter().rposition(|&b| b == b'\n') else {
+            return;
+        };
+        let complete: Vec<u8> = self.partial.drain(..=end).collect();
+        for line in serial_lines(&complete) {
+            for (k, span) in self.spans.iter().enumerate() {
+                if self.from[k].is_none() && span.from.as_ref().is_some_and(|r| r.is_match(&line)) {
+                    self.from[k] = Some(now);
+                }
+                if self.from[k].is_some() && self.to[k].is_none() && span.to.is_match(&line) {
+                    self.to[k] = Some(now);
+                }
+            }
+        }
+    }
+
+    /// Each span's duration, if both its lines appeared.
+    fn spans(&self) -> Vec<Option<Duration>> {
+        self.from
+            .iter()
+            .zip(&self.to)
+            .map(|(from, to)| Some(to.as_ref()?.saturating_sub(*from.as_ref()?)))
             .collect()
     }
 }
@@ -613,6 +753,72 @@ mod tests {
         assert!(input.sent <= 1);
     }
 
+    fn span(name: &str, from: Option<&str>, to: &str) -> WallClock {
+        WallClock {
+            name: name.into(),
+            from: from.map(|f| regex::Regex::new(f).unwrap()),
+            to: regex::Regex::new(to).unwrap(),
+        }
+    }
+
+    #[test]
+    fn span_clock_times_lines_as_they_are_read() {
+        let spans = [
+            span("up", None, "^UP$"),
+            span("guest", Some("^HOST$"), "^UP$"),
+            span("never", Some("^UP$"), "^HOST$"),
+            span("same", Some("^UP"), "UP$"),
+        ];
+        let mut clock = SpanClock::new(&spans);
+        let s = Duration::from_secs;
+        clock.feed(b"boot\r\nHO", s(1));
+        // `HOST` is complete only in the next chunk: timed then.
+        clock.feed(b"ST\r\nU", s(3));
+        clock.feed(b"P\r\n", s(10));
+        clock.feed(b"UP\r\nHOST\n", s(12));
+        assert_eq!(
+            clock.spans(),
+            [Some(s(10)), Some(s(7)), Some(s(2)), Some(s(0))]
+        );
+        // A `to` line before its `from` does not count; an unfinished line is not a line.
+        let spans = [span("a", Some("^B"), "^A"), span("b", None, "^C")];
+        let mut clock = SpanClock::new(&spans);
+        clock.feed(b"A\nB\nC", s(5));
+        assert_eq!(clock.spans(), [None, None]);
+    }
+
+    #[test]
+    fn timed_reads_the_log_while_the_run_goes_on() {
+        let dir =
+            std::env::temp_dir().join(format!("rustyvisor-tests-timed-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("serial.log");
+        fs::write(&log, "").unwrap();
+        let spans = [
+            span("first", None, "^one$"),
+            span("gap", Some("^one$"), "^two$"),
+        ];
+        let start = Instant::now();
+        let (value, got) = timed(&log, &spans, start, || {
+            thread::sleep(Duration::from_millis(200));
+            fs::write(&log, "one\n").unwrap();
+            thread::sleep(Duration::from_millis(300));
+            fs::write(&log, "one\ntwo\n").unwrap();
+            7
+        });
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(value, 7);
+        let first = got[0].unwrap();
+        let gap = got[1].unwrap();
+        assert!(
+            first >= Duration::from_millis(200) && first < Duration::from_millis(480),
+            "{first:?}"
+        );
+        // `two` is only seen by the last read, after the run.
+        assert!(gap >= Duration::from_millis(280), "{gap:?}");
+        assert_eq!(timed(&log, &[], start, || 1), (1, vec![]));
+    }
+
     #[test]
     fn failure_details_show_reasons_tail_and_reproduction() {
         let report = Report {
@@ -630,6 +836,7 @@ mod tests {
             qemu_log: "/t/qemu/smp4.qemu.log".into(),
             qemu_output: "qemu-system-x86_64: warning: x\n".into(),
             reproduce: "cargo xtask run --smp 4".into(),
+            wall_clock: Vec::new(),
         };
         assert!(!report.passed());
         let text = report.details(40);

@@ -20,7 +20,7 @@ use crate::err;
 use crate::error::{Context, Error, Result};
 use crate::image::GuestSpec;
 use crate::input::{Step, decode_escapes};
-use crate::qemu::{Accel, EXIT_SUCCESS, Firmware, Machine};
+use crate::qemu::{Accel, Boot, DirectKernel, EXIT_SUCCESS, Firmware, Machine, Qemu, Serial};
 use crate::verdict::Expectations;
 
 /// `forbid` of a scenario that sets none: any panic or CPU exception fails the run.
@@ -70,6 +70,25 @@ pub struct Scenario {
     /// root, e.g. the Linux guest kit in `../shared/linux-guest`): without one of them the
     /// scenario is skipped, and says so, rather than failed.
     pub requires: Vec<PathBuf>,
+    /// `kernel` (with `initrd`, `append`): QEMU boots this Linux kernel itself instead of our
+    /// ISO (paths relative to the workspace root); `cmdline` and `guests` are then empty.
+    pub direct: Option<DirectKernel>,
+    /// Wall-clock spans the runner times while QEMU runs (benches), in the order written.
+    pub wall_clock: Vec<WallClock>,
+}
+
+/// A wall-clock span of a run: from QEMU's start (or the first line matching `from`) to the
+/// first line matching `to` (at or after it). The runner notes when each line appears in the
+/// serial log (it polls the log, [`crate::runner::WALL_CLOCK_POLL`] apart); the bench reports
+/// the span as metric `name`, in seconds.
+#[derive(Debug, Clone)]
+pub struct WallClock {
+    /// The metric (`<metric>` or `<metric>.<stage>`, as in `bench:` lines).
+    pub name: String,
+    /// Where the span starts; `None`: when QEMU is spawned.
+    pub from: Option<Regex>,
+    /// Where it ends.
+    pub to: Regex,
 }
 
 impl Scenario {
@@ -87,6 +106,18 @@ impl Scenario {
     /// boots a deliberately bad command line or guest spec gets `--no-check`, which `run` needs
     /// to let it through.
     pub fn run_command(&self) -> String {
+        if let Some(direct) = &self.direct {
+            // Not our image: the QEMU command itself, run from the workspace root.
+            return Qemu {
+                machine: self.machine.clone(),
+                uefi: None,
+                boot: Boot::Kernel(direct.clone()),
+                serial: Serial::Stdio,
+                debug_log: None,
+                gdb: false,
+            }
+            .command_line();
+        }
         let mut words = vec!["cargo".to_string(), "xtask".into(), "run".into()];
         if crate::image::check_cmdline(&self.cmdline).is_err()
             || self.guests.iter().any(|g| g.check().is_err())
@@ -112,10 +143,14 @@ impl Scenario {
         if m.memory != crate::qemu::DEFAULT_MEMORY {
             words.extend(["--mem".into(), crate::qemu::memory_arg(m.memory)]);
         }
-        if m.icount || !m.extra_args.is_empty() {
+        if m.icount || m.cpu.is_some() || !m.extra_args.is_empty() {
             words.push("--".into());
             if m.icount {
                 words.extend(["-icount".into(), "shift=0".into()]);
+            }
+            if let Some(cpu) = &m.cpu {
+                // QEMU takes the last `-cpu`.
+                words.extend(["-cpu".into(), cpu.clone()]);
             }
             words.extend(m.extra_args.iter().cloned());
         }
@@ -140,6 +175,7 @@ struct RawScenario {
     smp: Option<u32>,
     accel: Option<String>,
     icount: Option<bool>,
+    cpu: Option<String>,
     qemu_args: Option<Vec<String>>,
     expect: Option<Vec<String>>,
     expect_each: Option<Vec<Vec<String>>>,
@@ -149,6 +185,19 @@ struct RawScenario {
     also_with: Option<Vec<String>>,
     input: Option<Vec<RawStep>>,
     requires: Option<Vec<String>>,
+    kernel: Option<String>,
+    initrd: Option<String>,
+    append: Option<String>,
+    wall_clock: Option<Vec<RawWallClock>>,
+}
+
+/// One `wall_clock` span as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWallClock {
+    name: String,
+    from: Option<String>,
+    to: String,
 }
 
 /// One `input` step as written.
@@ -236,6 +285,14 @@ pub fn parse_files(files: &[(PathBuf, String)]) -> Result<Vec<Scenario>> {
                 .clone()
                 .or_else(|| raw.defaults.also_with.clone())
                 .unwrap_or_default();
+            if scenario.direct.is_some() && !also.is_empty() {
+                return Err(err!(
+                    "{}: scenario `{}`: also_with appends to the hypervisor's command line; \
+                     a `kernel` boot has none",
+                    path.display(),
+                    scenario.name
+                ));
+            }
             let variants = also
                 .iter()
                 .map(|extra| variant(&scenario, extra).map_err(|e| err!("{}: {e}", path.display())))
@@ -471,10 +528,100 @@ fn build(
         .iter()
         .map(|p: &String| PathBuf::from(p))
         .collect();
+    let cpu: Option<String> = pick!(cpu);
+    if let Some(model) = &cpu
+        && (model.is_empty()
+            || !model
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+    {
+        return Err(fail(format!(
+            "cpu = \"{model}\" is not a QEMU CPU model name (e.g. \"qemu64\")"
+        )));
+    }
+    let cmdline = pick!(cmdline).unwrap_or_default();
+    let direct = match pick!(kernel) {
+        None => {
+            for (key, set) in [
+                ("initrd", pick!(initrd).is_some()),
+                ("append", pick!(append).is_some()),
+            ] {
+                if set {
+                    return Err(fail(format!(
+                        "`{key}` is for a `kernel` QEMU boots itself; guests take \
+                         `initrd=PATH` in their spec"
+                    )));
+                }
+            }
+            None
+        }
+        Some(kernel) => {
+            let kernel: String = kernel;
+            if kernel.trim().is_empty() {
+                return Err(fail("`kernel` is empty".into()));
+            }
+            if !guests.is_empty() || !cmdline.trim().is_empty() {
+                return Err(fail(
+                    "`kernel` boots a kernel without the hypervisor: it takes no `guests` \
+                     and no `cmdline` (use `append` for the kernel's command line)"
+                        .into(),
+                ));
+            }
+            if firmware == Firmware::Uefi {
+                return Err(fail(
+                    "`kernel` boots are BIOS boots (QEMU's own loader)".into(),
+                ));
+            }
+            Some(DirectKernel {
+                kernel: PathBuf::from(kernel),
+                initrd: pick!(initrd).map(|i: String| PathBuf::from(i)),
+                append: pick!(append).unwrap_or_default(),
+            })
+        }
+    };
+    let mut wall_clock: Vec<WallClock> = Vec::new();
+    for (k, span) in pick!(wall_clock).unwrap_or_default().iter().enumerate() {
+        let span: &RawWallClock = span;
+        let key = format!("wall_clock #{}", k + 1);
+        let (metric, stage) = match span.name.split_once('.') {
+            Some((m, s)) => (m, Some(s)),
+            None => (span.name.as_str(), None),
+        };
+        let word = |w: &str| {
+            !w.is_empty()
+                && w.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        };
+        if !word(metric) || !stage.is_none_or(word) {
+            return Err(fail(format!(
+                "{key}: name `{}` must be <metric> or <metric>.<stage> (lowercase letters, \
+                 digits, `_`)",
+                span.name
+            )));
+        }
+        if wall_clock.iter().any(|w| w.name == span.name) {
+            return Err(fail(format!("{key}: `{}` is timed twice", span.name)));
+        }
+        let regex = |pattern: &str| {
+            Regex::new(pattern).map_err(|e| {
+                fail(format!(
+                    "{key}: bad regex `{pattern}`: {}",
+                    e.to_string().replace('\n', "\n    ")
+                ))
+            })
+        };
+        wall_clock.push(WallClock {
+            name: span.name.clone(),
+            from: span.from.as_deref().map(regex).transpose()?,
+            to: regex(&span.to)?,
+        });
+    }
     Ok(Scenario {
         requires,
+        direct,
+        wall_clock,
         description: pick!(description),
-        cmdline: pick!(cmdline).unwrap_or_default(),
+        cmdline,
         guests,
         machine: Machine {
             firmware,
@@ -482,6 +629,7 @@ fn build(
             smp,
             accel,
             icount: pick!(icount).unwrap_or(false),
+            cpu,
             extra_args: pick!(qemu_args).unwrap_or_default(),
         },
         expectations: Expectations {
@@ -558,6 +706,117 @@ mod tests {
         assert_eq!(s[2].missing_requirement(root), None);
         let plain = parse(&[("b.toml", "[[scenario]]\nname = \"b\"\n")]).unwrap();
         assert!(plain[0].requires.is_empty());
+    }
+
+    #[test]
+    fn kernel_boots_and_wall_clock_spans() {
+        let s = parse(&[(
+            "b.toml",
+            "[defaults]\nkernel = \"../kit/bzImage\"\nmemory = \"512M\"\n\
+             [[scenario]]\nname = \"native\"\ncpu = \"qemu64\"\ninitrd = \"../kit/host.cpio.gz\"\n\
+             append = \"console=ttyS0 panic=-1\"\nexit_code = 0\n\
+             wall_clock = [{ name = \"up\", to = '^UP$' },\n\
+               { name = \"up.late\", from = '^HALF', to = '^UP$' }]\n\
+             [[scenario]]\nname = \"bare\"\n",
+        )])
+        .unwrap();
+        assert_eq!(
+            s[0].direct,
+            Some(DirectKernel {
+                kernel: "../kit/bzImage".into(),
+                initrd: Some("../kit/host.cpio.gz".into()),
+                append: "console=ttyS0 panic=-1".into(),
+            })
+        );
+        assert_eq!(s[0].machine.memory, 512 << 20);
+        assert_eq!(s[0].machine.cpu.as_deref(), Some("qemu64"));
+        assert_eq!(s[1].machine.cpu, None);
+        let spans: Vec<(&str, Option<&str>, &str)> = s[0]
+            .wall_clock
+            .iter()
+            .map(|w| {
+                (
+                    w.name.as_str(),
+                    w.from.as_ref().map(Regex::as_str),
+                    w.to.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            spans,
+            [("up", None, "^UP$"), ("up.late", Some("^HALF"), "^UP$")]
+        );
+        // Reproduced with QEMU itself, not `cargo xtask run`.
+        let cmd = s[0].run_command();
+        assert!(cmd.starts_with("qemu-system-x86_64 "), "{cmd}");
+        assert!(
+            cmd.contains(
+                " -kernel ../kit/bzImage -initrd ../kit/host.cpio.gz -append \
+                          'console=ttyS0 panic=-1'"
+            ),
+            "{cmd}"
+        );
+        assert!(!cmd.contains("-cdrom"), "{cmd}");
+        assert!(cmd.contains(" -cpu qemu64 "), "{cmd}");
+        assert_eq!(
+            s[1].direct
+                .as_ref()
+                .map(|d| (d.initrd.clone(), d.append.as_str())),
+            Some((None, ""))
+        );
+        assert!(s[1].wall_clock.is_empty());
+        // Not a kernel boot: no `direct`.
+        let plain = parse(&[("c.toml", "[[scenario]]\nname = \"c\"\n")]).unwrap();
+        assert!(plain[0].direct.is_none() && plain[0].wall_clock.is_empty());
+    }
+
+    #[test]
+    fn bad_kernel_boots_and_spans_are_errors() {
+        for (text, needle) in [
+            ("kernel = \"k\"\nguests = [\"hello\"]", "takes no `guests`"),
+            (
+                "kernel = \"k\"\ncmdline = \"exit=qemu\"",
+                "and no `cmdline`",
+            ),
+            ("kernel = \"\"", "`kernel` is empty"),
+            ("cpu = \"max,+x\"", "not a QEMU CPU model name"),
+            ("cpu = \"\"", "not a QEMU CPU model name"),
+            ("kernel = \"k\"\nfirmware = \"uefi\"", "BIOS boots"),
+            ("initrd = \"i\"", "`initrd` is for a `kernel`"),
+            ("append = \"x\"", "`append` is for a `kernel`"),
+            (
+                "kernel = \"k\"\nalso_with = [\"x\"]",
+                "a `kernel` boot has none",
+            ),
+            (
+                "wall_clock = [{ name = \"A\", to = 'x' }]",
+                "must be <metric>",
+            ),
+            (
+                "wall_clock = [{ name = \"a.\", to = 'x' }]",
+                "must be <metric>",
+            ),
+            (
+                "wall_clock = [{ name = \"a.b.c\", to = 'x' }]",
+                "must be <metric>",
+            ),
+            (
+                "wall_clock = [{ name = \"a\", to = 'x' }, { name = \"a\", to = 'y' }]",
+                "wall_clock #2: `a` is timed twice",
+            ),
+            (
+                "wall_clock = [{ name = \"a\", to = '(' }]",
+                "wall_clock #1: bad regex",
+            ),
+            (
+                "wall_clock = [{ name = \"a\", from = '(', to = 'x' }]",
+                "bad regex `(`",
+            ),
+            ("wall_clock = [{ name = \"a\" }]", "missing field `to`"),
+        ] {
+            let e = error_of(&format!("[[scenario]]\nname = \"a\"\n{text}\n"));
+            assert!(e.contains(needle), "{text:?}: {needle:?} not in {e}");
+        }
     }
 
     #[test]

@@ -593,6 +593,7 @@ mod tests {
                 smp: 4,
                 accel: Accel::Kvm,
                 icount: false,
+                cpu: None,
                 extra_args: vec!["-d".into(), "int".into()],
             }
         );

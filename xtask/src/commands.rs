@@ -8,7 +8,7 @@ use std::time::Instant;
 use rustyvisor_tests::bench;
 use rustyvisor_tests::image::{GuestSpec, Image, ResolvedGuest};
 use rustyvisor_tests::qemu::{
-    Accel, EXIT_SUCCESS, Firmware, Ovmf, Qemu, Serial, check_kvm, exit_meaning,
+    Accel, Boot, EXIT_SUCCESS, Firmware, Ovmf, Qemu, Serial, check_kvm, exit_meaning,
 };
 use rustyvisor_tests::runner::{Report, Runner};
 use rustyvisor_tests::scenario::{Scenario, load_dir};
@@ -113,7 +113,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     let qemu = Qemu {
         machine: args.machine.clone(),
         uefi,
-        iso,
+        boot: Boot::Iso(iso),
         serial: Serial::Stdio,
         debug_log: None,
         gdb: args.gdb,
@@ -308,6 +308,20 @@ pub fn bench(no_build: bool) -> Result<i32> {
     for b in &mut benches {
         b.machine.icount = true;
     }
+    // Benches whose outside files (the Linux kit) are not here are skipped, loudly; the others
+    // still run.
+    let (benches, skipped): (Vec<Scenario>, Vec<Scenario>) = benches
+        .into_iter()
+        .partition(|s| s.missing_requirement(&ws.root).is_none());
+    for s in &skipped {
+        if let Some(p) = s.missing_requirement(&ws.root) {
+            println!(
+                "SKIP {}: needs {} (not found); its metrics are not measured",
+                s.name,
+                p.display()
+            );
+        }
+    }
     if !benches.is_empty() {
         prepare(&ws, &benches)?;
     }
@@ -316,7 +330,7 @@ pub fn bench(no_build: bool) -> Result<i32> {
     }
     let mut results = Vec::new();
     if benches.is_empty() {
-        println!("no benchmarks yet: they arrive with guests (issue 3)");
+        println!("no benchmarks to run");
     } else {
         let runner = runner(&ws, &benches)?;
         let reports = runner.run_all(&benches, crate::cli::DEFAULT_JOBS, &print_result);
@@ -324,20 +338,19 @@ pub fn bench(no_build: bool) -> Result<i32> {
             print!("{}", failed.details(TAIL_LINES));
             return Err(err!("bench `{}` failed; no results written", failed.name));
         }
-        for report in &reports {
-            let samples = bench::parse_samples(&report.lines)
-                .map_err(|e| err!("bench `{}`: {e}", report.name))?;
-            results.extend(
-                bench::compute(&samples).map_err(|e| err!("bench `{}`: {e}", report.name))?,
-            );
-        }
-        if let Some(dup) = results
+        let runs = reports
             .iter()
-            .enumerate()
-            .find(|(i, r)| results[..*i].iter().any(|o| o.name == r.name))
-        {
-            return Err(err!("metric `{}` is reported by two benches", dup.1.name));
-        }
+            .map(|report| {
+                let mut samples = bench::parse_samples(&report.lines)
+                    .map_err(|e| err!("bench `{}`: {e}", report.name))?;
+                samples.extend(
+                    bench::wall_clock_samples(&report.wall_clock)
+                        .map_err(|e| err!("bench `{}`: {e}", report.name))?,
+                );
+                Ok((report.name.clone(), samples))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        results = bench::compute_runs(&runs, bench::GOALS)?;
         print!("{}", bench::table(MODE, &results));
     }
     let dir = ws.target_dir.join("bench");
