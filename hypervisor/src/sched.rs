@@ -577,6 +577,27 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Takes a blocked task's entry out of what it waited on: its waiter
+    /// list and its timeout.
+    fn forget_wait(&mut self, wait: Wait, waiter: u64, timer: Option<TimerId>) {
+        match wait.on {
+            WaitOn::Queue(q) => {
+                if let Some(w) = self.queues.get_mut(&q) {
+                    w.remove(&waiter);
+                }
+            }
+            WaitOn::Event(e) => {
+                if let Some(ev) = self.events.get_mut(&e) {
+                    ev.waiters.remove(&waiter);
+                }
+            }
+            WaitOn::Sleep | WaitOn::Halted => {}
+        }
+        if let Some(id) = timer {
+            self.timers.remove(&id);
+        }
+    }
+
     /// Makes a blocked task runnable for `reason`: out of its waiter list,
     /// its timeout cancelled, its virtual runtime raised to at least the
     /// minimum minus the wake credit. `false` if it was not blocked.
@@ -595,22 +616,7 @@ impl Scheduler {
         };
         t.vruntime = t.vruntime.max(floor);
         t.wake = Some(reason);
-        match wait.on {
-            WaitOn::Queue(q) => {
-                if let Some(w) = self.queues.get_mut(&q) {
-                    w.remove(&waiter);
-                }
-            }
-            WaitOn::Event(e) => {
-                if let Some(ev) = self.events.get_mut(&e) {
-                    ev.waiters.remove(&waiter);
-                }
-            }
-            WaitOn::Sleep | WaitOn::Halted => {}
-        }
-        if let Some(id) = timer {
-            self.timers.remove(&id);
-        }
+        self.forget_wait(wait, waiter, timer);
         if self.current.is_some_and(|(id, _)| id == task) {
             // Blocked while still running (not yet accounted): it just keeps
             // running; accounting puts it back in the run queue.
@@ -657,22 +663,7 @@ impl Scheduler {
                 waiter,
                 timer,
             } => {
-                match wait.on {
-                    WaitOn::Queue(q) => {
-                        if let Some(w) = self.queues.get_mut(&q) {
-                            w.remove(&waiter);
-                        }
-                    }
-                    WaitOn::Event(e) => {
-                        if let Some(ev) = self.events.get_mut(&e) {
-                            ev.waiters.remove(&waiter);
-                        }
-                    }
-                    WaitOn::Sleep | WaitOn::Halted => {}
-                }
-                if let Some(id) = timer {
-                    self.timers.remove(&id);
-                }
+                self.forget_wait(wait, waiter, timer);
             }
         }
         for id in &t.owned {
