@@ -140,10 +140,12 @@ impl GuestGdt {
             return Ok(());
         }
         let v = Self::fixup(i, SegmentDescriptor::from_parts(lo, hi).0)?;
-        if let Some(slot) = self.entries.get_mut(i) {
+        if let Some(slot) = self.entries.get_mut(i)
+            && *slot != v
+        {
             *slot = v;
+            self.generation = self.generation.wrapping_add(1);
         }
-        self.generation = self.generation.wrapping_add(1);
         Ok(())
     }
 
@@ -154,10 +156,15 @@ impl GuestGdt {
         for ((out, &raw), index) in fixed.iter_mut().zip(tls.iter()).zip(TLS_FIRST..) {
             *out = Self::fixup(index, raw)?;
         }
-        if let Some(dst) = self.entries.get_mut(TLS_FIRST..TLS_FIRST + TLS_ENTRIES) {
+        // Linux loads its TLS entries at every context switch, mostly the
+        // same ones: only a change is a new generation (which makes the
+        // next entry copy the GDT and re-check the selectors).
+        if let Some(dst) = self.entries.get_mut(TLS_FIRST..TLS_FIRST + TLS_ENTRIES)
+            && *dst != fixed
+        {
             dst.copy_from_slice(&fixed);
+            self.generation = self.generation.wrapping_add(1);
         }
-        self.generation = self.generation.wrapping_add(1);
         Ok(())
     }
 
@@ -403,6 +410,21 @@ mod tests {
         assert_eq!(g.entry(7), Some(0));
         assert_eq!(g.entry(8), Some(INITIAL_KERNEL_DS));
         assert_ne!(g.generation(), gen0);
+        // The same entries again (Linux at every context switch): no new
+        // generation; one changed entry: a new one.
+        let gen1 = g.generation();
+        g.load_tls(&tls).unwrap();
+        assert_eq!(g.generation(), gen1);
+        g.load_tls(&[USER_DATA, USER_DATA, KDATA_DPL0]).unwrap();
+        assert_ne!(g.generation(), gen1);
+        let gen2 = g.generation();
+        g.load_entry(12, USER_DATA as u32, (USER_DATA >> 32) as u32)
+            .unwrap();
+        assert_ne!(g.generation(), gen2);
+        let gen3 = g.generation();
+        g.load_entry(12, USER_DATA as u32, (USER_DATA >> 32) as u32)
+            .unwrap();
+        assert_eq!(g.generation(), gen3);
         // A bad one in the middle: nothing stored.
         let bad = [
             USER_DATA,

@@ -1396,6 +1396,20 @@ impl ShadowPaging {
                 s.pinned = true;
             }
             for &va in st.pages() {
+                // Already present and writable in this shadow (a writable
+                // shadow leaf is only ever made from a guest entry with
+                // ACCESSED and DIRTY set, and every change of that entry
+                // reaches the shadow through `SET_PTE` or a flush): a fill
+                // would change nothing. Linux re-pins at every context
+                // switch, mostly stacks pinned before.
+                let present_rw = PAGE_PRESENT | PAGE_RW;
+                let leaf = self
+                    .slot(ci)
+                    .and_then(|s| self.pt_of(b, &s, va))
+                    .map(|pt| b.read(pt, pt_index(va)));
+                if leaf.is_some_and(|e| e & present_rw == present_rw) {
+                    continue;
+                }
                 match self.fill(mem, b, ci, va, Access::KERNEL_WRITE) {
                     Ok(()) => {}
                     Err(FillError::Guest { .. }) => {

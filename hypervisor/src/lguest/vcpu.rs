@@ -337,10 +337,19 @@ pub struct Vcpu {
     ring_cursor: usize,
     /// A synchronous hypercall (eax, ebx, ecx, edx, esi) not yet finished.
     pending_hcall: Option<HcallArgs>,
-    /// The GDT generation and (cs, ss, ds, es, fs, gs) last found valid by
-    /// `check_entry_state`: validity depends only on these, so an entry
-    /// with the same values skips the six descriptor checks.
-    validated: Option<SelKey>,
+    /// The GDT generations and (cs, ss, ds, es, fs, gs) sets last found
+    /// valid by `check_entry_state`: validity depends only on these, so an
+    /// entry with the same values skips the six descriptor checks. Several,
+    /// because a guest moves between a few sets all the time (Linux's user
+    /// mode, its kernel entered from user mode with the user's data
+    /// segments, its kernel with the per-CPU `fs`): with one, every trap
+    /// from user mode would miss, and the shortcuts that need a validated
+    /// set after the trap would decline. Replaced round robin, never
+    /// reordered on a hit (so the full path and a shortcut that declines on
+    /// a miss leave it the same).
+    validated: [Option<SelKey>; VALIDATED_SETS],
+    /// The slot of `validated` the next new set goes to.
+    validated_next: usize,
     /// Shadow paging (from INIT; in linear mode until the first
     /// `NEW_PGTABLE`).
     shadow: Option<ShadowPaging>,
@@ -604,6 +613,9 @@ const TRIVIAL_HCALLS: u32 = (1 << guest_abi::hcall::LHCALL_FLUSH_ASYNC)
 /// checked against: the key of the "already validated" cache that lets an
 /// entry skip re-checking selectors that did not change. Four plain words,
 /// compared without a `memcmp`.
+/// How many validated selector sets the vCPU remembers.
+const VALIDATED_SETS: usize = 4;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct SelKey {
     generation: u64,
@@ -671,6 +683,55 @@ impl Vcpu {
         self.stub_view_with(mem.limit(), Some(&translate))
     }
 
+    /// Where the reflection stubs would push a user-mode trap frame now:
+    /// the guest-physical address of the 5-word frame below the `SET_STACK`
+    /// stack, as [`stub_view_in`](Self::stub_view_in) finds it (`None`: no
+    /// such frame). The run loop compares it with what the stubs were armed
+    /// with after a shadow-paging call finished on the trap stack (which
+    /// may have moved the stack page), so they push where the full path
+    /// would.
+    pub fn stub_user_frame_in<M: GuestMemory>(&self, mem: &M) -> Option<u32> {
+        let translate = |va: u32| {
+            self.shadow
+                .as_ref()?
+                .translate_quiet(mem, va, Access::KERNEL_WRITE)
+        };
+        self.user_frame_with(mem.limit(), Some(&translate))
+    }
+
+    /// The user-mode frame part of [`stub_view_with`](Self::stub_view_with):
+    /// the frame's guest-physical address, if the `SET_STACK` stack is valid
+    /// and the frame lies inside guest memory (under paging: in one page,
+    /// translated by `translate` without side effects).
+    fn user_frame_with(
+        &self,
+        limit: u32,
+        translate: Option<&dyn Fn(u32) -> Option<u32>>,
+    ) -> Option<u32> {
+        let linear = !self.paging();
+        let ss1_ok = (linear || translate.is_some())
+            && self.stack_set
+            && u16::try_from(self.ss1).is_ok_and(|s| self.gdt.valid_stack_selector(s, 1));
+        if !ss1_ok {
+            return None;
+        }
+        let user_top = u16::try_from(self.ss1)
+            .map_or(0, |s| self.gdt.segment_base(s))
+            .wrapping_add(self.esp1);
+        let user_low = user_top.checked_sub(20);
+        if linear {
+            return user_low.filter(|_| user_top <= limit);
+        }
+        // The frame's linear address through the guest's own tables,
+        // without side effects, and all of it in one page.
+        match (user_low, translate) {
+            (Some(low), Some(tr)) if low >> 12 == user_top.wrapping_sub(1) >> 12 => {
+                tr(low).filter(|pa| pa.checked_add(20).is_some_and(|end| end <= limit))
+            }
+            _ => None,
+        }
+    }
+
     /// `translate`: how a user frame's linear address becomes guest-physical
     /// under paging (`None`: no reflection under paging).
     fn stub_view_with(
@@ -692,33 +753,16 @@ impl Vcpu {
         // ESP points, which only the full path translates; a user-mode one
         // goes to the SET_STACK stack, translated here (`translate`).
         let linear = !self.paging();
-        let validated = self.validated == Some(SelKey::of(self.gdt.generation(), &self.regs));
+        let validated = self.is_validated(&SelKey::of(self.gdt.generation(), &self.regs));
         let kss = if linear && validated && self.cpl() == 1 {
             self.regs.ss
         } else {
             0
         };
         let base = |ss: u32| u16::try_from(ss).map_or(0, |s| self.gdt.segment_base(s));
-        let ss1_ok = (linear || translate.is_some())
-            && self.stack_set
-            && u16::try_from(self.ss1).is_ok_and(|s| self.gdt.valid_stack_selector(s, 1));
-        let user_top = base(self.ss1).wrapping_add(self.esp1);
-        let user_low = user_top.checked_sub(20);
-        let user_frame = if linear {
-            user_low.filter(|_| user_top <= limit)
-        } else {
-            // The frame's linear address through the guest's own tables,
-            // without side effects, and all of it in one page.
-            match (user_low, translate) {
-                (Some(low), Some(tr)) if low >> 12 == user_top.wrapping_sub(1) >> 12 => {
-                    tr(low).filter(|pa| pa.checked_add(20).is_some_and(|end| end <= limit))
-                }
-                _ => None,
-            }
-        };
-        let (ss1, user_frame) = match user_frame {
-            Some(low) if ss1_ok => (self.ss1, low),
-            _ => (0, 0),
+        let (ss1, user_frame) = match self.user_frame_with(limit, translate) {
+            Some(low) => (self.ss1, low),
+            None => (0, 0),
         };
         let gate = |vector: u32| {
             let Some(g) = self.idt.get(vector as usize).filter(|g| g.present()) else {
@@ -859,7 +903,8 @@ impl Vcpu {
             restart: false,
             ring_cursor: 0,
             pending_hcall: None,
-            validated: None,
+            validated: [None; VALIDATED_SETS],
+            validated_next: 0,
             shadow: None,
             mmu_load: None,
             decided_pf: None,
@@ -1134,7 +1179,7 @@ impl Vcpu {
         self.regs.eflags = sanitize_eflags(self.regs.eflags);
         let r = self.regs;
         let key = SelKey::of(self.gdt.generation(), &r);
-        if self.validated == Some(key) {
+        if self.is_validated(&key) {
             return Ok(());
         }
         let sel = |v: u32| u16::try_from(v).ok();
@@ -1151,8 +1196,18 @@ impl Vcpu {
                 return kill!("bad {name} {v:#x} at {:#x}", r.eip);
             }
         }
-        self.validated = Some(key);
+        if let Some(slot) = self.validated.get_mut(self.validated_next % VALIDATED_SETS) {
+            *slot = Some(key);
+        }
+        self.validated_next = self.validated_next.wrapping_add(1) % VALIDATED_SETS;
         Ok(())
+    }
+
+    /// Whether `key` is a selector set found valid before (under its GDT
+    /// generation, which is part of the key).
+    #[inline]
+    fn is_validated(&self, key: &SelKey) -> bool {
+        self.validated.iter().any(|v| v.as_ref() == Some(key))
     }
 
     // ----------------------------------------------------------------------
@@ -1210,10 +1265,25 @@ impl Vcpu {
         let Ok(irq_enabled) = mem.read_u32(ld.wrapping_add(LguestData::OFF_IRQ_ENABLED)) else {
             return false;
         };
+        // Under shadow paging a page fault reaches here only once the shadow
+        // core has found it to be the guest's own (`fast_paging` declined
+        // and remembered its error code for the full path, which reflects
+        // it without asking again).
+        let errcode = if vector == trap::PF && self.paging() {
+            match self.decided_pf {
+                Some((c, e)) if c == cr2 => e,
+                _ => return false,
+            }
+        } else {
+            errcode
+        };
         let err = has_error_code(vector).then_some(errcode);
         let Some(frame) = self.fast_frame(err, irq_enabled, mem) else {
             return false;
         };
+        if vector == trap::PF {
+            self.decided_pf = None;
+        }
         // Decided: from here on, the full path's writes, in its order.
         let cr2_ok = vector != trap::PF
             || mem
@@ -1259,7 +1329,7 @@ impl Vcpu {
             || self.halted
             || self.pending_hcall.is_some()
             || self.pending != 0
-            || self.validated != Some(SelKey::of(self.gdt.generation(), &self.regs))
+            || !self.is_validated(&SelKey::of(self.gdt.generation(), &self.regs))
         {
             return false;
         }
@@ -1269,8 +1339,7 @@ impl Vcpu {
                 return false;
             }
             Ok(())
-        } else if hcall && self.regs.eax == guest_abi::hcall::LHCALL_NEW_PGTABLE && self.cpl() == 1
-        {
+        } else if hcall && self.cpl() == 1 && Self::fast_paging_call(self.regs.eax).is_some() {
             let slot = (self.ring_cursor % LHCALL_RING_SIZE) as u32;
             let status = mem.read_u8(
                 ld.wrapping_add(LguestData::OFF_HCALL_STATUS)
@@ -1280,8 +1349,8 @@ impl Vcpu {
                 return false;
             }
             let a = [self.regs.ebx, self.regs.ecx, self.regs.edx, self.regs.esi];
-            self.paging_call(Hypercall::NewPgtable, a, mem, env)
-                .map(|_| ())
+            let h = Self::fast_paging_call(self.regs.eax).unwrap_or(Hypercall::FlushTlb);
+            self.paging_call(h, a, mem, env).map(|_| ())
         } else {
             return false;
         };
@@ -1293,6 +1362,23 @@ impl Vcpu {
         self.regs.errcode = if hcall { 0 } else { errcode };
         self.regs.eflags = sanitize_eflags(self.regs.eflags);
         true
+    }
+
+    /// The shadow-paging calls [`fast_paging`](Self::fast_paging) finishes
+    /// (with an empty async ring, nothing to run before them): those that
+    /// only change shadow tables and the MMU work owed.
+    fn fast_paging_call(nr: u32) -> Option<Hypercall> {
+        use guest_abi::hcall::{
+            LHCALL_FLUSH_TLB, LHCALL_NEW_PGTABLE, LHCALL_SET_PGD, LHCALL_SET_PMD, LHCALL_SET_PTE,
+        };
+        Some(match nr {
+            LHCALL_NEW_PGTABLE => Hypercall::NewPgtable,
+            LHCALL_SET_PTE => Hypercall::SetPte,
+            LHCALL_SET_PGD => Hypercall::SetPgd,
+            LHCALL_SET_PMD => Hypercall::SetPmd,
+            LHCALL_FLUSH_TLB => Hypercall::FlushTlb,
+            _ => return None,
+        })
     }
 
     /// A page fault the shadow core fills (`true`: done, the guest
@@ -1356,28 +1442,43 @@ impl Vcpu {
         self.pf_fill(cr2, errcode, mem, env)
     }
 
-    /// The hypercall stub's fast switch: `NEW_PGTABLE(gpgdir)` from the
-    /// state the stub was armed with (an empty async ring, no irq pending,
-    /// the CS/SS validated at the last entry), when the shadow core can do
-    /// it without anything else ([`ShadowPaging::fast_switch`]): returns the
-    /// root the host must load now (instead of through
-    /// [`take_mmu_work`](Self::take_mmu_work)), having done what the full
-    /// path does; else changes nothing.
-    pub fn stub_switch(&mut self, gpgdir: u32) -> Option<u64> {
-        self.lguest_data?;
-        if self.dead.is_some()
+    /// The hypercall stub's paging lane: a shadow-paging call `nr`
+    /// (`NEW_PGTABLE`, `SET_PTE`, `SET_PGD`, `SET_PMD`, `FLUSH_TLB`) with
+    /// arguments `args`, from the state the stub was armed with (an empty
+    /// async ring, no irq pending, the CS/SS validated at the last entry):
+    /// does what the full path does for it and returns `true` (the MMU work
+    /// owed is then in [`take_mmu_work`](Self::take_mmu_work), for the host
+    /// to apply before the guest runs on); `false` if it is not such a call
+    /// or the vCPU has other business (nothing changed), or if the call
+    /// killed the guest (as the full path would have).
+    pub fn stub_paging<M: GuestMemory, E: Env>(
+        &mut self,
+        nr: u32,
+        args: [u32; 4],
+        mem: &mut M,
+        env: &mut E,
+    ) -> bool {
+        if self.lguest_data.is_none()
+            || self.dead.is_some()
             || self.restart
             || self.halted
             || self.pending_hcall.is_some()
             || self.pending != 0
             || self.mmu_load.is_some()
+            || !self.paging()
         {
-            return None;
+            return false;
         }
-        self.shadow
-            .as_mut()
-            .filter(|s| s.is_paging())?
-            .fast_switch(gpgdir)
+        let Some(h) = Self::fast_paging_call(nr) else {
+            return false;
+        };
+        match self.paging_call(h, args, mem, env) {
+            Ok(_) => true,
+            Err(k) => {
+                self.kill(k);
+                false
+            }
+        }
     }
 
     /// After an exit the full path would finish with nothing but
@@ -1530,7 +1631,7 @@ impl Vcpu {
     #[inline]
     fn fast_deliver<M: GuestMemory, E: Env>(&mut self, ld: u32, mem: &mut M, env: &mut E) -> bool {
         let current = SelKey::of(self.gdt.generation(), &self.regs);
-        let unchanged_ok = self.validated == Some(current);
+        let unchanged_ok = self.is_validated(&current);
         if self.pending == 0 {
             if unchanged_ok {
                 self.regs.eflags = sanitize_eflags(self.regs.eflags);
@@ -1628,7 +1729,7 @@ impl Vcpu {
             ds_es: pair(r.ds, r.es),
             fs_gs: pair(r.fs, r.gs),
         };
-        if self.validated != Some(after) {
+        if !self.is_validated(&after) {
             return None;
         }
         let eflags = if irq_enabled & X86_EFLAGS_IF == 0 {
@@ -1644,17 +1745,31 @@ impl Vcpu {
         let bytes = (end.saturating_sub(first) as u32).wrapping_mul(4);
         let top = self.gdt.segment_base(ss as u16).wrapping_add(esp);
         let low = top.checked_sub(bytes)?;
-        // Linear mode only: guest-virtual == guest-physical inside guest
-        // memory (the full path translates each word with `guest_pa` the
-        // same way). Under shadow paging the full path translates.
-        if self.paging() || low >= mem.limit() || top > mem.limit() {
+        // Where the frame goes in guest memory. Linear mode: guest-virtual
+        // == guest-physical inside guest memory (the full path translates
+        // each word with `guest_pa` the same way). Shadow paging: the
+        // frame must lie in one page that the guest's tables map writable
+        // for the kernel with ACCESSED and DIRTY already set, so that the
+        // full path's word-by-word translation would find the same frame
+        // and change no A/D bit; anything else is the full path's.
+        let pa = match self.shadow.as_ref().filter(|s| s.is_paging()) {
+            Some(sh) => {
+                // `bytes >= 12`, so `low < top` and `top - 1` cannot wrap.
+                if low >> 12 != top.wrapping_sub(1) >> 12 {
+                    return None;
+                }
+                sh.translate_quiet(mem, low, Access::KERNEL_WRITE)?
+            }
+            None => low,
+        };
+        if pa >= mem.limit() || pa.checked_add(bytes)? > mem.limit() {
             return None;
         }
         Some(FastFrame {
             words,
             first,
             end,
-            low,
+            low: pa,
             ss,
             esp: esp.wrapping_sub(bytes),
         })

@@ -514,6 +514,9 @@ struct Running {
     /// TSC at the first entry into the guest (0 until then), for the
     /// `guest_create` bench.
     first_entry: u64,
+    /// The guest-physical user-mode frame the reflection stubs were last
+    /// armed with (`None`: they reflect no user-mode trap).
+    armed_user_frame: Option<u32>,
 }
 
 /// The lguest core for one guest (the object behind one control channel).
@@ -603,6 +606,7 @@ impl GuestCore for KernelCore {
         self.running = Some(alloc::boxed::Box::new(Running {
             handled: Handled::No,
             ss_ok: None,
+            armed_user_frame: None,
             vcpu: Vcpu::new(args.start),
             mem,
             tables,
@@ -923,16 +927,59 @@ fn arm_stub(r: &mut Running) {
             reflect: Some(reflect),
         })
     });
+    r.armed_user_frame = view
+        .filter(|v| v.ss1 != 0 && arm.is_some())
+        .map(|v| v.user_frame);
     switch::arm_stubs(arm);
 }
 
-/// The hypercall stub's fast `NEW_PGTABLE` (`fastpath=on`; interrupts off,
-/// on the trap stack): `Vcpu::stub_switch`, whose root the stub loads.
-fn switch_on_trap_stack(ctx: *mut (), gpgdir: u32) -> u64 {
+/// After a shadow-paging call finished on the trap stack without re-arming
+/// the stubs: the call may have moved the page of the `SET_STACK` frame
+/// (another shadow, a `SET_PTE` of the stack page, a flush and re-pin), so
+/// the reflection stubs are pointed at where the frame is now — or told to
+/// leave user-mode traps to the full path, which re-arms them. About one
+/// quiet walk of the guest's tables.
+fn refresh_user_frame(r: &mut Running) {
+    let Some(armed) = r.armed_user_frame else {
+        return;
+    };
+    let now = r.vcpu.stub_user_frame_in(&r.mem);
+    if now == Some(armed) {
+        return;
+    }
+    let host = now.and_then(|pa| r.mem.host_addr(pa, 20));
+    switch::retarget_user_frame(host);
+    r.armed_user_frame = now.filter(|_| host.is_some());
+}
+
+/// The hypercall stub's shadow-paging lane (`fastpath=on`; interrupts off,
+/// on the trap stack): `Vcpu::stub_paging`; then the TLB invalidation owed
+/// (or the root the stub loads), and the reflection stubs' user-mode frame
+/// brought up to date. 0: nothing changed, the full path runs.
+fn switch_on_trap_stack(ctx: *mut (), nr: u32, args: [u32; 4]) -> u64 {
     // SAFETY: as in `exit_on_trap_stack`: `ctx` is the running guest's
     // `Running`, not touched by the suspended run loop meanwhile.
     let r = unsafe { &mut *ctx.cast::<Running>() };
-    r.vcpu.stub_switch(gpgdir).unwrap_or(0)
+    if !r.vcpu.stub_paging(nr, args, &mut r.mem, &mut r.env) {
+        return 0;
+    }
+    let work = r.vcpu.take_mmu_work();
+    let result = match work.load {
+        Some(sw) => sw.root,
+        None => {
+            match work.flush {
+                Flush::None => {}
+                Flush::Page(va) => {
+                    x86_64::instructions::tlb::flush(x86_64::VirtAddr::new(u64::from(va)))
+                }
+                // SAFETY: reloading the CR3 already in use.
+                Flush::All => unsafe { cpu::write_cr3(cpu::cr3() & !0xFFF) },
+            }
+            1
+        }
+    };
+    refresh_user_frame(r);
+    result
 }
 
 /// The page-fault stub's fill (`fastpath=on`, a guest under shadow
@@ -1024,7 +1071,6 @@ fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo, full: bool) -> bool
         {
             return true;
         }
-        // A trivial hypercall or a host interrupt, with an irq to deliver.
         if r.vcpu.fast_resume(exit.trapnum, &mut r.mem, &mut r.env) {
             ensure_poke(r);
             arm_stub(r);
@@ -1032,12 +1078,14 @@ fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo, full: bool) -> bool
         }
         return false;
     }
-    // A switch of shadows, as for a fill above (all registers saved now).
+    // A shadow-paging call (a switch of shadows, a `SET_PTE`/`SET_PGD`/
+    // `SET_PMD`, a flush), as for a fill above (all registers saved now).
     if exit.trapnum == u32::from(guest_abi::hcall::LGUEST_TRAP_ENTRY)
         && r.vcpu
             .fast_paging(exit.trapnum, exit.errcode, exit.cr2, &mut r.mem, &mut r.env)
     {
         apply_mmu(r);
+        refresh_user_frame(r);
         return true;
     }
     let key = r.vcpu.gdt_key();

@@ -62,11 +62,12 @@ use crate::kernel::arch::trap::TrapFrame;
 /// the run loop (after the `full` call).
 pub type FastHandler = fn(ctx: *mut (), exit: &ExitInfo, full: bool) -> bool;
 
-/// The hypercall stub's fast `NEW_PGTABLE` (interrupts off, on the trap
-/// stack, from the state the stub was armed with): the root to load for
-/// `gpgdir`, with the switch done in the vCPU, or 0 (nothing changed: the
-/// full path runs).
-pub type SwitchHandler = fn(ctx: *mut (), gpgdir: u32) -> u64;
+/// The hypercall stub's fast shadow-paging call `nr` with arguments
+/// `args` (interrupts off, on the trap stack, from the state the stub was
+/// armed with): done in the vCPU, with any TLB invalidation it owes; the
+/// result is the root to load (a `NEW_PGTABLE`), 1 (nothing to load), or 0
+/// (nothing changed: the full path runs).
+pub type SwitchHandler = fn(ctx: *mut (), nr: u32, args: [u32; 4]) -> u64;
 
 /// What the run loop lets the trap path do on its behalf, and its context.
 #[derive(Clone, Copy)]
@@ -114,6 +115,7 @@ static STATE: SwitchCell = SwitchCell(UnsafeCell::new(SwitchState {
 }));
 
 static EXITS: AtomicU64 = AtomicU64::new(0);
+
 static FAST_EXITS: AtomicU64 = AtomicU64::new(0);
 
 /// What the hypercall and reflection stubs read, in one block the asm
@@ -455,9 +457,40 @@ pub fn arm_stubs(arm: Option<StubArm>) {
     }
 }
 
-/// The hypercall stub's call into Rust for its fast switch: the run loop's
-/// [`SwitchHandler`] for `gpgdir` (C ABI, trap path); 0 if there is none.
-extern "C" fn switch_lane(gpgdir: u32) -> u64 {
+/// Points the reflection stubs' user-mode frame at `host` (the host
+/// address of the 20-byte frame below the `SET_STACK` stack, checked by the
+/// caller), or with `None` leaves every user-mode trap to the full path
+/// until the next arming. Trap path of the running guest, interrupts off.
+pub fn retarget_user_frame(host: Option<u64>) {
+    let a = ARMED.0.get();
+    // SAFETY: see `ArmedCell` (trap path, interrupts off; no stub is using
+    // the block while Rust runs on its behalf, and the hypercall stub reads
+    // nothing of it after its switch lane returns).
+    unsafe {
+        match host {
+            Some(h) => (*a).user_frame = h,
+            None => {
+                for bits in (*a).gate_bits.iter_mut() {
+                    *bits &= !((StubGate::FROM_USER >> 32) as u32);
+                }
+            }
+        }
+    }
+}
+
+/// The hypercall numbers the stub's paging lane takes (a bit mask).
+const PAGING_CALLS: u32 = {
+    use guest_abi::hcall::*;
+    (1 << LHCALL_NEW_PGTABLE)
+        | (1 << LHCALL_SET_PTE)
+        | (1 << LHCALL_SET_PGD)
+        | (1 << LHCALL_SET_PMD)
+        | (1 << LHCALL_FLUSH_TLB)
+};
+
+/// The hypercall stub's call into Rust for a shadow-paging call: the run
+/// loop's [`SwitchHandler`] (C ABI, trap path); 0 if there is none.
+extern "C" fn paging_lane(nr: u32, a1: u32, a2: u32, a3: u32, a4: u32) -> u64 {
     let state = STATE.0.get();
     // SAFETY: the stub only runs while a guest runs, so `switch`/`ctx` are
     // the run loop's (set by `run`); interrupts are off.
@@ -465,7 +498,7 @@ extern "C" fn switch_lane(gpgdir: u32) -> u64 {
     let Some(switch) = switch else {
         return 0;
     };
-    let root = switch(ctx, gpgdir);
+    let root = switch(ctx, nr, [a1, a2, a3, a4]);
     if root != 0 {
         let a = ARMED.0.get();
         // SAFETY: see `ArmedCell` (trap path, interrupts off).
@@ -793,14 +826,17 @@ pub unsafe extern "C" fn hcall_stub() {
         "mov qword ptr [rip + {armed} + {ring}], rax",
         "xor r8d, r8d",
         "ret",
-        // `NEW_PGTABLE`: the fast switch of shadows, from the armed state
-        // only (an empty ring, the validated CS and SS, no irq pending):
-        // Rust says which root to load (the vCPU's and the shadow core's
-        // bookkeeping done), the stub loads it into CR3 (no PCIDs: the load
-        // flushes the TLB) and returns. 0: the full path.
+        // The shadow-paging calls (`NEW_PGTABLE`, `SET_PTE`, `SET_PGD`,
+        // `SET_PMD`, `FLUSH_TLB`; eax <= 31 here), from the armed state only
+        // (an empty ring, the validated CS and SS, no irq pending): Rust
+        // does the call (the vCPU's and the shadow core's bookkeeping, any
+        // TLB invalidation it owes) and says whether a root is to be loaded:
+        // the stub loads it into CR3 (no PCIDs: the load flushes the TLB)
+        // and returns. 0: the full path; 1: done, nothing to load.
         "31:",
-        "cmp eax, {new_pgtable}",
-        "jne 3f",
+        "mov ecx, {paging_calls}",
+        "bt ecx, eax",
+        "jnc 3f",
         "cmp qword ptr [rip + {armed} + {switch_ok}], 0",
         "je 3f",
         "mov rcx, qword ptr [rip + {armed} + {ring}]",
@@ -816,12 +852,19 @@ pub unsafe extern "C" fn hcall_stub() {
         "mov ecx, dword ptr [rcx]",
         "or ecx, dword ptr [rip + {armed} + {vcpu_irqs}]",
         "jnz 3f",
+        // The call's number and four arguments (eax, ebx, ecx, edx, esi)
+        // as the lane's C arguments (rdi, rsi, rdx, rcx, r8); the guest's
+        // ecx and eax are where the stub pushed them, above rdx/rsi/rdi.
         "push rdx",
         "push rsi",
         "push rdi",
         "cld",
-        "mov edi, ebx",
-        "call {switch_lane}",
+        "mov r8d, esi",
+        "mov ecx, edx",
+        "mov edx, dword ptr [rsp + 24]",
+        "mov esi, ebx",
+        "mov edi, dword ptr [rsp + 32]",
+        "call {paging_lane}",
         "pop rdi",
         "pop rsi",
         "pop rdx",
@@ -831,7 +874,10 @@ pub unsafe extern "C" fn hcall_stub() {
         "xor r11d, r11d",
         "test rax, rax",
         "jz 3f",
+        "cmp rax, 1",
+        "je 32f",
         "mov cr3, rax",
+        "32:",
         "and dword ptr [rsp + 32], {mask}",
         "or dword ptr [rsp + 32], 0x202",
         "pop rcx",
@@ -846,8 +892,8 @@ pub unsafe extern "C" fn hcall_stub() {
         "jmp {common}",
         drain_ok = const offset_of!(Armed, drain_ok),
         switch_ok = const offset_of!(Armed, switch_ok),
-        switch_lane = sym switch_lane,
-        new_pgtable = const guest_abi::hcall::LHCALL_NEW_PGTABLE,
+        paging_lane = sym paging_lane,
+        paging_calls = const PAGING_CALLS,
         cursor = const offset_of!(Armed, cursor),
         status_base = const offset_of!(Armed, status_base),
         hcalls_base = const offset_of!(Armed, hcalls_base),

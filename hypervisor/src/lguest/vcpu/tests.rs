@@ -2195,6 +2195,7 @@ fn fast_paging_is_the_full_path() {
     let mut rng = crate::testutil::Rng(0x00fa_57fa_u64 << 20 | 0x1234);
     let mut taken = 0u32;
     let mut declined = 0u32;
+    let mut reflections = 0u32;
     // A second directory: the kernel half only.
     const PGD2: u32 = 0x2_2000;
     for case in 0..1500 {
@@ -2203,13 +2204,24 @@ fn fast_paging_is_the_full_path() {
         t.m.write_u32(PGD2 + (KBASE >> 22) * 4, PTES | 0x63)
             .unwrap();
         t.gate(14, 0x7000, IDT_TYPE_INTERRUPT, 0);
-        t.v.regs.esp = KBASE + 0x9000;
+        // The kernel stack: in one page, or the frame straddling two.
+        t.v.regs.esp = KBASE + [0x9000, 0x9008][r(2) as usize];
         // Some pages clean, read-only, user, missing.
         for _ in 0..r(6) {
             let page = r(u64::from(MEM / 4096)) as u32;
             let flags = [0x63, 0x61, 0x21, 0x67, 0x00, 0x03][r(6) as usize];
             t.m.write_u32(PTES + page * 4, (page << 12) | flags)
                 .unwrap();
+        }
+        // Now and then the stack page itself not yet accessed or dirty,
+        // read-only, or missing (a trap frame there is the full path's).
+        if r(3) == 0 {
+            let flags = [0x23, 0x43, 0x03, 0x61, 0x00][r(5) as usize];
+            t.m.write_u32(PTES + 8 * 4, (8 << 12) | flags).unwrap();
+        }
+        // The page above the stack's elsewhere in guest memory.
+        if r(2) == 0 {
+            t.m.write_u32(PTES + 9 * 4, (0x31 << 12) | 0x63).unwrap();
         }
         if r(3) == 0 {
             assert_eq!(t.hcall(LHCALL_NEW_PGTABLE, PGD2, 0, 0), Action::Resume);
@@ -2226,14 +2238,37 @@ fn fast_paging_is_the_full_path() {
         if r(2) == 0 {
             t.set_ld(LguestData::OFF_IRQ_ENABLED, X86_EFLAGS_IF);
         }
-        let exit = if r(3) == 0 {
+        let hcall = Exit::Trap {
+            vector: 0x1f,
+            errcode: 0,
+            cr2: 0,
+        };
+        let which = r(10);
+        let exit = if which < 2 {
             t.v.regs.eax = LHCALL_NEW_PGTABLE;
             t.v.regs.ebx = [PGD, PGD2, PGD + 1, 0x3000][r(4) as usize];
-            Exit::Trap {
-                vector: 0x1f,
-                errcode: 0,
-                cr2: 0,
-            }
+            hcall
+        } else if which < 5 {
+            // The other shadow-paging calls, with good and bad arguments.
+            let page = r(u64::from(MEM / 4096) + 8) as u32;
+            let flags = [0x63, 0x61, 0x21, 0x67, 0x00, 0x03, 0x80][r(7) as usize];
+            t.v.regs.eax = [
+                LHCALL_SET_PTE,
+                LHCALL_SET_PTE,
+                LHCALL_SET_PGD,
+                LHCALL_FLUSH_TLB,
+                LHCALL_SET_PMD,
+            ][r(5) as usize];
+            t.v.regs.ebx = [PGD, PGD2, 0x3000][r(3) as usize];
+            t.v.regs.ecx = match t.v.regs.eax {
+                LHCALL_SET_PTE => {
+                    [KBASE, 0][r(2) as usize] + r(u64::from(MEM / 4096) + 8) as u32 * 4096
+                }
+                LHCALL_FLUSH_TLB => r(2) as u32,
+                _ => [KBASE >> 22, 0, 1, 1023, 1024][r(5) as usize],
+            };
+            t.v.regs.edx = (page << 12) | flags;
+            hcall
         } else {
             let page = r(u64::from(MEM / 4096) + 8) as u32;
             Exit::Trap {
@@ -2270,15 +2305,20 @@ fn fast_paging_is_the_full_path() {
             assert_eq!(g.e.tables, f.e.tables, "case {case}: stub fill tables");
             assert_eq!(g.v.dead_reason(), f.v.dead_reason(), "case {case}");
         }
+        // A fault the shadow core found to be the guest's own is then
+        // reflected by `fast_exit` where it can be (as on the trap stack).
+        let reflected = !fast && vector == 14 && f.v.fast_exit(vector, errcode, cr2, &mut f.m);
         if fast {
             taken += 1;
+        } else if reflected {
+            reflections += 1;
         } else {
             declined += 1;
             f.exit(exit);
             f.prepare();
         }
         let a = (t.exit(exit), t.prepare());
-        if fast {
+        if fast || reflected {
             assert_eq!(a, (Action::Resume, Action::Resume), "case {case}");
         }
         assert_eq!(f.v.regs, t.v.regs, "case {case}: registers");
@@ -2293,8 +2333,8 @@ fn fast_paging_is_the_full_path() {
         assert_eq!(f.v.dead_reason(), t.v.dead_reason(), "case {case}");
     }
     assert!(
-        taken > 300 && declined > 300,
-        "taken {taken}, declined {declined}"
+        taken > 300 && declined > 300 && reflections > 100,
+        "taken {taken}, declined {declined}, reflected {reflections}"
     );
 }
 
@@ -2326,16 +2366,18 @@ fn kernel_fetch_from_a_user_page_kills_under_paging() {
     assert!(t.v.fast_paging(14, 0x15, cr2, &mut m, &mut e) || !t.v.is_dead());
 }
 
-/// The hypercall stub's fast switch ([`Vcpu::stub_switch`]) between random
-/// cached and uncached address spaces: when it switches, the full path
-/// (`handle_exit` + `prepare_entry`) ends in the same state and asks for the
-/// same root without a flush; when it declines, nothing changed.
+/// The hypercall stub's paging lane ([`Vcpu::stub_paging`]): random
+/// `NEW_PGTABLE`s between cached and uncached address spaces, `SET_PTE`s,
+/// `SET_PGD`s and flushes with good and bad arguments. When it takes the
+/// call, the full path (`handle_exit` + `prepare_entry`) ends in the same
+/// state: the same shadow tables, root, MMU work owed, counters, guest
+/// memory and death; when it declines, nothing changed.
 #[test]
-fn stub_switch_is_the_full_path_or_nothing() {
+fn stub_paging_is_the_full_path_or_nothing() {
     let mut rng = crate::testutil::Rng(0x0051_7c40_0000_0777);
-    let (mut taken, mut declined) = (0u32, 0u32);
+    let (mut taken, mut declined, mut switched) = (0u32, 0u32, 0u32);
     let dirs = [PGD, 0x2_2000, 0x2_3000, 0x2_4000, 0x2_5000, 0x2_6000];
-    for case in 0..1500 {
+    for case in 0..2000 {
         let mut r = |n: u64| rng.next_u64() % n;
         let mut t = paging_guest();
         for &d in &dirs[1..] {
@@ -2358,40 +2400,71 @@ fn stub_switch_is_the_full_path_or_nothing() {
             continue;
         }
         let _ = t.v.take_mmu_work();
-        let target = dirs[r(dirs.len() as u64) as usize];
-        t.v.regs.eax = LHCALL_NEW_PGTABLE;
-        t.v.regs.ebx = target;
-        let mut f = t.v.clone();
-        match f.stub_switch(target) {
-            Some(root) => {
-                taken += 1;
-                assert_eq!(t.trap(0x1f, 0), Action::Resume, "case {case}");
-                assert_eq!(t.prepare(), Action::Resume, "case {case}");
-                let w = t.v.take_mmu_work();
-                let sw = w.load.expect("the full path switches");
-                assert_eq!((sw.root, sw.flush), (root, false), "case {case}");
-                assert_eq!(w.flush, Flush::None, "case {case}");
-                assert_eq!(f.shadow_root(), t.v.shadow_root(), "case {case}");
-                assert_eq!(
-                    f.shadow().map(ShadowPaging::stats),
-                    t.v.shadow().map(ShadowPaging::stats),
-                    "case {case}"
-                );
-            }
-            None => {
-                declined += 1;
-                assert_eq!(f.shadow_root(), t.v.shadow_root(), "case {case}");
-                assert_eq!(
-                    f.shadow().map(ShadowPaging::stats),
-                    t.v.shadow().map(ShadowPaging::stats),
-                    "case {case}"
-                );
-            }
+        let page = r(u64::from(MEM / 4096) + 8) as u32;
+        let (nr, args) = match r(6) {
+            0..=2 => (
+                LHCALL_NEW_PGTABLE,
+                [dirs[r(dirs.len() as u64) as usize], 0, 0, 0],
+            ),
+            3 => (
+                LHCALL_SET_PTE,
+                [
+                    dirs[r(2) as usize],
+                    [KBASE, 0][r(2) as usize] + (r(u64::from(MEM / 4096)) as u32) * 4096,
+                    (page << 12) | [0x63, 0x61, 0x21, 0x00, 0x80][r(5) as usize],
+                    0,
+                ],
+            ),
+            4 => (
+                LHCALL_SET_PGD,
+                [
+                    dirs[r(2) as usize],
+                    [KBASE >> 22, 0, 1024][r(3) as usize],
+                    0,
+                    0,
+                ],
+            ),
+            _ => (LHCALL_FLUSH_TLB, [r(2) as u32, 0, 0, 0]),
+        };
+        [
+            t.v.regs.eax,
+            t.v.regs.ebx,
+            t.v.regs.ecx,
+            t.v.regs.edx,
+            t.v.regs.esi,
+        ] = [nr, args[0], args[1], args[2], args[3]];
+        let mut f = T {
+            v: t.v.clone(),
+            m: t.m.clone(),
+            e: t.e.clone(),
+        };
+        if f.v.stub_paging(nr, args, &mut f.m, &mut f.e) {
+            taken += 1;
+            assert_eq!(t.trap(0x1f, 0), Action::Resume, "case {case}");
+            assert_eq!(t.prepare(), Action::Resume, "case {case}");
+            let (fw, tw) = (f.v.take_mmu_work(), t.v.take_mmu_work());
+            switched += u32::from(fw.load.is_some());
+            assert_eq!(fw, tw, "case {case}: MMU work");
+        } else if f.v.is_dead() {
+            // Killed by the call: the full path kills it the same way.
+            t.trap(0x1f, 0);
+            t.prepare();
+        } else {
+            declined += 1;
         }
+        assert_eq!(f.v.shadow_root(), t.v.shadow_root(), "case {case}");
+        assert_eq!(
+            f.v.shadow().map(ShadowPaging::stats),
+            t.v.shadow().map(ShadowPaging::stats),
+            "case {case}"
+        );
+        assert_eq!(f.e.tables, t.e.tables, "case {case}: shadow tables");
+        assert!(f.m == t.m, "case {case}: guest memory");
+        assert_eq!(f.v.dead_reason(), t.v.dead_reason(), "case {case}");
     }
     assert!(
-        taken > 200 && declined > 200,
-        "taken {taken}, declined {declined}"
+        taken > 800 && switched > 200,
+        "taken {taken}, switched {switched}, declined {declined}"
     );
 }
 
