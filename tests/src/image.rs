@@ -64,6 +64,8 @@ pub enum Fill {
     Pattern,
     /// Zeros.
     Zero,
+    /// An ext2 filesystem with the test files of [`crate::ext2`] (made by e2fsprogs' `mke2fs`).
+    Ext2,
 }
 
 impl Fill {
@@ -71,6 +73,7 @@ impl Fill {
         match self {
             Self::Pattern => "pattern",
             Self::Zero => "zero",
+            Self::Ext2 => "ext2",
         }
     }
 }
@@ -78,12 +81,12 @@ impl Fill {
 /// Largest generated data module.
 pub const MAX_DATA_SIZE: u64 = 256 << 20;
 
-/// Parses the part after `data:`: `NAME:SIZE[:pattern|zero]` or `NAME=PATH`.
+/// Parses the part after `data:`: `NAME:SIZE[:pattern|zero|ext2]` or `NAME=PATH`.
 fn parse_data(spec: &str, rest: &str) -> Result<GuestSource> {
     let bad = |why: &str| {
         err!(
-            "data `{spec}`: {why} (expected data:NAME:SIZE[:pattern|zero] or data:NAME=PATH, \
-             e.g. data:disk:1M:pattern)"
+            "data `{spec}`: {why} (expected data:NAME:SIZE[:pattern|zero|ext2] or \
+             data:NAME=PATH, e.g. data:disk:1M:pattern)"
         )
     };
     let (name, content) = if let Some((name, path)) = rest.split_once('=') {
@@ -101,8 +104,12 @@ fn parse_data(spec: &str, rest: &str) -> Result<GuestSource> {
         let fill = match parts.next() {
             None | Some("pattern") => Fill::Pattern,
             Some("zero") => Fill::Zero,
-            Some(_) => return Err(bad("the fill is `pattern` or `zero`")),
+            Some("ext2") => Fill::Ext2,
+            Some(_) => return Err(bad("the fill is `pattern`, `zero` or `ext2`")),
         };
+        if fill == Fill::Ext2 && size < crate::ext2::MIN_SIZE {
+            return Err(bad("an ext2 data module must be at least 1 MiB"));
+        }
         if parts.next().is_some() {
             return Err(bad("too many `:`"));
         }
@@ -120,7 +127,7 @@ fn parse_data(spec: &str, rest: &str) -> Result<GuestSource> {
 }
 
 /// A parsed `--guest` / scenario `guests` entry: `name-or-path[,arg]...`, or a data module
-/// `data:NAME:SIZE[:pattern|zero]` / `data:NAME=PATH` (no arguments).
+/// `data:NAME:SIZE[:pattern|zero|ext2]` / `data:NAME=PATH` (no arguments).
 ///
 /// A path must contain a `/` or end in `.elf`; anything else names a package in `guests/`.
 /// The arguments go to the guest's module command line after its name. Parsing checks only
@@ -206,6 +213,20 @@ impl GuestSpec {
     /// Whether this is a data module rather than a guest.
     pub fn is_data(&self) -> bool {
         matches!(self.source, GuestSource::Data { .. })
+    }
+
+    /// Whether this is a generated ext2 data module (making it needs e2fsprogs).
+    pub fn is_ext2(&self) -> bool {
+        matches!(
+            self.source,
+            GuestSource::Data {
+                content: DataContent::Generated {
+                    fill: Fill::Ext2,
+                    ..
+                },
+                ..
+            }
+        )
     }
 
     /// The module command line GRUB passes to the hypervisor: `name args...`.
@@ -315,28 +336,41 @@ impl GuestSpec {
     }
 }
 
-/// The bytes of a generated data module.
-pub fn data_bytes(size: u64, fill: Fill) -> Vec<u8> {
+/// The bytes of a generated data module of `size` bytes of `fill`; `None` for
+/// [`Fill::Ext2`], whose image `mke2fs` makes ([`crate::ext2::write_image`]).
+pub fn data_bytes(size: u64, fill: Fill) -> Option<Vec<u8>> {
     match fill {
-        Fill::Pattern => (0..size).map(guest_abi::testdata::pattern_byte).collect(),
-        Fill::Zero => vec![0; size as usize],
+        Fill::Pattern => Some((0..size).map(guest_abi::testdata::pattern_byte).collect()),
+        Fill::Zero => Some(vec![0; size as usize]),
+        Fill::Ext2 => None,
     }
 }
 
 /// Writes (once) the generated data module of `size` bytes of `fill` under `dir`.
 fn generate_data(dir: &Path, size: u64, fill: Fill) -> Result<PathBuf> {
-    let path = dir.join(format!("{}-{size}.img", fill.as_str()));
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static SERIAL: AtomicU32 = AtomicU32::new(0);
+    // An ext2 image's name holds a checksum of what decides its contents, so that an image
+    // made by an older definition is never reused.
+    let name = match fill {
+        Fill::Ext2 => format!("ext2-{size}-{:08x}", crate::ext2::content_hash()),
+        Fill::Pattern | Fill::Zero => format!("{}-{size}", fill.as_str()),
+    };
+    let path = dir.join(format!("{name}.img"));
     if fs::metadata(&path).is_ok_and(|m| m.len() == size) {
         return Ok(path);
     }
     fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
     // Written under a temporary name first: two scenarios running at once may both write it.
     let tmp = dir.join(format!(
-        "{}-{size}.{}.tmp",
-        fill.as_str(),
-        std::process::id()
+        "{name}.{}-{}.tmp",
+        std::process::id(),
+        SERIAL.fetch_add(1, Ordering::Relaxed)
     ));
-    fs::write(&tmp, data_bytes(size, fill)).context(|| format!("writing {}", tmp.display()))?;
+    match data_bytes(size, fill) {
+        Some(bytes) => fs::write(&tmp, bytes).context(|| format!("writing {}", tmp.display()))?,
+        None => crate::ext2::write_image(&tmp, size, &tmp.with_extension("work"))?,
+    }
     fs::rename(&tmp, &path).context(|| format!("renaming {}", tmp.display()))?;
     Ok(path)
 }
@@ -625,9 +659,41 @@ mod tests {
         ] {
             assert!(GuestSpec::parse(bad).is_err(), "{bad}");
         }
-        let bytes = data_bytes(1024, Fill::Pattern);
+        let bytes = data_bytes(1024, Fill::Pattern).unwrap();
         assert_eq!(bytes[700], guest_abi::testdata::pattern_byte(700));
-        assert_eq!(data_bytes(3, Fill::Zero), [0, 0, 0]);
+        assert_eq!(data_bytes(3, Fill::Zero).unwrap(), [0, 0, 0]);
+        assert_eq!(data_bytes(4 << 20, Fill::Ext2), None);
+        assert!(!d.is_ext2());
+    }
+
+    #[test]
+    fn ext2_data_modules() {
+        let d = GuestSpec::parse("data:disk:4M:ext2").unwrap();
+        assert!(d.is_data() && d.is_ext2());
+        assert_eq!(d.name(), "disk");
+        assert_eq!(
+            d.source,
+            GuestSource::Data {
+                name: "disk".into(),
+                content: DataContent::Generated {
+                    size: 4 << 20,
+                    fill: Fill::Ext2
+                }
+            }
+        );
+        assert_eq!(d.spec_string(), "data:disk:4194304:ext2");
+        assert_eq!(GuestSpec::parse(&d.spec_string()).unwrap(), d);
+        assert!(GuestSpec::parse("data:disk:1M:ext2").is_ok());
+        let e = GuestSpec::parse("data:disk:512K:ext2").unwrap_err();
+        assert!(e.message().contains("at least 1 MiB"), "{e}");
+        let e = GuestSpec::parse("data:disk:4M:ext3").unwrap_err();
+        assert!(
+            e.message()
+                .contains("the fill is `pattern`, `zero` or `ext2`"),
+            "{e}"
+        );
+        assert!(GuestSpec::parse("data:disk:4M:ext2,x").is_err());
+        assert!(!GuestSpec::parse("vio,block=disk").unwrap().is_ext2());
     }
 
     use super::*;

@@ -10,6 +10,7 @@
 
 pub mod bench;
 pub mod error;
+pub mod ext2;
 pub mod image;
 pub mod input;
 pub mod qemu;

@@ -92,9 +92,17 @@ IMAGE OPTIONS (iso, run):
                                     --guest hello,mem=16M  --guest ./k.elf,mem=16M,console=hvc0
                                     mem=SIZE is the guest's RAM: 4M to 3G (default 16M)
                                     block=NAME, net, noconsole, restart=N: its devices
-                                    and restarts; data:NAME:SIZE[:pattern|zero] or
+                                    and restarts; data:NAME:SIZE[:pattern|zero|ext2] or
                                     data:NAME=PATH adds a data module (not a guest), e.g.
                                     --guest vio,block=disk --guest data:disk:1M:pattern
+                                    ext2 (SIZE at least 1M; needs e2fsprogs) is an ext2
+                                    filesystem with fixed files, by md5:
+                                      hello.txt       24a2ef6b13032bc217c4c937251d8111
+                                        (one line: hello from the rustyvisor ext2 test disk)
+                                      pattern.bin     63fc76b490fe16fb4c13fac80b764090
+                                        (100 KiB, the first 100 KiB of a pattern disk)
+                                      sub/nested.txt  6581ce5933270d44a08db6bc71eba942
+                                        (one line: a file in a subdirectory)
     --no-check                      boot a command line or guest spec the hypervisor would
                                     refuse (to watch it do so)
 MACHINE OPTIONS (run):
@@ -534,6 +542,19 @@ mod tests {
         ] {
             assert!(USAGE.contains(word), "usage does not mention {word}");
         }
+    }
+
+    #[test]
+    fn usage_lists_the_ext2_files_with_their_md5() {
+        for (path, md5) in rustyvisor_tests::ext2::FILES {
+            let line = USAGE
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("{path} ")))
+                .unwrap_or_else(|| panic!("usage does not list {path}"));
+            assert!(line.trim_end().ends_with(md5), "{line}");
+        }
+        assert!(USAGE.contains(rustyvisor_tests::ext2::HELLO.trim_end()));
+        assert!(USAGE.contains(rustyvisor_tests::ext2::NESTED.trim_end()));
     }
 
     #[test]

@@ -50,11 +50,25 @@ fn resolve(ws: &Workspace, image: &ImageArgs) -> Result<Vec<ResolvedGuest>> {
         .collect())
 }
 
+/// What making the modules of `guests` needs besides the image tools: e2fsprogs for an ext2
+/// data module.
+fn module_needs<'a>(guests: impl IntoIterator<Item = &'a GuestSpec>) -> Vec<Need> {
+    let mut guests = guests.into_iter();
+    if guests.any(GuestSpec::is_ext2) {
+        vec![Need::Ext2]
+    } else {
+        Vec::new()
+    }
+}
+
 /// `cargo xtask iso`.
 pub fn iso(output: &Path, image: &ImageArgs, profile: Profile, no_build: bool) -> Result<i32> {
     let ws = Workspace::load()?;
+    let mut needs = vec![Need::Iso];
+    needs.extend(module_needs(&image.guests));
+    // Before the guests are resolved: that makes the generated data modules.
+    ensure(&needs)?;
     let guests = resolve(&ws, image)?;
-    ensure(&[Need::Iso])?;
     if !no_build {
         build(&ws, profile, &Guests::Used(image.guests.clone()))?;
     }
@@ -83,13 +97,15 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             cli::DEMO_GUESTS.join(" ")
         );
     }
-    let guests = resolve(&ws, &args.image)?;
     let uefi = args.machine.firmware == Firmware::Uefi;
     let mut needs = vec![Need::Iso, Need::Qemu];
     if uefi {
         needs.push(Need::Uefi);
     }
+    needs.extend(module_needs(&args.image.guests));
+    // Before the guests are resolved: that makes the generated data modules.
     ensure(&needs)?;
+    let guests = resolve(&ws, &args.image)?;
     if args.machine.accel == Accel::Kvm {
         check_kvm()?;
     }
@@ -156,15 +172,9 @@ fn report_exit(status: ExitStatus) -> i32 {
     }
 }
 
-/// Loads scenarios, checks every guest they name and the tools they need.
+/// Checks the tools some scenarios need and every guest they name (which makes their
+/// generated data modules).
 fn prepare(ws: &Workspace, scenarios: &[Scenario]) -> Result<()> {
-    for s in scenarios {
-        for guest in &s.guests {
-            guest
-                .resolve_all(ws, &ws.root)
-                .map_err(|e| err!("{}: scenario `{}`: {e}", s.file.display(), s.name))?;
-        }
-    }
     let mut needs = vec![Need::Iso, Need::Qemu];
     if scenarios
         .iter()
@@ -172,7 +182,16 @@ fn prepare(ws: &Workspace, scenarios: &[Scenario]) -> Result<()> {
     {
         needs.push(Need::Uefi);
     }
-    ensure(&needs)
+    needs.extend(module_needs(scenarios.iter().flat_map(|s| &s.guests)));
+    ensure(&needs)?;
+    for s in scenarios {
+        for guest in &s.guests {
+            guest
+                .resolve_all(ws, &ws.root)
+                .map_err(|e| err!("{}: scenario `{}`: {e}", s.file.display(), s.name))?;
+        }
+    }
+    Ok(())
 }
 
 /// Every guest spec of some scenarios (for the build).

@@ -11,7 +11,7 @@ use rustyvisor_tests::qemu::Ovmf;
 use rustyvisor_tests::{Error, Result};
 
 /// Every Debian package the tooling uses, in the order of the install command.
-pub const PACKAGES: [&str; 7] = [
+pub const PACKAGES: [&str; 8] = [
     "qemu-system-x86",
     "grub-pc-bin",
     "grub-efi-amd64-bin",
@@ -19,6 +19,7 @@ pub const PACKAGES: [&str; 7] = [
     "xorriso",
     "mtools",
     "ovmf",
+    "e2fsprogs",
 ];
 
 /// What a command is about to do.
@@ -30,6 +31,8 @@ pub enum Need {
     Qemu,
     /// Boot with OVMF.
     Uefi,
+    /// Make an ext2 data module (`data:NAME:SIZE:ext2`).
+    Ext2,
 }
 
 /// One thing that must be present.
@@ -37,6 +40,8 @@ pub enum Need {
 enum Check {
     /// A program on `PATH`.
     Tool(&'static str),
+    /// A program on `PATH` or in `/usr/sbin` or `/sbin` (e2fsprogs).
+    SbinTool(&'static str),
     /// A directory.
     Dir(&'static str),
     /// OVMF firmware files.
@@ -58,6 +63,10 @@ fn checks(needs: &[Need]) -> Vec<(Check, &'static str)> {
             ],
             Need::Qemu => &[(Check::Tool("qemu-system-x86_64"), "qemu-system-x86")],
             Need::Uefi => &[(Check::Ovmf, "ovmf")],
+            Need::Ext2 => &[
+                (Check::SbinTool("mke2fs"), "e2fsprogs"),
+                (Check::SbinTool("debugfs"), "e2fsprogs"),
+            ],
         };
         for item in more {
             if !list.contains(item) {
@@ -83,6 +92,7 @@ pub(crate) fn on_path(program: &str) -> bool {
 fn present(check: Check) -> bool {
     match check {
         Check::Tool(program) => on_path(program),
+        Check::SbinTool(program) => rustyvisor_tests::ext2::find_tool(program).is_some(),
         Check::Dir(dir) => Path::new(dir).is_dir(),
         Check::Ovmf => Ovmf::locate().is_ok(),
     }
@@ -90,7 +100,7 @@ fn present(check: Check) -> bool {
 
 fn describe(check: Check) -> String {
     match check {
-        Check::Tool(program) => format!("`{program}`"),
+        Check::Tool(program) | Check::SbinTool(program) => format!("`{program}`"),
         Check::Dir(dir) => format!("GRUB modules in {dir}"),
         Check::Ovmf => "OVMF (UEFI firmware) in /usr/share/OVMF".to_string(),
     }
@@ -113,7 +123,7 @@ fn missing_message(missing: &[(Check, &str)]) -> Error {
     err!(
         "missing host tools:\n{}\ninstall them with:\n    {}\n\
          (elsewhere, install QEMU for x86_64, GRUB 2 with the i386-pc and x86_64-efi platforms, \
-         xorriso, mtools and OVMF)",
+         xorriso, mtools, OVMF and e2fsprogs)",
         list.join("\n"),
         install_command()
     )
@@ -175,8 +185,9 @@ mod tests {
 
     #[test]
     fn checks_follow_needs_without_repeats() {
-        let all = checks(&[Need::Iso, Need::Qemu, Need::Uefi, Need::Iso]);
-        assert_eq!(all.len(), 8);
+        let all = checks(&[Need::Iso, Need::Qemu, Need::Uefi, Need::Ext2, Need::Iso]);
+        assert_eq!(all.len(), 10);
+        assert!(all.contains(&(Check::SbinTool("mke2fs"), "e2fsprogs")));
         assert!(all.contains(&(Check::Tool("qemu-system-x86_64"), "qemu-system-x86")));
         assert!(all.contains(&(Check::Dir("/usr/lib/grub/x86_64-efi"), "grub-efi-amd64-bin")));
         assert_eq!(checks(&[Need::Uefi]), [(Check::Ovmf, "ovmf")]);
@@ -196,7 +207,7 @@ mod tests {
         assert!(
             e.message().contains(
                 "sudo apt-get update && sudo apt-get install -y qemu-system-x86 grub-pc-bin \
-                 grub-efi-amd64-bin grub-common xorriso mtools ovmf"
+                 grub-efi-amd64-bin grub-common xorriso mtools ovmf e2fsprogs"
             ),
             "{e}"
         );
