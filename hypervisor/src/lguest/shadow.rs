@@ -453,6 +453,10 @@ struct Slot {
     inserted: u64,
     /// The kernel stack is known present and writable in it.
     pinned: bool,
+    /// While `pinned`: the shadow leaf of the stack's top page (where a
+    /// trap frame pushed below `esp1` lands). Every change of a stack
+    /// page's leaf clears `pinned` first, so it stays true while pinned.
+    pin_top: u64,
     /// TLB entries tagged with this slot may be stale.
     stale: bool,
 }
@@ -826,9 +830,10 @@ impl ShadowPaging {
     /// stale, the kernel stack is pinned in it (or there is none), and no
     /// invalidation is owed to the current one. Then it does exactly what
     /// `new_pgtable` does (a cache hit that returns `flush: false`) and
-    /// returns the root to load; otherwise it changes nothing and returns
-    /// `None`. For the hypercall stub's fast switch.
-    pub fn fast_switch(&mut self, gpgdir: u32) -> Option<u64> {
+    /// returns the same [`Switch`]; otherwise it changes nothing and returns
+    /// `None`. For the hypercall stub's paging lane.
+    #[inline]
+    pub fn fast_switch(&mut self, gpgdir: u32) -> Option<Switch> {
         if self.pending != Flush::None {
             return None;
         }
@@ -837,9 +842,17 @@ impl ShadowPaging {
             .iter()
             .position(|s| s.is_some_and(|s| s.gpgdir == gpgdir))?;
         let needs_pin = self.stack.is_some();
+        // The stack's top page must be where it is in the current shadow:
+        // the hypercall stub's reflection pushes a user-mode trap frame at
+        // the page it was armed with, and a shadow that maps the page
+        // elsewhere takes the full path, which re-arms it.
+        let cur_top = match self.current.and_then(|c| self.slots.get(c)) {
+            Some(Some(c)) if c.pinned => Some(c.pin_top),
+            _ => None,
+        };
         let tick = self.tick.saturating_add(1);
         let s = self.slot_mut(si)?;
-        if s.stale || (needs_pin && !s.pinned) {
+        if s.stale || (needs_pin && (!s.pinned || cur_top != Some(s.pin_top))) {
             return None;
         }
         s.last_used = tick;
@@ -847,7 +860,13 @@ impl ShadowPaging {
         self.tick = tick;
         self.stats.hits = self.stats.hits.saturating_add(1);
         self.current = Some(si);
-        Some(root)
+        Some(Switch {
+            slot: si,
+            root,
+            flush: false,
+            hit: true,
+            repinned: false,
+        })
     }
 
     /// `LHCALL_SET_PTE(gpgdir, vaddr, pte)` (PAE: the 64-bit `pte`; 2-level:
@@ -1071,6 +1090,22 @@ impl ShadowPaging {
         let t = self.paging.translate(mem, cr3, vaddr, access).ok()?;
         let need = PAGE_ACCESSED | if access.write { PAGE_DIRTY } else { 0 };
         (t.pte & need == need).then_some(t.gpa)
+    }
+
+    /// Guest virtual → guest physical as the current shadow itself maps
+    /// `vaddr` present and writable (a pinned stack page), read from the
+    /// shadow's tables without walking the guest's: where a host write
+    /// through the shadow (lguest's switcher pushing a trap frame) would
+    /// land. `None` if the current shadow has no such leaf.
+    pub fn shadow_writable_gpa<B: ShadowBackend>(&self, b: &B, vaddr: u32) -> Option<u32> {
+        let s = self.slot(self.current?)?;
+        let pt = self.pt_of(b, &s, vaddr)?;
+        let e = b.read(pt, pt_index(vaddr));
+        if e & (PAGE_PRESENT | PAGE_RW) != PAGE_PRESENT | PAGE_RW {
+            return None;
+        }
+        let page = (e & ADDR_MASK).checked_sub(self.cfg.guest_base)?;
+        u32::try_from(page | u64::from(vaddr & 0xFFF)).ok()
     }
 
     /// Frees every frame of every shadow: the guest died or is restarting.
@@ -1331,6 +1366,7 @@ impl ShadowPaging {
                             last_used: tick,
                             inserted: tick,
                             pinned: false,
+                            pin_top: 0,
                             stale: true,
                         });
                     }
@@ -1419,6 +1455,14 @@ impl ShadowPaging {
                 }
             }
             if self.slot(ci).is_some_and(|s| s.pinned) {
+                let top = st.pages().first().and_then(|&va| {
+                    let s = self.slot(ci)?;
+                    let pt = self.pt_of(b, &s, va)?;
+                    Some(b.read(pt, pt_index(va)))
+                });
+                if let Some(s) = self.slot_mut(ci) {
+                    s.pin_top = top.unwrap_or(0);
+                }
                 return Ok(true);
             }
         }

@@ -649,6 +649,17 @@ struct FastFrame {
     esp: u32,
 }
 
+/// What the host owes the MMU after [`Vcpu::stub_paging`] took a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaneDone {
+    /// Load this shadow root (a switch to a cached, clean shadow, with no
+    /// invalidation owed: the full path's `Switch` would say `flush:
+    /// false`); nothing is left in `take_mmu_work`.
+    Load(u64),
+    /// Apply [`Vcpu::take_mmu_work`].
+    Work,
+}
+
 /// Source of [`Vcpu::instance`] numbers.
 static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
 
@@ -683,20 +694,45 @@ impl Vcpu {
         self.stub_view_with(mem.limit(), Some(&translate))
     }
 
-    /// Where the reflection stubs would push a user-mode trap frame now:
-    /// the guest-physical address of the 5-word frame below the `SET_STACK`
-    /// stack, as [`stub_view_in`](Self::stub_view_in) finds it (`None`: no
-    /// such frame). The run loop compares it with what the stubs were armed
-    /// with after a shadow-paging call finished on the trap stack (which
-    /// may have moved the stack page), so they push where the full path
-    /// would.
-    pub fn stub_user_frame_in<M: GuestMemory>(&self, mem: &M) -> Option<u32> {
-        let translate = |va: u32| {
-            self.shadow
-                .as_ref()?
-                .translate_quiet(mem, va, Access::KERNEL_WRITE)
-        };
-        self.user_frame_with(mem.limit(), Some(&translate))
+    /// The linear address of the 5-word user-mode frame below the
+    /// `SET_STACK` stack, if the stack is valid (what the reflection stubs'
+    /// user frame is the translation of). The run loop keeps it with what
+    /// the stubs were armed with.
+    pub fn stub_user_frame_linear(&self) -> Option<u32> {
+        if !(self.stack_set
+            && u16::try_from(self.ss1).is_ok_and(|s| self.gdt.valid_stack_selector(s, 1)))
+        {
+            return None;
+        }
+        u16::try_from(self.ss1)
+            .map_or(0, |s| self.gdt.segment_base(s))
+            .wrapping_add(self.esp1)
+            .checked_sub(20)
+    }
+
+    /// Where the reflection stubs' user-mode frame at linear `low` (one
+    /// page, as armed) lies now under shadow paging: the page as the current
+    /// shadow maps it present and writable (a pinned stack page, read from
+    /// the shadow's own tables: no walk of the guest's), else as the guest's
+    /// tables map it quietly (as [`stub_view_in`](Self::stub_view_in) finds
+    /// it); `None` if neither, or if the frame would not fit in guest
+    /// memory. The run loop compares it with what the stubs were armed with
+    /// after a shadow-paging call finished on the trap stack (which may have
+    /// moved the page), so they push where the shadow maps the frame, as
+    /// lguest's switcher did.
+    pub fn stub_frame_gpa<M: GuestMemory, E: Env>(
+        &self,
+        low: u32,
+        mem: &M,
+        env: &mut E,
+    ) -> Option<u32> {
+        let sh = self.shadow.as_ref().filter(|s| s.is_paging())?;
+        let pa = sh
+            .shadow_writable_gpa(env.tables(), low)
+            .or_else(|| sh.translate_quiet(mem, low, Access::KERNEL_WRITE))?;
+        pa.checked_add(20)
+            .is_some_and(|end| end <= mem.limit())
+            .then_some(pa)
     }
 
     /// The user-mode frame part of [`stub_view_with`](Self::stub_view_with):
@@ -1446,10 +1482,12 @@ impl Vcpu {
     /// (`NEW_PGTABLE`, `SET_PTE`, `SET_PGD`, `SET_PMD`, `FLUSH_TLB`) with
     /// arguments `args`, from the state the stub was armed with (an empty
     /// async ring, no irq pending, the CS/SS validated at the last entry):
-    /// does what the full path does for it and returns `true` (the MMU work
-    /// owed is then in [`take_mmu_work`](Self::take_mmu_work), for the host
-    /// to apply before the guest runs on); `false` if it is not such a call
-    /// or the vCPU has other business (nothing changed), or if the call
+    /// does what the full path does for it and says what the host owes the
+    /// MMU before the guest runs on: [`LaneDone::Load`] (a switch to a
+    /// cached, clean shadow: load this root; nothing else is owed) or
+    /// [`LaneDone::Work`] (the rest is in
+    /// [`take_mmu_work`](Self::take_mmu_work)). `None` if it is not such a
+    /// call or the vCPU has other business (nothing changed), or if the call
     /// killed the guest (as the full path would have).
     pub fn stub_paging<M: GuestMemory, E: Env>(
         &mut self,
@@ -1457,26 +1495,67 @@ impl Vcpu {
         args: [u32; 4],
         mem: &mut M,
         env: &mut E,
-    ) -> bool {
-        if self.lguest_data.is_none()
-            || self.dead.is_some()
-            || self.restart
-            || self.halted
-            || self.pending_hcall.is_some()
-            || self.pending != 0
-            || self.mmu_load.is_some()
-            || !self.paging()
-        {
-            return false;
+    ) -> Option<LaneDone> {
+        if !self.lane_ready() {
+            return None;
         }
-        let Some(h) = Self::fast_paging_call(nr) else {
-            return false;
-        };
+        let h = Self::fast_paging_call(nr)?;
+        // The common switch first: to a cached, clean shadow.
+        if h == Hypercall::NewPgtable
+            && let Some(root) = self.stub_switch(args[0])
+        {
+            return Some(LaneDone::Load(root));
+        }
+        self.stub_paging_call(h, args, mem, env)
+    }
+
+    /// The first step of [`stub_paging`](Self::stub_paging) for
+    /// `NEW_PGTABLE(gpgdir)`, callable on its own (the lane's shortest
+    /// path): a switch to a cached, clean shadow, whose root the host loads
+    /// with nothing else owed; `None` (nothing changed) otherwise. Not
+    /// inlined into the host's lane: as one function with the shadow
+    /// core's `fast_switch` inside, it is the shortest path.
+    #[inline(never)]
+    pub fn stub_switch(&mut self, gpgdir: u32) -> Option<u64> {
+        if !self.lane_ready() {
+            return None;
+        }
+        self.shadow
+            .as_mut()
+            .and_then(|s| s.fast_switch(gpgdir))
+            .map(|sw| sw.root)
+    }
+
+    /// Whether the paging lane may act: a running guest under shadow paging
+    /// with nothing waiting (no irq, no hypercall, no MMU work owed).
+    #[inline]
+    fn lane_ready(&self) -> bool {
+        self.lguest_data.is_some()
+            && self.dead.is_none()
+            && !self.restart
+            && !self.halted
+            && self.pending_hcall.is_none()
+            && self.pending == 0
+            && self.mmu_load.is_none()
+            && self.paging()
+    }
+
+    /// The rest of [`stub_paging`](Self::stub_paging): the call itself, out
+    /// of line so that the switch to a cached shadow above pays none of its
+    /// frame.
+    #[inline(never)]
+    fn stub_paging_call<M: GuestMemory, E: Env>(
+        &mut self,
+        h: Hypercall,
+        args: [u32; 4],
+        mem: &mut M,
+        env: &mut E,
+    ) -> Option<LaneDone> {
         match self.paging_call(h, args, mem, env) {
-            Ok(_) => true,
+            Ok(_) => Some(LaneDone::Work),
             Err(k) => {
                 self.kill(k);
-                false
+                None
             }
         }
     }

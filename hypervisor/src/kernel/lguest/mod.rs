@@ -43,7 +43,7 @@ use rustyvisor::lguest::chan::{
 use rustyvisor::lguest::guestmem::GuestMemory;
 use rustyvisor::lguest::pagewalk::Format;
 use rustyvisor::lguest::shadow::{Flush, ShadowConfig, Stats};
-use rustyvisor::lguest::vcpu::{Action, Env, Exit, Vcpu};
+use rustyvisor::lguest::vcpu::{Action, Env, Exit, LaneDone, Vcpu};
 use rustyvisor::mm::PAGE_SIZE;
 
 use self::fpu::FxSlot;
@@ -514,9 +514,10 @@ struct Running {
     /// TSC at the first entry into the guest (0 until then), for the
     /// `guest_create` bench.
     first_entry: u64,
-    /// The guest-physical user-mode frame the reflection stubs were last
-    /// armed with (`None`: they reflect no user-mode trap).
-    armed_user_frame: Option<u32>,
+    /// The user-mode frame the reflection stubs were last armed with: its
+    /// linear address and guest-physical address (`None`: they reflect no
+    /// user-mode trap).
+    armed_user_frame: Option<(u32, u32)>,
 }
 
 /// The lguest core for one guest (the object behind one control channel).
@@ -929,7 +930,7 @@ fn arm_stub(r: &mut Running) {
     });
     r.armed_user_frame = view
         .filter(|v| v.ss1 != 0 && arm.is_some())
-        .map(|v| v.user_frame);
+        .and_then(|v| Some((r.vcpu.stub_user_frame_linear()?, v.user_frame)));
     switch::arm_stubs(arm);
 }
 
@@ -940,42 +941,60 @@ fn arm_stub(r: &mut Running) {
 /// leave user-mode traps to the full path, which re-arms them. About one
 /// quiet walk of the guest's tables.
 fn refresh_user_frame(r: &mut Running) {
-    let Some(armed) = r.armed_user_frame else {
+    let Some((low, armed)) = r.armed_user_frame else {
         return;
     };
-    let now = r.vcpu.stub_user_frame_in(&r.mem);
+    let now = r.vcpu.stub_frame_gpa(low, &r.mem, &mut r.env);
     if now == Some(armed) {
         return;
     }
     let host = now.and_then(|pa| r.mem.host_addr(pa, 20));
     switch::retarget_user_frame(host);
-    r.armed_user_frame = now.filter(|_| host.is_some());
+    r.armed_user_frame = now.filter(|_| host.is_some()).map(|pa| (low, pa));
 }
 
 /// The hypercall stub's shadow-paging lane (`fastpath=on`; interrupts off,
 /// on the trap stack): `Vcpu::stub_paging`; then the TLB invalidation owed
 /// (or the root the stub loads), and the reflection stubs' user-mode frame
 /// brought up to date. 0: nothing changed, the full path runs.
-fn switch_on_trap_stack(ctx: *mut (), nr: u32, args: [u32; 4]) -> u64 {
+fn switch_on_trap_stack(ctx: *mut (), nr: u32, a1: u32, a2: u32, a3: u32, a4: u32) -> u64 {
     // SAFETY: as in `exit_on_trap_stack`: `ctx` is the running guest's
     // `Running`, not touched by the suspended run loop meanwhile.
     let r = unsafe { &mut *ctx.cast::<Running>() };
-    if !r.vcpu.stub_paging(nr, args, &mut r.mem, &mut r.env) {
-        return 0;
+    // The common case first, on its own short path (which needs nothing but
+    // `gpgdir` afterwards). A cached shadow is switched to here only if it
+    // maps the stack's top page where the current one does: the reflection
+    // stubs' user frame stays right.
+    if nr == guest_abi::hcall::LHCALL_NEW_PGTABLE {
+        return match r.vcpu.stub_switch(a1) {
+            Some(root) => root,
+            None => paging_lane_call(r, nr, [a1, 0, 0, 0]),
+        };
     }
-    let work = r.vcpu.take_mmu_work();
-    let result = match work.load {
-        Some(sw) => sw.root,
-        None => {
-            match work.flush {
-                Flush::None => {}
-                Flush::Page(va) => {
-                    x86_64::instructions::tlb::flush(x86_64::VirtAddr::new(u64::from(va)))
+    paging_lane_call(r, nr, [a1, a2, a3, a4])
+}
+
+/// The rest of the paging lane ([`switch_on_trap_stack`]), out of line.
+#[inline(never)]
+fn paging_lane_call(r: &mut Running, nr: u32, args: [u32; 4]) -> u64 {
+    let result = match r.vcpu.stub_paging(nr, args, &mut r.mem, &mut r.env) {
+        None => return 0,
+        Some(LaneDone::Load(root)) => root,
+        Some(LaneDone::Work) => {
+            let work = r.vcpu.take_mmu_work();
+            if let Some(sw) = work.load {
+                sw.root
+            } else {
+                match work.flush {
+                    Flush::None => {}
+                    Flush::Page(va) => {
+                        x86_64::instructions::tlb::flush(x86_64::VirtAddr::new(u64::from(va)))
+                    }
+                    // SAFETY: reloading the CR3 already in use.
+                    Flush::All => unsafe { cpu::write_cr3(cpu::cr3() & !0xFFF) },
                 }
-                // SAFETY: reloading the CR3 already in use.
-                Flush::All => unsafe { cpu::write_cr3(cpu::cr3() & !0xFFF) },
+                1
             }
-            1
         }
     };
     refresh_user_frame(r);

@@ -63,11 +63,11 @@ use crate::kernel::arch::trap::TrapFrame;
 pub type FastHandler = fn(ctx: *mut (), exit: &ExitInfo, full: bool) -> bool;
 
 /// The hypercall stub's fast shadow-paging call `nr` with arguments
-/// `args` (interrupts off, on the trap stack, from the state the stub was
+/// `a1`..`a4` (interrupts off, on the trap stack, from the state the stub was
 /// armed with): done in the vCPU, with any TLB invalidation it owes; the
 /// result is the root to load (a `NEW_PGTABLE`), 1 (nothing to load), or 0
 /// (nothing changed: the full path runs).
-pub type SwitchHandler = fn(ctx: *mut (), nr: u32, args: [u32; 4]) -> u64;
+pub type SwitchHandler = fn(ctx: *mut (), nr: u32, a1: u32, a2: u32, a3: u32, a4: u32) -> u64;
 
 /// What the run loop lets the trap path do on its behalf, and its context.
 #[derive(Clone, Copy)]
@@ -498,7 +498,7 @@ extern "C" fn paging_lane(nr: u32, a1: u32, a2: u32, a3: u32, a4: u32) -> u64 {
     let Some(switch) = switch else {
         return 0;
     };
-    let root = switch(ctx, nr, [a1, a2, a3, a4]);
+    let root = switch(ctx, nr, a1, a2, a3, a4);
     if root != 0 {
         let a = ARMED.0.get();
         // SAFETY: see `ArmedCell` (trap path, interrupts off).

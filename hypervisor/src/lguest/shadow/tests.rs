@@ -773,6 +773,16 @@ fn stack_is_pinned_and_repinned() {
         }
         // Pinning is a write: the guest's PTEs are now accessed and dirty.
         assert_eq!(g.read(s0) & 0x60, 0x60);
+        // The pinned pages as the shadow maps them: where the guest's tables
+        // say, read without a walk; a page the shadow does not map: none.
+        for (va, gpa) in [(0xC000_0ff0u32, 0x3ff0u32), (0xC000_1004, 0x4004)] {
+            assert_eq!(sp.shadow_writable_gpa(&b, va), Some(gpa), "{va:#x}");
+            assert_eq!(
+                sp.translate_quiet(&g.mem, va, Access::KERNEL_WRITE),
+                Some(gpa)
+            );
+        }
+        assert_eq!(sp.shadow_writable_gpa(&b, 0xC000_3000), None);
         // A fresh shadow, a flush of everything: pinned again.
         let sw = sp.new_pgtable(&mut g.mem, &mut b, c).unwrap();
         assert!(sw.repinned && hw(&b, sw.root, 0xC000_1000).unwrap().1);
@@ -1421,4 +1431,36 @@ fn fast_fill_happens_in_the_property_runs() {
         "fast fills: {}",
         FAST_FILLS.load(std::sync::atomic::Ordering::Relaxed)
     );
+}
+
+/// The fast switch (the hypercall stub's) goes only to a shadow that maps
+/// the kernel stack's top page where the current one does: the stub pushes
+/// user-mode trap frames at the page it was armed with.
+#[test]
+fn fast_switch_keeps_the_stack_where_it_was() {
+    for fmt in FORMATS {
+        let (mut sp, mut b, mut g, _) = setup(fmt);
+        let (a, c) = two_spaces(&mut g);
+        // A stack in the user half, mapped to the same page in both.
+        g.map(a, 0x0040_0000, 0x5000 | 0x67, 0x67);
+        g.map(c, 0x0040_0000, 0x5000 | 0x67, 0x67);
+        sp.pin_stack(&mut g.mem, &mut b, 0x0040_1000, 1).unwrap();
+        sp.new_pgtable(&mut g.mem, &mut b, a).unwrap();
+        sp.new_pgtable(&mut g.mem, &mut b, c).unwrap();
+        sp.new_pgtable(&mut g.mem, &mut b, a).unwrap();
+        let _ = sp.take_flush();
+        let to_c = sp.fast_switch(c).expect("same stack page");
+        assert!(to_c.hit && !to_c.flush);
+        assert!(sp.fast_switch(a).is_some());
+        // `c` now maps the stack page elsewhere: only the full switch.
+        let d = two_spaces(&mut g).1;
+        g.map(d, 0x0040_0000, 0x6000 | 0x67, 0x67);
+        sp.new_pgtable(&mut g.mem, &mut b, d).unwrap();
+        sp.new_pgtable(&mut g.mem, &mut b, a).unwrap();
+        let _ = sp.take_flush();
+        assert!(sp.fast_switch(d).is_none(), "{fmt:?}");
+        let sw = sp.new_pgtable(&mut g.mem, &mut b, d).unwrap();
+        assert!(sw.hit);
+        assert_eq!(sp.shadow_writable_gpa(&b, 0x0040_0ff0), Some(0x6ff0));
+    }
 }

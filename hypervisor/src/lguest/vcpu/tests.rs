@@ -2438,13 +2438,24 @@ fn stub_paging_is_the_full_path_or_nothing() {
             m: t.m.clone(),
             e: t.e.clone(),
         };
-        if f.v.stub_paging(nr, args, &mut f.m, &mut f.e) {
+        if let Some(done) = f.v.stub_paging(nr, args, &mut f.m, &mut f.e) {
             taken += 1;
             assert_eq!(t.trap(0x1f, 0), Action::Resume, "case {case}");
             assert_eq!(t.prepare(), Action::Resume, "case {case}");
             let (fw, tw) = (f.v.take_mmu_work(), t.v.take_mmu_work());
-            switched += u32::from(fw.load.is_some());
-            assert_eq!(fw, tw, "case {case}: MMU work");
+            match done {
+                // A switch the lane loads itself: the full path switches to
+                // the same root with nothing else owed.
+                LaneDone::Load(root) => {
+                    switched += 1;
+                    assert_eq!(fw.load, None, "case {case}");
+                    assert_eq!(fw.flush, Flush::None, "case {case}");
+                    let sw = tw.load.expect("the full path switches");
+                    assert_eq!((sw.root, sw.flush), (root, false), "case {case}");
+                    assert_eq!(tw.flush, Flush::None, "case {case}");
+                }
+                LaneDone::Work => assert_eq!(fw, tw, "case {case}: MMU work"),
+            }
         } else if f.v.is_dead() {
             // Killed by the call: the full path kills it the same way.
             t.trap(0x1f, 0);
@@ -2502,6 +2513,24 @@ fn under_paging_user_traps_reflect_only_onto_a_quietly_mapped_stack() {
     }
     t.m.write_u32(pte, frame | 0x063).unwrap();
     assert_eq!(t.v.stub_view_in(&t.m).unwrap().ss1, 0x69);
+
+    // Where the frame is after a paging call on the trap stack: the pinned
+    // page as the shadow maps it, even once the guest's entry is changed
+    // behind its back (as lguest's switcher wrote through the shadow); a
+    // SET_PTE moving the page moves the frame.
+    let low = t.v.stub_user_frame_linear().unwrap();
+    assert_eq!(low, top - 20);
+    assert_eq!(t.v.stub_frame_gpa(low, &t.m, &mut t.e), Some(KSTACK - 20));
+    t.m.write_u32(pte, 0x7000 | 0x063).unwrap();
+    assert_eq!(t.v.stub_frame_gpa(low, &t.m, &mut t.e), Some(KSTACK - 20));
+    assert_eq!(
+        t.hcall(LHCALL_SET_PTE, PGD, low & !0xFFF, 0x7000 | 0x063),
+        Action::Resume
+    );
+    assert_eq!(
+        t.v.stub_frame_gpa(low, &t.m, &mut t.e),
+        Some(0x7000 | (low & 0xFFF))
+    );
 
     // A frame that would straddle two pages: no.
     let mut t = paging_guest();
