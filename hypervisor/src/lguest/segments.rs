@@ -160,7 +160,7 @@ impl GuestGdt {
         // same ones: only a change is a new generation (which makes the
         // next entry copy the GDT and re-check the selectors).
         if let Some(dst) = self.entries.get_mut(TLS_FIRST..TLS_FIRST + TLS_ENTRIES)
-            && *dst != fixed
+            && dst.iter().zip(fixed.iter()).any(|(a, b)| a != b)
         {
             dst.copy_from_slice(&fixed);
             self.generation = self.generation.wrapping_add(1);

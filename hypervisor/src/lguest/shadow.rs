@@ -776,6 +776,12 @@ impl ShadowPaging {
         b: &mut B,
         gpgdir: u32,
     ) -> Result<Switch, Kill> {
+        // A switch to a cached, clean, pinned shadow first (what the code
+        // below does for it, with less to look at; its `gpgdir` passed
+        // `check_cr3` when it was made).
+        if let Some(sw) = self.fast_switch(gpgdir) {
+            return Ok(sw);
+        }
         self.paging.check_cr3(gpgdir)?;
         self.tick = self.tick.saturating_add(1);
         let tick = self.tick;
@@ -1431,7 +1437,9 @@ impl ShadowPaging {
             if let Some(s) = self.slot_mut(ci) {
                 s.pinned = true;
             }
-            for &va in st.pages() {
+            let mut filled = false;
+            let mut top = 0;
+            for (i, &va) in st.pages().iter().enumerate() {
                 // Already present and writable in this shadow (a writable
                 // shadow leaf is only ever made from a guest entry with
                 // ACCESSED and DIRTY set, and every change of that entry
@@ -1439,13 +1447,14 @@ impl ShadowPaging {
                 // would change nothing. Linux re-pins at every context
                 // switch, mostly stacks pinned before.
                 let present_rw = PAGE_PRESENT | PAGE_RW;
-                let leaf = self
-                    .slot(ci)
-                    .and_then(|s| self.pt_of(b, &s, va))
-                    .map(|pt| b.read(pt, pt_index(va)));
-                if leaf.is_some_and(|e| e & present_rw == present_rw) {
+                let leaf = self.leaf_of(b, ci, va);
+                if let Some(e) = leaf.filter(|e| e & present_rw == present_rw) {
+                    if i == 0 {
+                        top = e;
+                    }
                     continue;
                 }
+                filled = true;
                 match self.fill(mem, b, ci, va, Access::KERNEL_WRITE) {
                     Ok(()) => {}
                     Err(FillError::Guest { .. }) => {
@@ -1455,13 +1464,15 @@ impl ShadowPaging {
                 }
             }
             if self.slot(ci).is_some_and(|s| s.pinned) {
-                let top = st.pages().first().and_then(|&va| {
-                    let s = self.slot(ci)?;
-                    let pt = self.pt_of(b, &s, va)?;
-                    Some(b.read(pt, pt_index(va)))
-                });
+                if filled {
+                    top = st
+                        .pages()
+                        .first()
+                        .and_then(|&va| self.leaf_of(b, ci, va))
+                        .unwrap_or(0);
+                }
                 if let Some(s) = self.slot_mut(ci) {
-                    s.pin_top = top.unwrap_or(0);
+                    s.pin_top = top;
                 }
                 return Ok(true);
             }
@@ -1471,6 +1482,14 @@ impl ShadowPaging {
 
     // ----------------------------------------------------------------------
     // Tables.
+
+    /// The shadow leaf for `vaddr` in slot `si`, if its PT exists.
+    #[inline]
+    fn leaf_of<B: ShadowBackend>(&self, b: &B, si: usize, vaddr: u32) -> Option<u64> {
+        let s = self.slots.get(si)?.as_ref()?;
+        let pt = self.pt_of(b, s, vaddr)?;
+        Some(b.read(pt, pt_index(vaddr)))
+    }
 
     /// The shadow PT covering `vaddr` in `s`, if there is one.
     fn pt_of<B: ShadowBackend>(&self, b: &B, s: &Slot, vaddr: u32) -> Option<u64> {

@@ -342,14 +342,12 @@ pub struct Vcpu {
     /// entry with the same values skips the six descriptor checks. Several,
     /// because a guest moves between a few sets all the time (Linux's user
     /// mode, its kernel entered from user mode with the user's data
-    /// segments, its kernel with the per-CPU `fs`): with one, every trap
-    /// from user mode would miss, and the shortcuts that need a validated
-    /// set after the trap would decline. Replaced round robin, never
-    /// reordered on a hit (so the full path and a shortcut that declines on
-    /// a miss leave it the same).
+    /// segments, its kernel with the per-CPU `fs`, each with a process's own
+    /// `gs`): with one, every trap from user mode would miss, and the
+    /// shortcuts that need a validated set after the trap would decline. A
+    /// set lives in the slot its selectors hash to ([`SelKey::slot`]), so a
+    /// lookup is one comparison; a collision only costs a re-check.
     validated: [Option<SelKey>; VALIDATED_SETS],
-    /// The slot of `validated` the next new set goes to.
-    validated_next: usize,
     /// Shadow paging (from INIT; in linear mode until the first
     /// `NEW_PGTABLE`).
     shadow: Option<ShadowPaging>,
@@ -420,6 +418,9 @@ pub struct StubView {
     pub user_frame: u32,
     /// The handler's ESP after a user-mode trap (`esp1` − 20).
     pub user_esp: u32,
+    /// The frame's linear address (`ss1`'s base + `esp1` − 20), when
+    /// `ss1 != 0`: what `user_frame` translates.
+    pub user_linear: u32,
     /// The guest-physical bytes a stub may push a frame into: `[0, limit)`
     /// (linear mode: guest-virtual == guest-physical).
     pub limit: u32,
@@ -614,7 +615,7 @@ const TRIVIAL_HCALLS: u32 = (1 << guest_abi::hcall::LHCALL_FLUSH_ASYNC)
 /// entry skip re-checking selectors that did not change. Four plain words,
 /// compared without a `memcmp`.
 /// How many validated selector sets the vCPU remembers.
-const VALIDATED_SETS: usize = 4;
+const VALIDATED_SETS: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct SelKey {
@@ -625,6 +626,15 @@ struct SelKey {
 }
 
 impl SelKey {
+    /// The slot of `Vcpu::validated` this set lives in: a fold of the
+    /// selectors (their low bits tell Linux's sets apart: RPL, TI, index).
+    #[inline]
+    fn slot(&self) -> usize {
+        let h = self.cs_ss ^ self.ds_es.rotate_left(5) ^ self.fs_gs.rotate_left(11);
+        let h = h ^ (h >> 32) ^ (h >> 19) ^ (h >> 7);
+        (h as usize) % VALIDATED_SETS
+    }
+
     #[inline]
     fn of(generation: u64, r: &Regs) -> Self {
         let pair = |a: u32, b: u32| u64::from(a) | (u64::from(b) << 32);
@@ -694,22 +704,6 @@ impl Vcpu {
         self.stub_view_with(mem.limit(), Some(&translate))
     }
 
-    /// The linear address of the 5-word user-mode frame below the
-    /// `SET_STACK` stack, if the stack is valid (what the reflection stubs'
-    /// user frame is the translation of). The run loop keeps it with what
-    /// the stubs were armed with.
-    pub fn stub_user_frame_linear(&self) -> Option<u32> {
-        if !(self.stack_set
-            && u16::try_from(self.ss1).is_ok_and(|s| self.gdt.valid_stack_selector(s, 1)))
-        {
-            return None;
-        }
-        u16::try_from(self.ss1)
-            .map_or(0, |s| self.gdt.segment_base(s))
-            .wrapping_add(self.esp1)
-            .checked_sub(20)
-    }
-
     /// Where the reflection stubs' user-mode frame at linear `low` (one
     /// page, as armed) lies now under shadow paging: the page as the current
     /// shadow maps it present and writable (a pinned stack page, read from
@@ -718,8 +712,11 @@ impl Vcpu {
     /// it); `None` if neither, or if the frame would not fit in guest
     /// memory. The run loop compares it with what the stubs were armed with
     /// after a shadow-paging call finished on the trap stack (which may have
-    /// moved the page), so they push where the shadow maps the frame, as
-    /// lguest's switcher did.
+    /// moved the page). The shadow's leaf is the guest's entry as the guest
+    /// last told the hypervisor of it (lguest's rule: every change of a
+    /// present entry is announced); a guest that rewrites the stack's entry
+    /// behind the hypervisor's back may get the frame where the old entry
+    /// pointed until the next arming, in its own memory either way.
     pub fn stub_frame_gpa<M: GuestMemory, E: Env>(
         &self,
         low: u32,
@@ -743,7 +740,7 @@ impl Vcpu {
         &self,
         limit: u32,
         translate: Option<&dyn Fn(u32) -> Option<u32>>,
-    ) -> Option<u32> {
+    ) -> Option<(u32, u32)> {
         let linear = !self.paging();
         let ss1_ok = (linear || translate.is_some())
             && self.stack_set
@@ -756,14 +753,14 @@ impl Vcpu {
             .wrapping_add(self.esp1);
         let user_low = user_top.checked_sub(20);
         if linear {
-            return user_low.filter(|_| user_top <= limit);
+            return user_low.filter(|_| user_top <= limit).map(|l| (l, l));
         }
         // The frame's linear address through the guest's own tables,
         // without side effects, and all of it in one page.
         match (user_low, translate) {
-            (Some(low), Some(tr)) if low >> 12 == user_top.wrapping_sub(1) >> 12 => {
-                tr(low).filter(|pa| pa.checked_add(20).is_some_and(|end| end <= limit))
-            }
+            (Some(low), Some(tr)) if low >> 12 == user_top.wrapping_sub(1) >> 12 => tr(low)
+                .filter(|pa| pa.checked_add(20).is_some_and(|end| end <= limit))
+                .map(|pa| (low, pa)),
             _ => None,
         }
     }
@@ -796,9 +793,9 @@ impl Vcpu {
             0
         };
         let base = |ss: u32| u16::try_from(ss).map_or(0, |s| self.gdt.segment_base(s));
-        let (ss1, user_frame) = match self.user_frame_with(limit, translate) {
-            Some(low) => (self.ss1, low),
-            None => (0, 0),
+        let (ss1, user_linear, user_frame) = match self.user_frame_with(limit, translate) {
+            Some((linear, pa)) => (self.ss1, linear, pa),
+            None => (0, 0, 0),
         };
         let gate = |vector: u32| {
             let Some(g) = self.idt.get(vector as usize).filter(|g| g.present()) else {
@@ -829,6 +826,7 @@ impl Vcpu {
             ss1,
             user_frame,
             user_esp: self.esp1.wrapping_sub(20),
+            user_linear,
             limit,
             gates: STUB_VECTORS.map(gate),
         })
@@ -940,7 +938,6 @@ impl Vcpu {
             ring_cursor: 0,
             pending_hcall: None,
             validated: [None; VALIDATED_SETS],
-            validated_next: 0,
             shadow: None,
             mmu_load: None,
             decided_pf: None,
@@ -1213,11 +1210,18 @@ impl Vcpu {
     /// the switcher: "unhandled trap 256").
     fn check_entry_state(&mut self) -> Result<(), Kill> {
         self.regs.eflags = sanitize_eflags(self.regs.eflags);
-        let r = self.regs;
-        let key = SelKey::of(self.gdt.generation(), &r);
+        let key = SelKey::of(self.gdt.generation(), &self.regs);
         if self.is_validated(&key) {
             return Ok(());
         }
+        self.check_selectors(key)
+    }
+
+    /// The six descriptor checks of `check_entry_state`, for a set not
+    /// validated before (out of line: the common case is a hit).
+    #[inline(never)]
+    fn check_selectors(&mut self, key: SelKey) -> Result<(), Kill> {
+        let r = &self.regs;
         let sel = |v: u32| u16::try_from(v).ok();
         let cs = sel(r.cs).filter(|&s| self.gdt.valid_code_selector(s));
         let Some(cs) = cs else {
@@ -1232,10 +1236,9 @@ impl Vcpu {
                 return kill!("bad {name} {v:#x} at {:#x}", r.eip);
             }
         }
-        if let Some(slot) = self.validated.get_mut(self.validated_next % VALIDATED_SETS) {
+        if let Some(slot) = self.validated.get_mut(key.slot()) {
             *slot = Some(key);
         }
-        self.validated_next = self.validated_next.wrapping_add(1) % VALIDATED_SETS;
         Ok(())
     }
 
@@ -1243,7 +1246,9 @@ impl Vcpu {
     /// generation, which is part of the key).
     #[inline]
     fn is_validated(&self, key: &SelKey) -> bool {
-        self.validated.iter().any(|v| v.as_ref() == Some(key))
+        self.validated
+            .get(key.slot())
+            .is_some_and(|v| v.as_ref() == Some(key))
     }
 
     // ----------------------------------------------------------------------
@@ -2343,19 +2348,25 @@ impl Vcpu {
             // INIT): these word reads cannot fail.
             let at = ld.wrapping_add(LguestData::off_hcall(n as u32));
             let status = ld.wrapping_add(LguestData::off_hcall_status(n as u32));
-            let arg0 = mem.read_u32(at)?;
+            // The whole entry in one read (one range check).
+            let mut raw = [0u8; 20];
+            mem.read(at, &mut raw)?;
+            let mut words = raw
+                .chunks_exact(4)
+                .map(|c| <[u8; 4]>::try_from(c).map_or(0, u32::from_le_bytes));
+            let mut word = || words.next().unwrap_or(0);
+            let arg0 = word();
             if arg0 < 32 && self.trivial_hcalls() & (1 << arg0) != 0 {
-                // A no-op call: nothing to decode or dispatch.
+                // A no-op call: nothing to dispatch.
                 mem.write_u8(status, HCALL_STATUS_EMPTY)?;
                 continue;
             }
-            let word = |k: u32| mem.read_u32(at.wrapping_add(k.wrapping_mul(4)));
             let args = HcallArgs {
                 arg0,
-                arg1: word(1)?,
-                arg2: word(2)?,
-                arg3: word(3)?,
-                arg4: word(4)?,
+                arg1: word(),
+                arg2: word(),
+                arg3: word(),
+                arg4: word(),
             };
             let r = self.do_call(args, mem, env);
             mem.write_u8(status, HCALL_STATUS_EMPTY)?;

@@ -930,7 +930,7 @@ fn arm_stub(r: &mut Running) {
     });
     r.armed_user_frame = view
         .filter(|v| v.ss1 != 0 && arm.is_some())
-        .and_then(|v| Some((r.vcpu.stub_user_frame_linear()?, v.user_frame)));
+        .map(|v| (v.user_linear, v.user_frame));
     switch::arm_stubs(arm);
 }
 
@@ -1072,6 +1072,13 @@ fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo, full: bool) -> bool
         // does not look at them before `prepare_entry`, so merging them here
         // rather than after `handle_exit` changes nothing).
         merge_pending(r);
+        // A hypercall with no irq to deliver: neither shortcut below takes
+        // it (a reflection never is one; `fast_resume` needs an irq).
+        if exit.trapnum == u32::from(guest_abi::hcall::LGUEST_TRAP_ENTRY)
+            && r.vcpu.pending_irqs() == 0
+        {
+            return false;
+        }
         // A shadow fill: nothing the stubs were armed with changes, and
         // nothing is pending (so no poke). (A page fault needs only the
         // frame registers; `NEW_PGTABLE` reads ebx, saved only for the

@@ -775,7 +775,7 @@ fn stack_is_pinned_and_repinned() {
         assert_eq!(g.read(s0) & 0x60, 0x60);
         // The pinned pages as the shadow maps them: where the guest's tables
         // say, read without a walk; a page the shadow does not map: none.
-        for (va, gpa) in [(0xC000_0ff0u32, 0x3ff0u32), (0xC000_1004, 0x4004)] {
+        for (va, gpa) in [(0xC000_0FF0_u32, 0x3FF0_u32), (0xC000_1004, 0x4004)] {
             assert_eq!(sp.shadow_writable_gpa(&b, va), Some(gpa), "{va:#x}");
             assert_eq!(
                 sp.translate_quiet(&g.mem, va, Access::KERNEL_WRITE),

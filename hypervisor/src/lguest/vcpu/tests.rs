@@ -2518,7 +2518,7 @@ fn under_paging_user_traps_reflect_only_onto_a_quietly_mapped_stack() {
     // page as the shadow maps it, even once the guest's entry is changed
     // behind its back (as lguest's switcher wrote through the shadow); a
     // SET_PTE moving the page moves the frame.
-    let low = t.v.stub_user_frame_linear().unwrap();
+    let low = t.v.stub_view_in(&t.m).unwrap().user_linear;
     assert_eq!(low, top - 20);
     assert_eq!(t.v.stub_frame_gpa(low, &t.m, &mut t.e), Some(KSTACK - 20));
     t.m.write_u32(pte, 0x7000 | 0x063).unwrap();
