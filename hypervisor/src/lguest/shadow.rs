@@ -897,33 +897,49 @@ impl ShadowPaging {
         } else {
             0
         };
-        let kernel = vaddr >= self.cfg.kernel_address;
-        for si in 0..self.slots.len() {
-            let Some(s) = self.slot(si) else { continue };
-            if !kernel && s.gpgdir != gpgdir {
-                continue;
+        if vaddr >= self.cfg.kernel_address {
+            // The kernel half is kept the same in every cached shadow.
+            for si in 0..self.slots.len() {
+                self.set_leaf(b, si, vaddr, leaf);
             }
-            let Some(pt) = self.pt_of(b, &s, vaddr) else {
-                continue;
-            };
-            let idx = pt_index(vaddr);
-            let old = b.read(pt, idx);
-            if old == leaf {
-                continue;
-            }
-            b.write(pt, idx, leaf);
-            if old & PAGE_PRESENT != 0 {
-                self.touched(si, Flush::Page(vaddr));
-            }
-            let page = u64::from(vaddr & !0xFFF);
-            let on_stack = self
-                .stack
-                .is_some_and(|st| st.overlaps(page, page.wrapping_add(1)));
-            if on_stack && let Some(s) = self.slot_mut(si) {
-                s.pinned = false;
-            }
+        } else if let Some(si) = self
+            .slots
+            .iter()
+            .position(|s| s.is_some_and(|s| s.gpgdir == gpgdir))
+        {
+            self.set_leaf(b, si, vaddr, leaf);
         }
         self.ensure_pinned(mem, b).map(|_| ())
+    }
+
+    /// [`set_pte`](Self::set_pte) in slot `si` (if cached): the leaf for
+    /// `vaddr`, where its PT exists, becomes `leaf`, with the invalidation
+    /// owed and the stack unpinned if it was a stack page.
+    fn set_leaf<B: ShadowBackend>(&mut self, b: &mut B, si: usize, vaddr: u32, leaf: u64) {
+        let Some(pt) = self
+            .slots
+            .get(si)
+            .and_then(Option::as_ref)
+            .and_then(|s| self.pt_of(b, s, vaddr))
+        else {
+            return;
+        };
+        let idx = pt_index(vaddr);
+        let old = b.read(pt, idx);
+        if old == leaf {
+            return;
+        }
+        b.write(pt, idx, leaf);
+        if old & PAGE_PRESENT != 0 {
+            self.touched(si, Flush::Page(vaddr));
+        }
+        let page = u64::from(vaddr & !0xFFF);
+        let on_stack = self
+            .stack
+            .is_some_and(|st| st.overlaps(page, page.wrapping_add(1)));
+        if on_stack && let Some(s) = self.slot_mut(si) {
+            s.pinned = false;
+        }
     }
 
     /// `LHCALL_SET_PGD(gpgdir, index)`: the guest changed top-level entry

@@ -1268,12 +1268,13 @@ impl Vcpu {
     /// It decides everything before it writes anything; the guest memory it
     /// writes was range-checked first, so no write can fail halfway.
     #[inline]
-    pub fn fast_exit<M: GuestMemory>(
+    pub fn fast_exit<M: GuestMemory, E: Env>(
         &mut self,
         vector: u32,
         errcode: u32,
         cr2: u32,
         mem: &mut M,
+        env: &mut E,
     ) -> bool {
         let Some(ld) = self.lguest_data else {
             return false;
@@ -1319,7 +1320,7 @@ impl Vcpu {
             errcode
         };
         let err = has_error_code(vector).then_some(errcode);
-        let Some(frame) = self.fast_frame(err, irq_enabled, mem) else {
+        let Some(frame) = self.fast_frame(err, irq_enabled, mem, env.tables()) else {
             return false;
         };
         if vector == trap::PF {
@@ -1403,6 +1404,16 @@ impl Vcpu {
         self.regs.errcode = if hcall { 0 } else { errcode };
         self.regs.eflags = sanitize_eflags(self.regs.eflags);
         true
+    }
+
+    /// Whether the page fault at `cr2` was already found to be the guest's
+    /// own (by the page-fault stub's fill, [`stub_fill`](Self::stub_fill),
+    /// on this very exit): [`fast_paging`](Self::fast_paging) would only
+    /// find that again (nothing changed since), so the trap path goes
+    /// straight on to reflecting it.
+    #[inline]
+    pub fn pf_decided(&self, cr2: u32) -> bool {
+        self.decided_pf.is_some_and(|(c, _)| c == cr2)
     }
 
     /// The shadow-paging calls [`fast_paging`](Self::fast_paging) finishes
@@ -1758,7 +1769,7 @@ impl Vcpu {
         let Some(gate) = gate else {
             return false;
         };
-        let Some(frame) = self.fast_frame(None, ie, mem) else {
+        let Some(frame) = self.fast_frame(None, ie, mem, env.tables()) else {
             return false;
         };
         // Decided: the full path's writes, in its order.
@@ -1788,11 +1799,12 @@ impl Vcpu {
     /// a handler state whose selectors were not validated before).
     /// `irq_enabled` is `lguest_data.irq_enabled`, for the pushed EFLAGS.
     #[inline(always)]
-    fn fast_frame<M: GuestMemory>(
+    fn fast_frame<M: GuestMemory, B: ShadowBackend>(
         &self,
         err: Option<u32>,
         irq_enabled: u32,
         mem: &M,
+        b: &B,
     ) -> Option<FastFrame> {
         let r = &self.regs;
         let from_user = r.cs & 3 != 1;
@@ -1835,14 +1847,18 @@ impl Vcpu {
         // frame must lie in one page that the guest's tables map writable
         // for the kernel with ACCESSED and DIRTY already set, so that the
         // full path's word-by-word translation would find the same frame
-        // and change no A/D bit; anything else is the full path's.
+        // and change no A/D bit; anything else is the full path's. A page
+        // the current shadow maps writable (the pinned kernel stack, any
+        // page the guest kernel wrote) is such a page, as the guest last
+        // announced its entry: read from the shadow's leaf, without a walk.
         let pa = match self.shadow.as_ref().filter(|s| s.is_paging()) {
             Some(sh) => {
                 // `bytes >= 12`, so `low < top` and `top - 1` cannot wrap.
                 if low >> 12 != top.wrapping_sub(1) >> 12 {
                     return None;
                 }
-                sh.translate_quiet(mem, low, Access::KERNEL_WRITE)?
+                sh.shadow_writable_gpa(b, low)
+                    .or_else(|| sh.translate_quiet(mem, low, Access::KERNEL_WRITE))?
             }
             None => low,
         };

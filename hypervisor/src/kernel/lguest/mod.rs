@@ -502,8 +502,8 @@ struct Running {
     /// What the trap-stack exit handler did with the last exit.
     handled: Handled,
     /// The (GDT generation, SS, CPL) the page-fault stub last found to be a
-    /// valid stack.
-    ss_ok: Option<(u64, u32, u32)>,
+    /// valid stack, for faults from the guest kernel and from user mode.
+    ss_ok: [Option<(u64, u32, u32)>; 2],
     vcpu: Vcpu,
     mem: HostGuestMemory,
     tables: LinearTables,
@@ -606,7 +606,7 @@ impl GuestCore for KernelCore {
         self.shared.pending.store(0, Ordering::SeqCst);
         self.running = Some(alloc::boxed::Box::new(Running {
             handled: Handled::No,
-            ss_ok: None,
+            ss_ok: [None; 2],
             armed_user_frame: None,
             vcpu: Vcpu::new(args.start),
             mem,
@@ -1020,14 +1020,17 @@ extern "C" fn pf_fill_lane(cr2: u64, frame: &[u64; 6]) -> bool {
     // The last (GDT generation, SS, CPL) found valid, checked again only
     // when one of them changes.
     let key = (r.vcpu.gdt.generation(), ss, cs & 3);
-    if r.ss_ok != Some(key) {
+    let which = usize::from(cs & 3 == 3);
+    if r.ss_ok.get(which).copied().flatten() != Some(key) {
         let cpl = (cs & 3) as u8;
         let ok = (cpl == 1 || cpl == 3)
             && u16::try_from(ss).is_ok_and(|s| r.vcpu.gdt.valid_stack_selector(s, cpl));
         if !ok {
             return false;
         }
-        r.ss_ok = Some(key);
+        if let Some(slot) = r.ss_ok.get_mut(which) {
+            *slot = Some(key);
+        }
     }
     if !r
         .vcpu
@@ -1084,6 +1087,7 @@ fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo, full: bool) -> bool
         // frame registers; `NEW_PGTABLE` reads ebx, saved only for the
         // second call.)
         if exit.trapnum == guest_abi::irq::trap::PF
+            && !r.vcpu.pf_decided(exit.cr2)
             && r.vcpu
                 .fast_paging(exit.trapnum, exit.errcode, exit.cr2, &mut r.mem, &mut r.env)
         {
@@ -1093,7 +1097,7 @@ fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo, full: bool) -> bool
         // A plain reflection: it changes nothing the hypercall stub was
         // armed with, so the stub stays armed as it is.
         if r.vcpu
-            .fast_exit(exit.trapnum, exit.errcode, exit.cr2, &mut r.mem)
+            .fast_exit(exit.trapnum, exit.errcode, exit.cr2, &mut r.mem, &mut r.env)
         {
             return true;
         }

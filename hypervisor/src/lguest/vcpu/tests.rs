@@ -1630,7 +1630,7 @@ fn fast_exit_is_the_full_path_or_nothing() {
         }
         let (mut fast_v, mut fast_m) = (t.v.clone(), t.m.clone());
         let before = (t.v.regs, t.m.clone(), t.v.pending);
-        if fast_v.fast_exit(vector, errcode, cr2, &mut fast_m) {
+        if fast_v.fast_exit(vector, errcode, cr2, &mut fast_m, &mut t.e.clone()) {
             taken += 1;
             assert_same_as_full_path(case, exit, &fast_v, &fast_m, &mut t);
         } else {
@@ -2227,6 +2227,12 @@ fn fast_paging_is_the_full_path() {
             assert_eq!(t.hcall(LHCALL_NEW_PGTABLE, PGD2, 0, 0), Action::Resume);
         }
         t.gate(0x20, 0x7100, IDT_TYPE_INTERRUPT, 0);
+        // Now and then the stack page pinned (its leaf in the shadow, where
+        // a reflection finds it without a walk), maybe with the page below.
+        if r(3) == 0 {
+            let pages = 1 + r(2) as u32;
+            let _ = t.hcall(LHCALL_SET_STACK, 0x69, KBASE + 0x9000, pages);
+        }
         if t.prepare() != Action::Resume {
             continue;
         }
@@ -2307,7 +2313,8 @@ fn fast_paging_is_the_full_path() {
         }
         // A fault the shadow core found to be the guest's own is then
         // reflected by `fast_exit` where it can be (as on the trap stack).
-        let reflected = !fast && vector == 14 && f.v.fast_exit(vector, errcode, cr2, &mut f.m);
+        let reflected =
+            !fast && vector == 14 && f.v.fast_exit(vector, errcode, cr2, &mut f.m, &mut f.e);
         if fast {
             taken += 1;
         } else if reflected {
@@ -2537,4 +2544,47 @@ fn under_paging_user_traps_reflect_only_onto_a_quietly_mapped_stack() {
     assert_eq!(t.hcall(LHCALL_SET_STACK, 0x69, top + 8, 2), Action::Resume);
     t.prepare();
     assert_eq!(t.v.stub_view_in(&t.m).unwrap().ss1, 0);
+}
+
+/// A trap reflected on the trap stack under shadow paging pushes its frame
+/// through a writable shadow leaf or a quiet walk only: a kernel stack page
+/// the shadow maps read-only (read so far, clean in the guest's tables) is
+/// the full path's, which sets its DIRTY bit as the CPU would.
+#[test]
+fn reflection_onto_a_clean_stack_page_takes_the_full_path() {
+    let mut t = paging_guest();
+    t.gate(14, 0x7000, IDT_TYPE_INTERRUPT, 0);
+    // The stack page accessed but not dirty; the page at 0x50_0000 (user
+    // half) not mapped at all.
+    let pte = PTES + 8 * 4;
+    t.m.write_u32(pte, (8 << 12) | 0x23).unwrap();
+    t.v.regs.esp = KBASE + 0x9000;
+    assert_eq!(t.prepare(), Action::Resume);
+    let _ = t.v.take_mmu_work();
+    // A read of the stack page: a read-only leaf in the shadow.
+    assert!(t.v.fast_paging(14, 0, KBASE + 0x8800, &mut t.m, &mut t.e));
+    let _ = t.v.take_mmu_work();
+    assert_eq!(t.m.read_u32(pte).unwrap(), (8 << 12) | 0x23);
+    // A fault the guest must see: declined by the fill, then not reflected
+    // on the trap stack (the push would dirty the page).
+    let mut f = T {
+        v: t.v.clone(),
+        m: t.m.clone(),
+        e: t.e.clone(),
+    };
+    let cr2 = 0x50_0000;
+    assert!(!f.v.fast_paging(14, 4, cr2, &mut f.m, &mut f.e));
+    assert!(!f.v.fast_exit(14, 4, cr2, &mut f.m, &mut f.e));
+    // The full path reflects it and dirties the stack page.
+    let exit = Exit::Trap {
+        vector: 14,
+        errcode: 4,
+        cr2,
+    };
+    assert_eq!(
+        (t.exit(exit), t.prepare()),
+        (Action::Resume, Action::Resume)
+    );
+    assert_eq!(t.v.regs.eip, 0x7000);
+    assert_eq!(t.m.read_u32(pte).unwrap(), (8 << 12) | 0x63);
 }
