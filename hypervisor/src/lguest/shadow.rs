@@ -880,8 +880,9 @@ impl ShadowPaging {
     /// `kernel_address` every cached shadow is updated, else only the shadow
     /// of `gpgdir` (none cached: nothing to do). Where the shadow has a PT
     /// for `vaddr`, an entry with ACCESSED or DIRTY set is validated and
-    /// installed at once (clean-but-writable read-only), anything else is
-    /// removed (to be filled on demand). Allocates nothing.
+    /// installed at once (writable only if both are set and the guest's
+    /// entry is writable), anything else is removed (to be filled on
+    /// demand). Allocates nothing.
     pub fn set_pte<B: ShadowBackend>(
         &mut self,
         mem: &mut impl GuestMemory,
@@ -1116,9 +1117,11 @@ impl ShadowPaging {
 
     /// Guest virtual → guest physical as the current shadow itself maps
     /// `vaddr` present and writable (a pinned stack page), read from the
-    /// shadow's tables without walking the guest's: where a host write
-    /// through the shadow (lguest's switcher pushing a trap frame) would
-    /// land. `None` if the current shadow has no such leaf.
+    /// shadow's tables without walking the guest's. A writable leaf is only
+    /// ever made from a guest entry that allows the write and has ACCESSED
+    /// and DIRTY set, and every change of that entry reaches the shadow
+    /// (`SET_PTE`, a flush), so a host write there changes nothing the CPU
+    /// would have changed. `None` if the current shadow has no such leaf.
     pub fn shadow_writable_gpa<B: ShadowBackend>(&self, b: &B, vaddr: u32) -> Option<u32> {
         let s = self.slot(self.current?)?;
         let pt = self.pt_of(b, &s, vaddr)?;
@@ -1157,7 +1160,13 @@ impl ShadowPaging {
             .checked_add(u64::from(pfn) << 12)
             .ok_or_else(|| Kill::new(format_args!("bad guest page {pfn:#x}")))?;
         let mut e = host | (pte & LEAF_COPY);
-        if pte & PAGE_RW != 0 && pte & PAGE_DIRTY != 0 {
+        // Writable only once the guest's entry is accessed and dirty (a
+        // fill marks both first; a `SET_PTE` entry that is dirty but not
+        // accessed stays read-only until its first write fills it): a
+        // writable leaf then always means the host may write the page, as
+        // the CPU would, without changing the guest's entry.
+        let ad = PAGE_ACCESSED | PAGE_DIRTY;
+        if pte & PAGE_RW != 0 && pte & ad == ad {
             e |= PageFlags::WRITABLE.bits();
         }
         Ok(e)

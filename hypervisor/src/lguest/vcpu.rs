@@ -1419,7 +1419,7 @@ impl Vcpu {
     /// The shadow-paging calls [`fast_paging`](Self::fast_paging) finishes
     /// (with an empty async ring, nothing to run before them): those that
     /// only change shadow tables and the MMU work owed.
-    fn fast_paging_call(nr: u32) -> Option<Hypercall> {
+    pub fn fast_paging_call(nr: u32) -> Option<Hypercall> {
         use guest_abi::hcall::{
             LHCALL_FLUSH_TLB, LHCALL_NEW_PGTABLE, LHCALL_SET_PGD, LHCALL_SET_PMD, LHCALL_SET_PTE,
         };

@@ -1111,6 +1111,7 @@ fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo, full: bool) -> bool
     // A shadow-paging call (a switch of shadows, a `SET_PTE`/`SET_PGD`/
     // `SET_PMD`, a flush), as for a fill above (all registers saved now).
     if exit.trapnum == u32::from(guest_abi::hcall::LGUEST_TRAP_ENTRY)
+        && Vcpu::fast_paging_call(r.vcpu.regs.eax).is_some()
         && r.vcpu
             .fast_paging(exit.trapnum, exit.errcode, exit.cr2, &mut r.mem, &mut r.env)
     {

@@ -1464,3 +1464,38 @@ fn fast_switch_keeps_the_stack_where_it_was() {
         assert_eq!(sp.shadow_writable_gpa(&b, 0x0040_0ff0), Some(0x6ff0));
     }
 }
+
+/// A `SET_PTE` entry that is dirty but not yet accessed is installed
+/// read-only: a writable leaf always means the guest's entry is accessed and
+/// dirty (the host then writes there without a walk).
+#[test]
+fn set_pte_makes_a_writable_leaf_only_when_accessed_and_dirty() {
+    for fmt in FORMATS {
+        let (mut sp, mut b, mut g, cr3) = setup(fmt);
+        let at = g.map(cr3, 0xC000_0000, 0x3000 | 0x63, 0x63);
+        let sw = sp.new_pgtable(&mut g.mem, &mut b, cr3).unwrap();
+        assert!(
+            sp.fill(
+                &mut g.mem,
+                &mut b,
+                sp.current.unwrap(),
+                0xC000_0000,
+                Access::KERNEL_WRITE
+            )
+            .is_ok()
+        );
+        assert_eq!(sp.shadow_writable_gpa(&b, 0xC000_0010), Some(0x3010));
+        for (bits, writable) in [(0x43u64, false), (0x23, false), (0x63, true), (0x61, false)] {
+            g.write(at, 0x3000 | bits);
+            sp.set_pte(&mut g.mem, &mut b, cr3, 0xC000_0000, 0x3000 | bits)
+                .unwrap();
+            let leaf = hw(&b, sw.root, 0xC000_0000);
+            assert_eq!(leaf.map(|l| l.1), Some(writable), "{fmt:?} {bits:#x}");
+            assert_eq!(
+                sp.shadow_writable_gpa(&b, 0xC000_0010).is_some(),
+                writable,
+                "{fmt:?} {bits:#x}"
+            );
+        }
+    }
+}
