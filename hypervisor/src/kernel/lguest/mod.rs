@@ -43,7 +43,7 @@ use rustyvisor::lguest::chan::{
 use rustyvisor::lguest::guestmem::GuestMemory;
 use rustyvisor::lguest::pagewalk::Format;
 use rustyvisor::lguest::shadow::{Flush, ShadowConfig, Stats};
-use rustyvisor::lguest::vcpu::{Action, Env, Exit, LaneDone, Vcpu};
+use rustyvisor::lguest::vcpu::{Action, Env, Exit, LaneDone, StubView, Vcpu};
 use rustyvisor::mm::PAGE_SIZE;
 
 use self::fpu::FxSlot;
@@ -518,6 +518,10 @@ struct Running {
     /// linear address and guest-physical address (`None`: they reflect no
     /// user-mode trap).
     armed_user_frame: Option<(u32, u32)>,
+    /// What the stubs were last armed from (the view, CS, SS, paging),
+    /// while the armed block still holds exactly that: `None` once the world
+    /// switch disarmed it or a trap-stack paging call retargeted it.
+    armed_from: Option<(StubView, u32, u32, bool)>,
 }
 
 /// The lguest core for one guest (the object behind one control channel).
@@ -608,6 +612,7 @@ impl GuestCore for KernelCore {
             handled: Handled::No,
             ss_ok: [None; 2],
             armed_user_frame: None,
+            armed_from: None,
             vcpu: Vcpu::new(args.start),
             mem,
             tables,
@@ -722,6 +727,8 @@ impl GuestCore for KernelCore {
                 )
             };
             set_cr0_ts(false);
+            // `switch::run` disarmed the stubs on its way out.
+            r.armed_from = None;
             // Only this guest ran since `before`: the difference is its.
             let after = switch::exits();
             r.shared
@@ -872,6 +879,32 @@ fn merge_pending(r: &mut Running) {
 /// until its next exit that reaches Rust (nothing if the vCPU says so).
 fn arm_stub(r: &mut Running) {
     let view = r.vcpu.stub_view_in(&r.mem);
+    let from = view.map(|v| (v, r.vcpu.regs.cs, r.vcpu.regs.ss, r.vcpu.paging()));
+    // Armed from the same view but for the ring slot and the user-mode
+    // frame (a context switch through the async ring, a `SET_STACK`): only
+    // those fields of the armed block change.
+    if let (Some((v, cs, ss, paging)), Some((old, ocs, oss, opaging))) = (from, r.armed_from)
+        && (cs, ss, paging) == (ocs, oss, opaging)
+        && (StubView {
+            ring_status: old.ring_status,
+            user_frame: old.user_frame,
+            user_esp: old.user_esp,
+            user_linear: old.user_linear,
+            ..v
+        }) == old
+        && (v.ss1 != 0) == (old.ss1 != 0)
+    {
+        let user_len = if v.ss1 != 0 { 20 } else { 0 };
+        if let (Some(ring), Some(frame)) = (
+            r.mem.host_addr(v.ring_status, 1),
+            r.mem.host_addr(v.user_frame, user_len),
+        ) {
+            switch::rearm_moved(ring, frame, v.user_esp);
+            r.armed_from = from;
+            r.armed_user_frame = (v.ss1 != 0).then_some((v.user_linear, v.user_frame));
+            return;
+        }
+    }
     let at_kernel_cs = r.vcpu.regs.cs == u32::from(guest_abi::KERNEL_CS);
     let ld = r.vcpu.lguest_data();
     let noirq = r.vcpu.noirq_window();
@@ -931,6 +964,7 @@ fn arm_stub(r: &mut Running) {
     r.armed_user_frame = view
         .filter(|v| v.ss1 != 0 && arm.is_some())
         .map(|v| (v.user_linear, v.user_frame));
+    r.armed_from = from.filter(|_| arm.is_some());
     switch::arm_stubs(arm);
 }
 
@@ -950,6 +984,7 @@ fn refresh_user_frame(r: &mut Running) {
     }
     let host = now.and_then(|pa| r.mem.host_addr(pa, 20));
     switch::retarget_user_frame(host);
+    r.armed_from = None;
     r.armed_user_frame = now.filter(|_| host.is_some()).map(|pa| (low, pa));
 }
 

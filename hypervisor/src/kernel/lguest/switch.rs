@@ -457,6 +457,22 @@ pub fn arm_stubs(arm: Option<StubArm>) {
     }
 }
 
+/// Moves the armed block's ring slot and user-mode frame (host addresses
+/// the caller checked) and the handler's ESP after a user-mode trap, for a
+/// view that differs from the one it was armed with in nothing else (see
+/// `arm_stub`). Host context or the trap path of the running guest,
+/// interrupts off.
+pub fn rearm_moved(ring_status: u64, user_frame: u64, user_esp: u32) {
+    let a = ARMED.0.get();
+    // SAFETY: see `ArmedCell` (no stub runs while Rust writes the block:
+    // either no guest runs, or Rust runs on the running guest's trap path).
+    unsafe {
+        (*a).ring = ring_status;
+        (*a).user_frame = user_frame;
+        (*a).user_esp = u64::from(user_esp);
+    }
+}
+
 /// Points the reflection stubs' user-mode frame at `host` (the host
 /// address of the 20-byte frame below the `SET_STACK` stack, checked by the
 /// caller), or with `None` leaves every user-mode trap to the full path
