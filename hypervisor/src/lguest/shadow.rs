@@ -776,10 +776,34 @@ impl ShadowPaging {
         b: &mut B,
         gpgdir: u32,
     ) -> Result<Switch, Kill> {
-        // A switch to a cached, clean, pinned shadow first (what the code
-        // below does for it, with less to look at; its `gpgdir` passed
-        // `check_cr3` when it was made).
-        if let Some(sw) = self.fast_switch(gpgdir) {
+        self.switch_to(mem, b, gpgdir, true)
+    }
+
+    /// [`new_pgtable`](Self::new_pgtable) when a `SET_STACK` comes right
+    /// after it (Linux's context switch queues `NEW_PGTABLE`, then the next
+    /// task's `SET_STACK`): the switch without pinning the old stack in the
+    /// new shadow, which the `SET_STACK` unpins at once and pins its own
+    /// stack in. Until then the current shadow counts as not pinned.
+    pub fn new_pgtable_pin_later<B: ShadowBackend>(
+        &mut self,
+        mem: &mut impl GuestMemory,
+        b: &mut B,
+        gpgdir: u32,
+    ) -> Result<Switch, Kill> {
+        self.switch_to(mem, b, gpgdir, false)
+    }
+
+    fn switch_to<B: ShadowBackend>(
+        &mut self,
+        mem: &mut impl GuestMemory,
+        b: &mut B,
+        gpgdir: u32,
+        pin: bool,
+    ) -> Result<Switch, Kill> {
+        // A switch to a cached, clean (and unless `pin` is false: pinned)
+        // shadow first: what the code below does for it, with less to look
+        // at (its `gpgdir` passed `check_cr3` when it was made).
+        if let Some(sw) = self.cached_switch(gpgdir, pin) {
             return Ok(sw);
         }
         self.paging.check_cr3(gpgdir)?;
@@ -821,7 +845,11 @@ impl ShadowPaging {
             self.pending = Flush::None;
         }
         self.current = Some(si);
-        let repinned = self.ensure_pinned(mem, b)?;
+        let repinned = if pin {
+            self.ensure_pinned(mem, b)?
+        } else {
+            false
+        };
         Ok(Switch {
             slot: si,
             root,
@@ -840,6 +868,15 @@ impl ShadowPaging {
     /// `None`. For the hypercall stub's paging lane.
     #[inline]
     pub fn fast_switch(&mut self, gpgdir: u32) -> Option<Switch> {
+        self.cached_switch(gpgdir, true)
+    }
+
+    /// [`fast_switch`](Self::fast_switch), and with `pinned` false for a
+    /// switch whose pinning comes later (`new_pgtable_pin_later`): then the
+    /// target need not be pinned, nor map the stack where the current one
+    /// does (the stubs are armed again before the guest runs).
+    #[inline]
+    fn cached_switch(&mut self, gpgdir: u32, pinned: bool) -> Option<Switch> {
         if self.pending != Flush::None {
             return None;
         }
@@ -847,7 +884,7 @@ impl ShadowPaging {
             .slots
             .iter()
             .position(|s| s.is_some_and(|s| s.gpgdir == gpgdir))?;
-        let needs_pin = self.stack.is_some();
+        let needs_pin = pinned && self.stack.is_some();
         // The stack's top page must be where it is in the current shadow:
         // the hypercall stub's reflection pushes a user-mode trap frame at
         // the page it was armed with, and a shadow that maps the page

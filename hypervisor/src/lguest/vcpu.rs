@@ -351,6 +351,9 @@ pub struct Vcpu {
     /// Shadow paging (from INIT; in linear mode until the first
     /// `NEW_PGTABLE`).
     shadow: Option<ShadowPaging>,
+    /// While the async ring's `NEW_PGTABLE` runs: a `SET_STACK` comes next
+    /// in the ring, so the switch need not pin the old stack.
+    pin_later: bool,
     /// A `NEW_PGTABLE` switch the host has not loaded yet.
     mmu_load: Option<Switch>,
     /// A page fault [`Vcpu::fast_paging`] found to be the guest's own
@@ -938,6 +941,7 @@ impl Vcpu {
             ring_cursor: 0,
             pending_hcall: None,
             validated: [None; VALIDATED_SETS],
+            pin_later: false,
             shadow: None,
             mmu_load: None,
             decided_pf: None,
@@ -2384,7 +2388,17 @@ impl Vcpu {
                 arg3: word(),
                 arg4: word(),
             };
+            // A `NEW_PGTABLE` queued right before a `SET_STACK` (Linux's
+            // context switch) leaves the pinning to the `SET_STACK`.
+            let next = (n.saturating_add(1) % LHCALL_RING_SIZE) as u32;
+            self.pin_later = arg0 == guest_abi::hcall::LHCALL_NEW_PGTABLE
+                && st
+                    .get(next as usize)
+                    .is_some_and(|&s| s != HCALL_STATUS_EMPTY)
+                && mem.read_u32(ld.wrapping_add(LguestData::off_hcall(next)))
+                    == Ok(guest_abi::hcall::LHCALL_SET_STACK);
             let r = self.do_call(args, mem, env);
+            self.pin_later = false;
             mem.write_u8(status, HCALL_STATUS_EMPTY)?;
             match r? {
                 a @ (Action::Notify(_) | Action::Restart | Action::Dead) => return Ok(Some(a)),
@@ -2501,7 +2515,11 @@ impl Vcpu {
         let b = env.tables();
         match h {
             Hypercall::NewPgtable => {
-                let sw = sh.new_pgtable(mem, b, a1)?;
+                let sw = if self.pin_later {
+                    sh.new_pgtable_pin_later(mem, b, a1)?
+                } else {
+                    sh.new_pgtable(mem, b, a1)?
+                };
                 self.mmu_load = Some(sw);
             }
             Hypercall::SetPte => {

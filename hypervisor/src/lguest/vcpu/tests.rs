@@ -2588,3 +2588,57 @@ fn reflection_onto_a_clean_stack_page_takes_the_full_path() {
     assert_eq!(t.v.regs.eip, 0x7000);
     assert_eq!(t.m.read_u32(pte).unwrap(), (8 << 12) | 0x63);
 }
+
+/// Linux's context switch through the async ring: `NEW_PGTABLE`, then the
+/// next task's `SET_STACK`. The switch leaves the pinning to the
+/// `SET_STACK` (the old stack is not filled into the new shadow), and the
+/// guest ends exactly as with the two calls made one by one: alive, on the
+/// same shadow, the new stack pinned in it.
+#[test]
+fn ring_context_switch_pins_only_the_new_stack() {
+    const PGD2: u32 = 0x2_2000;
+    let old_stack = KBASE + 0x6000;
+    let new_stack = KBASE + 0x9000;
+    let setup = || {
+        let mut t = paging_guest();
+        t.m.write_u32(PGD2 + (KBASE >> 22) * 4, PTES | 0x63)
+            .unwrap();
+        assert_eq!(
+            t.hcall(LHCALL_SET_STACK, 0x69, old_stack, 1),
+            Action::Resume
+        );
+        assert_eq!(t.prepare(), Action::Resume);
+        t
+    };
+    // Through the ring.
+    let mut a = setup();
+    a.queue(0, [LHCALL_NEW_PGTABLE, PGD2, 0, 0, 0]);
+    a.queue(1, [LHCALL_SET_STACK, 0x69, new_stack, 1, 0]);
+    assert_eq!(a.hcall(LHCALL_FLUSH_ASYNC, 0, 0, 0), Action::Resume);
+    // One by one.
+    let mut b = setup();
+    assert_eq!(b.hcall(LHCALL_NEW_PGTABLE, PGD2, 0, 0), Action::Resume);
+    assert_eq!(
+        b.hcall(LHCALL_SET_STACK, 0x69, new_stack, 1),
+        Action::Resume
+    );
+    assert!(!a.v.is_dead() && !b.v.is_dead());
+    assert_eq!(a.v.shadow_root(), b.v.shadow_root());
+    let writable = |t: &T, va: u32| {
+        t.v.shadow()
+            .and_then(|s| s.shadow_writable_gpa(t.e.tables.as_ref()?, va))
+    };
+    for t in [&a, &b] {
+        assert_eq!(
+            writable(t, new_stack - 4),
+            Some(0x9000 - 4),
+            "new stack pinned"
+        );
+    }
+    assert_eq!(
+        writable(&a, old_stack - 4),
+        None,
+        "old stack not pinned again"
+    );
+    assert_eq!(writable(&b, old_stack - 4), Some(0x6000 - 4));
+}
