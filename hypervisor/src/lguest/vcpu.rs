@@ -698,11 +698,17 @@ impl Vcpu {
     /// the CPU would have changed); the view then holds the frame's
     /// guest-physical address. Kernel-mode traps still take the full path
     /// under paging (their stack is wherever the guest's ESP points).
-    pub fn stub_view_in<M: GuestMemory>(&self, mem: &M) -> Option<StubView> {
+    ///
+    /// The frame's page is found as [`stub_frame_gpa`](Self::stub_frame_gpa)
+    /// finds it: where the current shadow maps it writable (the pinned
+    /// stack: no walk; a writable leaf means an accessed and dirty guest
+    /// entry), else through the guest's tables, quietly.
+    pub fn stub_view_in<M: GuestMemory, E: Env>(&self, mem: &M, env: &mut E) -> Option<StubView> {
+        let b = env.tables();
         let translate = |va: u32| {
-            self.shadow
-                .as_ref()?
-                .translate_quiet(mem, va, Access::KERNEL_WRITE)
+            let sh = self.shadow.as_ref()?;
+            sh.shadow_writable_gpa(b, va)
+                .or_else(|| sh.translate_quiet(mem, va, Access::KERNEL_WRITE))
         };
         self.stub_view_with(mem.limit(), Some(&translate))
     }

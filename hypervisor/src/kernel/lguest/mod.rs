@@ -878,7 +878,7 @@ fn merge_pending(r: &mut Running) {
 /// Tells the hypercall and reflection stubs what they may do for this guest
 /// until its next exit that reaches Rust (nothing if the vCPU says so).
 fn arm_stub(r: &mut Running) {
-    let view = r.vcpu.stub_view_in(&r.mem);
+    let view = r.vcpu.stub_view_in(&r.mem, &mut r.env);
     let from = view.map(|v| (v, r.vcpu.regs.cs, r.vcpu.regs.ss, r.vcpu.paging()));
     // Armed from the same view but for the ring slot and the user-mode
     // frame (a context switch through the async ring, a `SET_STACK`): only

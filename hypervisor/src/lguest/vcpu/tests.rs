@@ -2489,15 +2489,18 @@ fn stub_paging_is_the_full_path_or_nothing() {
 /// Under shadow paging the stubs may reflect a user-mode trap onto the
 /// `SET_STACK` stack only where pushing the frame changes nothing the CPU
 /// would have changed: one page, mapped writable for the kernel, ACCESSED
-/// and DIRTY already set. The view then holds the frame's guest-physical
-/// address; anything else leaves user traps to the full path.
+/// and DIRTY already set — as the shadow's writable leaf of the pinned
+/// stack says (entries as the guest announced them), or, without one, as a
+/// quiet walk of the guest's tables finds. The view then holds the frame's
+/// guest-physical address; anything else leaves user traps to the full
+/// path.
 #[test]
 fn under_paging_user_traps_reflect_only_onto_a_quietly_mapped_stack() {
     let mut t = paging_guest();
     let top = KBASE + KSTACK;
     assert_eq!(t.hcall(LHCALL_SET_STACK, 0x69, top, 2), Action::Resume);
     t.prepare();
-    let view = t.v.stub_view_in(&t.m).unwrap();
+    let view = t.v.stub_view_in(&t.m, &mut t.e).unwrap();
     assert_eq!(view.ss1, 0x69);
     assert_eq!(
         view.user_frame,
@@ -2511,21 +2514,46 @@ fn under_paging_user_traps_reflect_only_onto_a_quietly_mapped_stack() {
 
     let pte = PTES + ((KSTACK - 20) >> 12) * 4;
     let frame = (KSTACK - 20) & !0xFFF;
-    // Not yet dirty (the push would set D), read-only, not accessed: no.
-    for bits in [0x023, 0x061, 0x043] {
-        t.m.write_u32(pte, frame | bits).unwrap();
-        let view = t.v.stub_view_in(&t.m).unwrap();
-        assert_eq!((view.ss1, view.user_frame), (0, 0), "pte bits {bits:#x}");
-        assert_eq!(t.m.read_u32(pte).unwrap(), frame | bits, "nothing written");
+    // Pinning wrote the stack page as the CPU would: accessed and dirty.
+    assert_eq!(t.m.read_u32(pte).unwrap() & 0x60, 0x60);
+    // Announced, a clean entry is pinned again (dirtied: the view still
+    // reflects there), and a read-only one kills ("bad stack page").
+    for bits in [0x023, 0x043] {
+        assert_eq!(
+            t.hcall(LHCALL_SET_PTE, PGD, frame + KBASE, frame | bits),
+            Action::Resume
+        );
+        assert_eq!(t.m.read_u32(pte).unwrap(), frame | 0x63, "{bits:#x}");
+        assert_eq!(t.v.stub_view_in(&t.m, &mut t.e).unwrap().ss1, 0x69);
     }
-    t.m.write_u32(pte, frame | 0x063).unwrap();
-    assert_eq!(t.v.stub_view_in(&t.m).unwrap().ss1, 0x69);
+    // Without a writable leaf in the shadow (a fresh guest whose stack
+    // page the shadow has not mapped), the guest's tables decide, quietly:
+    // not yet dirty (the push would set D), read-only, not accessed: no.
+    for bits in [0x023, 0x061, 0x043] {
+        let mut w = paging_guest();
+        w.m.write_u32(pte, frame | bits).unwrap();
+        assert_eq!(
+            w.v.stub_frame_gpa(top - 20, &w.m, &mut w.e),
+            None,
+            "{bits:#x}"
+        );
+        assert_eq!(w.m.read_u32(pte).unwrap(), frame | bits, "nothing written");
+    }
+    let mut w = paging_guest();
+    assert_eq!(
+        w.v.stub_frame_gpa(top - 20, &w.m, &mut w.e),
+        Some(KSTACK - 20)
+    );
+    // A read-only stack page cannot be pinned: the guest dies.
+    let mut w = paging_guest();
+    w.m.write_u32(pte, frame | 0x061).unwrap();
+    assert_eq!(w.hcall(LHCALL_SET_STACK, 0x69, top, 1), Action::Dead);
 
     // Where the frame is after a paging call on the trap stack: the pinned
     // page as the shadow maps it, even once the guest's entry is changed
     // behind its back (as lguest's switcher wrote through the shadow); a
     // SET_PTE moving the page moves the frame.
-    let low = t.v.stub_view_in(&t.m).unwrap().user_linear;
+    let low = t.v.stub_view_in(&t.m, &mut t.e).unwrap().user_linear;
     assert_eq!(low, top - 20);
     assert_eq!(t.v.stub_frame_gpa(low, &t.m, &mut t.e), Some(KSTACK - 20));
     t.m.write_u32(pte, 0x7000 | 0x063).unwrap();
@@ -2543,7 +2571,7 @@ fn under_paging_user_traps_reflect_only_onto_a_quietly_mapped_stack() {
     let mut t = paging_guest();
     assert_eq!(t.hcall(LHCALL_SET_STACK, 0x69, top + 8, 2), Action::Resume);
     t.prepare();
-    assert_eq!(t.v.stub_view_in(&t.m).unwrap().ss1, 0);
+    assert_eq!(t.v.stub_view_in(&t.m, &mut t.e).unwrap().ss1, 0);
 }
 
 /// A trap reflected on the trap stack under shadow paging pushes its frame
