@@ -325,6 +325,10 @@ pub struct Vcpu {
     kernel_address: u32,
     idt: [IdtEntry; IDT_ENTRIES as usize],
     idt_generation: u64,
+    /// The gates of [`STUB_VECTORS`] as the stubs read them, decoded when
+    /// they are loaded: the handler's EIP with [`StubGate::INTERRUPT`], and
+    /// the DPL (`None`: not present). `stub_view` adds the CPL bits.
+    stub_gates: [Option<(u64, u8)>; 2],
     ss1: u32,
     esp1: u32,
     stack_pages: u32,
@@ -806,20 +810,16 @@ impl Vcpu {
             Some((linear, pa)) => (self.ss1, linear, pa),
             None => (0, 0, 0),
         };
-        let gate = |vector: u32| {
-            let Some(g) = self.idt.get(vector as usize).filter(|g| g.present()) else {
+        let gate = |g: Option<(u64, u8)>| {
+            let Some((base, dpl)) = g else {
                 return StubGate(0);
             };
-            let dpl = u32::from(g.dpl());
-            let mut bits = u64::from(g.offset());
+            let mut bits = base;
             if kss != 0 && dpl >= 1 {
                 bits |= StubGate::FROM_KERNEL;
             }
             if ss1 != 0 && dpl >= 3 {
                 bits |= StubGate::FROM_USER;
-            }
-            if g.gate_type() == IDT_TYPE_INTERRUPT {
-                bits |= StubGate::INTERRUPT;
             }
             StubGate(bits)
         };
@@ -837,7 +837,7 @@ impl Vcpu {
             user_esp: self.esp1.wrapping_sub(20),
             user_linear,
             limit,
-            gates: STUB_VECTORS.map(gate),
+            gates: self.stub_gates.map(gate),
         })
     }
 
@@ -935,6 +935,7 @@ impl Vcpu {
             kernel_address: 0,
             idt: [IdtEntry::default(); IDT_ENTRIES as usize],
             idt_generation: 0,
+            stub_gates: [None; 2],
             ss1: 0,
             esp1: 0,
             stack_pages: 0,
@@ -2593,6 +2594,19 @@ impl Vcpu {
                 hi: hi & IDT_HIGH_KEEP_MASK,
             }
         };
+        let stored = *slot;
+        if let Some(i) = STUB_VECTORS.iter().position(|&v| v == num)
+            && let Some(g) = self.stub_gates.get_mut(i)
+        {
+            *g = stored.present().then(|| {
+                let interrupt = if stored.gate_type() == IDT_TYPE_INTERRUPT {
+                    StubGate::INTERRUPT
+                } else {
+                    0
+                };
+                (u64::from(stored.offset()) | interrupt, stored.dpl())
+            });
+        }
         self.idt_generation = self.idt_generation.wrapping_add(1);
         Ok(())
     }
