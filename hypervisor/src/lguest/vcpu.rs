@@ -330,6 +330,9 @@ pub struct Vcpu {
     /// the DPL (`None`: not present). `stub_view` adds the CPL bits.
     stub_gates: [Option<(u64, u8)>; 2],
     ss1: u32,
+    /// The GDT generation under which `SET_STACK` found `ss1` a valid CPL-1
+    /// stack (it is then still one while the GDT is unchanged).
+    ss1_checked: Option<u64>,
     esp1: u32,
     stack_pages: u32,
     stack_set: bool,
@@ -757,7 +760,8 @@ impl Vcpu {
         let linear = !self.paging();
         let ss1_ok = (linear || translate.is_some())
             && self.stack_set
-            && u16::try_from(self.ss1).is_ok_and(|s| self.gdt.valid_stack_selector(s, 1));
+            && (self.ss1_checked == Some(self.gdt.generation())
+                || u16::try_from(self.ss1).is_ok_and(|s| self.gdt.valid_stack_selector(s, 1)));
         if !ss1_ok {
             return None;
         }
@@ -937,6 +941,7 @@ impl Vcpu {
             idt_generation: 0,
             stub_gates: [None; 2],
             ss1: 0,
+            ss1_checked: None,
             esp1: 0,
             stack_pages: 0,
             stack_set: false,
@@ -2648,6 +2653,7 @@ impl Vcpu {
             sh.pin_stack(mem, env.tables(), esp, pages)?;
         }
         self.ss1 = ss;
+        self.ss1_checked = Some(self.gdt.generation());
         self.esp1 = esp;
         self.stack_pages = pages;
         self.stack_set = true;

@@ -2670,3 +2670,19 @@ fn ring_context_switch_pins_only_the_new_stack() {
     );
     assert_eq!(writable(&b, old_stack - 4), Some(0x6000 - 4));
 }
+
+/// The `SET_STACK` stack segment found valid at `SET_STACK` stays valid for
+/// the stubs only while the GDT is unchanged: a descriptor replaced since
+/// then is checked again, and a stack segment that is no longer one leaves
+/// user-mode traps to the full path.
+#[test]
+fn the_stubs_check_the_stack_segment_again_after_a_gdt_change() {
+    let mut t = T::init();
+    t.user_segments();
+    assert_eq!(t.hcall(LHCALL_SET_STACK, 0x69, KSTACK, 1), Action::Resume);
+    t.prepare();
+    assert_eq!(t.v.stub_view(MEM).unwrap().ss1, 0x69);
+    // Slot 13 (selector 0x69) emptied.
+    assert_eq!(t.hcall(LHCALL_LOAD_GDT_ENTRY, 13, 0, 0), Action::Resume);
+    assert_eq!(t.v.stub_view(MEM).unwrap().ss1, 0);
+}
