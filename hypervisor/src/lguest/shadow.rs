@@ -1170,6 +1170,22 @@ impl ShadowPaging {
         u32::try_from(page | u64::from(vaddr & 0xFFF)).ok()
     }
 
+    /// Where the host may write for the guest kernel at `vaddr` without
+    /// changing anything the CPU would have changed (a trap frame pushed on
+    /// the trap stack): the page as the current shadow maps it writable
+    /// ([`shadow_writable_gpa`](Self::shadow_writable_gpa), no walk), else
+    /// as the guest's tables map it quietly
+    /// ([`translate_quiet`](Self::translate_quiet)); `None` if neither.
+    pub fn quiet_write_gpa<B: ShadowBackend>(
+        &self,
+        b: &B,
+        mem: &impl GuestMemory,
+        vaddr: u32,
+    ) -> Option<u32> {
+        self.shadow_writable_gpa(b, vaddr)
+            .or_else(|| self.translate_quiet(mem, vaddr, Access::KERNEL_WRITE))
+    }
+
     /// Frees every frame of every shadow: the guest died or is restarting.
     /// The kernel must have loaded another CR3 first (none of these tables
     /// may be in use). Afterwards [`Self::frames`] is 0 and the core is back

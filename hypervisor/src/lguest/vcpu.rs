@@ -712,11 +712,7 @@ impl Vcpu {
     /// entry), else through the guest's tables, quietly.
     pub fn stub_view_in<M: GuestMemory, E: Env>(&self, mem: &M, env: &mut E) -> Option<StubView> {
         let b = env.tables();
-        let translate = |va: u32| {
-            let sh = self.shadow.as_ref()?;
-            sh.shadow_writable_gpa(b, va)
-                .or_else(|| sh.translate_quiet(mem, va, Access::KERNEL_WRITE))
-        };
+        let translate = |va: u32| self.shadow.as_ref()?.quiet_write_gpa(b, mem, va);
         self.stub_view_with(mem.limit(), Some(&translate))
     }
 
@@ -740,9 +736,7 @@ impl Vcpu {
         env: &mut E,
     ) -> Option<u32> {
         let sh = self.shadow.as_ref().filter(|s| s.is_paging())?;
-        let pa = sh
-            .shadow_writable_gpa(env.tables(), low)
-            .or_else(|| sh.translate_quiet(mem, low, Access::KERNEL_WRITE))?;
+        let pa = sh.quiet_write_gpa(env.tables(), mem, low)?;
         pa.checked_add(20)
             .is_some_and(|end| end <= mem.limit())
             .then_some(pa)
@@ -1873,8 +1867,7 @@ impl Vcpu {
                 if low >> 12 != top.wrapping_sub(1) >> 12 {
                     return None;
                 }
-                sh.shadow_writable_gpa(b, low)
-                    .or_else(|| sh.translate_quiet(mem, low, Access::KERNEL_WRITE))?
+                sh.quiet_write_gpa(b, mem, low)?
             }
             None => low,
         };

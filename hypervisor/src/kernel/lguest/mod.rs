@@ -852,7 +852,13 @@ fn apply_mmu(r: &mut Running) {
         unsafe { cpu::write_cr3(sw.root) };
         return;
     }
-    match work.flush {
+    apply_flush(work.flush);
+}
+
+/// Applies an invalidation the shadow core owes the loaded shadow.
+#[inline]
+fn apply_flush(flush: Flush) {
+    match flush {
         Flush::None => {}
         Flush::Page(va) => x86_64::instructions::tlb::flush(x86_64::VirtAddr::new(u64::from(va))),
         // SAFETY: reloading the CR3 already in use.
@@ -1020,14 +1026,7 @@ fn paging_lane_call(r: &mut Running, nr: u32, args: [u32; 4]) -> u64 {
             if let Some(sw) = work.load {
                 sw.root
             } else {
-                match work.flush {
-                    Flush::None => {}
-                    Flush::Page(va) => {
-                        x86_64::instructions::tlb::flush(x86_64::VirtAddr::new(u64::from(va)))
-                    }
-                    // SAFETY: reloading the CR3 already in use.
-                    Flush::All => unsafe { cpu::write_cr3(cpu::cr3() & !0xFFF) },
-                }
+                apply_flush(work.flush);
                 1
             }
         }
@@ -1073,12 +1072,7 @@ extern "C" fn pf_fill_lane(cr2: u64, frame: &[u64; 6]) -> bool {
     {
         return false;
     }
-    match r.vcpu.take_shadow_flush() {
-        Flush::None => {}
-        Flush::Page(va) => x86_64::instructions::tlb::flush(x86_64::VirtAddr::new(u64::from(va))),
-        // SAFETY: reloading the CR3 already in use.
-        Flush::All => unsafe { cpu::write_cr3(cpu::cr3() & !0xFFF) },
-    }
+    apply_flush(r.vcpu.take_shadow_flush());
     switch::count_lane();
     true
 }
