@@ -12,4 +12,9 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0
     }
+
+    /// A number below `n` (`n` > 0; slightly biased, fine for tests).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
 }

@@ -483,6 +483,67 @@ impl Stack {
     }
 }
 
+/// Regions of 2 MiB (one shadow PT each) in the guest's 4 GiB.
+const REGIONS: usize = 2048;
+
+/// Which 2 MiB regions of a shadow have a page table (bit `vaddr >> 21`),
+/// kept in step with its PD entries: set where a PD entry is made present,
+/// cleared where one is dropped. Dropping a range (a flush, a `SET_PGD`, a
+/// reused slot) then visits only the tables that exist instead of every PD
+/// entry the range spans (a user-half flush spans 1,536).
+#[derive(Clone, Copy, Debug)]
+struct TableMap([u64; REGIONS / 64]);
+
+impl TableMap {
+    const EMPTY: Self = Self([0; REGIONS / 64]);
+
+    fn insert(&mut self, vaddr: u32) {
+        let r = (vaddr >> 21) as usize;
+        if let Some(w) = self.0.get_mut(r >> 6) {
+            *w |= 1 << (r & 63);
+        }
+    }
+
+    /// Removes every region in `[lo, hi)` from the map, calling `f` with
+    /// each one that was in it (region `r` is PDPT entry `r >> 9`, PD entry
+    /// `r & 511`), in ascending order.
+    fn take_range(&mut self, lo: u64, hi: u64, mut f: impl FnMut(usize)) {
+        let first = usize::try_from(lo >> 21).unwrap_or(REGIONS).min(REGIONS);
+        let last = usize::try_from(hi.div_ceil(LARGE_PAGE_SIZE))
+            .unwrap_or(REGIONS)
+            .min(REGIONS);
+        if first >= last {
+            return;
+        }
+        // first < last <= REGIONS: the words first / 64 to (last - 1) / 64.
+        let (w_first, w_end) = (first >> 6, last.wrapping_sub(1) >> 6);
+        for (w, word) in self
+            .0
+            .iter_mut()
+            .enumerate()
+            .take(w_end.wrapping_add(1))
+            .skip(w_first)
+        {
+            // w < 32: no overflow.
+            let base = w << 6;
+            let from = first.saturating_sub(base);
+            let to = last.saturating_sub(base).min(64);
+            let mask = if to == 64 {
+                !0u64
+            } else {
+                (1u64 << to).wrapping_sub(1)
+            } & (!0u64 << from);
+            let mut m = *word & mask;
+            *word &= !mask;
+            while m != 0 {
+                let bit = m.trailing_zeros() as usize;
+                m &= m.wrapping_sub(1);
+                f(base | bit);
+            }
+        }
+    }
+}
+
 /// Why a fill failed.
 enum FillError {
     /// The guest's own fault; `present` = the guest's leaf is present
@@ -519,6 +580,8 @@ pub struct ShadowPaging {
     cfg: ShadowConfig,
     paging: GuestPaging,
     slots: Vec<Option<Slot>>,
+    /// Per slot: which of its PD entries have a page table.
+    tables: Vec<TableMap>,
     current: Option<usize>,
     frames: usize,
     tick: u64,
@@ -564,6 +627,8 @@ impl ShadowPaging {
         }
         let mut slots = Vec::new();
         slots.resize(cfg.cache_size, None);
+        let mut tables = Vec::new();
+        tables.resize(cfg.cache_size, TableMap::EMPTY);
         let rng = match cfg.policy {
             Policy::Random { seed } if seed != 0 => seed,
             _ => 0x9E37_79B9_7F4A_7C15,
@@ -572,6 +637,7 @@ impl ShadowPaging {
             cfg,
             paging: GuestPaging::new(cfg.format, cfg.pfnlimit),
             slots,
+            tables,
             current: None,
             frames: 0,
             tick: 0,
@@ -1008,7 +1074,7 @@ impl ShadowPaging {
             .iter()
             .position(|s| s.is_some_and(|s| s.gpgdir == gpgdir))
         {
-            self.clear_range(b, si, lo, lo.wrapping_add(span));
+            self.clear_range(b, si, lo, lo.wrapping_add(span), false);
         }
         self.ensure_pinned(mem, b).map(|_| ())
     }
@@ -1045,10 +1111,10 @@ impl ShadowPaging {
                     Ok(e) if e & PAGE_PRESENT != 0 && e & PAGE_ADDR_MASK == page => {
                         // index < 512: inside the GiB.
                         let start = lo | (u64::from(index) << 21);
-                        self.clear_range(b, si, start, start.wrapping_add(LARGE_PAGE_SIZE));
+                        self.clear_range(b, si, start, start.wrapping_add(LARGE_PAGE_SIZE), false);
                     }
                     Ok(_) => {}
-                    Err(_) => self.clear_range(b, si, lo, lo.wrapping_add(GIB)),
+                    Err(_) => self.clear_range(b, si, lo, lo.wrapping_add(GIB), false),
                 }
             }
         }
@@ -1066,10 +1132,10 @@ impl ShadowPaging {
     ) -> Result<(), Kill> {
         if all {
             for si in 0..self.slots.len() {
-                self.clear_range(b, si, 0, FOUR_GIB);
+                self.clear_range(b, si, 0, FOUR_GIB, false);
             }
         } else if let Some(ci) = self.current {
-            self.clear_range(b, ci, 0, u64::from(self.cfg.kernel_address));
+            self.clear_range(b, ci, 0, u64::from(self.cfg.kernel_address), false);
         }
         self.ensure_pinned(mem, b).map(|_| ())
     }
@@ -1315,6 +1381,9 @@ impl ShadowPaging {
                 }
             };
             b.write(pd, di, pt | pde_flags);
+            if let Some(map) = self.tables.get_mut(si) {
+                map.insert(vaddr);
+            }
             return Ok(pt);
         }
         Err(OutOfFrames)
@@ -1370,7 +1439,7 @@ impl ShadowPaging {
             return Evicted::Other;
         }
         let before = self.frames;
-        self.clear_range(b, protect, 0, FOUR_GIB);
+        self.clear_range(b, protect, 0, FOUR_GIB, true);
         if self.frames < before {
             self.stats.evictions = self.stats.evictions.saturating_add(1);
             Evicted::Protected
@@ -1442,6 +1511,9 @@ impl ShadowPaging {
                         b.write(pml4, i, e);
                     }
                     b.write(pml4, 0, pdpt | TABLE_FLAGS);
+                    if let Some(map) = self.tables.get_mut(fi) {
+                        *map = TableMap::EMPTY;
+                    }
                     if let Some(s) = self.slots.get_mut(fi) {
                         *s = Some(Slot {
                             gpgdir,
@@ -1472,7 +1544,7 @@ impl ShadowPaging {
                     self.stats.evictions = self.stats.evictions.saturating_add(1);
                     continue;
                 }
-                self.clear_range(b, v, 0, u64::from(self.cfg.kernel_address));
+                self.clear_range(b, v, 0, u64::from(self.cfg.kernel_address), false);
                 if let Some(s) = self.slot_mut(v) {
                     s.gpgdir = gpgdir;
                     s.inserted = tick;
@@ -1485,7 +1557,7 @@ impl ShadowPaging {
             // no frames: empty the current one and try once more.
             let before = self.frames;
             if let Some(ci) = cur {
-                self.clear_range(b, ci, 0, FOUR_GIB);
+                self.clear_range(b, ci, 0, FOUR_GIB, true);
             }
             if self.frames == before {
                 return Err(OutOfFrames.into());
@@ -1589,44 +1661,59 @@ impl ShadowPaging {
         }
     }
 
-    /// Drops every shadow table covering `[lo, hi)` (2 MiB multiples within
-    /// 4 GiB) in slot `si`, freeing the frames.
-    fn clear_range<B: ShadowBackend>(&mut self, b: &mut B, si: usize, lo: u64, hi: u64) {
+    /// Drops every shadow page table covering `[lo, hi)` (2 MiB multiples
+    /// within 4 GiB) in slot `si`, freeing the frames; with `drop_pds` also
+    /// the PDs of the GiBs the range covers whole. Only the tables the
+    /// slot's [`TableMap`] names are visited, so a flush costs what the
+    /// shadow holds, not what the range spans. Without `drop_pds` the PDs
+    /// stay, emptied, for the next fill (a user-half flush does not free
+    /// and zero them again each time).
+    fn clear_range<B: ShadowBackend>(
+        &mut self,
+        b: &mut B,
+        si: usize,
+        lo: u64,
+        hi: u64,
+        drop_pds: bool,
+    ) {
         let Some(s) = self.slot(si) else { return };
+        let Some(map) = self.tables.get_mut(si) else {
+            return;
+        };
+        // The PD of each GiB, read when first needed.
+        let mut pds: [Option<Option<u64>>; 4] = [None; 4];
+        let mut pd_of = |b: &B, gi: usize| {
+            let slot = pds.get_mut(gi)?;
+            *slot.get_or_insert_with(|| {
+                let pdpte = b.read(s.pdpt, gi);
+                (pdpte & PAGE_PRESENT != 0).then_some(pdpte & ADDR_MASK)
+            })
+        };
         let mut freed = 0usize;
-        for gi in 0..4usize {
-            // gi < 4: no overflow.
-            let g_lo = (gi as u64) << 30;
-            let g_hi = g_lo.wrapping_add(GIB);
-            if hi <= g_lo || lo >= g_hi {
-                continue;
+        map.take_range(lo, hi, |region| {
+            let (gi, di) = (region >> 9, region & 0x1FF);
+            let Some(pd) = pd_of(b, gi) else {
+                return;
+            };
+            let pde = b.read(pd, di);
+            if pde & PAGE_PRESENT != 0 {
+                b.write(pd, di, 0);
+                b.free_table(pde & ADDR_MASK);
+                freed = freed.saturating_add(1);
             }
-            let pdpte = b.read(s.pdpt, gi);
-            if pdpte & PAGE_PRESENT == 0 {
-                continue;
-            }
-            let pd = pdpte & ADDR_MASK;
-            let whole = lo <= g_lo && hi >= g_hi;
-            // Within the GiB: PD entries [first, last).
-            // lo < g_hi and hi > g_lo here: the differences are in [0, 1 GiB].
-            let first = usize::try_from(lo.max(g_lo).wrapping_sub(g_lo) >> 21).unwrap_or(0);
-            let last = usize::try_from(hi.min(g_hi).wrapping_sub(g_lo).div_ceil(LARGE_PAGE_SIZE))
-                .unwrap_or(ENTRIES)
-                .min(ENTRIES);
-            for di in first..last {
-                let pde = b.read(pd, di);
-                if pde & PAGE_PRESENT != 0 {
-                    if !whole {
-                        b.write(pd, di, 0);
-                    }
-                    b.free_table(pde & ADDR_MASK);
+        });
+        if drop_pds {
+            for gi in 0..4 {
+                // gi < 4: no overflow.
+                let g_lo = (gi as u64) << 30;
+                if lo <= g_lo
+                    && hi >= g_lo.wrapping_add(GIB)
+                    && let Some(pd) = pd_of(b, gi)
+                {
+                    b.write(s.pdpt, gi, 0);
+                    b.free_table(pd);
                     freed = freed.saturating_add(1);
                 }
-            }
-            if whole {
-                b.write(s.pdpt, gi, 0);
-                b.free_table(pd);
-                freed = freed.saturating_add(1);
             }
         }
         if freed > 0 {
@@ -1643,7 +1730,7 @@ impl ShadowPaging {
 
     /// Frees slot `si` entirely (never the loaded one: callers make sure).
     fn free_slot<B: ShadowBackend>(&mut self, b: &mut B, si: usize) {
-        self.clear_range(b, si, 0, FOUR_GIB);
+        self.clear_range(b, si, 0, FOUR_GIB, true);
         if let Some(s) = self.slots.get_mut(si).and_then(Option::take) {
             b.free_table(s.pml4);
             b.free_table(s.pdpt);

@@ -1100,6 +1100,18 @@ impl Vcpu {
         self.shadow.as_ref().and_then(ShadowPaging::current_root)
     }
 
+    /// Guest-physical address of the async ring's next status byte (where
+    /// the hypercall stub looks for queued calls); `None` before INIT.
+    pub fn ring_slot(&self) -> Option<u32> {
+        // `ring_cursor < LHCALL_RING_SIZE` and lguest_data lies inside guest
+        // memory (checked at INIT).
+        let slot = (self.ring_cursor % LHCALL_RING_SIZE) as u32;
+        self.lguest_data.map(|ld| {
+            ld.wrapping_add(LguestData::OFF_HCALL_STATUS)
+                .wrapping_add(slot)
+        })
+    }
+
     /// The shadow core (`None` before INIT), for its counters.
     pub fn shadow(&self) -> Option<&ShadowPaging> {
         self.shadow.as_ref()
@@ -1391,18 +1403,28 @@ impl Vcpu {
                 return false;
             }
             Ok(())
-        } else if hcall && self.cpl() == 1 && Self::fast_paging_call(self.regs.eax).is_some() {
-            let slot = (self.ring_cursor % LHCALL_RING_SIZE) as u32;
-            let status = mem.read_u8(
-                ld.wrapping_add(LguestData::OFF_HCALL_STATUS)
-                    .wrapping_add(slot),
-            );
-            if status != Ok(HCALL_STATUS_EMPTY) {
-                return false;
+        } else if hcall
+            && self.cpl() == 1
+            && (Self::fast_paging_call(self.regs.eax).is_some()
+                || self.regs.eax == guest_abi::hcall::LHCALL_FLUSH_ASYNC)
+        {
+            // The async ring first, as far as it holds only shadow-paging
+            // and no-op calls; anything else in it: the full path runs it
+            // (and the rest) from where this drain stopped.
+            match self.drain_paging(ld, mem, env) {
+                Ok(true) => {}
+                Ok(false) => return false,
+                Err(k) => {
+                    self.kill(k);
+                    return false;
+                }
             }
             let a = [self.regs.ebx, self.regs.ecx, self.regs.edx, self.regs.esi];
-            let h = Self::fast_paging_call(self.regs.eax).unwrap_or(Hypercall::FlushTlb);
-            self.paging_call(h, a, mem, env).map(|_| ())
+            match Self::fast_paging_call(self.regs.eax) {
+                Some(h) => self.paging_call(h, a, mem, env).map(|_| ()),
+                // FLUSH_ASYNC: the drain was all of it.
+                None => Ok(()),
+            }
         } else {
             return false;
         };
@@ -1414,6 +1436,55 @@ impl Vcpu {
         self.regs.errcode = if hcall { 0 } else { errcode };
         self.regs.eflags = sanitize_eflags(self.regs.eflags);
         true
+    }
+
+    /// Runs the async ring's entries for [`fast_paging`](Self::fast_paging)
+    /// while they are shadow-paging or no-op calls, exactly as the full
+    /// path's drain (`run_async`) runs them: `Ok(true)` when the ring is
+    /// empty, `Ok(false)` at the first other call (the entries before it are
+    /// done and the cursor is past them, so the full path goes on from
+    /// there as its own drain would have), `Err` if an entry kills. Each
+    /// entry is read once, so what runs is what was checked.
+    fn drain_paging<M: GuestMemory, E: Env>(
+        &mut self,
+        ld: u32,
+        mem: &mut M,
+        env: &mut E,
+    ) -> Result<bool, Kill> {
+        for _ in 0..LHCALL_RING_SIZE {
+            let n = self.ring_cursor % LHCALL_RING_SIZE;
+            let status = ld.wrapping_add(LguestData::off_hcall_status(n as u32));
+            if mem.read_u8(status)? == HCALL_STATUS_EMPTY {
+                return Ok(true);
+            }
+            // `n < 64` and lguest_data lies inside guest memory (checked
+            // at INIT).
+            let mut raw = [0u8; 20];
+            mem.read(ld.wrapping_add(LguestData::off_hcall(n as u32)), &mut raw)?;
+            let mut words = raw
+                .chunks_exact(4)
+                .map(|c| <[u8; 4]>::try_from(c).map_or(0, u32::from_le_bytes));
+            let mut word = || words.next().unwrap_or(0);
+            let nr = word();
+            let trivial = nr < 32 && self.trivial_hcalls() & (1 << nr) != 0;
+            let call = Self::fast_paging_call(nr);
+            // A `NEW_PGTABLE` is left to the full path too: it may be
+            // followed by a `SET_STACK` that does its pinning.
+            if !trivial && (call.is_none() || call == Some(Hypercall::NewPgtable)) {
+                return Ok(false);
+            }
+            self.ring_cursor = n.saturating_add(1) % LHCALL_RING_SIZE;
+            let r = match call {
+                Some(h) if !trivial => {
+                    let a = [word(), word(), word(), word()];
+                    self.paging_call(h, a, mem, env).map(|_| ())
+                }
+                _ => Ok(()),
+            };
+            mem.write_u8(status, HCALL_STATUS_EMPTY)?;
+            r?;
+        }
+        Ok(true)
     }
 
     /// Whether the page fault at `cr2` was already found to be the guest's

@@ -1139,13 +1139,20 @@ fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo, full: bool) -> bool
     }
     // A shadow-paging call (a switch of shadows, a `SET_PTE`/`SET_PGD`/
     // `SET_PMD`, a flush), as for a fill above (all registers saved now).
+    // Also `FLUSH_ASYNC` and any call with such calls queued in the async
+    // ring (Linux's lazy MMU batches), drained here: the hypercall stub is
+    // then pointed at the ring's next slot.
     if exit.trapnum == u32::from(guest_abi::hcall::LGUEST_TRAP_ENTRY)
-        && Vcpu::fast_paging_call(r.vcpu.regs.eax).is_some()
+        && (Vcpu::fast_paging_call(r.vcpu.regs.eax).is_some()
+            || r.vcpu.regs.eax == guest_abi::hcall::LHCALL_FLUSH_ASYNC)
         && r.vcpu
             .fast_paging(exit.trapnum, exit.errcode, exit.cr2, &mut r.mem, &mut r.env)
     {
         apply_mmu(r);
         refresh_user_frame(r);
+        if let Some(host) = r.vcpu.ring_slot().and_then(|gpa| r.mem.host_addr(gpa, 1)) {
+            switch::rearm_ring(host);
+        }
         return true;
     }
     let key = r.vcpu.gdt_key();

@@ -473,6 +473,16 @@ pub fn rearm_moved(ring_status: u64, user_frame: u64, user_esp: u32) {
     }
 }
 
+/// Points the hypercall stub at the async ring's next status byte (`host`,
+/// checked by the caller) after Rust drained the ring on the trap path.
+/// Trap path of the running guest, interrupts off.
+pub fn rearm_ring(host: u64) {
+    let a = ARMED.0.get();
+    // SAFETY: see `ArmedCell` (trap path, interrupts off: no stub is using
+    // the block while Rust runs on its behalf).
+    unsafe { (*a).ring = host };
+}
+
 /// Points the reflection stubs' user-mode frame at `host` (the host
 /// address of the 20-byte frame below the `SET_STACK` stack, checked by the
 /// caller), or with `None` leaves every user-mode trap to the full path

@@ -116,6 +116,20 @@ fn hw(b: &Fake, root: u64, va: u32) -> Option<(u64, bool, bool)> {
     Some((table, w, u))
 }
 
+/// How many PD entries of a shadow are present (page tables it holds).
+fn pd_entries(b: &Fake, root: u64) -> usize {
+    let pdpt = b.entry(root, 0) & ADDR_MASK;
+    (0..4)
+        .map(|gi| b.entry(pdpt, gi))
+        .filter(|e| e & 1 != 0)
+        .map(|e| {
+            (0..512)
+                .filter(|&di| b.entry(e & ADDR_MASK, di) & 1 != 0)
+                .count()
+        })
+        .sum()
+}
+
 /// Every present leaf of a shadow: (va, host page, writable, user); also
 /// checks the shape (host half copied, only PML4[0] and PDPT[0..4]).
 fn hw_leaves(b: &Fake, root: u64) -> Vec<(u32, u64, bool, bool)> {
@@ -680,8 +694,12 @@ fn flush_tlb_user_half_and_all() {
         for (r, va) in [(ra, 0xC000_0000), (rc, 0x40_0000), (rc, 0xC000_0000)] {
             assert!(hw(&b, r, va).is_none());
         }
-        // Both shadows stay cached with just their PML4 and PDPT.
-        assert_eq!(sp.frames(), 4);
+        // Both shadows stay cached with their PML4, PDPT and their two PDs,
+        // emptied (kept for the next fill): no page table is left.
+        assert_eq!(sp.frames(), 4 + 4);
+        for r in [ra, rc] {
+            assert_eq!(pd_entries(&b, r), 0);
+        }
         assert!(sp.new_pgtable(&mut g.mem, &mut b, a).unwrap().flush);
         sp.release_all(&mut b);
         assert_eq!(b.live(), 0);
@@ -1497,5 +1515,57 @@ fn set_pte_makes_a_writable_leaf_only_when_accessed_and_dirty() {
                 "{fmt:?} {bits:#x}"
             );
         }
+    }
+}
+
+/// `TableMap::take_range` against a set: random regions in, random ranges
+/// (2 MiB multiples, word boundaries and the ends of the 4 GiB included)
+/// out; exactly the regions inside the range come out, in order, and the
+/// others stay.
+#[test]
+fn table_map_takes_exactly_the_range() {
+    let mut rng = Rng(0x7AB1E);
+    let edges = [
+        0u64, 63, 64, 65, 127, 128, 511, 512, 1023, 1024, 1535, 1536, 2047, 2048,
+    ];
+    for round in 0..400 {
+        let mut map = TableMap::EMPTY;
+        let mut model = std::collections::BTreeSet::new();
+        let n = 1 + rng.below(300);
+        for _ in 0..n {
+            let r = if rng.below(3) == 0 {
+                edges[rng.below(edges.len() as u64 - 1) as usize]
+            } else {
+                rng.below(REGIONS as u64)
+            };
+            map.insert((r << 21) as u32);
+            model.insert(r as usize);
+        }
+        let pick = |rng: &mut Rng| {
+            if rng.below(2) == 0 {
+                edges[rng.below(edges.len() as u64) as usize]
+            } else {
+                rng.below(REGIONS as u64 + 1)
+            }
+        };
+        let (x, y) = (pick(&mut rng), pick(&mut rng));
+        let (lo, hi) = (x.min(y) << 21, x.max(y) << 21);
+        let mut got = Vec::new();
+        map.take_range(lo, hi, |r| got.push(r));
+        let want: Vec<usize> = model
+            .iter()
+            .copied()
+            .filter(|&r| (lo >> 21..hi >> 21).contains(&(r as u64)))
+            .collect();
+        assert_eq!(got, want, "round {round}: [{lo:#x}, {hi:#x})");
+        // What is left: everything else, taken by the whole range.
+        let mut rest = Vec::new();
+        map.take_range(0, FOUR_GIB, |r| rest.push(r));
+        let left: Vec<usize> = model
+            .iter()
+            .copied()
+            .filter(|r| !want.contains(r))
+            .collect();
+        assert_eq!(rest, left, "round {round}");
     }
 }
