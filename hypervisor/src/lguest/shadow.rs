@@ -1037,6 +1037,14 @@ impl ShadowPaging {
         if old & PAGE_PRESENT != 0 {
             self.touched(si, Flush::Page(vaddr));
         }
+        self.leaf_changed(si, vaddr);
+    }
+
+    /// The leaf of `vaddr` in slot `si` was just changed: if it is a stack
+    /// page, the slot is no longer known pinned (its `pin_top` may be
+    /// stale), so the next pinning looks again.
+    #[inline]
+    fn leaf_changed(&mut self, si: usize, vaddr: u32) {
         let page = u64::from(vaddr & !0xFFF);
         let on_stack = self
             .stack
@@ -1226,8 +1234,7 @@ impl ShadowPaging {
     /// (`SET_PTE`, a flush), so a host write there changes nothing the CPU
     /// would have changed. `None` if the current shadow has no such leaf.
     pub fn shadow_writable_gpa<B: ShadowBackend>(&self, b: &B, vaddr: u32) -> Option<u32> {
-        let s = self.slot(self.current?)?;
-        let pt = self.pt_of(b, &s, vaddr)?;
+        let pt = self.pt_of(b, self.current_slot_ref()?, vaddr)?;
         let e = b.read(pt, pt_index(vaddr));
         if e & (PAGE_PRESENT | PAGE_RW) != PAGE_PRESENT | PAGE_RW {
             return None;
@@ -1320,12 +1327,18 @@ impl ShadowPaging {
             .map_err(|e| FillError::Kill(e.into()))?;
         let idx = pt_index(vaddr);
         let old = b.read(pt, idx);
+        if old == leaf {
+            return Ok(());
+        }
         b.write(pt, idx, leaf);
         // Only a change that takes something away needs an invalidation
         // (the faulting address itself was invalidated by the fault).
         let lost = old & !leaf & (PAGE_RW | PAGE_USER) != 0 || (old ^ leaf) & ADDR_MASK != 0;
         if old & PAGE_PRESENT != 0 && lost {
             self.touched(si, Flush::Page(vaddr));
+        }
+        if old & PAGE_PRESENT != 0 {
+            self.leaf_changed(si, vaddr);
         }
         Ok(())
     }

@@ -1387,17 +1387,20 @@ impl Vcpu {
         let Some(ld) = self.lguest_data else {
             return false;
         };
+        let hcall = vector == u32::from(LGUEST_TRAP_ENTRY);
         if !self.paging()
             || self.dead.is_some()
             || self.restart
             || self.halted
             || self.pending_hcall.is_some()
             || self.pending != 0
+            // A call behind a ring whose first entry the drain below would
+            // leave to the full path: declined at once (a context switch).
+            || (hcall && !self.ring_head_drainable(ld, mem))
             || !self.is_validated(&SelKey::of(self.gdt.generation(), &self.regs))
         {
             return false;
         }
-        let hcall = vector == u32::from(LGUEST_TRAP_ENTRY);
         let r = if vector == trap::PF {
             if !self.pf_fill(cr2, errcode, mem, env) {
                 return false;
@@ -1438,6 +1441,34 @@ impl Vcpu {
         true
     }
 
+    /// Whether [`drain_paging`](Self::drain_paging) takes call `nr` from the
+    /// ring: `Some(None)` a no-op, `Some(Some(h))` shadow-paging call `h`,
+    /// `None` not (anything else, and `NEW_PGTABLE`, which may be followed
+    /// by a `SET_STACK` that does its pinning: the full path's).
+    fn drainable(&self, nr: u32) -> Option<Option<Hypercall>> {
+        if nr < 32 && self.trivial_hcalls() & (1 << nr) != 0 {
+            return Some(None);
+        }
+        match Self::fast_paging_call(nr) {
+            Some(Hypercall::NewPgtable) | None => None,
+            call => Some(call),
+        }
+    }
+
+    /// Whether the async ring is empty or starts with a call
+    /// [`drain_paging`](Self::drain_paging) takes (a quick look before
+    /// anything else is checked).
+    fn ring_head_drainable<M: GuestMemory>(&self, ld: u32, mem: &M) -> bool {
+        let n = (self.ring_cursor % LHCALL_RING_SIZE) as u32;
+        match mem.read_u8(ld.wrapping_add(LguestData::off_hcall_status(n))) {
+            Ok(HCALL_STATUS_EMPTY) => true,
+            Ok(_) => mem
+                .read_u32(ld.wrapping_add(LguestData::off_hcall(n)))
+                .is_ok_and(|nr| self.drainable(nr).is_some()),
+            Err(_) => false,
+        }
+    }
+
     /// Runs the async ring's entries for [`fast_paging`](Self::fast_paging)
     /// while they are shadow-paging or no-op calls, exactly as the full
     /// path's drain (`run_async`) runs them: `Ok(true)` when the ring is
@@ -1466,20 +1497,16 @@ impl Vcpu {
                 .map(|c| <[u8; 4]>::try_from(c).map_or(0, u32::from_le_bytes));
             let mut word = || words.next().unwrap_or(0);
             let nr = word();
-            let trivial = nr < 32 && self.trivial_hcalls() & (1 << nr) != 0;
-            let call = Self::fast_paging_call(nr);
-            // A `NEW_PGTABLE` is left to the full path too: it may be
-            // followed by a `SET_STACK` that does its pinning.
-            if !trivial && (call.is_none() || call == Some(Hypercall::NewPgtable)) {
+            let Some(call) = self.drainable(nr) else {
                 return Ok(false);
-            }
+            };
             self.ring_cursor = n.saturating_add(1) % LHCALL_RING_SIZE;
             let r = match call {
-                Some(h) if !trivial => {
+                Some(h) => {
                     let a = [word(), word(), word(), word()];
                     self.paging_call(h, a, mem, env).map(|_| ())
                 }
-                _ => Ok(()),
+                None => Ok(()),
             };
             mem.write_u8(status, HCALL_STATUS_EMPTY)?;
             r?;

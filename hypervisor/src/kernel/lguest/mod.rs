@@ -1041,9 +1041,10 @@ fn paging_lane_call(r: &mut Running, nr: u32, args: [u32; 4]) -> u64 {
 /// must be a stack segment the entry check accepts at its CPL (the guest may
 /// have loaded one the CPU accepts but the host refuses, a 16-bit one: the
 /// full path kills it then); then `Vcpu::stub_fill`, and the invalidation it
-/// owes the loaded shadow. `true`: the guest resumes at the faulting
-/// instruction; `false`: nothing changed, the full path decides.
-extern "C" fn pf_fill_lane(cr2: u64, frame: &[u64; 6]) -> bool {
+/// owes the loaded shadow. 1: the guest resumes at the faulting instruction;
+/// 2: the fault is the guest's own (decided and remembered), for
+/// [`pf_reflect_lane`]; 0: the full path decides.
+extern "C" fn pf_fill_lane(cr2: u64, frame: &[u64; 6]) -> u8 {
     // SAFETY: the stub calls this only when armed for a running guest under
     // shadow paging by the run loop, whose context is then its `Running`,
     // not touched by the suspended run loop meanwhile (as in
@@ -1060,7 +1061,7 @@ extern "C" fn pf_fill_lane(cr2: u64, frame: &[u64; 6]) -> bool {
         let ok = (cpl == 1 || cpl == 3)
             && u16::try_from(ss).is_ok_and(|s| r.vcpu.gdt.valid_stack_selector(s, cpl));
         if !ok {
-            return false;
+            return 0;
         }
         if let Some(slot) = r.ss_ok.get_mut(which) {
             *slot = Some(key);
@@ -1070,11 +1071,35 @@ extern "C" fn pf_fill_lane(cr2: u64, frame: &[u64; 6]) -> bool {
         .vcpu
         .stub_fill(cr2 as u32, errcode as u32, &mut r.mem, &mut r.env)
     {
-        return false;
+        return if r.vcpu.pf_decided(cr2 as u32) { 2 } else { 0 };
     }
     apply_flush(r.vcpu.take_shadow_flush());
     switch::count_lane();
-    true
+    1
+}
+
+/// The page-fault stub's reflection, called when [`pf_fill_lane`] found the
+/// fault to be the guest's own (C ABI, same context; a call of its own so
+/// that a fill pays none of its frame): reflected when the trap path's
+/// shortcut would reflect it (`Vcpu::fast_exit`), on the fault's frame
+/// registers, which then go back into the hardware `frame`. 1: the guest
+/// resumes in its page-fault handler; 0: nothing changed, the full path
+/// (which reflects the remembered decision).
+extern "C" fn pf_reflect_lane(cr2: u64, frame: &mut [u64; 6]) -> u8 {
+    // SAFETY: as in `pf_fill_lane`, which the stub called just before.
+    let r = unsafe { &mut *switch::current_ctx().cast::<Running>() };
+    switch::save_pf_frame(&mut r.vcpu.regs, frame);
+    let errcode = r.vcpu.regs.errcode;
+    let pf = u32::from(guest_abi::irq::trap::PF);
+    if !r
+        .vcpu
+        .fast_exit(pf, errcode, cr2 as u32, &mut r.mem, &mut r.env)
+    {
+        return 0;
+    }
+    switch::load_pf_frame(frame, &r.vcpu.regs);
+    switch::count_lane();
+    1
 }
 
 /// The run loop's exit handler on the trap stack (`fastpath=on`; interrupts

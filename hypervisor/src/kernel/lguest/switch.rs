@@ -552,12 +552,15 @@ pub fn count_lane() {
 /// Entry point of the page-fault gate (vector 14): a fault of a guest under
 /// shadow paging that the shadow core can fill is filled in Rust
 /// (`pf_fill_lane`, `Vcpu::stub_fill`) with only the caller-saved registers
-/// saved, and the guest resumes at the faulting instruction; anything else —
-/// a fault of the host itself (CPL 0), a guest not armed for it (linear
-/// mode, `fastpath=off`), irqs pending, a fault that is the guest's own or
-/// kills it — falls into the generic path exactly as the generic stub of
-/// vector 14 would. The hardware frame is: error code, RIP, CS, RFLAGS, RSP,
-/// SS. The `iretq` is in the entry-fault window.
+/// saved, and the guest resumes at the faulting instruction; a fault that is
+/// the guest's own is reflected there too where the trap path's shortcut
+/// would reflect it (the lane rewrites the hardware frame: the guest resumes
+/// in its handler); anything else — a fault of the host itself (CPL 0), a
+/// guest not armed for it (linear mode, `fastpath=off`), irqs pending, a
+/// reflection the shortcut declines, a kill — falls into the generic path
+/// exactly as the generic stub of vector 14 would. The hardware frame is:
+/// error code, RIP, CS, RFLAGS, RSP, SS. The `iretq` is in the entry-fault
+/// window.
 #[unsafe(naked)]
 pub unsafe extern "C" fn pf_stub() {
     naked_asm!(
@@ -582,6 +585,16 @@ pub unsafe extern "C" fn pf_stub() {
         "mov rdi, cr2",
         "lea rsi, [rsp + 48]",
         "call {fill_lane}",
+        // 2: the guest's own fault, for the reflection lane (a call of its
+        // own, so that the fill keeps nothing live for it); it rewrites the
+        // frame and answers 1, or 0 for the full path. CR2 still holds the
+        // address (the lanes run with interrupts off and do not fault).
+        "cmp al, 2",
+        "jne 7f",
+        "mov rdi, cr2",
+        "lea rsi, [rsp + 48]",
+        "call {reflect_lane}",
+        "7:",
         "xor r8d, r8d",
         "xor r9d, r9d",
         "xor r10d, r10d",
@@ -613,6 +626,7 @@ pub unsafe extern "C" fn pf_stub() {
         irqs = const offset_of!(Armed, irqs),
         vcpu_irqs = const offset_of!(Armed, vcpu_irqs),
         fill_lane = sym super::pf_fill_lane,
+        reflect_lane = sym super::pf_reflect_lane,
         common = sym crate::kernel::arch::trap::trap_common,
     )
 }
@@ -1267,6 +1281,18 @@ pub fn entry_fault(frame: &TrapFrame) -> ! {
 /// number and error code, the frame registers (EIP, CS, EFLAGS, ESP, SS),
 /// EAX (a hypercall's number) and the data segment selectors.
 fn save_exit_regs(regs: &mut Regs, frame: &TrapFrame) {
+    regs.eax = frame.rax as u32;
+    regs.trapnum = frame.vector as u32;
+    regs.errcode = frame.error_code as u32;
+    save_frame_regs(
+        regs,
+        [frame.rip, frame.cs, frame.rflags, frame.rsp, frame.ss],
+    );
+}
+
+/// Saves the frame registers of a hardware frame (RIP, CS, RFLAGS, RSP,
+/// SS) and the data segment selectors into the guest's register block.
+fn save_frame_regs(regs: &mut Regs, [rip, cs, rflags, rsp, ss]: [u64; 5]) {
     let (ds, es, fs, gs): (u16, u16, u16, u16);
     // SAFETY: reads the data segment registers, which still hold the guest's
     // selectors (the host never loads them in 64-bit mode).
@@ -1277,28 +1303,54 @@ fn save_exit_regs(regs: &mut Regs, frame: &TrapFrame) {
             options(nomem, nostack, preserves_flags)
         );
     }
-    regs.eax = frame.rax as u32;
     regs.ds = u32::from(ds);
     regs.es = u32::from(es);
     regs.fs = u32::from(fs);
     regs.gs = u32::from(gs);
-    regs.trapnum = frame.vector as u32;
-    regs.errcode = frame.error_code as u32;
-    regs.eip = frame.rip as u32;
-    regs.cs = frame.cs as u32;
-    regs.eflags = frame.rflags as u32;
-    regs.esp = frame.rsp as u32;
-    regs.ss = frame.ss as u32;
+    regs.eip = rip as u32;
+    regs.cs = cs as u32;
+    regs.eflags = rflags as u32;
+    regs.esp = rsp as u32;
+    regs.ss = ss as u32;
 }
 
 /// Puts the guest's frame registers (EIP, CS, EFLAGS sanitised, ESP, SS)
 /// into the hardware frame the dispatcher returns through.
 fn load_frame_regs(frame: &mut TrapFrame, r: &Regs) {
-    frame.rip = u64::from(r.eip);
-    frame.cs = u64::from(r.cs);
-    frame.rflags = u64::from(sanitize_eflags(r.eflags));
-    frame.rsp = u64::from(r.esp);
-    frame.ss = u64::from(r.ss);
+    [frame.rip, frame.cs, frame.rflags, frame.rsp, frame.ss] = frame_words(r);
+}
+
+/// The hardware frame words (RIP, CS, RFLAGS sanitised, RSP, SS) the guest
+/// resumes with.
+fn frame_words(r: &Regs) -> [u64; 5] {
+    [
+        u64::from(r.eip),
+        u64::from(r.cs),
+        u64::from(sanitize_eflags(r.eflags)),
+        u64::from(r.esp),
+        u64::from(r.ss),
+    ]
+}
+
+/// The page-fault stub's view of the guest's registers, for a reflection
+/// finished in its lane: the frame registers and data segments of the
+/// fault (`frame`: error code, RIP, CS, RFLAGS, RSP, SS), vector 14 and its
+/// error code go into `regs` as the trap path's exit would save them (the
+/// general registers are not saved: a reflection neither reads nor changes
+/// them, and the next full exit saves them all). Trap path, interrupts off.
+pub fn save_pf_frame(regs: &mut Regs, frame: &[u64; 6]) {
+    let [errcode, rip, cs, rflags, rsp, ss] = *frame;
+    regs.trapnum = u32::from(guest_abi::irq::trap::PF);
+    regs.errcode = errcode as u32;
+    save_frame_regs(regs, [rip, cs, rflags, rsp, ss]);
+}
+
+/// After a reflection in the page-fault stub's lane: the frame the stub
+/// `iretq`s through gets the guest's new frame registers (the handler's
+/// EIP and CS, its EFLAGS, stack and SS); the data segments are unchanged.
+pub fn load_pf_frame(frame: &mut [u64; 6], regs: &Regs) {
+    let [_, rest @ ..] = frame;
+    *rest = frame_words(regs);
 }
 
 /// Saves the rest of the guest's general registers (what the full exit

@@ -1569,3 +1569,63 @@ fn table_map_takes_exactly_the_range() {
         assert_eq!(rest, left, "round {round}");
     }
 }
+
+/// Where the host may write on the kernel stack's top page follows the
+/// current shadow's leaf, never a pin recorded earlier: after the guest
+/// moved the page while another shadow was current (a kernel `SET_PTE`
+/// reaches every shadow), and after a fault refilled the pinned page from
+/// an entry the guest rewrote behind the host's back.
+#[test]
+fn the_stack_frame_follows_the_leaf_not_an_old_pin() {
+    for fmt in FORMATS {
+        let (mut sp, mut b, mut g, _) = setup(fmt);
+        let (a, c) = two_spaces(&mut g);
+        // The stack's page, under a level that lets user mode through (so
+        // that a user-mode access can fault it in below).
+        let s0 = g.map(a, 0xC000_0000, 0x3000 | 0x63, 0x63);
+        match fmt {
+            Format::TwoLevel => {
+                for dir in [a, c] {
+                    let at = dir + (0xC000_0000 >> 22) * 4;
+                    let e = g.mem.read_u32(at).unwrap();
+                    g.mem.write_u32(at, e | 4).unwrap();
+                }
+            }
+            Format::Pae => {
+                let pmd = (g.mem.read_u64(a + 24).unwrap() & !0xFFF) as u32;
+                let e = g.mem.read_u64(pmd).unwrap();
+                g.mem.write_u64(pmd, e | 4).unwrap();
+            }
+        }
+        sp.pin_stack(&mut g.mem, &mut b, 0xC000_1000, 1).unwrap();
+        sp.new_pgtable(&mut g.mem, &mut b, a).unwrap();
+        sp.new_pgtable(&mut g.mem, &mut b, c).unwrap();
+        let frame = 0xC000_0FEC;
+        assert_eq!(sp.quiet_write_gpa(&b, &g.mem, frame), Some(0x3FEC));
+        // Moved while `c` is current; back to `a` with its pinning left to
+        // a `SET_STACK` still to come.
+        g.write(s0, 0x5000 | 0x63);
+        sp.set_pte(&mut g.mem, &mut b, c, 0xC000_0000, 0x5000 | 0x63)
+            .unwrap();
+        assert_eq!(sp.quiet_write_gpa(&b, &g.mem, frame), Some(0x5FEC));
+        sp.new_pgtable_pin_later(&mut g.mem, &mut b, a).unwrap();
+        assert_eq!(sp.quiet_write_gpa(&b, &g.mem, frame), Some(0x5FEC));
+        sp.pin_stack(&mut g.mem, &mut b, 0xC000_1000, 1).unwrap();
+        assert_eq!(sp.quiet_write_gpa(&b, &g.mem, frame), Some(0x5FEC));
+        // Rewritten behind the host's back (user-accessible, elsewhere),
+        // then a user-mode read faults on it: refilled, and the frame
+        // follows (the fault re-pins from the new leaf).
+        // (The page-fault stub tries `fast_fill` first: it must leave a
+        // stack page to `demand_fault`.)
+        g.write(s0, 0x7000 | 0x67);
+        if !sp.fast_fill(&mut g.mem, &mut b, 0xC000_0010, 4) {
+            assert_eq!(
+                sp.demand_fault(&mut g.mem, &mut b, 0xC000_0010, 4),
+                Fault::Fixed
+            );
+        }
+        assert_eq!(sp.quiet_write_gpa(&b, &g.mem, frame), Some(0x7FEC));
+        sp.release_all(&mut b);
+        assert_eq!(b.live(), 0);
+    }
+}
