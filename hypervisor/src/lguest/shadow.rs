@@ -700,6 +700,22 @@ impl ShadowPaging {
         self.slots.get(slot).copied().flatten().map(|s| s.pml4)
     }
 
+    /// While the kernel stack is pinned in the current shadow: the leaf of
+    /// the stack's top page there (`None` otherwise). Where the host writes
+    /// a trap frame on that page follows from it alone, so a caller that
+    /// found the frame's place under one key need not look again while the
+    /// key is the same (in whichever shadow). Every change of a stack
+    /// page's leaf the guest announces, and every refill, unpins first; a
+    /// guest that rewrites its stack's entry behind the host's back and
+    /// then faults on the page from user mode (a fill without a walk of the
+    /// old leaf) may leave the key stale: its trap frames then land where
+    /// the old entry pointed, in its own memory.
+    pub fn pin_key(&self) -> Option<u64> {
+        self.stack?;
+        let s = self.current_slot_ref()?;
+        s.pinned.then_some(s.pin_top)
+    }
+
     /// Takes the TLB invalidation owed to the loaded shadow (see the module
     /// documentation): apply it before the guest runs again.
     pub fn take_flush(&mut self) -> Flush {

@@ -1112,6 +1112,12 @@ impl Vcpu {
         })
     }
 
+    /// [`ShadowPaging::pin_key`] of the current shadow (`None` in linear
+    /// mode).
+    pub fn pin_key(&self) -> Option<u64> {
+        self.shadow.as_ref().and_then(ShadowPaging::pin_key)
+    }
+
     /// The shadow core (`None` before INIT), for its counters.
     pub fn shadow(&self) -> Option<&ShadowPaging> {
         self.shadow.as_ref()

@@ -518,6 +518,9 @@ struct Running {
     /// linear address and guest-physical address (`None`: they reflect no
     /// user-mode trap).
     armed_user_frame: Option<(u32, u32)>,
+    /// `Vcpu::pin_key` when `armed_user_frame` was found (`None`: look
+    /// again next time).
+    frame_pin: Option<u64>,
     /// What the stubs were last armed from (the view, CS, SS, paging),
     /// while the armed block still holds exactly that: `None` once the world
     /// switch disarmed it or a trap-stack paging call retargeted it.
@@ -612,6 +615,7 @@ impl GuestCore for KernelCore {
             handled: Handled::No,
             ss_ok: [None; 2],
             armed_user_frame: None,
+            frame_pin: None,
             armed_from: None,
             vcpu: Vcpu::new(args.start),
             mem,
@@ -908,6 +912,7 @@ fn arm_stub(r: &mut Running) {
             switch::rearm_moved(ring, frame, v.user_esp);
             r.armed_from = from;
             r.armed_user_frame = (v.ss1 != 0).then_some((v.user_linear, v.user_frame));
+            r.frame_pin = r.vcpu.pin_key();
             return;
         }
     }
@@ -970,6 +975,7 @@ fn arm_stub(r: &mut Running) {
     r.armed_user_frame = view
         .filter(|v| v.ss1 != 0 && arm.is_some())
         .map(|v| (v.user_linear, v.user_frame));
+    r.frame_pin = r.vcpu.pin_key();
     r.armed_from = from.filter(|_| arm.is_some());
     switch::arm_stubs(arm);
 }
@@ -984,6 +990,13 @@ fn refresh_user_frame(r: &mut Running) {
     let Some((low, armed)) = r.armed_user_frame else {
         return;
     };
+    // The frame's page is where the pinned stack's top page is mapped: the
+    // same pin, the same place (the frame lies in that page when armed).
+    let key = r.vcpu.pin_key();
+    if key.is_some() && key == r.frame_pin {
+        return;
+    }
+    r.frame_pin = key;
     let now = r.vcpu.stub_frame_gpa(low, &r.mem, &mut r.env);
     if now == Some(armed) {
         return;
