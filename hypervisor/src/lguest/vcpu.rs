@@ -669,6 +669,18 @@ struct FastFrame {
     esp: u32,
 }
 
+/// How far a drain of the async ring got (`Vcpu::drain_ring`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drained {
+    /// The ring is empty.
+    Empty,
+    /// At an entry the caller leaves to someone else; the cursor is on it.
+    Stopped,
+    /// An entry produced something the launcher must see (the cursor is
+    /// past it).
+    Action(Action),
+}
+
 /// What the host owes the MMU after [`Vcpu::stub_paging`] took a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LaneDone {
@@ -1112,6 +1124,14 @@ impl Vcpu {
         })
     }
 
+    /// The `SET_STACK` stack as last set (segment, top, pages), `None`
+    /// before the first: what the reflection stubs' user-mode frame is
+    /// armed from.
+    pub fn stack_key(&self) -> Option<(u32, u32, u32)> {
+        self.stack_set
+            .then_some((self.ss1, self.esp1, self.stack_pages))
+    }
+
     /// [`ShadowPaging::pin_key`] of the current shadow (`None` in linear
     /// mode).
     pub fn pin_key(&self) -> Option<u64> {
@@ -1401,8 +1421,8 @@ impl Vcpu {
             || self.pending_hcall.is_some()
             || self.pending != 0
             // A call behind a ring whose first entry the drain below would
-            // leave to the full path: declined at once (a context switch).
-            || (hcall && !self.ring_head_drainable(ld, mem))
+            // leave to the full path: declined at once.
+            || (hcall && !self.ring_head_takes(ld, mem))
             || !self.is_validated(&SelKey::of(self.gdt.generation(), &self.regs))
         {
             return false;
@@ -1417,12 +1437,15 @@ impl Vcpu {
             && (Self::fast_paging_call(self.regs.eax).is_some()
                 || self.regs.eax == guest_abi::hcall::LHCALL_FLUSH_ASYNC)
         {
-            // The async ring first, as far as it holds only shadow-paging
-            // and no-op calls; anything else in it: the full path runs it
-            // (and the rest) from where this drain stopped.
-            match self.drain_paging(ld, mem, env) {
-                Ok(true) => {}
-                Ok(false) => return false,
+            // The async ring first, as far as it holds calls the lane
+            // takes (`lane_takes`); anything else in it: the full path runs
+            // it (and the rest) from where this drain stopped. So does a
+            // drain that changed the GDT (a TLS entry): the run loop loads
+            // it before the guest runs again.
+            let generation = self.gdt.generation();
+            match self.drain_ring(ld, mem, env, Self::lane_takes) {
+                Ok(Drained::Empty) if self.gdt.generation() == generation => {}
+                Ok(_) => return false,
                 Err(k) => {
                     self.kill(k);
                     return false;
@@ -1447,77 +1470,30 @@ impl Vcpu {
         true
     }
 
-    /// Whether [`drain_paging`](Self::drain_paging) takes call `nr` from the
-    /// ring: `Some(None)` a no-op, `Some(Some(h))` shadow-paging call `h`,
-    /// `None` not (anything else, and `NEW_PGTABLE`, which may be followed
-    /// by a `SET_STACK` that does its pinning: the full path's).
-    fn drainable(&self, nr: u32) -> Option<Option<Hypercall>> {
-        if nr < 32 && self.trivial_hcalls() & (1 << nr) != 0 {
-            return Some(None);
-        }
-        match Self::fast_paging_call(nr) {
-            Some(Hypercall::NewPgtable) | None => None,
-            call => Some(call),
-        }
+    /// Whether the trap stack's drain ([`fast_paging`](Self::fast_paging))
+    /// takes call `nr` from the async ring: the calls that only change the
+    /// vCPU's own state and can only resume or kill — no-ops, the
+    /// shadow-paging calls, `SET_STACK`, `LOAD_TLS`, `TS` (a context
+    /// switch's batch) — not those the launcher must see or that change
+    /// more (a notify, a halt, a shutdown, a GDT entry, the clock event).
+    fn lane_takes(&self, nr: u32) -> bool {
+        use guest_abi::hcall::{LHCALL_LOAD_TLS, LHCALL_SET_STACK, LHCALL_TS};
+        (nr < 32 && self.trivial_hcalls() & (1 << nr) != 0)
+            || Self::fast_paging_call(nr).is_some()
+            || matches!(nr, LHCALL_SET_STACK | LHCALL_LOAD_TLS | LHCALL_TS)
     }
 
-    /// Whether the async ring is empty or starts with a call
-    /// [`drain_paging`](Self::drain_paging) takes (a quick look before
-    /// anything else is checked).
-    fn ring_head_drainable<M: GuestMemory>(&self, ld: u32, mem: &M) -> bool {
+    /// Whether the async ring is empty or starts with a call the trap
+    /// stack's drain takes (a quick look before anything else is checked).
+    fn ring_head_takes<M: GuestMemory>(&self, ld: u32, mem: &M) -> bool {
         let n = (self.ring_cursor % LHCALL_RING_SIZE) as u32;
         match mem.read_u8(ld.wrapping_add(LguestData::off_hcall_status(n))) {
             Ok(HCALL_STATUS_EMPTY) => true,
             Ok(_) => mem
                 .read_u32(ld.wrapping_add(LguestData::off_hcall(n)))
-                .is_ok_and(|nr| self.drainable(nr).is_some()),
+                .is_ok_and(|nr| self.lane_takes(nr)),
             Err(_) => false,
         }
-    }
-
-    /// Runs the async ring's entries for [`fast_paging`](Self::fast_paging)
-    /// while they are shadow-paging or no-op calls, exactly as the full
-    /// path's drain (`run_async`) runs them: `Ok(true)` when the ring is
-    /// empty, `Ok(false)` at the first other call (the entries before it are
-    /// done and the cursor is past them, so the full path goes on from
-    /// there as its own drain would have), `Err` if an entry kills. Each
-    /// entry is read once, so what runs is what was checked.
-    fn drain_paging<M: GuestMemory, E: Env>(
-        &mut self,
-        ld: u32,
-        mem: &mut M,
-        env: &mut E,
-    ) -> Result<bool, Kill> {
-        for _ in 0..LHCALL_RING_SIZE {
-            let n = self.ring_cursor % LHCALL_RING_SIZE;
-            let status = ld.wrapping_add(LguestData::off_hcall_status(n as u32));
-            if mem.read_u8(status)? == HCALL_STATUS_EMPTY {
-                return Ok(true);
-            }
-            // `n < 64` and lguest_data lies inside guest memory (checked
-            // at INIT).
-            let mut raw = [0u8; 20];
-            mem.read(ld.wrapping_add(LguestData::off_hcall(n as u32)), &mut raw)?;
-            let mut words = raw
-                .chunks_exact(4)
-                .map(|c| <[u8; 4]>::try_from(c).map_or(0, u32::from_le_bytes));
-            let mut word = || words.next().unwrap_or(0);
-            let nr = word();
-            let Some(call) = self.drainable(nr) else {
-                return Ok(false);
-            };
-            self.ring_cursor = n.saturating_add(1) % LHCALL_RING_SIZE;
-            let r = match call {
-                Some(h) => {
-                    let a = [word(), word(), word(), word()];
-                    self.paging_call(h, a, mem, env).map(|_| ())
-                }
-                None => Ok(()),
-            };
-            mem.write_u8(status, HCALL_STATUS_EMPTY)?;
-            r?;
-        }
-        Ok(true)
     }
 
     /// Whether the page fault at `cr2` was already found to be the guest's
@@ -2456,6 +2432,24 @@ impl Vcpu {
         mem: &mut M,
         env: &mut E,
     ) -> Result<Option<Action>, Kill> {
+        match self.drain_ring(ld, mem, env, |_, _| true)? {
+            Drained::Action(a) => Ok(Some(a)),
+            Drained::Empty | Drained::Stopped => Ok(None),
+        }
+    }
+
+    /// The async ring's drain, in order from the cursor, as long as `take`
+    /// accepts the next entry's call number (the full path's drain takes
+    /// them all). [`Drained::Stopped`]: at an entry `take` refused, with the
+    /// entries before it done and the cursor on it, so that a later drain
+    /// goes on from there exactly as one drain would have.
+    fn drain_ring<M: GuestMemory, E: Env>(
+        &mut self,
+        ld: u32,
+        mem: &mut M,
+        env: &mut E,
+        take: impl Fn(&Self, u32) -> bool,
+    ) -> Result<Drained, Kill> {
         // Common case first: an empty ring costs one status byte.
         let first = (self.ring_cursor % LHCALL_RING_SIZE) as u32;
         if mem.read_u8(
@@ -2463,7 +2457,7 @@ impl Vcpu {
                 .wrapping_add(first),
         )? == HCALL_STATUS_EMPTY
         {
-            return Ok(None);
+            return Ok(Drained::Empty);
         }
         let mut st = [HCALL_STATUS_EMPTY; LHCALL_RING_SIZE];
         mem.read(ld.wrapping_add(LguestData::OFF_HCALL_STATUS), &mut st)?;
@@ -2472,7 +2466,6 @@ impl Vcpu {
             if st.get(n).copied().unwrap_or(HCALL_STATUS_EMPTY) == HCALL_STATUS_EMPTY {
                 break;
             }
-            self.ring_cursor = n.saturating_add(1) % LHCALL_RING_SIZE;
             // `n < 64` and lguest_data lies inside guest memory (checked at
             // INIT): these word reads cannot fail.
             let at = ld.wrapping_add(LguestData::off_hcall(n as u32));
@@ -2485,6 +2478,10 @@ impl Vcpu {
                 .map(|c| <[u8; 4]>::try_from(c).map_or(0, u32::from_le_bytes));
             let mut word = || words.next().unwrap_or(0);
             let arg0 = word();
+            if !take(self, arg0) {
+                return Ok(Drained::Stopped);
+            }
+            self.ring_cursor = n.saturating_add(1) % LHCALL_RING_SIZE;
             if arg0 < 32 && self.trivial_hcalls() & (1 << arg0) != 0 {
                 // A no-op call: nothing to dispatch.
                 mem.write_u8(status, HCALL_STATUS_EMPTY)?;
@@ -2510,11 +2507,13 @@ impl Vcpu {
             self.pin_later = false;
             mem.write_u8(status, HCALL_STATUS_EMPTY)?;
             match r? {
-                a @ (Action::Notify(_) | Action::Restart | Action::Dead) => return Ok(Some(a)),
+                a @ (Action::Notify(_) | Action::Restart | Action::Dead) => {
+                    return Ok(Drained::Action(a));
+                }
                 Action::Resume | Action::Halt => {}
             }
         }
-        Ok(None)
+        Ok(Drained::Empty)
     }
 
     /// `LHCALL_LGUEST_INIT` (docs/abi.md, section 5, "At INIT").

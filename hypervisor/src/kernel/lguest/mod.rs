@@ -1177,9 +1177,15 @@ fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo, full: bool) -> bool
     }
     // A shadow-paging call (a switch of shadows, a `SET_PTE`/`SET_PGD`/
     // `SET_PMD`, a flush), as for a fill above (all registers saved now).
-    // Also `FLUSH_ASYNC` and any call with such calls queued in the async
-    // ring (Linux's lazy MMU batches), drained here: the hypercall stub is
-    // then pointed at the ring's next slot.
+    // Also `FLUSH_ASYNC` and any call with calls queued in the async ring
+    // that the vCPU drains on its own (Linux's lazy MMU batches, its
+    // context switch: `Vcpu::fast_paging`): then the stubs are armed again
+    // for a new kernel stack, or else pointed at the ring's next slot.
+    // (The GDT as the guest left it: a drain below that stops after a TLS
+    // load changed it leaves the rest to the full path, whose entry must
+    // then go back to the run loop to load it.)
+    let key = r.vcpu.gdt_key();
+    let stack = r.vcpu.stack_key();
     if exit.trapnum == u32::from(guest_abi::hcall::LGUEST_TRAP_ENTRY)
         && (Vcpu::fast_paging_call(r.vcpu.regs.eax).is_some()
             || r.vcpu.regs.eax == guest_abi::hcall::LHCALL_FLUSH_ASYNC)
@@ -1187,13 +1193,17 @@ fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo, full: bool) -> bool
             .fast_paging(exit.trapnum, exit.errcode, exit.cr2, &mut r.mem, &mut r.env)
     {
         apply_mmu(r);
-        refresh_user_frame(r);
-        if let Some(host) = r.vcpu.ring_slot().and_then(|gpa| r.mem.host_addr(gpa, 1)) {
-            switch::rearm_ring(host);
+        set_cr0_ts(r.env.ts);
+        if r.vcpu.stack_key() == stack {
+            refresh_user_frame(r);
+            if let Some(host) = r.vcpu.ring_slot().and_then(|gpa| r.mem.host_addr(gpa, 1)) {
+                switch::rearm_ring(host);
+            }
+        } else {
+            arm_stub(r);
         }
         return true;
     }
-    let key = r.vcpu.gdt_key();
     let exit = Exit::from_trapnum(exit.trapnum, exit.errcode, exit.cr2);
     match r.vcpu.handle_exit(exit, &mut r.mem, &mut r.env) {
         Action::Resume => {}

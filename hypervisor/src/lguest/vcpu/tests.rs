@@ -2255,13 +2255,16 @@ fn fast_paging_is_the_full_path() {
         // the drain must leave to the full path (a `NEW_PGTABLE`, a clock
         // event, a bad call), in any position.
         let mut queued = 0u32;
+        // Three TLS entries at 0x7900 (a flat user data segment first).
+        t.m.write(0x7900, &0x00CF_F200_0000_FFFF_u64.to_le_bytes())
+            .unwrap();
         if r(3) == 0 {
             let first = t.v.ring_slot().unwrap() - LD - LguestData::OFF_HCALL_STATUS;
             for k in 0..1 + r(4) as u32 {
                 let page = r(u64::from(MEM / 4096) + 8) as u32;
                 let flags = [0x63, 0x61, 0x21, 0x67, 0x00][r(5) as usize];
                 let va = [KBASE, 0][r(2) as usize] + r(u64::from(MEM / 4096)) as u32 * 4096;
-                let entry = match r(14) {
+                let entry = match r(17) {
                     0..=4 => [
                         LHCALL_SET_PTE,
                         [PGD, PGD2][r(2) as usize],
@@ -2288,6 +2291,11 @@ fn fast_paging_is_the_full_path() {
                         1 + r(2) as u32,
                         0,
                     ],
+                    // TLS entries: the same as now (nothing changes) or
+                    // others (a new GDT generation: the drain stops after
+                    // it); the lazy FPU flag.
+                    13 | 14 => [LHCALL_LOAD_TLS, [0x7800, 0x7900][r(2) as usize], 0, 0, 0],
+                    15 => [LHCALL_TS, [0, 8][r(2) as usize], 0, 0, 0],
                     _ => [99, 0, 0, 0, 0],
                 };
                 t.queue((first + queued) % 64, entry);
@@ -2360,7 +2368,13 @@ fn fast_paging_is_the_full_path() {
             e: t.e.clone(),
         };
         let stub = vector == 14 && g.v.stub_fill(cr2, errcode, &mut g.m, &mut g.e);
+        let gdt_before = f.v.gdt_key();
         let fast = f.v.fast_paging(vector, errcode, cr2, &mut f.m, &mut f.e);
+        // What the host relies on to re-enter at once: the GDT it loaded
+        // is still the guest's.
+        if fast {
+            assert_eq!(f.v.gdt_key(), gdt_before, "case {case}: GDT changed");
+        }
         if vector == 14 {
             assert_eq!(stub, fast, "case {case}");
             assert!(g.m == f.m, "case {case}: stub fill memory");
@@ -2395,6 +2409,15 @@ fn fast_paging_is_the_full_path() {
             "case {case}: counters"
         );
         assert_eq!(f.v.dead_reason(), t.v.dead_reason(), "case {case}");
+        assert_eq!(f.v.gdt_key(), t.v.gdt_key(), "case {case}: GDT");
+        assert_eq!(f.v.ts(), t.v.ts(), "case {case}: TS");
+        assert_eq!(f.v.ring_slot(), t.v.ring_slot(), "case {case}: ring");
+        assert_eq!(f.e.ts, t.e.ts, "case {case}: host TS");
+        assert_eq!(
+            f.v.stub_view(MEM),
+            t.v.stub_view(MEM),
+            "case {case}: stack, stub view"
+        );
     }
     assert!(
         taken > 300 && declined > 300 && reflections > 70 && drained > 50,
