@@ -325,24 +325,66 @@ impl Drop for LinearTables {
 /// (`rustyvisor::lguest::shadow`) decides every entry and counts (and caps)
 /// the frames it holds; it only ever touches frames it got from here and
 /// reads the kernel PML4.
-pub struct ShadowFrames(Ledger);
+///
+/// Up to [`TABLE_POOL`] freed table frames are kept for the next tables
+/// instead of going back to the frame allocator: a Linux guest frees and
+/// makes page tables at every fork and exit, and the pool spares each pair
+/// the allocator's lock and bookkeeping (a frame from it is zeroed like a
+/// new one). Pooled frames stay charged to the guest and go back to the
+/// allocator when the guest's tables are dropped.
+pub struct ShadowFrames {
+    ledger: Ledger,
+    pool: [u64; TABLE_POOL],
+    pooled: usize,
+}
+
+/// Most freed table frames one guest keeps for reuse (128 KiB).
+const TABLE_POOL: usize = 32;
 
 impl ShadowFrames {
     /// Shadow frames charged to `ledger`.
     pub fn new(ledger: &Ledger) -> Self {
-        Self(ledger.clone())
+        Self {
+            ledger: ledger.clone(),
+            pool: [0; TABLE_POOL],
+            pooled: 0,
+        }
+    }
+}
+
+impl Drop for ShadowFrames {
+    fn drop(&mut self) {
+        for &f in self.pool.get(..self.pooled).unwrap_or_default() {
+            mem::free_frame(PhysFrame::containing_address(f));
+            self.ledger.credit(1);
+        }
+        self.pooled = 0;
     }
 }
 
 impl ShadowBackend for ShadowFrames {
     #[inline]
     fn alloc_table(&mut self) -> Option<u64> {
-        zeroed_frame(&self.0).map(|f| f.start_address())
+        if let Some(last) = self.pooled.checked_sub(1)
+            && let Some(&f) = self.pool.get(last)
+        {
+            self.pooled = last;
+            // SAFETY: a frame this guest's tables gave back (no shadow
+            // refers to it any more), reachable through the direct map.
+            unsafe { core::ptr::write_bytes(phys_to_virt(f) as *mut u8, 0, PAGE_SIZE as usize) };
+            return Some(f);
+        }
+        zeroed_frame(&self.ledger).map(|f| f.start_address())
     }
 
     fn free_table(&mut self, frame: u64) {
+        if let Some(slot) = self.pool.get_mut(self.pooled) {
+            *slot = frame;
+            self.pooled += 1;
+            return;
+        }
         mem::free_frame(PhysFrame::containing_address(frame));
-        self.0.credit(1);
+        self.ledger.credit(1);
     }
 
     #[inline(always)]
