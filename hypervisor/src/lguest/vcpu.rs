@@ -728,6 +728,21 @@ impl Vcpu {
         self.stub_view_with(mem.limit(), Some(&translate))
     }
 
+    /// The user-mode frame part of [`stub_view_in`](Self::stub_view_in)
+    /// alone: `(user_linear, user_frame)` as that view would have them
+    /// (`None` where its `ss1` would be 0). For a host that re-arms only
+    /// the frame after a change of the `SET_STACK` stack that leaves the
+    /// rest of the view as it was.
+    pub fn user_frame_in<M: GuestMemory, E: Env>(
+        &self,
+        mem: &M,
+        env: &mut E,
+    ) -> Option<(u32, u32)> {
+        let b = env.tables();
+        let translate = |va: u32| self.shadow.as_ref()?.quiet_write_gpa(b, mem, va);
+        self.user_frame_with(mem.limit(), Some(&translate))
+    }
+
     /// Where the reflection stubs' user-mode frame at linear `low` (one
     /// page, as armed) lies now under shadow paging: the page as the current
     /// shadow maps it present and writable (a pinned stack page, read from

@@ -980,6 +980,39 @@ fn arm_stub(r: &mut Running) {
     switch::arm_stubs(arm);
 }
 
+/// After a drain on the trap stack changed the `SET_STACK` stack (a context
+/// switch): re-arms only what that changes — the user-mode frame, the
+/// handler's ESP after it, and the ring slot — when that is all that
+/// changed in the stubs' view: they were armed (`armed_from`) for the same
+/// CS, SS and paging mode, and the stack segment is the same as before and
+/// the new frame lies in one page of guest memory (so `ss1`, and with it
+/// the gates' user-mode bits, stay as armed). `false`: nothing was done,
+/// the caller arms the stubs in full (`arm_stub`).
+fn rearm_new_stack(r: &mut Running, before: Option<(u32, u32, u32)>) -> bool {
+    let (Some((ss_before, _, _)), Some((ss1, esp1, _))) = (before, r.vcpu.stack_key()) else {
+        return false;
+    };
+    let same_state = r.armed_from.is_some_and(|(_, cs, ss, paging)| {
+        (cs, ss, paging) == (r.vcpu.regs.cs, r.vcpu.regs.ss, r.vcpu.paging())
+    });
+    if ss1 != ss_before || !same_state || r.armed_user_frame.is_none() {
+        return false;
+    }
+    let Some((linear, pa)) = r.vcpu.user_frame_in(&r.mem, &mut r.env) else {
+        return false;
+    };
+    let (Some(ring), Some(frame)) = (
+        r.vcpu.ring_slot().and_then(|gpa| r.mem.host_addr(gpa, 1)),
+        r.mem.host_addr(pa, 20),
+    ) else {
+        return false;
+    };
+    switch::rearm_moved(ring, frame, esp1.wrapping_sub(20));
+    r.armed_user_frame = Some((linear, pa));
+    r.frame_pin = r.vcpu.pin_key();
+    true
+}
+
 /// After a shadow-paging call finished on the trap stack without re-arming
 /// the stubs: the call may have moved the page of the `SET_STACK` frame
 /// (another shadow, a `SET_PTE` of the stack page, a flush and re-pin), so
@@ -1199,7 +1232,7 @@ fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo, full: bool) -> bool
             if let Some(host) = r.vcpu.ring_slot().and_then(|gpa| r.mem.host_addr(gpa, 1)) {
                 switch::rearm_ring(host);
             }
-        } else {
+        } else if !rearm_new_stack(r, stack) {
             arm_stub(r);
         }
         return true;
