@@ -451,8 +451,16 @@ struct Slot {
     last_used: u64,
     /// Tick it was created or reused.
     inserted: u64,
-    /// The kernel stack is known present and writable in it.
+    /// The current kernel stack is known present and writable in it: it is
+    /// `pin_stack` and `held`.
     pinned: bool,
+    /// `pin_stack`'s pages are known present and writable in it. Kept
+    /// across `SET_STACK`s of other stacks, so that a context switch back
+    /// to a process whose stack was pinned in its shadow pins nothing again
+    /// (`pin_stack` then sets `pinned` from it).
+    held: bool,
+    /// The stack `held` is about.
+    pin_stack: Stack,
     /// While `pinned`: the shadow leaf of the stack's top page (where a
     /// trap frame pushed below `esp1` lands). Every change of a stack
     /// page's leaf clears `pinned` first, so it stays true while pinned.
@@ -462,7 +470,7 @@ struct Slot {
 }
 
 /// The kernel stack from `SET_STACK`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Stack {
     /// Page addresses (the first `count` are used).
     pages: [u32; MAX_STACK_PAGES as usize],
@@ -471,6 +479,12 @@ struct Stack {
 }
 
 impl Stack {
+    /// No pages.
+    const NONE: Self = Self {
+        pages: [0; MAX_STACK_PAGES as usize],
+        count: 0,
+    };
+
     fn pages(&self) -> &[u32] {
         self.pages.get(..self.count).unwrap_or(&[])
     }
@@ -1062,11 +1076,11 @@ impl ShadowPaging {
     #[inline]
     fn leaf_changed(&mut self, si: usize, vaddr: u32) {
         let page = u64::from(vaddr & !0xFFF);
-        let on_stack = self
-            .stack
-            .is_some_and(|st| st.overlaps(page, page.wrapping_add(1)));
-        if on_stack && let Some(s) = self.slot_mut(si) {
+        if let Some(s) = self.slot_mut(si)
+            && s.pin_stack.overlaps(page, page.wrapping_add(1))
+        {
             s.pinned = false;
+            s.held = false;
         }
     }
 
@@ -1198,9 +1212,10 @@ impl ShadowPaging {
                 st.count = st.count.saturating_add(1);
             }
         }
+        // A shadow that holds this stack pinned already is pinned for it.
         self.stack = Some(st);
         for s in self.slots.iter_mut().flatten() {
-            s.pinned = false;
+            s.pinned = s.held && s.pin_stack == st;
         }
         self.ensure_pinned(mem, b).map(|_| ())
     }
@@ -1551,6 +1566,8 @@ impl ShadowPaging {
                             last_used: tick,
                             inserted: tick,
                             pinned: false,
+                            held: false,
+                            pin_stack: Stack::NONE,
                             pin_top: 0,
                             stale: true,
                         });
@@ -1615,6 +1632,8 @@ impl ShadowPaging {
         for _ in 0..2 {
             if let Some(s) = self.slot_mut(ci) {
                 s.pinned = true;
+                s.held = true;
+                s.pin_stack = st;
             }
             let mut filled = false;
             let mut top = 0;
@@ -1748,11 +1767,11 @@ impl ShadowPaging {
         if freed > 0 {
             self.frames = self.frames.saturating_sub(freed);
             self.touched(si, Flush::All);
-            let overlaps = self.stack.is_some_and(|st| st.overlaps(lo, hi));
             if let Some(s) = self.slot_mut(si)
-                && overlaps
+                && s.pin_stack.overlaps(lo, hi)
             {
                 s.pinned = false;
+                s.held = false;
             }
         }
     }

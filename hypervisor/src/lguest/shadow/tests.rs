@@ -1629,3 +1629,54 @@ fn the_stack_frame_follows_the_leaf_not_an_old_pin() {
         assert_eq!(b.live(), 0);
     }
 }
+
+/// Each shadow remembers which stack it has pinned: a context switch back
+/// to a process whose stack is pinned in its shadow fills nothing, and a
+/// change of that stack's page while another shadow is current (a kernel
+/// `SET_PTE` reaches every shadow) makes the next switch back pin it again.
+#[test]
+fn a_stack_pinned_in_a_shadow_stays_pinned_there() {
+    for fmt in FORMATS {
+        let (mut sp, mut b, mut g, _) = setup(fmt);
+        let (a, c) = two_spaces(&mut g);
+        let pa = g.map(a, 0xC000_0000, 0x3000 | 0x63, 0x63);
+        g.map(a, 0xC000_2000, 0x4000 | 0x63, 0x63);
+        let top = |sp: &ShadowPaging| sp.pin_key().map(|e| e & ADDR_MASK);
+        sp.new_pgtable(&mut g.mem, &mut b, a).unwrap();
+        sp.pin_stack(&mut g.mem, &mut b, 0xC000_1000, 1).unwrap();
+        sp.new_pgtable_pin_later(&mut g.mem, &mut b, c).unwrap();
+        sp.pin_stack(&mut g.mem, &mut b, 0xC000_3000, 1).unwrap();
+        assert_eq!(top(&sp), Some(GUEST_BASE + 0x4000));
+        // Back to `a` and its stack: already pinned there.
+        let fills = sp.stats().fills;
+        sp.new_pgtable_pin_later(&mut g.mem, &mut b, a).unwrap();
+        sp.pin_stack(&mut g.mem, &mut b, 0xC000_1000, 1).unwrap();
+        assert_eq!(sp.stats().fills, fills);
+        assert_eq!(top(&sp), Some(GUEST_BASE + 0x3000));
+        // `a`'s stack page moves while `c` runs.
+        sp.new_pgtable_pin_later(&mut g.mem, &mut b, c).unwrap();
+        sp.pin_stack(&mut g.mem, &mut b, 0xC000_3000, 1).unwrap();
+        g.write(pa, 0x5000 | 0x63);
+        sp.set_pte(&mut g.mem, &mut b, c, 0xC000_0000, 0x5000 | 0x63)
+            .unwrap();
+        sp.new_pgtable_pin_later(&mut g.mem, &mut b, a).unwrap();
+        sp.pin_stack(&mut g.mem, &mut b, 0xC000_1000, 1).unwrap();
+        assert_eq!(top(&sp), Some(GUEST_BASE + 0x5000));
+        // A flush of everything while `c` runs empties `a` too: pinned
+        // again on the way back.
+        sp.new_pgtable_pin_later(&mut g.mem, &mut b, c).unwrap();
+        sp.pin_stack(&mut g.mem, &mut b, 0xC000_3000, 1).unwrap();
+        sp.flush_tlb(&mut g.mem, &mut b, true).unwrap();
+        let ra = sp
+            .new_pgtable_pin_later(&mut g.mem, &mut b, a)
+            .unwrap()
+            .root;
+        sp.pin_stack(&mut g.mem, &mut b, 0xC000_1000, 1).unwrap();
+        assert_eq!(
+            hw(&b, ra, 0xC000_0000),
+            Some((GUEST_BASE + 0x5000, true, false))
+        );
+        sp.release_all(&mut b);
+        assert_eq!(b.live(), 0);
+    }
+}
