@@ -1136,7 +1136,7 @@ extern "C" fn pf_reflect_lane(cr2: u64, frame: &mut [u64; 6]) -> u8 {
     let r = unsafe { &mut *switch::current_ctx().cast::<Running>() };
     switch::save_pf_frame(&mut r.vcpu.regs, frame);
     let errcode = r.vcpu.regs.errcode;
-    let pf = u32::from(guest_abi::irq::trap::PF);
+    let pf = guest_abi::irq::trap::PF;
     if !r
         .vcpu
         .fast_exit(pf, errcode, cr2 as u32, &mut r.mem, &mut r.env)

@@ -1340,7 +1340,7 @@ fn frame_words(r: &Regs) -> [u64; 5] {
 /// them, and the next full exit saves them all). Trap path, interrupts off.
 pub fn save_pf_frame(regs: &mut Regs, frame: &[u64; 6]) {
     let [errcode, rip, cs, rflags, rsp, ss] = *frame;
-    regs.trapnum = u32::from(guest_abi::irq::trap::PF);
+    regs.trapnum = guest_abi::irq::trap::PF;
     regs.errcode = errcode as u32;
     save_frame_regs(regs, [rip, cs, rflags, rsp, ss]);
 }
