@@ -63,7 +63,7 @@ use super::guestmem::GuestMemory;
 use super::insn::{self, Op, Operand, Seg, Width};
 use super::kill::{Kill, kill};
 use super::pagewalk::{Access, Format};
-use super::segments::GuestGdt;
+use super::segments::{GuestGdt, TLS_ENTRIES, TLS_FIRST};
 use super::shadow::{
     Fault, Flush, ShadowBackend, ShadowConfig, ShadowPaging, Switch, check_kernel_address,
 };
@@ -645,6 +645,13 @@ impl SelKey {
         (h as usize) % VALIDATED_SETS
     }
 
+    /// Whether one of the six selectors names a TLS entry.
+    fn names_tls(&self) -> bool {
+        [self.cs_ss, self.ds_es, self.fs_gs]
+            .iter()
+            .any(|&p| selects_tls(p as u32) || selects_tls((p >> 32) as u32))
+    }
+
     #[inline]
     fn of(generation: u64, r: &Regs) -> Self {
         let pair = |a: u32, b: u32| u64::from(a) | (u64::from(b) << 32);
@@ -655,6 +662,12 @@ impl SelKey {
             fs_gs: pair(r.fs, r.gs),
         }
     }
+}
+
+/// Whether selector `sel` names one of the GDT's TLS entries.
+fn selects_tls(sel: u32) -> bool {
+    let index = (sel >> 3) as usize;
+    sel & 4 == 0 && (TLS_FIRST..TLS_FIRST + TLS_ENTRIES).contains(&index)
 }
 
 /// A reflection frame decided by `Vcpu::fast_frame`: `words[first..end]`
@@ -1308,6 +1321,27 @@ impl Vcpu {
     /// Whether `key` is a selector set found valid before (under its GDT
     /// generation, which is part of the key).
     #[inline]
+    /// After new TLS entries moved the GDT from generation `before`: the
+    /// selector sets (and `ss1`) found valid under `before` that name no
+    /// TLS entry are valid under the new generation too (nothing else of
+    /// the GDT changed), and are remembered so. Linux loads new TLS entries
+    /// at most context switches; without this every set would be checked
+    /// again after each.
+    fn tls_moved(&mut self, before: u64) {
+        let now = self.gdt.generation();
+        if now == before {
+            return;
+        }
+        for k in self.validated.iter_mut().flatten() {
+            if k.generation == before && !k.names_tls() {
+                k.generation = now;
+            }
+        }
+        if self.ss1_checked == Some(before) && !selects_tls(self.ss1) {
+            self.ss1_checked = Some(now);
+        }
+    }
+
     fn is_validated(&self, key: &SelKey) -> bool {
         self.validated
             .get(key.slot())
@@ -1454,14 +1488,29 @@ impl Vcpu {
         {
             // The async ring first, as far as it holds calls the lane
             // takes (`lane_takes`); anything else in it: the full path runs
-            // it (and the rest) from where this drain stopped. So does a
-            // drain that changed the GDT (a TLS entry): the run loop loads
-            // it before the guest runs again.
+            // it (and the rest) from where this drain stopped.
             let generation = self.gdt.generation();
             match self.drain_ring(ld, mem, env, Self::lane_takes) {
-                Ok(Drained::Empty) if self.gdt.generation() == generation => {}
+                Ok(Drained::Empty) => {}
                 Ok(_) => return false,
                 Err(k) => {
+                    self.kill(k);
+                    return false;
+                }
+            }
+            // New TLS entries (the only GDT change the lane makes): fine
+            // when no segment register the guest runs with uses one (the
+            // CPU's copies of the others stay right; the host loads the
+            // new entries). The registers are then checked against the new
+            // GDT as the full path's entry would: that cannot fail (none
+            // uses a changed entry) and records the set as validated for
+            // the new generation, which the shortcuts look for. Else the
+            // full path, whose entry goes back to the run loop.
+            if self.gdt.generation() != generation {
+                if self.uses_tls() {
+                    return false;
+                }
+                if let Err(k) = self.check_entry_state() {
                     self.kill(k);
                     return false;
                 }
@@ -1483,6 +1532,15 @@ impl Vcpu {
         self.regs.errcode = if hcall { 0 } else { errcode };
         self.regs.eflags = sanitize_eflags(self.regs.eflags);
         true
+    }
+
+    /// Whether a segment register the guest runs with selects one of the
+    /// GDT's TLS entries.
+    fn uses_tls(&self) -> bool {
+        let r = &self.regs;
+        [r.cs, r.ss, r.ds, r.es, r.fs, r.gs]
+            .iter()
+            .any(|&sel| selects_tls(sel))
     }
 
     /// Whether the trap stack's drain ([`fast_paging`](Self::fast_paging))
@@ -2612,7 +2670,10 @@ impl Vcpu {
                 for (t, c) in tls.iter_mut().zip(raw.chunks_exact(8)) {
                     *t = <[u8; 8]>::try_from(c).map_or(0, u64::from_le_bytes);
                 }
-                self.gdt.load_tls(&tls).map(|()| Action::Resume)
+                let before = self.gdt.generation();
+                self.gdt.load_tls(&tls)?;
+                self.tls_moved(before);
+                Ok(Action::Resume)
             }
             Hypercall::LoadGdtEntry => self.gdt.load_entry(a1, a2, a3).map(|()| Action::Resume),
             Hypercall::Notify => Ok(Action::Notify(a1)),

@@ -1155,8 +1155,10 @@ extern "C" fn pf_reflect_lane(cr2: u64, frame: &mut [u64; 6]) -> u8 {
 /// `prepare_entry` — so an exit handled here leaves the vCPU as the run loop
 /// would. It returns `true` (enter the guest again at once) only when
 /// both resumed and the GDT is unchanged (the hardware GDT and the data
-/// segment caches then still hold what the guest runs with); otherwise it
-/// records how far it got in `handled` for the run loop to go on from there.
+/// segment caches then still hold what the guest runs with) — or, for a
+/// drain on the trap stack, changed only in TLS entries no segment register
+/// uses, which it loads into the hardware GDT itself; otherwise it records
+/// how far it got in `handled` for the run loop to go on from there.
 fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo, full: bool) -> bool {
     // SAFETY: `ctx` is the `Running` of the guest being run, passed by the
     // run loop to `switch::run`, which is suspended in `enter_guest` and does
@@ -1226,6 +1228,11 @@ fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo, full: bool) -> bool
             .fast_paging(exit.trapnum, exit.errcode, exit.cr2, &mut r.mem, &mut r.env)
     {
         apply_mmu(r);
+        // New TLS entries no live selector uses (`Vcpu::fast_paging`): into
+        // the hardware GDT, as the run loop would before the next entry.
+        if r.vcpu.gdt_key() != key {
+            gdt::load_guest_entries_cached(r.vcpu.gdt_key(), r.vcpu.gdt.entries());
+        }
         set_cr0_ts(r.env.ts);
         if r.vcpu.stack_key() == stack {
             refresh_user_frame(r);
