@@ -2807,7 +2807,7 @@ fn new_tls_entries_keep_sets_that_name_none_checked() {
     // A set without TLS, checked: still valid after new TLS entries (no
     // entry check in between), and so is the SET_STACK segment.
     assert_eq!(t.prepare(), Action::Resume);
-    let plain = t.v.regs.clone();
+    let plain = t.v.regs;
     let view = t.v.stub_view(MEM).unwrap();
     let generation = new_tls(&mut t);
     assert!(t.v.is_validated(&SelKey::of(generation, &plain)));
@@ -2816,7 +2816,7 @@ fn new_tls_entries_keep_sets_that_name_none_checked() {
     // The user's TLS in GS, checked: checked again after new entries.
     t.v.regs.gs = 0x33;
     assert_eq!(t.prepare(), Action::Resume);
-    let user_gs = t.v.regs.clone();
+    let user_gs = t.v.regs;
     let generation = new_tls(&mut t);
     assert!(!t.v.is_validated(&SelKey::of(generation, &user_gs)));
 }
