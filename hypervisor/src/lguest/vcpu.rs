@@ -645,11 +645,16 @@ impl SelKey {
         (h as usize) % VALIDATED_SETS
     }
 
+    /// The six selectors: CS, SS, DS, ES, FS, GS.
+    fn selectors(&self) -> [u32; 6] {
+        let [a, b, c] = [self.cs_ss, self.ds_es, self.fs_gs];
+        let (lo, hi) = (|p: u64| p as u32, |p: u64| (p >> 32) as u32);
+        [lo(a), hi(a), lo(b), hi(b), lo(c), hi(c)]
+    }
+
     /// Whether one of the six selectors names a TLS entry.
     fn names_tls(&self) -> bool {
-        [self.cs_ss, self.ds_es, self.fs_gs]
-            .iter()
-            .any(|&p| selects_tls(p as u32) || selects_tls((p >> 32) as u32))
+        self.selectors().into_iter().any(selects_tls)
     }
 
     #[inline]
@@ -1290,26 +1295,26 @@ impl Vcpu {
         if self.is_validated(&key) {
             return Ok(());
         }
-        self.check_selectors(key)
+        self.check_selectors(key, self.regs.eip)
     }
 
     /// The six descriptor checks of `check_entry_state`, for a set not
     /// validated before (out of line: the common case is a hit).
     #[inline(never)]
-    fn check_selectors(&mut self, key: SelKey) -> Result<(), Kill> {
-        let r = &self.regs;
+    fn check_selectors(&mut self, key: SelKey, eip: u32) -> Result<(), Kill> {
+        let [r_cs, r_ss, ds, es, fs, gs] = key.selectors();
         let sel = |v: u32| u16::try_from(v).ok();
-        let cs = sel(r.cs).filter(|&s| self.gdt.valid_code_selector(s));
+        let cs = sel(r_cs).filter(|&s| self.gdt.valid_code_selector(s));
         let Some(cs) = cs else {
-            return kill!("bad cs {:#x} at {:#x}", r.cs, r.eip);
+            return kill!("bad cs {r_cs:#x} at {eip:#x}");
         };
         let cpl = (cs & 3) as u8;
-        if !sel(r.ss).is_some_and(|s| self.gdt.valid_stack_selector(s, cpl)) {
-            return kill!("bad ss {:#x} at {:#x}", r.ss, r.eip);
+        if !sel(r_ss).is_some_and(|s| self.gdt.valid_stack_selector(s, cpl)) {
+            return kill!("bad ss {r_ss:#x} at {eip:#x}");
         }
-        for (name, v) in [("ds", r.ds), ("es", r.es), ("fs", r.fs), ("gs", r.gs)] {
+        for (name, v) in [("ds", ds), ("es", es), ("fs", fs), ("gs", gs)] {
             if !sel(v).is_some_and(|s| self.gdt.valid_data_selector(s, cpl)) {
-                return kill!("bad {name} {v:#x} at {:#x}", r.eip);
+                return kill!("bad {name} {v:#x} at {eip:#x}");
             }
         }
         if let Some(slot) = self.validated.get_mut(key.slot()) {
@@ -1318,9 +1323,6 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Whether `key` is a selector set found valid before (under its GDT
-    /// generation, which is part of the key).
-    #[inline]
     /// After new TLS entries moved the GDT from generation `before`: the
     /// selector sets (and `ss1`) found valid under `before` that name no
     /// TLS entry are valid under the new generation too (nothing else of
@@ -1342,6 +1344,19 @@ impl Vcpu {
         }
     }
 
+    /// [`is_validated`](Self::is_validated), or else checked now as the
+    /// full path's entry would (`check_entry_state`, whose cache it fills
+    /// the same way): whether `key` is a valid selector set. A set that
+    /// fails is not the shortcut's to kill for: the full path does that
+    /// (nothing is changed here then).
+    #[inline]
+    fn validate(&mut self, key: SelKey) -> bool {
+        self.is_validated(&key) || self.check_selectors(key, self.regs.eip).is_ok()
+    }
+
+    /// Whether `key` is a selector set found valid before (under its GDT
+    /// generation, which is part of the key).
+    #[inline]
     fn is_validated(&self, key: &SelKey) -> bool {
         self.validated
             .get(key.slot())
@@ -1472,7 +1487,7 @@ impl Vcpu {
             // A call behind a ring whose first entry the drain below would
             // leave to the full path: declined at once.
             || (hcall && !self.ring_head_takes(ld, mem))
-            || !self.is_validated(&SelKey::of(self.gdt.generation(), &self.regs))
+            || !self.validate(SelKey::of(self.gdt.generation(), &self.regs))
         {
             return false;
         }
@@ -1963,34 +1978,36 @@ impl Vcpu {
     /// `irq_enabled` is `lguest_data.irq_enabled`, for the pushed EFLAGS.
     #[inline(always)]
     fn fast_frame<M: GuestMemory, B: ShadowBackend>(
-        &self,
+        &mut self,
         err: Option<u32>,
         irq_enabled: u32,
         mem: &M,
         b: &B,
     ) -> Option<FastFrame> {
-        let r = &self.regs;
-        let from_user = r.cs & 3 != 1;
+        let from_user = self.regs.cs & 3 != 1;
         if from_user && !self.stack_set {
             return None;
         }
         let (ss, esp) = if from_user {
             (self.ss1, self.esp1)
         } else {
-            (r.ss, r.esp)
+            (self.regs.ss, self.regs.esp)
         };
-        // The state after the reflection must be one validated before (the
-        // full path would check it, and kill on a bad selector).
+        // The state after the reflection must be a valid one (the full
+        // path would check it, and kill on a bad selector): found so
+        // before, or checked now (a set not checked under this GDT
+        // generation yet, after new TLS entries).
         let pair = |a: u32, b: u32| u64::from(a) | (u64::from(b) << 32);
         let after = SelKey {
             generation: self.gdt.generation(),
             cs_ss: pair(u32::from(KERNEL_CS), ss),
-            ds_es: pair(r.ds, r.es),
-            fs_gs: pair(r.fs, r.gs),
+            ds_es: pair(self.regs.ds, self.regs.es),
+            fs_gs: pair(self.regs.fs, self.regs.gs),
         };
-        if !self.is_validated(&after) {
+        if !self.validate(after) {
             return None;
         }
+        let r = &self.regs;
         let eflags = if irq_enabled & X86_EFLAGS_IF == 0 {
             r.eflags & !X86_EFLAGS_IF
         } else {
