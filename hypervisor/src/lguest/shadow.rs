@@ -706,7 +706,7 @@ impl ShadowPaging {
         self.slots
             .iter()
             .enumerate()
-            .filter_map(|(i, s)| s.map(|s| (i, s.gpgdir)))
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i, s.gpgdir)))
     }
 
     /// Host-physical PML4 of the shadow in `slot` (tests, debugging).
@@ -740,8 +740,8 @@ impl ShadowPaging {
         self.slots.get(self.current?)?.as_ref()
     }
 
-    fn slot(&self, i: usize) -> Option<Slot> {
-        self.slots.get(i).copied().flatten()
+    fn slot(&self, i: usize) -> Option<&Slot> {
+        self.slots.get(i)?.as_ref()
     }
 
     fn slot_mut(&mut self, i: usize) -> Option<&mut Slot> {
@@ -908,7 +908,7 @@ impl ShadowPaging {
         let found = self
             .slots
             .iter()
-            .position(|s| s.is_some_and(|s| s.gpgdir == gpgdir));
+            .position(|s| s.as_ref().is_some_and(|s| s.gpgdir == gpgdir));
         let (si, hit) = match found {
             Some(i) => {
                 self.stats.hits = self.stats.hits.saturating_add(1);
@@ -979,7 +979,7 @@ impl ShadowPaging {
         let si = self
             .slots
             .iter()
-            .position(|s| s.is_some_and(|s| s.gpgdir == gpgdir))?;
+            .position(|s| s.as_ref().is_some_and(|s| s.gpgdir == gpgdir))?;
         let needs_pin = pinned && self.stack.is_some();
         // The stack's top page must be where it is in the current shadow:
         // the hypercall stub's reflection pushes a user-mode trap frame at
@@ -1039,7 +1039,7 @@ impl ShadowPaging {
         } else if let Some(si) = self
             .slots
             .iter()
-            .position(|s| s.is_some_and(|s| s.gpgdir == gpgdir))
+            .position(|s| s.as_ref().is_some_and(|s| s.gpgdir == gpgdir))
         {
             self.set_leaf(b, si, vaddr, leaf);
         }
@@ -1110,7 +1110,7 @@ impl ShadowPaging {
         if let Some(si) = self
             .slots
             .iter()
-            .position(|s| s.is_some_and(|s| s.gpgdir == gpgdir))
+            .position(|s| s.as_ref().is_some_and(|s| s.gpgdir == gpgdir))
         {
             self.clear_range(b, si, lo, lo.wrapping_add(span), false);
         }
@@ -1139,11 +1139,13 @@ impl ShadowPaging {
         }
         let page = u64::from(pmd_page & !0xFFF);
         for si in 0..self.slots.len() {
-            let Some(s) = self.slot(si) else { continue };
+            let Some(gpgdir) = self.slot(si).map(|s| s.gpgdir) else {
+                continue;
+            };
             for gi in 0..4u32 {
                 // gpgdir was checked to be 32-byte aligned and inside guest
                 // memory: the read cannot fail, and a failure drops the lot.
-                let at = s.gpgdir.wrapping_add(gi << 3);
+                let at = gpgdir.wrapping_add(gi << 3);
                 let lo = u64::from(gi) << 30;
                 match mem.read_u64(at) {
                     Ok(e) if e & PAGE_PRESENT != 0 && e & PAGE_ADDR_MASK == page => {
@@ -1340,10 +1342,10 @@ impl ShadowPaging {
         vaddr: u32,
         access: Access,
     ) -> Result<(), FillError> {
-        let Some(s) = self.slot(si) else {
+        let Some(gpgdir) = self.slot(si).map(|s| s.gpgdir) else {
             return Err(FillError::Guest { present: false });
         };
-        let mut t = match self.paging.translate(mem, s.gpgdir, vaddr, access) {
+        let mut t = match self.paging.translate(mem, gpgdir, vaddr, access) {
             Ok(t) => t,
             Err(WalkError::NotPresent { .. }) => return Err(FillError::Guest { present: false }),
             Err(WalkError::Protection) => return Err(FillError::Guest { present: true }),
@@ -1390,10 +1392,10 @@ impl ShadowPaging {
         let di = pd_index(vaddr);
         let pde_flags = pde_flags(upper);
         for _ in 0..FILL_ATTEMPTS {
-            let Some(s) = self.slot(si) else {
+            let Some(pdpt) = self.slot(si).map(|s| s.pdpt) else {
                 return Err(OutOfFrames);
             };
-            let pdpte = b.read(s.pdpt, gi);
+            let pdpte = b.read(pdpt, gi);
             let pd = (pdpte & PAGE_PRESENT != 0).then_some(pdpte & ADDR_MASK);
             let pde = pd.map_or(0, |pd| b.read(pd, di));
             if let Some(pd) = pd
@@ -1420,7 +1422,7 @@ impl ShadowPaging {
             let (pd, pt) = match pd {
                 Some(pd) => (pd, first),
                 None => {
-                    b.write(s.pdpt, gi, first | TABLE_FLAGS);
+                    b.write(pdpt, gi, first | TABLE_FLAGS);
                     (first, second)
                 }
             };
@@ -1498,7 +1500,7 @@ impl ShadowPaging {
             self.slots
                 .iter()
                 .enumerate()
-                .filter_map(|(i, s)| s.map(|s| (i, s)))
+                .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)))
                 .filter(|&(i, _)| eligible(i))
         };
         match self.cfg.policy {
@@ -1724,7 +1726,9 @@ impl ShadowPaging {
         hi: u64,
         drop_pds: bool,
     ) {
-        let Some(s) = self.slot(si) else { return };
+        let Some(pdpt) = self.slot(si).map(|s| s.pdpt) else {
+            return;
+        };
         let Some(map) = self.tables.get_mut(si) else {
             return;
         };
@@ -1733,7 +1737,7 @@ impl ShadowPaging {
         let mut pd_of = |b: &B, gi: usize| {
             let slot = pds.get_mut(gi)?;
             *slot.get_or_insert_with(|| {
-                let pdpte = b.read(s.pdpt, gi);
+                let pdpte = b.read(pdpt, gi);
                 (pdpte & PAGE_PRESENT != 0).then_some(pdpte & ADDR_MASK)
             })
         };
@@ -1758,7 +1762,7 @@ impl ShadowPaging {
                     && hi >= g_lo.wrapping_add(GIB)
                     && let Some(pd) = pd_of(b, gi)
                 {
-                    b.write(s.pdpt, gi, 0);
+                    b.write(pdpt, gi, 0);
                     b.free_table(pd);
                     freed = freed.saturating_add(1);
                 }
