@@ -490,10 +490,11 @@ impl Stack {
     }
 
     /// Whether a stack page lies in `[lo, hi)`.
+    #[inline]
     fn overlaps(&self, lo: u64, hi: u64) -> bool {
-        self.pages()
-            .iter()
-            .any(|&p| (lo..hi).contains(&u64::from(p)))
+        let [a, b] = self.pages;
+        let within = |p: u32| lo <= u64::from(p) && u64::from(p) < hi;
+        (self.count > 0 && within(a)) || (self.count > 1 && within(b))
     }
 }
 
@@ -531,13 +532,10 @@ impl TableMap {
         }
         // first < last <= REGIONS: the words first / 64 to (last - 1) / 64.
         let (w_first, w_end) = (first >> 6, last.wrapping_sub(1) >> 6);
-        for (w, word) in self
-            .0
-            .iter_mut()
-            .enumerate()
-            .take(w_end.wrapping_add(1))
-            .skip(w_first)
-        {
+        for w in w_first..=w_end {
+            let Some(word) = self.0.get_mut(w) else {
+                break;
+            };
             // w < 32: no overflow.
             let base = w << 6;
             let from = first.saturating_sub(base);
@@ -724,6 +722,7 @@ impl ShadowPaging {
     /// then faults on the page from user mode (a fill without a walk of the
     /// old leaf) may leave the key stale: its trap frames then land where
     /// the old entry pointed, in its own memory.
+    #[inline]
     pub fn pin_key(&self) -> Option<u64> {
         self.stack?;
         let s = self.current_slot_ref()?;
@@ -1618,6 +1617,21 @@ impl ShadowPaging {
     /// Returns whether it had to (re-)pin.
     #[inline]
     fn ensure_pinned<B: ShadowBackend>(
+        &mut self,
+        mem: &mut impl GuestMemory,
+        b: &mut B,
+    ) -> Result<bool, Kill> {
+        // The common case (after nearly every call): nothing to do.
+        match self.current.and_then(|ci| self.slots.get(ci)) {
+            Some(Some(s)) if !s.pinned && self.stack.is_some() => self.pin_current(mem, b),
+            _ => Ok(false),
+        }
+    }
+
+    /// [`ensure_pinned`](Self::ensure_pinned) when the current shadow is
+    /// not pinned: the pinning itself, out of line.
+    #[inline(never)]
+    fn pin_current<B: ShadowBackend>(
         &mut self,
         mem: &mut impl GuestMemory,
         b: &mut B,

@@ -1167,6 +1167,7 @@ impl Vcpu {
 
     /// [`ShadowPaging::pin_key`] of the current shadow (`None` in linear
     /// mode).
+    #[inline]
     pub fn pin_key(&self) -> Option<u64> {
         self.shadow.as_ref().and_then(ShadowPaging::pin_key)
     }
