@@ -778,25 +778,29 @@ impl ShadowPaging {
                     Err(k) => Fault::Kill(k),
                 }
             }
-            Err(FillError::Guest { present }) => {
-                self.stats.reflected = self.stats.reflected.saturating_add(1);
-                Fault::Reflect {
-                    errcode: (errcode & 6) | u32::from(present),
-                }
-            }
+            Err(FillError::Guest { present }) => self.reflected(errcode, present),
             Err(FillError::Kill(k)) => Fault::Kill(k),
         }
     }
 
-    /// [`demand_fault`](Self::demand_fault) in its common case, without
-    /// its general machinery: the guest's tables allow the access, and the
-    /// current shadow already has the page table for the address (with the
-    /// rights the guest's upper level gives) and the kernel stack pinned.
-    /// Then it does exactly what `demand_fault` does (`Fault::Fixed`: A/D
-    /// set in the guest entry, the leaf installed, the fill counted, a lost
-    /// right invalidated) and returns `true`; otherwise it changes nothing
-    /// and returns `false` (`demand_fault` decides: a reflection, a kill,
-    /// tables to allocate).
+    /// A fault found to be the guest's own (`present`: its leaf is present,
+    /// a protection fault): counted, and the error code it sees.
+    fn reflected(&mut self, errcode: u32, present: bool) -> Fault {
+        self.stats.reflected = self.stats.reflected.saturating_add(1);
+        Fault::Reflect {
+            errcode: (errcode & 6) | u32::from(present),
+        }
+    }
+
+    /// [`demand_fault`](Self::demand_fault) in its common cases, without
+    /// its general machinery, returning what it would: a fault the guest's
+    /// tables make the guest's own (`Fault::Reflect`, counted), or a fill
+    /// where the guest's tables allow the access and the current shadow
+    /// already has the page table for the address (with the rights the
+    /// guest's upper level gives) and the kernel stack pinned
+    /// (`Fault::Fixed`: A/D set in the guest entry, the leaf installed, the
+    /// fill counted, a lost right invalidated). `None`: it changed nothing,
+    /// `demand_fault` decides (a kill, tables to allocate, a stack to pin).
     #[inline]
     pub fn fast_fill<B: ShadowBackend>(
         &mut self,
@@ -804,29 +808,29 @@ impl ShadowPaging {
         b: &mut B,
         vaddr: u32,
         errcode: u32,
-    ) -> bool {
-        let Some(ci) = self.current else {
-            return false;
-        };
-        let Some(Some(s)) = self.slots.get(ci) else {
-            return false;
-        };
-        if !s.pinned && self.stack.is_some() {
-            return false;
-        }
-        let (gpgdir, pdpt) = (s.gpgdir, s.pdpt);
+    ) -> Option<Fault> {
+        let ci = self.current?;
+        let s = self.slots.get(ci)?.as_ref()?;
+        let (gpgdir, pdpt, pinned) = (s.gpgdir, s.pdpt, s.pinned);
         let access = Access::from_errcode(errcode);
-        let Ok(t) = self.paging.translate(mem, gpgdir, vaddr, access) else {
-            return false;
+        let t = match self.paging.translate(mem, gpgdir, vaddr, access) {
+            Ok(t) => t,
+            // The guest's own fault, as `demand_fault`'s fill finds it.
+            Err(WalkError::NotPresent { .. }) => return Some(self.reflected(errcode, false)),
+            Err(WalkError::Protection) => return Some(self.reflected(errcode, true)),
+            Err(WalkError::Bad(_)) => return None,
         };
+        if !pinned && self.stack.is_some() {
+            return None;
+        }
         let pdpte = b.read(pdpt, gib_index(vaddr));
         if pdpte & PAGE_PRESENT == 0 {
-            return false;
+            return None;
         }
         let pde = b.read(pdpte & ADDR_MASK, pd_index(vaddr));
         let pt = pde & ADDR_MASK;
         if pde & PAGE_PRESENT == 0 || pde != pt | pde_flags(t.upper) {
-            return false;
+            return None;
         }
         // Decided: `fill`'s writes, in its order — the guest entry's A/D
         // (`mark_accessed`), then the leaf (`leaf`: the frame was checked
@@ -842,7 +846,7 @@ impl ShadowPaging {
                 Format::Pae => mem.write_u64(t.pte_gpa, want),
             };
             if r.is_err() {
-                return false;
+                return None;
             }
         }
         let mut leaf =
@@ -858,7 +862,7 @@ impl ShadowPaging {
             self.touched(ci, Flush::Page(vaddr));
         }
         self.stats.fills = self.stats.fills.saturating_add(1);
-        true
+        Some(Fault::Fixed)
     }
 
     /// `LHCALL_NEW_PGTABLE(gpgdir)`: switch to the shadow of the guest

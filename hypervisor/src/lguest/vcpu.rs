@@ -1631,8 +1631,14 @@ impl Vcpu {
         let Some(sh) = self.shadow.as_mut() else {
             return false;
         };
-        if sh.fast_fill(mem, env.tables(), cr2, errcode) {
-            return true;
+        match sh.fast_fill(mem, env.tables(), cr2, errcode) {
+            Some(Fault::Fixed) => return true,
+            Some(Fault::Reflect { errcode: e }) => {
+                self.decided_pf = Some((cr2, e));
+                return false;
+            }
+            // (It decides no kills.)
+            Some(Fault::Kill(_)) | None => {}
         }
         match sh.demand_fault(mem, env.tables(), cr2, errcode) {
             Fault::Fixed => true,
