@@ -652,11 +652,6 @@ impl SelKey {
         [lo(a), hi(a), lo(b), hi(b), lo(c), hi(c)]
     }
 
-    /// Whether one of the six selectors names a TLS entry.
-    fn names_tls(&self) -> bool {
-        self.selectors().into_iter().any(selects_tls)
-    }
-
     #[inline]
     fn of(generation: u64, r: &Regs) -> Self {
         let pair = |a: u32, b: u32| u64::from(a) | (u64::from(b) << 32);
@@ -1324,23 +1319,41 @@ impl Vcpu {
         Ok(())
     }
 
-    /// After new TLS entries moved the GDT from generation `before`: the
-    /// selector sets (and `ss1`) found valid under `before` that name no
-    /// TLS entry are valid under the new generation too (nothing else of
-    /// the GDT changed), and are remembered so. Linux loads new TLS entries
-    /// at most context switches; without this every set would be checked
-    /// again after each.
-    fn tls_moved(&mut self, before: u64) {
+    /// The GDT's TLS entries.
+    fn tls_entries(&self) -> [u64; TLS_ENTRIES] {
+        core::array::from_fn(|i| self.gdt.entry(TLS_FIRST + i).unwrap_or(0))
+    }
+
+    /// After new TLS entries (`old` before them) moved the GDT from
+    /// generation `before`: the selector sets (and `ss1`) found valid under
+    /// `before` are valid under the new generation too if every TLS entry
+    /// they name kept what a selector check looks at (present, S, type,
+    /// DPL, the L and D/B flags: the access byte and the flags nibble, not
+    /// base or limit; nothing else of the GDT changed), and are remembered
+    /// so. Linux loads new TLS entries at most context switches, mostly the
+    /// same kind of segment at another base; without this every set would
+    /// be checked again after each.
+    fn tls_moved(&mut self, before: u64, old: [u64; TLS_ENTRIES]) {
+        /// The bits of a descriptor a selector check reads.
+        const CHECKED: u64 = 0x00F0_FF00_0000_0000;
         let now = self.gdt.generation();
         if now == before {
             return;
         }
+        let new = self.tls_entries();
+        let same = |sel: u32| {
+            !selects_tls(sel)
+                || ((sel >> 3) as usize)
+                    .checked_sub(TLS_FIRST)
+                    .and_then(|i| Some((old.get(i)? ^ new.get(i)?) & CHECKED == 0))
+                    .unwrap_or(false)
+        };
         for k in self.validated.iter_mut().flatten() {
-            if k.generation == before && !k.names_tls() {
+            if k.generation == before && k.selectors().into_iter().all(same) {
                 k.generation = now;
             }
         }
-        if self.ss1_checked == Some(before) && !selects_tls(self.ss1) {
+        if self.ss1_checked == Some(before) && same(self.ss1) {
             self.ss1_checked = Some(now);
         }
     }
@@ -2695,8 +2708,9 @@ impl Vcpu {
                     *t = <[u8; 8]>::try_from(c).map_or(0, u64::from_le_bytes);
                 }
                 let before = self.gdt.generation();
+                let old = self.tls_entries();
                 self.gdt.load_tls(&tls)?;
-                self.tls_moved(before);
+                self.tls_moved(before, old);
                 Ok(Action::Resume)
             }
             Hypercall::LoadGdtEntry => self.gdt.load_entry(a1, a2, a3).map(|()| Action::Resume),

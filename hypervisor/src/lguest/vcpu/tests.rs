@@ -2781,42 +2781,47 @@ fn the_stubs_check_the_stack_segment_again_after_a_gdt_change() {
     assert_eq!(t.v.stub_view(MEM).unwrap().ss1, 0);
 }
 
-/// New TLS entries keep every selector set checked just before valid if it
-/// names no TLS entry (and `ss1` with them); a set that does (the user's
-/// TLS in GS) is checked again.
+/// New TLS entries keep every selector set checked just before valid if
+/// the TLS entries it names kept what a selector check reads (and `ss1`
+/// with them): a set that names none, or the user's TLS in GS at another
+/// base; a set whose TLS entry changed kind is checked again.
 #[test]
 fn new_tls_entries_keep_sets_that_name_none_checked() {
     let mut t = T::init();
-    let flat = |base: u32| {
-        0x00CF_F200_0000_FFFF_u64
+    // A flat data segment at `base`, DPL `dpl`.
+    let data = |base: u32, dpl: u64| {
+        0x00CF_9200_0000_FFFF_u64
+            | dpl << 45
             | u64::from(base & 0xFFFF) << 16
             | u64::from(base >> 16 & 0xFF) << 32
             | u64::from(base >> 24) << 56
     };
-    let mut base = 0x1000;
-    let mut new_tls = |t: &mut T| {
-        base += 0x1000;
-        t.m.write(0x7900, &flat(base).to_le_bytes()).unwrap();
+    let new_tls = |t: &mut T, entry: u64| {
+        t.m.write(0x7900, &entry.to_le_bytes()).unwrap();
         let generation = t.v.gdt.generation();
         assert_eq!(t.hcall(LHCALL_LOAD_TLS, 0x7900, 0, 0), Action::Resume);
         assert_ne!(t.v.gdt.generation(), generation);
         t.v.gdt.generation()
     };
-    new_tls(&mut t);
+    new_tls(&mut t, data(0x1000, 3));
     assert_eq!(t.hcall(LHCALL_SET_STACK, 0x69, 0x9000, 1), Action::Resume);
     // A set without TLS, checked: still valid after new TLS entries (no
     // entry check in between), and so is the SET_STACK segment.
     assert_eq!(t.prepare(), Action::Resume);
     let plain = t.v.regs;
     let view = t.v.stub_view(MEM).unwrap();
-    let generation = new_tls(&mut t);
+    let generation = new_tls(&mut t, data(0x2000, 1));
     assert!(t.v.is_validated(&SelKey::of(generation, &plain)));
     assert_eq!(t.v.ss1_checked, Some(generation));
     assert_eq!(t.v.stub_view(MEM), Some(view));
-    // The user's TLS in GS, checked: checked again after new entries.
+    // The user's TLS in GS, checked: still valid with the entry at another
+    // base, checked again once the entry is another kind of segment.
+    new_tls(&mut t, data(0x2000, 3));
     t.v.regs.gs = 0x33;
     assert_eq!(t.prepare(), Action::Resume);
     let user_gs = t.v.regs;
-    let generation = new_tls(&mut t);
+    let generation = new_tls(&mut t, data(0x3000, 3));
+    assert!(t.v.is_validated(&SelKey::of(generation, &user_gs)));
+    let generation = new_tls(&mut t, data(0x3000, 1));
     assert!(!t.v.is_validated(&SelKey::of(generation, &user_gs)));
 }
