@@ -1321,7 +1321,7 @@ impl Vcpu {
 
     /// The GDT's TLS entries.
     fn tls_entries(&self) -> [u64; TLS_ENTRIES] {
-        core::array::from_fn(|i| self.gdt.entry(TLS_FIRST + i).unwrap_or(0))
+        core::array::from_fn(|i| self.gdt.entry(TLS_FIRST.wrapping_add(i)).unwrap_or(0))
     }
 
     /// After new TLS entries (`old` before them) moved the GDT from
