@@ -743,6 +743,28 @@ impl ShadowPaging {
         self.slots.get(i)?.as_ref()
     }
 
+    /// The slot caching the shadow of `gpgdir`: the current one first (most
+    /// page-table calls name the address space that runs), then the others.
+    #[inline]
+    fn find(&self, gpgdir: u32) -> Option<usize> {
+        match self.current {
+            Some(ci) if self.slots.get(ci).is_some_and(|s| Self::holds(s, gpgdir)) => Some(ci),
+            _ => self.position(gpgdir),
+        }
+    }
+
+    /// The slot caching the shadow of `gpgdir`, in slot order (for a switch,
+    /// which is never to the current one but to switch back to it).
+    #[inline]
+    fn position(&self, gpgdir: u32) -> Option<usize> {
+        self.slots.iter().position(|s| Self::holds(s, gpgdir))
+    }
+
+    #[inline]
+    fn holds(s: &Option<Slot>, gpgdir: u32) -> bool {
+        s.as_ref().is_some_and(|s| s.gpgdir == gpgdir)
+    }
+
     fn slot_mut(&mut self, i: usize) -> Option<&mut Slot> {
         self.slots.get_mut(i)?.as_mut()
     }
@@ -908,10 +930,7 @@ impl ShadowPaging {
         self.paging.check_cr3(gpgdir)?;
         self.tick = self.tick.saturating_add(1);
         let tick = self.tick;
-        let found = self
-            .slots
-            .iter()
-            .position(|s| s.as_ref().is_some_and(|s| s.gpgdir == gpgdir));
+        let found = self.position(gpgdir);
         let (si, hit) = match found {
             Some(i) => {
                 self.stats.hits = self.stats.hits.saturating_add(1);
@@ -979,10 +998,7 @@ impl ShadowPaging {
         if self.pending != Flush::None {
             return None;
         }
-        let si = self
-            .slots
-            .iter()
-            .position(|s| s.as_ref().is_some_and(|s| s.gpgdir == gpgdir))?;
+        let si = self.position(gpgdir)?;
         let needs_pin = pinned && self.stack.is_some();
         // The stack's top page must be where it is in the current shadow:
         // the hypercall stub's reflection pushes a user-mode trap frame at
@@ -1039,11 +1055,7 @@ impl ShadowPaging {
             for si in 0..self.slots.len() {
                 self.set_leaf(b, si, vaddr, leaf);
             }
-        } else if let Some(si) = self
-            .slots
-            .iter()
-            .position(|s| s.as_ref().is_some_and(|s| s.gpgdir == gpgdir))
-        {
+        } else if let Some(si) = self.find(gpgdir) {
             self.set_leaf(b, si, vaddr, leaf);
         }
         self.ensure_pinned(mem, b).map(|_| ())
@@ -1110,11 +1122,7 @@ impl ShadowPaging {
         };
         // index < 1024 (or 4): no overflow.
         let lo = u64::from(index).wrapping_mul(span);
-        if let Some(si) = self
-            .slots
-            .iter()
-            .position(|s| s.as_ref().is_some_and(|s| s.gpgdir == gpgdir))
-        {
+        if let Some(si) = self.find(gpgdir) {
             self.clear_range(b, si, lo, lo.wrapping_add(span), false);
         }
         self.ensure_pinned(mem, b).map(|_| ())
