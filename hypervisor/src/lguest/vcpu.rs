@@ -1469,16 +1469,21 @@ impl Vcpu {
     }
 
     /// The shadow-paging exits finished on the trap stack: a page fault the
-    /// shadow core fills (the guest never sees it), and `NEW_PGTABLE` (with
-    /// an empty async ring). Only when nothing else is to be done before the
-    /// guest runs again (no irq pending, the selectors it runs with
-    /// validated): then it did exactly what `handle_exit` and
-    /// `prepare_entry` would, and returns `true`. Otherwise `false`, with
-    /// nothing changed — except that a page fault found to be the guest's
-    /// own is remembered for the full path (which then reflects it without
-    /// asking the shadow core again), and a fault or call that kills the
-    /// guest has killed it. For a hypercall, `regs` must hold all the
-    /// guest's registers (the call's arguments); for a page fault the frame
+    /// shadow core fills (the guest never sees it), and a shadow-paging call
+    /// or `FLUSH_ASYNC` after the async ring's calls the lane takes
+    /// (`lane_takes`: Linux's lazy MMU batches and context switches). Only
+    /// when nothing else is to be done before the guest runs again (no irq
+    /// pending, the selectors it runs with valid): then it did exactly what
+    /// `handle_exit` and `prepare_entry` would, and returns `true` — with
+    /// the GDT unchanged, or changed only in TLS entries no segment register
+    /// selects (the host then loads them). Otherwise `false`, with nothing
+    /// changed — except that ring entries drained before a call the lane
+    /// does not take are done (the full path drains on from there, as one
+    /// drain would have), a page fault found to be the guest's own is
+    /// remembered for the full path (which then reflects it without asking
+    /// the shadow core again), and a fault or call that kills the guest has
+    /// killed it. For a hypercall, `regs` must hold all the guest's
+    /// registers (the call's arguments); for a page fault the frame
     /// registers suffice.
     pub fn fast_paging<M: GuestMemory, E: Env>(
         &mut self,
