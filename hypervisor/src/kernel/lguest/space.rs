@@ -86,15 +86,21 @@ impl Ledger {
 fn zeroed_frame(ledger: &Ledger) -> Option<PhysFrame> {
     let f = mem::alloc_frame()?;
     ledger.charge(1);
-    // SAFETY: a freshly allocated frame, reachable through the direct map.
-    unsafe {
-        core::ptr::write_bytes(
-            phys_to_virt(f.start_address()) as *mut u8,
-            0,
-            PAGE_SIZE as usize,
-        )
-    };
+    // SAFETY: a freshly allocated frame: nothing else refers to it.
+    unsafe { zero_frame(f.start_address()) };
     Some(f)
+}
+
+/// Zeroes the 4 KiB frame at physical `frame` through the direct map.
+///
+/// # Safety
+///
+/// The caller owns the frame: nothing else reads or writes it meanwhile
+/// (a fresh frame, or a table frame no shadow refers to any more).
+unsafe fn zero_frame(frame: u64) {
+    // SAFETY: the frame lies in the direct map and is the caller's alone
+    // (this function's contract).
+    unsafe { core::ptr::write_bytes(phys_to_virt(frame) as *mut u8, 0, PAGE_SIZE as usize) };
 }
 
 fn write_entry(table: PhysFrame, index: u64, val: u64) {
@@ -369,9 +375,9 @@ impl ShadowBackend for ShadowFrames {
             && let Some(&f) = self.pool.get(last)
         {
             self.pooled = last;
-            // SAFETY: a frame this guest's tables gave back (no shadow
-            // refers to it any more), reachable through the direct map.
-            unsafe { core::ptr::write_bytes(phys_to_virt(f) as *mut u8, 0, PAGE_SIZE as usize) };
+            // SAFETY: a frame this guest's tables gave back: no shadow
+            // refers to it any more.
+            unsafe { zero_frame(f) };
             return Some(f);
         }
         zeroed_frame(&self.ledger).map(|f| f.start_address())
