@@ -595,6 +595,10 @@ pub struct ShadowPaging {
     /// Per slot: which of its PD entries have a page table.
     tables: Vec<TableMap>,
     current: Option<usize>,
+    /// The slot that was current before the last switch: where a switch
+    /// most often goes (two address spaces taking turns). Only a hint,
+    /// checked against the slot's `gpgdir` before use.
+    prev: Option<usize>,
     frames: usize,
     tick: u64,
     rng: u64,
@@ -651,6 +655,7 @@ impl ShadowPaging {
             slots,
             tables,
             current: None,
+            prev: None,
             frames: 0,
             tick: 0,
             rng,
@@ -753,11 +758,16 @@ impl ShadowPaging {
         }
     }
 
-    /// The slot caching the shadow of `gpgdir`, in slot order (for a switch,
-    /// which is never to the current one but to switch back to it).
+    /// The slot caching the shadow of `gpgdir` (for a switch, which is never
+    /// to the current one but most often back to the one before it).
     #[inline]
     fn position(&self, gpgdir: u32) -> Option<usize> {
-        self.slots.iter().position(|s| Self::holds(s, gpgdir))
+        // The slot switched away from last first: no two slots hold the
+        // same `gpgdir`, so the answer is the same.
+        match self.prev {
+            Some(p) if self.slots.get(p).is_some_and(|s| Self::holds(s, gpgdir)) => Some(p),
+            _ => self.slots.iter().position(|s| Self::holds(s, gpgdir)),
+        }
     }
 
     #[inline]
@@ -961,6 +971,7 @@ impl ShadowPaging {
         }
         if self.current != Some(si) {
             self.pending = Flush::None;
+            self.prev = self.current;
         }
         self.current = Some(si);
         let repinned = if pin {
@@ -999,24 +1010,33 @@ impl ShadowPaging {
             return None;
         }
         let si = self.position(gpgdir)?;
-        let needs_pin = pinned && self.stack.is_some();
         // The stack's top page must be where it is in the current shadow:
         // the hypercall stub's reflection pushes a user-mode trap frame at
         // the page it was armed with, and a shadow that maps the page
         // elsewhere takes the full path, which re-arms it.
-        let cur_top = match self.current.and_then(|c| self.slots.get(c)) {
-            Some(Some(c)) if c.pinned => Some(c.pin_top),
-            _ => None,
-        };
+        if pinned && self.stack.is_some() {
+            let cur_top = match self.current.and_then(|c| self.slots.get(c)) {
+                Some(Some(c)) if c.pinned => Some(c.pin_top),
+                _ => None,
+            };
+            let s = self.slot(si)?;
+            if !s.pinned || cur_top != Some(s.pin_top) {
+                return None;
+            }
+        }
         let tick = self.tick.saturating_add(1);
+        let prev = self.current;
         let s = self.slot_mut(si)?;
-        if s.stale || (needs_pin && (!s.pinned || cur_top != Some(s.pin_top))) {
+        if s.stale {
             return None;
         }
         s.last_used = tick;
         let root = s.pml4;
         self.tick = tick;
         self.stats.hits = self.stats.hits.saturating_add(1);
+        if prev != Some(si) {
+            self.prev = prev;
+        }
         self.current = Some(si);
         Some(Switch {
             slot: si,

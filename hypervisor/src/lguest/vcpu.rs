@@ -1731,10 +1731,9 @@ impl Vcpu {
     /// The first step of [`stub_paging`](Self::stub_paging) for
     /// `NEW_PGTABLE(gpgdir)`, callable on its own (the lane's shortest
     /// path): a switch to a cached, clean shadow, whose root the host loads
-    /// with nothing else owed; `None` (nothing changed) otherwise. Not
-    /// inlined into the host's lane: as one function with the shadow
-    /// core's `fast_switch` inside, it is the shortest path.
-    #[inline(never)]
+    /// with nothing else owed; `None` (nothing changed) otherwise. Inlined
+    /// into the host's lane, with the shadow core's `fast_switch` inside.
+    #[inline]
     pub fn stub_switch(&mut self, gpgdir: u32) -> Option<u64> {
         if !self.lane_ready() {
             return None;

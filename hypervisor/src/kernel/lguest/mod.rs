@@ -1044,7 +1044,14 @@ fn refresh_user_frame(r: &mut Running) {
 /// on the trap stack): `Vcpu::stub_paging`; then the TLB invalidation owed
 /// (or the root the stub loads), and the reflection stubs' user-mode frame
 /// brought up to date. 0: nothing changed, the full path runs.
-fn switch_on_trap_stack(ctx: *mut (), nr: u32, a1: u32, a2: u32, a3: u32, a4: u32) -> u64 {
+extern "C" fn switch_on_trap_stack(
+    ctx: *mut (),
+    nr: u32,
+    a1: u32,
+    a2: u32,
+    a3: u32,
+    a4: u32,
+) -> u64 {
     // SAFETY: as in `exit_on_trap_stack`: `ctx` is the running guest's
     // `Running`, not touched by the suspended run loop meanwhile.
     let r = unsafe { &mut *ctx.cast::<Running>() };
@@ -1052,18 +1059,20 @@ fn switch_on_trap_stack(ctx: *mut (), nr: u32, a1: u32, a2: u32, a3: u32, a4: u3
     // `gpgdir` afterwards). A cached shadow is switched to here only if it
     // maps the stack's top page where the current one does: the reflection
     // stubs' user frame stays right.
-    if nr == guest_abi::hcall::LHCALL_NEW_PGTABLE {
-        return match r.vcpu.stub_switch(a1) {
-            Some(root) => root,
-            None => paging_lane_call(r, nr, [a1, 0, 0, 0]),
-        };
+    if nr == guest_abi::hcall::LHCALL_NEW_PGTABLE
+        && let Some(root) = r.vcpu.stub_switch(a1)
+    {
+        return root;
     }
-    paging_lane_call(r, nr, [a1, a2, a3, a4])
+    paging_lane_call(r, nr, a1, a2, a3, a4)
 }
 
-/// The rest of the paging lane ([`switch_on_trap_stack`]), out of line.
+/// The rest of the paging lane ([`switch_on_trap_stack`]), out of line (a
+/// tail call: the switch above saves nothing for it).
+#[cold]
 #[inline(never)]
-fn paging_lane_call(r: &mut Running, nr: u32, args: [u32; 4]) -> u64 {
+fn paging_lane_call(r: &mut Running, nr: u32, a1: u32, a2: u32, a3: u32, a4: u32) -> u64 {
+    let args = [a1, a2, a3, a4];
     let result = match r.vcpu.stub_paging(nr, args, &mut r.mem, &mut r.env) {
         None => return 0,
         Some(LaneDone::Load(root)) => root,

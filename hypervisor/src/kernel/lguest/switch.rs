@@ -67,7 +67,10 @@ pub type FastHandler = fn(ctx: *mut (), exit: &ExitInfo, full: bool) -> bool;
 /// armed with): done in the vCPU, with any TLB invalidation it owes; the
 /// result is the root to load (a `NEW_PGTABLE`), 1 (nothing to load), or 0
 /// (nothing changed: the full path runs).
-pub type SwitchHandler = fn(ctx: *mut (), nr: u32, a1: u32, a2: u32, a3: u32, a4: u32) -> u64;
+/// C ABI: the stub calls it directly (`switch` and `ctx` read from the
+/// switch state).
+pub type SwitchHandler =
+    extern "C" fn(ctx: *mut (), nr: u32, a1: u32, a2: u32, a3: u32, a4: u32) -> u64;
 
 /// What the run loop lets the trap path do on its behalf, and its context.
 #[derive(Clone, Copy)]
@@ -98,6 +101,9 @@ struct SwitchState {
     ctx: *mut (),
 }
 
+/// `repr(transparent)`: the hypercall stub reads `SwitchState`'s fields at
+/// their offsets from the static's address.
+#[repr(transparent)]
 struct SwitchCell(UnsafeCell<SwitchState>);
 
 // SAFETY: only the boot CPU touches it, with interrupts off (in the trap path)
@@ -514,25 +520,6 @@ const PAGING_CALLS: u32 = {
         | (1 << LHCALL_FLUSH_TLB)
 };
 
-/// The hypercall stub's call into Rust for a shadow-paging call: the run
-/// loop's [`SwitchHandler`] (C ABI, trap path); 0 if there is none.
-extern "C" fn paging_lane(nr: u32, a1: u32, a2: u32, a3: u32, a4: u32) -> u64 {
-    let state = STATE.0.get();
-    // SAFETY: the stub only runs while a guest runs, so `switch`/`ctx` are
-    // the run loop's (set by `run`); interrupts are off.
-    let (switch, ctx) = unsafe { ((*state).switch, (*state).ctx) };
-    let Some(switch) = switch else {
-        return 0;
-    };
-    let root = switch(ctx, nr, a1, a2, a3, a4);
-    if root != 0 {
-        let a = ARMED.0.get();
-        // SAFETY: see `ArmedCell` (trap path, interrupts off).
-        unsafe { (*a).lane_answered = (*a).lane_answered.wrapping_add(1) };
-    }
-    root
-}
-
 /// The run loop's context for the exit being handled (the page-fault
 /// stub's fill, `pf_fill_lane`, reaches its `Running` through it). Only
 /// meaningful on the trap path of a running guest.
@@ -892,19 +879,26 @@ pub unsafe extern "C" fn hcall_stub() {
         "mov ecx, dword ptr [rcx]",
         "or ecx, dword ptr [rip + {armed} + {vcpu_irqs}]",
         "jnz 3f",
-        // The call's number and four arguments (eax, ebx, ecx, edx, esi)
-        // as the lane's C arguments (rdi, rsi, rdx, rcx, r8); the guest's
-        // ecx and eax are where the stub pushed them, above rdx/rsi/rdi.
+        // The run loop's `SwitchHandler` (none: the full path), called
+        // straight from here with its context and the call's number and
+        // four arguments (eax, ebx, ecx, edx, esi) as its C arguments (rdi,
+        // rsi, rdx, rcx, r8, r9); the guest's ecx and eax are where the
+        // stub pushed them, above rdx/rsi/rdi.
         "push rdx",
         "push rsi",
         "push rdi",
+        "mov rax, qword ptr [rip + {state} + {handler}]",
+        "test rax, rax",
+        "jz 33f",
         "cld",
-        "mov r8d, esi",
-        "mov ecx, edx",
-        "mov edx, dword ptr [rsp + 24]",
-        "mov esi, ebx",
-        "mov edi, dword ptr [rsp + 32]",
-        "call {paging_lane}",
+        "mov r9d, esi",
+        "mov r8d, edx",
+        "mov ecx, dword ptr [rsp + 24]",
+        "mov edx, ebx",
+        "mov esi, dword ptr [rsp + 32]",
+        "mov rdi, qword ptr [rip + {state} + {ctx}]",
+        "call rax",
+        "33:",
         "pop rdi",
         "pop rsi",
         "pop rdx",
@@ -914,6 +908,7 @@ pub unsafe extern "C" fn hcall_stub() {
         "xor r11d, r11d",
         "test rax, rax",
         "jz 3f",
+        "inc qword ptr [rip + {armed} + {lane_answered}]",
         "cmp rax, 1",
         "je 32f",
         "mov cr3, rax",
@@ -932,7 +927,9 @@ pub unsafe extern "C" fn hcall_stub() {
         "jmp {common}",
         drain_ok = const offset_of!(Armed, drain_ok),
         switch_ok = const offset_of!(Armed, switch_ok),
-        paging_lane = sym paging_lane,
+        state = sym STATE,
+        handler = const offset_of!(SwitchState, switch),
+        ctx = const offset_of!(SwitchState, ctx),
         paging_calls = const PAGING_CALLS,
         cursor = const offset_of!(Armed, cursor),
         status_base = const offset_of!(Armed, status_base),
