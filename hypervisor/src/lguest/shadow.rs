@@ -722,11 +722,9 @@ impl ShadowPaging {
     /// a trap frame on that page follows from it alone, so a caller that
     /// found the frame's place under one key need not look again while the
     /// key is the same (in whichever shadow). Every change of a stack
-    /// page's leaf the guest announces, and every refill, unpins first; a
-    /// guest that rewrites its stack's entry behind the host's back and
-    /// then faults on the page from user mode (a fill without a walk of the
-    /// old leaf) may leave the key stale: its trap frames then land where
-    /// the old entry pointed, in its own memory.
+    /// page's leaf the guest announces, and every refill that moves the
+    /// page or takes rights from it (a guest that rewrote its stack's entry
+    /// behind the host's back), unpins first.
     #[inline]
     pub fn pin_key(&self) -> Option<u64> {
         self.stack?;
@@ -892,6 +890,9 @@ impl ShadowPaging {
         let lost = old & !leaf & (PAGE_RW | PAGE_USER) != 0 || (old ^ leaf) & ADDR_MASK != 0;
         if old & PAGE_PRESENT != 0 && lost {
             self.touched(ci, Flush::Page(vaddr));
+            // A stack page moved or lost rights behind the host's back
+            // (the guest rewrote its entry unannounced): no longer pinned.
+            self.leaf_changed(ci, vaddr);
         }
         self.stats.fills = self.stats.fills.saturating_add(1);
         Some(Fault::Fixed)
@@ -1298,8 +1299,15 @@ impl ShadowPaging {
     /// (`SET_PTE`, a flush), so a host write there changes nothing the CPU
     /// would have changed. `None` if the current shadow has no such leaf.
     pub fn shadow_writable_gpa<B: ShadowBackend>(&self, b: &B, vaddr: u32) -> Option<u32> {
-        let pt = self.pt_of(b, self.current_slot_ref()?, vaddr)?;
-        let e = b.read(pt, pt_index(vaddr));
+        let s = self.current_slot_ref()?;
+        // The pinned stack's top page (where trap frames go): its leaf is
+        // at hand, present and writable while pinned.
+        let top = self.stack.and_then(|st| st.pages().first().copied());
+        let e = if s.pinned && top == Some(vaddr & !0xFFF) {
+            s.pin_top
+        } else {
+            b.read(self.pt_of(b, s, vaddr)?, pt_index(vaddr))
+        };
         if e & (PAGE_PRESENT | PAGE_RW) != PAGE_PRESENT | PAGE_RW {
             return None;
         }
