@@ -187,6 +187,27 @@ const LEAF_COPY: u64 = PAGE_PRESENT | PAGE_USER | PAGE_PWT | PAGE_PCD | PAGE_ACC
 /// How often one fill retries after having to empty the current shadow.
 const FILL_ATTEMPTS: usize = 3;
 
+/// Where a shadow PD entry records which 64-entry chunks of its page table
+/// the core ever wrote a nonzero entry to: bits 59:52, which the CPU ignores
+/// in an entry that points to a page table (bit `52 + i` for entries
+/// `64 i .. 64 i + 64`). A table given back is zero outside them
+/// ([`ShadowBackend::free_table_chunks`]), so only those are zeroed for its
+/// reuse: a table that held a few pages costs a few stores, not a page.
+const PDE_CHUNK_SHIFT: u32 = 52;
+const PDE_CHUNKS: u64 = 0xFF << PDE_CHUNK_SHIFT;
+
+/// The chunk bit of PT entry `idx` (below 512) in its PD entry.
+#[inline]
+const fn chunk_bit(idx: usize) -> u64 {
+    (1 << PDE_CHUNK_SHIFT) << ((idx >> 6) & 7)
+}
+
+/// The chunks a PD entry records as written (see [`PDE_CHUNKS`]).
+#[inline]
+const fn pde_chunks(pde: u64) -> u8 {
+    ((pde & PDE_CHUNKS) >> PDE_CHUNK_SHIFT) as u8
+}
+
 const _: () = {
     assert!(PAGE_PRESENT == PageFlags::PRESENT.bits());
     assert!(PAGE_RW == PageFlags::WRITABLE.bits());
@@ -209,6 +230,13 @@ pub trait ShadowBackend {
     /// Gives back a frame from [`Self::alloc_table`] (its contents are
     /// garbage from now on).
     fn free_table(&mut self, frame: u64);
+    /// Gives back a frame from [`Self::alloc_table`] whose entries are all
+    /// zero outside the 64-entry chunks set in `chunks` (bit `i`: entries
+    /// `64 i .. 64 i + 64`): a backend that reuses it need zero only those.
+    fn free_table_chunks(&mut self, frame: u64, chunks: u8) {
+        let _ = chunks;
+        self.free_table(frame);
+    }
     /// Reads entry `index` of the table at `frame`.
     fn read(&self, frame: u64, index: usize) -> u64;
     /// Writes entry `index` of the table at `frame`.
@@ -857,10 +885,18 @@ impl ShadowPaging {
         if pdpte & PAGE_PRESENT == 0 {
             return None;
         }
-        let pde = b.read(pdpte & ADDR_MASK, pd_index(vaddr));
+        let (pd, di) = (pdpte & ADDR_MASK, pd_index(vaddr));
+        let pde = b.read(pd, di);
         let pt = pde & ADDR_MASK;
-        if pde & PAGE_PRESENT == 0 || pde != pt | pde_flags(t.upper) {
+        if pde & PAGE_PRESENT == 0 || pde & !PDE_CHUNKS != pt | pde_flags(t.upper) {
             return None;
+        }
+        // The leaf's chunk is marked written first (marked and then not
+        // written, should the A/D write below fail, is only a few more
+        // zero stores when the table is reused).
+        let idx = pt_index(vaddr);
+        if pde & chunk_bit(idx) == 0 {
+            b.write(pd, di, pde | chunk_bit(idx));
         }
         // Decided: `fill`'s writes, in its order — the guest entry's A/D
         // (`mark_accessed`), then the leaf (`leaf`: the frame was checked
@@ -884,7 +920,6 @@ impl ShadowPaging {
         if want & PAGE_RW != 0 && want & PAGE_DIRTY != 0 {
             leaf |= PageFlags::WRITABLE.bits();
         }
-        let idx = pt_index(vaddr);
         let old = b.read(pt, idx);
         b.write(pt, idx, leaf);
         let lost = old & !leaf & (PAGE_RW | PAGE_USER) != 0 || (old ^ leaf) & ADDR_MASK != 0;
@@ -894,7 +929,7 @@ impl ShadowPaging {
             // (the guest rewrote its entry unannounced): no longer pinned.
             self.leaf_changed(ci, vaddr);
         }
-        self.stats.fills = self.stats.fills.saturating_add(1);
+        self.stats.fills = self.stats.fills.wrapping_add(1);
         Some(Fault::Fixed)
     }
 
@@ -1086,18 +1121,22 @@ impl ShadowPaging {
     /// `vaddr`, where its PT exists, becomes `leaf`, with the invalidation
     /// owed and the stack unpinned if it was a stack page.
     fn set_leaf<B: ShadowBackend>(&mut self, b: &mut B, si: usize, vaddr: u32, leaf: u64) {
-        let Some(pt) = self
+        let Some((pd, pde)) = self
             .slots
             .get(si)
             .and_then(Option::as_ref)
-            .and_then(|s| self.pt_of(b, s, vaddr))
+            .and_then(|s| self.pde_of(b, s, vaddr))
         else {
             return;
         };
+        let pt = pde & ADDR_MASK;
         let idx = pt_index(vaddr);
         let old = b.read(pt, idx);
         if old == leaf {
             return;
+        }
+        if leaf != 0 && pde & chunk_bit(idx) == 0 {
+            b.write(pd, pd_index(vaddr), pde | chunk_bit(idx));
         }
         b.write(pt, idx, leaf);
         if old & PAGE_PRESENT != 0 {
@@ -1416,7 +1455,8 @@ impl ShadowPaging {
     }
 
     /// The PT for `vaddr` in slot `si`, created if missing, with the PD
-    /// entry carrying `upper`'s rights. Evicts (other shadows first, then
+    /// entry carrying `upper`'s rights and `vaddr`'s chunk marked written
+    /// (the caller writes its leaf). Evicts (other shadows first, then
     /// the contents of this one) to stay under the cap or when the backend
     /// has no frames.
     #[inline]
@@ -1429,7 +1469,7 @@ impl ShadowPaging {
     ) -> Result<u64, OutOfFrames> {
         let gi = gib_index(vaddr);
         let di = pd_index(vaddr);
-        let pde_flags = pde_flags(upper);
+        let pde_flags = pde_flags(upper) | chunk_bit(pt_index(vaddr));
         for _ in 0..FILL_ATTEMPTS {
             let Some(pdpt) = self.slot(si).map(|s| s.pdpt) else {
                 return Err(OutOfFrames);
@@ -1441,7 +1481,7 @@ impl ShadowPaging {
                 && pde & PAGE_PRESENT != 0
             {
                 let pt = pde & ADDR_MASK;
-                let want = pt | pde_flags;
+                let want = pt | pde_flags | (pde & PDE_CHUNKS);
                 if pde != want {
                     b.write(pd, di, want);
                     if pde & !want & (PAGE_RW | PAGE_USER) != 0 {
@@ -1747,12 +1787,20 @@ impl ShadowPaging {
 
     /// The shadow PT covering `vaddr` in `s`, if there is one.
     fn pt_of<B: ShadowBackend>(&self, b: &B, s: &Slot, vaddr: u32) -> Option<u64> {
+        self.pde_of(b, s, vaddr).map(|(_, pde)| pde & ADDR_MASK)
+    }
+
+    /// The PD and the present PD entry covering `vaddr` in `s`, if its PT
+    /// exists.
+    #[inline]
+    fn pde_of<B: ShadowBackend>(&self, b: &B, s: &Slot, vaddr: u32) -> Option<(u64, u64)> {
         let pdpte = b.read(s.pdpt, gib_index(vaddr));
         if pdpte & PAGE_PRESENT == 0 {
             return None;
         }
-        let pde = b.read(pdpte & ADDR_MASK, pd_index(vaddr));
-        (pde & PAGE_PRESENT != 0).then_some(pde & ADDR_MASK)
+        let pd = pdpte & ADDR_MASK;
+        let pde = b.read(pd, pd_index(vaddr));
+        (pde & PAGE_PRESENT != 0).then_some((pd, pde))
     }
 
     /// Records that slot `si` lost entries: the loaded shadow owes `f`, any
@@ -1804,7 +1852,7 @@ impl ShadowPaging {
             let pde = b.read(pd, di);
             if pde & PAGE_PRESENT != 0 {
                 b.write(pd, di, 0);
-                b.free_table(pde & ADDR_MASK);
+                b.free_table_chunks(pde & ADDR_MASK, pde_chunks(pde));
                 freed = freed.saturating_add(1);
             }
         });

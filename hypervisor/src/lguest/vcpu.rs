@@ -1658,6 +1658,24 @@ impl Vcpu {
             // (It decides no kills.)
             Some(Fault::Kill(_)) | None => {}
         }
+        self.pf_fill_slow(cr2, errcode, mem, env)
+    }
+
+    /// [`pf_fill`](Self::pf_fill) when `fast_fill` declined: the shadow
+    /// core's full fault handling, out of line (the fast fill pays none of
+    /// its frame).
+    #[cold]
+    #[inline(never)]
+    fn pf_fill_slow<M: GuestMemory, E: Env>(
+        &mut self,
+        cr2: u32,
+        errcode: u32,
+        mem: &mut M,
+        env: &mut E,
+    ) -> bool {
+        let Some(sh) = self.shadow.as_mut() else {
+            return false;
+        };
         match sh.demand_fault(mem, env.tables(), cr2, errcode) {
             Fault::Fixed => true,
             Fault::Reflect { errcode: e } => {

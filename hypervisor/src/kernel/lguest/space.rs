@@ -103,6 +103,29 @@ unsafe fn zero_frame(frame: u64) {
     unsafe { core::ptr::write_bytes(phys_to_virt(frame) as *mut u8, 0, PAGE_SIZE as usize) };
 }
 
+/// Zeroes the 64-entry (512-byte) chunks of the table frame at physical
+/// `frame` that `chunks` names (bit `i`: bytes `512 i .. 512 i + 512`); all
+/// of them in one go.
+///
+/// # Safety
+///
+/// As for [`zero_frame`].
+unsafe fn zero_chunks(frame: u64, chunks: u8) {
+    if chunks == 0xFF {
+        // SAFETY: this function's contract.
+        unsafe { zero_frame(frame) };
+        return;
+    }
+    let mut left = chunks;
+    while left != 0 {
+        let i = u64::from(left.trailing_zeros());
+        left &= left - 1;
+        // SAFETY: chunk `i < 8` lies inside the frame, which is the
+        // caller's alone (this function's contract).
+        unsafe { core::ptr::write_bytes(phys_to_virt(frame + i * 512) as *mut u8, 0, 512) };
+    }
+}
+
 fn write_entry(table: PhysFrame, index: u64, val: u64) {
     // SAFETY: `table` is a page-table frame owned by the caller; index < 512.
     unsafe { (phys_to_virt(table.start_address() + index * 8) as *mut u64).write_volatile(val) }
@@ -335,12 +358,17 @@ impl Drop for LinearTables {
 /// Up to [`TABLE_POOL`] freed table frames are kept for the next tables
 /// instead of going back to the frame allocator: a Linux guest frees and
 /// makes page tables at every fork and exit, and the pool spares each pair
-/// the allocator's lock and bookkeeping (a frame from it is zeroed like a
-/// new one). Pooled frames stay charged to the guest and go back to the
-/// allocator when the guest's tables are dropped.
+/// the allocator's lock and bookkeeping. A frame from the pool is zeroed
+/// before reuse, but only where it may hold something: the core says which
+/// 64-entry chunks of a page table it ever wrote
+/// (`ShadowBackend::free_table_chunks`); other frames are zeroed whole.
+/// Pooled frames stay charged to the guest and go back to the allocator
+/// when the guest's tables are dropped.
 pub struct ShadowFrames {
     ledger: Ledger,
     pool: [u64; TABLE_POOL],
+    /// Per pooled frame: the 64-entry chunks that may be nonzero.
+    dirty: [u8; TABLE_POOL],
     pooled: usize,
 }
 
@@ -353,6 +381,7 @@ impl ShadowFrames {
         Self {
             ledger: ledger.clone(),
             pool: [0; TABLE_POOL],
+            dirty: [0; TABLE_POOL],
             pooled: 0,
         }
     }
@@ -372,20 +401,28 @@ impl ShadowBackend for ShadowFrames {
     #[inline]
     fn alloc_table(&mut self) -> Option<u64> {
         if let Some(last) = self.pooled.checked_sub(1)
-            && let Some(&f) = self.pool.get(last)
+            && let (Some(&f), Some(&dirty)) = (self.pool.get(last), self.dirty.get(last))
         {
             self.pooled = last;
             // SAFETY: a frame this guest's tables gave back: no shadow
             // refers to it any more.
-            unsafe { zero_frame(f) };
+            unsafe { zero_chunks(f, dirty) };
             return Some(f);
         }
         zeroed_frame(&self.ledger).map(|f| f.start_address())
     }
 
     fn free_table(&mut self, frame: u64) {
-        if let Some(slot) = self.pool.get_mut(self.pooled) {
+        self.free_table_chunks(frame, 0xFF);
+    }
+
+    fn free_table_chunks(&mut self, frame: u64, chunks: u8) {
+        if let (Some(slot), Some(dirty)) = (
+            self.pool.get_mut(self.pooled),
+            self.dirty.get_mut(self.pooled),
+        ) {
             *slot = frame;
+            *dirty = chunks;
             self.pooled += 1;
             return;
         }

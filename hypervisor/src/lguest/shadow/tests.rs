@@ -86,6 +86,20 @@ impl ShadowBackend for Fake {
             *b += 1;
         }
     }
+    fn free_table_chunks(&mut self, frame: u64, chunks: u8) {
+        // The promise: every entry outside the named chunks is zero.
+        let t = self
+            .tables
+            .get(&frame)
+            .expect("free of a frame not allocated");
+        for (i, &e) in t.iter().enumerate() {
+            assert!(
+                e == 0 || chunks & (1 << (i / 64)) != 0,
+                "table {frame:#x} given back with entry {i} = {e:#x} outside chunks {chunks:#010b}"
+            );
+        }
+        self.free_table(frame);
+    }
     fn read(&self, frame: u64, index: usize) -> u64 {
         assert!(index < 512);
         self.entry(frame, index)
@@ -1683,5 +1697,81 @@ fn a_stack_pinned_in_a_shadow_stays_pinned_there() {
         );
         sp.release_all(&mut b);
         assert_eq!(b.live(), 0);
+    }
+}
+
+#[test]
+fn chunk_bits_name_each_64_entry_chunk() {
+    for idx in 0..512usize {
+        let bit = chunk_bit(idx);
+        assert_eq!(bit & !PDE_CHUNKS, 0, "entry {idx}: outside the chunk bits");
+        assert_eq!(pde_chunks(bit), 1 << (idx / 64), "entry {idx}");
+    }
+}
+
+/// Leaves written in every 64-entry chunk of a page table, by each of the
+/// three writers (a fill, the fast fill, `SET_PTE`), and the tables then
+/// dropped (a user-half flush, `SET_PGD`): the backend's check that a table
+/// is given back zero outside the chunks its PD entry names sees each.
+#[test]
+fn tables_go_back_zero_outside_their_written_chunks() {
+    for fmt in FORMATS {
+        for writer in 0..3 {
+            let (mut sp, mut b, mut g, cr3) = setup(fmt);
+            // One page per chunk of the shadow PT for 0x0040_0000 (a 2 MiB
+            // region: 512 pages), each mapped accessed and dirty.
+            let pages: Vec<u32> = (0..8u32)
+                .map(|c| 0x40_0000 + c * 64 * 0x1000 + 0x5000)
+                .collect();
+            for (i, &va) in pages.iter().enumerate() {
+                g.map(
+                    cr3,
+                    va,
+                    u64::from(0x20_0000 + i as u32 * 0x1000) | 0x67,
+                    0x67,
+                );
+            }
+            sp.new_pgtable(&mut g.mem, &mut b, cr3).unwrap();
+            // The PT exists first (a fill of another page of the region).
+            g.map(cr3, 0x40_0000, 0x30_0000 | 0x67, 0x67);
+            assert_eq!(
+                sp.demand_fault(&mut g.mem, &mut b, 0x40_0000, 4),
+                Fault::Fixed
+            );
+            for (i, &va) in pages.iter().enumerate() {
+                match writer {
+                    0 => assert_eq!(sp.demand_fault(&mut g.mem, &mut b, va, 6), Fault::Fixed),
+                    1 => assert_eq!(sp.fast_fill(&mut g.mem, &mut b, va, 6), Some(Fault::Fixed)),
+                    _ => sp
+                        .set_pte(
+                            &mut g.mem,
+                            &mut b,
+                            cr3,
+                            va,
+                            u64::from(0x20_0000 + i as u32 * 0x1000) | 0x67,
+                        )
+                        .unwrap(),
+                }
+                let root = sp.current_root().unwrap();
+                assert!(
+                    hw(&b, root, va).is_some(),
+                    "writer {writer}: {va:#x} not mapped"
+                );
+            }
+            if writer == 2 {
+                sp.set_pgd(
+                    &mut g.mem,
+                    &mut b,
+                    cr3,
+                    0x40_0000 >> if fmt == Format::Pae { 30 } else { 22 },
+                )
+                .unwrap();
+            } else {
+                sp.flush_tlb(&mut g.mem, &mut b, false).unwrap();
+            }
+            assert!(hw(&b, sp.current_root().unwrap(), pages[7]).is_none());
+            sp.release_all(&mut b);
+            assert_eq!(b.live(), 0);
+        }
     }
 }
