@@ -67,11 +67,24 @@ pub const INITIAL_KERNEL_DS: u64 = 0x00CF_B300_0000_FFFF;
 const TYPE_CONFORMING: u8 = 0x4;
 
 /// The guest's 32 GDT entries after validation and fixup.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct GuestGdt {
     entries: [u64; GDT_ENTRIES as usize],
     generation: u64,
+    /// The TLS entries of the last `load_tls` as the guest gave them, and
+    /// the generation that load left: the same ones again, with nothing
+    /// changed since, change nothing (Linux loads them at every context
+    /// switch). A cache: not part of the GDT's value.
+    last_tls: Option<([u64; TLS_ENTRIES], u64)>,
 }
+
+impl PartialEq for GuestGdt {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries == other.entries && self.generation == other.generation
+    }
+}
+
+impl Eq for GuestGdt {}
 
 impl Default for GuestGdt {
     fn default() -> Self {
@@ -88,6 +101,7 @@ impl GuestGdt {
         Self {
             entries,
             generation: 0,
+            last_tls: None,
         }
     }
 
@@ -152,6 +166,9 @@ impl GuestGdt {
     /// `LHCALL_LOAD_TLS`: the three descriptors for slots 6..=8. All three are
     /// validated before any is stored.
     pub fn load_tls(&mut self, tls: &[u64; TLS_ENTRIES]) -> Result<(), Kill> {
+        if self.last_tls == Some((*tls, self.generation)) {
+            return Ok(());
+        }
         let mut fixed = [0u64; TLS_ENTRIES];
         for ((out, &raw), index) in fixed.iter_mut().zip(tls.iter()).zip(TLS_FIRST..) {
             *out = Self::fixup(index, raw)?;
@@ -165,6 +182,7 @@ impl GuestGdt {
             dst.copy_from_slice(&fixed);
             self.generation = self.generation.wrapping_add(1);
         }
+        self.last_tls = Some((*tls, self.generation));
         Ok(())
     }
 
@@ -398,6 +416,24 @@ mod tests {
             stored.0,
             SegmentDescriptor(np_data).with_dpl(1).with_accessed().0
         );
+    }
+
+    /// The same TLS entries loaded again after something else rewrote a
+    /// TLS slot are stored again (the last load's cache only answers while
+    /// the GDT is as that load left it).
+    #[test]
+    fn tls_again_after_a_slot_was_rewritten() {
+        let mut g = GuestGdt::new();
+        let tls = [USER_DATA, 0, KDATA_DPL0];
+        g.load_tls(&tls).unwrap();
+        let stored = g.entry(6);
+        g.load_entry(6, 0, 0).unwrap();
+        assert_eq!(g.entry(6), Some(0));
+        g.load_tls(&tls).unwrap();
+        assert_eq!(g.entry(6), stored);
+        // And a bad one after a good one is still refused.
+        let bad = [USER_DATA, 0, SegmentDescriptor::new(0, 0, 0x89, 0).0];
+        assert!(g.load_tls(&bad).is_err());
     }
 
     #[test]

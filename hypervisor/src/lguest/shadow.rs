@@ -1285,10 +1285,13 @@ impl ShadowPaging {
                 st.count = st.count.saturating_add(1);
             }
         }
-        // A shadow that holds this stack pinned already is pinned for it.
-        self.stack = Some(st);
-        for s in self.slots.iter_mut().flatten() {
-            s.pinned = s.held && s.pin_stack == st;
+        // A shadow that holds this stack pinned already is pinned for it
+        // (the same stack again: every slot is as it was).
+        if self.stack != Some(st) {
+            self.stack = Some(st);
+            for s in self.slots.iter_mut().flatten() {
+                s.pinned = s.held && s.pin_stack == st;
+            }
         }
         self.ensure_pinned(mem, b).map(|_| ())
     }

@@ -2628,12 +2628,10 @@ impl Vcpu {
             };
             // A `NEW_PGTABLE` queued right before a `SET_STACK` (Linux's
             // context switch) leaves the pinning to the `SET_STACK`.
-            let next = (n.saturating_add(1) % LHCALL_RING_SIZE) as u32;
+            let next = n.saturating_add(1) % LHCALL_RING_SIZE;
             self.pin_later = arg0 == guest_abi::hcall::LHCALL_NEW_PGTABLE
-                && st
-                    .get(next as usize)
-                    .is_some_and(|&s| s != HCALL_STATUS_EMPTY)
-                && mem.read_u32(ld.wrapping_add(LguestData::off_hcall(next)))
+                && st.get(next).is_some_and(|&s| s != HCALL_STATUS_EMPTY)
+                && mem.read_u32(ld.wrapping_add(LguestData::off_hcall(next as u32)))
                     == Ok(guest_abi::hcall::LHCALL_SET_STACK);
             let r = self.do_call(args, mem, env);
             self.pin_later = false;
@@ -2860,7 +2858,10 @@ impl Vcpu {
         // A valid ring-1 stack now (RPL 1, writable 32-bit data with DPL 1;
         // upstream checked only the RPL); `push_frame` checks again at use,
         // since the GDT may change in between.
-        if !u16::try_from(ss).is_ok_and(|s| self.gdt.valid_stack_selector(s, 1)) {
+        // (The segment of the last SET_STACK, checked under this very GDT:
+        // valid.)
+        let checked = ss == self.ss1 && self.ss1_checked == Some(self.gdt.generation());
+        if !checked && !u16::try_from(ss).is_ok_and(|s| self.gdt.valid_stack_selector(s, 1)) {
             return kill!("bad stack segment {ss}");
         }
         if pages > 2 {

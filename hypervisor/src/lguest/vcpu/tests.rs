@@ -2825,3 +2825,24 @@ fn new_tls_entries_keep_sets_that_name_none_checked() {
     let generation = new_tls(&mut t, data(0x3000, 1));
     assert!(!t.v.is_validated(&SelKey::of(generation, &user_gs)));
 }
+
+/// A `SET_STACK` of the segment the last one checked is checked again when
+/// the GDT changed since (here: the segment became 16-bit), and another
+/// segment always is.
+#[test]
+fn set_stack_checks_again_after_a_gdt_change() {
+    const DATA32_DPL1: u64 = 0x00CF_B200_0000_FFFF;
+    let mut t = T::init();
+    let load = |t: &mut T, d: u64| t.hcall(LHCALL_LOAD_GDT_ENTRY, 20, d as u32, (d >> 32) as u32);
+    assert_eq!(load(&mut t, DATA32_DPL1), Action::Resume);
+    assert_eq!(t.hcall(LHCALL_SET_STACK, 0xa1, KSTACK, 1), Action::Resume);
+    assert_eq!(t.hcall(LHCALL_SET_STACK, 0xa1, KSTACK, 1), Action::Resume);
+    assert_eq!(load(&mut t, DATA16_DPL1), Action::Resume);
+    assert_eq!(t.hcall(LHCALL_SET_STACK, 0xa1, KSTACK, 1), Action::Dead);
+    assert_eq!(t.dead(), "bad stack segment 161");
+
+    let mut t = T::init();
+    assert_eq!(t.hcall(LHCALL_SET_STACK, 0x69, KSTACK, 1), Action::Resume);
+    assert_eq!(t.hcall(LHCALL_SET_STACK, 0x68, KSTACK, 1), Action::Dead);
+    assert_eq!(t.dead(), "bad stack segment 104");
+}
