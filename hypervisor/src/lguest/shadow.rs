@@ -1117,6 +1117,56 @@ impl ShadowPaging {
         self.ensure_pinned(mem, b).map(|_| ())
     }
 
+    /// [`set_pte`](Self::set_pte) for its commonest case, for the
+    /// hypercall stub's lane: an entry of the user half (below
+    /// `kernel_address`) of the address space that runs (the loaded shadow
+    /// holds `gpgdir`), of no kernel-stack page, with the stack pinned (or
+    /// none) and a valid entry. Then it does
+    /// exactly what `set_pte` does (the leaf, if the shadow has a PT for
+    /// it) and returns `true`, with any invalidation owed in
+    /// [`take_flush`](Self::take_flush); otherwise it changes nothing and
+    /// returns `false` (`set_pte` decides, and kills where it kills).
+    #[inline]
+    pub fn fast_set_pte<B: ShadowBackend>(
+        &mut self,
+        b: &mut B,
+        gpgdir: u32,
+        vaddr: u32,
+        pte: u64,
+    ) -> bool {
+        let Some(ci) = self.current else {
+            return false;
+        };
+        let Some(Some(s)) = self.slots.get(ci) else {
+            return false;
+        };
+        let page = u64::from(vaddr & !0xFFF);
+        if vaddr >= self.cfg.kernel_address
+            || s.gpgdir != gpgdir
+            || (self.stack.is_some() && !s.pinned)
+            || self
+                .stack
+                .is_some_and(|st| st.overlaps(page, page.wrapping_add(1)))
+        {
+            return false;
+        }
+        let leaf = if pte & PAGE_PRESENT != 0 && pte & (PAGE_ACCESSED | PAGE_DIRTY) != 0 {
+            let Ok(pfn) = self.paging.check_pte(pte, 0, vaddr) else {
+                return false;
+            };
+            let Ok(leaf) = self.leaf(pte, pfn) else {
+                return false;
+            };
+            leaf
+        } else {
+            0
+        };
+        // `set_leaf` on the loaded shadow, which is pinned and stays so (no
+        // stack page is touched): `set_pte`'s `ensure_pinned` does nothing.
+        self.set_leaf(b, ci, vaddr, leaf);
+        true
+    }
+
     /// [`set_pte`](Self::set_pte) in slot `si` (if cached): the leaf for
     /// `vaddr`, where its PT exists, becomes `leaf`, with the invalidation
     /// owed and the stack unpinned if it was a stack page.

@@ -1743,7 +1743,30 @@ impl Vcpu {
         {
             return Some(LaneDone::Load(root));
         }
+        if h == Hypercall::SetPte && self.stub_set_pte(args, env) {
+            return Some(LaneDone::Work);
+        }
         self.stub_paging_call(h, args, mem, env)
+    }
+
+    /// The first step of [`stub_paging`](Self::stub_paging) for
+    /// `SET_PTE(gpgdir, vaddr, pte[, pte_high])`, callable on its own: the
+    /// shadow core's [`fast_set_pte`](ShadowPaging::fast_set_pte) (an entry
+    /// of the running address space's user half, the stack untouched)
+    /// and `true`: the host owes the loaded shadow only the invalidation in
+    /// [`take_shadow_flush`](Self::take_shadow_flush) (no other shadow is
+    /// loaded, and the stack stays pinned where it was). `false`: nothing
+    /// changed.
+    #[inline]
+    pub fn stub_set_pte<E: Env>(&mut self, [a1, a2, a3, a4]: [u32; 4], env: &mut E) -> bool {
+        if !self.lane_ready() {
+            return false;
+        }
+        let Some(sh) = self.shadow.as_mut() else {
+            return false;
+        };
+        let pte = set_pte_arg(sh.config().format, a3, a4);
+        sh.fast_set_pte(env.tables(), a1, a2, pte)
     }
 
     /// The first step of [`stub_paging`](Self::stub_paging) for
@@ -2765,10 +2788,7 @@ impl Vcpu {
                 self.mmu_load = Some(sw);
             }
             Hypercall::SetPte => {
-                let pte = match sh.config().format {
-                    Format::Pae => u64::from(a3) | (u64::from(a4) << 32),
-                    Format::TwoLevel => u64::from(a3),
-                };
+                let pte = set_pte_arg(sh.config().format, a3, a4);
                 sh.set_pte(mem, b, a1, a2, pte)?;
             }
             Hypercall::SetPgd => sh.set_pgd(mem, b, a1, a2)?,
@@ -2891,6 +2911,15 @@ impl Vcpu {
         self.stack_pages = pages;
         self.stack_set = true;
         Ok(())
+    }
+}
+
+/// `SET_PTE`'s entry from its arguments: `pte` (2-level), or `pte` and
+/// `pte_high` (PAE).
+fn set_pte_arg(format: Format, pte: u32, pte_high: u32) -> u64 {
+    match format {
+        Format::Pae => u64::from(pte) | (u64::from(pte_high) << 32),
+        Format::TwoLevel => u64::from(pte),
     }
 }
 

@@ -1064,7 +1064,23 @@ extern "C" fn switch_on_trap_stack(
     {
         return root;
     }
+    if nr == guest_abi::hcall::LHCALL_SET_PTE {
+        return set_pte_lane(r, a1, a2, a3, a4);
+    }
     paging_lane_call(r, nr, a1, a2, a3, a4)
+}
+
+/// The paging lane's `SET_PTE` (a tail call: the switch above pays none of
+/// its frame): first a user entry of the running address space, where the
+/// stack's page stays where it was (no user frame to look up again); else
+/// the rest of the lane.
+#[inline(never)]
+fn set_pte_lane(r: &mut Running, a1: u32, a2: u32, a3: u32, a4: u32) -> u64 {
+    if r.vcpu.stub_set_pte([a1, a2, a3, a4], &mut r.env) {
+        apply_flush(r.vcpu.take_shadow_flush());
+        return 1;
+    }
+    paging_lane_call(r, guest_abi::hcall::LHCALL_SET_PTE, a1, a2, a3, a4)
 }
 
 /// The rest of the paging lane ([`switch_on_trap_stack`]), out of line (a

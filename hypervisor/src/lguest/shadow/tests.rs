@@ -1387,7 +1387,23 @@ fn property(fmt: Format, seed: u64, cache_size: usize, max_frames: usize, steps:
                         }
                     }
                 }
-                sp.set_pte(&mut g.mem, &mut b, s, va, pte).unwrap();
+                // The lane's fast SET_PTE either does exactly what
+                // set_pte does, or nothing at all.
+                let (mut fsp, mut fb) = (sp.clone(), b.clone());
+                let fast = fsp.fast_set_pte(&mut fb, s, va, pte);
+                if !fast {
+                    assert!(fb == b, "step {step}: declined but changed");
+                }
+                let r = sp.set_pte(&mut g.mem, &mut b, s, va, pte);
+                if fast {
+                    assert!(r.is_ok(), "step {step}: fast SET_PTE of one set_pte kills");
+                    assert!(fb == b, "step {step}: fast SET_PTE differs");
+                    assert_eq!(fsp.stats(), sp.stats(), "step {step}");
+                    assert_eq!(fsp.take_flush(), sp.clone().take_flush(), "step {step}");
+                    assert_eq!(fsp.pin_key(), sp.pin_key(), "step {step}");
+                    FAST_SET_PTES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                r.unwrap();
             }
             80..=89 => {
                 // A user table entry changes (or goes): SET_PGD / SET_PMD.
@@ -1438,6 +1454,8 @@ fn property(fmt: Format, seed: u64, cache_size: usize, max_frames: usize, steps:
 
 /// Fast fills seen by the property runs (they must happen).
 static FAST_FILLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// `SET_PTE`s `fast_set_pte` took in the property runs (they must happen).
+static FAST_SET_PTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Faults `fast_fill` decided were the guest's own.
 static FAST_REFLECTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -1468,6 +1486,8 @@ fn fast_fill_happens_in_the_property_runs() {
         fills > 5 && reflects > 5,
         "fast fills: {fills}, reflections: {reflects}"
     );
+    let set_ptes = FAST_SET_PTES.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(set_ptes > 5, "fast SET_PTEs: {set_ptes}");
 }
 
 /// The fast switch (the hypercall stub's) goes only to a shadow that maps
@@ -1773,5 +1793,44 @@ fn tables_go_back_zero_outside_their_written_chunks() {
             sp.release_all(&mut b);
             assert_eq!(b.live(), 0);
         }
+    }
+}
+
+/// The lane's fast `SET_PTE` leaves to `set_pte` what changes the pinned
+/// stack: an entry of a stack page (here a user-half stack), and any entry
+/// while the loaded shadow is not pinned yet (`set_pte` pins it).
+#[test]
+fn fast_set_pte_leaves_the_stack_to_set_pte() {
+    for fmt in FORMATS {
+        let (mut sp, mut b, mut g, cr3) = setup(fmt);
+        g.map(cr3, 0x40_1000, 0x5000 | 0x67, 0x67);
+        g.map(cr3, 0x40_3000, 0x7000 | 0x67, 0x67);
+        sp.pin_stack(&mut g.mem, &mut b, 0x40_2000, 1).unwrap();
+        sp.new_pgtable(&mut g.mem, &mut b, cr3).unwrap();
+        let key = sp.pin_key();
+        assert!(key.is_some());
+        assert!(!sp.fast_set_pte(&mut b, cr3, 0x40_1000, 0x6000 | 0x67));
+        assert_eq!(sp.pin_key(), key);
+        // Another page of the same table: taken.
+        assert!(sp.fast_set_pte(&mut b, cr3, 0x40_3000, 0x8000 | 0x67));
+        assert_eq!(sp.pin_key(), key);
+        g.map(cr3, 0x40_1000, 0x6000 | 0x67, 0x67);
+        sp.set_pte(&mut g.mem, &mut b, cr3, 0x40_1000, 0x6000 | 0x67)
+            .unwrap();
+        assert_ne!(sp.pin_key(), key, "set_pte re-pins at the new leaf");
+
+        let (mut sp, mut b, mut g, _) = setup(fmt);
+        let (a, c) = two_spaces(&mut g);
+        g.map(c, 0x40_3000, 0x7000 | 0x67, 0x67);
+        sp.pin_stack(&mut g.mem, &mut b, 0xC000_1000, 1).unwrap();
+        sp.new_pgtable(&mut g.mem, &mut b, a).unwrap();
+        sp.new_pgtable_pin_later(&mut g.mem, &mut b, c).unwrap();
+        assert_eq!(sp.pin_key(), None);
+        assert!(!sp.fast_set_pte(&mut b, c, 0x40_3000, 0x8000 | 0x67));
+        sp.set_pte(&mut g.mem, &mut b, c, 0x40_3000, 0x8000 | 0x67)
+            .unwrap();
+        assert!(sp.pin_key().is_some(), "set_pte pins the loaded shadow");
+        sp.release_all(&mut b);
+        assert_eq!(b.live(), 0);
     }
 }

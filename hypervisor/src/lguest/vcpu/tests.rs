@@ -2497,6 +2497,16 @@ fn stub_paging_is_the_full_path_or_nothing() {
                 t.hcall(LHCALL_FLUSH_TLB, r(2) as u32, 0, 0);
             }
         }
+        // User pages faulted in: the shadow's user page table exists, so
+        // a user-half SET_PTE has a leaf to change.
+        for _ in 0..r(3) {
+            let cr2 = (r(u64::from(MEM / 4096)) as u32) * 4096;
+            t.exit(Exit::Trap {
+                vector: 14,
+                errcode: 2,
+                cr2,
+            });
+        }
         if t.v.is_dead() || t.prepare() != Action::Resume {
             continue;
         }
@@ -2845,4 +2855,34 @@ fn set_stack_checks_again_after_a_gdt_change() {
     assert_eq!(t.hcall(LHCALL_SET_STACK, 0x69, KSTACK, 1), Action::Resume);
     assert_eq!(t.hcall(LHCALL_SET_STACK, 0x68, KSTACK, 1), Action::Dead);
     assert_eq!(t.dead(), "bad stack segment 104");
+}
+
+/// The lane's fast `SET_PTE`, called on its own as the host's lane calls
+/// it, declines while the vCPU has other business (an irq pending), and
+/// takes the same call once it has none.
+#[test]
+fn stub_set_pte_declines_with_an_irq_pending() {
+    let mut t = paging_guest();
+    t.exit(Exit::Trap {
+        vector: 14,
+        errcode: 2,
+        cr2: 0x5000,
+    });
+    assert_eq!(t.prepare(), Action::Resume);
+    let _ = t.v.take_mmu_work();
+    let args = [PGD, 0x5000, 0x6000 | 0x63, 0];
+    t.v.set_irq(3);
+    let before = t.e.tables.clone();
+    assert!(!t.v.stub_set_pte(args, &mut t.e));
+    assert_eq!(t.e.tables, before, "declined but changed");
+    let mut t2 = paging_guest();
+    t2.exit(Exit::Trap {
+        vector: 14,
+        errcode: 2,
+        cr2: 0x5000,
+    });
+    assert_eq!(t2.prepare(), Action::Resume);
+    let _ = t2.v.take_mmu_work();
+    assert!(t2.v.stub_set_pte(args, &mut t2.e));
+    assert_ne!(t2.e.tables, before, "the leaf changed");
 }
