@@ -166,7 +166,14 @@ impl GuestGdt {
     /// `LHCALL_LOAD_TLS`: the three descriptors for slots 6..=8. All three are
     /// validated before any is stored.
     pub fn load_tls(&mut self, tls: &[u64; TLS_ENTRIES]) -> Result<(), Kill> {
-        if self.last_tls == Some((*tls, self.generation)) {
+        // (Word by word: a compare of the arrays would be a `memcmp` call.)
+        let [x, y, z] = *tls;
+        if let Some(([a, b, c], g)) = self.last_tls
+            && g == self.generation
+            && a == x
+            && b == y
+            && c == z
+        {
             return Ok(());
         }
         let mut fixed = [0u64; TLS_ENTRIES];
