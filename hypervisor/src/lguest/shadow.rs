@@ -1391,20 +1391,40 @@ impl ShadowPaging {
     /// (`SET_PTE`, a flush), so a host write there changes nothing the CPU
     /// would have changed. `None` if the current shadow has no such leaf.
     pub fn shadow_writable_gpa<B: ShadowBackend>(&self, b: &B, vaddr: u32) -> Option<u32> {
-        let s = self.current_slot_ref()?;
         // The pinned stack's top page (where trap frames go): its leaf is
-        // at hand, present and writable while pinned.
-        let top = self.stack.and_then(|st| st.pages().first().copied());
-        let e = if s.pinned && top == Some(vaddr & !0xFFF) {
-            s.pin_top
-        } else {
-            b.read(self.pt_of(b, s, vaddr)?, pt_index(vaddr))
-        };
+        // at hand.
+        if let Some(page) = self.pinned_top_gpa(vaddr) {
+            return Some(page | (vaddr & 0xFFF));
+        }
+        let e = b.read(
+            self.pt_of(b, self.current_slot_ref()?, vaddr)?,
+            pt_index(vaddr),
+        );
+        Self::writable_gpa(e, self.cfg.guest_base).map(|page| page | (vaddr & 0xFFF))
+    }
+
+    /// The guest-physical page under `vaddr` when `vaddr` lies in the
+    /// pinned kernel stack's top page, from that page's leaf in the loaded
+    /// shadow (`pin_top`, present and writable while pinned): what
+    /// [`shadow_writable_gpa`](Self::shadow_writable_gpa) finds there,
+    /// without reading the tables. `None` otherwise.
+    #[inline]
+    pub fn pinned_top_gpa(&self, vaddr: u32) -> Option<u32> {
+        let s = self.current_slot_ref()?;
+        let top = self.stack?.pages().first().copied()?;
+        if !s.pinned || top != vaddr & !0xFFF {
+            return None;
+        }
+        Self::writable_gpa(s.pin_top, self.cfg.guest_base)
+    }
+
+    /// The guest-physical page of shadow leaf `e`, if present and writable.
+    #[inline]
+    fn writable_gpa(e: u64, guest_base: u64) -> Option<u32> {
         if e & (PAGE_PRESENT | PAGE_RW) != PAGE_PRESENT | PAGE_RW {
             return None;
         }
-        let page = (e & ADDR_MASK).checked_sub(self.cfg.guest_base)?;
-        u32::try_from(page | u64::from(vaddr & 0xFFF)).ok()
+        u32::try_from((e & ADDR_MASK).checked_sub(guest_base)?).ok()
     }
 
     /// Where the host may write for the guest kernel at `vaddr` without

@@ -751,6 +751,9 @@ impl Vcpu {
         mem: &M,
         env: &mut E,
     ) -> Option<(u32, u32)> {
+        if let Some(f) = self.pinned_user_frame(mem.limit()) {
+            return Some(f);
+        }
         let b = env.tables();
         let translate = |va: u32| self.shadow.as_ref()?.quiet_write_gpa(b, mem, va);
         self.user_frame_with(mem.limit(), Some(&translate))
@@ -780,6 +783,30 @@ impl Vcpu {
         pa.checked_add(20)
             .is_some_and(|end| end <= mem.limit())
             .then_some(pa)
+    }
+
+    /// [`user_frame_in`](Self::user_frame_in) in its common case, without
+    /// the general path's translation: under paging, a `SET_STACK` segment
+    /// checked under this GDT with base 0, and the frame in the stack's top
+    /// page, which the loaded shadow holds pinned (its leaf at hand:
+    /// [`ShadowPaging::pinned_top_gpa`]). The same answer as the general
+    /// path there; `None` otherwise (the general path decides).
+    #[inline]
+    fn pinned_user_frame(&self, limit: u32) -> Option<(u32, u32)> {
+        if !self.paging()
+            || !self.stack_set
+            || self.ss1_checked != Some(self.gdt.generation())
+            || self.gdt.segment_base(u16::try_from(self.ss1).ok()?) != 0
+        {
+            return None;
+        }
+        // (A frame that starts below the top page is not in it:
+        // `pinned_top_gpa` says `None`.)
+        let low = self.esp1.checked_sub(20)?;
+        let pa = self.shadow.as_ref()?.pinned_top_gpa(low)? | (low & 0xFFF);
+        pa.checked_add(20)
+            .is_some_and(|end| end <= limit)
+            .then_some((low, pa))
     }
 
     /// The user-mode frame part of [`stub_view_with`](Self::stub_view_with):

@@ -2886,3 +2886,45 @@ fn stub_set_pte_declines_with_an_irq_pending() {
     assert!(t2.v.stub_set_pte(args, &mut t2.e));
     assert_ne!(t2.e.tables, before, "the leaf changed");
 }
+
+/// Where the stubs' user-mode frame lies after a `SET_STACK`: the short
+/// path from the pinned stack's top leaf gives what the general path's
+/// translation gives, for stacks whose frame fits in the top page or not,
+/// with a stack segment based at 0 or elsewhere.
+#[test]
+fn the_pinned_user_frame_is_the_translated_one() {
+    const DATA32_BASED: u64 = 0x00CF_B200_1000_FFFF; // base 0x1000, DPL 1
+    let mut short = 0;
+    for based in [false, true] {
+        for off in [0x9000u32, 0x9010, 0x9014, 0x9ffc, 0x8800] {
+            let mut t = paging_guest();
+            let ss = if based {
+                let d = DATA32_BASED;
+                t.hcall(LHCALL_LOAD_GDT_ENTRY, 20, d as u32, (d >> 32) as u32);
+                0xa1
+            } else {
+                0x69
+            };
+            assert_eq!(
+                t.hcall(LHCALL_SET_STACK, ss, KBASE + off, 2),
+                Action::Resume
+            );
+            assert_eq!(t.prepare(), Action::Resume);
+            let b = t.e.tables();
+            let general = {
+                let sh = t.v.shadow().unwrap();
+                let tr = |va: u32| sh.quiet_write_gpa(b, &t.m, va);
+                t.v.user_frame_with(MEM, Some(&tr))
+            };
+            if t.v.pinned_user_frame(MEM).is_some() {
+                short += 1;
+            }
+            assert_eq!(
+                t.v.user_frame_in(&t.m, &mut t.e),
+                general,
+                "stack {ss:#x}:{off:#x}"
+            );
+        }
+    }
+    assert!(short >= 3, "the short path answered {short} times");
+}
