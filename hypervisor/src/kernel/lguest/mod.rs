@@ -521,6 +521,12 @@ struct Running {
     /// `Vcpu::pin_key` when `armed_user_frame` was found (`None`: look
     /// again next time).
     frame_pin: Option<u64>,
+    /// The GDT as the guest left it at this exit (taken by the exit's first
+    /// call, before anything may drain the async ring): a drain that
+    /// stops after a TLS load changed the GDT leaves the rest to the full
+    /// path, whose entry must then see the change and go back to the run
+    /// loop to load the GDT.
+    exit_gdt: Option<rustyvisor::lguest::gdtcache::GdtKey>,
     /// What the stubs were last armed from (the view, CS, SS, paging),
     /// while the armed block still holds exactly that: `None` once the world
     /// switch disarmed it or a trap-stack paging call retargeted it.
@@ -616,6 +622,7 @@ impl GuestCore for KernelCore {
             ss_ok: [None; 2],
             armed_user_frame: None,
             frame_pin: None,
+            exit_gdt: None,
             armed_from: None,
             vcpu: Vcpu::new(args.start),
             mem,
@@ -1189,6 +1196,9 @@ fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo, full: bool) -> bool
     // run loop to `switch::run`, which is suspended in `enter_guest` and does
     // not touch it until the trap path returns to it.
     let r = unsafe { &mut *ctx.cast::<Running>() };
+    if !full {
+        r.exit_gdt = Some(r.vcpu.gdt_key());
+    }
     // The slice is over or the console wants the guest: every exit goes
     // back to the run loop, which returns to the launcher.
     if task::need_resched()
@@ -1202,12 +1212,21 @@ fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo, full: bool) -> bool
         // does not look at them before `prepare_entry`, so merging them here
         // rather than after `handle_exit` changes nothing).
         merge_pending(r);
-        // A hypercall with no irq to deliver: neither shortcut below takes
-        // it (a reflection never is one; `fast_resume` needs an irq).
-        if exit.trapnum == u32::from(guest_abi::hcall::LGUEST_TRAP_ENTRY)
-            && r.vcpu.pending_irqs() == 0
-        {
-            return false;
+        if exit.trapnum == u32::from(guest_abi::hcall::LGUEST_TRAP_ENTRY) {
+            // `FLUSH_ASYNC` (Linux's context switch, its lazy MMU batches)
+            // reads no register but eax: the drain below needs nothing
+            // the second call would save, and changes only frame registers.
+            if r.vcpu.regs.eax == guest_abi::hcall::LHCALL_FLUSH_ASYNC
+                && paging_on_trap_stack(r, exit)
+            {
+                return true;
+            }
+            // A hypercall with no irq to deliver: neither shortcut below
+            // takes it (a reflection never is one; `fast_resume` needs an
+            // irq).
+            if r.vcpu.pending_irqs() == 0 {
+                return false;
+            }
         }
         // A shadow fill: nothing the stubs were armed with changes, and
         // nothing is pending (so no poke). (A page fault needs only the
@@ -1237,38 +1256,14 @@ fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo, full: bool) -> bool
     }
     // A shadow-paging call (a switch of shadows, a `SET_PTE`/`SET_PGD`/
     // `SET_PMD`, a flush), as for a fill above (all registers saved now).
-    // Also `FLUSH_ASYNC` and any call with calls queued in the async ring
-    // that the vCPU drains on its own (Linux's lazy MMU batches, its
-    // context switch: `Vcpu::fast_paging`): then the stubs are armed again
-    // for a new kernel stack, or else pointed at the ring's next slot.
-    // (The GDT as the guest left it: a drain below that stops after a TLS
-    // load changed it leaves the rest to the full path, whose entry must
-    // then go back to the run loop to load it.)
-    let key = r.vcpu.gdt_key();
-    let stack = r.vcpu.stack_key();
     if exit.trapnum == u32::from(guest_abi::hcall::LGUEST_TRAP_ENTRY)
-        && (Vcpu::fast_paging_call(r.vcpu.regs.eax).is_some()
-            || r.vcpu.regs.eax == guest_abi::hcall::LHCALL_FLUSH_ASYNC)
-        && r.vcpu
-            .fast_paging(exit.trapnum, exit.errcode, exit.cr2, &mut r.mem, &mut r.env)
+        && Vcpu::fast_paging_call(r.vcpu.regs.eax).is_some()
+        && paging_on_trap_stack(r, exit)
     {
-        apply_mmu(r);
-        // New TLS entries no live selector uses (`Vcpu::fast_paging`): into
-        // the hardware GDT, as the run loop would before the next entry.
-        if r.vcpu.gdt_key() != key {
-            gdt::load_guest_entries_cached(r.vcpu.gdt_key(), r.vcpu.gdt.entries());
-        }
-        set_cr0_ts(r.env.ts);
-        if r.vcpu.stack_key() == stack {
-            refresh_user_frame(r);
-            if let Some(host) = r.vcpu.ring_slot().and_then(|gpa| r.mem.host_addr(gpa, 1)) {
-                switch::rearm_ring(host);
-            }
-        } else if !rearm_new_stack(r, stack) {
-            arm_stub(r);
-        }
         return true;
     }
+    // (The GDT as the guest left it: see `exit_gdt`.)
+    let key = r.exit_gdt.take().unwrap_or_else(|| r.vcpu.gdt_key());
     let exit = Exit::from_trapnum(exit.trapnum, exit.errcode, exit.cr2);
     match r.vcpu.handle_exit(exit, &mut r.mem, &mut r.env) {
         Action::Resume => {}
@@ -1291,6 +1286,42 @@ fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo, full: bool) -> bool
             false
         }
     }
+}
+
+/// A hypercall `Vcpu::fast_paging` finishes on the trap stack: a
+/// shadow-paging call, or `FLUSH_ASYNC`, each after the calls queued in the
+/// async ring that the vCPU drains on its own (Linux's lazy MMU batches,
+/// its context switch). Then the MMU work owed is done, new TLS entries go
+/// into the hardware GDT, and the stubs are armed again for a new kernel
+/// stack, or else pointed at the ring's next slot. `false`: nothing was
+/// done but what the full path does from there (a drain that stopped after
+/// a TLS load changed the GDT leaves the rest to the full path, whose entry
+/// goes back to the run loop to load it: the GDT key is taken first).
+fn paging_on_trap_stack(r: &mut Running, exit: &switch::ExitInfo) -> bool {
+    let key = r.vcpu.gdt_key();
+    let stack = r.vcpu.stack_key();
+    if !r
+        .vcpu
+        .fast_paging(exit.trapnum, exit.errcode, exit.cr2, &mut r.mem, &mut r.env)
+    {
+        return false;
+    }
+    apply_mmu(r);
+    // New TLS entries no live selector uses (`Vcpu::fast_paging`): into
+    // the hardware GDT, as the run loop would before the next entry.
+    if r.vcpu.gdt_key() != key {
+        gdt::load_guest_entries_cached(r.vcpu.gdt_key(), r.vcpu.gdt.entries());
+    }
+    set_cr0_ts(r.env.ts);
+    if r.vcpu.stack_key() == stack {
+        refresh_user_frame(r);
+        if let Some(host) = r.vcpu.ring_slot().and_then(|gpa| r.mem.host_addr(gpa, 1)) {
+            switch::rearm_ring(host);
+        }
+    } else if !rearm_new_stack(r, stack) {
+        arm_stub(r);
+    }
+    true
 }
 
 /// Whether a notify of `addr` is absorbed by an event handle bound to it
