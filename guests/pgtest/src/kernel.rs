@@ -335,5 +335,71 @@ pub fn tlb() {
     finish_test_as();
     other.destroy();
     drop((one, two));
+    tls_in_a_stopped_drain();
     summary("flush_tlb", failed);
+}
+
+/// New TLS entries queued in the async ring (as a context switch queues
+/// them, under paging), then a call the host's trap-stack drain leaves to
+/// the full path and that changes nothing of the GDT (an IDT entry of a
+/// vector nothing raises): after the flush the CPU sees the new TLS
+/// entries (`lsl` reads the hardware GDT), whichever path ran which call.
+/// Then the same with a GDT entry as the second call.
+fn tls_in_a_stopped_drain() {
+    use lguest_rt::guest_abi::seg::SegmentDescriptor;
+    use lguest_rt::guest_abi::{LHCALL_LOAD_GDT_ENTRY, LHCALL_LOAD_IDT_ENTRY, LHCALL_LOAD_TLS};
+    // Byte-granular DPL-3 data segments whose limit tells them apart.
+    let d = |limit: u32| {
+        SegmentDescriptor::new(
+            0,
+            limit,
+            SegmentDescriptor::P | (3 << 5) | SegmentDescriptor::S | SegmentDescriptor::TYPE_RW,
+            SegmentDescriptor::FLAG_DB,
+        )
+    };
+    let lsl = |slot: u32| -> Option<u32> {
+        let (lim, ok): (u32, u8);
+        // SAFETY: lsl only reads the descriptor (ZF: valid and visible).
+        unsafe {
+            core::arch::asm!(
+                "lsl {lim:e}, {sel:e}",
+                "setz {ok}",
+                sel = in(reg) slot << 3 | 3,
+                lim = out(reg) lim,
+                ok = out(reg_byte) ok,
+            )
+        };
+        (ok != 0).then_some(lim)
+    };
+    let before = [d(0x10), d(0x20), d(0x30)];
+    // SAFETY: no segment register of this kernel selects a TLS entry.
+    unsafe { hcall::load_tls(&before) };
+    let tls = [d(0x111), d(0x222), d(0x333)];
+    // SAFETY: as above; vector 0x9f is not one this guest uses (a
+    // not-present gate for it changes nothing).
+    unsafe {
+        hcall::async_hcall(LHCALL_LOAD_TLS, hcall::phys(&tls), 0, 0, 0);
+        hcall::async_hcall(LHCALL_LOAD_IDT_ENTRY, 0x9f, 0, 0, 0);
+    }
+    hcall::flush_async();
+    check_eq!(
+        [lsl(6), lsl(7), lsl(8)],
+        [Some(0x111), Some(0x222), Some(0x333)],
+        "tls: new TLS entries queued before an IDT write reach the CPU"
+    );
+    let tls = [d(0x555), d(0x666), d(0x777)];
+    let spare = d(0x444);
+    // SAFETY: as above; GDT slot 18 is never loaded into a register.
+    unsafe {
+        hcall::async_hcall(LHCALL_LOAD_TLS, hcall::phys(&tls), 0, 0, 0);
+        hcall::async_hcall(LHCALL_LOAD_GDT_ENTRY, 18, spare.low(), spare.high(), 0);
+    }
+    hcall::flush_async();
+    check_eq!(
+        [lsl(6), lsl(7), lsl(8), lsl(18)],
+        [Some(0x555), Some(0x666), Some(0x777), Some(0x444)],
+        "tls: new TLS entries queued before a GDT write reach the CPU"
+    );
+    // SAFETY: as above.
+    unsafe { hcall::load_tls(&[SegmentDescriptor(0); 3]) };
 }
