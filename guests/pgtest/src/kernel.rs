@@ -378,7 +378,7 @@ fn tls_in_a_stopped_drain() {
     // SAFETY: as above; vector 0x9f is not one this guest uses (a
     // not-present gate for it changes nothing).
     unsafe {
-        hcall::async_hcall(LHCALL_LOAD_TLS, hcall::phys(&tls), 0, 0, 0);
+        hcall::async_hcall(LHCALL_LOAD_TLS, hcall::phys(&raw const tls), 0, 0, 0);
         hcall::async_hcall(LHCALL_LOAD_IDT_ENTRY, 0x9f, 0, 0, 0);
     }
     hcall::flush_async();
@@ -391,7 +391,7 @@ fn tls_in_a_stopped_drain() {
     let spare = d(0x444);
     // SAFETY: as above; GDT slot 18 is never loaded into a register.
     unsafe {
-        hcall::async_hcall(LHCALL_LOAD_TLS, hcall::phys(&tls), 0, 0, 0);
+        hcall::async_hcall(LHCALL_LOAD_TLS, hcall::phys(&raw const tls), 0, 0, 0);
         hcall::async_hcall(LHCALL_LOAD_GDT_ENTRY, 18, spare.low(), spare.high(), 0);
     }
     hcall::flush_async();
