@@ -1776,6 +1776,26 @@ impl Vcpu {
         self.stub_paging_call(h, args, mem, env)
     }
 
+    /// The hypercall stub's `FLUSH_ASYNC` lane, from the state the stub was
+    /// armed with (the validated CS and SS, no irq pending): the guest's
+    /// data selectors as the CPU holds them now (`ds`, `es`, `fs`, `gs`: the
+    /// stub saved nothing else) go into `regs`, and then it is
+    /// [`fast_paging`](Self::fast_paging) for `FLUSH_ASYNC`, which reads no
+    /// other register: `true` when it finished the exit (the guest resumes
+    /// after the call), `false` when the full path goes on from where it
+    /// stopped.
+    pub fn stub_flush<M: GuestMemory, E: Env>(
+        &mut self,
+        [ds, es, fs, gs]: [u32; 4],
+        mem: &mut M,
+        env: &mut E,
+    ) -> bool {
+        let r = &mut self.regs;
+        (r.ds, r.es, r.fs, r.gs) = (ds, es, fs, gs);
+        r.eax = guest_abi::hcall::LHCALL_FLUSH_ASYNC;
+        self.fast_paging(u32::from(LGUEST_TRAP_ENTRY), 0, 0, mem, env)
+    }
+
     /// The first step of [`stub_paging`](Self::stub_paging) for
     /// `SET_PTE(gpgdir, vaddr, pte[, pte_high])`, callable on its own: the
     /// shadow core's [`fast_set_pte`](ShadowPaging::fast_set_pte) (an entry

@@ -527,6 +527,11 @@ struct Running {
     /// path, whose entry must then see the change and go back to the run
     /// loop to load the GDT.
     exit_gdt: Option<rustyvisor::lguest::gdtcache::GdtKey>,
+    /// The GDT as the guest left it, when the hypercall stub's
+    /// `FLUSH_ASYNC` lane (`flush_lane`) drained part of the ring and then
+    /// left the rest to the full path of the same exit: its first call
+    /// takes this as `exit_gdt`.
+    lane_gdt: Option<rustyvisor::lguest::gdtcache::GdtKey>,
     /// What the stubs were last armed from (the view, CS, SS, paging),
     /// while the armed block still holds exactly that: `None` once the world
     /// switch disarmed it or a trap-stack paging call retargeted it.
@@ -623,6 +628,7 @@ impl GuestCore for KernelCore {
             armed_user_frame: None,
             frame_pin: None,
             exit_gdt: None,
+            lane_gdt: None,
             armed_from: None,
             vcpu: Vcpu::new(args.start),
             mem,
@@ -1074,6 +1080,9 @@ extern "C" fn switch_on_trap_stack(
     if nr == guest_abi::hcall::LHCALL_SET_PTE {
         return set_pte_lane(r, a1, a2, a3, a4);
     }
+    if nr == guest_abi::hcall::LHCALL_FLUSH_ASYNC {
+        return flush_lane(r, [a1, a2, a3, a4]);
+    }
     paging_lane_call(r, nr, a1, a2, a3, a4)
 }
 
@@ -1197,7 +1206,7 @@ fn exit_on_trap_stack(ctx: *mut (), exit: &switch::ExitInfo, full: bool) -> bool
     // not touch it until the trap path returns to it.
     let r = unsafe { &mut *ctx.cast::<Running>() };
     if !full {
-        r.exit_gdt = Some(r.vcpu.gdt_key());
+        r.exit_gdt = Some(r.lane_gdt.take().unwrap_or_else(|| r.vcpu.gdt_key()));
     }
     // The slice is over or the console wants the guest: every exit goes
     // back to the run loop, which returns to the launcher.
@@ -1306,6 +1315,37 @@ fn paging_on_trap_stack(r: &mut Running, exit: &switch::ExitInfo) -> bool {
     {
         return false;
     }
+    after_paging_on_trap_stack(r, key, stack);
+    true
+}
+
+/// The hypercall stub's `FLUSH_ASYNC` lane (through the `SwitchHandler`):
+/// what [`paging_on_trap_stack`] does for `FLUSH_ASYNC`, without the trap
+/// path, with the data selectors the guest runs with (`sels`: ds, es, fs,
+/// gs, read from the CPU by the stub). 1: done; 0: the full path runs
+/// (after the calls drained so far: the GDT as the guest left it is kept
+/// for that exit's first call, `lane_gdt`). Out of line (a tail call from
+/// the switch handler, whose `NEW_PGTABLE` path pays none of its frame).
+#[inline(never)]
+fn flush_lane(r: &mut Running, sels: [u32; 4]) -> u64 {
+    let key = r.vcpu.gdt_key();
+    let stack = r.vcpu.stack_key();
+    r.lane_gdt = Some(key);
+    if !r.vcpu.stub_flush(sels, &mut r.mem, &mut r.env) {
+        return 0;
+    }
+    r.lane_gdt = None;
+    after_paging_on_trap_stack(r, key, stack);
+    1
+}
+
+/// The rest of [`paging_on_trap_stack`] once the vCPU finished the call
+/// (`key` and `stack`: the GDT and the `SET_STACK` stack before it).
+fn after_paging_on_trap_stack(
+    r: &mut Running,
+    key: rustyvisor::lguest::gdtcache::GdtKey,
+    stack: Option<(u32, u32, u32)>,
+) {
     apply_mmu(r);
     // New TLS entries no live selector uses (`Vcpu::fast_paging`): into
     // the hardware GDT, as the run loop would before the next entry.
@@ -1321,7 +1361,6 @@ fn paging_on_trap_stack(r: &mut Running, exit: &switch::ExitInfo) -> bool {
     } else if !rearm_new_stack(r, stack) {
         arm_stub(r);
     }
-    true
 }
 
 /// Whether a notify of `addr` is absorbed by an event handle bound to it

@@ -2928,3 +2928,38 @@ fn the_pinned_user_frame_is_the_translated_one() {
     }
     assert!(short >= 3, "the short path answered {short} times");
 }
+
+/// The hypercall stub's `FLUSH_ASYNC` lane decides on the data selectors
+/// the stub read from the CPU, not on what `regs` held from an earlier
+/// exit: new TLS entries while GS selects one of them are the full path's
+/// (which goes back to the run loop to load the GDT); with GS null the
+/// lane takes them.
+#[test]
+fn stub_flush_decides_on_the_selectors_it_is_given() {
+    for (gs, taken) in [(0x33u32, false), (0, true)] {
+        let mut t = paging_guest();
+        assert_eq!(
+            t.hcall(LHCALL_SET_STACK, 0x69, KBASE + 0x9000, 1),
+            Action::Resume
+        );
+        // A flat user data segment, loaded; then another base queued.
+        t.m.write(0x7900, &0x00CF_F200_0000_FFFF_u64.to_le_bytes())
+            .unwrap();
+        assert_eq!(t.hcall(LHCALL_LOAD_TLS, 0x7900, 0, 0), Action::Resume);
+        assert_eq!(t.prepare(), Action::Resume);
+        let _ = t.v.take_mmu_work();
+        t.m.write(0x7a00, &0x10CF_F200_0000_FFFF_u64.to_le_bytes())
+            .unwrap();
+        let slot = t.v.ring_cursor as u32;
+        t.queue(slot, [LHCALL_LOAD_TLS, 0x7a00, 0, 0, 0]);
+        // `regs` says the opposite of what the CPU holds.
+        t.v.regs.gs = 0x33 - gs;
+        let sels = [t.v.regs.ds, t.v.regs.es, t.v.regs.fs, gs];
+        assert_eq!(
+            t.v.stub_flush(sels, &mut t.m, &mut t.e),
+            taken,
+            "gs {gs:#x}"
+        );
+        assert_eq!(t.v.regs.gs, gs);
+    }
+}
