@@ -479,50 +479,53 @@ struct Slot {
     last_used: u64,
     /// Tick it was created or reused.
     inserted: u64,
-    /// The current kernel stack is known present and writable in it: it is
-    /// `pin_stack` and `held`.
-    pinned: bool,
     /// `pin_stack`'s pages are known present and writable in it. Kept
     /// across `SET_STACK`s of other stacks, so that a context switch back
-    /// to a process whose stack was pinned in its shadow pins nothing again
-    /// (`pin_stack` then sets `pinned` from it).
+    /// to a process whose stack was pinned in its shadow pins nothing again:
+    /// the slot is pinned for the current stack exactly when it is held
+    /// and the current stack is `pin_stack`
+    /// ([`ShadowPaging::pinned`], worked out where asked, so that a
+    /// `SET_STACK` touches no slot but the current one).
     held: bool,
     /// The stack `held` is about.
-    pin_stack: Stack,
-    /// While `pinned`: the shadow leaf of the stack's top page (where a
+    pin_stack: Option<Stack>,
+    /// While held: the shadow leaf of the stack's top page (where a
     /// trap frame pushed below `esp1` lands). Every change of a stack
-    /// page's leaf clears `pinned` first, so it stays true while pinned.
+    /// page's leaf clears `held` first, so it stays true while pinned.
     pin_top: u64,
     /// TLB entries tagged with this slot may be stale.
     stale: bool,
 }
 
-/// The kernel stack from `SET_STACK`.
+/// The kernel stack from `SET_STACK`: the address of its top page (the one
+/// below `esp1`) with the number of pages, 1 to [`MAX_STACK_PAGES`], in the
+/// low bits (never zero), so that comparing two stacks is one word compare.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Stack {
-    /// Page addresses (the first `count` are used).
-    pages: [u32; MAX_STACK_PAGES as usize],
-    /// Number of pages.
-    count: usize,
-}
+struct Stack(core::num::NonZeroU32);
 
 impl Stack {
-    /// No pages.
-    const NONE: Self = Self {
-        pages: [0; MAX_STACK_PAGES as usize],
-        count: 0,
-    };
+    /// The `count` pages from the page holding `top` down.
+    fn new(top: u32, count: u32) -> Option<Self> {
+        core::num::NonZeroU32::new((top & !0xFFF) | (count & 0xFFF)).map(Self)
+    }
 
-    fn pages(&self) -> &[u32] {
-        self.pages.get(..self.count).unwrap_or(&[])
+    /// The top page's address.
+    #[inline]
+    fn top(self) -> u32 {
+        self.0.get() & !0xFFF
+    }
+
+    /// The page addresses, from the top one down.
+    fn pages(self) -> impl Iterator<Item = u32> {
+        let top = self.top();
+        (0..self.0.get() & 0xFFF).map(move |i| top.wrapping_sub(i.wrapping_mul(PAGE)))
     }
 
     /// Whether a stack page lies in `[lo, hi)`.
     #[inline]
-    fn overlaps(&self, lo: u64, hi: u64) -> bool {
-        let [a, b] = self.pages;
-        let within = |p: u32| lo <= u64::from(p) && u64::from(p) < hi;
-        (self.count > 0 && within(a)) || (self.count > 1 && within(b))
+    fn overlaps(self, lo: u64, hi: u64) -> bool {
+        self.pages()
+            .any(|p| lo <= u64::from(p) && u64::from(p) < hi)
     }
 }
 
@@ -755,9 +758,16 @@ impl ShadowPaging {
     /// behind the host's back), unpins first.
     #[inline]
     pub fn pin_key(&self) -> Option<u64> {
-        self.stack?;
         let s = self.current_slot_ref()?;
-        s.pinned.then_some(s.pin_top)
+        self.pinned(s).then_some(s.pin_top)
+    }
+
+    /// Whether the kernel stack of the last `SET_STACK` is pinned in `s`:
+    /// `s` holds that very stack (its pages known present and writable
+    /// there). Never without a stack.
+    #[inline]
+    fn pinned(&self, s: &Slot) -> bool {
+        s.held && s.pin_stack == self.stack
     }
 
     /// Takes the TLB invalidation owed to the loaded shadow (see the module
@@ -869,7 +879,7 @@ impl ShadowPaging {
     ) -> Option<Fault> {
         let ci = self.current?;
         let s = self.slots.get(ci)?.as_ref()?;
-        let (gpgdir, pdpt, pinned) = (s.gpgdir, s.pdpt, s.pinned);
+        let (gpgdir, pdpt, pinned) = (s.gpgdir, s.pdpt, self.pinned(s));
         let access = Access::from_errcode(errcode);
         let t = match self.paging.translate(mem, gpgdir, vaddr, access) {
             Ok(t) => t,
@@ -1052,11 +1062,11 @@ impl ShadowPaging {
         // elsewhere takes the full path, which re-arms it.
         if pinned && self.stack.is_some() {
             let cur_top = match self.current.and_then(|c| self.slots.get(c)) {
-                Some(Some(c)) if c.pinned => Some(c.pin_top),
+                Some(Some(c)) if self.pinned(c) => Some(c.pin_top),
                 _ => None,
             };
             let s = self.slot(si)?;
-            if !s.pinned || cur_top != Some(s.pin_top) {
+            if !self.pinned(s) || cur_top != Some(s.pin_top) {
                 return None;
             }
         }
@@ -1143,7 +1153,7 @@ impl ShadowPaging {
         let page = u64::from(vaddr & !0xFFF);
         if vaddr >= self.cfg.kernel_address
             || s.gpgdir != gpgdir
-            || (self.stack.is_some() && !s.pinned)
+            || (self.stack.is_some() && !self.pinned(s))
             || self
                 .stack
                 .is_some_and(|st| st.overlaps(page, page.wrapping_add(1)))
@@ -1202,9 +1212,9 @@ impl ShadowPaging {
     fn leaf_changed(&mut self, si: usize, vaddr: u32) {
         let page = u64::from(vaddr & !0xFFF);
         if let Some(s) = self.slot_mut(si)
-            && s.pin_stack.overlaps(page, page.wrapping_add(1))
+            && s.pin_stack
+                .is_some_and(|st| st.overlaps(page, page.wrapping_add(1)))
         {
-            s.pinned = false;
             s.held = false;
         }
     }
@@ -1317,32 +1327,17 @@ impl ShadowPaging {
         if pages == 0 || pages > MAX_STACK_PAGES {
             return Err(Kill::new(format_args!("bad stack pages {pages}")));
         }
-        let mut st = Stack {
-            pages: [0; MAX_STACK_PAGES as usize],
-            count: 0,
-        };
+        // Every page lies at or above 0.
+        let top = esp1.wrapping_sub(1);
         for i in 0..pages {
-            let va = esp1
-                .checked_sub(1)
-                .and_then(|top| top.checked_sub(i.checked_mul(PAGE)?));
-            let Some(va) = va else {
+            if esp1 == 0 || i.checked_mul(PAGE).is_none_or(|d| d > top) {
                 return Err(Kill::new(format_args!(
                     "bad stack page below {esp1:#x} (page {i})"
                 )));
-            };
-            if let Some(p) = st.pages.get_mut(st.count) {
-                *p = va & !0xFFF;
-                st.count = st.count.saturating_add(1);
             }
         }
-        // A shadow that holds this stack pinned already is pinned for it
-        // (the same stack again: every slot is as it was).
-        if self.stack != Some(st) {
-            self.stack = Some(st);
-            for s in self.slots.iter_mut().flatten() {
-                s.pinned = s.held && s.pin_stack == st;
-            }
-        }
+        // A shadow that holds this stack already is pinned for it.
+        self.stack = Stack::new(top, pages);
         self.ensure_pinned(mem, b).map(|_| ())
     }
 
@@ -1411,8 +1406,8 @@ impl ShadowPaging {
     #[inline]
     pub fn pinned_top_gpa(&self, vaddr: u32) -> Option<u32> {
         let s = self.current_slot_ref()?;
-        let top = self.stack?.pages().first().copied()?;
-        if !s.pinned || top != vaddr & !0xFFF {
+        let top = self.stack?.top();
+        if !self.pinned(s) || top != vaddr & !0xFFF {
             return None;
         }
         Self::writable_gpa(s.pin_top, self.cfg.guest_base)
@@ -1719,9 +1714,8 @@ impl ShadowPaging {
                             pdpt,
                             last_used: tick,
                             inserted: tick,
-                            pinned: false,
                             held: false,
-                            pin_stack: Stack::NONE,
+                            pin_stack: None,
                             pin_top: 0,
                             stale: true,
                         });
@@ -1748,7 +1742,7 @@ impl ShadowPaging {
                 if let Some(s) = self.slot_mut(v) {
                     s.gpgdir = gpgdir;
                     s.inserted = tick;
-                    s.pinned = false;
+                    s.held = false;
                     s.stale = true;
                 }
                 return Ok(v);
@@ -1776,7 +1770,7 @@ impl ShadowPaging {
     ) -> Result<bool, Kill> {
         // The common case (after nearly every call): nothing to do.
         match self.current.and_then(|ci| self.slots.get(ci)) {
-            Some(Some(s)) if !s.pinned && self.stack.is_some() => self.pin_current(mem, b),
+            Some(Some(s)) if !self.pinned(s) && self.stack.is_some() => self.pin_current(mem, b),
             _ => Ok(false),
         }
     }
@@ -1792,7 +1786,7 @@ impl ShadowPaging {
         let (Some(ci), Some(st)) = (self.current, self.stack) else {
             return Ok(false);
         };
-        if self.slot(ci).is_none_or(|s| s.pinned) {
+        if self.slot(ci).is_none_or(|s| self.pinned(s)) {
             return Ok(false);
         }
         // A fill may have to empty the current shadow (dropping pages pinned
@@ -1800,13 +1794,12 @@ impl ShadowPaging {
         // cap leaves room for the whole stack in an emptied shadow.
         for _ in 0..2 {
             if let Some(s) = self.slot_mut(ci) {
-                s.pinned = true;
                 s.held = true;
-                s.pin_stack = st;
+                s.pin_stack = Some(st);
             }
             let mut filled = false;
             let mut top = 0;
-            for (i, &va) in st.pages().iter().enumerate() {
+            for (i, va) in st.pages().enumerate() {
                 // Already present and writable in this shadow (a writable
                 // shadow leaf is only ever made from a guest entry with
                 // ACCESSED and DIRTY set, and every change of that entry
@@ -1830,13 +1823,9 @@ impl ShadowPaging {
                     Err(FillError::Kill(k)) => return Err(k),
                 }
             }
-            if self.slot(ci).is_some_and(|s| s.pinned) {
+            if self.slot(ci).is_some_and(|s| self.pinned(s)) {
                 if filled {
-                    top = st
-                        .pages()
-                        .first()
-                        .and_then(|&va| self.leaf_of(b, ci, va))
-                        .unwrap_or(0);
+                    top = self.leaf_of(b, ci, st.top()).unwrap_or(0);
                 }
                 if let Some(s) = self.slot_mut(ci) {
                     s.pin_top = top;
@@ -1947,9 +1936,8 @@ impl ShadowPaging {
             self.frames = self.frames.saturating_sub(freed);
             self.touched(si, Flush::All);
             if let Some(s) = self.slot_mut(si)
-                && s.pin_stack.overlaps(lo, hi)
+                && s.pin_stack.is_some_and(|st| st.overlaps(lo, hi))
             {
-                s.pinned = false;
                 s.held = false;
             }
         }

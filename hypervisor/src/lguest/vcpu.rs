@@ -1530,9 +1530,6 @@ impl Vcpu {
             || self.halted
             || self.pending_hcall.is_some()
             || self.pending != 0
-            // A call behind a ring whose first entry the drain below would
-            // leave to the full path: declined at once.
-            || (hcall && !self.ring_head_takes(ld, mem))
             || !self.validate(SelKey::of(self.gdt.generation(), &self.regs))
         {
             return false;
@@ -1615,19 +1612,6 @@ impl Vcpu {
         (nr < 32 && self.trivial_hcalls() & (1 << nr) != 0)
             || Self::fast_paging_call(nr).is_some()
             || matches!(nr, LHCALL_SET_STACK | LHCALL_LOAD_TLS | LHCALL_TS)
-    }
-
-    /// Whether the async ring is empty or starts with a call the trap
-    /// stack's drain takes (a quick look before anything else is checked).
-    fn ring_head_takes<M: GuestMemory>(&self, ld: u32, mem: &M) -> bool {
-        let n = (self.ring_cursor % LHCALL_RING_SIZE) as u32;
-        match mem.read_u8(ld.wrapping_add(LguestData::off_hcall_status(n))) {
-            Ok(HCALL_STATUS_EMPTY) => true,
-            Ok(_) => mem
-                .read_u32(ld.wrapping_add(LguestData::off_hcall(n)))
-                .is_ok_and(|nr| self.lane_takes(nr)),
-            Err(_) => false,
-        }
     }
 
     /// Whether the page fault at `cr2` was already found to be the guest's
@@ -2652,38 +2636,29 @@ impl Vcpu {
         env: &mut E,
         take: impl Fn(&Self, u32) -> bool,
     ) -> Result<Drained, Kill> {
-        // Common case first: an empty ring costs one status byte.
-        let first = (self.ring_cursor % LHCALL_RING_SIZE) as u32;
-        if mem.read_u8(
-            ld.wrapping_add(LguestData::OFF_HCALL_STATUS)
-                .wrapping_add(first),
-        )? == HCALL_STATUS_EMPTY
-        {
-            return Ok(Drained::Empty);
-        }
-        let mut st = [HCALL_STATUS_EMPTY; LHCALL_RING_SIZE];
-        mem.read(ld.wrapping_add(LguestData::OFF_HCALL_STATUS), &mut st)?;
         for _ in 0..LHCALL_RING_SIZE {
-            let n = self.ring_cursor % LHCALL_RING_SIZE;
-            if st.get(n).copied().unwrap_or(HCALL_STATUS_EMPTY) == HCALL_STATUS_EMPTY {
+            // `n < 64` and lguest_data lies inside guest memory (checked at
+            // INIT): these reads cannot fail. An empty slot (the common
+            // case at once) ends the drain.
+            let n = (self.ring_cursor % LHCALL_RING_SIZE) as u32;
+            let status = ld.wrapping_add(LguestData::off_hcall_status(n));
+            if mem.read_u8(status)? == HCALL_STATUS_EMPTY {
                 break;
             }
-            // `n < 64` and lguest_data lies inside guest memory (checked at
-            // INIT): these word reads cannot fail.
-            let at = ld.wrapping_add(LguestData::off_hcall(n as u32));
-            let status = ld.wrapping_add(LguestData::off_hcall_status(n as u32));
             // The whole entry in one read (one range check).
             let mut raw = [0u8; 20];
-            mem.read(at, &mut raw)?;
-            let mut words = raw
-                .chunks_exact(4)
-                .map(|c| <[u8; 4]>::try_from(c).map_or(0, u32::from_le_bytes));
-            let mut word = || words.next().unwrap_or(0);
-            let arg0 = word();
+            mem.read(ld.wrapping_add(LguestData::off_hcall(n)), &mut raw)?;
+            let mut w = [0u32; 5];
+            for (d, c) in w.iter_mut().zip(raw.chunks_exact(4)) {
+                *d = <[u8; 4]>::try_from(c).map_or(0, u32::from_le_bytes);
+            }
+            let [arg0, arg1, arg2, arg3, arg4] = w;
             if !take(self, arg0) {
                 return Ok(Drained::Stopped);
             }
-            self.ring_cursor = n.saturating_add(1) % LHCALL_RING_SIZE;
+            let next = (n as usize).saturating_add(1) % LHCALL_RING_SIZE;
+            self.ring_cursor = next;
+            let next = next as u32;
             if arg0 < 32 && self.trivial_hcalls() & (1 << arg0) != 0 {
                 // A no-op call: nothing to dispatch.
                 mem.write_u8(status, HCALL_STATUS_EMPTY)?;
@@ -2691,18 +2666,18 @@ impl Vcpu {
             }
             let args = HcallArgs {
                 arg0,
-                arg1: word(),
-                arg2: word(),
-                arg3: word(),
-                arg4: word(),
+                arg1,
+                arg2,
+                arg3,
+                arg4,
             };
             // A `NEW_PGTABLE` queued right before a `SET_STACK` (Linux's
             // context switch) leaves the pinning to the `SET_STACK`.
-            let next = n.saturating_add(1) % LHCALL_RING_SIZE;
             self.pin_later = arg0 == guest_abi::hcall::LHCALL_NEW_PGTABLE
-                && st.get(next).is_some_and(|&s| s != HCALL_STATUS_EMPTY)
-                && mem.read_u32(ld.wrapping_add(LguestData::off_hcall(next as u32)))
-                    == Ok(guest_abi::hcall::LHCALL_SET_STACK);
+                && mem.read_u8(ld.wrapping_add(LguestData::off_hcall_status(next)))?
+                    != HCALL_STATUS_EMPTY
+                && mem.read_u32(ld.wrapping_add(LguestData::off_hcall(next)))?
+                    == guest_abi::hcall::LHCALL_SET_STACK;
             let r = self.do_call(args, mem, env);
             self.pin_later = false;
             mem.write_u8(status, HCALL_STATUS_EMPTY)?;
