@@ -163,17 +163,20 @@ impl GuestGdt {
         Ok(())
     }
 
+    /// Whether `LHCALL_LOAD_TLS` of `tls` would change nothing: they are
+    /// the descriptors loaded last, and the GDT has not changed since.
+    #[inline]
+    pub fn tls_unchanged(&self, tls: &[u64; TLS_ENTRIES]) -> bool {
+        // (Word by word: a compare of the arrays would be a `memcmp` call.)
+        let [x, y, z] = *tls;
+        matches!(self.last_tls, Some(([a, b, c], g))
+            if g == self.generation && a == x && b == y && c == z)
+    }
+
     /// `LHCALL_LOAD_TLS`: the three descriptors for slots 6..=8. All three are
     /// validated before any is stored.
     pub fn load_tls(&mut self, tls: &[u64; TLS_ENTRIES]) -> Result<(), Kill> {
-        // (Word by word: a compare of the arrays would be a `memcmp` call.)
-        let [x, y, z] = *tls;
-        if let Some(([a, b, c], g)) = self.last_tls
-            && g == self.generation
-            && a == x
-            && b == y
-            && c == z
-        {
+        if self.tls_unchanged(tls) {
             return Ok(());
         }
         let mut fixed = [0u64; TLS_ENTRIES];

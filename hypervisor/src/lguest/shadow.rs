@@ -767,7 +767,13 @@ impl ShadowPaging {
     /// there). Never without a stack.
     #[inline]
     fn pinned(&self, s: &Slot) -> bool {
-        s.held && s.pin_stack == self.stack
+        Self::holds_stack(s, self.stack)
+    }
+
+    /// Whether stack `st` is known present and writable in `s`.
+    #[inline]
+    fn holds_stack(s: &Slot, st: Option<Stack>) -> bool {
+        s.held && s.pin_stack == st
     }
 
     /// Takes the TLB invalidation owed to the loaded shadow (see the module
@@ -1044,6 +1050,33 @@ impl ShadowPaging {
     #[inline]
     pub fn fast_switch(&mut self, gpgdir: u32) -> Option<Switch> {
         self.cached_switch(gpgdir, true)
+    }
+
+    /// [`new_pgtable_pin_later`](Self::new_pgtable_pin_later)`(gpgdir)`
+    /// and then [`pin_stack`](Self::pin_stack)`(esp1, pages)` (Linux's
+    /// context switch) when together they need nothing but the switch: the
+    /// shadow of `gpgdir` is cached and clean, nothing is owed to the
+    /// current one, and it holds that very stack pinned already (a switch
+    /// back to a process that ran before). Then both are done exactly as
+    /// those two calls would do them (the switch a cache hit with `flush:
+    /// false`, the stack recorded, nothing to pin) and the [`Switch`] is
+    /// returned; otherwise nothing changed and `None` (the two calls then
+    /// decide, kills included).
+    #[inline]
+    pub fn switch_with_stack(&mut self, gpgdir: u32, esp1: u32, pages: u32) -> Option<Switch> {
+        // (A stack held pinned passed `pin_stack`'s checks, all but these
+        // two implied by being equal to it: `esp1` 0 and more pages than
+        // 2 could look like one in `Stack`, and 0 pages never does.)
+        if esp1 == 0 || pages > MAX_STACK_PAGES {
+            return None;
+        }
+        let st = Stack::new(esp1.wrapping_sub(1), pages);
+        if !Self::holds_stack(self.slot(self.position(gpgdir)?)?, st) {
+            return None;
+        }
+        let sw = self.cached_switch(gpgdir, false)?;
+        self.stack = st;
+        Some(sw)
     }
 
     /// [`fast_switch`](Self::fast_switch), and with `pinned` false for a

@@ -59,7 +59,7 @@ use guest_abi::seg::{IDT_HIGH_KEEP_MASK, IDT_TYPE_INTERRUPT, IDT_TYPE_TRAP, KERN
 
 use super::chan::DeathReason;
 use super::gdtcache::GdtKey;
-use super::guestmem::GuestMemory;
+use super::guestmem::{GuestMemory, MemFault};
 use super::insn::{self, Op, Operand, Seg, Width};
 use super::kill::{Kill, kill};
 use super::pagewalk::{Access, Format};
@@ -361,6 +361,13 @@ pub struct Vcpu {
     /// While the async ring's `NEW_PGTABLE` runs: a `SET_STACK` comes next
     /// in the ring, so the switch need not pin the old stack.
     pin_later: bool,
+    /// Tests: the drain's context-switch start ([`Vcpu::drain_switch`]) is
+    /// off, leaving the loop alone (the oracle it is held to).
+    #[cfg(test)]
+    drain_switch_off: bool,
+    /// Tests: entries the drain's context-switch start did.
+    #[cfg(test)]
+    drain_switched: u32,
     /// A `NEW_PGTABLE` switch the host has not loaded yet.
     mmu_load: Option<Switch>,
     /// A page fault [`Vcpu::fast_paging`] found to be the guest's own
@@ -1015,6 +1022,10 @@ impl Vcpu {
             pending_hcall: None,
             validated: [None; VALIDATED_SETS],
             pin_later: false,
+            #[cfg(test)]
+            drain_switch_off: false,
+            #[cfg(test)]
+            drain_switched: 0,
             shadow: None,
             mmu_load: None,
             decided_pf: None,
@@ -2636,6 +2647,7 @@ impl Vcpu {
         env: &mut E,
         take: impl Fn(&Self, u32) -> bool,
     ) -> Result<Drained, Kill> {
+        self.drain_switch(ld, mem, &take)?;
         for _ in 0..LHCALL_RING_SIZE {
             // `n < 64` and lguest_data lies inside guest memory (checked at
             // INIT): these reads cannot fail. An empty slot (the common
@@ -2766,12 +2778,7 @@ impl Vcpu {
                 Ok(Action::Halt)
             }
             Hypercall::LoadTls => {
-                let mut raw = [0u8; 24];
-                mem.read(a1, &mut raw)?;
-                let mut tls = [0u64; 3];
-                for (t, c) in tls.iter_mut().zip(raw.chunks_exact(8)) {
-                    *t = <[u8; 8]>::try_from(c).map_or(0, u64::from_le_bytes);
-                }
+                let tls = read_tls(mem, a1)?;
                 let before = self.gdt.generation();
                 let old = self.tls_entries();
                 self.gdt.load_tls(&tls)?;
@@ -2902,8 +2909,7 @@ impl Vcpu {
         // since the GDT may change in between.
         // (The segment of the last SET_STACK, checked under this very GDT:
         // valid.)
-        let checked = ss == self.ss1 && self.ss1_checked == Some(self.gdt.generation());
-        if !checked && !u16::try_from(ss).is_ok_and(|s| self.gdt.valid_stack_selector(s, 1)) {
+        if !self.stack_segment_ok(ss) {
             return kill!("bad stack segment {ss}");
         }
         if pages > 2 {
@@ -2927,13 +2933,137 @@ impl Vcpu {
         if let Some(sh) = self.shadow.as_mut() {
             sh.pin_stack(mem, env.tables(), esp, pages)?;
         }
+        self.record_stack(ss, esp, pages);
+        Ok(())
+    }
+
+    /// Whether `ss` may be the `SET_STACK` stack segment: a valid ring-1
+    /// stack (RPL 1, writable 32-bit data with DPL 1; upstream checked
+    /// only the RPL). The segment of the last `SET_STACK`, checked under
+    /// this very GDT, is valid. (`push_frame` checks again at use, since
+    /// the GDT may change in between.)
+    #[inline]
+    fn stack_segment_ok(&self, ss: u32) -> bool {
+        (ss == self.ss1 && self.ss1_checked == Some(self.gdt.generation()))
+            || u16::try_from(ss).is_ok_and(|s| self.gdt.valid_stack_selector(s, 1))
+    }
+
+    /// The rest of a `SET_STACK` once its stack is pinned: the new stack.
+    #[inline]
+    fn record_stack(&mut self, ss: u32, esp: u32, pages: u32) {
         self.ss1 = ss;
         self.ss1_checked = Some(self.gdt.generation());
         self.esp1 = esp;
         self.stack_pages = pages;
         self.stack_set = true;
+    }
+
+    /// The start of a drain when the ring holds Linux's context switch at
+    /// the cursor — `NEW_PGTABLE(gpgdir)`, then the next task's
+    /// `SET_STACK(ss, esp1, pages)`, then mostly a `LOAD_TLS` — and the
+    /// calls need nothing but the switch: `take` takes them, the stack
+    /// segment is valid, the target shadow is cached and clean and holds
+    /// that stack pinned already ([`ShadowPaging::switch_with_stack`]),
+    /// and the TLS entries are those loaded last. Those entries are then
+    /// done exactly as the drain's loop would do them one by one (the
+    /// switch owed to the MMU, the stack recorded, each status emptied, the
+    /// cursor past them); anything else is left to the loop with nothing
+    /// changed (the `LOAD_TLS` alone, when only it differs).
+    #[inline]
+    fn drain_switch<M: GuestMemory>(
+        &mut self,
+        ld: u32,
+        mem: &mut M,
+        take: &impl Fn(&Self, u32) -> bool,
+    ) -> Result<(), MemFault> {
+        use guest_abi::hcall::{LHCALL_LOAD_TLS, LHCALL_NEW_PGTABLE, LHCALL_SET_STACK};
+        #[cfg(test)]
+        if self.drain_switch_off {
+            return Ok(());
+        }
+        let [k0, k1, k2] =
+            core::array::from_fn(|i| (self.ring_cursor.wrapping_add(i) % LHCALL_RING_SIZE) as u32);
+        let Some([LHCALL_NEW_PGTABLE, gpgdir, ..]) = ring_entry(mem, ld, k0)? else {
+            return Ok(());
+        };
+        let Some([LHCALL_SET_STACK, ss, esp1, pages]) = ring_entry(mem, ld, k1)? else {
+            return Ok(());
+        };
+        if !self.paging()
+            || !take(self, LHCALL_NEW_PGTABLE)
+            || !take(self, LHCALL_SET_STACK)
+            || !self.stack_segment_ok(ss)
+        {
+            return Ok(());
+        }
+        let Some(sw) = self
+            .shadow
+            .as_mut()
+            .and_then(|sh| sh.switch_with_stack(gpgdir, esp1, pages))
+        else {
+            return Ok(());
+        };
+        self.mmu_load = Some(sw);
+        mem.write_u8(
+            ld.wrapping_add(LguestData::off_hcall_status(k0)),
+            HCALL_STATUS_EMPTY,
+        )?;
+        self.record_stack(ss, esp1, pages);
+        mem.write_u8(
+            ld.wrapping_add(LguestData::off_hcall_status(k1)),
+            HCALL_STATUS_EMPTY,
+        )?;
+        self.ring_cursor = k2 as usize;
+        #[cfg(test)]
+        {
+            self.drain_switched = self.drain_switched.saturating_add(2);
+        }
+        // The same TLS entries again: a `LOAD_TLS` that changes nothing.
+        if let Some([LHCALL_LOAD_TLS, addr, ..]) = ring_entry(mem, ld, k2)?
+            && take(self, LHCALL_LOAD_TLS)
+            && read_tls(mem, addr).is_ok_and(|tls| self.gdt.tls_unchanged(&tls))
+        {
+            mem.write_u8(
+                ld.wrapping_add(LguestData::off_hcall_status(k2)),
+                HCALL_STATUS_EMPTY,
+            )?;
+            self.ring_cursor = (k2 as usize).saturating_add(1) % LHCALL_RING_SIZE;
+            #[cfg(test)]
+            {
+                self.drain_switched = self.drain_switched.saturating_add(1);
+            }
+        }
         Ok(())
     }
+}
+
+/// The call number and first three arguments of async-ring entry `slot`
+/// (below 64) of the `lguest_data` at `ld`, or `None` if its status says it
+/// is empty.
+#[inline]
+fn ring_entry<M: GuestMemory>(mem: &M, ld: u32, slot: u32) -> Result<Option<[u32; 4]>, MemFault> {
+    if mem.read_u8(ld.wrapping_add(LguestData::off_hcall_status(slot)))? == HCALL_STATUS_EMPTY {
+        return Ok(None);
+    }
+    let mut raw = [0u8; 16];
+    mem.read(ld.wrapping_add(LguestData::off_hcall(slot)), &mut raw)?;
+    let mut w = [0u32; 4];
+    for (d, c) in w.iter_mut().zip(raw.chunks_exact(4)) {
+        *d = <[u8; 4]>::try_from(c).map_or(0, u32::from_le_bytes);
+    }
+    Ok(Some(w))
+}
+
+/// The three TLS descriptors of `LHCALL_LOAD_TLS` at guest address `at`.
+#[inline]
+fn read_tls<M: GuestMemory>(mem: &M, at: u32) -> Result<[u64; TLS_ENTRIES], MemFault> {
+    let mut raw = [0u8; 24];
+    mem.read(at, &mut raw)?;
+    let mut tls = [0u64; TLS_ENTRIES];
+    for (t, c) in tls.iter_mut().zip(raw.chunks_exact(8)) {
+        *t = <[u8; 8]>::try_from(c).map_or(0, u64::from_le_bytes);
+    }
+    Ok(tls)
 }
 
 /// `SET_PTE`'s entry from its arguments: `pte` (2-level), or `pte` and

@@ -2963,3 +2963,180 @@ fn stub_flush_decides_on_the_selectors_it_is_given() {
         assert_eq!(t.v.regs.gs, gs);
     }
 }
+
+/// Random context switches queued in the async ring (`NEW_PGTABLE`, then a
+/// `SET_STACK`, then now and then a `LOAD_TLS` or something else), good
+/// and bad, after random histories of which shadow holds which stack: a
+/// `FLUSH_ASYNC` through the full path and through the trap stack's lane
+/// ends exactly where the drain's loop alone ends (registers, guest memory,
+/// shadow tables, MMU work, counters, GDT, stack, ring), whether or not the
+/// drain's context-switch start took the entries.
+#[test]
+fn drain_switch_is_the_loop() {
+    let mut rng = crate::testutil::Rng(0x0d5a_17c4_u64 << 16 | 0x5eed);
+    let mut took = [0u32; 4];
+    const PGD2: u32 = 0x2_2000;
+    const STACKS: [u32; 2] = [KBASE + 0x9000, KBASE + 0xB000];
+    for case in 0..3000 {
+        let mut r = |n: u64| rng.next_u64() % n;
+        let mut t = paging_guest();
+        t.m.write_u32(PGD2 + (KBASE >> 22) * 4, PTES | 0x63)
+            .unwrap();
+        t.m.write(0x7900, &0x00CF_F200_0000_FFFF_u64.to_le_bytes())
+            .unwrap();
+        t.m.write(0x7800, &0x00CF_F300_0000_FFFF_u64.to_le_bytes())
+            .unwrap();
+        // A history: each address space run with some stack (pinned in
+        // its shadow), TLS entries loaded.
+        let mut ran = [(PGD, 0, 0), (PGD2, 0, 0)];
+        for _ in 0..1 + r(4) {
+            let i = r(2) as usize;
+            let (esp, pages) = (STACKS[r(2) as usize], 1 + r(2) as u32);
+            let _ = t.hcall(LHCALL_NEW_PGTABLE, ran[i].0, 0, 0);
+            let _ = t.hcall(LHCALL_SET_STACK, 0x69, esp, pages);
+            ran[i] = (ran[i].0, esp, pages);
+        }
+        if r(3) != 0 {
+            let _ = t.hcall(LHCALL_LOAD_TLS, 0x7900, 0, 0);
+        }
+        // Now and then something that unpins or dirties: a stack page's
+        // entry rewritten, a user page changed (an invalidation owed), a
+        // GDT entry loaded (a new generation).
+        match r(6) {
+            0 => {
+                // (Moved elsewhere, or mapped where it was.)
+                let page = (STACKS[r(2) as usize] - KBASE) / 4096 - 1;
+                let to = page + [0, 0x20][r(2) as usize];
+                let _ = t.hcall(LHCALL_SET_PTE, PGD, KBASE + page * 4096, (to << 12) | 0x63);
+            }
+            1 => {
+                let _ = t.hcall(LHCALL_SET_PTE, PGD, 0x5000, (5 << 12) | 0x67);
+            }
+            2 => {
+                let d = 0x00CF_F200_0000_FFFF_u64;
+                let _ = t.hcall(LHCALL_LOAD_GDT_ENTRY, 16, d as u32, (d >> 32) as u32);
+            }
+            _ => {}
+        }
+        if t.prepare() != Action::Resume {
+            continue;
+        }
+        let _ = t.v.take_mmu_work();
+        // The ring anywhere, across its end too.
+        let first = [t.v.ring_cursor as u32, 62, 63, 0][r(4) as usize];
+        t.v.ring_cursor = first as usize;
+        // Mostly a switch back to an address space that ran with the
+        // stack it gets again.
+        let back = ran[r(2) as usize];
+        let mut entries = vec![
+            [
+                LHCALL_NEW_PGTABLE,
+                [PGD, PGD2, PGD2, PGD + 1, 0x3000][r(5) as usize],
+                0,
+                0,
+                0,
+            ],
+            [
+                [
+                    LHCALL_SET_STACK,
+                    LHCALL_SET_STACK,
+                    LHCALL_SET_STACK,
+                    LHCALL_TS,
+                ][r(4) as usize],
+                [0x69, 0x69, 0x69, 0x61, 0x6b][r(5) as usize],
+                [STACKS[0], STACKS[1], STACKS[1], 0, 0x800, KBASE + 0x9004][r(6) as usize],
+                [1, 1, 2, 0, 3, 0x1001][r(6) as usize],
+                0,
+            ],
+        ];
+        if r(3) != 0 && back.1 != 0 {
+            entries[0][1] = back.0;
+            entries[1] = [LHCALL_SET_STACK, 0x69, back.1, back.2, 0];
+        }
+        match r(5) {
+            0..=2 => entries.push([
+                LHCALL_LOAD_TLS,
+                [0x7900, 0x7900, 0x7800, MEM - 8][r(4) as usize],
+                0,
+                0,
+                0,
+            ]),
+            3 => entries.push([LHCALL_SET_PTE, PGD2, 0x5000, (6 << 12) | 0x67, 0]),
+            _ => {}
+        }
+        if r(3) == 0 {
+            entries.push([LHCALL_FLUSH_TLB, 0, 0, 0, 0]);
+        }
+        for (k, e) in entries.iter().enumerate() {
+            t.queue((first + k as u32) % 64, *e);
+        }
+        t.v.regs.eax = LHCALL_FLUSH_ASYNC;
+        let hcall = Exit::Trap {
+            vector: 0x1f,
+            errcode: 0,
+            cr2: 0,
+        };
+        let fork = |t: &T, off: bool| {
+            let mut f = T {
+                v: t.v.clone(),
+                m: t.m.clone(),
+                e: t.e.clone(),
+            };
+            f.v.drain_switch_off = off;
+            f
+        };
+        // The full path and the lane, each with and without the start.
+        let (mut a, mut b, mut c, mut d) = (
+            fork(&t, false),
+            fork(&t, true),
+            fork(&t, false),
+            fork(&t, true),
+        );
+        let full = (a.exit(hcall), a.prepare());
+        assert_eq!(full, (b.exit(hcall), b.prepare()), "case {case}: actions");
+        let lane = c.v.fast_paging(0x1f, 0, 0, &mut c.m, &mut c.e);
+        assert_eq!(
+            lane,
+            d.v.fast_paging(0x1f, 0, 0, &mut d.m, &mut d.e),
+            "case {case}: lane"
+        );
+        took[a.v.drain_switched as usize] += 1;
+        assert_eq!(a.v.drain_switched, c.v.drain_switched, "case {case}");
+        for (x, y, what) in [(&mut a, &mut b, "full"), (&mut c, &mut d, "lane")] {
+            assert_eq!(y.v.drain_switched, 0);
+            assert_eq!(x.v.regs, y.v.regs, "case {case} {what}: registers");
+            assert!(x.m == y.m, "case {case} {what}: guest memory");
+            assert_eq!(x.e.tables, y.e.tables, "case {case} {what}: shadow tables");
+            assert_eq!(
+                x.v.take_mmu_work(),
+                y.v.take_mmu_work(),
+                "case {case} {what}"
+            );
+            assert_eq!(
+                x.v.shadow().map(ShadowPaging::stats),
+                y.v.shadow().map(ShadowPaging::stats),
+                "case {case} {what}: counters"
+            );
+            assert_eq!(x.v.dead_reason(), y.v.dead_reason(), "case {case} {what}");
+            assert_eq!(x.v.gdt_key(), y.v.gdt_key(), "case {case} {what}: GDT");
+            assert_eq!(x.v.ts(), y.v.ts(), "case {case} {what}: TS");
+            assert_eq!(x.v.ring_slot(), y.v.ring_slot(), "case {case} {what}: ring");
+            assert_eq!(
+                x.v.stack_key(),
+                y.v.stack_key(),
+                "case {case} {what}: stack"
+            );
+            assert_eq!(x.v.pin_key(), y.v.pin_key(), "case {case} {what}: pin");
+            assert_eq!(
+                x.v.stub_view(MEM),
+                y.v.stub_view(MEM),
+                "case {case} {what}: view"
+            );
+        }
+    }
+    // Taken with and without the LOAD_TLS, and left to the loop.
+    assert!(
+        took[0] > 1000 && took[2] > 150 && took[3] > 150 && took[1] == 0,
+        "left, two, three: {took:?}"
+    );
+}
