@@ -1071,10 +1071,11 @@ impl ShadowPaging {
             return None;
         }
         let st = Stack::new(esp1.wrapping_sub(1), pages);
-        if !Self::holds_stack(self.slot(self.position(gpgdir)?)?, st) {
+        let si = self.position(gpgdir)?;
+        if self.pending != Flush::None || !Self::holds_stack(self.slot(si)?, st) {
             return None;
         }
-        let sw = self.cached_switch(gpgdir, false)?;
+        let sw = self.hit_switch(si)?;
         self.stack = st;
         Some(sw)
     }
@@ -1103,6 +1104,14 @@ impl ShadowPaging {
                 return None;
             }
         }
+        self.hit_switch(si)
+    }
+
+    /// The end of a switch to slot `si` that is a cache hit and owes the
+    /// TLB nothing (`None`, with nothing changed, if its entries are stale):
+    /// the bookkeeping `switch_to` does for it, and its [`Switch`].
+    #[inline]
+    fn hit_switch(&mut self, si: usize) -> Option<Switch> {
         let tick = self.tick.saturating_add(1);
         let prev = self.current;
         let s = self.slot_mut(si)?;

@@ -753,6 +753,7 @@ impl Vcpu {
     /// (`None` where its `ss1` would be 0). For a host that re-arms only
     /// the frame after a change of the `SET_STACK` stack that leaves the
     /// rest of the view as it was.
+    #[inline]
     pub fn user_frame_in<M: GuestMemory, E: Env>(
         &self,
         mem: &M,

@@ -1001,6 +1001,7 @@ fn arm_stub(r: &mut Running) {
 /// the new frame lies in one page of guest memory (so `ss1`, and with it
 /// the gates' user-mode bits, stay as armed). `false`: nothing was done,
 /// the caller arms the stubs in full (`arm_stub`).
+#[inline]
 fn rearm_new_stack(r: &mut Running, before: Option<(u32, u32, u32)>) -> bool {
     let (Some((ss_before, _, _)), Some((ss1, esp1, _))) = (before, r.vcpu.stack_key()) else {
         return false;
@@ -1341,6 +1342,7 @@ fn flush_lane(r: &mut Running, sels: [u32; 4]) -> u64 {
 
 /// The rest of [`paging_on_trap_stack`] once the vCPU finished the call
 /// (`key` and `stack`: the GDT and the `SET_STACK` stack before it).
+#[inline(always)]
 fn after_paging_on_trap_stack(
     r: &mut Running,
     key: rustyvisor::lguest::gdtcache::GdtKey,
