@@ -712,6 +712,27 @@ pub enum LaneDone {
     Work,
 }
 
+/// What [`Vcpu::stub_flush_switch`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushSwitch {
+    /// Nothing but the guest's data selectors going into `regs`:
+    /// [`Vcpu::stub_flush`] decides.
+    Declined,
+    /// A context switch's entries were done, and more follow in the ring:
+    /// [`Vcpu::stub_flush`] goes on from there (as one drain would have).
+    Partial,
+    /// All of the exit, exactly as [`Vcpu::stub_flush`] would have finished
+    /// it: the switch is in [`Vcpu::take_mmu_work`]; the GDT and the TS flag
+    /// are as they were. `frame` is the reflection stubs' user-mode frame
+    /// below the new stack, `(linear, guest-physical)` as
+    /// [`Vcpu::user_frame_in`] finds it (`None`: not in the pinned top page,
+    /// and the host arms the stubs in full).
+    Done {
+        /// The new stack's user-mode frame.
+        frame: Option<(u32, u32)>,
+    },
+}
+
 /// Source of [`Vcpu::instance`] numbers.
 static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
 
@@ -1790,6 +1811,60 @@ impl Vcpu {
         (r.ds, r.es, r.fs, r.gs) = (ds, es, fs, gs);
         r.eax = guest_abi::hcall::LHCALL_FLUSH_ASYNC;
         self.fast_paging(u32::from(LGUEST_TRAP_ENTRY), 0, 0, mem, env)
+    }
+
+    /// The hypercall stub's `FLUSH_ASYNC` lane for Linux's context switch
+    /// in one step, tried before [`stub_flush`](Self::stub_flush) (from the
+    /// same armed state, with the same data selectors): when the vCPU may
+    /// act at all (a running guest under shadow paging with nothing
+    /// waiting, the call from the guest kernel, its selectors valid) and
+    /// the ring holds at its cursor just what the drain's context-switch
+    /// start takes ([`drain_switch`](Self::drain_switch): a `NEW_PGTABLE`
+    /// of a cached shadow that holds the next stack pinned, its
+    /// `SET_STACK`, maybe the same TLS entries again), and nothing after
+    /// them: [`FlushSwitch::Done`], with the exit finished as `stub_flush`
+    /// would have finished it and the new stack's user-mode frame found.
+    /// Otherwise [`FlushSwitch::Partial`] (those entries done, more queued)
+    /// or [`FlushSwitch::Declined`] (nothing done).
+    pub fn stub_flush_switch<M: GuestMemory>(
+        &mut self,
+        [ds, es, fs, gs]: [u32; 4],
+        mem: &mut M,
+    ) -> FlushSwitch {
+        let r = &mut self.regs;
+        (r.ds, r.es, r.fs, r.gs) = (ds, es, fs, gs);
+        r.eax = guest_abi::hcall::LHCALL_FLUSH_ASYNC;
+        let Some(ld) = self.lguest_data else {
+            return FlushSwitch::Declined;
+        };
+        if !self.lane_ready()
+            || self.cpl() != 1
+            || !self.validate(SelKey::of(self.gdt.generation(), &self.regs))
+        {
+            return FlushSwitch::Declined;
+        }
+        let cursor = self.ring_cursor;
+        if let Err(e) = self.drain_switch(ld, mem, &Self::lane_takes) {
+            self.kill(Kill::from(e));
+            return FlushSwitch::Partial;
+        }
+        if self.ring_cursor == cursor {
+            return FlushSwitch::Declined;
+        }
+        // (The drain's start changes no GDT entry.) The ring empty after
+        // them: the call is done.
+        let next = (self.ring_cursor % LHCALL_RING_SIZE) as u32;
+        if mem.read_u8(ld.wrapping_add(LguestData::off_hcall_status(next)))
+            != Ok(HCALL_STATUS_EMPTY)
+        {
+            return FlushSwitch::Partial;
+        }
+        self.regs.trapnum = u32::from(LGUEST_TRAP_ENTRY);
+        self.regs.errcode = 0;
+        self.regs.eflags = sanitize_eflags(self.regs.eflags);
+        FlushSwitch::Done {
+            frame: self.pinned_user_frame(mem.limit()),
+        }
     }
 
     /// The first step of [`stub_paging`](Self::stub_paging) for

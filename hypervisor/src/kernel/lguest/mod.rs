@@ -43,7 +43,7 @@ use rustyvisor::lguest::chan::{
 use rustyvisor::lguest::guestmem::GuestMemory;
 use rustyvisor::lguest::pagewalk::Format;
 use rustyvisor::lguest::shadow::{Flush, ShadowConfig, Stats};
-use rustyvisor::lguest::vcpu::{Action, Env, Exit, LaneDone, StubView, Vcpu};
+use rustyvisor::lguest::vcpu::{Action, Env, Exit, FlushSwitch, LaneDone, StubView, Vcpu};
 use rustyvisor::mm::PAGE_SIZE;
 
 use self::fpu::FxSlot;
@@ -1003,6 +1003,18 @@ fn arm_stub(r: &mut Running) {
 /// the caller arms the stubs in full (`arm_stub`).
 #[inline]
 fn rearm_new_stack(r: &mut Running, before: Option<(u32, u32, u32)>) -> bool {
+    let frame = r.vcpu.user_frame_in(&r.mem, &mut r.env);
+    rearm_with_frame(r, before, frame)
+}
+
+/// [`rearm_new_stack`] with the new stack's user-mode frame found already
+/// (`Vcpu::user_frame_in`'s answer, `frame`).
+#[inline]
+fn rearm_with_frame(
+    r: &mut Running,
+    before: Option<(u32, u32, u32)>,
+    frame: Option<(u32, u32)>,
+) -> bool {
     let (Some((ss_before, _, _)), Some((ss1, esp1, _))) = (before, r.vcpu.stack_key()) else {
         return false;
     };
@@ -1012,7 +1024,7 @@ fn rearm_new_stack(r: &mut Running, before: Option<(u32, u32, u32)>) -> bool {
     if ss1 != ss_before || !same_state || r.armed_user_frame.is_none() {
         return false;
     }
-    let Some((linear, pa)) = r.vcpu.user_frame_in(&r.mem, &mut r.env) else {
+    let Some((linear, pa)) = frame else {
         return false;
     };
     let (Some(ring), Some(frame)) = (
@@ -1069,8 +1081,12 @@ extern "C" fn switch_on_trap_stack(
     // SAFETY: as in `exit_on_trap_stack`: `ctx` is the running guest's
     // `Running`, not touched by the suspended run loop meanwhile.
     let r = unsafe { &mut *ctx.cast::<Running>() };
-    // The common case first, on its own short path (which needs nothing but
-    // `gpgdir` afterwards). A cached shadow is switched to here only if it
+    // A context switch's batch: a tail call, before this function's frame.
+    if nr == guest_abi::hcall::LHCALL_FLUSH_ASYNC {
+        return flush_lane(r, a1, a2, a3, a4);
+    }
+    // The common paging call first, on its own short path (which needs
+    // nothing but `gpgdir` afterwards). A cached shadow is switched to here only if it
     // maps the stack's top page where the current one does: the reflection
     // stubs' user frame stays right.
     if nr == guest_abi::hcall::LHCALL_NEW_PGTABLE
@@ -1080,9 +1096,6 @@ extern "C" fn switch_on_trap_stack(
     }
     if nr == guest_abi::hcall::LHCALL_SET_PTE {
         return set_pte_lane(r, a1, a2, a3, a4);
-    }
-    if nr == guest_abi::hcall::LHCALL_FLUSH_ASYNC {
-        return flush_lane(r, [a1, a2, a3, a4]);
     }
     paging_lane_call(r, nr, a1, a2, a3, a4)
 }
@@ -1328,9 +1341,22 @@ fn paging_on_trap_stack(r: &mut Running, exit: &switch::ExitInfo) -> bool {
 /// for that exit's first call, `lane_gdt`). Out of line (a tail call from
 /// the switch handler, whose `NEW_PGTABLE` path pays none of its frame).
 #[inline(never)]
-fn flush_lane(r: &mut Running, sels: [u32; 4]) -> u64 {
+fn flush_lane(r: &mut Running, ds: u32, es: u32, fs: u32, gs: u32) -> u64 {
+    let sels = [ds, es, fs, gs];
     let key = r.vcpu.gdt_key();
     let stack = r.vcpu.stack_key();
+    // Linux's context switch in one step: then only the switch to load and
+    // the stubs to re-arm for the new stack (no GDT or TS change).
+    match r.vcpu.stub_flush_switch(sels, &mut r.mem) {
+        FlushSwitch::Done { frame } => {
+            apply_mmu(r);
+            if !rearm_with_frame(r, stack, frame) {
+                arm_stub(r);
+            }
+            return 1;
+        }
+        FlushSwitch::Partial | FlushSwitch::Declined => {}
+    }
     r.lane_gdt = Some(key);
     if !r.vcpu.stub_flush(sels, &mut r.mem, &mut r.env) {
         return 0;

@@ -2975,6 +2975,7 @@ fn stub_flush_decides_on_the_selectors_it_is_given() {
 fn drain_switch_is_the_loop() {
     let mut rng = crate::testutil::Rng(0x0d5a_17c4_u64 << 16 | 0x5eed);
     let mut took = [0u32; 4];
+    let (mut done, mut framed, mut partial) = (0u32, 0u32, 0u32);
     const PGD2: u32 = 0x2_2000;
     const STACKS: [u32; 2] = [KBASE + 0x9000, KBASE + 0xB000];
     for case in 0..3000 {
@@ -3075,6 +3076,16 @@ fn drain_switch_is_the_loop() {
             t.queue((first + k as u32) % 64, *e);
         }
         t.v.regs.eax = LHCALL_FLUSH_ASYNC;
+        // The flags as the guest left them (TF, NT, IOPL bits: sanitised
+        // on the way back in); now and then an irq raised meanwhile, or a
+        // data selector the GDT no longer allows.
+        t.v.regs.eflags = [0x202, 0x246, 0x4302, 0x3302 | 0x100][r(4) as usize];
+        if r(8) == 0 {
+            t.v.set_irq(0);
+        }
+        if r(8) == 0 {
+            t.v.regs.ds = [0x80 | 1, 0xa1, 0x63][r(3) as usize];
+        }
         let hcall = Exit::Trap {
             vector: 0x1f,
             errcode: 0,
@@ -3104,9 +3115,38 @@ fn drain_switch_is_the_loop() {
             d.v.fast_paging(0x1f, 0, 0, &mut d.m, &mut d.e),
             "case {case}: lane"
         );
+        // The flush lane in one step, else `stub_flush` on from there.
+        let mut e = fork(&t, false);
+        let sels = [t.v.regs.ds, t.v.regs.es, t.v.regs.fs, t.v.regs.gs];
+        let flushed = match e.v.stub_flush_switch(sels, &mut e.m) {
+            FlushSwitch::Done { frame } => {
+                done += 1;
+                let found = e.v.user_frame_in(&e.m, &mut e.e);
+                assert!(frame.is_none() || frame == found, "case {case}: frame");
+                framed += u32::from(frame.is_some());
+                true
+            }
+            FlushSwitch::Partial => {
+                partial += 1;
+                e.v.stub_flush(sels, &mut e.m, &mut e.e)
+            }
+            FlushSwitch::Declined => e.v.stub_flush(sels, &mut e.m, &mut e.e),
+        };
+        assert_eq!(flushed, lane, "case {case}: one step");
+        let mut d2 = T {
+            v: d.v.clone(),
+            m: d.m.clone(),
+            e: d.e.clone(),
+        };
         took[a.v.drain_switched as usize] += 1;
-        assert_eq!(a.v.drain_switched, c.v.drain_switched, "case {case}");
-        for (x, y, what) in [(&mut a, &mut b, "full"), (&mut c, &mut d, "lane")] {
+        if lane {
+            assert_eq!(a.v.drain_switched, c.v.drain_switched, "case {case}");
+        }
+        for (x, y, what) in [
+            (&mut a, &mut b, "full"),
+            (&mut c, &mut d, "lane"),
+            (&mut e, &mut d2, "one step"),
+        ] {
             assert_eq!(y.v.drain_switched, 0);
             assert_eq!(x.v.regs, y.v.regs, "case {case} {what}: registers");
             assert!(x.m == y.m, "case {case} {what}: guest memory");
@@ -3142,5 +3182,10 @@ fn drain_switch_is_the_loop() {
     assert!(
         took[0] > 1000 && took[2] > 150 && took[3] > 150 && took[1] == 0,
         "left, two, three: {took:?}"
+    );
+    // The flush lane in one step: done (with the frame found), and partly.
+    assert!(
+        done > 150 && framed > 100 && partial > 50,
+        "done {done}, with a frame {framed}, partly {partial}"
     );
 }
