@@ -739,6 +739,7 @@ impl GuestCore for KernelCore {
                     fast.then_some(switch::Handlers {
                         exit: exit_on_trap_stack,
                         switch: Some(switch_on_trap_stack),
+                        flush: Some(flush_on_trap_stack),
                         ctx: ptr.cast(),
                     }),
                 )
@@ -1081,10 +1082,6 @@ extern "C" fn switch_on_trap_stack(
     // SAFETY: as in `exit_on_trap_stack`: `ctx` is the running guest's
     // `Running`, not touched by the suspended run loop meanwhile.
     let r = unsafe { &mut *ctx.cast::<Running>() };
-    // A context switch's batch: a tail call, before this function's frame.
-    if nr == guest_abi::hcall::LHCALL_FLUSH_ASYNC {
-        return flush_lane(r, a1, a2, a3, a4);
-    }
     // The common paging call first, on its own short path (which needs
     // nothing but `gpgdir` afterwards). A cached shadow is switched to here only if it
     // maps the stack's top page where the current one does: the reflection
@@ -1333,14 +1330,29 @@ fn paging_on_trap_stack(r: &mut Running, exit: &switch::ExitInfo) -> bool {
     true
 }
 
-/// The hypercall stub's `FLUSH_ASYNC` lane (through the `SwitchHandler`):
-/// what [`paging_on_trap_stack`] does for `FLUSH_ASYNC`, without the trap
-/// path, with the data selectors the guest runs with (`sels`: ds, es, fs,
-/// gs, read from the CPU by the stub). 1: done; 0: the full path runs
-/// (after the calls drained so far: the GDT as the guest left it is kept
-/// for that exit's first call, `lane_gdt`). Out of line (a tail call from
-/// the switch handler, whose `NEW_PGTABLE` path pays none of its frame).
-#[inline(never)]
+/// The hypercall stub's `FLUSH_ASYNC` lane (its flush handler; `nr` is
+/// `FLUSH_ASYNC`, `ds`..`gs` the guest's data selectors): [`flush_lane`].
+extern "C" fn flush_on_trap_stack(
+    ctx: *mut (),
+    _nr: u32,
+    ds: u32,
+    es: u32,
+    fs: u32,
+    gs: u32,
+) -> u64 {
+    // SAFETY: as in `exit_on_trap_stack`: `ctx` is the running guest's
+    // `Running`, not touched by the suspended run loop meanwhile.
+    let r = unsafe { &mut *ctx.cast::<Running>() };
+    flush_lane(r, ds, es, fs, gs)
+}
+
+/// The hypercall stub's `FLUSH_ASYNC` lane: what [`paging_on_trap_stack`]
+/// does for `FLUSH_ASYNC`, without the trap path, with the data selectors
+/// the guest runs with (`ds`..`gs`, read from the CPU by the stub); Linux's
+/// context switch first in one step (`Vcpu::stub_flush_switch`). 1: done;
+/// 0: the full path runs (after the calls drained so far: the GDT as the
+/// guest left it is kept for that exit's first call, `lane_gdt`).
+#[inline(always)]
 fn flush_lane(r: &mut Running, ds: u32, es: u32, fs: u32, gs: u32) -> u64 {
     let sels = [ds, es, fs, gs];
     let key = r.vcpu.gdt_key();

@@ -470,6 +470,7 @@ pub fn entry_fault_selftest() -> Result<[u32; 3], &'static str> {
         let exit = probe.run(Some(switch::Handlers {
             exit: handler,
             switch: None,
+            flush: None,
             ctx: regs.cast(),
         }));
         if exit.trapnum != ENTRY_FAULT_TRAPNUM {

@@ -79,7 +79,11 @@ pub struct Handlers {
     pub exit: FastHandler,
     /// The hypercall stub's fast switch of shadows, if any.
     pub switch: Option<SwitchHandler>,
-    /// Passed back to both (and the page-fault stub's fill, which the run
+    /// The hypercall stub's `FLUSH_ASYNC` lane, if any: called like
+    /// `switch`, with the guest's data selectors (ds, es, fs, gs) as
+    /// `a1`..`a4`.
+    pub flush: Option<SwitchHandler>,
+    /// Passed back to all three (and the page-fault stub's fill, which the run
     /// loop's module provides directly: `pf_fill_lane`).
     pub ctx: *mut (),
 }
@@ -98,6 +102,7 @@ struct SwitchState {
     /// their context.
     fast: Option<FastHandler>,
     switch: Option<SwitchHandler>,
+    flush: Option<SwitchHandler>,
     ctx: *mut (),
 }
 
@@ -117,6 +122,7 @@ static STATE: SwitchCell = SwitchCell(UnsafeCell::new(SwitchState {
     cr2: 0,
     fast: None,
     switch: None,
+    flush: None,
     ctx: core::ptr::null_mut(),
 }));
 
@@ -276,6 +282,7 @@ pub unsafe fn run(regs: *mut Regs, fast: Option<Handlers>) -> ExitInfo {
         (*state).regs = regs;
         (*state).fast = fast.map(|h| h.exit);
         (*state).switch = fast.and_then(|h| h.switch);
+        (*state).flush = fast.and_then(|h| h.flush);
         (*state).ctx = fast.map_or(core::ptr::null_mut(), |h| h.ctx);
         enter_guest(state.cast::<u64>())
     };
@@ -285,6 +292,7 @@ pub unsafe fn run(regs: *mut Regs, fast: Option<Handlers>) -> ExitInfo {
     let (errcode, cr2) = unsafe {
         (*state).fast = None;
         (*state).switch = None;
+        (*state).flush = None;
         ((*state).errcode, (*state).cr2)
     };
     x86_64::instructions::interrupts::enable();
@@ -839,42 +847,15 @@ pub unsafe extern "C" fn hcall_stub() {
         // `FLUSH_ASYNC` (the guest's eax, pushed first) with calls queued
         // that are not no-ops (Linux's context switch, its lazy MMU
         // batches), from the armed state (the validated CS and SS, no irq
-        // pending): the run loop's `SwitchHandler` drains them, with the
+        // pending): the run loop's flush handler drains them, with the
         // data selectors the guest runs with (ds, es, fs, gs) as its four
         // arguments; on from the paging lane's return below.
         "cmp dword ptr [rsp + 8], {flush_async}",
         "jne 3f",
         "cmp qword ptr [rip + {armed} + {switch_ok}], 0",
         "je 3f",
-        "mov ecx, dword ptr [rsp + 24]",
-        "cmp ecx, dword ptr [rip + {armed} + {cs}]",
-        "jne 3f",
-        "mov ecx, dword ptr [rsp + 48]",
-        "cmp ecx, dword ptr [rip + {armed} + {ss}]",
-        "jne 3f",
-        "mov rcx, qword ptr [rip + {armed} + {irqs}]",
-        "mov ecx, dword ptr [rcx]",
-        "or ecx, dword ptr [rip + {armed} + {vcpu_irqs}]",
-        "jnz 3f",
-        "push rdx",
-        "push rsi",
-        "push rdi",
-        "mov rax, qword ptr [rip + {state} + {handler}]",
-        "test rax, rax",
-        "jz 33f",
-        "cld",
-        "mov dx, ds",
-        "movzx edx, dx",
-        "mov cx, es",
-        "movzx ecx, cx",
-        "mov r8w, fs",
-        "movzx r8d, r8w",
-        "mov r9w, gs",
-        "movzx r9d, r9w",
-        "mov esi, {flush_async}",
-        "mov rdi, qword ptr [rip + {state} + {ctx}]",
-        "call rax",
-        "jmp 33f",
+        "mov rax, qword ptr [rip + {state} + {flush}]",
+        "jmp 34f",
         // Empty now: on with the answer.
         "11:",
         "call 13f",
@@ -907,6 +888,11 @@ pub unsafe extern "C" fn hcall_stub() {
         "mov rcx, qword ptr [rip + {armed} + {ring}]",
         "cmp byte ptr [rcx], {empty}",
         "jne 3f",
+        "mov rax, qword ptr [rip + {state} + {handler}]",
+        // Both lanes (rax: the run loop's handler for this one; none: the
+        // full path), from the armed state only: the validated CS and SS,
+        // no irq pending.
+        "34:",
         "mov ecx, dword ptr [rsp + 24]",
         "cmp ecx, dword ptr [rip + {armed} + {cs}]",
         "jne 3f",
@@ -917,26 +903,38 @@ pub unsafe extern "C" fn hcall_stub() {
         "mov ecx, dword ptr [rcx]",
         "or ecx, dword ptr [rip + {armed} + {vcpu_irqs}]",
         "jnz 3f",
-        // The run loop's `SwitchHandler` (none: the full path), called
-        // straight from here with its context and the call's number and
-        // four arguments (eax, ebx, ecx, edx, esi) as its C arguments (rdi,
-        // rsi, rdx, rcx, r8, r9); the guest's ecx and eax are where the
-        // stub pushed them, above rdx/rsi/rdi.
+        "test rax, rax",
+        "jz 3f",
+        // The handler, called straight from here with its context and the
+        // call's number as its first C arguments (rdi, rsi), then four more
+        // (rdx, rcx, r8, r9): for a paging call its arguments (ebx, ecx,
+        // edx, esi), for `FLUSH_ASYNC` the data selectors (ds, es, fs,
+        // gs). The guest's ecx and eax are where the stub pushed them,
+        // above rdx/rsi/rdi.
         "push rdx",
         "push rsi",
         "push rdi",
-        "mov rax, qword ptr [rip + {state} + {handler}]",
-        "test rax, rax",
-        "jz 33f",
         "cld",
+        "cmp dword ptr [rsp + 32], {flush_async}",
+        "je 35f",
         "mov r9d, esi",
         "mov r8d, edx",
         "mov ecx, dword ptr [rsp + 24]",
         "mov edx, ebx",
+        "jmp 36f",
+        "35:",
+        "mov dx, ds",
+        "movzx edx, dx",
+        "mov cx, es",
+        "movzx ecx, cx",
+        "mov r8w, fs",
+        "movzx r8d, r8w",
+        "mov r9w, gs",
+        "movzx r9d, r9w",
+        "36:",
         "mov esi, dword ptr [rsp + 32]",
         "mov rdi, qword ptr [rip + {state} + {ctx}]",
         "call rax",
-        "33:",
         "pop rdi",
         "pop rsi",
         "pop rdx",
@@ -968,6 +966,7 @@ pub unsafe extern "C" fn hcall_stub() {
         state = sym STATE,
         flush_async = const guest_abi::hcall::LHCALL_FLUSH_ASYNC,
         handler = const offset_of!(SwitchState, switch),
+        flush = const offset_of!(SwitchState, flush),
         ctx = const offset_of!(SwitchState, ctx),
         paging_calls = const PAGING_CALLS,
         cursor = const offset_of!(Armed, cursor),
