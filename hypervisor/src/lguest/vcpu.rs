@@ -1826,6 +1826,7 @@ impl Vcpu {
     /// would have finished it and the new stack's user-mode frame found.
     /// Otherwise [`FlushSwitch::Partial`] (those entries done, more queued)
     /// or [`FlushSwitch::Declined`] (nothing done).
+    #[inline]
     pub fn stub_flush_switch<M: GuestMemory>(
         &mut self,
         [ds, es, fs, gs]: [u32; 4],
@@ -1834,9 +1835,26 @@ impl Vcpu {
         let r = &mut self.regs;
         (r.ds, r.es, r.fs, r.gs) = (ds, es, fs, gs);
         r.eax = guest_abi::hcall::LHCALL_FLUSH_ASYNC;
-        let Some(ld) = self.lguest_data else {
-            return FlushSwitch::Declined;
-        };
+        // Most flushes are of something else (Linux's lazy MMU batches): a
+        // look at the first call number only.
+        match self
+            .lguest_data
+            .map(|ld| (ld, self.ring_head_switch(ld, mem)))
+        {
+            Some((ld, Ok(Some(gpgdir)))) => self.stub_flush_switch_at(ld, mem, gpgdir),
+            _ => FlushSwitch::Declined,
+        }
+    }
+
+    /// [`stub_flush_switch`](Self::stub_flush_switch) once the ring's first
+    /// entry is found to be `NEW_PGTABLE(gpgdir)`.
+    #[inline(never)]
+    fn stub_flush_switch_at<M: GuestMemory>(
+        &mut self,
+        ld: u32,
+        mem: &mut M,
+        gpgdir: u32,
+    ) -> FlushSwitch {
         if !self.lane_ready()
             || self.cpl() != 1
             || !self.validate(SelKey::of(self.gdt.generation(), &self.regs))
@@ -1844,7 +1862,7 @@ impl Vcpu {
             return FlushSwitch::Declined;
         }
         let cursor = self.ring_cursor;
-        if let Err(e) = self.drain_switch(ld, mem, &Self::lane_takes) {
+        if let Err(e) = self.drain_switch_at(ld, mem, &Self::lane_takes, gpgdir) {
             self.kill(Kill::from(e));
             return FlushSwitch::Partial;
         }
@@ -3052,6 +3070,33 @@ impl Vcpu {
         mem: &mut M,
         take: &impl Fn(&Self, u32) -> bool,
     ) -> Result<(), MemFault> {
+        match self.ring_head_switch(ld, mem)? {
+            Some(gpgdir) => self.drain_switch_at(ld, mem, take, gpgdir),
+            None => Ok(()),
+        }
+    }
+
+    /// The `gpgdir` of the `NEW_PGTABLE` queued at the async ring's cursor,
+    /// if that is what it holds (Linux's context switch starts so).
+    #[inline]
+    fn ring_head_switch<M: GuestMemory>(&self, ld: u32, mem: &M) -> Result<Option<u32>, MemFault> {
+        let n = (self.ring_cursor % LHCALL_RING_SIZE) as u32;
+        Ok(match ring_entry(mem, ld, n)? {
+            Some([guest_abi::hcall::LHCALL_NEW_PGTABLE, gpgdir, ..]) => Some(gpgdir),
+            _ => None,
+        })
+    }
+
+    /// [`drain_switch`](Self::drain_switch) once the ring's first entry is
+    /// found to be `NEW_PGTABLE(gpgdir)`.
+    #[inline]
+    fn drain_switch_at<M: GuestMemory>(
+        &mut self,
+        ld: u32,
+        mem: &mut M,
+        take: &impl Fn(&Self, u32) -> bool,
+        gpgdir: u32,
+    ) -> Result<(), MemFault> {
         use guest_abi::hcall::{LHCALL_LOAD_TLS, LHCALL_NEW_PGTABLE, LHCALL_SET_STACK};
         #[cfg(test)]
         if self.drain_switch_off {
@@ -3059,9 +3104,6 @@ impl Vcpu {
         }
         let [k0, k1, k2] =
             core::array::from_fn(|i| (self.ring_cursor.wrapping_add(i) % LHCALL_RING_SIZE) as u32);
-        let Some([LHCALL_NEW_PGTABLE, gpgdir, ..]) = ring_entry(mem, ld, k0)? else {
-            return Ok(());
-        };
         let Some([LHCALL_SET_STACK, ss, esp1, pages]) = ring_entry(mem, ld, k1)? else {
             return Ok(());
         };
