@@ -333,6 +333,9 @@ pub struct Vcpu {
     /// The GDT generation under which `SET_STACK` found `ss1` a valid CPL-1
     /// stack (it is then still one while the GDT is unchanged).
     ss1_checked: Option<u64>,
+    /// The base of `ss1`'s segment under the generation `ss1_checked`
+    /// names (set wherever that is).
+    ss1_base: u32,
     esp1: u32,
     stack_pages: u32,
     stack_set: bool,
@@ -825,7 +828,7 @@ impl Vcpu {
         if !self.paging()
             || !self.stack_set
             || self.ss1_checked != Some(self.gdt.generation())
-            || self.gdt.segment_base(u16::try_from(self.ss1).ok()?) != 0
+            || self.ss1_base != 0
         {
             return None;
         }
@@ -1032,6 +1035,7 @@ impl Vcpu {
             stub_gates: [None; 2],
             ss1: 0,
             ss1_checked: None,
+            ss1_base: 0,
             esp1: 0,
             stack_pages: 0,
             stack_set: false,
@@ -1415,6 +1419,7 @@ impl Vcpu {
         }
         if self.ss1_checked == Some(before) && same(self.ss1) {
             self.ss1_checked = Some(now);
+            self.ss1_base = self.segment_base(self.ss1);
         }
     }
 
@@ -3042,9 +3047,18 @@ impl Vcpu {
             || u16::try_from(ss).is_ok_and(|s| self.gdt.valid_stack_selector(s, 1))
     }
 
+    /// The base of the segment `sel` names in the GDT (0 for none).
+    fn segment_base(&self, sel: u32) -> u32 {
+        u16::try_from(sel).map_or(0, |s| self.gdt.segment_base(s))
+    }
+
     /// The rest of a `SET_STACK` once its stack is pinned: the new stack.
     #[inline]
     fn record_stack(&mut self, ss: u32, esp: u32, pages: u32) {
+        // (The segment checked last under this GDT: the same base.)
+        if ss != self.ss1 || self.ss1_checked != Some(self.gdt.generation()) {
+            self.ss1_base = self.segment_base(ss);
+        }
         self.ss1 = ss;
         self.ss1_checked = Some(self.gdt.generation());
         self.esp1 = esp;

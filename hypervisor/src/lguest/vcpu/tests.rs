@@ -2894,21 +2894,37 @@ fn stub_set_pte_declines_with_an_irq_pending() {
 #[test]
 fn the_pinned_user_frame_is_the_translated_one() {
     const DATA32_BASED: u64 = 0x00CF_B200_1000_FFFF; // base 0x1000, DPL 1
+    const DATA32_FLAT: u64 = 0x00CF_B200_0000_FFFF; // base 0, DPL 1
     let mut short = 0;
-    for based in [false, true] {
+    // Flat, based, and a TLS entry that is flat when `SET_STACK` checks it
+    // and moves afterwards (a `LOAD_TLS` of the same kind of segment at
+    // another base: the check is carried over, the base is not).
+    for kind in ["flat", "based", "moved"] {
         for off in [0x9000u32, 0x9010, 0x9014, 0x9ffc, 0x8800] {
             let mut t = paging_guest();
-            let ss = if based {
-                let d = DATA32_BASED;
-                t.hcall(LHCALL_LOAD_GDT_ENTRY, 20, d as u32, (d >> 32) as u32);
-                0xa1
-            } else {
-                0x69
+            let tls = |t: &mut T, d: u64| {
+                t.m.write(0x7900, &d.to_le_bytes()).unwrap();
+                assert_eq!(t.hcall(LHCALL_LOAD_TLS, 0x7900, 0, 0), Action::Resume);
+            };
+            let ss = match kind {
+                "based" => {
+                    let d = DATA32_BASED;
+                    t.hcall(LHCALL_LOAD_GDT_ENTRY, 20, d as u32, (d >> 32) as u32);
+                    0xa1
+                }
+                "moved" => {
+                    tls(&mut t, DATA32_FLAT);
+                    0x31
+                }
+                _ => 0x69,
             };
             assert_eq!(
                 t.hcall(LHCALL_SET_STACK, ss, KBASE + off, 2),
                 Action::Resume
             );
+            if kind == "moved" {
+                tls(&mut t, DATA32_BASED);
+            }
             assert_eq!(t.prepare(), Action::Resume);
             let b = t.e.tables();
             let general = {
