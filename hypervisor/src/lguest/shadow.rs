@@ -756,7 +756,7 @@ impl ShadowPaging {
     /// page's leaf the guest announces, and every refill that moves the
     /// page or takes rights from it (a guest that rewrote its stack's entry
     /// behind the host's back), unpins first.
-    #[inline]
+    #[inline(always)]
     pub fn pin_key(&self) -> Option<u64> {
         let s = self.current_slot_ref()?;
         self.pinned(s).then_some(s.pin_top)
@@ -1110,7 +1110,7 @@ impl ShadowPaging {
     /// The end of a switch to slot `si` that is a cache hit and owes the
     /// TLB nothing (`None`, with nothing changed, if its entries are stale):
     /// the bookkeeping `switch_to` does for it, and its [`Switch`].
-    #[inline]
+    #[inline(always)]
     fn hit_switch(&mut self, si: usize) -> Option<Switch> {
         let tick = self.tick.saturating_add(1);
         let prev = self.current;

@@ -1226,7 +1226,7 @@ impl Vcpu {
 
     /// [`ShadowPaging::pin_key`] of the current shadow (`None` in linear
     /// mode).
-    #[inline]
+    #[inline(always)]
     pub fn pin_key(&self) -> Option<u64> {
         self.shadow.as_ref().and_then(ShadowPaging::pin_key)
     }
@@ -3103,7 +3103,7 @@ impl Vcpu {
 
     /// [`drain_switch`](Self::drain_switch) once the ring's first entry is
     /// found to be `NEW_PGTABLE(gpgdir)`.
-    #[inline]
+    #[inline(always)]
     fn drain_switch_at<M: GuestMemory>(
         &mut self,
         ld: u32,

@@ -1010,7 +1010,7 @@ fn rearm_new_stack(r: &mut Running, before: Option<(u32, u32, u32)>) -> bool {
 
 /// [`rearm_new_stack`] with the new stack's user-mode frame found already
 /// (`Vcpu::user_frame_in`'s answer, `frame`).
-#[inline]
+#[inline(always)]
 fn rearm_with_frame(
     r: &mut Running,
     before: Option<(u32, u32, u32)>,
@@ -1361,7 +1361,14 @@ fn flush_lane(r: &mut Running, ds: u32, es: u32, fs: u32, gs: u32) -> u64 {
     // the stubs to re-arm for the new stack (no GDT or TS change).
     match r.vcpu.stub_flush_switch(sels, &mut r.mem) {
         FlushSwitch::Done { frame } => {
-            apply_mmu(r);
+            // `apply_mmu` but for SMEP, on since paging started (the
+            // switch was to a shadow cached before).
+            if let Some(sw) = r.vcpu.take_mmu_work().load {
+                // SAFETY: a shadow root from the shadow core: its upper
+                // half is the kernel PML4's; below 4 GiB only this guest's
+                // memory.
+                unsafe { cpu::write_cr3(sw.root) };
+            }
             if !rearm_with_frame(r, stack, frame) {
                 arm_stub(r);
             }

@@ -468,6 +468,7 @@ impl HostGuestMemory {
     /// The host address of guest-physical `[gpa, gpa + len)`, if all of it
     /// is guest memory (for the hypercall stub, which reads one byte of
     /// `lguest_data` there without calling back into Rust).
+    #[inline]
     pub fn host_addr(&self, gpa: u32, len: usize) -> Option<u64> {
         let r = check_range(self.limit, gpa, len, false).ok()?;
         Some(self.base + r.start as u64)
