@@ -725,12 +725,15 @@ pub enum FlushSwitch {
     /// [`Vcpu::stub_flush`] goes on from there (as one drain would have).
     Partial,
     /// All of the exit, exactly as [`Vcpu::stub_flush`] would have finished
-    /// it: the switch is in [`Vcpu::take_mmu_work`]; the GDT and the TS flag
+    /// it, but that the switch it owes the MMU is here (not in
+    /// [`Vcpu::take_mmu_work`], which owes nothing); the GDT and the TS flag
     /// are as they were. `frame` is the reflection stubs' user-mode frame
     /// below the new stack, `(linear, guest-physical)` as
     /// [`Vcpu::user_frame_in`] finds it (`None`: not in the pinned top page,
     /// and the host arms the stubs in full).
     Done {
+        /// The shadow to load (a cached one: `flush` false).
+        switch: Switch,
         /// The new stack's user-mode frame.
         frame: Option<(u32, u32)>,
     },
@@ -1838,6 +1841,10 @@ impl Vcpu {
         mem: &mut M,
     ) -> FlushSwitch {
         let r = &mut self.regs;
+        // The selectors the guest was last entered with: valid under this
+        // GDT (every entry checks them, every change of the GDT is followed
+        // by an entry), so only others need a look.
+        let entered = (r.ds, r.es, r.fs, r.gs) == (ds, es, fs, gs);
         (r.ds, r.es, r.fs, r.gs) = (ds, es, fs, gs);
         r.eax = guest_abi::hcall::LHCALL_FLUSH_ASYNC;
         // Most flushes are of something else (Linux's lazy MMU batches): a
@@ -1846,7 +1853,7 @@ impl Vcpu {
             .lguest_data
             .map(|ld| (ld, self.ring_head_switch(ld, mem)))
         {
-            Some((ld, Ok(Some(gpgdir)))) => self.stub_flush_switch_at(ld, mem, gpgdir),
+            Some((ld, Ok(Some(gpgdir)))) => self.stub_flush_switch_at(ld, mem, gpgdir, entered),
             _ => FlushSwitch::Declined,
         }
     }
@@ -1859,11 +1866,14 @@ impl Vcpu {
         ld: u32,
         mem: &mut M,
         gpgdir: u32,
+        entered: bool,
     ) -> FlushSwitch {
-        if !self.lane_ready()
-            || self.cpl() != 1
-            || !self.validate(SelKey::of(self.gdt.generation(), &self.regs))
-        {
+        let key = SelKey::of(self.gdt.generation(), &self.regs);
+        debug_assert!(
+            !entered || self.clone().validate(key),
+            "entered with selectors not valid under this GDT"
+        );
+        if !self.lane_ready() || self.cpl() != 1 || !(entered || self.validate(key)) {
             return FlushSwitch::Declined;
         }
         let cursor = self.ring_cursor;
@@ -1882,10 +1892,14 @@ impl Vcpu {
         {
             return FlushSwitch::Partial;
         }
+        let Some(switch) = self.mmu_load.take() else {
+            return FlushSwitch::Partial;
+        };
         self.regs.trapnum = u32::from(LGUEST_TRAP_ENTRY);
         self.regs.errcode = 0;
         self.regs.eflags = sanitize_eflags(self.regs.eflags);
         FlushSwitch::Done {
+            switch,
             frame: self.pinned_user_frame(mem.limit()),
         }
     }
@@ -3041,7 +3055,7 @@ impl Vcpu {
     /// only the RPL). The segment of the last `SET_STACK`, checked under
     /// this very GDT, is valid. (`push_frame` checks again at use, since
     /// the GDT may change in between.)
-    #[inline]
+    #[inline(always)]
     fn stack_segment_ok(&self, ss: u32) -> bool {
         (ss == self.ss1 && self.ss1_checked == Some(self.gdt.generation()))
             || u16::try_from(ss).is_ok_and(|s| self.gdt.valid_stack_selector(s, 1))
@@ -3172,7 +3186,7 @@ impl Vcpu {
 /// The call number and first three arguments of async-ring entry `slot`
 /// (below 64) of the `lguest_data` at `ld`, or `None` if its status says it
 /// is empty.
-#[inline]
+#[inline(always)]
 fn ring_entry<M: GuestMemory>(mem: &M, ld: u32, slot: u32) -> Result<Option<[u32; 4]>, MemFault> {
     if mem.read_u8(ld.wrapping_add(LguestData::off_hcall_status(slot)))? == HCALL_STATUS_EMPTY {
         return Ok(None);

@@ -1355,20 +1355,16 @@ extern "C" fn flush_on_trap_stack(
 #[inline(always)]
 fn flush_lane(r: &mut Running, ds: u32, es: u32, fs: u32, gs: u32) -> u64 {
     let sels = [ds, es, fs, gs];
-    let key = r.vcpu.gdt_key();
     let stack = r.vcpu.stack_key();
     // Linux's context switch in one step: then only the switch to load and
     // the stubs to re-arm for the new stack (no GDT or TS change).
     match r.vcpu.stub_flush_switch(sels, &mut r.mem) {
-        FlushSwitch::Done { frame } => {
+        FlushSwitch::Done { switch, frame } => {
             // `apply_mmu` but for SMEP, on since paging started (the
             // switch was to a shadow cached before).
-            if let Some(sw) = r.vcpu.take_mmu_work().load {
-                // SAFETY: a shadow root from the shadow core: its upper
-                // half is the kernel PML4's; below 4 GiB only this guest's
-                // memory.
-                unsafe { cpu::write_cr3(sw.root) };
-            }
+            // SAFETY: a shadow root from the shadow core: its upper half is
+            // the kernel PML4's; below 4 GiB only this guest's memory.
+            unsafe { cpu::write_cr3(switch.root) };
             if !rearm_with_frame(r, stack, frame) {
                 arm_stub(r);
             }
@@ -1376,6 +1372,8 @@ fn flush_lane(r: &mut Running, ds: u32, es: u32, fs: u32, gs: u32) -> u64 {
         }
         FlushSwitch::Partial | FlushSwitch::Declined => {}
     }
+    // (The drain's switch start changes no GDT entry.)
+    let key = r.vcpu.gdt_key();
     r.lane_gdt = Some(key);
     if !r.vcpu.stub_flush(sels, &mut r.mem, &mut r.env) {
         return 0;

@@ -3099,9 +3099,13 @@ fn drain_switch_is_the_loop() {
         if r(8) == 0 {
             t.v.set_irq(0);
         }
-        if r(8) == 0 {
-            t.v.regs.ds = [0x80 | 1, 0xa1, 0x63][r(3) as usize];
-        }
+        // (The guest loaded DS since it was entered: the exit finds it in
+        // the CPU, the flush lane gets it from the stub.)
+        let cpu_ds = if r(8) == 0 {
+            [0x80 | 1, 0xa1, 0x63][r(3) as usize]
+        } else {
+            t.v.regs.ds
+        };
         let hcall = Exit::Trap {
             vector: 0x1f,
             errcode: 0,
@@ -3114,6 +3118,7 @@ fn drain_switch_is_the_loop() {
                 e: t.e.clone(),
             };
             f.v.drain_switch_off = off;
+            f.v.regs.ds = cpu_ds;
             f
         };
         // The full path and the lane, each with and without the start.
@@ -3133,9 +3138,13 @@ fn drain_switch_is_the_loop() {
         );
         // The flush lane in one step, else `stub_flush` on from there.
         let mut e = fork(&t, false);
-        let sels = [t.v.regs.ds, t.v.regs.es, t.v.regs.fs, t.v.regs.gs];
+        e.v.regs.ds = t.v.regs.ds;
+        let sels = [cpu_ds, t.v.regs.es, t.v.regs.fs, t.v.regs.gs];
         let flushed = match e.v.stub_flush_switch(sels, &mut e.m) {
-            FlushSwitch::Done { frame } => {
+            FlushSwitch::Done { switch, frame } => {
+                // (Handed over, not left in the MMU work.)
+                assert_eq!(e.v.take_mmu_work().load, None, "case {case}");
+                e.v.mmu_load = Some(switch);
                 done += 1;
                 let found = e.v.user_frame_in(&e.m, &mut e.e);
                 assert!(frame.is_none() || frame == found, "case {case}: frame");
