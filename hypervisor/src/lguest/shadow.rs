@@ -762,6 +762,14 @@ impl ShadowPaging {
         self.pinned(s).then_some(s.pin_top)
     }
 
+    /// The guest-physical page a pinned stack page's shadow leaf (a
+    /// [`pin_key`](Self::pin_key)) maps, present and writable (`None`
+    /// otherwise).
+    #[inline]
+    pub fn leaf_gpa(&self, leaf: u64) -> Option<u32> {
+        Self::writable_gpa(leaf, self.cfg.guest_base)
+    }
+
     /// Whether the kernel stack of the last `SET_STACK` is pinned in `s`:
     /// `s` holds that very stack (its pages known present and writable
     /// there). Never without a stack.
@@ -1060,10 +1068,15 @@ impl ShadowPaging {
     /// back to a process that ran before). Then both are done exactly as
     /// those two calls would do them (the switch a cache hit with `flush:
     /// false`, the stack recorded, nothing to pin) and the [`Switch`] is
-    /// returned; otherwise nothing changed and `None` (the two calls then
-    /// decide, kills included).
+    /// returned with the new [`pin_key`](Self::pin_key); otherwise nothing
+    /// changed and `None` (the two calls then decide, kills included).
     #[inline]
-    pub fn switch_with_stack(&mut self, gpgdir: u32, esp1: u32, pages: u32) -> Option<Switch> {
+    pub fn switch_with_stack(
+        &mut self,
+        gpgdir: u32,
+        esp1: u32,
+        pages: u32,
+    ) -> Option<(Switch, u64)> {
         // (A stack held pinned passed `pin_stack`'s checks, all but these
         // two implied by being equal to it: `esp1` 0 and more pages than
         // 2 could look like one in `Stack`, and 0 pages never does.)
@@ -1072,12 +1085,14 @@ impl ShadowPaging {
         }
         let st = Stack::new(esp1.wrapping_sub(1), pages);
         let si = self.position(gpgdir)?;
-        if self.pending != Flush::None || !Self::holds_stack(self.slot(si)?, st) {
+        let s = self.slot(si)?;
+        if self.pending != Flush::None || !Self::holds_stack(s, st) {
             return None;
         }
+        let pin_top = s.pin_top;
         let sw = self.hit_switch(si)?;
         self.stack = st;
-        Some(sw)
+        Some((sw, pin_top))
     }
 
     /// [`fast_switch`](Self::fast_switch), and with `pinned` false for a

@@ -736,6 +736,8 @@ pub enum FlushSwitch {
         switch: Switch,
         /// The new stack's user-mode frame.
         frame: Option<(u32, u32)>,
+        /// The [`Vcpu::pin_key`] now.
+        pin: u64,
     },
 }
 
@@ -828,17 +830,24 @@ impl Vcpu {
     /// path there; `None` otherwise (the general path decides).
     #[inline]
     fn pinned_user_frame(&self, limit: u32) -> Option<(u32, u32)> {
-        if !self.paging()
-            || !self.stack_set
-            || self.ss1_checked != Some(self.gdt.generation())
-            || self.ss1_base != 0
-        {
+        if !self.paging() || !self.stack_set || self.ss1_checked != Some(self.gdt.generation()) {
             return None;
         }
-        // (A frame that starts below the top page is not in it:
-        // `pinned_top_gpa` says `None`.)
+        self.frame_in_top(self.shadow.as_ref()?.pin_key()?, limit)
+    }
+
+    /// [`pinned_user_frame`](Self::pinned_user_frame) once the stack is
+    /// known checked under this GDT and pinned in the loaded shadow, with
+    /// `pin_top` its top page's leaf there (the [`pin_key`](Self::pin_key)):
+    /// the frame when it lies in that page and the stack segment is based
+    /// at 0.
+    #[inline(always)]
+    fn frame_in_top(&self, pin_top: u64, limit: u32) -> Option<(u32, u32)> {
         let low = self.esp1.checked_sub(20)?;
-        let pa = self.shadow.as_ref()?.pinned_top_gpa(low)? | (low & 0xFFF);
+        if self.ss1_base != 0 || (low ^ self.esp1.wrapping_sub(1)) & !0xFFF != 0 {
+            return None;
+        }
+        let pa = self.shadow.as_ref()?.leaf_gpa(pin_top)? | (low & 0xFFF);
         pa.checked_add(20)
             .is_some_and(|end| end <= limit)
             .then_some((low, pa))
@@ -1876,14 +1885,14 @@ impl Vcpu {
         if !self.lane_ready() || self.cpl() != 1 || !(entered || self.validate(key)) {
             return FlushSwitch::Declined;
         }
-        let cursor = self.ring_cursor;
-        if let Err(e) = self.drain_switch_at(ld, mem, &Self::lane_takes, gpgdir) {
-            self.kill(Kill::from(e));
-            return FlushSwitch::Partial;
-        }
-        if self.ring_cursor == cursor {
-            return FlushSwitch::Declined;
-        }
+        let pin = match self.drain_switch_at(ld, mem, &Self::lane_takes, gpgdir) {
+            Ok(Some(pin)) => pin,
+            Ok(None) => return FlushSwitch::Declined,
+            Err(e) => {
+                self.kill(Kill::from(e));
+                return FlushSwitch::Partial;
+            }
+        };
         // (The drain's start changes no GDT entry.) The ring empty after
         // them: the call is done.
         let next = (self.ring_cursor % LHCALL_RING_SIZE) as u32;
@@ -1900,7 +1909,8 @@ impl Vcpu {
         self.regs.eflags = sanitize_eflags(self.regs.eflags);
         FlushSwitch::Done {
             switch,
-            frame: self.pinned_user_frame(mem.limit()),
+            frame: self.frame_in_top(pin, mem.limit()),
+            pin,
         }
     }
 
@@ -3099,7 +3109,7 @@ impl Vcpu {
         take: &impl Fn(&Self, u32) -> bool,
     ) -> Result<(), MemFault> {
         match self.ring_head_switch(ld, mem)? {
-            Some(gpgdir) => self.drain_switch_at(ld, mem, take, gpgdir),
+            Some(gpgdir) => self.drain_switch_at(ld, mem, take, gpgdir).map(|_| ()),
             None => Ok(()),
         }
     }
@@ -3116,7 +3126,8 @@ impl Vcpu {
     }
 
     /// [`drain_switch`](Self::drain_switch) once the ring's first entry is
-    /// found to be `NEW_PGTABLE(gpgdir)`.
+    /// found to be `NEW_PGTABLE(gpgdir)`; the new [`pin_key`](Self::pin_key)
+    /// if it took the entries, `None` if it changed nothing.
     #[inline(always)]
     fn drain_switch_at<M: GuestMemory>(
         &mut self,
@@ -3124,30 +3135,30 @@ impl Vcpu {
         mem: &mut M,
         take: &impl Fn(&Self, u32) -> bool,
         gpgdir: u32,
-    ) -> Result<(), MemFault> {
+    ) -> Result<Option<u64>, MemFault> {
         use guest_abi::hcall::{LHCALL_LOAD_TLS, LHCALL_NEW_PGTABLE, LHCALL_SET_STACK};
         #[cfg(test)]
         if self.drain_switch_off {
-            return Ok(());
+            return Ok(None);
         }
         let [k0, k1, k2] =
             core::array::from_fn(|i| (self.ring_cursor.wrapping_add(i) % LHCALL_RING_SIZE) as u32);
         let Some([LHCALL_SET_STACK, ss, esp1, pages]) = ring_entry(mem, ld, k1)? else {
-            return Ok(());
+            return Ok(None);
         };
         if !self.paging()
             || !take(self, LHCALL_NEW_PGTABLE)
             || !take(self, LHCALL_SET_STACK)
             || !self.stack_segment_ok(ss)
         {
-            return Ok(());
+            return Ok(None);
         }
-        let Some(sw) = self
+        let Some((sw, pin)) = self
             .shadow
             .as_mut()
             .and_then(|sh| sh.switch_with_stack(gpgdir, esp1, pages))
         else {
-            return Ok(());
+            return Ok(None);
         };
         self.mmu_load = Some(sw);
         mem.write_u8(
@@ -3179,7 +3190,7 @@ impl Vcpu {
                 self.drain_switched = self.drain_switched.saturating_add(1);
             }
         }
-        Ok(())
+        Ok(Some(pin))
     }
 }
 

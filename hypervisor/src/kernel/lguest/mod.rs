@@ -1005,16 +1005,18 @@ fn arm_stub(r: &mut Running) {
 #[inline]
 fn rearm_new_stack(r: &mut Running, before: Option<(u32, u32, u32)>) -> bool {
     let frame = r.vcpu.user_frame_in(&r.mem, &mut r.env);
-    rearm_with_frame(r, before, frame)
+    let pin = r.vcpu.pin_key();
+    rearm_with_frame(r, before, frame, pin)
 }
 
 /// [`rearm_new_stack`] with the new stack's user-mode frame found already
-/// (`Vcpu::user_frame_in`'s answer, `frame`).
+/// (`Vcpu::user_frame_in`'s answer, `frame`) and the vCPU's `pin_key`.
 #[inline(always)]
 fn rearm_with_frame(
     r: &mut Running,
     before: Option<(u32, u32, u32)>,
     frame: Option<(u32, u32)>,
+    pin: Option<u64>,
 ) -> bool {
     let (Some((ss_before, _, _)), Some((ss1, esp1, _))) = (before, r.vcpu.stack_key()) else {
         return false;
@@ -1036,7 +1038,7 @@ fn rearm_with_frame(
     };
     switch::rearm_moved(ring, frame, esp1.wrapping_sub(20));
     r.armed_user_frame = Some((linear, pa));
-    r.frame_pin = r.vcpu.pin_key();
+    r.frame_pin = pin;
     true
 }
 
@@ -1359,13 +1361,13 @@ fn flush_lane(r: &mut Running, ds: u32, es: u32, fs: u32, gs: u32) -> u64 {
     // Linux's context switch in one step: then only the switch to load and
     // the stubs to re-arm for the new stack (no GDT or TS change).
     match r.vcpu.stub_flush_switch(sels, &mut r.mem) {
-        FlushSwitch::Done { switch, frame } => {
+        FlushSwitch::Done { switch, frame, pin } => {
             // `apply_mmu` but for SMEP, on since paging started (the
             // switch was to a shadow cached before).
             // SAFETY: a shadow root from the shadow core: its upper half is
             // the kernel PML4's; below 4 GiB only this guest's memory.
             unsafe { cpu::write_cr3(switch.root) };
-            if !rearm_with_frame(r, stack, frame) {
+            if !rearm_with_frame(r, stack, frame, Some(pin)) {
                 arm_stub(r);
             }
             return 1;

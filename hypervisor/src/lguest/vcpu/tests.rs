@@ -3141,7 +3141,8 @@ fn drain_switch_is_the_loop() {
         e.v.regs.ds = t.v.regs.ds;
         let sels = [cpu_ds, t.v.regs.es, t.v.regs.fs, t.v.regs.gs];
         let flushed = match e.v.stub_flush_switch(sels, &mut e.m) {
-            FlushSwitch::Done { switch, frame } => {
+            FlushSwitch::Done { switch, frame, pin } => {
+                assert_eq!(Some(pin), e.v.pin_key(), "case {case}: pin");
                 // (Handed over, not left in the MMU work.)
                 assert_eq!(e.v.take_mmu_work().load, None, "case {case}");
                 e.v.mmu_load = Some(switch);
