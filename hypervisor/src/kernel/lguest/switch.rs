@@ -841,19 +841,17 @@ pub unsafe extern "C" fn hcall_stub() {
         // Something else at the cursor: the full path decides.
         "12:",
         "call 13f",
-        "pop rdi",
-        "pop rsi",
-        "pop rdx",
         // `FLUSH_ASYNC` (the guest's eax, pushed first) with calls queued
         // that are not no-ops (Linux's context switch, its lazy MMU
         // batches), from the armed state (the validated CS and SS, no irq
         // pending): the run loop's flush handler drains them, with the
         // data selectors the guest runs with (ds, es, fs, gs) as its four
-        // arguments; on from the paging lane's return below.
-        "cmp dword ptr [rsp + 8], {flush_async}",
-        "jne 3f",
+        // arguments; on from the paging lane's return below. The guest's
+        // rdx, rsi and rdi stay pushed.
+        "cmp dword ptr [rsp + 32], {flush_async}",
+        "jne 37f",
         "cmp qword ptr [rip + {armed} + {switch_ok}], 0",
-        "je 3f",
+        "je 37f",
         "mov rax, qword ptr [rip + {state} + {flush}]",
         "jmp 34f",
         // Empty now: on with the answer.
@@ -889,31 +887,31 @@ pub unsafe extern "C" fn hcall_stub() {
         "cmp byte ptr [rcx], {empty}",
         "jne 3f",
         "mov rax, qword ptr [rip + {state} + {handler}]",
+        "push rdx",
+        "push rsi",
+        "push rdi",
         // Both lanes (rax: the run loop's handler for this one; none: the
-        // full path), from the armed state only: the validated CS and SS,
-        // no irq pending.
+        // full path; the guest's rdx, rsi, rdi pushed), from the armed
+        // state only: the validated CS and SS, no irq pending.
         "34:",
-        "mov ecx, dword ptr [rsp + 24]",
-        "cmp ecx, dword ptr [rip + {armed} + {cs}]",
-        "jne 3f",
         "mov ecx, dword ptr [rsp + 48]",
+        "cmp ecx, dword ptr [rip + {armed} + {cs}]",
+        "jne 37f",
+        "mov ecx, dword ptr [rsp + 72]",
         "cmp ecx, dword ptr [rip + {armed} + {ss}]",
-        "jne 3f",
+        "jne 37f",
         "mov rcx, qword ptr [rip + {armed} + {irqs}]",
         "mov ecx, dword ptr [rcx]",
         "or ecx, dword ptr [rip + {armed} + {vcpu_irqs}]",
-        "jnz 3f",
+        "jnz 37f",
         "test rax, rax",
-        "jz 3f",
+        "jz 37f",
         // The handler, called straight from here with its context and the
         // call's number as its first C arguments (rdi, rsi), then four more
         // (rdx, rcx, r8, r9): for a paging call its arguments (ebx, ecx,
         // edx, esi), for `FLUSH_ASYNC` the data selectors (ds, es, fs,
         // gs). The guest's ecx and eax are where the stub pushed them,
         // above rdx/rsi/rdi.
-        "push rdx",
-        "push rsi",
-        "push rdi",
         "cld",
         "cmp dword ptr [rsp + 32], {flush_async}",
         "je 35f",
@@ -954,6 +952,12 @@ pub unsafe extern "C" fn hcall_stub() {
         "pop rcx",
         "pop rax",
         "jmp rv_hcall_iret",
+        // Not for a lane after all: the guest's registers back, then the
+        // full path.
+        "37:",
+        "pop rdi",
+        "pop rsi",
+        "pop rdx",
         // The full path: what the generic stub of vector 0x1f does.
         "3:",
         "pop rcx",
