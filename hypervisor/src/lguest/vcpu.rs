@@ -1877,12 +1877,12 @@ impl Vcpu {
         gpgdir: u32,
         entered: bool,
     ) -> FlushSwitch {
-        let key = SelKey::of(self.gdt.generation(), &self.regs);
+        let key = || SelKey::of(self.gdt.generation(), &self.regs);
         debug_assert!(
-            !entered || self.clone().validate(key),
+            !entered || self.clone().validate(key()),
             "entered with selectors not valid under this GDT"
         );
-        if !self.lane_ready() || self.cpl() != 1 || !(entered || self.validate(key)) {
+        if !self.lane_ready() || self.cpl() != 1 || !(entered || self.validate(key())) {
             return FlushSwitch::Declined;
         }
         let pin = match self.drain_switch_at(ld, mem, &Self::lane_takes, gpgdir) {
