@@ -1836,7 +1836,7 @@ impl Vcpu {
     /// act at all (a running guest under shadow paging with nothing
     /// waiting, the call from the guest kernel, its selectors valid) and
     /// the ring holds at its cursor just what the drain's context-switch
-    /// start takes ([`drain_switch`](Self::drain_switch): a `NEW_PGTABLE`
+    /// start takes (`drain_switch`: a `NEW_PGTABLE`
     /// of a cached shadow that holds the next stack pinned, its
     /// `SET_STACK`, maybe the same TLS entries again), and nothing after
     /// them: [`FlushSwitch::Done`], with the exit finished as `stub_flush`
