@@ -3215,3 +3215,43 @@ fn drain_switch_is_the_loop() {
         "done {done}, with a frame {framed}, partly {partial}"
     );
 }
+
+/// A `NEW_PGTABLE` in the ring leaves the pinning of the stack to a
+/// `SET_STACK` only when one is queued right after it: a slot emptied
+/// earlier that still holds a `SET_STACK`'s words does not count, and the
+/// new shadow gets the current stack pinned at once.
+#[test]
+fn a_stale_set_stack_does_not_defer_the_pinning() {
+    const PGD2: u32 = 0x2_2000;
+    for queued in [false, true] {
+        let mut t = paging_guest();
+        t.m.write_u32(PGD2 + (KBASE >> 22) * 4, PTES | 0x63)
+            .unwrap();
+        assert_eq!(
+            t.hcall(LHCALL_SET_STACK, 0x69, KBASE + 0x9000, 1),
+            Action::Resume
+        );
+        assert_eq!(t.prepare(), Action::Resume);
+        let _ = t.v.take_mmu_work();
+        let slot = t.v.ring_cursor as u32;
+        t.queue(slot, [LHCALL_NEW_PGTABLE, PGD2, 0, 0, 0]);
+        t.queue(
+            (slot + 1) % 64,
+            [LHCALL_SET_STACK, 0x69, KBASE + 0xB000, 1, 0],
+        );
+        if !queued {
+            t.m.write_u8(LD + LguestData::off_hcall_status((slot + 1) % 64), 0xFF)
+                .unwrap();
+        }
+        t.v.regs.eax = LHCALL_FLUSH_ASYNC;
+        assert_eq!(t.trap(0x1f, 0), Action::Resume);
+        assert_eq!(t.prepare(), Action::Resume);
+        let top = if queued { 0xA000 } else { 0x8000 };
+        assert_eq!(
+            t.v.shadow().and_then(|s| s.pinned_top_gpa(KBASE + top)),
+            Some(top),
+            "queued {queued}: the stack below {:#x} pinned in the new shadow",
+            KBASE + top + 0x1000
+        );
+    }
+}
