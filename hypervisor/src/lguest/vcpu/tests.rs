@@ -2185,6 +2185,31 @@ fn stub_drain_then_the_full_path_is_the_full_path() {
     );
 }
 
+/// Two vCPUs (and their memory and host tables) ended in the same state:
+/// everything the host or the guest can see — registers, guest memory,
+/// shadow tables, MMU work owed, the shadow core's counters, death, GDT,
+/// TS (the vCPU's and the host's), ring slot, stack, pin key and the
+/// stubs' view.
+fn assert_same_state(x: &mut T, y: &mut T, what: &str) {
+    assert_eq!(x.v.regs, y.v.regs, "{what}: registers");
+    assert!(x.m == y.m, "{what}: guest memory");
+    assert_eq!(x.e.tables, y.e.tables, "{what}: shadow tables");
+    assert_eq!(x.v.take_mmu_work(), y.v.take_mmu_work(), "{what}: MMU work");
+    assert_eq!(
+        x.v.shadow().map(ShadowPaging::stats),
+        y.v.shadow().map(ShadowPaging::stats),
+        "{what}: counters"
+    );
+    assert_eq!(x.v.dead_reason(), y.v.dead_reason(), "{what}: death");
+    assert_eq!(x.v.gdt_key(), y.v.gdt_key(), "{what}: GDT");
+    assert_eq!(x.v.ts(), y.v.ts(), "{what}: TS");
+    assert_eq!(x.e.ts, y.e.ts, "{what}: host TS");
+    assert_eq!(x.v.ring_slot(), y.v.ring_slot(), "{what}: ring");
+    assert_eq!(x.v.stack_key(), y.v.stack_key(), "{what}: stack");
+    assert_eq!(x.v.pin_key(), y.v.pin_key(), "{what}: pin");
+    assert_eq!(x.v.stub_view(MEM), y.v.stub_view(MEM), "{what}: stub view");
+}
+
 /// Random paging guests, random page faults and `NEW_PGTABLE`s: whenever
 /// [`Vcpu::fast_paging`] finishes one, the registers, guest memory, shadow
 /// tables, MMU work and counters are exactly what `handle_exit` then
@@ -2412,25 +2437,7 @@ fn fast_paging_is_the_full_path() {
         if fast || reflected {
             assert_eq!(a, (Action::Resume, Action::Resume), "case {case}");
         }
-        assert_eq!(f.v.regs, t.v.regs, "case {case}: registers");
-        assert!(f.m == t.m, "case {case}: guest memory");
-        assert_eq!(f.e.tables, t.e.tables, "case {case}: shadow tables");
-        assert_eq!(f.v.take_mmu_work(), t.v.take_mmu_work(), "case {case}");
-        assert_eq!(
-            f.v.shadow().map(ShadowPaging::stats),
-            t.v.shadow().map(ShadowPaging::stats),
-            "case {case}: counters"
-        );
-        assert_eq!(f.v.dead_reason(), t.v.dead_reason(), "case {case}");
-        assert_eq!(f.v.gdt_key(), t.v.gdt_key(), "case {case}: GDT");
-        assert_eq!(f.v.ts(), t.v.ts(), "case {case}: TS");
-        assert_eq!(f.v.ring_slot(), t.v.ring_slot(), "case {case}: ring");
-        assert_eq!(f.e.ts, t.e.ts, "case {case}: host TS");
-        assert_eq!(
-            f.v.stub_view(MEM),
-            t.v.stub_view(MEM),
-            "case {case}: stack, stub view"
-        );
+        assert_same_state(&mut f, &mut t, &format!("case {case}"));
     }
     assert!(
         taken > 300 && declined > 300 && reflections > 70 && drained > 50 && tls_changed > 10,
@@ -3174,34 +3181,7 @@ fn drain_switch_is_the_loop() {
             (&mut e, &mut d2, "one step"),
         ] {
             assert_eq!(y.v.drain_switched, 0);
-            assert_eq!(x.v.regs, y.v.regs, "case {case} {what}: registers");
-            assert!(x.m == y.m, "case {case} {what}: guest memory");
-            assert_eq!(x.e.tables, y.e.tables, "case {case} {what}: shadow tables");
-            assert_eq!(
-                x.v.take_mmu_work(),
-                y.v.take_mmu_work(),
-                "case {case} {what}"
-            );
-            assert_eq!(
-                x.v.shadow().map(ShadowPaging::stats),
-                y.v.shadow().map(ShadowPaging::stats),
-                "case {case} {what}: counters"
-            );
-            assert_eq!(x.v.dead_reason(), y.v.dead_reason(), "case {case} {what}");
-            assert_eq!(x.v.gdt_key(), y.v.gdt_key(), "case {case} {what}: GDT");
-            assert_eq!(x.v.ts(), y.v.ts(), "case {case} {what}: TS");
-            assert_eq!(x.v.ring_slot(), y.v.ring_slot(), "case {case} {what}: ring");
-            assert_eq!(
-                x.v.stack_key(),
-                y.v.stack_key(),
-                "case {case} {what}: stack"
-            );
-            assert_eq!(x.v.pin_key(), y.v.pin_key(), "case {case} {what}: pin");
-            assert_eq!(
-                x.v.stub_view(MEM),
-                y.v.stub_view(MEM),
-                "case {case} {what}: view"
-            );
+            assert_same_state(x, y, &format!("case {case} {what}"));
         }
     }
     // Taken with and without the LOAD_TLS, and left to the loop.
